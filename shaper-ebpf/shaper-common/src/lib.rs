@@ -1,0 +1,190 @@
+//! The ABI shared by the kernel-side classifier (`shaper-ebpf`) and user space
+//! (`shaper-user`): map names, sizes, `#[repr(C)]` value layouts and the
+//! meaning of every slot. Both sides use these constants; nothing here is
+//! computed at run time.
+//!
+//! # How a packet is classified
+//! Every rule is one bit in a rule bitmap (bit `i` = rule with priority rank
+//! `i`, lower rank wins). For each packet field the classifier looks up the
+//! bitmap of the rules that accept the field's value (a rule without a
+//! constraint on the field accepts every value), ANDs the six bitmaps
+//! (protocol, DSCP, LAN-side port, WAN-side port, LAN-side address, WAN-side
+//! address) and takes the lowest set bit. The number of map lookups is fixed;
+//! the AND loop touches only the words in use and stops at the first non-zero
+//! word, so typical packets that match a high-priority rule cost the same
+//! with 10 or 10,000 rules.
+#![no_std]
+
+/// Rules are bits in a bitmap of this many bits.
+pub const MAX_RULES: usize = 16384;
+/// 64-bit words in one rule bitmap.
+pub const BITMAP_WORDS: usize = MAX_RULES / 64;
+/// Traffic classes per direction (HTB leaves).
+pub const MAX_CLASSES: usize = 64;
+/// Port index slot used for packets without ports (ICMP, non-first
+/// fragments, protocols without ports).
+pub const NO_PORT: u32 = 65536;
+/// Entries in a port index map (65,536 ports + [`NO_PORT`]).
+pub const PORT_SLOTS: u32 = 65537;
+/// Prefix entries per LPM trie.
+pub const MAX_PREFIXES: u32 = 65536;
+/// Remembered first fragments (so later fragments follow their class).
+pub const MAX_FRAGS: u32 = 4096;
+/// Rule index meaning "no rule matched": the packet goes to the default class.
+pub const NO_RULE: u32 = u32::MAX;
+/// `ClassInfo::dscp` value meaning "leave DSCP as it is".
+pub const DSCP_KEEP: u8 = 0xff;
+
+/// Direction index: upload = WAN egress, download = LAN egress.
+pub const DIR_UP: u32 = 0;
+pub const DIR_DOWN: u32 = 1;
+
+/// `Config::flags`: the WAN interface carries an Ethernet header.
+pub const CFG_WAN_L2: u32 = 1 << 0;
+/// `Config::flags`: the LAN interface carries an Ethernet header.
+pub const CFG_LAN_L2: u32 = 1 << 1;
+/// `Config::flags`: re-mark DSCP on WAN egress per class.
+pub const CFG_REMARK_WAN: u32 = 1 << 2;
+/// `Config::flags`: the configuration is complete; until set, every packet
+/// passes untouched (so a half-filled map set never classifies).
+pub const CFG_READY: u32 = 1 << 31;
+
+/// Per-direction global counters (index = dir * GLOBAL_COUNTERS + counter).
+pub const G_PACKETS: u32 = 0;
+pub const G_NON_IP: u32 = 1;
+pub const G_MALFORMED: u32 = 2;
+pub const G_FRAG_FOLLOWED: u32 = 3;
+pub const G_FRAG_UNKNOWN: u32 = 4;
+pub const G_DEFAULT: u32 = 5;
+pub const G_REMARKED: u32 = 6;
+pub const G_IPV6: u32 = 7;
+pub const GLOBAL_COUNTERS: u32 = 8;
+/// Names of the global counters, in index order (for status output).
+pub const GLOBAL_COUNTER_NAMES: [&str; GLOBAL_COUNTERS as usize] = [
+    "packets",
+    "non_ip",
+    "malformed",
+    "fragments_followed",
+    "fragments_unknown",
+    "default_class",
+    "dscp_remarked",
+    "ipv6",
+];
+
+/// Map names (as in the object file and under the pin directory).
+pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_BITMAPS: &str = "BITMAPS";
+/// Indexed by direction * 256 + protocol.
+pub const MAP_PROTO_IDX: &str = "PROTO_IDX";
+pub const MAP_DSCP_IDX: &str = "DSCP_IDX";
+pub const MAP_SPORT_IDX: &str = "SPORT_IDX";
+pub const MAP_DPORT_IDX: &str = "DPORT_IDX";
+pub const MAP_SRC4: &str = "SRC4";
+pub const MAP_DST4: &str = "DST4";
+pub const MAP_SRC6: &str = "SRC6";
+pub const MAP_DST6: &str = "DST6";
+pub const MAP_RULES: &str = "RULES";
+pub const MAP_CLASSES: &str = "CLASSES";
+pub const MAP_RULE_STATS: &str = "RULE_STATS";
+pub const MAP_CLASS_STATS: &str = "CLASS_STATS";
+pub const MAP_GLOBAL_STATS: &str = "GLOBAL_STATS";
+pub const MAP_FRAGS: &str = "FRAGS";
+/// The classifier program's name in the object file.
+pub const PROG_CLASSIFY: &str = "shaper_classify";
+/// Every map the user side fills or reads.
+pub const ALL_MAPS: [&str; 16] = [
+    MAP_CONFIG,
+    MAP_BITMAPS,
+    MAP_PROTO_IDX,
+    MAP_DSCP_IDX,
+    MAP_SPORT_IDX,
+    MAP_DPORT_IDX,
+    MAP_SRC4,
+    MAP_DST4,
+    MAP_SRC6,
+    MAP_DST6,
+    MAP_RULES,
+    MAP_CLASSES,
+    MAP_RULE_STATS,
+    MAP_CLASS_STATS,
+    MAP_GLOBAL_STATS,
+    MAP_FRAGS,
+];
+
+/// One rule bitmap.
+pub type Bitmap = [u64; BITMAP_WORDS];
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub wan_ifindex: u32,
+    pub lan_ifindex: u32,
+    /// Words of each bitmap in use: ceil(rules / 64), at least 1.
+    pub nwords: u32,
+    /// Class index (into CLASSES) of the default class.
+    pub default_class: u32,
+    /// Bitmap id used when the LAN-side address hits no prefix.
+    pub wild_src: u32,
+    /// Bitmap id used when the WAN-side address hits no prefix.
+    pub wild_dst: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleInfo {
+    /// Class index (into CLASSES).
+    pub class: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassInfo {
+    /// HTB class id (major << 16 | minor) written into `skb->priority`.
+    pub classid: u32,
+    /// DSCP to write on WAN egress, or [`DSCP_KEEP`].
+    pub dscp: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Key of the first-fragment map: addresses as 16 bytes (IPv4 mapped into the
+/// first 4), the IP identification and the protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the first-fragment map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragVal {
+    /// Rule index, or [`NO_RULE`].
+    pub rule: u32,
+    pub class: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are #[repr(C)], plain integers with explicit padding.
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for RuleInfo {}
+    unsafe impl aya::Pod for ClassInfo {}
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragVal {}
+}

@@ -1,0 +1,539 @@
+//! The classifier: a tc program on the WAN egress (upload) and the LAN egress
+//! (download). It parses the packet, finds the highest-priority rule that
+//! accepts it (see `shaper_common` for the bitmap scheme), writes the rule's
+//! HTB class id into `skb->priority`, optionally re-marks DSCP on the WAN
+//! side, and counts. It never drops: anything it cannot parse goes to the
+//! default class, and it always returns TC_ACT_UNSPEC (TCX_NEXT) so other
+//! programs on the hook still run.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC,
+    helpers::generated::bpf_loop,
+    macros::{classifier, map},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, LruHashMap, PerCpuArray,
+    },
+    programs::TcContext,
+};
+use shaper_common::*;
+
+#[map(name = "CONFIG")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+/// Bitmap store; its size is set by the loader to the number of distinct
+/// bitmaps the compiled policy needs.
+#[map(name = "BITMAPS")]
+static BITMAPS: Array<Bitmap> = Array::with_max_entries(1, 0);
+/// Indexed by direction * 256 + IP protocol (rules may apply to one direction).
+#[map(name = "PROTO_IDX")]
+static PROTO_IDX: Array<u32> = Array::with_max_entries(512, 0);
+#[map(name = "DSCP_IDX")]
+static DSCP_IDX: Array<u32> = Array::with_max_entries(64, 0);
+#[map(name = "SPORT_IDX")]
+static SPORT_IDX: Array<u32> = Array::with_max_entries(PORT_SLOTS, 0);
+#[map(name = "DPORT_IDX")]
+static DPORT_IDX: Array<u32> = Array::with_max_entries(PORT_SLOTS, 0);
+#[map(name = "SRC4")]
+static SRC4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+#[map(name = "DST4")]
+static DST4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+#[map(name = "SRC6")]
+static SRC6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+#[map(name = "DST6")]
+static DST6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+#[map(name = "RULES")]
+static RULES: Array<RuleInfo> = Array::with_max_entries(MAX_RULES as u32, 0);
+#[map(name = "CLASSES")]
+static CLASSES: Array<ClassInfo> = Array::with_max_entries(MAX_CLASSES as u32, 0);
+#[map(name = "RULE_STATS")]
+static RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2 * MAX_RULES as u32, 0);
+#[map(name = "CLASS_STATS")]
+static CLASS_STATS: PerCpuArray<Counter> =
+    PerCpuArray::with_max_entries(2 * MAX_CLASSES as u32, 0);
+#[map(name = "GLOBAL_STATS")]
+static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * GLOBAL_COUNTERS, 0);
+#[map(name = "FRAGS")]
+static FRAGS: LruHashMap<FragKey, FragVal> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_UDPLITE: u8 = 136;
+/// IPv6 extension headers walked before giving up (then: default class).
+const MAX_V6_EXT: usize = 8;
+
+/// What the parser extracted. Addresses are 16 bytes; IPv4 uses the first 4.
+/// It lives in a per-CPU scratch map, not on the stack: values read back from
+/// a map are opaque to the verifier, so the many parse paths (VLANs, IPv6
+/// extension headers, fragments) converge into one state for the rest of the
+/// program instead of multiplying its verification cost.
+#[repr(C)]
+struct Pkt {
+    src: [u8; 16],
+    dst: [u8; 16],
+    /// `NO_PORT` when the packet carries no ports.
+    sport: u32,
+    dport: u32,
+    /// IPv4 identification / IPv6 fragment id, for fragment tracking.
+    frag_id: u32,
+    /// Offset of the IP header (for DSCP re-marking).
+    l3: u32,
+    v6: u8,
+    proto: u8,
+    dscp: u8,
+    /// FRAG_NONE, FRAG_FIRST or FRAG_LATER.
+    frag: u8,
+}
+
+const FRAG_NONE: u8 = 0;
+const FRAG_FIRST: u8 = 1;
+const FRAG_LATER: u8 = 2;
+
+/// Parse outcomes.
+const PARSED_IP: u32 = 0;
+const PARSED_NON_IP: u32 = 1;
+const PARSED_MALFORMED: u32 = 2;
+
+#[map(name = "SCRATCH")]
+static SCRATCH: PerCpuArray<Pkt> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn count_global(dir: u32, counter: u32) {
+    if let Some(p) = GLOBAL_STATS.get_ptr_mut(dir * GLOBAL_COUNTERS + counter) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn count(map: &PerCpuArray<Counter>, index: u32, bytes: u64) {
+    if let Some(p) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe {
+            (*p).packets += 1;
+            (*p).bytes += bytes;
+        }
+    }
+}
+
+#[classifier]
+pub fn shaper_classify(ctx: TcContext) -> i32 {
+    classify(&ctx);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn classify(ctx: &TcContext) {
+    let Some(cfg) = CONFIG.get(0) else { return };
+    if cfg.flags & CFG_READY == 0 {
+        return;
+    }
+    // SAFETY: the context pointer is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (dir, l2) = if ifindex == cfg.wan_ifindex {
+        (DIR_UP, cfg.flags & CFG_WAN_L2 != 0)
+    } else if ifindex == cfg.lan_ifindex {
+        (DIR_DOWN, cfg.flags & CFG_LAN_L2 != 0)
+    } else {
+        return;
+    };
+    count_global(dir, G_PACKETS);
+    let bytes = ctx.len() as u64;
+
+    let Some(pkt) = SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: per-CPU scratch slot, used by this program run only.
+    let pkt = unsafe { &mut *pkt };
+    let (rule, class) = match parse(ctx, l2, pkt) {
+        PARSED_IP => {
+            if pkt.v6 != 0 {
+                count_global(dir, G_IPV6);
+            }
+            if dir == DIR_DOWN {
+                // Rules speak from the site's side: src = LAN, dst = WAN.
+                core::mem::swap(&mut pkt.src, &mut pkt.dst);
+                core::mem::swap(&mut pkt.sport, &mut pkt.dport);
+            }
+            let (rule, class) = decide(cfg, pkt, dir);
+            if dir == DIR_UP && cfg.flags & CFG_REMARK_WAN != 0 {
+                remark(ctx, pkt, class, dir);
+            }
+            (rule, class)
+        }
+        PARSED_NON_IP => {
+            count_global(dir, G_NON_IP);
+            (NO_RULE, cfg.default_class)
+        }
+        _ => {
+            count_global(dir, G_MALFORMED);
+            (NO_RULE, cfg.default_class)
+        }
+    };
+
+    if rule == NO_RULE {
+        count_global(dir, G_DEFAULT);
+    } else {
+        count(&RULE_STATS, dir * MAX_RULES as u32 + rule, bytes);
+    }
+    if let Some(info) = CLASSES.get(class) {
+        // SAFETY: tc programs may write skb->priority.
+        unsafe { (*ctx.skb.skb).priority = info.classid };
+        count(&CLASS_STATS, dir * MAX_CLASSES as u32 + class, bytes);
+    }
+}
+
+/// Rule and class for a parsed packet, following fragments.
+#[inline(always)]
+fn decide(cfg: &Config, pkt: &Pkt, dir: u32) -> (u32, u32) {
+    if pkt.frag == FRAG_LATER {
+        let key = frag_key(pkt, dir);
+        // SAFETY: the value is copied out before any other map operation.
+        let hit = unsafe { FRAGS.get(&key) }.copied();
+        return match hit {
+            Some(v) => {
+                count_global(dir, G_FRAG_FOLLOWED);
+                (v.rule, v.class)
+            }
+            None => {
+                count_global(dir, G_FRAG_UNKNOWN);
+                (NO_RULE, cfg.default_class)
+            }
+        };
+    }
+    let rule = match_rule(cfg, pkt, dir);
+    let class = if rule == NO_RULE {
+        cfg.default_class
+    } else {
+        match RULES.get(rule) {
+            Some(r) => r.class,
+            None => cfg.default_class,
+        }
+    };
+    if pkt.frag == FRAG_FIRST {
+        let key = frag_key(pkt, dir);
+        let _ = FRAGS.insert(&key, &FragVal { rule, class }, 0);
+    }
+    (rule, class)
+}
+
+#[inline(always)]
+fn frag_key(pkt: &Pkt, dir: u32) -> FragKey {
+    FragKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        id: pkt.frag_id,
+        proto: pkt.proto,
+        family: if pkt.v6 != 0 { 6 } else { 4 },
+        _pad: [dir as u8, 0],
+    }
+}
+
+#[inline(always)]
+fn bitmap_id(map: &Array<u32>, index: u32) -> u32 {
+    match map.get(index) {
+        Some(id) => *id,
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn addr_id(v6: bool, addr: &[u8; 16], t4: &LpmTrie<[u8; 4], u32>, t6: &LpmTrie<[u8; 16], u32>, wild: u32) -> u32 {
+    let hit = if v6 {
+        t6.get(Key::new(128, *addr))
+    } else {
+        t4.get(Key::new(32, [addr[0], addr[1], addr[2], addr[3]]))
+    };
+    match hit {
+        Some(id) => *id,
+        None => wild,
+    }
+}
+
+/// Lowest set bit of a non-zero word, without a ctz instruction.
+#[inline(always)]
+fn lowest_bit(mut w: u64) -> u32 {
+    let mut n = 0;
+    if w & 0xffff_ffff == 0 {
+        n += 32;
+        w >>= 32;
+    }
+    if w & 0xffff == 0 {
+        n += 16;
+        w >>= 16;
+    }
+    if w & 0xff == 0 {
+        n += 8;
+        w >>= 8;
+    }
+    if w & 0xf == 0 {
+        n += 4;
+        w >>= 4;
+    }
+    if w & 0x3 == 0 {
+        n += 2;
+        w >>= 2;
+    }
+    if w & 0x1 == 0 {
+        n += 1;
+    }
+    n
+}
+
+/// State of the bitmap scan handed to the `bpf_loop` callback.
+#[repr(C)]
+struct Scan {
+    ids: [u32; 6],
+    rule: u32,
+    _pad: u32,
+}
+
+/// One word of the AND of the six bitmaps; stops the loop at the first
+/// non-zero word. Run through `bpf_loop` so the verifier checks it once,
+/// whatever the number of words.
+extern "C" fn scan_word(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: ctx is the `Scan` on match_rule's stack, passed to bpf_loop.
+    let s = unsafe { &mut *(ctx as *mut Scan) };
+    let i = index as usize;
+    let mut w = u64::MAX;
+    let mut k = 0;
+    while k < 6 {
+        let Some(b) = BITMAPS.get(s.ids[k]) else { return 1 };
+        let Some(x) = b.get(i) else { return 1 };
+        w &= *x;
+        k += 1;
+    }
+    if w != 0 {
+        s.rule = (i as u32) * 64 + lowest_bit(w);
+        return 1;
+    }
+    0
+}
+
+#[inline(always)]
+fn match_rule(cfg: &Config, pkt: &Pkt, dir: u32) -> u32 {
+    let mut scan = Scan {
+        ids: [
+            bitmap_id(&PROTO_IDX, dir * 256 + pkt.proto as u32),
+            bitmap_id(&DSCP_IDX, pkt.dscp as u32),
+            bitmap_id(&SPORT_IDX, pkt.sport),
+            bitmap_id(&DPORT_IDX, pkt.dport),
+            addr_id(pkt.v6 != 0, &pkt.src, &SRC4, &SRC6, cfg.wild_src),
+            addr_id(pkt.v6 != 0, &pkt.dst, &DST4, &DST6, cfg.wild_dst),
+        ],
+        rule: NO_RULE,
+        _pad: 0,
+    };
+    let nwords = if (cfg.nwords as usize) < BITMAP_WORDS { cfg.nwords } else { BITMAP_WORDS as u32 };
+    // SAFETY: bpf_loop calls scan_word with our stack struct as its context.
+    unsafe {
+        bpf_loop(nwords, scan_word as *mut core::ffi::c_void, &mut scan as *mut Scan as *mut core::ffi::c_void, 0);
+    }
+    scan.rule
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
+    ctx.load::<T>(off).ok()
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext, l2: bool, pkt: &mut Pkt) -> u32 {
+    let mut off = 0usize;
+    let mut proto: u16;
+    if l2 {
+        let Some(et) = load::<u16>(ctx, 12) else {
+            return PARSED_MALFORMED;
+        };
+        proto = u16::from_be(et);
+        off = 14;
+        // Up to two in-packet VLAN tags (802.1Q, QinQ).
+        let mut tags = 0;
+        while tags < 2 && (proto == ETH_P_8021Q || proto == ETH_P_8021AD) {
+            let Some(et) = load::<u16>(ctx, off + 2) else {
+                return PARSED_MALFORMED;
+            };
+            proto = u16::from_be(et);
+            off += 4;
+            tags += 1;
+        }
+    } else {
+        // L3 devices (PPP, tun): the skb's protocol says what follows.
+        proto = u16::from_be(ctx.skb.protocol() as u16);
+    }
+    match proto {
+        ETH_P_IP => parse_v4(ctx, off, pkt),
+        ETH_P_IPV6 => parse_v6(ctx, off, pkt),
+        _ => PARSED_NON_IP,
+    }
+}
+
+/// Reads the ports at `off` for protocols that have them; false if cut short.
+#[inline(always)]
+fn ports(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> bool {
+    match pkt.proto {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE => {
+            let Some(p) = load::<[u8; 4]>(ctx, off) else { return false };
+            pkt.sport = u16::from_be_bytes([p[0], p[1]]) as u32;
+            pkt.dport = u16::from_be_bytes([p[2], p[3]]) as u32;
+            true
+        }
+        _ => {
+            pkt.sport = NO_PORT;
+            pkt.dport = NO_PORT;
+            true
+        }
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> u32 {
+    let Some(h) = load::<[u8; 20]>(ctx, off) else {
+        return PARSED_MALFORMED;
+    };
+    if h[0] >> 4 != 4 {
+        return PARSED_MALFORMED;
+    }
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return PARSED_MALFORMED;
+    }
+    let frag_field = u16::from_be_bytes([h[6], h[7]]);
+    pkt.frag = if frag_field & 0x1fff != 0 {
+        FRAG_LATER
+    } else if frag_field & 0x2000 != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    };
+    pkt.v6 = 0;
+    pkt.proto = h[9];
+    pkt.dscp = h[1] >> 2;
+    pkt.l3 = off as u32;
+    pkt.frag_id = u16::from_be_bytes([h[4], h[5]]) as u32;
+    pkt.src = [0; 16];
+    pkt.dst = [0; 16];
+    pkt.src[..4].copy_from_slice(&h[12..16]);
+    pkt.dst[..4].copy_from_slice(&h[16..20]);
+    if pkt.frag == FRAG_LATER {
+        pkt.sport = NO_PORT;
+        pkt.dport = NO_PORT;
+    } else if !ports(ctx, off + ihl, pkt) {
+        return PARSED_MALFORMED;
+    }
+    PARSED_IP
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> u32 {
+    let Some(h) = load::<[u8; 40]>(ctx, off) else {
+        return PARSED_MALFORMED;
+    };
+    if h[0] >> 4 != 6 {
+        return PARSED_MALFORMED;
+    }
+    let tclass = ((h[0] & 0x0f) << 4) | (h[1] >> 4);
+    pkt.v6 = 1;
+    pkt.dscp = tclass >> 2;
+    pkt.l3 = off as u32;
+    pkt.src.copy_from_slice(&h[8..24]);
+    pkt.dst.copy_from_slice(&h[24..40]);
+    pkt.frag = FRAG_NONE;
+    pkt.frag_id = 0;
+    let mut nh = h[6];
+    let mut l4 = off + 40;
+    let mut n = 0;
+    while n < MAX_V6_EXT {
+        match nh {
+            // Hop-by-hop, routing, destination options.
+            0 | 43 | 60 => {
+                let Some(e) = load::<[u8; 2]>(ctx, l4) else {
+                    return PARSED_MALFORMED;
+                };
+                nh = e[0];
+                l4 += (e[1] as usize + 1) * 8;
+            }
+            // Fragment header.
+            44 => {
+                let Some(e) = load::<[u8; 8]>(ctx, l4) else {
+                    return PARSED_MALFORMED;
+                };
+                nh = e[0];
+                let fo = u16::from_be_bytes([e[2], e[3]]);
+                pkt.frag_id = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
+                l4 += 8;
+                if fo & 0xfff8 != 0 {
+                    pkt.frag = FRAG_LATER;
+                    break;
+                }
+                if fo & 1 != 0 {
+                    pkt.frag = FRAG_FIRST;
+                }
+            }
+            // Authentication header.
+            51 => {
+                let Some(e) = load::<[u8; 2]>(ctx, l4) else {
+                    return PARSED_MALFORMED;
+                };
+                nh = e[0];
+                l4 += (e[1] as usize + 2) * 4;
+            }
+            _ => break,
+        }
+        n += 1;
+    }
+    if n == MAX_V6_EXT {
+        // Too many extension headers to follow: treat as unparseable.
+        return PARSED_MALFORMED;
+    }
+    pkt.proto = nh;
+    if pkt.frag == FRAG_LATER {
+        pkt.sport = NO_PORT;
+        pkt.dport = NO_PORT;
+    } else if !ports(ctx, l4, pkt) {
+        return PARSED_MALFORMED;
+    }
+    PARSED_IP
+}
+
+/// Re-mark DSCP on WAN egress to the class's codepoint (ECN bits kept).
+#[inline(always)]
+fn remark(ctx: &TcContext, pkt: &Pkt, class: u32, dir: u32) {
+    let Some(info) = CLASSES.get(class) else { return };
+    if info.dscp == DSCP_KEEP || info.dscp == pkt.dscp {
+        return;
+    }
+    let l3 = pkt.l3 as usize;
+    let Some(old) = load::<[u8; 2]>(ctx, l3) else { return };
+    let new = if pkt.v6 != 0 {
+        let w = u16::from_be_bytes(old);
+        ((w & !(0x3f << 6)) | ((info.dscp as u16) << 6)).to_be_bytes()
+    } else {
+        [old[0], (info.dscp << 2) | (old[1] & 0x03)]
+    };
+    if ctx.store(l3, &new, 0).is_err() {
+        return;
+    }
+    if pkt.v6 == 0 {
+        let from = u16::from_ne_bytes(old) as u64;
+        let to = u16::from_ne_bytes(new) as u64;
+        if ctx.l3_csum_replace(l3 + 10, from, to, 2).is_err() {
+            return;
+        }
+    }
+    count_global(dir, G_REMARKED);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

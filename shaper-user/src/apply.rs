@@ -1,0 +1,443 @@
+//! Applying, replacing and removing the shaping: the one owner of the state
+//! file and of the order in which the kernel is changed.
+//!
+//! Apply is a transaction:
+//! 1. everything that can fail without touching the kernel runs first:
+//!    validation, interface lookup, qdisc probing (in a throwaway netns),
+//!    compiling the maps and loading the classifier through the verifier;
+//! 2. the class trees are brought to the new plan (changed in place where
+//!    the classes already exist);
+//! 3. the classifier is swapped in atomically (`bpf_link_update`);
+//! 4. classes the new plan no longer has are deleted, maps pinned, state saved.
+//!
+//! If 2 or 3 fails, the trees are brought back to the previous plan (or to
+//! the interfaces' original root qdiscs on a first apply) and the previous
+//! classifier never stopped running.
+
+use std::{
+    fs,
+    io::Write as _,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+use shaper_common::{CFG_LAN_L2, CFG_REMARK_WAN, CFG_WAN_L2};
+
+use crate::{
+    compile::{self, ClassPlan, DirPlan, KernelCaps, LeafPlan, Plan, PARENT_CLASSID, ROOT_HANDLE},
+    config::Policy,
+    kernel::{
+        bpf::{self, Attachment, Pins, Side},
+        tc::{self, HtbClassParams, LinkLayer, QdiscInfo, Tc},
+    },
+};
+
+const STATE_VERSION: u32 = 1;
+
+/// Where state and pins live; overridable for tests (`SHAPER_BPFFS`, `SHAPER_RUN`).
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub pins: Pins,
+    pub run: PathBuf,
+}
+
+impl Paths {
+    pub fn from_env() -> Self {
+        let bpffs = std::env::var_os("SHAPER_BPFFS").map_or_else(|| PathBuf::from("/sys/fs/bpf/shaper"), PathBuf::from);
+        let run = std::env::var_os("SHAPER_RUN").map_or_else(|| PathBuf::from("/run/shaper"), PathBuf::from);
+        Paths { pins: Pins::new(bpffs), run }
+    }
+    fn state(&self) -> PathBuf {
+        self.run.join("state.json")
+    }
+    fn state_next(&self) -> PathBuf {
+        self.run.join("state.json.next")
+    }
+    fn lock(&self) -> PathBuf {
+        self.run.join("lock")
+    }
+}
+
+/// An interface's root qdisc as found before the first apply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Original {
+    pub ifname: String,
+    pub ifindex: u32,
+    pub root: Option<QdiscInfo>,
+}
+
+/// What is applied now (kept in `<run>/state.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    pub config: PathBuf,
+    pub applied_at: u64,
+    pub caps: KernelCaps,
+    pub plan: Plan,
+    pub attachments: Vec<Attachment>,
+    pub originals: Vec<Original>,
+}
+
+impl State {
+    pub fn load(paths: &Paths) -> Result<Option<State>> {
+        let p = paths.state();
+        match fs::read(&p) {
+            Ok(b) => {
+                let s: State = serde_json::from_slice(&b).with_context(|| format!("reading {}", p.display()))?;
+                if s.version != STATE_VERSION {
+                    bail!("{} was written by another version of shaper (state version {})", p.display(), s.version);
+                }
+                Ok(Some(s))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(anyhow!("reading {}: {e}", p.display())),
+        }
+    }
+
+    /// Writes the state beside the current one; [`State::commit`] makes it current.
+    fn stage(&self, paths: &Paths) -> Result<()> {
+        let tmp = paths.state_next();
+        let write = || -> std::io::Result<()> {
+            fs::create_dir_all(&paths.run)?;
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(self)?)?;
+            f.sync_all()
+        };
+        write().with_context(|| format!("writing {}", tmp.display()))
+    }
+
+    fn commit(paths: &Paths) -> Result<()> {
+        fs::rename(paths.state_next(), paths.state()).with_context(|| format!("writing {}", paths.state().display()))
+    }
+}
+
+/// An exclusive lock on the state so concurrent CLI calls serialise.
+pub struct Lock {
+    _file: fs::File,
+}
+
+pub fn lock(paths: &Paths) -> Result<Lock> {
+    fs::create_dir_all(&paths.run).with_context(|| format!("creating {}", paths.run.display()))?;
+    let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(paths.lock())?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        bail!("locking {}: {}", paths.lock().display(), std::io::Error::last_os_error());
+    }
+    Ok(Lock { _file: f })
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn leaf(l: &LeafPlan) -> tc::Leaf {
+    match *l {
+        LeafPlan::Bfifo { limit_bytes } => tc::Leaf::Bfifo { limit_bytes },
+        LeafPlan::FqCodel { limit_packets, target_us, interval_us, ecn } => {
+            tc::Leaf::FqCodel { limit_packets, target_us, interval_us, ecn, quantum: None }
+        }
+        LeafPlan::Cake => tc::Leaf::Cake { flow_mode: tc::CakeFlowMode::Flows, nat: false, ack_filter: false },
+    }
+}
+
+fn class_params(rate_bps: u64, ceil_bps: u64, prio: u32, quantum: u32, burst: u32, cburst: u32) -> HtbClassParams {
+    HtbClassParams {
+        rate_bps,
+        ceil_bps,
+        prio,
+        quantum,
+        burst_bytes: burst,
+        cburst_bytes: cburst,
+        overhead: 0,
+        mpu: 0,
+        linklayer: LinkLayer::Ethernet,
+        // The kernel's rate estimator gives `status` a measured class rate.
+        rate_estimator: true,
+    }
+}
+
+fn parent_params(d: &DirPlan) -> HtbClassParams {
+    class_params(d.rate_bps, d.rate_bps, 0, 0, d.parent_burst_bytes, d.parent_burst_bytes)
+}
+
+fn leaf_params(c: &ClassPlan) -> HtbClassParams {
+    class_params(c.rate_bps, c.ceil_bps, c.prio, c.quantum, c.burst_bytes, c.cburst_bytes)
+}
+
+/// Is our HTB root (1:) the root of this interface now?
+async fn has_our_root(tc: &Tc, ifindex: u32) -> Result<bool> {
+    Ok(tc.root_qdisc(ifindex).await?.is_some_and(|q| q.kind == "htb" && q.handle == ROOT_HANDLE))
+}
+
+/// Brings one interface's class tree to `want`. `have` is the plan applied
+/// before on the same interface (changed in place), or `None` (built anew,
+/// replacing whatever root is there). Classes only `have` has are left for
+/// [`prune_tree`], after the classifier stops steering into them.
+async fn sync_tree(tc: &Tc, ifindex: u32, want: &DirPlan, have: Option<&DirPlan>) -> Result<()> {
+    let ours = has_our_root(tc, ifindex).await?;
+    let have = have.filter(|_| ours);
+    if have.is_none() {
+        // Replacing an HTB 1: with an HTB 1: would only "change" it (and HTB
+        // cannot), so a stale tree of ours goes first.
+        if ours {
+            tc.delete_root(ifindex).await.with_context(|| format!("clearing the old tree on {}", want.ifname))?;
+        }
+        tc.add_htb_root(ifindex, ROOT_HANDLE, want.default_minor, 10, None, true)
+            .await
+            .with_context(|| format!("creating the HTB root on {}", want.ifname))?;
+    }
+    tc.put_htb_class(ifindex, ROOT_HANDLE, PARENT_CLASSID, &parent_params(want), have.is_none())
+        .await
+        .with_context(|| format!("setting class 1:1 on {}", want.ifname))?;
+    for c in &want.classes {
+        let exists = have.is_some_and(|h| h.classes.iter().any(|o| o.classid == c.classid));
+        tc.put_htb_class(ifindex, PARENT_CLASSID, c.classid, &leaf_params(c), !exists)
+            .await
+            .with_context(|| format!("setting class {} (1:{:x}) on {}", c.name, c.classid & 0xffff, want.ifname))?;
+        let same_leaf = have.is_some_and(|h| h.classes.iter().any(|o| o.classid == c.classid && o.leaf == c.leaf && o.leaf_handle == c.leaf_handle));
+        if !same_leaf {
+            tc.put_leaf(ifindex, c.classid, c.leaf_handle, &leaf(&c.leaf))
+                .await
+                .with_context(|| format!("setting the leaf queue of {} on {}", c.name, want.ifname))?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the classes `have` had that `want` does not.
+async fn prune_tree(tc: &Tc, ifindex: u32, want: &DirPlan, have: &DirPlan) -> Result<()> {
+    for o in &have.classes {
+        if !want.classes.iter().any(|c| c.classid == o.classid) {
+            tc.delete_class(ifindex, o.classid)
+                .await
+                .with_context(|| format!("deleting class {} from {}", o.name, want.ifname))?;
+        }
+    }
+    Ok(())
+}
+
+struct Iface {
+    name: String,
+    index: u32,
+    l2: bool,
+}
+
+async fn iface(tc: &Tc, name: &str, role: &str) -> Result<Iface> {
+    let index = tc
+        .ifindex(name)
+        .await?
+        .ok_or_else(|| anyhow!("the {role} interface `{name}` does not exist; nothing was changed"))?;
+    let info = tc.link_info(index).await?;
+    Ok(Iface { name: name.to_string(), index, l2: info.has_l2_header })
+}
+
+/// Probes which leaf qdiscs this kernel has (without touching any interface).
+pub async fn probe_caps() -> KernelCaps {
+    let r = tc::probe_qdisc_kinds(&["fq_codel", "cake"]).await;
+    let has = |k: &str| r.iter().any(|(n, ok)| n == k && *ok);
+    KernelCaps { fq_codel: has("fq_codel"), cake: has("cake") }
+}
+
+/// Applies `policy` (read from `config`). On error the previous shaping is
+/// left in place (see the module docs).
+pub async fn apply(paths: &Paths, policy: &Policy, config: &Path) -> Result<State> {
+    let _lock = lock(paths)?;
+    let prev = State::load(paths)?;
+    let tc = Tc::connect().await?;
+    let wan = iface(&tc, &policy.wan, "WAN").await?;
+    let lan = iface(&tc, &policy.lan, "LAN").await?;
+
+    let caps = probe_caps().await;
+    let plan = compile::plan(policy, Some(caps));
+    check_leaves(&plan, caps)?;
+    let maps = compile::maps(&plan);
+    let mut flags = 0;
+    if wan.l2 {
+        flags |= CFG_WAN_L2;
+    }
+    if lan.l2 {
+        flags |= CFG_LAN_L2;
+    }
+    if policy.remark_dscp {
+        flags |= CFG_REMARK_WAN;
+    }
+    bpf::ensure_bpffs(&paths.pins)?;
+    let mut obj = bpf::load(&maps, wan.index, lan.index, flags)?;
+
+    // Original roots: kept from the first apply on the same interface.
+    let mut originals = Vec::new();
+    for i in [&wan, &lan] {
+        let kept = prev.as_ref().and_then(|s| s.originals.iter().find(|o| o.ifindex == i.index && o.ifname == i.name));
+        let o = match kept {
+            Some(o) => o.clone(),
+            None => {
+                let mut root = tc.root_qdisc(i.index).await?;
+                if root.as_ref().is_some_and(|q| looks_like_ours(q)) {
+                    // A tree of ours without a state file: a crashed apply.
+                    // What it replaced is unknown; the kernel default it is.
+                    log::warn!("{} carries a shaper tree but no state was recorded; `remove` will leave the kernel's default qdisc", i.name);
+                    root = None;
+                }
+                Original { ifname: i.name.clone(), ifindex: i.index, root }
+            }
+        };
+        originals.push(o);
+    }
+
+    let sides = [(Side::Wan, &wan, &plan.up), (Side::Lan, &lan, &plan.down)];
+    let prev_dir = |side: Side, i: &Iface| -> Option<DirPlan> {
+        let s = prev.as_ref()?;
+        let d = if side == Side::Wan { &s.plan.up } else { &s.plan.down };
+        let a = s.attachments.iter().find(|a| a.side == side)?;
+        (a.ifindex == i.index && d.ifname == i.name).then(|| d.clone())
+    };
+
+    // Everything the swap needs is staged before it: the trees, the maps'
+    // pins and the state file. A failure up to and including the swap
+    // puts the previous trees back; the previous classifier kept running.
+    let staged = async {
+        for (side, i, want) in sides {
+            sync_tree(&tc, i.index, want, prev_dir(side, i).as_ref()).await?;
+        }
+        bpf::stage_maps(&obj, &paths.pins)?;
+        let mut attachments = Vec::new();
+        for (side, i, _) in sides {
+            let previous = prev.as_ref().and_then(|s| s.attachments.iter().find(|a| a.side == side));
+            attachments.push(bpf::attach(&mut obj, &paths.pins, side, &i.name, i.index, previous)?);
+        }
+        let state = State {
+            version: STATE_VERSION,
+            config: config.to_path_buf(),
+            applied_at: now(),
+            caps,
+            plan: plan.clone(),
+            attachments,
+            originals: originals.clone(),
+        };
+        state.stage(paths)?;
+        anyhow::Ok(state)
+    }
+    .await;
+    let state = match staged {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("apply failed, restoring the previous shaping: {e:#}");
+            bpf::discard_staged(&paths.pins);
+            if prev.is_none() {
+                // Nothing was attached before this apply: drop what it attached.
+                bpf::remove_pins(&paths.pins);
+            }
+            rollback(&tc, prev.as_ref(), &originals, [&wan, &lan]).await;
+            return Err(e.context("apply failed; the previous shaping is back in place"));
+        }
+    };
+    // Committed: the new classifier runs. Finish the bookkeeping.
+    bpf::commit_maps(&paths.pins)?;
+    State::commit(paths)?;
+    for (side, i, want) in sides {
+        if let Some(have) = prev_dir(side, i) {
+            if let Err(e) = prune_tree(&tc, i.index, want, &have).await {
+                log::warn!("{e:#}");
+            }
+        }
+    }
+    // Interfaces the previous config used and this one does not: restore them.
+    if let Some(p) = &prev {
+        for o in &p.originals {
+            if !originals.iter().any(|n| n.ifindex == o.ifindex && n.ifname == o.ifname) {
+                restore_original(&tc, o).await;
+            }
+        }
+    }
+    Ok(state)
+}
+
+fn looks_like_ours(q: &QdiscInfo) -> bool {
+    q.kind == "htb" && q.handle == ROOT_HANDLE && q.htb().is_some_and(|g| g.defcls == compile::DEFAULT_MINOR)
+}
+
+fn check_leaves(plan: &Plan, caps: KernelCaps) -> Result<()> {
+    for c in plan.up.classes.iter().chain(&plan.down.classes) {
+        match c.leaf {
+            LeafPlan::FqCodel { .. } if !caps.fq_codel => {
+                bail!("`shaping.leaf = \"fq_codel\"` but this kernel has no fq_codel qdisc; use \"auto\" or \"bfifo\". Nothing was changed")
+            }
+            LeafPlan::Cake if !caps.cake => {
+                bail!("`shaping.leaf = \"cake\"` but this kernel has no cake qdisc; use \"auto\" or \"bfifo\". Nothing was changed")
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+async fn rollback(tc: &Tc, prev: Option<&State>, originals: &[Original], ifaces: [&Iface; 2]) {
+    for (i, side) in ifaces.iter().zip([Side::Wan, Side::Lan]) {
+        let prev_plan = prev.and_then(|s| {
+            let a = s.attachments.iter().find(|a| a.side == side)?;
+            let d = if side == Side::Wan { &s.plan.up } else { &s.plan.down };
+            (a.ifindex == i.index).then_some(d)
+        });
+        match prev_plan {
+            // Rebuild from scratch: the failed step may have left anything.
+            Some(d) => {
+                if let Err(e) = rebuild(tc, i.index, d).await {
+                    log::error!("restoring the previous class tree on {}: {e:#}", i.name);
+                }
+            }
+            None => {
+                if let Some(o) = originals.iter().find(|o| o.ifindex == i.index) {
+                    restore_original(tc, o).await;
+                }
+            }
+        }
+    }
+}
+
+/// Builds `d` anew (whatever the failed step left is deleted with the root).
+async fn rebuild(tc: &Tc, ifindex: u32, d: &DirPlan) -> Result<()> {
+    sync_tree(tc, ifindex, d, None).await
+}
+
+async fn restore_original(tc: &Tc, o: &Original) {
+    let r = match &o.root {
+        Some(q) => tc.restore_root(o.ifindex, q).await,
+        None => tc.delete_root(o.ifindex).await,
+    };
+    if let Err(e) = r {
+        log::error!("restoring the original root qdisc of {}: {e}", o.ifname);
+    }
+}
+
+/// Removes all shaping and restores the interfaces' original root qdiscs.
+/// Returns false when nothing was applied.
+pub async fn remove(paths: &Paths) -> Result<bool> {
+    let _lock = lock(paths)?;
+    let Some(state) = State::load(paths)? else {
+        // Nothing recorded; still clear stray pins from a crashed apply.
+        bpf::remove_pins(&paths.pins);
+        return Ok(false);
+    };
+    let tc = Tc::connect().await?;
+    for a in &state.attachments {
+        bpf::detach(&paths.pins, a);
+        if a.created_clsact {
+            if let Err(e) = tc.delete_clsact(a.ifindex).await {
+                log::warn!("removing clsact from {}: {e}", a.ifname);
+            }
+        }
+    }
+    for o in &state.originals {
+        // The interface may have been re-created since; only touch the same one.
+        match tc.ifindex(&o.ifname).await? {
+            Some(ix) if ix == o.ifindex => restore_original(&tc, o).await,
+            _ => log::warn!("{} is gone or was re-created; nothing to restore there", o.ifname),
+        }
+    }
+    bpf::remove_pins(&paths.pins);
+    fs::remove_file(paths.state()).with_context(|| format!("removing {}", paths.state().display()))?;
+    Ok(true)
+}

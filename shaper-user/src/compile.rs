@@ -1,0 +1,654 @@
+//! Policy -> the kernel's view: the HTB class tree for each direction and the
+//! classifier's map contents (rule bitmaps and the per-field indexes that
+//! point at them). Pure functions; nothing here touches the kernel.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use shaper_common::{ClassInfo, BITMAP_WORDS, DSCP_KEEP, NO_PORT, PORT_SLOTS};
+
+use crate::config::{format_rate, mask_addr, Cidr, Direction, LeafChoice, Policy, Rule};
+
+/// HTB root handle (1:) on both interfaces.
+pub const ROOT_HANDLE: u32 = 0x0001_0000;
+/// The parent class 1:1 that carries the direction's rate.
+pub const PARENT_CLASSID: u32 = 0x0001_0001;
+/// The default class always sits at 1:2 so the root's `default` never changes.
+pub const DEFAULT_MINOR: u32 = 0x2;
+/// Ethernet MTU-sized frame, the unit of HTB quanta and minimum bursts.
+const FRAME: u32 = 1514;
+
+/// What the kernel offers for leaf queues (probed before apply).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelCaps {
+    pub fq_codel: bool,
+    pub cake: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeafPlan {
+    FqCodel { limit_packets: u32, target_us: u32, interval_us: u32, ecn: bool },
+    Cake,
+    Bfifo { limit_bytes: u32 },
+}
+
+impl std::fmt::Display for LeafPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LeafPlan::FqCodel { target_us, interval_us, .. } => {
+                write!(f, "fq_codel target {}ms interval {}ms", *target_us as f64 / 1e3, *interval_us as f64 / 1e3)
+            }
+            LeafPlan::Cake => write!(f, "cake (unlimited, flow isolation)"),
+            LeafPlan::Bfifo { limit_bytes } => write!(f, "bfifo {limit_bytes} bytes"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassPlan {
+    pub name: String,
+    /// Index of the class in the policy (and in the CLASSES map).
+    pub index: u32,
+    pub classid: u32,
+    pub rate_bps: u64,
+    pub ceil_bps: u64,
+    pub prio: u32,
+    pub quantum: u32,
+    pub burst_bytes: u32,
+    pub cburst_bytes: u32,
+    /// Handle of the leaf qdisc (its major number = the class's minor).
+    pub leaf_handle: u32,
+    pub leaf: LeafPlan,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirPlan {
+    pub ifname: String,
+    pub rate_bps: u64,
+    pub default_minor: u32,
+    pub parent_burst_bytes: u32,
+    pub classes: Vec<ClassPlan>,
+}
+
+/// Everything the classifier's maps hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapPlan {
+    pub nwords: u32,
+    /// Distinct bitmaps, `nwords` words each; id 0 is the empty bitmap.
+    pub bitmaps: Vec<Vec<u64>>,
+    /// direction * 256 + protocol -> bitmap id.
+    pub proto_idx: Vec<u32>,
+    pub dscp_idx: Vec<u32>,
+    /// port (or NO_PORT) -> bitmap id, LAN-side and WAN-side port.
+    pub sport_idx: Vec<u32>,
+    pub dport_idx: Vec<u32>,
+    pub src4: Vec<([u8; 4], u8, u32)>,
+    pub dst4: Vec<([u8; 4], u8, u32)>,
+    pub src6: Vec<([u8; 16], u8, u32)>,
+    pub dst6: Vec<([u8; 16], u8, u32)>,
+    pub wild_src: u32,
+    pub wild_dst: u32,
+    /// Rule rank -> class index.
+    pub rule_class: Vec<u32>,
+    pub classes: Vec<ClassInfo>,
+    pub default_class: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub policy: Policy,
+    pub up: DirPlan,
+    pub down: DirPlan,
+}
+
+/// The class id of a policy class.
+pub fn classid_of(policy: &Policy, index: usize) -> u32 {
+    let minor = if index == policy.default_class { DEFAULT_MINOR } else { 0x10 + index as u32 };
+    ROOT_HANDLE | minor
+}
+
+/// HTB burst: about 1 ms at the rate, never below two full frames, so the
+/// class can send back-to-back frames without adding latency at low rates.
+fn burst_for(rate_bps: u64) -> u32 {
+    let one_ms = rate_bps / 8 / 1000;
+    (one_ms as u32).max(2 * FRAME)
+}
+
+/// HTB quantum: one frame up to 100 Mbit/s (fair at copper rates), more above.
+fn quantum_for(rate_bps: u64) -> u32 {
+    let n = rate_bps.div_ceil(100_000_000).max(1) as u32;
+    FRAME * n.min(40)
+}
+
+fn leaf_for(policy: &Policy, caps: Option<KernelCaps>, ceil_bps: u64) -> LeafPlan {
+    let bfifo = || {
+        let bytes = ceil_bps / 8 * policy.queue_ms as u64 / 1000;
+        LeafPlan::Bfifo { limit_bytes: (bytes as u32).max(2 * FRAME) }
+    };
+    let fq_codel = || LeafPlan::FqCodel { limit_packets: 1000, target_us: 5_000, interval_us: 100_000, ecn: true };
+    match (policy.leaf, caps) {
+        (LeafChoice::Bfifo, _) => bfifo(),
+        (LeafChoice::FqCodel, _) => fq_codel(),
+        (LeafChoice::Cake, _) => LeafPlan::Cake,
+        (LeafChoice::Auto, Some(c)) if c.fq_codel => fq_codel(),
+        (LeafChoice::Auto, Some(_)) => bfifo(),
+        // Unknown kernel (check without probing): show what a gateway usually gets.
+        (LeafChoice::Auto, None) => fq_codel(),
+    }
+}
+
+fn dir_plan(policy: &Policy, caps: Option<KernelCaps>, ifname: &str, rate_bps: u64) -> DirPlan {
+    let classes = policy
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let classid = classid_of(policy, i);
+            let rate = c.guaranteed.of(rate_bps);
+            let ceil = c.ceiling.of(rate_bps);
+            ClassPlan {
+                name: c.name.clone(),
+                index: i as u32,
+                classid,
+                rate_bps: rate,
+                ceil_bps: ceil,
+                prio: c.priority as u32,
+                quantum: quantum_for(rate),
+                burst_bytes: burst_for(rate),
+                cburst_bytes: burst_for(ceil),
+                leaf_handle: (classid & 0xffff) << 16,
+                leaf: leaf_for(policy, caps, ceil),
+            }
+        })
+        .collect();
+    DirPlan {
+        ifname: ifname.to_string(),
+        rate_bps,
+        default_minor: DEFAULT_MINOR,
+        parent_burst_bytes: burst_for(rate_bps),
+        classes,
+    }
+}
+
+/// The class trees for both directions. `caps` is `None` when the kernel
+/// was not probed (plan shown by `check`).
+pub fn plan(policy: &Policy, caps: Option<KernelCaps>) -> Plan {
+    Plan {
+        up: dir_plan(policy, caps, &policy.wan, policy.upload_bps),
+        down: dir_plan(policy, caps, &policy.lan, policy.download_bps),
+        policy: policy.clone(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Maps.
+
+struct Bits {
+    nwords: usize,
+}
+
+impl Bits {
+    fn empty(&self) -> Vec<u64> {
+        vec![0; self.nwords]
+    }
+    fn set(v: &mut [u64], rule: usize) {
+        v[rule / 64] |= 1 << (rule % 64);
+    }
+    fn of<'a>(&self, rules: impl Iterator<Item = (usize, &'a Rule)>, pred: impl Fn(&Rule) -> bool) -> Vec<u64> {
+        let mut v = self.empty();
+        for (i, r) in rules {
+            if pred(r) {
+                Self::set(&mut v, i);
+            }
+        }
+        v
+    }
+}
+
+/// Interns bitmaps so identical ones share an id.
+struct Store {
+    ids: HashMap<Vec<u64>, u32>,
+    list: Vec<Vec<u64>>,
+}
+
+impl Store {
+    fn new(empty: Vec<u64>) -> Self {
+        let mut s = Store { ids: HashMap::new(), list: Vec::new() };
+        s.id(empty);
+        s
+    }
+    fn id(&mut self, v: Vec<u64>) -> u32 {
+        if let Some(&id) = self.ids.get(&v) {
+            return id;
+        }
+        let id = self.list.len() as u32;
+        self.ids.insert(v.clone(), id);
+        self.list.push(v);
+        id
+    }
+}
+
+fn applies(r: &Rule, dir: u32) -> bool {
+    match r.direction {
+        Direction::Both => true,
+        Direction::Upload => dir == shaper_common::DIR_UP,
+        Direction::Download => dir == shaper_common::DIR_DOWN,
+    }
+}
+
+/// port -> bitmap id for one port field, by sweeping range boundaries.
+fn port_index(store: &mut Store, bits: &Bits, rules: &[Rule], field: impl Fn(&Rule) -> &[(u16, u16)]) -> Vec<u32> {
+    let wild = bits.of(rules.iter().enumerate(), |r| field(r).is_empty());
+    // Boundary events: at `port`, rule `i` gains (+1) or loses (-1) one range.
+    let mut events: Vec<(u32, usize, i32)> = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        for &(lo, hi) in field(r) {
+            events.push((lo as u32, i, 1));
+            events.push((hi as u32 + 1, i, -1));
+        }
+    }
+    events.sort_unstable();
+    let mut idx = vec![0u32; PORT_SLOTS as usize];
+    let mut depth = vec![0i32; rules.len()];
+    let mut cur = wild.clone();
+    let mut cur_id = store.id(cur.clone());
+    let mut e = 0;
+    for port in 0..=65535u32 {
+        let mut changed = false;
+        while e < events.len() && events[e].0 == port {
+            let (_, i, d) = events[e];
+            depth[i] += d;
+            let on = depth[i] > 0 || wild[i / 64] & (1 << (i % 64)) != 0;
+            let was = cur[i / 64] & (1 << (i % 64)) != 0;
+            if on != was {
+                cur[i / 64] ^= 1 << (i % 64);
+                changed = true;
+            }
+            e += 1;
+        }
+        if changed {
+            cur_id = store.id(cur.clone());
+        }
+        idx[port as usize] = cur_id;
+    }
+    idx[NO_PORT as usize] = store.id(wild);
+    idx
+}
+
+/// Prefix entries for one address field and family: each prefix's bitmap
+/// holds the rules of every prefix that covers it (the LPM lookup returns
+/// only the longest match) plus the rules without an address constraint.
+fn prefix_entries(store: &mut Store, bits: &Bits, rules: &[Rule], v6: bool, field: impl Fn(&Rule) -> &[Cidr]) -> (Vec<(IpAddr, u8, u32)>, Vec<u64>) {
+    let wild = bits.of(rules.iter().enumerate(), |r| field(r).is_empty());
+    let mut by_prefix: HashMap<(IpAddr, u8), Vec<usize>> = HashMap::new();
+    let mut lens: Vec<u8> = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        for c in field(r) {
+            if c.addr.is_ipv6() != v6 {
+                continue;
+            }
+            by_prefix.entry((c.addr, c.len)).or_default().push(i);
+            lens.push(c.len);
+        }
+    }
+    lens.sort_unstable();
+    lens.dedup();
+    let mut keys: Vec<_> = by_prefix.keys().copied().collect();
+    keys.sort();
+    let mut out = Vec::with_capacity(keys.len());
+    for (addr, len) in keys {
+        let mut v = wild.clone();
+        for &l in lens.iter().take_while(|&&l| l <= len) {
+            if let Some(rs) = by_prefix.get(&(mask_addr(addr, l), l)) {
+                for &i in rs {
+                    Bits::set(&mut v, i);
+                }
+            }
+        }
+        out.push((addr, len, store.id(v)));
+    }
+    (out, wild)
+}
+
+/// The classifier's map contents for a plan.
+pub fn maps(plan: &Plan) -> MapPlan {
+    let policy = &plan.policy;
+    let rules = &policy.rules;
+    let nwords = rules.len().div_ceil(64).max(1);
+    debug_assert!(nwords <= BITMAP_WORDS);
+    let bits = Bits { nwords };
+    let mut store = Store::new(bits.empty());
+
+    let mut proto_idx = vec![0u32; 512];
+    for dir in [shaper_common::DIR_UP, shaper_common::DIR_DOWN] {
+        for proto in 0..256u32 {
+            let v = bits.of(rules.iter().enumerate(), |r| {
+                applies(r, dir) && (r.protocols.is_empty() || r.protocols.contains(&(proto as u8)))
+            });
+            proto_idx[(dir * 256 + proto) as usize] = store.id(v);
+        }
+    }
+    let dscp_idx = (0..64u8)
+        .map(|d| {
+            let v = bits.of(rules.iter().enumerate(), |r| r.dscp.is_empty() || r.dscp.contains(&d));
+            store.id(v)
+        })
+        .collect();
+    let sport_idx = port_index(&mut store, &bits, rules, |r| &r.src_ports);
+    let dport_idx = port_index(&mut store, &bits, rules, |r| &r.dst_ports);
+
+    let (s4, wild_src) = prefix_entries(&mut store, &bits, rules, false, |r| &r.src_cidrs);
+    let (s6, _) = prefix_entries(&mut store, &bits, rules, true, |r| &r.src_cidrs);
+    let (d4, wild_dst) = prefix_entries(&mut store, &bits, rules, false, |r| &r.dst_cidrs);
+    let (d6, _) = prefix_entries(&mut store, &bits, rules, true, |r| &r.dst_cidrs);
+    let wild_src = store.id(wild_src);
+    let wild_dst = store.id(wild_dst);
+    let v4 = |v: Vec<(IpAddr, u8, u32)>| {
+        v.into_iter()
+            .filter_map(|(a, l, id)| match a {
+                IpAddr::V4(a) => Some((a.octets(), l, id)),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    };
+    let v6 = |v: Vec<(IpAddr, u8, u32)>| {
+        v.into_iter()
+            .filter_map(|(a, l, id)| match a {
+                IpAddr::V6(a) => Some((a.octets(), l, id)),
+                IpAddr::V4(_) => None,
+            })
+            .collect()
+    };
+
+    let classes = policy
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ClassInfo {
+            classid: classid_of(policy, i),
+            dscp: if policy.remark_dscp { c.dscp.unwrap_or(DSCP_KEEP) } else { DSCP_KEEP },
+            _pad: [0; 3],
+        })
+        .collect();
+
+    MapPlan {
+        nwords: nwords as u32,
+        bitmaps: store.list,
+        proto_idx,
+        dscp_idx,
+        sport_idx,
+        dport_idx,
+        src4: v4(s4),
+        dst4: v4(d4),
+        src6: v6(s6),
+        dst6: v6(d6),
+        wild_src,
+        wild_dst,
+        rule_class: rules.iter().map(|r| r.class as u32).collect(),
+        classes,
+        default_class: policy.default_class as u32,
+    }
+}
+
+/// A human-readable summary of the plan (printed by `shaper check`).
+pub fn describe(plan: &Plan, maps: &MapPlan) -> String {
+    use std::fmt::Write as _;
+    let p = &plan.policy;
+    let mut s = String::new();
+    for (label, d) in [("upload", &plan.up), ("download", &plan.down)] {
+        let _ = writeln!(s, "{label}: {} egress, HTB root 1: at {} (default class 1:{:x})", d.ifname, format_rate(d.rate_bps), d.default_minor);
+        let _ = writeln!(s, "  {:<22} {:>6} {:>11} {:>11} {:>4}  leaf", "class", "id", "guaranteed", "ceiling", "prio");
+        for c in &d.classes {
+            let dflt = if c.index as usize == p.default_class { " (default)" } else { "" };
+            let _ = writeln!(
+                s,
+                "  {:<22} {:>6} {:>11} {:>11} {:>4}  {}",
+                format!("{}{dflt}", c.name),
+                format!("1:{:x}", c.classid & 0xffff),
+                format_rate(c.rate_bps),
+                format_rate(c.ceil_bps),
+                c.prio,
+                c.leaf
+            );
+        }
+    }
+    let _ = writeln!(s, "rules: {} (first match by priority wins), {} distinct match bitmaps of {} word(s)", p.rules.len(), maps.bitmaps.len(), maps.nwords);
+    let _ = writeln!(
+        s,
+        "prefixes: {} IPv4 + {} IPv6 (LAN side), {} IPv4 + {} IPv6 (WAN side)",
+        maps.src4.len(),
+        maps.src6.len(),
+        maps.dst4.len(),
+        maps.dst6.len()
+    );
+    for c in &p.classes {
+        let n = p.rules.iter().filter(|r| p.classes[r.class].name == c.name).count();
+        let _ = writeln!(s, "  class {:<20} {n} rule(s)", c.name);
+    }
+    s
+}
+
+/// Reference classifier over the policy (the kernel's semantics, for tests
+/// and `explain`): the first rule by priority that accepts the packet.
+/// Addresses and ports are from the site's side (src = LAN, dst = WAN).
+#[derive(Debug, Clone, Copy)]
+pub struct PacketView {
+    pub dir: u32,
+    pub proto: u8,
+    pub dscp: u8,
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+}
+
+pub fn reference_match(policy: &Policy, p: &PacketView) -> Option<usize> {
+    let in_ports = |ranges: &[(u16, u16)], port: Option<u16>| {
+        ranges.is_empty() || port.is_some_and(|pt| ranges.iter().any(|&(lo, hi)| lo <= pt && pt <= hi))
+    };
+    let in_cidrs = |cidrs: &[Cidr], a: IpAddr| {
+        cidrs.is_empty() || cidrs.iter().any(|c| c.addr.is_ipv6() == a.is_ipv6() && mask_addr(a, c.len) == c.addr)
+    };
+    policy.rules.iter().position(|r| {
+        applies(r, p.dir)
+            && (r.protocols.is_empty() || r.protocols.contains(&p.proto))
+            && (r.dscp.is_empty() || r.dscp.contains(&p.dscp))
+            && in_ports(&r.src_ports, p.sport)
+            && in_ports(&r.dst_ports, p.dport)
+            && in_cidrs(&r.src_cidrs, p.src)
+            && in_cidrs(&r.dst_cidrs, p.dst)
+    })
+}
+
+/// The same lookup the kernel does, over the compiled maps (used to check the
+/// compiler against `reference_match`).
+pub fn map_match(m: &MapPlan, p: &PacketView) -> Option<usize> {
+    let lpm = |e4: &[([u8; 4], u8, u32)], e6: &[([u8; 16], u8, u32)], a: IpAddr, wild: u32| -> u32 {
+        let best = match a {
+            IpAddr::V4(a) => e4
+                .iter()
+                .filter(|(p, l, _)| mask_addr(IpAddr::V4(a), *l) == IpAddr::V4((*p).into()))
+                .max_by_key(|(_, l, _)| *l)
+                .map(|e| e.2),
+            IpAddr::V6(a) => e6
+                .iter()
+                .filter(|(p, l, _)| mask_addr(IpAddr::V6(a), *l) == IpAddr::V6((*p).into()))
+                .max_by_key(|(_, l, _)| *l)
+                .map(|e| e.2),
+        };
+        best.unwrap_or(wild)
+    };
+    let ids = [
+        m.proto_idx[(p.dir * 256 + p.proto as u32) as usize],
+        m.dscp_idx[p.dscp as usize],
+        m.sport_idx[p.sport.map_or(NO_PORT as usize, usize::from)],
+        m.dport_idx[p.dport.map_or(NO_PORT as usize, usize::from)],
+        lpm(&m.src4, &m.src6, p.src, m.wild_src),
+        lpm(&m.dst4, &m.dst6, p.dst, m.wild_dst),
+    ];
+    for w in 0..m.nwords as usize {
+        let x = ids.iter().fold(u64::MAX, |acc, &id| acc & m.bitmaps[id as usize][w]);
+        if x != 0 {
+            return Some(w * 64 + x.trailing_zeros() as usize);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use std::path::Path;
+
+    fn policy(rules: &str) -> Policy {
+        let text = format!(
+            r#"
+[interfaces]
+wan = "wan0"
+lan = "lan0"
+[upload]
+rate = "10mbit"
+[download]
+rate = "40mbit"
+[[class]]
+name = "video"
+priority = 0
+guaranteed = "20%"
+[[class]]
+name = "images"
+priority = 2
+guaranteed = "30%"
+[[class]]
+name = "default"
+priority = 4
+guaranteed = "10%"
+default = true
+{rules}
+"#
+        );
+        config::parse(Path::new("t.toml"), &text).expect("valid policy")
+    }
+
+    const RULES: &str = r#"
+[[rule]]
+name = "teams-ranges"
+class = "video"
+protocol = "udp"
+dst_ports = ["3478-3481"]
+dst_cidrs = ["52.112.0.0/14", "2603:1063::/38"]
+[[rule]]
+name = "teams-clients"
+class = "video"
+protocol = "udp"
+src_ports = ["50000-50059"]
+[[rule]]
+name = "dicom"
+class = "images"
+protocol = "tcp"
+dst_ports = [104, 11112]
+[[rule]]
+name = "hscn-inner"
+class = "images"
+dst_cidrs = ["10.207.112.0/22"]
+priority = 100
+[[rule]]
+name = "hscn"
+class = "video"
+dst_cidrs = ["10.0.0.0/8"]
+priority = 101
+[[rule]]
+name = "ef-upload"
+class = "video"
+dscp = ["EF"]
+direction = "upload"
+priority = 200
+"#;
+
+    #[test]
+    fn class_tree() {
+        let pol = policy(RULES);
+        let pl = plan(&pol, Some(KernelCaps::default()));
+        assert_eq!(pl.up.classes[2].classid, 0x0001_0002, "default class at 1:2");
+        assert_eq!(pl.up.classes[0].classid, 0x0001_0010);
+        assert_eq!(pl.up.classes[0].rate_bps, 2_000_000);
+        assert_eq!(pl.down.classes[1].rate_bps, 12_000_000);
+        assert_eq!(pl.down.classes[1].ceil_bps, 40_000_000);
+        // bfifo sized to 20 ms at the ceiling when the kernel has no fq_codel.
+        assert_eq!(pl.down.classes[1].leaf, LeafPlan::Bfifo { limit_bytes: 100_000 });
+        let with_fq = plan(&pol, Some(KernelCaps { fq_codel: true, cake: false }));
+        assert!(matches!(with_fq.up.classes[0].leaf, LeafPlan::FqCodel { .. }));
+    }
+
+    fn pv(dir: u32, proto: u8, sport: Option<u16>, dport: Option<u16>, src: &str, dst: &str, dscp: u8) -> PacketView {
+        PacketView {
+            dir,
+            proto,
+            dscp,
+            sport,
+            dport,
+            src: src.parse().expect("addr"),
+            dst: dst.parse().expect("addr"),
+        }
+    }
+
+    #[test]
+    fn compiled_maps_agree_with_reference() {
+        let pol = policy(RULES);
+        let m = maps(&plan(&pol, None));
+        let cases = [
+            (pv(0, 17, Some(40000), Some(3478), "192.168.1.5", "52.113.1.1", 0), Some("teams-ranges")),
+            (pv(1, 17, Some(40000), Some(3478), "192.168.1.5", "52.113.1.1", 0), Some("teams-ranges")),
+            (pv(0, 17, Some(40000), Some(3478), "192.168.1.5", "8.8.8.8", 0), None),
+            (pv(0, 17, Some(40000), Some(3478), "fd00::5", "2603:1063::1", 0), Some("teams-ranges")),
+            (pv(0, 17, Some(50021), Some(9999), "192.168.1.5", "8.8.8.8", 0), Some("teams-clients")),
+            (pv(0, 6, Some(50021), Some(104), "192.168.1.5", "8.8.8.8", 0), Some("dicom")),
+            (pv(0, 6, Some(1234), Some(443), "192.168.1.5", "10.207.113.9", 0), Some("hscn-inner")),
+            (pv(0, 6, Some(1234), Some(443), "192.168.1.5", "10.1.2.3", 0), Some("hscn")),
+            (pv(0, 1, None, None, "192.168.1.5", "10.1.2.3", 0), Some("hscn")),
+            (pv(0, 1, None, None, "192.168.1.5", "1.1.1.1", 46), Some("ef-upload")),
+            (pv(1, 1, None, None, "192.168.1.5", "1.1.1.1", 46), None),
+            (pv(0, 1, None, None, "192.168.1.5", "1.1.1.1", 0), None),
+        ];
+        for (p, want) in cases {
+            let r = reference_match(&pol, &p);
+            assert_eq!(r.map(|i| pol.rules[i].name.as_str()), want, "reference for {p:?}");
+            assert_eq!(map_match(&m, &p), r, "maps disagree with reference for {p:?}");
+        }
+    }
+
+    #[test]
+    fn many_rules_agree_with_reference() {
+        // 300 rules over five words, overlapping ranges and prefixes.
+        let mut rules = String::new();
+        for i in 0..300u32 {
+            let lo = (i * 97) % 60000;
+            rules.push_str(&format!(
+                "[[rule]]\nname = \"r{i}\"\nclass = \"{}\"\nprotocol = \"{}\"\ndst_ports = [\"{lo}-{}\"]\n{}\n",
+                ["video", "images", "default"][(i % 3) as usize],
+                if i % 2 == 0 { "tcp" } else { "udp" },
+                lo + (i % 500),
+                if i % 5 == 0 { format!("dst_cidrs = [\"10.{}.0.0/16\"]", i % 256) } else { String::new() }
+            ));
+        }
+        let pol = policy(&rules);
+        let m = maps(&plan(&pol, None));
+        assert_eq!(m.nwords, 5);
+        let mut seed = 0x1234_5678_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..5000 {
+            let x = next();
+            let proto = if x & 1 == 0 { 6 } else { 17 };
+            let dport = (x >> 8) as u16 % 61000;
+            let dst = format!("10.{}.{}.1", (x >> 32) as u8, (x >> 40) as u8);
+            let p = pv(((x >> 4) & 1) as u32, proto, Some(1000), Some(dport), "192.168.0.2", &dst, 0);
+            assert_eq!(map_match(&m, &p), reference_match(&pol, &p), "{p:?}");
+        }
+    }
+}

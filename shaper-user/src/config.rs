@@ -1,0 +1,862 @@
+//! The configuration file: raw TOML types (serde, `deny_unknown_fields`) and
+//! their validation into a [`Policy`] that the rest of the program uses.
+//! Every error names the file, the line and the field, and says what would
+//! be accepted. Validation touches nothing outside this process.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::IpAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// Highest HTB priority value the kernel accepts is 7; 0 is served first.
+pub const MAX_PRIORITY: u8 = 7;
+
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if self.field.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": `{}`: {}", self.field, self.message)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw file types.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interfaces: RawInterfaces,
+    upload: RawDirection,
+    download: RawDirection,
+    #[serde(default)]
+    shaping: Option<RawShaping>,
+    #[serde(default, rename = "class")]
+    classes: Vec<Spanned<RawClass>>,
+    #[serde(default, rename = "rule")]
+    rules: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterfaces {
+    wan: Spanned<String>,
+    lan: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDirection {
+    rate: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShaping {
+    /// Leaf queue: "auto" (fq_codel, else bfifo), "fq_codel", "cake", "bfifo".
+    leaf: Option<Spanned<String>>,
+    /// Depth of bfifo leaves in milliseconds at the class's ceiling.
+    queue_ms: Option<Spanned<u32>>,
+    /// Re-mark DSCP on WAN egress per class (default true).
+    remark_dscp: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClass {
+    name: Spanned<String>,
+    priority: Spanned<i64>,
+    guaranteed: Spanned<String>,
+    #[serde(default)]
+    ceiling: Option<Spanned<String>>,
+    #[serde(default)]
+    default: bool,
+    #[serde(default)]
+    dscp: Option<Spanned<DscpValue>>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+enum DscpValue {
+    Number(i64),
+    Name(String),
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T: Clone> OneOrMany<T> {
+    fn to_vec(&self) -> Vec<T> {
+        match self {
+            Self::One(v) => vec![v.clone()],
+            Self::Many(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+enum PortValue {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    class: Spanned<String>,
+    #[serde(default)]
+    priority: Option<Spanned<i64>>,
+    #[serde(default)]
+    direction: Option<Spanned<String>>,
+    #[serde(default)]
+    protocol: Option<Spanned<OneOrMany<String>>>,
+    #[serde(default)]
+    src_ports: Option<Spanned<OneOrMany<PortValue>>>,
+    #[serde(default)]
+    dst_ports: Option<Spanned<OneOrMany<PortValue>>>,
+    #[serde(default)]
+    src_cidrs: Option<Spanned<OneOrMany<String>>>,
+    #[serde(default)]
+    dst_cidrs: Option<Spanned<OneOrMany<String>>>,
+    #[serde(default)]
+    dscp: Option<Spanned<OneOrMany<DscpValue>>>,
+}
+
+// ---------------------------------------------------------------------------
+// Validated policy.
+
+/// A validated configuration. Rates are bits per second.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    pub wan: String,
+    pub lan: String,
+    pub upload_bps: u64,
+    pub download_bps: u64,
+    pub leaf: LeafChoice,
+    pub queue_ms: u32,
+    pub remark_dscp: bool,
+    /// Classes in file order.
+    pub classes: Vec<Class>,
+    /// Index into `classes` of the default class.
+    pub default_class: usize,
+    /// Rules sorted by priority (stable: file order breaks ties).
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeafChoice {
+    Auto,
+    FqCodel,
+    Cake,
+    Bfifo,
+}
+
+/// A share of a direction's rate: a fraction or an absolute rate.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Share {
+    Percent(f64),
+    Bps(u64),
+}
+
+impl Share {
+    /// Bits per second of this share of `rate_bps`.
+    pub fn of(&self, rate_bps: u64) -> u64 {
+        match *self {
+            Share::Percent(p) => ((rate_bps as f64) * p / 100.0).round() as u64,
+            Share::Bps(b) => b,
+        }
+    }
+}
+
+impl fmt::Display for Share {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Share::Percent(p) => write!(f, "{p}%"),
+            Share::Bps(b) => write!(f, "{}", format_rate(*b)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Class {
+    pub name: String,
+    pub priority: u8,
+    pub guaranteed: Share,
+    pub ceiling: Share,
+    pub dscp: Option<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Both,
+    Upload,
+    Download,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rule {
+    pub name: String,
+    pub class: usize,
+    pub priority: i64,
+    pub direction: Direction,
+    /// Empty = any protocol.
+    pub protocols: Vec<u8>,
+    /// Inclusive ranges; empty = any (including packets without ports).
+    pub src_ports: Vec<(u16, u16)>,
+    pub dst_ports: Vec<(u16, u16)>,
+    pub src_cidrs: Vec<Cidr>,
+    pub dst_cidrs: Vec<Cidr>,
+    pub dscp: Vec<u8>,
+}
+
+// ---------------------------------------------------------------------------
+// Parsing helpers (public: the CLI and tests use them too).
+
+/// Parses "40mbit", "9500kbit", "1.5gbit", "800000bit" (tc's units: k = 1000).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix("/s").unwrap_or(&t);
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit.trim() {
+        "bit" => 1.0,
+        "kbit" => 1e3,
+        "mbit" => 1e6,
+        "gbit" => 1e9,
+        "" => return Err(format!("`{s}` has no unit: write e.g. \"40mbit\" or \"9500kbit\"")),
+        u if u.ends_with("bps") || u.ends_with("b") => {
+            return Err(format!(
+                "`{s}`: unit `{u}` is ambiguous (bytes or bits?); use bit, kbit, mbit or gbit"
+            ))
+        }
+        u => return Err(format!("`{s}`: unknown unit `{u}`; use bit, kbit, mbit or gbit")),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number followed by a unit, e.g. \"40mbit\""))?;
+    let bps = (n * mult).round();
+    if !(bps >= 1.0 && bps <= 1e12) {
+        return Err(format!("`{s}` is out of range (1bit to 1000gbit)"));
+    }
+    Ok(bps as u64)
+}
+
+/// Formats bits per second the way tc would print them.
+pub fn format_rate(bps: u64) -> String {
+    if bps >= 1_000_000_000 && bps % 1_000_000 == 0 {
+        format!("{}gbit", bps as f64 / 1e9)
+    } else if bps >= 1_000_000 && bps % 1_000 == 0 {
+        format!("{}mbit", bps as f64 / 1e6)
+    } else if bps >= 1_000 {
+        format!("{}kbit", bps as f64 / 1e3)
+    } else {
+        format!("{bps}bit")
+    }
+}
+
+fn parse_share(s: &str) -> Result<Share, String> {
+    let t = s.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        let v: f64 = p
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a percentage like \"30%\""))?;
+        if !(v > 0.0 && v <= 100.0) {
+            return Err(format!("`{s}` must be above 0% and at most 100%"));
+        }
+        Ok(Share::Percent(v))
+    } else {
+        parse_rate(t)
+            .map(Share::Bps)
+            .map_err(|e| format!("{e}; or give a percentage of the line rate like \"30%\""))
+    }
+}
+
+/// DSCP by number (0-63) or name (EF, CS0-CS7, AF11-AF43, LE, VA, DF/BE).
+pub fn parse_dscp_name(s: &str) -> Result<u8, String> {
+    let u = s.trim().to_ascii_uppercase();
+    let v = match u.as_str() {
+        "EF" => 46,
+        "VA" | "VOICE-ADMIT" => 44,
+        "LE" => 1,
+        "DF" | "BE" | "DEFAULT" => 0,
+        _ => {
+            if let Some(n) = u.strip_prefix("CS") {
+                match n.parse::<u8>() {
+                    Ok(n) if n <= 7 => n << 3,
+                    _ => return Err(format!("`{s}`: class selectors are CS0 to CS7")),
+                }
+            } else if let Some(n) = u.strip_prefix("AF") {
+                let b = n.as_bytes();
+                if b.len() == 2 && (b'1'..=b'4').contains(&b[0]) && (b'1'..=b'3').contains(&b[1]) {
+                    ((b[0] - b'0') << 3) | ((b[1] - b'0') << 1)
+                } else {
+                    return Err(format!("`{s}`: assured forwarding is AF11 to AF43"));
+                }
+            } else {
+                return Err(format!(
+                    "`{s}` is not a DSCP: use 0-63 or a name (EF, AF41, CS1, LE, DF, ...)"
+                ));
+            }
+        }
+    };
+    Ok(v)
+}
+
+fn dscp_value(v: &DscpValue) -> Result<u8, String> {
+    match v {
+        DscpValue::Number(n) if (0..=63).contains(n) => Ok(*n as u8),
+        DscpValue::Number(n) => Err(format!("DSCP {n} is out of range 0-63")),
+        DscpValue::Name(s) => parse_dscp_name(s),
+    }
+}
+
+fn parse_port_range(v: &PortValue) -> Result<(u16, u16), String> {
+    let one = |s: &str| -> Result<u16, String> {
+        s.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("`{s}` is not a port (0-65535)"))
+    };
+    match v {
+        PortValue::Number(n) => u16::try_from(*n)
+            .map(|p| (p, p))
+            .map_err(|_| format!("port {n} is out of range 0-65535")),
+        PortValue::Text(s) => {
+            let (lo, hi) = match s.split_once('-') {
+                Some((a, b)) => (one(a)?, one(b)?),
+                None => {
+                    let p = one(s)?;
+                    (p, p)
+                }
+            };
+            if lo > hi {
+                return Err(format!("port range `{s}` runs backwards"));
+            }
+            Ok((lo, hi))
+        }
+    }
+}
+
+/// Parses "10.0.0.0/8", "2603:1063::/38" or a bare address (a host route).
+pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    let (a, l) = match s.trim().split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s.trim(), None),
+    };
+    let addr: IpAddr = a
+        .parse()
+        .map_err(|_| format!("`{s}`: `{a}` is not an IPv4 or IPv6 address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = match l {
+        None => max,
+        Some(l) => match l.parse::<u8>() {
+            Ok(n) if n <= max => n,
+            _ => return Err(format!("`{s}`: prefix length must be 0-{max}")),
+        },
+    };
+    // Host bits set is almost always a typo; refuse rather than guess.
+    let masked = mask_addr(addr, len);
+    if masked != addr {
+        return Err(format!(
+            "`{s}` has host bits set; did you mean {masked}/{len}?"
+        ));
+    }
+    Ok(Cidr { addr, len })
+}
+
+/// The address with all bits past `len` cleared.
+pub fn mask_addr(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = if len == 0 { 0 } else { u32::MAX << (32 - len as u32) };
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let m = if len == 0 { 0 } else { u128::MAX << (128 - len as u32) };
+            IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
+}
+
+fn parse_protocol(s: &str) -> Result<u8, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "tcp" => Ok(6),
+        "udp" => Ok(17),
+        "icmp" => Ok(1),
+        "icmpv6" | "ipv6-icmp" => Ok(58),
+        "sctp" => Ok(132),
+        "gre" => Ok(47),
+        "esp" => Ok(50),
+        "ah" => Ok(51),
+        "udplite" => Ok(136),
+        other => other.parse::<u8>().map_err(|_| {
+            format!("`{s}` is not a protocol: use tcp, udp, icmp, icmpv6, sctp, gre, esp or a number 0-255")
+        }),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Loading and validation.
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, span: Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text[..end].bytes().filter(|&b| b == b'\n').count() + 1
+    }
+
+    fn err(&self, span: Option<Range<usize>>, field: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: span.map(|s| self.line_of(s)),
+            field: field.into(),
+            message: msg.into(),
+        }
+    }
+
+    fn at<T>(&self, v: &Spanned<T>, field: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+        self.err(Some(v.span()), field, msg)
+    }
+}
+
+/// Reads and validates a configuration file. Touches nothing but the file.
+pub fn load(path: &Path) -> Result<Policy, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        line: None,
+        field: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Validates configuration text; `file` is used in error messages.
+pub fn parse(file: &Path, text: &str) -> Result<Policy, ConfigError> {
+    let cx = Ctx { file, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let msg = e.message().to_string();
+        // serde's unknown-field message lists what is accepted; keep it.
+        cx.err(e.span(), "", msg)
+    })?;
+    validate(&cx, raw)
+}
+
+fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
+    let wan = interface_name(cx, &raw.interfaces.wan, "interfaces.wan")?;
+    let lan = interface_name(cx, &raw.interfaces.lan, "interfaces.lan")?;
+    if wan == lan {
+        return Err(cx.at(&raw.interfaces.lan, "interfaces.lan", "WAN and LAN must be different interfaces"));
+    }
+    let upload_bps = parse_rate(raw.upload.rate.get_ref()).map_err(|m| cx.at(&raw.upload.rate, "upload.rate", m))?;
+    let download_bps =
+        parse_rate(raw.download.rate.get_ref()).map_err(|m| cx.at(&raw.download.rate, "download.rate", m))?;
+
+    let shaping = raw.shaping.unwrap_or(RawShaping { leaf: None, queue_ms: None, remark_dscp: None });
+    let leaf = match &shaping.leaf {
+        None => LeafChoice::Auto,
+        Some(s) => match s.get_ref().as_str() {
+            "auto" => LeafChoice::Auto,
+            "fq_codel" => LeafChoice::FqCodel,
+            "cake" => LeafChoice::Cake,
+            "bfifo" => LeafChoice::Bfifo,
+            other => {
+                return Err(cx.at(s, "shaping.leaf", format!("`{other}`: use \"auto\", \"fq_codel\", \"cake\" or \"bfifo\"")))
+            }
+        },
+    };
+    let queue_ms = match &shaping.queue_ms {
+        None => 20,
+        Some(q) if (1..=1000).contains(q.get_ref()) => *q.get_ref(),
+        Some(q) => return Err(cx.at(q, "shaping.queue_ms", "must be 1 to 1000 milliseconds")),
+    };
+
+    if raw.classes.is_empty() {
+        return Err(cx.err(None, "class", "at least one [[class]] is needed, one of them with `default = true`"));
+    }
+    if raw.classes.len() > shaper_common::MAX_CLASSES {
+        return Err(cx.at(&raw.classes[shaper_common::MAX_CLASSES], "class", format!("at most {} classes", shaper_common::MAX_CLASSES)));
+    }
+    let mut classes = Vec::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut default_class = None;
+    for (i, sc) in raw.classes.iter().enumerate() {
+        let c = sc.get_ref();
+        let f = |k: &str| format!("class[{i}].{k}");
+        let name = c.name.get_ref().trim().to_string();
+        if name.is_empty() || !name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
+            return Err(cx.at(&c.name, f("name"), "use letters, digits, '-' and '_'"));
+        }
+        if names.insert(name.clone(), i).is_some() {
+            return Err(cx.at(&c.name, f("name"), format!("class `{name}` is defined twice")));
+        }
+        let prio = *c.priority.get_ref();
+        if !(0..=MAX_PRIORITY as i64).contains(&prio) {
+            return Err(cx.at(&c.priority, f("priority"), format!("must be 0 (served first) to {MAX_PRIORITY}")));
+        }
+        let guaranteed = parse_share(c.guaranteed.get_ref()).map_err(|m| cx.at(&c.guaranteed, f("guaranteed"), m))?;
+        let ceiling = match &c.ceiling {
+            None => Share::Percent(100.0),
+            Some(s) => parse_share(s.get_ref()).map_err(|m| cx.at(s, f("ceiling"), m))?,
+        };
+        for (dir, rate) in [("upload", upload_bps), ("download", download_bps)] {
+            let g = guaranteed.of(rate);
+            let ce = ceiling.of(rate);
+            if g > rate {
+                return Err(cx.at(&c.guaranteed, f("guaranteed"), format!("{guaranteed} is more than the {dir} rate {}", format_rate(rate))));
+            }
+            if ce > rate {
+                let span = c.ceiling.as_ref().map(|s| s.span());
+                return Err(cx.err(span, f("ceiling"), format!("{ceiling} is more than the {dir} rate {}", format_rate(rate))));
+            }
+            if ce < g {
+                let span = c.ceiling.as_ref().map(|s| s.span()).or(Some(c.guaranteed.span()));
+                return Err(cx.err(span, f("ceiling"), format!("ceiling {ceiling} is below the guaranteed {guaranteed} ({dir})")));
+            }
+            if g < 8_000 {
+                return Err(cx.at(&c.guaranteed, f("guaranteed"), format!("{guaranteed} of the {dir} rate is {}; at least 8kbit is needed", format_rate(g))));
+            }
+        }
+        let dscp = match &c.dscp {
+            None => None,
+            Some(d) => Some(dscp_value(d.get_ref()).map_err(|m| cx.at(d, f("dscp"), m))?),
+        };
+        if c.default {
+            if let Some(prev) = default_class {
+                return Err(cx.at(&c.name, f("default"), format!("class `{}` is already the default; only one class can be", classes_name(&classes, prev))));
+            }
+            default_class = Some(i);
+        }
+        classes.push(Class { name, priority: prio as u8, guaranteed, ceiling, dscp });
+    }
+    let Some(default_class) = default_class else {
+        return Err(cx.err(Some(raw.classes[0].span()), "class", "no class has `default = true`; unmatched traffic needs one"));
+    };
+    for (dir, rate) in [("upload", upload_bps), ("download", download_bps)] {
+        let sum: u64 = classes.iter().map(|c| c.guaranteed.of(rate)).sum();
+        if sum > rate {
+            return Err(cx.err(
+                Some(raw.classes[0].span()),
+                "class[*].guaranteed",
+                format!(
+                    "guaranteed shares add up to {} ({:.1}% of the {dir} rate {}); they must not exceed 100%",
+                    format_rate(sum),
+                    sum as f64 * 100.0 / rate as f64,
+                    format_rate(rate)
+                ),
+            ));
+        }
+    }
+
+    if raw.rules.len() > shaper_common::MAX_RULES {
+        return Err(cx.at(&raw.rules[shaper_common::MAX_RULES], "rule", format!("at most {} rules", shaper_common::MAX_RULES)));
+    }
+    let mut rules = Vec::new();
+    let mut rule_names: HashMap<String, usize> = HashMap::new();
+    for (i, sr) in raw.rules.iter().enumerate() {
+        let r = sr.get_ref();
+        let f = |k: &str| format!("rule[{i}].{k}");
+        let name = r.name.get_ref().trim().to_string();
+        if name.is_empty() {
+            return Err(cx.at(&r.name, f("name"), "a rule needs a name"));
+        }
+        if rule_names.insert(name.clone(), i).is_some() {
+            return Err(cx.at(&r.name, f("name"), format!("rule `{name}` is defined twice")));
+        }
+        let Some(&class) = names.get(r.class.get_ref().trim()) else {
+            let known: Vec<_> = classes.iter().map(|c| c.name.as_str()).collect();
+            return Err(cx.at(&r.class, f("class"), format!("no class named `{}`; classes are: {}", r.class.get_ref(), known.join(", "))));
+        };
+        let priority = match &r.priority {
+            None => i as i64,
+            Some(p) => *p.get_ref(),
+        };
+        let direction = match &r.direction {
+            None => Direction::Both,
+            Some(d) => match d.get_ref().as_str() {
+                "both" => Direction::Both,
+                "upload" => Direction::Upload,
+                "download" => Direction::Download,
+                other => return Err(cx.at(d, f("direction"), format!("`{other}`: use \"both\", \"upload\" or \"download\""))),
+            },
+        };
+        let protocols = match &r.protocol {
+            None => vec![],
+            Some(p) => p.get_ref().to_vec().iter().map(|s| parse_protocol(s)).collect::<Result<Vec<_>, _>>().map_err(|m| cx.at(p, f("protocol"), m))?,
+        };
+        let ports = |v: &Option<Spanned<OneOrMany<PortValue>>>, k: &str| -> Result<Vec<(u16, u16)>, ConfigError> {
+            match v {
+                None => Ok(vec![]),
+                Some(p) => p.get_ref().to_vec().iter().map(parse_port_range).collect::<Result<Vec<_>, _>>().map_err(|m| cx.at(p, f(k), m)),
+            }
+        };
+        let src_ports = ports(&r.src_ports, "src_ports")?;
+        let dst_ports = ports(&r.dst_ports, "dst_ports")?;
+        if (!src_ports.is_empty() || !dst_ports.is_empty())
+            && !protocols.is_empty()
+            && protocols.iter().all(|p| ![6u8, 17, 132, 136].contains(p))
+        {
+            let span = r.protocol.as_ref().map(|p| p.span());
+            return Err(cx.err(span, f("protocol"), "ports are given but none of the protocols carries ports (tcp, udp, sctp, udplite)"));
+        }
+        let cidrs = |v: &Option<Spanned<OneOrMany<String>>>, k: &str| -> Result<Vec<Cidr>, ConfigError> {
+            match v {
+                None => Ok(vec![]),
+                Some(p) => p.get_ref().to_vec().iter().map(|s| parse_cidr(s)).collect::<Result<Vec<_>, _>>().map_err(|m| cx.at(p, f(k), m)),
+            }
+        };
+        let src_cidrs = cidrs(&r.src_cidrs, "src_cidrs")?;
+        let dst_cidrs = cidrs(&r.dst_cidrs, "dst_cidrs")?;
+        let dscp = match &r.dscp {
+            None => vec![],
+            Some(d) => d.get_ref().to_vec().iter().map(dscp_value).collect::<Result<Vec<_>, _>>().map_err(|m| cx.at(d, f("dscp"), m))?,
+        };
+        for (k, v) in [("src_ports", r.src_ports.as_ref().map(|s| s.span())), ("dst_ports", r.dst_ports.as_ref().map(|s| s.span()))] {
+            let list = if k == "src_ports" { &src_ports } else { &dst_ports };
+            if v.is_some() && list.is_empty() {
+                return Err(cx.err(v, f(k), "an empty list matches nothing; leave the field out to match any port"));
+            }
+        }
+        rules.push(Rule { name, class, priority, direction, protocols, src_ports, dst_ports, src_cidrs, dst_cidrs, dscp });
+    }
+    // Lower priority value first; file order breaks ties (sort is stable).
+    rules.sort_by_key(|r| r.priority);
+
+    Ok(Policy {
+        wan,
+        lan,
+        upload_bps,
+        download_bps,
+        leaf,
+        queue_ms,
+        remark_dscp: shaping.remark_dscp.unwrap_or(true),
+        classes,
+        default_class,
+        rules,
+    })
+}
+
+/// Checks that the configured interfaces exist on this host (a read-only
+/// lookup). The error points at the config line naming the interface.
+pub fn check_interfaces_exist(file: &Path, policy: &Policy) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    for (key, name) in [("wan", &policy.wan), ("lan", &policy.lan)] {
+        let Ok(c) = std::ffi::CString::new(name.as_str()) else { continue };
+        // SAFETY: if_nametoindex reads a NUL-terminated string.
+        if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+            let line = text
+                .lines()
+                .position(|l| l.trim_start().starts_with(key) && l.contains(&format!("\"{name}\"")))
+                .map(|i| i + 1);
+            return Err(ConfigError {
+                file: file.to_path_buf(),
+                line,
+                field: format!("interfaces.{key}"),
+                message: format!("interface `{name}` does not exist on this host (use --offline to skip this check)"),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn classes_name(classes: &[Class], i: usize) -> &str {
+    classes.get(i).map(|c| c.name.as_str()).unwrap_or("?")
+}
+
+fn interface_name(cx: &Ctx<'_>, v: &Spanned<String>, field: &str) -> Result<String, ConfigError> {
+    let s = v.get_ref();
+    // IFNAMSIZ is 16 including the NUL.
+    if s.is_empty() || s.len() > 15 || s.contains('/') || s.chars().any(|c| c.is_whitespace()) || s == "." || s == ".." {
+        return Err(cx.at(v, field, format!("`{s}` is not a valid interface name (1-15 characters, no spaces or '/')")));
+    }
+    Ok(s.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[interfaces]
+wan = "wan0"
+lan = "lan0"
+[upload]
+rate = "9500kbit"
+[download]
+rate = "36mbit"
+[[class]]
+name = "video"
+priority = 0
+guaranteed = "20%"
+dscp = "AF41"
+[[class]]
+name = "default"
+priority = 4
+guaranteed = "30%"
+default = true
+[[rule]]
+name = "teams"
+class = "video"
+protocol = "udp"
+dst_ports = ["3478-3481", 50020]
+dst_cidrs = ["52.112.0.0/14", "2603:1063::/38"]
+"#;
+
+    fn p(text: &str) -> Result<Policy, ConfigError> {
+        parse(Path::new("site.toml"), text)
+    }
+
+    #[test]
+    fn good_config_validates() {
+        let pol = p(GOOD).expect("valid");
+        assert_eq!(pol.upload_bps, 9_500_000);
+        assert_eq!(pol.download_bps, 36_000_000);
+        assert_eq!(pol.default_class, 1);
+        assert_eq!(pol.classes[0].dscp, Some(34));
+        assert_eq!(pol.rules[0].dst_ports, vec![(3478, 3481), (50020, 50020)]);
+        assert_eq!(pol.rules[0].protocols, vec![17]);
+        assert_eq!(pol.rules[0].dst_cidrs.len(), 2);
+    }
+
+    #[test]
+    fn rates_and_units() {
+        assert_eq!(parse_rate("40mbit"), Ok(40_000_000));
+        assert_eq!(parse_rate("1.5Mbit"), Ok(1_500_000));
+        assert_eq!(parse_rate("800kbit/s"), Ok(800_000));
+        assert!(parse_rate("40").is_err());
+        assert!(parse_rate("40mbps").unwrap_err().contains("ambiguous"));
+        assert!(parse_rate("fast").is_err());
+        assert_eq!(format_rate(40_000_000), "40mbit");
+        assert_eq!(format_rate(9_500_000), "9.5mbit");
+    }
+
+    #[test]
+    fn dscp_names() {
+        assert_eq!(parse_dscp_name("EF"), Ok(46));
+        assert_eq!(parse_dscp_name("af41"), Ok(34));
+        assert_eq!(parse_dscp_name("CS1"), Ok(8));
+        assert_eq!(parse_dscp_name("AF21"), Ok(18));
+        assert!(parse_dscp_name("AF51").is_err());
+    }
+
+    fn err_of(text: &str) -> ConfigError {
+        match p(text) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn unknown_field_names_line() {
+        let e = err_of(&GOOD.replace("priority = 4", "priority = 4\nspeed = 3"));
+        let s = e.to_string();
+        assert!(s.starts_with("site.toml:"), "{s}");
+        assert!(s.contains("speed"), "{s}");
+        assert_eq!(e.line, Some(17), "{s}");
+    }
+
+    #[test]
+    fn shares_above_100_percent() {
+        let e = err_of(&GOOD.replace("guaranteed = \"30%\"", "guaranteed = \"90%\""));
+        assert!(e.message.contains("must not exceed 100%"), "{e}");
+        assert_eq!(e.field, "class[*].guaranteed");
+    }
+
+    #[test]
+    fn bad_cidr() {
+        let e = err_of(&GOOD.replace("52.112.0.0/14", "52.112.0.300/14"));
+        assert_eq!(e.field, "rule[0].dst_cidrs");
+        assert_eq!(e.line, Some(24));
+        let e = err_of(&GOOD.replace("52.112.0.0/14", "52.112.0.1/14"));
+        assert!(e.message.contains("host bits"), "{e}");
+    }
+
+    #[test]
+    fn unknown_class_and_duplicates() {
+        let e = err_of(&GOOD.replace("class = \"video\"", "class = \"vidoe\""));
+        assert!(e.message.contains("classes are: video, default"), "{e}");
+        let e = err_of(&GOOD.replace("name = \"default\"", "name = \"video\""));
+        assert!(e.message.contains("defined twice"), "{e}");
+        let e = err_of(&GOOD.replace("default = true", ""));
+        assert!(e.message.contains("default = true"), "{e}");
+    }
+
+    #[test]
+    fn ports_and_ranges() {
+        let e = err_of(&GOOD.replace("\"3478-3481\"", "\"3481-3478\""));
+        assert!(e.message.contains("backwards"), "{e}");
+        let e = err_of(&GOOD.replace("50020]", "70000]"));
+        assert!(e.message.contains("out of range"), "{e}");
+        let e = err_of(&GOOD.replace("protocol = \"udp\"", "protocol = \"icmp\""));
+        assert!(e.message.contains("carries ports"), "{e}");
+    }
+
+    #[test]
+    fn interfaces() {
+        let e = err_of(&GOOD.replace("lan = \"lan0\"", "lan = \"wan0\""));
+        assert_eq!(e.field, "interfaces.lan");
+        let e = err_of(&GOOD.replace("lan = \"lan0\"", "lan = \"a-very-long-interface-name\""));
+        assert!(e.message.contains("not a valid interface name"), "{e}");
+    }
+
+    #[test]
+    fn ceiling_below_guaranteed() {
+        let e = err_of(&GOOD.replace("guaranteed = \"20%\"", "guaranteed = \"20%\"\nceiling = \"10%\""));
+        assert_eq!(e.field, "class[0].ceiling");
+    }
+
+    #[test]
+    fn shipped_example_config_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gp-surgery-fttc-40-10.toml");
+        let pol = load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let names: Vec<_> = pol.classes.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["video", "clinical-interactive", "images", "default", "bulk"]);
+        assert_eq!(pol.classes[pol.default_class].name, "default");
+        assert!(pol.rules.iter().any(|r| r.name == "teams-media" && r.dst_cidrs.len() == 4));
+        assert!(pol.rules.iter().any(|r| r.name == "dicom" && r.dst_ports == vec![(104, 104), (11112, 11112)]));
+    }
+}

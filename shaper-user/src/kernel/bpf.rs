@@ -1,0 +1,451 @@
+//! The classifier program and its maps: load (verifier), fill, attach to the
+//! egress hooks, pin under bpffs so shaping outlives the process, replace
+//! atomically on re-apply, read counters back, detach.
+//!
+//! Attachment: TCX links (kernel >= 6.6), pinned as `<root>/link_wan` and
+//! `<root>/link_lan`; a re-apply swaps the program inside the existing link
+//! with one `bpf_link_update`, so there is no moment without a classifier.
+//! Older kernels: a direct-action cls_bpf filter on clsact egress through
+//! netlink at a fixed priority/handle, replaced in place on re-apply.
+
+use std::{
+    fs,
+    io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    include_bytes_aligned,
+    maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData, PerCpuArray},
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle},
+        LinkOrder, SchedClassifier,
+    },
+    util::KernelVersion,
+    Ebpf, EbpfLoader,
+};
+use serde::{Deserialize, Serialize};
+use shaper_common::*;
+
+use crate::compile::MapPlan;
+
+/// The classifier object built by build.rs (aya-build).
+static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shaper"));
+
+/// Netlink (pre-TCX) filter priority and handle we own on clsact egress.
+const NL_PRIORITY: u16 = 0x2f00;
+const NL_HANDLE: TcHandle = TcHandle::new(0, 0x5a);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    Wan,
+    Lan,
+}
+
+impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Wan => "wan",
+            Side::Lan => "lan",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachMode {
+    Tcx,
+    Netlink,
+}
+
+/// How one side is attached (kept in the state file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub side: Side,
+    pub ifname: String,
+    pub ifindex: u32,
+    pub mode: AttachMode,
+    /// We added the clsact qdisc (netlink mode) and must remove it.
+    pub created_clsact: bool,
+}
+
+/// Paths under bpffs.
+#[derive(Debug, Clone)]
+pub struct Pins {
+    pub root: PathBuf,
+}
+
+impl Pins {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Pins { root: root.into() }
+    }
+    pub fn link(&self, side: Side) -> PathBuf {
+        self.root.join(format!("link_{}", side.name()))
+    }
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+    // bpffs refuses names with a dot in them.
+    fn maps_next(&self) -> PathBuf {
+        self.root.join("maps_next")
+    }
+    fn maps_old(&self) -> PathBuf {
+        self.root.join("maps_old")
+    }
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the struct we pass; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Makes sure the pin root lives on a bpffs (mounting /sys/fs/bpf if a fresh
+/// machine has none) and exists.
+pub fn ensure_bpffs(pins: &Pins) -> Result<()> {
+    let base = Path::new("/sys/fs/bpf");
+    if pins.root.starts_with(base) && !is_bpffs(base) {
+        fs::create_dir_all(base).ok();
+        let src = c"bpf";
+        let target = c"/sys/fs/bpf";
+        // SAFETY: plain mount(2) with static NUL-terminated strings.
+        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+        if rc != 0 {
+            bail!("/sys/fs/bpf is not a bpf filesystem and mounting one failed: {}", io::Error::last_os_error());
+        }
+        log::info!("mounted bpffs on /sys/fs/bpf");
+    }
+    fs::create_dir_all(&pins.root).with_context(|| format!("creating {}", pins.root.display()))?;
+    if !is_bpffs(&pins.root) {
+        bail!("{} is not on a bpf filesystem; pins would not work there", pins.root.display());
+    }
+    Ok(())
+}
+
+/// Loads the classifier (through the verifier) with maps sized and filled for
+/// `m`. Nothing is attached yet; `CONFIG` is written last with `CFG_READY`.
+pub fn load(m: &MapPlan, wan_ifindex: u32, lan_ifindex: u32, flags: u32) -> Result<Ebpf> {
+    let nbitmaps = u32::try_from(m.bitmaps.len()).context("too many bitmaps")?;
+    let mut bpf = EbpfLoader::new()
+        .map_max_entries(MAP_BITMAPS, nbitmaps.max(1))
+        .load(OBJECT)
+        .context("loading the classifier object")?;
+    let prog: &mut SchedClassifier = program(&mut bpf)?;
+    prog.load().map_err(|e| anyhow!("the kernel refused the classifier program: {e:#}"))?;
+    fill(&mut bpf, m, wan_ifindex, lan_ifindex, flags)?;
+    Ok(bpf)
+}
+
+fn program(bpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    bpf.program_mut(PROG_CLASSIFY)
+        .ok_or_else(|| anyhow!("classifier program missing from object"))?
+        .try_into()
+        .context("classifier is not a tc program")
+}
+
+fn map_mut<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
+    bpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from object"))
+}
+
+fn fill(bpf: &mut Ebpf, m: &MapPlan, wan_ifindex: u32, lan_ifindex: u32, flags: u32) -> Result<()> {
+    {
+        let mut a: Array<_, Bitmap> = Array::try_from(map_mut(bpf, MAP_BITMAPS)?)?;
+        for (i, words) in m.bitmaps.iter().enumerate() {
+            let mut b: Bitmap = [0; BITMAP_WORDS];
+            b[..words.len()].copy_from_slice(words);
+            a.set(i as u32, b, 0).context("filling rule bitmaps")?;
+        }
+    }
+    for (name, idx) in [
+        (MAP_PROTO_IDX, &m.proto_idx),
+        (MAP_DSCP_IDX, &m.dscp_idx),
+        (MAP_SPORT_IDX, &m.sport_idx),
+        (MAP_DPORT_IDX, &m.dport_idx),
+    ] {
+        let mut a: Array<_, u32> = Array::try_from(map_mut(bpf, name)?)?;
+        for (i, id) in idx.iter().enumerate() {
+            // Id 0 is the empty bitmap, which is what an unset slot holds.
+            if *id != 0 {
+                a.set(i as u32, *id, 0).with_context(|| format!("filling {name}"))?;
+            }
+        }
+    }
+    fn trie<const N: usize>(bpf: &mut Ebpf, name: &str, entries: &[([u8; N], u8, u32)]) -> Result<()> {
+        let mut t: LpmTrie<_, [u8; N], u32> = LpmTrie::try_from(map_mut(bpf, name)?)?;
+        for (addr, len, id) in entries {
+            t.insert(&Key::new(u32::from(*len), *addr), *id, 0).with_context(|| format!("filling {name}"))?;
+        }
+        Ok(())
+    }
+    trie(bpf, MAP_SRC4, &m.src4)?;
+    trie(bpf, MAP_DST4, &m.dst4)?;
+    trie(bpf, MAP_SRC6, &m.src6)?;
+    trie(bpf, MAP_DST6, &m.dst6)?;
+    {
+        let mut a: Array<_, RuleInfo> = Array::try_from(map_mut(bpf, MAP_RULES)?)?;
+        for (i, class) in m.rule_class.iter().enumerate() {
+            a.set(i as u32, RuleInfo { class: *class }, 0).context("filling RULES")?;
+        }
+    }
+    {
+        let mut a: Array<_, ClassInfo> = Array::try_from(map_mut(bpf, MAP_CLASSES)?)?;
+        for (i, c) in m.classes.iter().enumerate() {
+            a.set(i as u32, *c, 0).context("filling CLASSES")?;
+        }
+    }
+    let cfg = Config {
+        wan_ifindex,
+        lan_ifindex,
+        nwords: m.nwords,
+        default_class: m.default_class,
+        wild_src: m.wild_src,
+        wild_dst: m.wild_dst,
+        flags: flags | CFG_READY,
+        _pad: 0,
+    };
+    let mut a: Array<_, Config> = Array::try_from(map_mut(bpf, MAP_CONFIG)?)?;
+    a.set(0, cfg, 0).context("writing CONFIG")?;
+    Ok(())
+}
+
+fn not_found(e: &LinkError) -> bool {
+    matches!(e, LinkError::SyscallError(s) if s.io_error.kind() == io::ErrorKind::NotFound)
+}
+
+/// The attach mode this kernel supports (TCX from 6.6). `SHAPER_ATTACH=netlink`
+/// forces the legacy path (to test it on a new kernel).
+pub fn attach_mode() -> AttachMode {
+    if std::env::var("SHAPER_ATTACH").is_ok_and(|v| v == "netlink") {
+        return AttachMode::Netlink;
+    }
+    if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+        AttachMode::Tcx
+    } else {
+        AttachMode::Netlink
+    }
+}
+
+/// Attaches (or atomically swaps in) the loaded classifier on `ifname`'s
+/// egress. `previous` is the attachment recorded by the last apply, if any.
+pub fn attach(bpf: &mut Ebpf, pins: &Pins, side: Side, ifname: &str, ifindex: u32, previous: Option<&Attachment>) -> Result<Attachment> {
+    let mode = previous.map_or_else(attach_mode, |p| p.mode);
+    let prog = program(bpf)?;
+    let same_if = previous.is_some_and(|p| p.ifindex == ifindex && p.ifname == ifname);
+    if let Some(p) = previous.filter(|_| !same_if) {
+        // Interface changed (or was re-created): drop the old hook first.
+        detach(pins, p);
+    }
+    match mode {
+        AttachMode::Tcx => {
+            let path = pins.link(side);
+            let existing = if same_if {
+                match PinnedLink::from_pin(&path) {
+                    Ok(l) => Some(l),
+                    Err(e) if not_found(&e) => None,
+                    Err(e) => return Err(anyhow!("opening pinned link {}: {e}", path.display())),
+                }
+            } else {
+                None
+            };
+            match existing {
+                Some(old) => {
+                    let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+                    let id = prog.attach_to_link(link).with_context(|| format!("replacing the classifier on {ifname}"))?;
+                    // The pin already names this link; let our fd close.
+                    drop(prog.take_link(id)?);
+                }
+                None => {
+                    let _ = fs::remove_file(&path);
+                    let id = prog
+                        .attach_with_options(ifname, TcAttachType::Egress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                        .with_context(|| format!("attaching the classifier to {ifname} egress (TCX)"))?;
+                    let link: FdLink = prog.take_link(id)?.try_into()?;
+                    link.pin(&path).with_context(|| format!("pinning link at {}", path.display()))?;
+                }
+            }
+            Ok(Attachment { side, ifname: ifname.into(), ifindex, mode, created_clsact: false })
+        }
+        AttachMode::Netlink => {
+            let created_clsact = match tc::qdisc_add_clsact(ifname) {
+                Ok(()) => true,
+                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    previous.is_some_and(|p| p.created_clsact && same_if)
+                }
+                Err(e) => return Err(anyhow!("adding clsact to {ifname}: {e}")),
+            };
+            let id = match SchedClassifierLink::attached(ifname, TcAttachType::Egress, NL_PRIORITY, NL_HANDLE, None) {
+                Ok(link) if same_if => prog.attach_to_link(link)?,
+                _ => prog.attach_with_options(
+                    ifname,
+                    TcAttachType::Egress,
+                    TcAttachOptions::Netlink(NlOptions { priority: NL_PRIORITY, handle: NL_HANDLE, classid: None }),
+                )?,
+            };
+            // The filter must outlive this process: never let aya detach it.
+            std::mem::forget(prog.take_link(id)?);
+            Ok(Attachment { side, ifname: ifname.into(), ifindex, mode, created_clsact })
+        }
+    }
+}
+
+/// Removes one side's hook. Missing pieces are fine (already gone).
+pub fn detach(pins: &Pins, a: &Attachment) {
+    match a.mode {
+        AttachMode::Tcx => {
+            // Unpinning drops the last reference: the link detaches.
+            let _ = fs::remove_file(pins.link(a.side));
+        }
+        AttachMode::Netlink => {
+            // The caller removes clsact itself when `created_clsact` is set.
+            if let Err(e) = tc::qdisc_detach_program(&a.ifname, TcAttachType::Egress, PROG_CLASSIFY) {
+                log::warn!("removing classifier filter from {}: {e}", a.ifname);
+            }
+        }
+    }
+}
+
+/// Pins the maps of a loaded classifier into `maps_next` (step one of two:
+/// nothing that reads the current set sees them yet).
+pub fn stage_maps(bpf: &Ebpf, pins: &Pins) -> Result<()> {
+    let next = pins.maps_next();
+    remove_dir(&next).with_context(|| format!("clearing {}", next.display()))?;
+    fs::create_dir_all(&next).with_context(|| format!("creating {}", next.display()))?;
+    for name in ALL_MAPS {
+        let map = bpf.map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
+        let data: &MapData = match map {
+            Map::Array(d) | Map::PerCpuArray(d) | Map::LpmTrie(d) | Map::LruHashMap(d) | Map::HashMap(d) => d,
+            _ => bail!("unexpected map type for {name}"),
+        };
+        data.pin(next.join(name)).with_context(|| format!("pinning map {name}"))?;
+    }
+    Ok(())
+}
+
+/// Makes the staged maps the current set (step two, after the swap).
+pub fn commit_maps(pins: &Pins) -> Result<()> {
+    let (cur, next, old) = (pins.maps(), pins.maps_next(), pins.maps_old());
+    let _ = remove_dir(&old);
+    if cur.exists() {
+        fs::rename(&cur, &old).with_context(|| format!("moving {}", cur.display()))?;
+    }
+    fs::rename(&next, &cur).with_context(|| format!("moving {}", next.display()))?;
+    let _ = remove_dir(&old);
+    Ok(())
+}
+
+/// Drops staged maps after a failed apply.
+pub fn discard_staged(pins: &Pins) {
+    let _ = remove_dir(&pins.maps_next());
+}
+
+fn remove_dir(dir: &Path) -> io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for e in fs::read_dir(dir)? {
+        let _ = fs::remove_file(e?.path());
+    }
+    fs::remove_dir(dir)
+}
+
+/// Removes every pin we own (links and maps).
+pub fn remove_pins(pins: &Pins) {
+    for side in [Side::Wan, Side::Lan] {
+        let _ = fs::remove_file(pins.link(side));
+    }
+    for d in [pins.maps(), pins.maps_next(), pins.maps_old()] {
+        let _ = remove_dir(&d);
+    }
+    let _ = fs::remove_dir(&pins.root);
+}
+
+/// Counters read from the pinned maps.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    /// [dir][rule rank]
+    pub rules: [Vec<Counter>; 2],
+    /// [dir][class index]
+    pub classes: [Vec<Counter>; 2],
+    /// [dir][GLOBAL_COUNTER_NAMES index]
+    pub global: [Vec<u64>; 2],
+}
+
+fn open_pinned(pins: &Pins, name: &str) -> Result<Map> {
+    let path = pins.maps().join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {} (is the shaper applied?)", path.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
+pub fn read_counters(pins: &Pins, nrules: usize, nclasses: usize) -> Result<Counters> {
+    let sum = |v: aya::maps::PerCpuValues<Counter>| {
+        v.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+    };
+    let rules_map: PerCpuArray<_, Counter> = PerCpuArray::try_from(open_pinned(pins, MAP_RULE_STATS)?)?;
+    let class_map: PerCpuArray<_, Counter> = PerCpuArray::try_from(open_pinned(pins, MAP_CLASS_STATS)?)?;
+    let global_map: PerCpuArray<_, u64> = PerCpuArray::try_from(open_pinned(pins, MAP_GLOBAL_STATS)?)?;
+    let mut c = Counters::default();
+    for dir in 0..2usize {
+        for r in 0..nrules {
+            c.rules[dir].push(sum(rules_map.get(&((dir * MAX_RULES + r) as u32), 0)?));
+        }
+        for k in 0..nclasses {
+            c.classes[dir].push(sum(class_map.get(&((dir * MAX_CLASSES + k) as u32), 0)?));
+        }
+        for g in 0..GLOBAL_COUNTERS as usize {
+            let v = global_map.get(&((dir * GLOBAL_COUNTERS as usize + g) as u32), 0)?;
+            c.global[dir].push(v.iter().sum());
+        }
+    }
+    Ok(c)
+}
+
+/// What one BPF_PROG_TEST_RUN of the classifier gave back.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// `skb->priority` as the program left it: the HTB class id.
+    pub priority: u32,
+    /// The program's return code (`u32::MAX` = TC_ACT_UNSPEC, pass on).
+    pub ret: u32,
+    /// Mean time per run as measured by the kernel.
+    pub duration: std::time::Duration,
+    /// The packet after the program (DSCP re-marking shows here).
+    pub data: Vec<u8>,
+}
+
+/// Runs the (loaded, unattached) classifier on one Ethernet frame through
+/// BPF_PROG_TEST_RUN, `repeat` times. `ifindex` selects the direction (the
+/// configured WAN or LAN index; it must exist in the caller's namespace).
+pub fn test_run(bpf: &mut Ebpf, packet: &[u8], ifindex: u32, repeat: u32) -> Result<RunResult> {
+    let prog = program(bpf)?;
+    // struct __sk_buff: priority at offset 32, ifindex at 40.
+    let mut ctx_in = [0u8; 192];
+    ctx_in[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut ctx_out = [0u8; 192];
+    let mut data_out = vec![0u8; packet.len() + 64];
+    use aya::programs::TestRun as _;
+    let r = prog.test_run(aya::programs::TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut data_out),
+        ctx_in: Some(&ctx_in),
+        ctx_out: Some(&mut ctx_out),
+        repeat,
+        ..Default::default()
+    })?;
+    data_out.truncate(r.data_size_out as usize);
+    Ok(RunResult {
+        priority: u32::from_ne_bytes([ctx_out[32], ctx_out[33], ctx_out[34], ctx_out[35]]),
+        ret: r.return_value,
+        duration: r.duration,
+        data: data_out,
+    })
+}

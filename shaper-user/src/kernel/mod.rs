@@ -1,0 +1,5 @@
+//! Everything that talks to the kernel: tc objects over rtnetlink (`tc`) and
+//! the classifier program and maps (`bpf`).
+pub mod bpf;
+pub mod tc;
+pub mod tc_encode;

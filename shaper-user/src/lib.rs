@@ -1,0 +1,8 @@
+//! The user side of the shaper: configuration, compilation of policy into
+//! kernel state, the kernel interfaces (netlink tc, BPF), apply/remove and
+//! status. The `shaper` binary (main.rs) is a thin CLI over this.
+pub mod apply;
+pub mod compile;
+pub mod config;
+pub mod kernel;
+pub mod status;

@@ -1,0 +1,226 @@
+//! `Scenario`: the clinic's busy hour in miniature. Bulk TCP both ways and a DICOM-like image
+//! upload start first; once the queues have filled, a video call runs in both directions.
+
+use std::fmt;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::iperf::{IperfClient, IperfServer};
+use crate::topology::Topology;
+use crate::util::fmt_bps;
+use crate::video::{DelayStats, VideoCall};
+
+/// What runs, for how long, on which ports.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// Total length of the busy period (bulk traffic runs this long).
+    pub duration: Duration,
+    /// Bulk traffic alone before anything is measured (queues fill).
+    pub warmup: Duration,
+    /// The video call stops this long before the bulk traffic does, so every measured
+    /// video packet crossed a loaded line.
+    pub tail: Duration,
+    /// Video keeps being received this long after its last packet was sent.
+    pub drain: Duration,
+    pub bulk_streams: u32,
+    pub bulk_up_port: u16,
+    pub bulk_down_port: u16,
+    /// Image upload (one TCP stream to this port, DICOM's 104), or `None` for no image.
+    pub image_port: Option<u16>,
+    pub video: VideoCall,
+    /// Use IPv6 addresses for everything.
+    pub v6: bool,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Scenario {
+            duration: Duration::from_secs(15),
+            warmup: Duration::from_secs(2),
+            tail: Duration::from_secs(1),
+            drain: Duration::from_millis(1500),
+            bulk_streams: 4,
+            bulk_up_port: 5201,
+            bulk_down_port: 5202,
+            image_port: Some(104),
+            video: VideoCall::default(),
+            v6: false,
+        }
+    }
+}
+
+/// Figures of one scenario run. Rates are goodput at the receiver in bits/s.
+#[derive(Clone, Debug, Default)]
+pub struct Results {
+    pub video_up: DelayStats,
+    pub video_down: DelayStats,
+    pub image_up_bps: f64,
+    pub bulk_up_bps: f64,
+    pub bulk_down_bps: f64,
+    /// Bulk + image + video goodput, upload.
+    pub total_up_bps: f64,
+    /// Bulk + video goodput, download.
+    pub total_down_bps: f64,
+}
+
+impl Scenario {
+    /// A scenario of `secs` seconds with everything else at its default.
+    pub fn of_secs(secs: u64) -> Self {
+        Scenario {
+            duration: Duration::from_secs(secs),
+            ..Default::default()
+        }
+    }
+
+    /// Runs everything at once on `topo` and returns the figures. Servers are started for
+    /// this run and stopped at its end, so runs are independent.
+    pub fn run(&self, topo: &Topology) -> Result<Results> {
+        let total = self.duration.as_secs();
+        let warm = self.warmup.as_secs();
+        anyhow::ensure!(
+            self.duration > self.warmup + self.tail + Duration::from_secs(1),
+            "scenario duration {:?} too short for warmup {:?} + tail {:?}",
+            self.duration,
+            self.warmup,
+            self.tail
+        );
+        let srv_ip = topo.srv_addr(self.v6);
+
+        let _bulk_up_srv = IperfServer::start(&topo.srv, self.bulk_up_port)?;
+        let _bulk_down_srv = IperfServer::start(&topo.srv, self.bulk_down_port)?;
+        let _image_srv = match self.image_port {
+            Some(p) => Some(IperfServer::start(&topo.srv, p)?),
+            None => None,
+        };
+
+        // Each client runs `warm` unmeasured seconds (-O) plus the measured rest (-t).
+        let client = |port: u16, streams: u32, reverse: bool| IperfClient {
+            server: srv_ip,
+            port,
+            streams,
+            reverse,
+            seconds: total - warm,
+            omit: warm,
+        };
+        let bulk_up = client(self.bulk_up_port, self.bulk_streams, false);
+        let bulk_down = client(self.bulk_down_port, self.bulk_streams, true);
+        let image = self.image_port.map(|p| client(p, 1, false));
+
+        let up_child = bulk_up.spawn(&topo.lan)?;
+        let down_child = bulk_down.spawn(&topo.lan)?;
+        let image_child = match &image {
+            Some(c) => Some(c.spawn(&topo.lan)?),
+            None => None,
+        };
+
+        std::thread::sleep(self.warmup);
+        let video_len = self.duration - self.warmup - self.tail;
+        let mut video = self.video.clone();
+        video.v6 = self.v6;
+        let call = video
+            .start(&topo.lan, &topo.srv, video_len)
+            .context("starting the video call")?;
+        let (video_up, video_down) = call.finish(self.drain).context("video call")?;
+
+        // Collect every client before failing on any of them.
+        let up = bulk_up.finish(up_child);
+        let down = bulk_down.finish(down_child);
+        let img = match (image, image_child) {
+            (Some(c), Some(child)) => Some(c.finish(child)),
+            _ => None,
+        };
+        let bulk_up_bps = up.context("bulk upload")?.receiver_bps;
+        let bulk_down_bps = down.context("bulk download")?.receiver_bps;
+        let image_up_bps = match img {
+            Some(r) => r.context("image upload")?.receiver_bps,
+            None => 0.0,
+        };
+
+        let video_bps = |s: &DelayStats| {
+            s.received as f64 * video.payload as f64 * 8.0 / video_len.as_secs_f64()
+        };
+        Ok(Results {
+            total_up_bps: bulk_up_bps + image_up_bps + video_bps(&video_up),
+            total_down_bps: bulk_down_bps + video_bps(&video_down),
+            video_up,
+            video_down,
+            image_up_bps,
+            bulk_up_bps,
+            bulk_down_bps,
+        })
+    }
+}
+
+/// A side-by-side table of several runs (one column per phase).
+pub fn table(phases: &[(&str, &Results)]) -> String {
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    let mut row = |label: &str, f: &dyn Fn(&Results) -> String| {
+        rows.push((
+            label.to_string(),
+            phases.iter().map(|(_, r)| f(r)).collect(),
+        ));
+    };
+    for (dir, pick) in [
+        (
+            "up",
+            (|r: &Results| r.video_up.clone()) as fn(&Results) -> DelayStats,
+        ),
+        ("down", |r: &Results| r.video_down.clone()),
+    ] {
+        row(&format!("video {dir} p50"), &|r| {
+            format!("{:.1} ms", pick(r).p50_ms)
+        });
+        row(&format!("video {dir} p99"), &|r| {
+            format!("{:.1} ms", pick(r).p99_ms)
+        });
+        row(&format!("video {dir} max"), &|r| {
+            format!("{:.1} ms", pick(r).max_ms)
+        });
+        row(&format!("video {dir} recv/sent"), &|r| {
+            format!("{}/{}", pick(r).received, pick(r).sent)
+        });
+        row(&format!("video {dir} loss"), &|r| {
+            format!("{:.2} %", pick(r).loss_pct)
+        });
+    }
+    row("image up", &|r| fmt_bps(r.image_up_bps));
+    row("bulk up", &|r| fmt_bps(r.bulk_up_bps));
+    row("bulk down", &|r| fmt_bps(r.bulk_down_bps));
+    row("total up", &|r| fmt_bps(r.total_up_bps));
+    row("total down", &|r| fmt_bps(r.total_down_bps));
+
+    let label_w = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+    let col_w: Vec<usize> = phases
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            rows.iter()
+                .map(|(_, v)| v[i].len())
+                .max()
+                .unwrap_or(0)
+                .max(name.len())
+        })
+        .collect();
+    let mut out = format!("{:label_w$}", "");
+    for (i, (name, _)) in phases.iter().enumerate() {
+        out.push_str(&format!(" | {:>w$}", name, w = col_w[i]));
+    }
+    out.push('\n');
+    out.push_str(&"-".repeat(out.len().saturating_sub(1)));
+    out.push('\n');
+    for (label, vals) in &rows {
+        out.push_str(&format!("{label:label_w$}"));
+        for (i, v) in vals.iter().enumerate() {
+            out.push_str(&format!(" | {:>w$}", v, w = col_w[i]));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+impl fmt::Display for Results {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&table(&[("result", self)]))
+    }
+}

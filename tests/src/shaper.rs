@@ -1,0 +1,224 @@
+//! Drives the product binary (`shaper check|apply|status --json|remove`) inside the gateway
+//! namespace, with per-test pin and run directories so runs never share state.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{bail, Context, Result};
+
+use crate::netns::Netns;
+use crate::util;
+
+static SHAPER_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Where the product keeps its pins; the harness mounts bpffs here if it is missing.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// Output of one product command.
+#[derive(Debug)]
+pub struct CmdOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CmdOutput {
+    pub fn into_tuple(self) -> (ExitStatus, String, String) {
+        (self.status, self.stdout, self.stderr)
+    }
+}
+
+impl std::fmt::Display for CmdOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}\n--- stdout\n{}\n--- stderr\n{}",
+            self.status,
+            self.stdout.trim_end(),
+            self.stderr.trim_end()
+        )
+    }
+}
+
+/// The product binary, run in one namespace with its own state directories.
+///
+/// The binary is `$SHAPER_BIN`, else `<workspace>/target/debug/shaper`. Each driver passes
+/// `SHAPER_BPFFS=/sys/fs/bpf/shaper-test-<pid>-<n>` and `SHAPER_RUN=/run/shaper-test-<pid>-<n>`
+/// to the binary (override with [`Shaper::with_dirs`]); dropping the driver runs `remove` if
+/// an `apply` was not undone, then deletes both directories (which unpins whatever is left).
+pub struct Shaper<'a> {
+    ns: &'a Netns,
+    bin: PathBuf,
+    bpffs_dir: PathBuf,
+    run_dir: PathBuf,
+    applied: bool,
+}
+
+impl<'a> Shaper<'a> {
+    /// `$SHAPER_BIN` or `<workspace>/target/debug/shaper`.
+    pub fn binary_path() -> PathBuf {
+        match std::env::var_os("SHAPER_BIN") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target/debug/shaper"),
+        }
+    }
+
+    /// A driver for the binary in `ns` (normally the topology's `gw`). Fails, saying how to
+    /// build it, when the binary is missing; mounts bpffs at /sys/fs/bpf if it is not.
+    pub fn new(ns: &'a Netns) -> Result<Self> {
+        let bin = Self::binary_path();
+        if !bin.is_file() {
+            bail!(
+                "shaper binary not found at {} (build it with `cargo build -p shaper-user`, or set SHAPER_BIN)",
+                bin.display()
+            );
+        }
+        ensure_bpffs()?;
+        let n = SHAPER_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("shaper-test-{}-{n}", std::process::id());
+        Self::with_dirs(
+            ns,
+            bin,
+            Path::new(BPFFS_ROOT).join(&tag),
+            Path::new("/run").join(&tag),
+        )
+    }
+
+    /// A driver with explicit binary and state directories (created if missing).
+    pub fn with_dirs(
+        ns: &'a Netns,
+        bin: PathBuf,
+        bpffs_dir: PathBuf,
+        run_dir: PathBuf,
+    ) -> Result<Self> {
+        for d in [&bpffs_dir, &run_dir] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        Ok(Shaper {
+            ns,
+            bin,
+            bpffs_dir,
+            run_dir,
+            applied: false,
+        })
+    }
+
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.bpffs_dir
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// The command `shaper ARGS` in the namespace with the state-directory variables set.
+    pub fn command<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
+        let mut c = self.ns.cmd(&self.bin, args);
+        c.env("SHAPER_BPFFS", &self.bpffs_dir)
+            .env("SHAPER_RUN", &self.run_dir);
+        c
+    }
+
+    fn exec<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<CmdOutput> {
+        let mut cmd = self.command(args);
+        let out = util::output(&mut cmd)?;
+        Ok(CmdOutput {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    fn exec_ok<S: AsRef<OsStr>>(&self, what: &str, args: &[S]) -> Result<CmdOutput> {
+        let out = self.exec(args)?;
+        if !out.status.success() {
+            bail!("`shaper {what}` failed: {out}");
+        }
+        Ok(out)
+    }
+
+    /// `shaper check CONFIG`, whatever its exit status.
+    pub fn check(&self, config: &Path) -> Result<CmdOutput> {
+        self.exec(&[OsStr::new("check"), config.as_os_str()])
+    }
+
+    /// `shaper apply CONFIG`; fails unless it exits 0.
+    pub fn apply(&mut self, config: &Path) -> Result<CmdOutput> {
+        // Mark first: a half-done apply must be removed too.
+        self.applied = true;
+        self.exec_ok("apply", &[OsStr::new("apply"), config.as_os_str()])
+    }
+
+    /// `shaper remove`; fails unless it exits 0.
+    pub fn remove(&mut self) -> Result<CmdOutput> {
+        let out = self.exec_ok("remove", &["remove"])?;
+        self.applied = false;
+        Ok(out)
+    }
+
+    /// `shaper status --json`, parsed.
+    pub fn status_json(&self) -> Result<serde_json::Value> {
+        let out = self.exec_ok("status --json", &["status", "--json"])?;
+        serde_json::from_str(&out.stdout)
+            .with_context(|| format!("`shaper status --json` printed no JSON: {}", out.stdout))
+    }
+
+    /// Entries left under the pin directory (should be none after remove or a failed check).
+    pub fn leftover_pins(&self) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let mut stack = vec![self.bpffs_dir.clone()];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p.clone());
+                }
+                found.push(p);
+            }
+        }
+        found
+    }
+}
+
+impl Drop for Shaper<'_> {
+    fn drop(&mut self) {
+        if self.applied {
+            match self.exec(&["remove"]) {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!("warning: cleanup `shaper remove` failed: {o}"),
+                Err(e) => eprintln!("warning: cleanup `shaper remove`: {e:#}"),
+            }
+        }
+        // Removing pin files unpins (and so detaches) whatever the product left behind.
+        for d in [&self.bpffs_dir, &self.run_dir] {
+            if let Err(e) = std::fs::remove_dir_all(d) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    eprintln!("warning: removing {}: {e}", d.display());
+                }
+            }
+        }
+    }
+}
+
+/// Mounts bpffs at /sys/fs/bpf when it is not mounted (fresh machines lack it).
+pub fn ensure_bpffs() -> Result<()> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    if mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let _src = f.next();
+        f.next() == Some(BPFFS_ROOT) && f.next() == Some("bpf")
+    }) {
+        return Ok(());
+    }
+    eprintln!("note: bpffs not mounted at {BPFFS_ROOT}; mounting it");
+    util::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS_ROOT]))?;
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! The four-namespace topology: lan host <-> gw (the product runs here) <-> modem (emulates
+//! the copper line with TBF) <-> srv (the internet side).
+//!
+//! ```text
+//!  lan: eth0 10.201.1.2   gw: lan0 10.201.1.1  wan0 10.201.2.1
+//!                      modem: in0  10.201.2.2  out0 10.201.3.1   srv: eth0 10.201.3.2
+//!  IPv6: fd00:201:<subnet>::<host>/64 with the same subnet/host numbers.
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, Result};
+
+use crate::netns::Netns;
+
+pub const LAN_HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 201, 1, 2);
+pub const GW_LAN_V4: Ipv4Addr = Ipv4Addr::new(10, 201, 1, 1);
+pub const GW_WAN_V4: Ipv4Addr = Ipv4Addr::new(10, 201, 2, 1);
+pub const MODEM_IN_V4: Ipv4Addr = Ipv4Addr::new(10, 201, 2, 2);
+pub const MODEM_OUT_V4: Ipv4Addr = Ipv4Addr::new(10, 201, 3, 1);
+pub const SRV_V4: Ipv4Addr = Ipv4Addr::new(10, 201, 3, 2);
+
+pub const LAN_HOST_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 1, 0, 0, 0, 0, 2);
+pub const GW_LAN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 1, 0, 0, 0, 0, 1);
+pub const GW_WAN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 2, 0, 0, 0, 0, 1);
+pub const MODEM_IN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 2, 0, 0, 0, 0, 2);
+pub const MODEM_OUT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 3, 0, 0, 0, 0, 1);
+pub const SRV_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 3, 0, 0, 0, 0, 2);
+
+/// Interface names inside the gateway namespace (what a shaper config names).
+pub const GW_LAN_IF: &str = "lan0";
+pub const GW_WAN_IF: &str = "wan0";
+/// Interface names inside the modem namespace.
+pub const MODEM_IN_IF: &str = "in0";
+pub const MODEM_OUT_IF: &str = "out0";
+/// Interface name of the lan host and of the server.
+pub const HOST_IF: &str = "eth0";
+
+static VETH_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A copper access line as the modem presents it: a rate each way and the modem's buffer
+/// (how many milliseconds of traffic it queues before dropping, the bufferbloat).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Line {
+    pub down_bps: u64,
+    pub up_bps: u64,
+    pub buffer_ms: u32,
+}
+
+impl Line {
+    /// FTTC 40/10 Mbit/s with a 400 ms modem buffer (a typical UK VDSL2 line).
+    pub const FTTC_40_10: Line = Line {
+        down_bps: 40_000_000,
+        up_bps: 10_000_000,
+        buffer_ms: 400,
+    };
+    /// ADSL2+ ~ 8/1 Mbit/s with a 600 ms buffer.
+    pub const ADSL_8_1: Line = Line {
+        down_bps: 8_000_000,
+        up_bps: 1_000_000,
+        buffer_ms: 600,
+    };
+
+    /// TBF bucket size in bytes for `rate_bps`: 1 ms of line time but at least two full
+    /// frames, so a real modem's packet-at-a-time pacing is approximated without dropping
+    /// MTU-sized frames (TBF needs burst >= the largest packet; larger GSO packets are
+    /// segmented by TBF itself).
+    pub fn burst_bytes(rate_bps: u64) -> u64 {
+        (rate_bps / 8 / 1000).max(2 * 1514)
+    }
+
+    /// TBF queue limit in bytes: `buffer_ms` of traffic at `rate_bps`.
+    pub fn limit_bytes(&self, rate_bps: u64) -> u64 {
+        (rate_bps / 8 * self.buffer_ms as u64 / 1000).max(3 * 1514)
+    }
+}
+
+/// Segmentation offloads on the veths.
+///
+/// Measured here (tc reference shaper, FTTC 40/10): with kernel defaults the lan host's and
+/// the server's TCP hand 64 KB GSO packets through veth unsegmented, HTB on the gateway
+/// releases each as one burst and the modem queues it, so shaped video p99 was 13-17 ms; with
+/// offloads off it was 1.5 ms. Between separate boxes every frame on the wire is one MTU, so
+/// `Off` is the default; `SHAPER_TEST_OFFLOADS=on` selects the kernel defaults (closer to a
+/// gateway with GRO on its LAN port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Offloads {
+    /// Kernel defaults: the hosts' TCP builds up to 64 KB GSO packets that stay whole until
+    /// the modem's TBF segments them.
+    KernelDefault,
+    /// `gso_max_size 1500 gso_max_segs 1` on every veth, so every packet is one MTU frame.
+    #[default]
+    Off,
+}
+
+impl Offloads {
+    /// `SHAPER_TEST_OFFLOADS=on` -> kernel defaults; anything else -> off.
+    pub fn from_env() -> Self {
+        match std::env::var("SHAPER_TEST_OFFLOADS").as_deref() {
+            Ok("on") => Offloads::KernelDefault,
+            _ => Offloads::Off,
+        }
+    }
+}
+
+/// How to build a [`Topology`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TopologyOptions {
+    /// The line the modem emulates; `None` leaves the modem unshaped (veth speed).
+    pub line: Option<Line>,
+    pub offloads: Offloads,
+}
+
+/// The four namespaces, wired and routed. Dropping it deletes all of them (and with them
+/// the veths and any processes the harness started in them).
+pub struct Topology {
+    // Field order is drop order: hosts first.
+    pub lan: Netns,
+    pub srv: Netns,
+    pub gw: Netns,
+    pub modem: Netns,
+    line: Option<Line>,
+    veth_names: Vec<String>,
+}
+
+impl Topology {
+    /// lan <-> gw <-> modem(line) <-> srv, offloads per [`Offloads::from_env`].
+    pub fn build(line: Option<Line>) -> Result<Topology> {
+        Self::build_with(TopologyOptions {
+            line,
+            offloads: Offloads::from_env(),
+        })
+    }
+
+    pub fn build_with(opts: TopologyOptions) -> Result<Topology> {
+        let mut topo = Topology {
+            lan: Netns::new("lan")?,
+            srv: Netns::new("srv")?,
+            gw: Netns::new("gw")?,
+            modem: Netns::new("modem")?,
+            line: None,
+            veth_names: Vec::new(),
+        };
+        topo.wire(opts.offloads).context("wiring the topology")?;
+        if let Some(line) = opts.line {
+            topo.set_line(line)?;
+        }
+        Ok(topo)
+    }
+
+    fn wire(&mut self, offloads: Offloads) -> Result<()> {
+        let n = VETH_COUNTER.fetch_add(1, Ordering::Relaxed) & 0xfff;
+        // Unique per run and per topology: "s<pid hex><n hex><pair><end>", <= 13 chars.
+        let prefix = format!("s{:x}{:x}", std::process::id(), n);
+        let links: [(&Netns, &str, &Netns, &str); 3] = [
+            (&self.lan, HOST_IF, &self.gw, GW_LAN_IF),
+            (&self.gw, GW_WAN_IF, &self.modem, MODEM_IN_IF),
+            (&self.modem, MODEM_OUT_IF, &self.srv, HOST_IF),
+        ];
+        let mut names = Vec::new();
+        for (i, (a_ns, a_if, b_ns, b_if)) in links.into_iter().enumerate() {
+            let a_tmp = format!("{prefix}{i}a");
+            let b_tmp = format!("{prefix}{i}b");
+            debug_assert!(a_tmp.len() <= 15);
+            // Created directly inside the namespaces, so nothing is ever left in the root one.
+            crate::util::run(std::process::Command::new("ip").args([
+                "link",
+                "add",
+                "name",
+                &a_tmp,
+                "netns",
+                a_ns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &b_tmp,
+                "netns",
+                b_ns.name(),
+            ]))?;
+            names.push(a_tmp.clone());
+            names.push(b_tmp.clone());
+            for (ns, tmp, final_name) in [(a_ns, &a_tmp, a_if), (b_ns, &b_tmp, b_if)] {
+                ns.ip(&["link", "set", "dev", tmp, "name", final_name])?;
+                if offloads == Offloads::Off {
+                    ns.ip(&[
+                        "link",
+                        "set",
+                        "dev",
+                        final_name,
+                        "gso_max_size",
+                        "1500",
+                        "gso_max_segs",
+                        "1",
+                    ])?;
+                }
+                ns.ip(&["link", "set", "dev", final_name, "up"])?;
+            }
+        }
+        self.veth_names = names;
+
+        let addr = |ns: &Netns, dev: &str, v4: Ipv4Addr, v6: Ipv6Addr| -> Result<()> {
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])?;
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ])?;
+            Ok(())
+        };
+        addr(&self.lan, HOST_IF, LAN_HOST_V4, LAN_HOST_V6)?;
+        addr(&self.gw, GW_LAN_IF, GW_LAN_V4, GW_LAN_V6)?;
+        addr(&self.gw, GW_WAN_IF, GW_WAN_V4, GW_WAN_V6)?;
+        addr(&self.modem, MODEM_IN_IF, MODEM_IN_V4, MODEM_IN_V6)?;
+        addr(&self.modem, MODEM_OUT_IF, MODEM_OUT_V4, MODEM_OUT_V6)?;
+        addr(&self.srv, HOST_IF, SRV_V4, SRV_V6)?;
+
+        let default = |ns: &Netns, v4: Ipv4Addr, v6: Ipv6Addr| -> Result<()> {
+            ns.ip(&["route", "add", "default", "via", &v4.to_string()])?;
+            ns.ip(&["-6", "route", "add", "default", "via", &v6.to_string()])?;
+            Ok(())
+        };
+        default(&self.lan, GW_LAN_V4, GW_LAN_V6)?;
+        default(&self.gw, MODEM_IN_V4, MODEM_IN_V6)?;
+        default(&self.srv, MODEM_OUT_V4, MODEM_OUT_V6)?;
+        // The modem knows the site's subnet behind the gateway (no NAT in this lab).
+        self.modem.ip(&[
+            "route",
+            "add",
+            "10.201.1.0/24",
+            "via",
+            &GW_WAN_V4.to_string(),
+        ])?;
+        self.modem.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:201:1::/64",
+            "via",
+            &GW_WAN_V6.to_string(),
+        ])?;
+
+        for ns in [&self.gw, &self.modem] {
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
+        Ok(())
+    }
+
+    /// Applies (or changes) the emulated line: TBF on the modem's out0 egress (upload) and
+    /// in0 egress (download).
+    pub fn set_line(&mut self, line: Line) -> Result<()> {
+        for (dev, rate) in [(MODEM_OUT_IF, line.up_bps), (MODEM_IN_IF, line.down_bps)] {
+            self.modem.run(
+                "tc",
+                &[
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    dev,
+                    "root",
+                    "tbf",
+                    "rate",
+                    &format!("{rate}bit"),
+                    "burst",
+                    &Line::burst_bytes(rate).to_string(),
+                    "limit",
+                    &line.limit_bytes(rate).to_string(),
+                ],
+            )?;
+        }
+        self.line = Some(line);
+        Ok(())
+    }
+
+    pub fn line(&self) -> Option<Line> {
+        self.line
+    }
+
+    /// Names of the four namespaces (for checking cleanup).
+    pub fn namespace_names(&self) -> Vec<String> {
+        [&self.lan, &self.gw, &self.modem, &self.srv]
+            .iter()
+            .map(|n| n.name().to_string())
+            .collect()
+    }
+
+    /// The unique names the veths were created with (renamed inside the namespaces).
+    pub fn veth_names(&self) -> &[String] {
+        &self.veth_names
+    }
+
+    /// `tc qdisc show dev lan0` + `dev wan0` in the gateway, for before/after comparisons.
+    pub fn gw_qdiscs(&self) -> Result<String> {
+        let mut s = String::new();
+        for dev in [GW_LAN_IF, GW_WAN_IF] {
+            s.push_str(&format!("# {dev}\n"));
+            s.push_str(&self.gw.run("tc", &["qdisc", "show", "dev", dev])?);
+        }
+        Ok(s)
+    }
+
+    /// The server's address as the lan host sees it.
+    pub fn srv_addr(&self, v6: bool) -> IpAddr {
+        if v6 {
+            SRV_V6.into()
+        } else {
+            SRV_V4.into()
+        }
+    }
+
+    /// Packets sent by `dev` in namespace `ns` (from `ip -s -j link`).
+    pub fn tx_packets(ns: &Netns, dev: &str) -> Result<u64> {
+        let out = ns.ip(&["-s", "-j", "link", "show", "dev", dev])?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("parsing ip -j output")?;
+        v[0]["stats64"]["tx"]["packets"]
+            .as_u64()
+            .with_context(|| format!("no tx packet counter for {dev} in {out}"))
+    }
+}

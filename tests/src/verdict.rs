@@ -1,0 +1,123 @@
+//! The acceptance criteria of the shaping test, as a function so the same figures can be
+//! checked against the product and against the harness's reference shaper.
+
+use crate::config::ShaperConfig;
+use crate::scenario::Results;
+use crate::topology::Line;
+use crate::util::fmt_bps;
+
+/// Minimum factor by which the shaper must cut video p99 one-way delay, each direction.
+pub const MIN_P99_IMPROVEMENT: f64 = 10.0;
+/// Maximum video loss with the shaper, percent.
+pub const MAX_VIDEO_LOSS_PCT: f64 = 1.0;
+/// The image class must get at least this fraction of its guaranteed upload rate.
+pub const MIN_IMAGE_FRACTION_OF_GUARANTEE: f64 = 0.80;
+/// Total goodput must be at least this fraction of the line rate, each direction.
+pub const MIN_TOTAL_FRACTION_OF_LINE: f64 = 0.85;
+
+/// `small <= big`, false when either is NaN (a missing figure fails its criterion).
+fn holds(small: f64, big: f64) -> bool {
+    small.partial_cmp(&big).is_some_and(|o| o.is_le())
+}
+
+/// Every criterion that `shaped` fails against `unshaped`; empty when all pass.
+pub fn shaping_failures(
+    line: &Line,
+    config: &ShaperConfig,
+    unshaped: &Results,
+    shaped: &Results,
+) -> Vec<String> {
+    let mut fails = Vec::new();
+    for (dir, before, after) in [
+        ("up", &unshaped.video_up, &shaped.video_up),
+        ("down", &unshaped.video_down, &shaped.video_down),
+    ] {
+        if !holds(after.p99_ms * MIN_P99_IMPROVEMENT, before.p99_ms) {
+            fails.push(format!(
+                "video {dir} p99 {:.2} ms with the shaper is not {MIN_P99_IMPROVEMENT}x below {:.2} ms without",
+                after.p99_ms, before.p99_ms
+            ));
+        }
+        if !(holds(after.loss_pct, MAX_VIDEO_LOSS_PCT) && after.loss_pct != MAX_VIDEO_LOSS_PCT) {
+            fails.push(format!(
+                "video {dir} loss {:.2} % with the shaper (max {MAX_VIDEO_LOSS_PCT} %)",
+                after.loss_pct
+            ));
+        }
+    }
+    let guaranteed = config.upload_guaranteed_bps("images").unwrap_or(0.0);
+    if !holds(
+        MIN_IMAGE_FRACTION_OF_GUARANTEE * guaranteed,
+        shaped.image_up_bps,
+    ) {
+        fails.push(format!(
+            "image upload {} is below {:.0} % of the images class guarantee {}",
+            fmt_bps(shaped.image_up_bps),
+            MIN_IMAGE_FRACTION_OF_GUARANTEE * 100.0,
+            fmt_bps(guaranteed)
+        ));
+    }
+    for (dir, got, rate) in [
+        ("up", shaped.total_up_bps, line.up_bps),
+        ("down", shaped.total_down_bps, line.down_bps),
+    ] {
+        if !holds(MIN_TOTAL_FRACTION_OF_LINE * rate as f64, got) {
+            fails.push(format!(
+                "total {dir} goodput {} is below {:.0} % of the {} line",
+                fmt_bps(got),
+                MIN_TOTAL_FRACTION_OF_LINE * 100.0,
+                fmt_bps(rate as f64)
+            ));
+        }
+    }
+    fails
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::video::DelayStats;
+
+    fn results(p99: f64, loss: f64, image: f64, up: f64, down: f64) -> Results {
+        let v = DelayStats {
+            p99_ms: p99,
+            loss_pct: loss,
+            ..Default::default()
+        };
+        Results {
+            video_up: v.clone(),
+            video_down: v,
+            image_up_bps: image,
+            total_up_bps: up,
+            total_down_bps: down,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn passes_and_fails_on_the_right_figures() {
+        let line = Line::FTTC_40_10;
+        let cfg = ShaperConfig::gp_surgery(&line);
+        let before = results(400.0, 5.0, 1e6, 9.6e6, 30e6);
+        assert!(
+            shaping_failures(&line, &cfg, &before, &results(2.0, 0.0, 6e6, 8.6e6, 34.2e6))
+                .is_empty()
+        );
+        // 8.41 Mbit/s up (what the tc reference shaper reaches) misses 85 % of 10 Mbit/s.
+        let f = shaping_failures(
+            &line,
+            &cfg,
+            &before,
+            &results(2.0, 0.0, 6e6, 8.41e6, 34.2e6),
+        );
+        assert_eq!(f.len(), 1, "{f:?}");
+        // A missing figure (NaN: no packet arrived) fails.
+        let f = shaping_failures(
+            &line,
+            &cfg,
+            &before,
+            &results(f64::NAN, 1.0, 2e6, 8.6e6, 34.2e6),
+        );
+        assert_eq!(f.len(), 5, "{f:?}"); // 2 x p99, 2 x loss at exactly 1 %, image
+    }
+}

@@ -1,0 +1,236 @@
+//! Everything that is not `cargo build`: machine set-up, the test suite, the
+//! demo and the benchmarks. Deliberately depends on nothing of the product,
+//! so `cargo xtask setup` works before the eBPF toolchain exists.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent; seconds when done before).
+    Setup,
+    /// Set up, then run the whole test suite (unit + root namespace tests).
+    Test {
+        /// Extra arguments for the namespace tests' harness (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run the demo: a simulated FTTC line with and without the shaper.
+    Demo {
+        /// Seconds of traffic per phase.
+        #[arg(long, default_value_t = 20)]
+        seconds: u32,
+    },
+    /// Set up, then print the benchmark tables (classifier cost, namespace scenario).
+    Bench {
+        /// Only the classifier micro-benchmark.
+        #[arg(long)]
+        classifier_only: bool,
+        #[arg(long, default_value_t = 20)]
+        seconds: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Test { args } => setup().and_then(|()| test(&args)),
+        Cmd::Demo { seconds } => setup().and_then(|()| demo(seconds)),
+        Cmd::Bench { classifier_only, seconds } => setup().and_then(|()| bench(classifier_only, seconds)),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn step(msg: &str) {
+    eprintln!("==> {msg}");
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let o = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !o.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Debian packages the tests and demo use, by the binary that proves each is there.
+const APT: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("tc", "iproute2"),
+    ("iperf3", "iperf3"),
+    ("nsenter", "util-linux"),
+    ("ping", "iputils-ping"),
+    ("bpftool", "bpftool"),
+];
+
+fn have(bin: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {bin} >/dev/null 2>&1")]).status().is_ok_and(|s| s.success())
+}
+
+fn setup() -> Result<()> {
+    let t0 = Instant::now();
+    // 1. Nightly with rust-src for -Z build-std=core.
+    let vv = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))
+        .context("the nightly toolchain is needed for the eBPF crate (it ships preinstalled on these machines)")?;
+    let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?.trim().to_string();
+    let rust_src = Path::new(&sysroot).join("lib/rustlib/src/rust/library/core");
+    if !rust_src.exists() {
+        step("installing rust-src for nightly");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+
+    // 2. bpf-linker, built against nightly's own libLLVM, cached with a stamp.
+    let llvm_major = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .ok_or_else(|| anyhow!("cannot read nightly's LLVM version"))?
+        .to_string();
+    let libdir = Path::new(&sysroot).join("lib");
+    let libllvm = std::fs::read_dir(&libdir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with(&format!("libLLVM.so.{llvm_major}")) || (n.starts_with("libLLVM-") && n.ends_with(".so")))
+        .ok_or_else(|| anyhow!("no libLLVM in {}", libdir.display()))?;
+    let commit = vv.lines().find_map(|l| l.strip_prefix("commit-hash: ")).unwrap_or("unknown");
+    let stamp_text = format!("bpf-linker 0.13.0 llvm-{llvm_major} {libllvm} {commit}\n");
+    let bin_dir = cargo_home().join("bin");
+    let linker = bin_dir.join("bpf-linker");
+    let stamp = bin_dir.join(".bpf-linker.stamp");
+    let current = std::fs::read_to_string(&stamp).unwrap_or_default();
+    if !linker.exists() || current != stamp_text {
+        step(&format!("building bpf-linker against nightly's LLVM {llvm_major} (about a minute, once)"));
+        let prefix = workspace().join("target/xtask/llvm-prefix");
+        let plib = prefix.join("lib");
+        std::fs::create_dir_all(&plib)?;
+        let real = libdir.join(&libllvm);
+        for name in [libllvm.as_str(), "libLLVM.so"] {
+            let link = plib.join(name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&real, &link)?;
+        }
+        run(Command::new("cargo")
+            .args(["+nightly", "install", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--force"])
+            .args(["--features", &format!("llvm-{llvm_major}")])
+            .arg("--root")
+            .arg(cargo_home())
+            .env("LLVM_PREFIX", &prefix))?;
+        std::fs::write(&stamp, stamp_text)?;
+    }
+
+    // 3. Debian packages for the namespace tests.
+    let missing: Vec<&str> = APT.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!("packages missing ({}) and not root to install them", missing.join(" "));
+        }
+        step(&format!("installing {}", missing.join(" ")));
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    // 4. bpffs for pinning.
+    if is_root() && !output(Command::new("stat").args(["-f", "-c", "%T", "/sys/fs/bpf"])).is_ok_and(|t| t.trim() == "bpf_fs") {
+        step("mounting bpffs on /sys/fs/bpf");
+        std::fs::create_dir_all("/sys/fs/bpf").ok();
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    eprintln!("==> set-up complete ({:.1} s)", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new("cargo");
+    c.current_dir(workspace()).args(args);
+    // bpf-linker lives in cargo's bin dir; make sure aya-build's cargo finds it.
+    let path = env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![cargo_home().join("bin")];
+    paths.extend(env::split_paths(&path));
+    if let Ok(p) = env::join_paths(paths) {
+        c.env("PATH", p);
+    }
+    c
+}
+
+fn shaper_bin(release: bool) -> PathBuf {
+    workspace().join(if release { "target/release/shaper" } else { "target/debug/shaper" })
+}
+
+fn test(args: &[String]) -> Result<()> {
+    step("building");
+    run(&mut cargo(&["build", "--workspace", "--all-targets"]))?;
+    step("unit tests");
+    run(&mut cargo(&["test", "--workspace", "--exclude", "shaper-tests"]))?;
+    if !is_root() {
+        bail!("the namespace tests need root (they create network namespaces and load BPF programs)");
+    }
+    step("kernel and namespace tests (serial)");
+    let mut c = cargo(&["test", "-p", "shaper-tests", "--", "--test-threads=1"]);
+    c.args(args).env("SHAPER_BIN", shaper_bin(false));
+    run(&mut c)
+}
+
+fn demo(seconds: u32) -> Result<()> {
+    run(&mut cargo(&["build", "--release", "-p", "shaper-user", "-p", "shaper-tests", "--bins"]))?;
+    let mut c = cargo(&["run", "--quiet", "--release", "-p", "shaper-tests", "--bin", "shaper-demo", "--"]);
+    c.arg("--seconds").arg(seconds.to_string()).env("SHAPER_BIN", shaper_bin(true));
+    run(&mut c)
+}
+
+fn bench(classifier_only: bool, seconds: u32) -> Result<()> {
+    run(&mut cargo(&["build", "--release", "-p", "shaper-user", "-p", "shaper-tests", "--bins"]))?;
+    let mut c = cargo(&["run", "--quiet", "--release", "-p", "shaper-tests", "--bin", "shaper-bench", "--"]);
+    c.arg("--seconds").arg(seconds.to_string()).env("SHAPER_BIN", shaper_bin(true));
+    if classifier_only {
+        c.arg("--classifier-only");
+    }
+    run(&mut c)
+}
