@@ -50,8 +50,7 @@ static CLASSES: Array<ClassInfo> = Array::with_max_entries(MAX_CLASSES as u32, 0
 #[map(name = "RULE_STATS")]
 static RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2 * MAX_RULES as u32, 0);
 #[map(name = "CLASS_STATS")]
-static CLASS_STATS: PerCpuArray<Counter> =
-    PerCpuArray::with_max_entries(2 * MAX_CLASSES as u32, 0);
+static CLASS_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2 * MAX_CLASSES as u32, 0);
 #[map(name = "GLOBAL_STATS")]
 static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * GLOBAL_COUNTERS, 0);
 #[map(name = "FRAGS")]
@@ -89,6 +88,11 @@ struct Pkt {
     dscp: u8,
     /// FRAG_NONE, FRAG_FIRST or FRAG_LATER.
     frag: u8,
+    /// A TCP segment with ACK set, no SYN/FIN/RST and no payload.
+    pure_ack: u8,
+    _pad: [u8; 3],
+    /// Bytes of L4 header + payload the IP header announces.
+    l4_len: u32,
 }
 
 const FRAG_NONE: u8 = 0;
@@ -146,7 +150,9 @@ fn classify(ctx: &TcContext) {
     count_global(dir, G_PACKETS);
     let bytes = ctx.len() as u64;
 
-    let Some(pkt) = SCRATCH.get_ptr_mut(0) else { return };
+    let Some(pkt) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
     // SAFETY: per-CPU scratch slot, used by this program run only.
     let pkt = unsafe { &mut *pkt };
     let (rule, class) = match parse(ctx, l2, pkt) {
@@ -159,7 +165,15 @@ fn classify(ctx: &TcContext) {
                 core::mem::swap(&mut pkt.src, &mut pkt.dst);
                 core::mem::swap(&mut pkt.sport, &mut pkt.dport);
             }
-            let (rule, class) = decide(cfg, pkt, dir);
+            let (rule, mut class) = decide(cfg, pkt, dir);
+            if pkt.pure_ack != 0 {
+                count_global(dir, G_PURE_ACK);
+                // ACKs clock the opposite direction's transfers: keep them
+                // out of the bulk queues on an asymmetric line.
+                if cfg.ack_class != NO_CLASS {
+                    class = cfg.ack_class;
+                }
+            }
             if dir == DIR_UP && cfg.flags & CFG_REMARK_WAN != 0 {
                 remark(ctx, pkt, class, dir);
             }
@@ -242,7 +256,13 @@ fn bitmap_id(map: &Array<u32>, index: u32) -> u32 {
 }
 
 #[inline(always)]
-fn addr_id(v6: bool, addr: &[u8; 16], t4: &LpmTrie<[u8; 4], u32>, t6: &LpmTrie<[u8; 16], u32>, wild: u32) -> u32 {
+fn addr_id(
+    v6: bool,
+    addr: &[u8; 16],
+    t4: &LpmTrie<[u8; 4], u32>,
+    t6: &LpmTrie<[u8; 16], u32>,
+    wild: u32,
+) -> u32 {
     let hit = if v6 {
         t6.get(Key::new(128, *addr))
     } else {
@@ -302,7 +322,9 @@ extern "C" fn scan_word(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     let mut w = u64::MAX;
     let mut k = 0;
     while k < 6 {
-        let Some(b) = BITMAPS.get(s.ids[k]) else { return 1 };
+        let Some(b) = BITMAPS.get(s.ids[k]) else {
+            return 1;
+        };
         let Some(x) = b.get(i) else { return 1 };
         w &= *x;
         k += 1;
@@ -328,10 +350,19 @@ fn match_rule(cfg: &Config, pkt: &Pkt, dir: u32) -> u32 {
         rule: NO_RULE,
         _pad: 0,
     };
-    let nwords = if (cfg.nwords as usize) < BITMAP_WORDS { cfg.nwords } else { BITMAP_WORDS as u32 };
+    let nwords = if (cfg.nwords as usize) < BITMAP_WORDS {
+        cfg.nwords
+    } else {
+        BITMAP_WORDS as u32
+    };
     // SAFETY: bpf_loop calls scan_word with our stack struct as its context.
     unsafe {
-        bpf_loop(nwords, scan_word as *mut core::ffi::c_void, &mut scan as *mut Scan as *mut core::ffi::c_void, 0);
+        bpf_loop(
+            nwords,
+            scan_word as *mut core::ffi::c_void,
+            &mut scan as *mut Scan as *mut core::ffi::c_void,
+            0,
+        );
     }
     scan.rule
 }
@@ -377,9 +408,21 @@ fn parse(ctx: &TcContext, l2: bool, pkt: &mut Pkt) -> u32 {
 fn ports(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> bool {
     match pkt.proto {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE => {
-            let Some(p) = load::<[u8; 4]>(ctx, off) else { return false };
+            let Some(p) = load::<[u8; 4]>(ctx, off) else {
+                return false;
+            };
             pkt.sport = u16::from_be_bytes([p[0], p[1]]) as u32;
             pkt.dport = u16::from_be_bytes([p[2], p[3]]) as u32;
+            if pkt.proto == IPPROTO_TCP {
+                if let Some(t) = load::<[u8; 2]>(ctx, off + 12) {
+                    let doff = ((t[0] >> 4) as u32) * 4;
+                    let flags = t[1];
+                    // ACK set; SYN, FIN, RST clear; header is all there is.
+                    if flags & 0x10 != 0 && flags & 0x07 == 0 && doff >= 20 && pkt.l4_len == doff {
+                        pkt.pure_ack = 1;
+                    }
+                }
+            }
             true
         }
         _ => {
@@ -411,6 +454,8 @@ fn parse_v4(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> u32 {
         FRAG_NONE
     };
     pkt.v6 = 0;
+    pkt.pure_ack = 0;
+    pkt.l4_len = (u16::from_be_bytes([h[2], h[3]]) as u32).wrapping_sub(ihl as u32);
     pkt.proto = h[9];
     pkt.dscp = h[1] >> 2;
     pkt.l3 = off as u32;
@@ -438,6 +483,7 @@ fn parse_v6(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> u32 {
     }
     let tclass = ((h[0] & 0x0f) << 4) | (h[1] >> 4);
     pkt.v6 = 1;
+    pkt.pure_ack = 0;
     pkt.dscp = tclass >> 2;
     pkt.l3 = off as u32;
     pkt.src.copy_from_slice(&h[8..24]);
@@ -491,6 +537,8 @@ fn parse_v6(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> u32 {
         return PARSED_MALFORMED;
     }
     pkt.proto = nh;
+    // Payload length minus the extension headers walked.
+    pkt.l4_len = (u16::from_be_bytes([h[4], h[5]]) as u32).wrapping_sub((l4 - off - 40) as u32);
     if pkt.frag == FRAG_LATER {
         pkt.sport = NO_PORT;
         pkt.dport = NO_PORT;
@@ -503,12 +551,16 @@ fn parse_v6(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> u32 {
 /// Re-mark DSCP on WAN egress to the class's codepoint (ECN bits kept).
 #[inline(always)]
 fn remark(ctx: &TcContext, pkt: &Pkt, class: u32, dir: u32) {
-    let Some(info) = CLASSES.get(class) else { return };
+    let Some(info) = CLASSES.get(class) else {
+        return;
+    };
     if info.dscp == DSCP_KEEP || info.dscp == pkt.dscp {
         return;
     }
     let l3 = pkt.l3 as usize;
-    let Some(old) = load::<[u8; 2]>(ctx, l3) else { return };
+    let Some(old) = load::<[u8; 2]>(ctx, l3) else {
+        return;
+    };
     let new = if pkt.v6 != 0 {
         let w = u16::from_be_bytes(old);
         ((w & !(0x3f << 6)) | ((info.dscp as u16) << 6)).to_be_bytes()

@@ -46,9 +46,14 @@ pub struct Paths {
 
 impl Paths {
     pub fn from_env() -> Self {
-        let bpffs = std::env::var_os("SHAPER_BPFFS").map_or_else(|| PathBuf::from("/sys/fs/bpf/shaper"), PathBuf::from);
-        let run = std::env::var_os("SHAPER_RUN").map_or_else(|| PathBuf::from("/run/shaper"), PathBuf::from);
-        Paths { pins: Pins::new(bpffs), run }
+        let bpffs = std::env::var_os("SHAPER_BPFFS")
+            .map_or_else(|| PathBuf::from("/sys/fs/bpf/shaper"), PathBuf::from);
+        let run = std::env::var_os("SHAPER_RUN")
+            .map_or_else(|| PathBuf::from("/run/shaper"), PathBuf::from);
+        Paths {
+            pins: Pins::new(bpffs),
+            run,
+        }
     }
     fn state(&self) -> PathBuf {
         self.run.join("state.json")
@@ -86,9 +91,14 @@ impl State {
         let p = paths.state();
         match fs::read(&p) {
             Ok(b) => {
-                let s: State = serde_json::from_slice(&b).with_context(|| format!("reading {}", p.display()))?;
+                let s: State = serde_json::from_slice(&b)
+                    .with_context(|| format!("reading {}", p.display()))?;
                 if s.version != STATE_VERSION {
-                    bail!("{} was written by another version of shaper (state version {})", p.display(), s.version);
+                    bail!(
+                        "{} was written by another version of shaper (state version {})",
+                        p.display(),
+                        s.version
+                    );
                 }
                 Ok(Some(s))
             }
@@ -110,7 +120,8 @@ impl State {
     }
 
     fn commit(paths: &Paths) -> Result<()> {
-        fs::rename(paths.state_next(), paths.state()).with_context(|| format!("writing {}", paths.state().display()))
+        fs::rename(paths.state_next(), paths.state())
+            .with_context(|| format!("writing {}", paths.state().display()))
     }
 }
 
@@ -121,29 +132,59 @@ pub struct Lock {
 
 pub fn lock(paths: &Paths) -> Result<Lock> {
     fs::create_dir_all(&paths.run).with_context(|| format!("creating {}", paths.run.display()))?;
-    let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(paths.lock())?;
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(paths.lock())?;
     // SAFETY: flock on an fd we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        bail!("locking {}: {}", paths.lock().display(), std::io::Error::last_os_error());
+        bail!(
+            "locking {}: {}",
+            paths.lock().display(),
+            std::io::Error::last_os_error()
+        );
     }
     Ok(Lock { _file: f })
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn leaf(l: &LeafPlan) -> tc::Leaf {
     match *l {
         LeafPlan::Bfifo { limit_bytes } => tc::Leaf::Bfifo { limit_bytes },
-        LeafPlan::FqCodel { limit_packets, target_us, interval_us, ecn } => {
-            tc::Leaf::FqCodel { limit_packets, target_us, interval_us, ecn, quantum: None }
-        }
-        LeafPlan::Cake => tc::Leaf::Cake { flow_mode: tc::CakeFlowMode::Flows, nat: false, ack_filter: false },
+        LeafPlan::FqCodel {
+            limit_packets,
+            target_us,
+            interval_us,
+            ecn,
+        } => tc::Leaf::FqCodel {
+            limit_packets,
+            target_us,
+            interval_us,
+            ecn,
+            quantum: None,
+        },
+        LeafPlan::Cake => tc::Leaf::Cake {
+            flow_mode: tc::CakeFlowMode::Flows,
+            nat: false,
+            ack_filter: false,
+        },
     }
 }
 
-fn class_params(rate_bps: u64, ceil_bps: u64, prio: u32, quantum: u32, burst: u32, cburst: u32) -> HtbClassParams {
+fn class_params(
+    rate_bps: u64,
+    ceil_bps: u64,
+    prio: u32,
+    quantum: u32,
+    burst: u32,
+    cburst: u32,
+) -> HtbClassParams {
     HtbClassParams {
         rate_bps,
         ceil_bps,
@@ -160,16 +201,33 @@ fn class_params(rate_bps: u64, ceil_bps: u64, prio: u32, quantum: u32, burst: u3
 }
 
 fn parent_params(d: &DirPlan) -> HtbClassParams {
-    class_params(d.rate_bps, d.rate_bps, 0, 0, d.parent_burst_bytes, d.parent_burst_bytes)
+    class_params(
+        d.rate_bps,
+        d.rate_bps,
+        0,
+        0,
+        d.parent_burst_bytes,
+        d.parent_burst_bytes,
+    )
 }
 
 fn leaf_params(c: &ClassPlan) -> HtbClassParams {
-    class_params(c.rate_bps, c.ceil_bps, c.prio, c.quantum, c.burst_bytes, c.cburst_bytes)
+    class_params(
+        c.rate_bps,
+        c.ceil_bps,
+        c.prio,
+        c.quantum,
+        c.burst_bytes,
+        c.cburst_bytes,
+    )
 }
 
 /// Is our HTB root (1:) the root of this interface now?
 async fn has_our_root(tc: &Tc, ifindex: u32) -> Result<bool> {
-    Ok(tc.root_qdisc(ifindex).await?.is_some_and(|q| q.kind == "htb" && q.handle == ROOT_HANDLE))
+    Ok(tc
+        .root_qdisc(ifindex)
+        .await?
+        .is_some_and(|q| q.kind == "htb" && q.handle == ROOT_HANDLE))
 }
 
 /// Brings one interface's class tree to `want`. `have` is the plan applied
@@ -183,25 +241,46 @@ async fn sync_tree(tc: &Tc, ifindex: u32, want: &DirPlan, have: Option<&DirPlan>
         // Replacing an HTB 1: with an HTB 1: would only "change" it (and HTB
         // cannot), so a stale tree of ours goes first.
         if ours {
-            tc.delete_root(ifindex).await.with_context(|| format!("clearing the old tree on {}", want.ifname))?;
+            tc.delete_root(ifindex)
+                .await
+                .with_context(|| format!("clearing the old tree on {}", want.ifname))?;
         }
         tc.add_htb_root(ifindex, ROOT_HANDLE, want.default_minor, 10, None, true)
             .await
             .with_context(|| format!("creating the HTB root on {}", want.ifname))?;
     }
-    tc.put_htb_class(ifindex, ROOT_HANDLE, PARENT_CLASSID, &parent_params(want), have.is_none())
-        .await
-        .with_context(|| format!("setting class 1:1 on {}", want.ifname))?;
+    tc.put_htb_class(
+        ifindex,
+        ROOT_HANDLE,
+        PARENT_CLASSID,
+        &parent_params(want),
+        have.is_none(),
+    )
+    .await
+    .with_context(|| format!("setting class 1:1 on {}", want.ifname))?;
     for c in &want.classes {
         let exists = have.is_some_and(|h| h.classes.iter().any(|o| o.classid == c.classid));
         tc.put_htb_class(ifindex, PARENT_CLASSID, c.classid, &leaf_params(c), !exists)
             .await
-            .with_context(|| format!("setting class {} (1:{:x}) on {}", c.name, c.classid & 0xffff, want.ifname))?;
-        let same_leaf = have.is_some_and(|h| h.classes.iter().any(|o| o.classid == c.classid && o.leaf == c.leaf && o.leaf_handle == c.leaf_handle));
+            .with_context(|| {
+                format!(
+                    "setting class {} (1:{:x}) on {}",
+                    c.name,
+                    c.classid & 0xffff,
+                    want.ifname
+                )
+            })?;
+        let same_leaf = have.is_some_and(|h| {
+            h.classes.iter().any(|o| {
+                o.classid == c.classid && o.leaf == c.leaf && o.leaf_handle == c.leaf_handle
+            })
+        });
         if !same_leaf {
             tc.put_leaf(ifindex, c.classid, c.leaf_handle, &leaf(&c.leaf))
                 .await
-                .with_context(|| format!("setting the leaf queue of {} on {}", c.name, want.ifname))?;
+                .with_context(|| {
+                    format!("setting the leaf queue of {} on {}", c.name, want.ifname)
+                })?;
         }
     }
     Ok(())
@@ -226,19 +305,25 @@ struct Iface {
 }
 
 async fn iface(tc: &Tc, name: &str, role: &str) -> Result<Iface> {
-    let index = tc
-        .ifindex(name)
-        .await?
-        .ok_or_else(|| anyhow!("the {role} interface `{name}` does not exist; nothing was changed"))?;
+    let index = tc.ifindex(name).await?.ok_or_else(|| {
+        anyhow!("the {role} interface `{name}` does not exist; nothing was changed")
+    })?;
     let info = tc.link_info(index).await?;
-    Ok(Iface { name: name.to_string(), index, l2: info.has_l2_header })
+    Ok(Iface {
+        name: name.to_string(),
+        index,
+        l2: info.has_l2_header,
+    })
 }
 
 /// Probes which leaf qdiscs this kernel has (without touching any interface).
 pub async fn probe_caps() -> KernelCaps {
     let r = tc::probe_qdisc_kinds(&["fq_codel", "cake"]).await;
     let has = |k: &str| r.iter().any(|(n, ok)| n == k && *ok);
-    KernelCaps { fq_codel: has("fq_codel"), cake: has("cake") }
+    KernelCaps {
+        fq_codel: has("fq_codel"),
+        cake: has("cake"),
+    }
 }
 
 /// Applies `policy` (read from `config`). On error the previous shaping is
@@ -270,7 +355,11 @@ pub async fn apply(paths: &Paths, policy: &Policy, config: &Path) -> Result<Stat
     // Original roots: kept from the first apply on the same interface.
     let mut originals = Vec::new();
     for i in [&wan, &lan] {
-        let kept = prev.as_ref().and_then(|s| s.originals.iter().find(|o| o.ifindex == i.index && o.ifname == i.name));
+        let kept = prev.as_ref().and_then(|s| {
+            s.originals
+                .iter()
+                .find(|o| o.ifindex == i.index && o.ifname == i.name)
+        });
         let o = match kept {
             Some(o) => o.clone(),
             None => {
@@ -281,7 +370,11 @@ pub async fn apply(paths: &Paths, policy: &Policy, config: &Path) -> Result<Stat
                     log::warn!("{} carries a shaper tree but no state was recorded; `remove` will leave the kernel's default qdisc", i.name);
                     root = None;
                 }
-                Original { ifname: i.name.clone(), ifindex: i.index, root }
+                Original {
+                    ifname: i.name.clone(),
+                    ifindex: i.index,
+                    root,
+                }
             }
         };
         originals.push(o);
@@ -290,7 +383,11 @@ pub async fn apply(paths: &Paths, policy: &Policy, config: &Path) -> Result<Stat
     let sides = [(Side::Wan, &wan, &plan.up), (Side::Lan, &lan, &plan.down)];
     let prev_dir = |side: Side, i: &Iface| -> Option<DirPlan> {
         let s = prev.as_ref()?;
-        let d = if side == Side::Wan { &s.plan.up } else { &s.plan.down };
+        let d = if side == Side::Wan {
+            &s.plan.up
+        } else {
+            &s.plan.down
+        };
         let a = s.attachments.iter().find(|a| a.side == side)?;
         (a.ifindex == i.index && d.ifname == i.name).then(|| d.clone())
     };
@@ -305,8 +402,17 @@ pub async fn apply(paths: &Paths, policy: &Policy, config: &Path) -> Result<Stat
         bpf::stage_maps(&obj, &paths.pins)?;
         let mut attachments = Vec::new();
         for (side, i, _) in sides {
-            let previous = prev.as_ref().and_then(|s| s.attachments.iter().find(|a| a.side == side));
-            attachments.push(bpf::attach(&mut obj, &paths.pins, side, &i.name, i.index, previous)?);
+            let previous = prev
+                .as_ref()
+                .and_then(|s| s.attachments.iter().find(|a| a.side == side));
+            attachments.push(bpf::attach(
+                &mut obj,
+                &paths.pins,
+                side,
+                &i.name,
+                i.index,
+                previous,
+            )?);
         }
         let state = State {
             version: STATE_VERSION,
@@ -347,7 +453,10 @@ pub async fn apply(paths: &Paths, policy: &Policy, config: &Path) -> Result<Stat
     // Interfaces the previous config used and this one does not: restore them.
     if let Some(p) = &prev {
         for o in &p.originals {
-            if !originals.iter().any(|n| n.ifindex == o.ifindex && n.ifname == o.ifname) {
+            if !originals
+                .iter()
+                .any(|n| n.ifindex == o.ifindex && n.ifname == o.ifname)
+            {
                 restore_original(&tc, o).await;
             }
         }
@@ -356,7 +465,9 @@ pub async fn apply(paths: &Paths, policy: &Policy, config: &Path) -> Result<Stat
 }
 
 fn looks_like_ours(q: &QdiscInfo) -> bool {
-    q.kind == "htb" && q.handle == ROOT_HANDLE && q.htb().is_some_and(|g| g.defcls == compile::DEFAULT_MINOR)
+    q.kind == "htb"
+        && q.handle == ROOT_HANDLE
+        && q.htb().is_some_and(|g| g.defcls == compile::DEFAULT_MINOR)
 }
 
 fn check_leaves(plan: &Plan, caps: KernelCaps) -> Result<()> {
@@ -378,7 +489,11 @@ async fn rollback(tc: &Tc, prev: Option<&State>, originals: &[Original], ifaces:
     for (i, side) in ifaces.iter().zip([Side::Wan, Side::Lan]) {
         let prev_plan = prev.and_then(|s| {
             let a = s.attachments.iter().find(|a| a.side == side)?;
-            let d = if side == Side::Wan { &s.plan.up } else { &s.plan.down };
+            let d = if side == Side::Wan {
+                &s.plan.up
+            } else {
+                &s.plan.down
+            };
             (a.ifindex == i.index).then_some(d)
         });
         match prev_plan {
@@ -434,10 +549,14 @@ pub async fn remove(paths: &Paths) -> Result<bool> {
         // The interface may have been re-created since; only touch the same one.
         match tc.ifindex(&o.ifname).await? {
             Some(ix) if ix == o.ifindex => restore_original(&tc, o).await,
-            _ => log::warn!("{} is gone or was re-created; nothing to restore there", o.ifname),
+            _ => log::warn!(
+                "{} is gone or was re-created; nothing to restore there",
+                o.ifname
+            ),
         }
     }
     bpf::remove_pins(&paths.pins);
-    fs::remove_file(paths.state()).with_context(|| format!("removing {}", paths.state().display()))?;
+    fs::remove_file(paths.state())
+        .with_context(|| format!("removing {}", paths.state().display()))?;
     Ok(true)
 }

@@ -28,16 +28,32 @@ pub struct KernelCaps {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LeafPlan {
-    FqCodel { limit_packets: u32, target_us: u32, interval_us: u32, ecn: bool },
+    FqCodel {
+        limit_packets: u32,
+        target_us: u32,
+        interval_us: u32,
+        ecn: bool,
+    },
     Cake,
-    Bfifo { limit_bytes: u32 },
+    Bfifo {
+        limit_bytes: u32,
+    },
 }
 
 impl std::fmt::Display for LeafPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LeafPlan::FqCodel { target_us, interval_us, .. } => {
-                write!(f, "fq_codel target {}ms interval {}ms", *target_us as f64 / 1e3, *interval_us as f64 / 1e3)
+            LeafPlan::FqCodel {
+                target_us,
+                interval_us,
+                ..
+            } => {
+                write!(
+                    f,
+                    "fq_codel target {}ms interval {}ms",
+                    *target_us as f64 / 1e3,
+                    *interval_us as f64 / 1e3
+                )
             }
             LeafPlan::Cake => write!(f, "cake (unlimited, flow isolation)"),
             LeafPlan::Bfifo { limit_bytes } => write!(f, "bfifo {limit_bytes} bytes"),
@@ -93,6 +109,8 @@ pub struct MapPlan {
     pub rule_class: Vec<u32>,
     pub classes: Vec<ClassInfo>,
     pub default_class: u32,
+    /// Class index for pure TCP ACKs.
+    pub ack_class: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,7 +122,11 @@ pub struct Plan {
 
 /// The class id of a policy class.
 pub fn classid_of(policy: &Policy, index: usize) -> u32 {
-    let minor = if index == policy.default_class { DEFAULT_MINOR } else { 0x10 + index as u32 };
+    let minor = if index == policy.default_class {
+        DEFAULT_MINOR
+    } else {
+        0x10 + index as u32
+    };
     ROOT_HANDLE | minor
 }
 
@@ -124,9 +146,16 @@ fn quantum_for(rate_bps: u64) -> u32 {
 fn leaf_for(policy: &Policy, caps: Option<KernelCaps>, ceil_bps: u64) -> LeafPlan {
     let bfifo = || {
         let bytes = ceil_bps / 8 * policy.queue_ms as u64 / 1000;
-        LeafPlan::Bfifo { limit_bytes: (bytes as u32).max(2 * FRAME) }
+        LeafPlan::Bfifo {
+            limit_bytes: (bytes as u32).max(2 * FRAME),
+        }
     };
-    let fq_codel = || LeafPlan::FqCodel { limit_packets: 1000, target_us: 5_000, interval_us: 100_000, ecn: true };
+    let fq_codel = || LeafPlan::FqCodel {
+        limit_packets: 1000,
+        target_us: 5_000,
+        interval_us: 100_000,
+        ecn: true,
+    };
     match (policy.leaf, caps) {
         (LeafChoice::Bfifo, _) => bfifo(),
         (LeafChoice::FqCodel, _) => fq_codel(),
@@ -195,7 +224,11 @@ impl Bits {
     fn set(v: &mut [u64], rule: usize) {
         v[rule / 64] |= 1 << (rule % 64);
     }
-    fn of<'a>(&self, rules: impl Iterator<Item = (usize, &'a Rule)>, pred: impl Fn(&Rule) -> bool) -> Vec<u64> {
+    fn of<'a>(
+        &self,
+        rules: impl Iterator<Item = (usize, &'a Rule)>,
+        pred: impl Fn(&Rule) -> bool,
+    ) -> Vec<u64> {
         let mut v = self.empty();
         for (i, r) in rules {
             if pred(r) {
@@ -214,7 +247,10 @@ struct Store {
 
 impl Store {
     fn new(empty: Vec<u64>) -> Self {
-        let mut s = Store { ids: HashMap::new(), list: Vec::new() };
+        let mut s = Store {
+            ids: HashMap::new(),
+            list: Vec::new(),
+        };
         s.id(empty);
         s
     }
@@ -238,7 +274,12 @@ fn applies(r: &Rule, dir: u32) -> bool {
 }
 
 /// port -> bitmap id for one port field, by sweeping range boundaries.
-fn port_index(store: &mut Store, bits: &Bits, rules: &[Rule], field: impl Fn(&Rule) -> &[(u16, u16)]) -> Vec<u32> {
+fn port_index(
+    store: &mut Store,
+    bits: &Bits,
+    rules: &[Rule],
+    field: impl Fn(&Rule) -> &[(u16, u16)],
+) -> Vec<u32> {
     let wild = bits.of(rules.iter().enumerate(), |r| field(r).is_empty());
     // Boundary events: at `port`, rule `i` gains (+1) or loses (-1) one range.
     let mut events: Vec<(u32, usize, i32)> = Vec::new();
@@ -279,7 +320,13 @@ fn port_index(store: &mut Store, bits: &Bits, rules: &[Rule], field: impl Fn(&Ru
 /// Prefix entries for one address field and family: each prefix's bitmap
 /// holds the rules of every prefix that covers it (the LPM lookup returns
 /// only the longest match) plus the rules without an address constraint.
-fn prefix_entries(store: &mut Store, bits: &Bits, rules: &[Rule], v6: bool, field: impl Fn(&Rule) -> &[Cidr]) -> (Vec<(IpAddr, u8, u32)>, Vec<u64>) {
+fn prefix_entries(
+    store: &mut Store,
+    bits: &Bits,
+    rules: &[Rule],
+    v6: bool,
+    field: impl Fn(&Rule) -> &[Cidr],
+) -> (Vec<(IpAddr, u8, u32)>, Vec<u64>) {
     let wild = bits.of(rules.iter().enumerate(), |r| field(r).is_empty());
     let mut by_prefix: HashMap<(IpAddr, u8), Vec<usize>> = HashMap::new();
     let mut lens: Vec<u8> = Vec::new();
@@ -331,7 +378,9 @@ pub fn maps(plan: &Plan) -> MapPlan {
     }
     let dscp_idx = (0..64u8)
         .map(|d| {
-            let v = bits.of(rules.iter().enumerate(), |r| r.dscp.is_empty() || r.dscp.contains(&d));
+            let v = bits.of(rules.iter().enumerate(), |r| {
+                r.dscp.is_empty() || r.dscp.contains(&d)
+            });
             store.id(v)
         })
         .collect();
@@ -367,7 +416,11 @@ pub fn maps(plan: &Plan) -> MapPlan {
         .enumerate()
         .map(|(i, c)| ClassInfo {
             classid: classid_of(policy, i),
-            dscp: if policy.remark_dscp { c.dscp.unwrap_or(DSCP_KEEP) } else { DSCP_KEEP },
+            dscp: if policy.remark_dscp {
+                c.dscp.unwrap_or(DSCP_KEEP)
+            } else {
+                DSCP_KEEP
+            },
             _pad: [0; 3],
         })
         .collect();
@@ -388,6 +441,7 @@ pub fn maps(plan: &Plan) -> MapPlan {
         rule_class: rules.iter().map(|r| r.class as u32).collect(),
         classes,
         default_class: policy.default_class as u32,
+        ack_class: policy.ack_class.map(|c| c as u32),
     }
 }
 
@@ -397,10 +451,24 @@ pub fn describe(plan: &Plan, maps: &MapPlan) -> String {
     let p = &plan.policy;
     let mut s = String::new();
     for (label, d) in [("upload", &plan.up), ("download", &plan.down)] {
-        let _ = writeln!(s, "{label}: {} egress, HTB root 1: at {} (default class 1:{:x})", d.ifname, format_rate(d.rate_bps), d.default_minor);
-        let _ = writeln!(s, "  {:<22} {:>6} {:>11} {:>11} {:>4}  leaf", "class", "id", "guaranteed", "ceiling", "prio");
+        let _ = writeln!(
+            s,
+            "{label}: {} egress, HTB root 1: at {} (default class 1:{:x})",
+            d.ifname,
+            format_rate(d.rate_bps),
+            d.default_minor
+        );
+        let _ = writeln!(
+            s,
+            "  {:<22} {:>6} {:>11} {:>11} {:>4}  leaf",
+            "class", "id", "guaranteed", "ceiling", "prio"
+        );
         for c in &d.classes {
-            let dflt = if c.index as usize == p.default_class { " (default)" } else { "" };
+            let dflt = if c.index as usize == p.default_class {
+                " (default)"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 s,
                 "  {:<22} {:>6} {:>11} {:>11} {:>4}  {}",
@@ -413,7 +481,20 @@ pub fn describe(plan: &Plan, maps: &MapPlan) -> String {
             );
         }
     }
-    let _ = writeln!(s, "rules: {} (first match by priority wins), {} distinct match bitmaps of {} word(s)", p.rules.len(), maps.bitmaps.len(), maps.nwords);
+    if let Some(a) = p.ack_class {
+        let _ = writeln!(
+            s,
+            "pure TCP ACKs (both directions): class {}",
+            p.classes[a].name
+        );
+    }
+    let _ = writeln!(
+        s,
+        "rules: {} (first match by priority wins), {} distinct match bitmaps of {} word(s)",
+        p.rules.len(),
+        maps.bitmaps.len(),
+        maps.nwords
+    );
     let _ = writeln!(
         s,
         "prefixes: {} IPv4 + {} IPv6 (LAN side), {} IPv4 + {} IPv6 (WAN side)",
@@ -423,7 +504,11 @@ pub fn describe(plan: &Plan, maps: &MapPlan) -> String {
         maps.dst6.len()
     );
     for c in &p.classes {
-        let n = p.rules.iter().filter(|r| p.classes[r.class].name == c.name).count();
+        let n = p
+            .rules
+            .iter()
+            .filter(|r| p.classes[r.class].name == c.name)
+            .count();
         let _ = writeln!(s, "  class {:<20} {n} rule(s)", c.name);
     }
     s
@@ -445,10 +530,14 @@ pub struct PacketView {
 
 pub fn reference_match(policy: &Policy, p: &PacketView) -> Option<usize> {
     let in_ports = |ranges: &[(u16, u16)], port: Option<u16>| {
-        ranges.is_empty() || port.is_some_and(|pt| ranges.iter().any(|&(lo, hi)| lo <= pt && pt <= hi))
+        ranges.is_empty()
+            || port.is_some_and(|pt| ranges.iter().any(|&(lo, hi)| lo <= pt && pt <= hi))
     };
     let in_cidrs = |cidrs: &[Cidr], a: IpAddr| {
-        cidrs.is_empty() || cidrs.iter().any(|c| c.addr.is_ipv6() == a.is_ipv6() && mask_addr(a, c.len) == c.addr)
+        cidrs.is_empty()
+            || cidrs
+                .iter()
+                .any(|c| c.addr.is_ipv6() == a.is_ipv6() && mask_addr(a, c.len) == c.addr)
     };
     policy.rules.iter().position(|r| {
         applies(r, p.dir)
@@ -464,21 +553,22 @@ pub fn reference_match(policy: &Policy, p: &PacketView) -> Option<usize> {
 /// The same lookup the kernel does, over the compiled maps (used to check the
 /// compiler against `reference_match`).
 pub fn map_match(m: &MapPlan, p: &PacketView) -> Option<usize> {
-    let lpm = |e4: &[([u8; 4], u8, u32)], e6: &[([u8; 16], u8, u32)], a: IpAddr, wild: u32| -> u32 {
-        let best = match a {
-            IpAddr::V4(a) => e4
-                .iter()
-                .filter(|(p, l, _)| mask_addr(IpAddr::V4(a), *l) == IpAddr::V4((*p).into()))
-                .max_by_key(|(_, l, _)| *l)
-                .map(|e| e.2),
-            IpAddr::V6(a) => e6
-                .iter()
-                .filter(|(p, l, _)| mask_addr(IpAddr::V6(a), *l) == IpAddr::V6((*p).into()))
-                .max_by_key(|(_, l, _)| *l)
-                .map(|e| e.2),
+    let lpm =
+        |e4: &[([u8; 4], u8, u32)], e6: &[([u8; 16], u8, u32)], a: IpAddr, wild: u32| -> u32 {
+            let best = match a {
+                IpAddr::V4(a) => e4
+                    .iter()
+                    .filter(|(p, l, _)| mask_addr(IpAddr::V4(a), *l) == IpAddr::V4((*p).into()))
+                    .max_by_key(|(_, l, _)| *l)
+                    .map(|e| e.2),
+                IpAddr::V6(a) => e6
+                    .iter()
+                    .filter(|(p, l, _)| mask_addr(IpAddr::V6(a), *l) == IpAddr::V6((*p).into()))
+                    .max_by_key(|(_, l, _)| *l)
+                    .map(|e| e.2),
+            };
+            best.unwrap_or(wild)
         };
-        best.unwrap_or(wild)
-    };
     let ids = [
         m.proto_idx[(p.dir * 256 + p.proto as u32) as usize],
         m.dscp_idx[p.dscp as usize],
@@ -488,7 +578,9 @@ pub fn map_match(m: &MapPlan, p: &PacketView) -> Option<usize> {
         lpm(&m.dst4, &m.dst6, p.dst, m.wild_dst),
     ];
     for w in 0..m.nwords as usize {
-        let x = ids.iter().fold(u64::MAX, |acc, &id| acc & m.bitmaps[id as usize][w]);
+        let x = ids
+            .iter()
+            .fold(u64::MAX, |acc, &id| acc & m.bitmaps[id as usize][w]);
         if x != 0 {
             return Some(w * 64 + x.trailing_zeros() as usize);
         }
@@ -570,18 +662,43 @@ priority = 200
     fn class_tree() {
         let pol = policy(RULES);
         let pl = plan(&pol, Some(KernelCaps::default()));
-        assert_eq!(pl.up.classes[2].classid, 0x0001_0002, "default class at 1:2");
+        assert_eq!(
+            pl.up.classes[2].classid, 0x0001_0002,
+            "default class at 1:2"
+        );
         assert_eq!(pl.up.classes[0].classid, 0x0001_0010);
         assert_eq!(pl.up.classes[0].rate_bps, 2_000_000);
         assert_eq!(pl.down.classes[1].rate_bps, 12_000_000);
         assert_eq!(pl.down.classes[1].ceil_bps, 40_000_000);
         // bfifo sized to 20 ms at the ceiling when the kernel has no fq_codel.
-        assert_eq!(pl.down.classes[1].leaf, LeafPlan::Bfifo { limit_bytes: 100_000 });
-        let with_fq = plan(&pol, Some(KernelCaps { fq_codel: true, cake: false }));
-        assert!(matches!(with_fq.up.classes[0].leaf, LeafPlan::FqCodel { .. }));
+        assert_eq!(
+            pl.down.classes[1].leaf,
+            LeafPlan::Bfifo {
+                limit_bytes: 100_000
+            }
+        );
+        let with_fq = plan(
+            &pol,
+            Some(KernelCaps {
+                fq_codel: true,
+                cake: false,
+            }),
+        );
+        assert!(matches!(
+            with_fq.up.classes[0].leaf,
+            LeafPlan::FqCodel { .. }
+        ));
     }
 
-    fn pv(dir: u32, proto: u8, sport: Option<u16>, dport: Option<u16>, src: &str, dst: &str, dscp: u8) -> PacketView {
+    fn pv(
+        dir: u32,
+        proto: u8,
+        sport: Option<u16>,
+        dport: Option<u16>,
+        src: &str,
+        dst: &str,
+        dscp: u8,
+    ) -> PacketView {
         PacketView {
             dir,
             proto,
@@ -598,23 +715,85 @@ priority = 200
         let pol = policy(RULES);
         let m = maps(&plan(&pol, None));
         let cases = [
-            (pv(0, 17, Some(40000), Some(3478), "192.168.1.5", "52.113.1.1", 0), Some("teams-ranges")),
-            (pv(1, 17, Some(40000), Some(3478), "192.168.1.5", "52.113.1.1", 0), Some("teams-ranges")),
-            (pv(0, 17, Some(40000), Some(3478), "192.168.1.5", "8.8.8.8", 0), None),
-            (pv(0, 17, Some(40000), Some(3478), "fd00::5", "2603:1063::1", 0), Some("teams-ranges")),
-            (pv(0, 17, Some(50021), Some(9999), "192.168.1.5", "8.8.8.8", 0), Some("teams-clients")),
-            (pv(0, 6, Some(50021), Some(104), "192.168.1.5", "8.8.8.8", 0), Some("dicom")),
-            (pv(0, 6, Some(1234), Some(443), "192.168.1.5", "10.207.113.9", 0), Some("hscn-inner")),
-            (pv(0, 6, Some(1234), Some(443), "192.168.1.5", "10.1.2.3", 0), Some("hscn")),
-            (pv(0, 1, None, None, "192.168.1.5", "10.1.2.3", 0), Some("hscn")),
-            (pv(0, 1, None, None, "192.168.1.5", "1.1.1.1", 46), Some("ef-upload")),
+            (
+                pv(
+                    0,
+                    17,
+                    Some(40000),
+                    Some(3478),
+                    "192.168.1.5",
+                    "52.113.1.1",
+                    0,
+                ),
+                Some("teams-ranges"),
+            ),
+            (
+                pv(
+                    1,
+                    17,
+                    Some(40000),
+                    Some(3478),
+                    "192.168.1.5",
+                    "52.113.1.1",
+                    0,
+                ),
+                Some("teams-ranges"),
+            ),
+            (
+                pv(0, 17, Some(40000), Some(3478), "192.168.1.5", "8.8.8.8", 0),
+                None,
+            ),
+            (
+                pv(0, 17, Some(40000), Some(3478), "fd00::5", "2603:1063::1", 0),
+                Some("teams-ranges"),
+            ),
+            (
+                pv(0, 17, Some(50021), Some(9999), "192.168.1.5", "8.8.8.8", 0),
+                Some("teams-clients"),
+            ),
+            (
+                pv(0, 6, Some(50021), Some(104), "192.168.1.5", "8.8.8.8", 0),
+                Some("dicom"),
+            ),
+            (
+                pv(
+                    0,
+                    6,
+                    Some(1234),
+                    Some(443),
+                    "192.168.1.5",
+                    "10.207.113.9",
+                    0,
+                ),
+                Some("hscn-inner"),
+            ),
+            (
+                pv(0, 6, Some(1234), Some(443), "192.168.1.5", "10.1.2.3", 0),
+                Some("hscn"),
+            ),
+            (
+                pv(0, 1, None, None, "192.168.1.5", "10.1.2.3", 0),
+                Some("hscn"),
+            ),
+            (
+                pv(0, 1, None, None, "192.168.1.5", "1.1.1.1", 46),
+                Some("ef-upload"),
+            ),
             (pv(1, 1, None, None, "192.168.1.5", "1.1.1.1", 46), None),
             (pv(0, 1, None, None, "192.168.1.5", "1.1.1.1", 0), None),
         ];
         for (p, want) in cases {
             let r = reference_match(&pol, &p);
-            assert_eq!(r.map(|i| pol.rules[i].name.as_str()), want, "reference for {p:?}");
-            assert_eq!(map_match(&m, &p), r, "maps disagree with reference for {p:?}");
+            assert_eq!(
+                r.map(|i| pol.rules[i].name.as_str()),
+                want,
+                "reference for {p:?}"
+            );
+            assert_eq!(
+                map_match(&m, &p),
+                r,
+                "maps disagree with reference for {p:?}"
+            );
         }
     }
 
@@ -647,7 +826,15 @@ priority = 200
             let proto = if x & 1 == 0 { 6 } else { 17 };
             let dport = (x >> 8) as u16 % 61000;
             let dst = format!("10.{}.{}.1", (x >> 32) as u8, (x >> 40) as u8);
-            let p = pv(((x >> 4) & 1) as u32, proto, Some(1000), Some(dport), "192.168.0.2", &dst, 0);
+            let p = pv(
+                ((x >> 4) & 1) as u32,
+                proto,
+                Some(1000),
+                Some(dport),
+                "192.168.0.2",
+                &dst,
+                0,
+            );
             assert_eq!(map_match(&m, &p), reference_match(&pol, &p), "{p:?}");
         }
     }

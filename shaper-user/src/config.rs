@@ -78,6 +78,8 @@ struct RawShaping {
     queue_ms: Option<Spanned<u32>>,
     /// Re-mark DSCP on WAN egress per class (default true).
     remark_dscp: Option<bool>,
+    /// Class for pure TCP ACKs (default: classified like other packets).
+    ack_class: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,6 +168,8 @@ pub struct Policy {
     pub default_class: usize,
     /// Rules sorted by priority (stable: file order breaks ties).
     pub rules: Vec<Rule>,
+    /// Index into `classes` for pure TCP ACKs, if set.
+    pub ack_class: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,13 +268,21 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
         "kbit" => 1e3,
         "mbit" => 1e6,
         "gbit" => 1e9,
-        "" => return Err(format!("`{s}` has no unit: write e.g. \"40mbit\" or \"9500kbit\"")),
+        "" => {
+            return Err(format!(
+                "`{s}` has no unit: write e.g. \"40mbit\" or \"9500kbit\""
+            ))
+        }
         u if u.ends_with("bps") || u.ends_with("b") => {
             return Err(format!(
                 "`{s}`: unit `{u}` is ambiguous (bytes or bits?); use bit, kbit, mbit or gbit"
             ))
         }
-        u => return Err(format!("`{s}`: unknown unit `{u}`; use bit, kbit, mbit or gbit")),
+        u => {
+            return Err(format!(
+                "`{s}`: unknown unit `{u}`; use bit, kbit, mbit or gbit"
+            ))
+        }
     };
     let n: f64 = num
         .parse()
@@ -409,11 +421,19 @@ pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
 pub fn mask_addr(addr: IpAddr, len: u8) -> IpAddr {
     match addr {
         IpAddr::V4(a) => {
-            let m = if len == 0 { 0 } else { u32::MAX << (32 - len as u32) };
+            let m = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - len as u32)
+            };
             IpAddr::V4((u32::from(a) & m).into())
         }
         IpAddr::V6(a) => {
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - len as u32) };
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len as u32)
+            };
             IpAddr::V6((u128::from(a) & m).into())
         }
     }
@@ -450,7 +470,12 @@ impl Ctx<'_> {
         self.text[..end].bytes().filter(|&b| b == b'\n').count() + 1
     }
 
-    fn err(&self, span: Option<Range<usize>>, field: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+    fn err(
+        &self,
+        span: Option<Range<usize>>,
+        field: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> ConfigError {
         ConfigError {
             file: self.file.to_path_buf(),
             line: span.map(|s| self.line_of(s)),
@@ -459,7 +484,12 @@ impl Ctx<'_> {
         }
     }
 
-    fn at<T>(&self, v: &Spanned<T>, field: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+    fn at<T>(
+        &self,
+        v: &Spanned<T>,
+        field: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> ConfigError {
         self.err(Some(v.span()), field, msg)
     }
 }
@@ -490,13 +520,23 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
     let wan = interface_name(cx, &raw.interfaces.wan, "interfaces.wan")?;
     let lan = interface_name(cx, &raw.interfaces.lan, "interfaces.lan")?;
     if wan == lan {
-        return Err(cx.at(&raw.interfaces.lan, "interfaces.lan", "WAN and LAN must be different interfaces"));
+        return Err(cx.at(
+            &raw.interfaces.lan,
+            "interfaces.lan",
+            "WAN and LAN must be different interfaces",
+        ));
     }
-    let upload_bps = parse_rate(raw.upload.rate.get_ref()).map_err(|m| cx.at(&raw.upload.rate, "upload.rate", m))?;
-    let download_bps =
-        parse_rate(raw.download.rate.get_ref()).map_err(|m| cx.at(&raw.download.rate, "download.rate", m))?;
+    let upload_bps = parse_rate(raw.upload.rate.get_ref())
+        .map_err(|m| cx.at(&raw.upload.rate, "upload.rate", m))?;
+    let download_bps = parse_rate(raw.download.rate.get_ref())
+        .map_err(|m| cx.at(&raw.download.rate, "download.rate", m))?;
 
-    let shaping = raw.shaping.unwrap_or(RawShaping { leaf: None, queue_ms: None, remark_dscp: None });
+    let shaping = raw.shaping.unwrap_or(RawShaping {
+        leaf: None,
+        queue_ms: None,
+        remark_dscp: None,
+        ack_class: None,
+    });
     let leaf = match &shaping.leaf {
         None => LeafChoice::Auto,
         Some(s) => match s.get_ref().as_str() {
@@ -505,7 +545,11 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
             "cake" => LeafChoice::Cake,
             "bfifo" => LeafChoice::Bfifo,
             other => {
-                return Err(cx.at(s, "shaping.leaf", format!("`{other}`: use \"auto\", \"fq_codel\", \"cake\" or \"bfifo\"")))
+                return Err(cx.at(
+                    s,
+                    "shaping.leaf",
+                    format!("`{other}`: use \"auto\", \"fq_codel\", \"cake\" or \"bfifo\""),
+                ))
             }
         },
     };
@@ -516,10 +560,18 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
     };
 
     if raw.classes.is_empty() {
-        return Err(cx.err(None, "class", "at least one [[class]] is needed, one of them with `default = true`"));
+        return Err(cx.err(
+            None,
+            "class",
+            "at least one [[class]] is needed, one of them with `default = true`",
+        ));
     }
     if raw.classes.len() > shaper_common::MAX_CLASSES {
-        return Err(cx.at(&raw.classes[shaper_common::MAX_CLASSES], "class", format!("at most {} classes", shaper_common::MAX_CLASSES)));
+        return Err(cx.at(
+            &raw.classes[shaper_common::MAX_CLASSES],
+            "class",
+            format!("at most {} classes", shaper_common::MAX_CLASSES),
+        ));
     }
     let mut classes = Vec::new();
     let mut names: HashMap<String, usize> = HashMap::new();
@@ -528,17 +580,30 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
         let c = sc.get_ref();
         let f = |k: &str| format!("class[{i}].{k}");
         let name = c.name.get_ref().trim().to_string();
-        if name.is_empty() || !name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+        {
             return Err(cx.at(&c.name, f("name"), "use letters, digits, '-' and '_'"));
         }
         if names.insert(name.clone(), i).is_some() {
-            return Err(cx.at(&c.name, f("name"), format!("class `{name}` is defined twice")));
+            return Err(cx.at(
+                &c.name,
+                f("name"),
+                format!("class `{name}` is defined twice"),
+            ));
         }
         let prio = *c.priority.get_ref();
         if !(0..=MAX_PRIORITY as i64).contains(&prio) {
-            return Err(cx.at(&c.priority, f("priority"), format!("must be 0 (served first) to {MAX_PRIORITY}")));
+            return Err(cx.at(
+                &c.priority,
+                f("priority"),
+                format!("must be 0 (served first) to {MAX_PRIORITY}"),
+            ));
         }
-        let guaranteed = parse_share(c.guaranteed.get_ref()).map_err(|m| cx.at(&c.guaranteed, f("guaranteed"), m))?;
+        let guaranteed = parse_share(c.guaranteed.get_ref())
+            .map_err(|m| cx.at(&c.guaranteed, f("guaranteed"), m))?;
         let ceiling = match &c.ceiling {
             None => Share::Percent(100.0),
             Some(s) => parse_share(s.get_ref()).map_err(|m| cx.at(s, f("ceiling"), m))?,
@@ -547,18 +612,47 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
             let g = guaranteed.of(rate);
             let ce = ceiling.of(rate);
             if g > rate {
-                return Err(cx.at(&c.guaranteed, f("guaranteed"), format!("{guaranteed} is more than the {dir} rate {}", format_rate(rate))));
+                return Err(cx.at(
+                    &c.guaranteed,
+                    f("guaranteed"),
+                    format!(
+                        "{guaranteed} is more than the {dir} rate {}",
+                        format_rate(rate)
+                    ),
+                ));
             }
             if ce > rate {
                 let span = c.ceiling.as_ref().map(|s| s.span());
-                return Err(cx.err(span, f("ceiling"), format!("{ceiling} is more than the {dir} rate {}", format_rate(rate))));
+                return Err(cx.err(
+                    span,
+                    f("ceiling"),
+                    format!(
+                        "{ceiling} is more than the {dir} rate {}",
+                        format_rate(rate)
+                    ),
+                ));
             }
             if ce < g {
-                let span = c.ceiling.as_ref().map(|s| s.span()).or(Some(c.guaranteed.span()));
-                return Err(cx.err(span, f("ceiling"), format!("ceiling {ceiling} is below the guaranteed {guaranteed} ({dir})")));
+                let span = c
+                    .ceiling
+                    .as_ref()
+                    .map(|s| s.span())
+                    .or(Some(c.guaranteed.span()));
+                return Err(cx.err(
+                    span,
+                    f("ceiling"),
+                    format!("ceiling {ceiling} is below the guaranteed {guaranteed} ({dir})"),
+                ));
             }
             if g < 8_000 {
-                return Err(cx.at(&c.guaranteed, f("guaranteed"), format!("{guaranteed} of the {dir} rate is {}; at least 8kbit is needed", format_rate(g))));
+                return Err(cx.at(
+                    &c.guaranteed,
+                    f("guaranteed"),
+                    format!(
+                        "{guaranteed} of the {dir} rate is {}; at least 8kbit is needed",
+                        format_rate(g)
+                    ),
+                ));
             }
         }
         let dscp = match &c.dscp {
@@ -567,14 +661,31 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
         };
         if c.default {
             if let Some(prev) = default_class {
-                return Err(cx.at(&c.name, f("default"), format!("class `{}` is already the default; only one class can be", classes_name(&classes, prev))));
+                return Err(cx.at(
+                    &c.name,
+                    f("default"),
+                    format!(
+                        "class `{}` is already the default; only one class can be",
+                        classes_name(&classes, prev)
+                    ),
+                ));
             }
             default_class = Some(i);
         }
-        classes.push(Class { name, priority: prio as u8, guaranteed, ceiling, dscp });
+        classes.push(Class {
+            name,
+            priority: prio as u8,
+            guaranteed,
+            ceiling,
+            dscp,
+        });
     }
     let Some(default_class) = default_class else {
-        return Err(cx.err(Some(raw.classes[0].span()), "class", "no class has `default = true`; unmatched traffic needs one"));
+        return Err(cx.err(
+            Some(raw.classes[0].span()),
+            "class",
+            "no class has `default = true`; unmatched traffic needs one",
+        ));
     };
     for (dir, rate) in [("upload", upload_bps), ("download", download_bps)] {
         let sum: u64 = classes.iter().map(|c| c.guaranteed.of(rate)).sum();
@@ -593,7 +704,11 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
     }
 
     if raw.rules.len() > shaper_common::MAX_RULES {
-        return Err(cx.at(&raw.rules[shaper_common::MAX_RULES], "rule", format!("at most {} rules", shaper_common::MAX_RULES)));
+        return Err(cx.at(
+            &raw.rules[shaper_common::MAX_RULES],
+            "rule",
+            format!("at most {} rules", shaper_common::MAX_RULES),
+        ));
     }
     let mut rules = Vec::new();
     let mut rule_names: HashMap<String, usize> = HashMap::new();
@@ -605,11 +720,23 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
             return Err(cx.at(&r.name, f("name"), "a rule needs a name"));
         }
         if rule_names.insert(name.clone(), i).is_some() {
-            return Err(cx.at(&r.name, f("name"), format!("rule `{name}` is defined twice")));
+            return Err(cx.at(
+                &r.name,
+                f("name"),
+                format!("rule `{name}` is defined twice"),
+            ));
         }
         let Some(&class) = names.get(r.class.get_ref().trim()) else {
             let known: Vec<_> = classes.iter().map(|c| c.name.as_str()).collect();
-            return Err(cx.at(&r.class, f("class"), format!("no class named `{}`; classes are: {}", r.class.get_ref(), known.join(", "))));
+            return Err(cx.at(
+                &r.class,
+                f("class"),
+                format!(
+                    "no class named `{}`; classes are: {}",
+                    r.class.get_ref(),
+                    known.join(", ")
+                ),
+            ));
         };
         let priority = match &r.priority {
             None => i as i64,
@@ -621,17 +748,37 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
                 "both" => Direction::Both,
                 "upload" => Direction::Upload,
                 "download" => Direction::Download,
-                other => return Err(cx.at(d, f("direction"), format!("`{other}`: use \"both\", \"upload\" or \"download\""))),
+                other => {
+                    return Err(cx.at(
+                        d,
+                        f("direction"),
+                        format!("`{other}`: use \"both\", \"upload\" or \"download\""),
+                    ))
+                }
             },
         };
         let protocols = match &r.protocol {
             None => vec![],
-            Some(p) => p.get_ref().to_vec().iter().map(|s| parse_protocol(s)).collect::<Result<Vec<_>, _>>().map_err(|m| cx.at(p, f("protocol"), m))?,
+            Some(p) => p
+                .get_ref()
+                .to_vec()
+                .iter()
+                .map(|s| parse_protocol(s))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|m| cx.at(p, f("protocol"), m))?,
         };
-        let ports = |v: &Option<Spanned<OneOrMany<PortValue>>>, k: &str| -> Result<Vec<(u16, u16)>, ConfigError> {
+        let ports = |v: &Option<Spanned<OneOrMany<PortValue>>>,
+                     k: &str|
+         -> Result<Vec<(u16, u16)>, ConfigError> {
             match v {
                 None => Ok(vec![]),
-                Some(p) => p.get_ref().to_vec().iter().map(parse_port_range).collect::<Result<Vec<_>, _>>().map_err(|m| cx.at(p, f(k), m)),
+                Some(p) => p
+                    .get_ref()
+                    .to_vec()
+                    .iter()
+                    .map(parse_port_range)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|m| cx.at(p, f(k), m)),
             }
         };
         let src_ports = ports(&r.src_ports, "src_ports")?;
@@ -641,30 +788,87 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
             && protocols.iter().all(|p| ![6u8, 17, 132, 136].contains(p))
         {
             let span = r.protocol.as_ref().map(|p| p.span());
-            return Err(cx.err(span, f("protocol"), "ports are given but none of the protocols carries ports (tcp, udp, sctp, udplite)"));
+            return Err(cx.err(
+                span,
+                f("protocol"),
+                "ports are given but none of the protocols carries ports (tcp, udp, sctp, udplite)",
+            ));
         }
-        let cidrs = |v: &Option<Spanned<OneOrMany<String>>>, k: &str| -> Result<Vec<Cidr>, ConfigError> {
-            match v {
-                None => Ok(vec![]),
-                Some(p) => p.get_ref().to_vec().iter().map(|s| parse_cidr(s)).collect::<Result<Vec<_>, _>>().map_err(|m| cx.at(p, f(k), m)),
-            }
-        };
+        let cidrs =
+            |v: &Option<Spanned<OneOrMany<String>>>, k: &str| -> Result<Vec<Cidr>, ConfigError> {
+                match v {
+                    None => Ok(vec![]),
+                    Some(p) => p
+                        .get_ref()
+                        .to_vec()
+                        .iter()
+                        .map(|s| parse_cidr(s))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|m| cx.at(p, f(k), m)),
+                }
+            };
         let src_cidrs = cidrs(&r.src_cidrs, "src_cidrs")?;
         let dst_cidrs = cidrs(&r.dst_cidrs, "dst_cidrs")?;
         let dscp = match &r.dscp {
             None => vec![],
-            Some(d) => d.get_ref().to_vec().iter().map(dscp_value).collect::<Result<Vec<_>, _>>().map_err(|m| cx.at(d, f("dscp"), m))?,
+            Some(d) => d
+                .get_ref()
+                .to_vec()
+                .iter()
+                .map(dscp_value)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|m| cx.at(d, f("dscp"), m))?,
         };
-        for (k, v) in [("src_ports", r.src_ports.as_ref().map(|s| s.span())), ("dst_ports", r.dst_ports.as_ref().map(|s| s.span()))] {
-            let list = if k == "src_ports" { &src_ports } else { &dst_ports };
+        for (k, v) in [
+            ("src_ports", r.src_ports.as_ref().map(|s| s.span())),
+            ("dst_ports", r.dst_ports.as_ref().map(|s| s.span())),
+        ] {
+            let list = if k == "src_ports" {
+                &src_ports
+            } else {
+                &dst_ports
+            };
             if v.is_some() && list.is_empty() {
-                return Err(cx.err(v, f(k), "an empty list matches nothing; leave the field out to match any port"));
+                return Err(cx.err(
+                    v,
+                    f(k),
+                    "an empty list matches nothing; leave the field out to match any port",
+                ));
             }
         }
-        rules.push(Rule { name, class, priority, direction, protocols, src_ports, dst_ports, src_cidrs, dst_cidrs, dscp });
+        rules.push(Rule {
+            name,
+            class,
+            priority,
+            direction,
+            protocols,
+            src_ports,
+            dst_ports,
+            src_cidrs,
+            dst_cidrs,
+            dscp,
+        });
     }
     // Lower priority value first; file order breaks ties (sort is stable).
     rules.sort_by_key(|r| r.priority);
+    let ack_class = match &shaping.ack_class {
+        None => None,
+        Some(a) => match names.get(a.get_ref().trim()) {
+            Some(&i) => Some(i),
+            None => {
+                let known: Vec<_> = classes.iter().map(|c| c.name.as_str()).collect();
+                return Err(cx.at(
+                    a,
+                    "shaping.ack_class",
+                    format!(
+                        "no class named `{}`; classes are: {}",
+                        a.get_ref(),
+                        known.join(", ")
+                    ),
+                ));
+            }
+        },
+    };
 
     Ok(Policy {
         wan,
@@ -677,6 +881,7 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
         classes,
         default_class,
         rules,
+        ack_class,
     })
 }
 
@@ -685,7 +890,9 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
 pub fn check_interfaces_exist(file: &Path, policy: &Policy) -> Result<(), ConfigError> {
     let text = std::fs::read_to_string(file).unwrap_or_default();
     for (key, name) in [("wan", &policy.wan), ("lan", &policy.lan)] {
-        let Ok(c) = std::ffi::CString::new(name.as_str()) else { continue };
+        let Ok(c) = std::ffi::CString::new(name.as_str()) else {
+            continue;
+        };
         // SAFETY: if_nametoindex reads a NUL-terminated string.
         if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
             let line = text
@@ -710,8 +917,18 @@ fn classes_name(classes: &[Class], i: usize) -> &str {
 fn interface_name(cx: &Ctx<'_>, v: &Spanned<String>, field: &str) -> Result<String, ConfigError> {
     let s = v.get_ref();
     // IFNAMSIZ is 16 including the NUL.
-    if s.is_empty() || s.len() > 15 || s.contains('/') || s.chars().any(|c| c.is_whitespace()) || s == "." || s == ".." {
-        return Err(cx.at(v, field, format!("`{s}` is not a valid interface name (1-15 characters, no spaces or '/')")));
+    if s.is_empty()
+        || s.len() > 15
+        || s.contains('/')
+        || s.chars().any(|c| c.is_whitespace())
+        || s == "."
+        || s == ".."
+    {
+        return Err(cx.at(
+            v,
+            field,
+            format!("`{s}` is not a valid interface name (1-15 characters, no spaces or '/')"),
+        ));
     }
     Ok(s.clone())
 }
@@ -845,7 +1062,10 @@ dst_cidrs = ["52.112.0.0/14", "2603:1063::/38"]
 
     #[test]
     fn ceiling_below_guaranteed() {
-        let e = err_of(&GOOD.replace("guaranteed = \"20%\"", "guaranteed = \"20%\"\nceiling = \"10%\""));
+        let e = err_of(&GOOD.replace(
+            "guaranteed = \"20%\"",
+            "guaranteed = \"20%\"\nceiling = \"10%\"",
+        ));
         assert_eq!(e.field, "class[0].ceiling");
     }
 
@@ -854,9 +1074,18 @@ dst_cidrs = ["52.112.0.0/14", "2603:1063::/38"]
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gp-surgery-fttc-40-10.toml");
         let pol = load(&path).unwrap_or_else(|e| panic!("{e}"));
         let names: Vec<_> = pol.classes.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, ["video", "clinical-interactive", "images", "default", "bulk"]);
+        assert_eq!(
+            names,
+            ["video", "clinical-interactive", "images", "default", "bulk"]
+        );
         assert_eq!(pol.classes[pol.default_class].name, "default");
-        assert!(pol.rules.iter().any(|r| r.name == "teams-media" && r.dst_cidrs.len() == 4));
-        assert!(pol.rules.iter().any(|r| r.name == "dicom" && r.dst_ports == vec![(104, 104), (11112, 11112)]));
+        assert!(pol
+            .rules
+            .iter()
+            .any(|r| r.name == "teams-media" && r.dst_cidrs.len() == 4));
+        assert!(pol
+            .rules
+            .iter()
+            .any(|r| r.name == "dicom" && r.dst_ports == vec![(104, 104), (11112, 11112)]));
     }
 }

@@ -8,7 +8,11 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "shaper", version, about = "eBPF + HTB traffic shaper for clinical sites on copper lines")]
+#[command(
+    name = "shaper",
+    version,
+    about = "eBPF + HTB traffic shaper for clinical sites on copper lines"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -123,7 +127,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run { config, keep_on_exit } => runtime()?.block_on(daemon(paths, config, keep_on_exit)),
+        Cmd::Run {
+            config,
+            keep_on_exit,
+        } => runtime()?.block_on(daemon(paths, config, keep_on_exit)),
     }
 }
 
@@ -131,7 +138,12 @@ async fn daemon(paths: apply::Paths, config: PathBuf, keep_on_exit: bool) -> Res
     use tokio::signal::unix::{signal, SignalKind};
     let policy = load_policy(&config)?;
     apply::apply(&paths, &policy, &config).await?;
-    log::info!("shaping {} -> {}; SIGHUP reloads {}", policy.lan, policy.wan, config.display());
+    log::info!(
+        "shaping {} -> {}; SIGHUP reloads {}",
+        policy.lan,
+        policy.wan,
+        config.display()
+    );
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

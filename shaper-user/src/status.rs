@@ -71,11 +71,19 @@ pub struct RuleReport {
 
 /// Reads the counters; `None` when nothing is applied.
 pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
-    let Some(state) = State::load(paths)? else { return Ok(None) };
+    let Some(state) = State::load(paths)? else {
+        return Ok(None);
+    };
     let tc = Tc::connect().await?;
     let plan = &state.plan;
     let dirs = [("upload", &plan.up), ("download", &plan.down)];
-    let ifindex = |name: &str| state.attachments.iter().find(|a| a.ifname == name).map(|a| a.ifindex);
+    let ifindex = |name: &str| {
+        state
+            .attachments
+            .iter()
+            .find(|a| a.ifname == name)
+            .map(|a| a.ifindex)
+    };
 
     let ifaces: Vec<Option<u32>> = dirs.iter().map(|(_, d)| ifindex(&d.ifname)).collect();
     let first = sample(&tc, &ifaces).await?;
@@ -85,14 +93,20 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
     } else {
         (None, 0.0)
     };
-    let counters = bpf::read_counters(&paths.pins, plan.policy.rules.len(), plan.policy.classes.len())?;
+    let counters = bpf::read_counters(
+        &paths.pins,
+        plan.policy.rules.len(),
+        plan.policy.classes.len(),
+    )?;
 
     let mut directions = Vec::new();
     for (di, (label, d)) in dirs.iter().enumerate() {
         let mut classes = Vec::new();
         for c in &d.classes {
             let find = |v: &Vec<ClassInfo>| v.iter().find(|k| k.classid == c.classid).cloned();
-            let now = second.as_ref().map_or_else(|| find(&first[di]), |s| find(&s[di]));
+            let now = second
+                .as_ref()
+                .map_or_else(|| find(&first[di]), |s| find(&s[di]));
             let before = find(&first[di]);
             let st = now.as_ref().map(|k| k.stats.clone()).unwrap_or_default();
             let rate_bps = match (&second, &before, &now) {
@@ -101,7 +115,10 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
                 }
                 _ => None,
             };
-            let cc = counters.classes[di].get(c.index as usize).copied().unwrap_or_default();
+            let cc = counters.classes[di]
+                .get(c.index as usize)
+                .copied()
+                .unwrap_or_default();
             classes.push(ClassReport {
                 name: c.name.clone(),
                 classid: format!("1:{:x}", c.classid & 0xffff),
@@ -120,7 +137,12 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
                 classified_bytes: cc.bytes,
             });
         }
-        directions.push(DirReport { direction: label.to_string(), interface: d.ifname.clone(), rate_bps: d.rate_bps, classes });
+        directions.push(DirReport {
+            direction: label.to_string(),
+            interface: d.ifname.clone(),
+            rate_bps: d.rate_bps,
+            classes,
+        });
     }
     let rules = plan
         .policy
@@ -174,9 +196,19 @@ async fn sample(tc: &Tc, ifaces: &[Option<u32>]) -> Result<Vec<Vec<ClassInfo>>> 
 /// The terminal table.
 pub fn render(r: &Report) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "config: {} (applied at unix time {})", r.config, r.applied_at);
+    let _ = writeln!(
+        s,
+        "config: {} (applied at unix time {})",
+        r.config, r.applied_at
+    );
     for d in &r.directions {
-        let _ = writeln!(s, "\n{} on {} at {}", d.direction, d.interface, format_rate(d.rate_bps));
+        let _ = writeln!(
+            s,
+            "\n{} on {} at {}",
+            d.direction,
+            d.interface,
+            format_rate(d.rate_bps)
+        );
         let _ = writeln!(
             s,
             "  {:<16} {:>5} {:>10} {:>10} {:>10} {:>12} {:>7} {:>9} {:>11}",
@@ -198,12 +230,21 @@ pub fn render(r: &Report) -> String {
             );
         }
     }
-    let _ = writeln!(s, "\n  {:<24} {:<16} {:>10} {:>12} {:>10} {:>12}", "rule", "class", "up pkts", "up bytes", "down pkts", "down bytes");
+    let _ = writeln!(
+        s,
+        "\n  {:<24} {:<16} {:>10} {:>12} {:>10} {:>12}",
+        "rule", "class", "up pkts", "up bytes", "down pkts", "down bytes"
+    );
     for rr in &r.rules {
         let _ = writeln!(
             s,
             "  {:<24} {:<16} {:>10} {:>12} {:>10} {:>12}",
-            rr.name, rr.class, rr.upload_packets, rr.upload_bytes, rr.download_packets, rr.download_bytes
+            rr.name,
+            rr.class,
+            rr.upload_packets,
+            rr.upload_bytes,
+            rr.download_packets,
+            rr.download_bytes
         );
     }
     for (dir, m) in &r.classifier {

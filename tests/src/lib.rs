@@ -13,6 +13,7 @@
 pub mod config;
 pub mod iperf;
 pub mod netns;
+pub mod packet;
 pub mod probe;
 pub mod reference;
 pub mod scenario;

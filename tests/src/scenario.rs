@@ -16,7 +16,12 @@ use crate::video::{DelayStats, VideoCall};
 pub struct Scenario {
     /// Total length of the busy period (bulk traffic runs this long).
     pub duration: Duration,
-    /// Bulk traffic alone before anything is measured (queues fill).
+    /// The download transfers start this long before the uploads (Windows updates are
+    /// already downloading when a study upload starts). Without it, an unshaped line can
+    /// starve the downloads' ACKs behind the upload's bloat from the first second and the
+    /// no-shaper baseline swings between runs.
+    pub stagger: Duration,
+    /// Bulk traffic alone before anything is measured (queues fill), after the stagger.
     pub warmup: Duration,
     /// The video call stops this long before the bulk traffic does, so every measured
     /// video packet crossed a loaded line.
@@ -37,6 +42,7 @@ impl Default for Scenario {
     fn default() -> Self {
         Scenario {
             duration: Duration::from_secs(15),
+            stagger: Duration::from_secs(2),
             warmup: Duration::from_secs(2),
             tail: Duration::from_secs(1),
             drain: Duration::from_millis(1500),
@@ -62,6 +68,10 @@ pub struct Results {
     pub total_up_bps: f64,
     /// Bulk + video goodput, download.
     pub total_down_bps: f64,
+    /// What the modem put on the line while video was measured (all traffic, Ethernet
+    /// frames as the line emulation counts them), bits/s.
+    pub line_up_bps: f64,
+    pub line_down_bps: f64,
 }
 
 impl Scenario {
@@ -79,9 +89,10 @@ impl Scenario {
         let total = self.duration.as_secs();
         let warm = self.warmup.as_secs();
         anyhow::ensure!(
-            self.duration > self.warmup + self.tail + Duration::from_secs(1),
-            "scenario duration {:?} too short for warmup {:?} + tail {:?}",
+            self.duration > self.stagger + self.warmup + self.tail + Duration::from_secs(1),
+            "scenario duration {:?} too short for stagger {:?} + warmup {:?} + tail {:?}",
             self.duration,
+            self.stagger,
             self.warmup,
             self.tail
         );
@@ -94,34 +105,54 @@ impl Scenario {
             None => None,
         };
 
-        // Each client runs `warm` unmeasured seconds (-O) plus the measured rest (-t).
-        let client = |port: u16, streams: u32, reverse: bool| IperfClient {
+        // Each client runs its unmeasured seconds (-O) plus the measured rest (-t). The
+        // download starts `stagger` earlier and so omits that much more.
+        let stagger = self.stagger.as_secs();
+        let client = |port: u16, streams: u32, reverse: bool, omit: u64| IperfClient {
             server: srv_ip,
             port,
             streams,
             reverse,
-            seconds: total - warm,
-            omit: warm,
+            seconds: total - warm - stagger,
+            omit,
         };
-        let bulk_up = client(self.bulk_up_port, self.bulk_streams, false);
-        let bulk_down = client(self.bulk_down_port, self.bulk_streams, true);
-        let image = self.image_port.map(|p| client(p, 1, false));
+        let bulk_up = client(self.bulk_up_port, self.bulk_streams, false, warm);
+        let bulk_down = client(self.bulk_down_port, self.bulk_streams, true, warm + stagger);
+        let image = self.image_port.map(|p| client(p, 1, false, warm));
 
-        let up_child = bulk_up.spawn(&topo.lan)?;
         let down_child = bulk_down.spawn(&topo.lan)?;
+        std::thread::sleep(self.stagger);
+        let up_child = bulk_up.spawn(&topo.lan)?;
         let image_child = match &image {
             Some(c) => Some(c.spawn(&topo.lan)?),
             None => None,
         };
 
         std::thread::sleep(self.warmup);
-        let video_len = self.duration - self.warmup - self.tail;
+        let video_len = self.duration - self.stagger - self.warmup - self.tail;
         let mut video = self.video.clone();
         video.v6 = self.v6;
+        let line_before = topo.line_bytes()?;
+        let t0 = std::time::Instant::now();
         let call = video
             .start(&topo.lan, &topo.srv, video_len)
             .context("starting the video call")?;
-        let (video_up, video_down) = call.finish(self.drain).context("video call")?;
+        // The line is measured over the call's sending time (bulk still runs then).
+        let (calls, line_after, secs) = std::thread::scope(|s| {
+            let sampler = s.spawn(|| {
+                std::thread::sleep(video_len);
+                (topo.line_bytes(), t0.elapsed().as_secs_f64())
+            });
+            let calls = call.finish(self.drain);
+            let (bytes, secs) = sampler
+                .join()
+                .unwrap_or_else(|_| (Err(anyhow::anyhow!("line sampler panicked")), 1.0));
+            (calls, bytes, secs)
+        });
+        let (video_up, video_down) = calls.context("video call")?;
+        let line_after = line_after?;
+        let line_up_bps = (line_after.0 - line_before.0) as f64 * 8.0 / secs;
+        let line_down_bps = (line_after.1 - line_before.1) as f64 * 8.0 / secs;
 
         // Collect every client before failing on any of them.
         let up = bulk_up.finish(up_child);
@@ -148,6 +179,8 @@ impl Scenario {
             image_up_bps,
             bulk_up_bps,
             bulk_down_bps,
+            line_up_bps,
+            line_down_bps,
         })
     }
 }
@@ -189,6 +222,8 @@ pub fn table(phases: &[(&str, &Results)]) -> String {
     row("bulk down", &|r| fmt_bps(r.bulk_down_bps));
     row("total up", &|r| fmt_bps(r.total_up_bps));
     row("total down", &|r| fmt_bps(r.total_down_bps));
+    row("line used up", &|r| fmt_bps(r.line_up_bps));
+    row("line used down", &|r| fmt_bps(r.line_down_bps));
 
     let label_w = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
     let col_w: Vec<usize> = phases

@@ -315,6 +315,20 @@ impl Topology {
     }
 
     /// Packets sent by `dev` in namespace `ns` (from `ip -s -j link`).
+    /// Bytes the modem has put on the emulated copper so far: (upload, download), from
+    /// the TX counters of its out0 (towards the internet) and in0 (towards the site).
+    pub fn line_bytes(&self) -> Result<(u64, u64)> {
+        let tx = |dev: &str| -> Result<u64> {
+            let out = self.modem.ip(&["-s", "-j", "link", "show", "dev", dev])?;
+            let v: serde_json::Value =
+                serde_json::from_str(&out).context("parsing ip -j output")?;
+            v[0]["stats64"]["tx"]["bytes"]
+                .as_u64()
+                .with_context(|| format!("no tx byte counter for {dev} in {out}"))
+        };
+        Ok((tx(MODEM_OUT_IF)?, tx(MODEM_IN_IF)?))
+    }
+
     pub fn tx_packets(ns: &Netns, dev: &str) -> Result<u64> {
         let out = ns.ip(&["-s", "-j", "link", "show", "dev", dev])?;
         let v: serde_json::Value = serde_json::from_str(&out).context("parsing ip -j output")?;

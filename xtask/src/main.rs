@@ -51,7 +51,10 @@ fn main() -> ExitCode {
         Cmd::Setup => setup(),
         Cmd::Test { args } => setup().and_then(|()| test(&args)),
         Cmd::Demo { seconds } => setup().and_then(|()| demo(seconds)),
-        Cmd::Bench { classifier_only, seconds } => setup().and_then(|()| bench(classifier_only, seconds)),
+        Cmd::Bench {
+            classifier_only,
+            seconds,
+        } => setup().and_then(|()| bench(classifier_only, seconds)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -63,7 +66,10 @@ fn main() -> ExitCode {
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 fn step(msg: &str) {
@@ -81,7 +87,10 @@ fn run(cmd: &mut Command) -> Result<()> {
 fn output(cmd: &mut Command) -> Result<String> {
     let o = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !o.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
@@ -109,7 +118,10 @@ const APT: &[(&str, &str)] = &[
 ];
 
 fn have(bin: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {bin} >/dev/null 2>&1")]).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn setup() -> Result<()> {
@@ -117,11 +129,20 @@ fn setup() -> Result<()> {
     // 1. Nightly with rust-src for -Z build-std=core.
     let vv = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))
         .context("the nightly toolchain is needed for the eBPF crate (it ships preinstalled on these machines)")?;
-    let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?.trim().to_string();
+    let sysroot =
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?
+            .trim()
+            .to_string();
     let rust_src = Path::new(&sysroot).join("lib/rustlib/src/rust/library/core");
     if !rust_src.exists() {
         step("installing rust-src for nightly");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
     // 2. bpf-linker, built against nightly's own libLLVM, cached with a stamp.
@@ -135,16 +156,24 @@ fn setup() -> Result<()> {
     let libllvm = std::fs::read_dir(&libdir)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| n.starts_with(&format!("libLLVM.so.{llvm_major}")) || (n.starts_with("libLLVM-") && n.ends_with(".so")))
+        .find(|n| {
+            n.starts_with(&format!("libLLVM.so.{llvm_major}"))
+                || (n.starts_with("libLLVM-") && n.ends_with(".so"))
+        })
         .ok_or_else(|| anyhow!("no libLLVM in {}", libdir.display()))?;
-    let commit = vv.lines().find_map(|l| l.strip_prefix("commit-hash: ")).unwrap_or("unknown");
+    let commit = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("commit-hash: "))
+        .unwrap_or("unknown");
     let stamp_text = format!("bpf-linker 0.13.0 llvm-{llvm_major} {libllvm} {commit}\n");
     let bin_dir = cargo_home().join("bin");
     let linker = bin_dir.join("bpf-linker");
     let stamp = bin_dir.join(".bpf-linker.stamp");
     let current = std::fs::read_to_string(&stamp).unwrap_or_default();
     if !linker.exists() || current != stamp_text {
-        step(&format!("building bpf-linker against nightly's LLVM {llvm_major} (about a minute, once)"));
+        step(&format!(
+            "building bpf-linker against nightly's LLVM {llvm_major} (about a minute, once)"
+        ));
         let prefix = workspace().join("target/xtask/llvm-prefix");
         let plib = prefix.join("lib");
         std::fs::create_dir_all(&plib)?;
@@ -155,7 +184,15 @@ fn setup() -> Result<()> {
             std::os::unix::fs::symlink(&real, &link)?;
         }
         run(Command::new("cargo")
-            .args(["+nightly", "install", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--force"])
+            .args([
+                "+nightly",
+                "install",
+                "bpf-linker",
+                "--version",
+                "0.13.0",
+                "--no-default-features",
+                "--force",
+            ])
             .args(["--features", &format!("llvm-{llvm_major}")])
             .arg("--root")
             .arg(cargo_home())
@@ -164,10 +201,17 @@ fn setup() -> Result<()> {
     }
 
     // 3. Debian packages for the namespace tests.
-    let missing: Vec<&str> = APT.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = APT
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if !missing.is_empty() {
         if !is_root() {
-            bail!("packages missing ({}) and not root to install them", missing.join(" "));
+            bail!(
+                "packages missing ({}) and not root to install them",
+                missing.join(" ")
+            );
         }
         step(&format!("installing {}", missing.join(" ")));
         run(Command::new("apt-get").arg("update").arg("-q"))?;
@@ -178,7 +222,10 @@ fn setup() -> Result<()> {
     }
 
     // 4. bpffs for pinning.
-    if is_root() && !output(Command::new("stat").args(["-f", "-c", "%T", "/sys/fs/bpf"])).is_ok_and(|t| t.trim() == "bpf_fs") {
+    if is_root()
+        && !output(Command::new("stat").args(["-f", "-c", "%T", "/sys/fs/bpf"]))
+            .is_ok_and(|t| t.trim() == "bpf_fs")
+    {
         step("mounting bpffs on /sys/fs/bpf");
         std::fs::create_dir_all("/sys/fs/bpf").ok();
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
@@ -201,16 +248,27 @@ fn cargo(args: &[&str]) -> Command {
 }
 
 fn shaper_bin(release: bool) -> PathBuf {
-    workspace().join(if release { "target/release/shaper" } else { "target/debug/shaper" })
+    workspace().join(if release {
+        "target/release/shaper"
+    } else {
+        "target/debug/shaper"
+    })
 }
 
 fn test(args: &[String]) -> Result<()> {
     step("building");
     run(&mut cargo(&["build", "--workspace", "--all-targets"]))?;
     step("unit tests");
-    run(&mut cargo(&["test", "--workspace", "--exclude", "shaper-tests"]))?;
+    run(&mut cargo(&[
+        "test",
+        "--workspace",
+        "--exclude",
+        "shaper-tests",
+    ]))?;
     if !is_root() {
-        bail!("the namespace tests need root (they create network namespaces and load BPF programs)");
+        bail!(
+            "the namespace tests need root (they create network namespaces and load BPF programs)"
+        );
     }
     step("kernel and namespace tests (serial)");
     let mut c = cargo(&["test", "-p", "shaper-tests", "--", "--test-threads=1"]);
@@ -219,16 +277,54 @@ fn test(args: &[String]) -> Result<()> {
 }
 
 fn demo(seconds: u32) -> Result<()> {
-    run(&mut cargo(&["build", "--release", "-p", "shaper-user", "-p", "shaper-tests", "--bins"]))?;
-    let mut c = cargo(&["run", "--quiet", "--release", "-p", "shaper-tests", "--bin", "shaper-demo", "--"]);
-    c.arg("--seconds").arg(seconds.to_string()).env("SHAPER_BIN", shaper_bin(true));
+    run(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "shaper-user",
+        "-p",
+        "shaper-tests",
+        "--bins",
+    ]))?;
+    let mut c = cargo(&[
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "shaper-tests",
+        "--bin",
+        "shaper-demo",
+        "--",
+    ]);
+    c.arg("--seconds")
+        .arg(seconds.to_string())
+        .env("SHAPER_BIN", shaper_bin(true));
     run(&mut c)
 }
 
 fn bench(classifier_only: bool, seconds: u32) -> Result<()> {
-    run(&mut cargo(&["build", "--release", "-p", "shaper-user", "-p", "shaper-tests", "--bins"]))?;
-    let mut c = cargo(&["run", "--quiet", "--release", "-p", "shaper-tests", "--bin", "shaper-bench", "--"]);
-    c.arg("--seconds").arg(seconds.to_string()).env("SHAPER_BIN", shaper_bin(true));
+    run(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "shaper-user",
+        "-p",
+        "shaper-tests",
+        "--bins",
+    ]))?;
+    let mut c = cargo(&[
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "shaper-tests",
+        "--bin",
+        "shaper-bench",
+        "--",
+    ]);
+    c.arg("--seconds")
+        .arg(seconds.to_string())
+        .env("SHAPER_BIN", shaper_bin(true));
     if classifier_only {
         c.arg("--classifier-only");
     }

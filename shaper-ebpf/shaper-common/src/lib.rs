@@ -58,7 +58,8 @@ pub const G_FRAG_UNKNOWN: u32 = 4;
 pub const G_DEFAULT: u32 = 5;
 pub const G_REMARKED: u32 = 6;
 pub const G_IPV6: u32 = 7;
-pub const GLOBAL_COUNTERS: u32 = 8;
+pub const G_PURE_ACK: u32 = 8;
+pub const GLOBAL_COUNTERS: u32 = 9;
 /// Names of the global counters, in index order (for status output).
 pub const GLOBAL_COUNTER_NAMES: [&str; GLOBAL_COUNTERS as usize] = [
     "packets",
@@ -69,6 +70,7 @@ pub const GLOBAL_COUNTER_NAMES: [&str; GLOBAL_COUNTERS as usize] = [
     "default_class",
     "dscp_remarked",
     "ipv6",
+    "pure_tcp_acks",
 ];
 
 /// Map names (as in the object file and under the pin directory).
@@ -128,8 +130,12 @@ pub struct Config {
     /// Bitmap id used when the WAN-side address hits no prefix.
     pub wild_dst: u32,
     pub flags: u32,
-    pub _pad: u32,
+    /// Class index for pure TCP ACKs (no payload), or [`NO_CLASS`].
+    pub ack_class: u32,
 }
+
+/// `Config::ack_class` value: pure ACKs are classified like any packet.
+pub const NO_CLASS: u32 = u32::MAX;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -9,8 +9,7 @@
 //! netlink at a fixed priority/handle, replaced in place on re-apply.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     path::{Path, PathBuf},
 };
 
@@ -119,15 +118,29 @@ pub fn ensure_bpffs(pins: &Pins) -> Result<()> {
         let src = c"bpf";
         let target = c"/sys/fs/bpf";
         // SAFETY: plain mount(2) with static NUL-terminated strings.
-        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
         if rc != 0 {
-            bail!("/sys/fs/bpf is not a bpf filesystem and mounting one failed: {}", io::Error::last_os_error());
+            bail!(
+                "/sys/fs/bpf is not a bpf filesystem and mounting one failed: {}",
+                io::Error::last_os_error()
+            );
         }
         log::info!("mounted bpffs on /sys/fs/bpf");
     }
     fs::create_dir_all(&pins.root).with_context(|| format!("creating {}", pins.root.display()))?;
     if !is_bpffs(&pins.root) {
-        bail!("{} is not on a bpf filesystem; pins would not work there", pins.root.display());
+        bail!(
+            "{} is not on a bpf filesystem; pins would not work there",
+            pins.root.display()
+        );
     }
     Ok(())
 }
@@ -141,7 +154,8 @@ pub fn load(m: &MapPlan, wan_ifindex: u32, lan_ifindex: u32, flags: u32) -> Resu
         .load(OBJECT)
         .context("loading the classifier object")?;
     let prog: &mut SchedClassifier = program(&mut bpf)?;
-    prog.load().map_err(|e| anyhow!("the kernel refused the classifier program: {e:#}"))?;
+    prog.load()
+        .map_err(|e| anyhow!("the kernel refused the classifier program: {e:#}"))?;
     fill(&mut bpf, m, wan_ifindex, lan_ifindex, flags)?;
     Ok(bpf)
 }
@@ -154,7 +168,8 @@ fn program(bpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
 }
 
 fn map_mut<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
-    bpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from object"))
+    bpf.map_mut(name)
+        .ok_or_else(|| anyhow!("map {name} missing from object"))
 }
 
 fn fill(bpf: &mut Ebpf, m: &MapPlan, wan_ifindex: u32, lan_ifindex: u32, flags: u32) -> Result<()> {
@@ -176,14 +191,20 @@ fn fill(bpf: &mut Ebpf, m: &MapPlan, wan_ifindex: u32, lan_ifindex: u32, flags: 
         for (i, id) in idx.iter().enumerate() {
             // Id 0 is the empty bitmap, which is what an unset slot holds.
             if *id != 0 {
-                a.set(i as u32, *id, 0).with_context(|| format!("filling {name}"))?;
+                a.set(i as u32, *id, 0)
+                    .with_context(|| format!("filling {name}"))?;
             }
         }
     }
-    fn trie<const N: usize>(bpf: &mut Ebpf, name: &str, entries: &[([u8; N], u8, u32)]) -> Result<()> {
+    fn trie<const N: usize>(
+        bpf: &mut Ebpf,
+        name: &str,
+        entries: &[([u8; N], u8, u32)],
+    ) -> Result<()> {
         let mut t: LpmTrie<_, [u8; N], u32> = LpmTrie::try_from(map_mut(bpf, name)?)?;
         for (addr, len, id) in entries {
-            t.insert(&Key::new(u32::from(*len), *addr), *id, 0).with_context(|| format!("filling {name}"))?;
+            t.insert(&Key::new(u32::from(*len), *addr), *id, 0)
+                .with_context(|| format!("filling {name}"))?;
         }
         Ok(())
     }
@@ -194,7 +215,8 @@ fn fill(bpf: &mut Ebpf, m: &MapPlan, wan_ifindex: u32, lan_ifindex: u32, flags: 
     {
         let mut a: Array<_, RuleInfo> = Array::try_from(map_mut(bpf, MAP_RULES)?)?;
         for (i, class) in m.rule_class.iter().enumerate() {
-            a.set(i as u32, RuleInfo { class: *class }, 0).context("filling RULES")?;
+            a.set(i as u32, RuleInfo { class: *class }, 0)
+                .context("filling RULES")?;
         }
     }
     {
@@ -211,7 +233,7 @@ fn fill(bpf: &mut Ebpf, m: &MapPlan, wan_ifindex: u32, lan_ifindex: u32, flags: 
         wild_src: m.wild_src,
         wild_dst: m.wild_dst,
         flags: flags | CFG_READY,
-        _pad: 0,
+        ack_class: m.ack_class.unwrap_or(NO_CLASS),
     };
     let mut a: Array<_, Config> = Array::try_from(map_mut(bpf, MAP_CONFIG)?)?;
     a.set(0, cfg, 0).context("writing CONFIG")?;
@@ -237,7 +259,14 @@ pub fn attach_mode() -> AttachMode {
 
 /// Attaches (or atomically swaps in) the loaded classifier on `ifname`'s
 /// egress. `previous` is the attachment recorded by the last apply, if any.
-pub fn attach(bpf: &mut Ebpf, pins: &Pins, side: Side, ifname: &str, ifindex: u32, previous: Option<&Attachment>) -> Result<Attachment> {
+pub fn attach(
+    bpf: &mut Ebpf,
+    pins: &Pins,
+    side: Side,
+    ifname: &str,
+    ifindex: u32,
+    previous: Option<&Attachment>,
+) -> Result<Attachment> {
     let mode = previous.map_or_else(attach_mode, |p| p.mode);
     let prog = program(bpf)?;
     let same_if = previous.is_some_and(|p| p.ifindex == ifindex && p.ifname == ifname);
@@ -260,20 +289,35 @@ pub fn attach(bpf: &mut Ebpf, pins: &Pins, side: Side, ifname: &str, ifindex: u3
             match existing {
                 Some(old) => {
                     let link = SchedClassifierLink::try_from(FdLink::from(old))?;
-                    let id = prog.attach_to_link(link).with_context(|| format!("replacing the classifier on {ifname}"))?;
+                    let id = prog
+                        .attach_to_link(link)
+                        .with_context(|| format!("replacing the classifier on {ifname}"))?;
                     // The pin already names this link; let our fd close.
                     drop(prog.take_link(id)?);
                 }
                 None => {
                     let _ = fs::remove_file(&path);
                     let id = prog
-                        .attach_with_options(ifname, TcAttachType::Egress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-                        .with_context(|| format!("attaching the classifier to {ifname} egress (TCX)"))?;
+                        .attach_with_options(
+                            ifname,
+                            TcAttachType::Egress,
+                            TcAttachOptions::TcxOrder(LinkOrder::default()),
+                        )
+                        .with_context(|| {
+                            format!("attaching the classifier to {ifname} egress (TCX)")
+                        })?;
                     let link: FdLink = prog.take_link(id)?.try_into()?;
-                    link.pin(&path).with_context(|| format!("pinning link at {}", path.display()))?;
+                    link.pin(&path)
+                        .with_context(|| format!("pinning link at {}", path.display()))?;
                 }
             }
-            Ok(Attachment { side, ifname: ifname.into(), ifindex, mode, created_clsact: false })
+            Ok(Attachment {
+                side,
+                ifname: ifname.into(),
+                ifindex,
+                mode,
+                created_clsact: false,
+            })
         }
         AttachMode::Netlink => {
             let created_clsact = match tc::qdisc_add_clsact(ifname) {
@@ -283,17 +327,33 @@ pub fn attach(bpf: &mut Ebpf, pins: &Pins, side: Side, ifname: &str, ifindex: u3
                 }
                 Err(e) => return Err(anyhow!("adding clsact to {ifname}: {e}")),
             };
-            let id = match SchedClassifierLink::attached(ifname, TcAttachType::Egress, NL_PRIORITY, NL_HANDLE, None) {
+            let id = match SchedClassifierLink::attached(
+                ifname,
+                TcAttachType::Egress,
+                NL_PRIORITY,
+                NL_HANDLE,
+                None,
+            ) {
                 Ok(link) if same_if => prog.attach_to_link(link)?,
                 _ => prog.attach_with_options(
                     ifname,
                     TcAttachType::Egress,
-                    TcAttachOptions::Netlink(NlOptions { priority: NL_PRIORITY, handle: NL_HANDLE, classid: None }),
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: NL_PRIORITY,
+                        handle: NL_HANDLE,
+                        classid: None,
+                    }),
                 )?,
             };
             // The filter must outlive this process: never let aya detach it.
             std::mem::forget(prog.take_link(id)?);
-            Ok(Attachment { side, ifname: ifname.into(), ifindex, mode, created_clsact })
+            Ok(Attachment {
+                side,
+                ifname: ifname.into(),
+                ifindex,
+                mode,
+                created_clsact,
+            })
         }
     }
 }
@@ -307,7 +367,8 @@ pub fn detach(pins: &Pins, a: &Attachment) {
         }
         AttachMode::Netlink => {
             // The caller removes clsact itself when `created_clsact` is set.
-            if let Err(e) = tc::qdisc_detach_program(&a.ifname, TcAttachType::Egress, PROG_CLASSIFY) {
+            if let Err(e) = tc::qdisc_detach_program(&a.ifname, TcAttachType::Egress, PROG_CLASSIFY)
+            {
                 log::warn!("removing classifier filter from {}: {e}", a.ifname);
             }
         }
@@ -323,10 +384,15 @@ pub fn stage_maps(bpf: &Ebpf, pins: &Pins) -> Result<()> {
     for name in ALL_MAPS {
         let map = bpf.map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
         let data: &MapData = match map {
-            Map::Array(d) | Map::PerCpuArray(d) | Map::LpmTrie(d) | Map::LruHashMap(d) | Map::HashMap(d) => d,
+            Map::Array(d)
+            | Map::PerCpuArray(d)
+            | Map::LpmTrie(d)
+            | Map::LruHashMap(d)
+            | Map::HashMap(d) => d,
             _ => bail!("unexpected map type for {name}"),
         };
-        data.pin(next.join(name)).with_context(|| format!("pinning map {name}"))?;
+        data.pin(next.join(name))
+            .with_context(|| format!("pinning map {name}"))?;
     }
     Ok(())
 }
@@ -382,17 +448,24 @@ pub struct Counters {
 
 fn open_pinned(pins: &Pins, name: &str) -> Result<Map> {
     let path = pins.maps().join(name);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening {} (is the shaper applied?)", path.display()))?;
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening {} (is the shaper applied?)", path.display()))?;
     Ok(Map::from_map_data(data)?)
 }
 
 pub fn read_counters(pins: &Pins, nrules: usize, nclasses: usize) -> Result<Counters> {
     let sum = |v: aya::maps::PerCpuValues<Counter>| {
-        v.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+        v.iter().fold(Counter::default(), |a, c| Counter {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        })
     };
-    let rules_map: PerCpuArray<_, Counter> = PerCpuArray::try_from(open_pinned(pins, MAP_RULE_STATS)?)?;
-    let class_map: PerCpuArray<_, Counter> = PerCpuArray::try_from(open_pinned(pins, MAP_CLASS_STATS)?)?;
-    let global_map: PerCpuArray<_, u64> = PerCpuArray::try_from(open_pinned(pins, MAP_GLOBAL_STATS)?)?;
+    let rules_map: PerCpuArray<_, Counter> =
+        PerCpuArray::try_from(open_pinned(pins, MAP_RULE_STATS)?)?;
+    let class_map: PerCpuArray<_, Counter> =
+        PerCpuArray::try_from(open_pinned(pins, MAP_CLASS_STATS)?)?;
+    let global_map: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(open_pinned(pins, MAP_GLOBAL_STATS)?)?;
     let mut c = Counters::default();
     for dir in 0..2usize {
         for r in 0..nrules {

@@ -1055,10 +1055,17 @@ impl Tc {
     /// Not present is `Ok`.
     pub async fn delete_clsact(&self, ifindex: u32) -> Result<(), TcError> {
         let m = tc_msg(ifindex, 0xFFFF_0000, TC_H_INGRESS)?;
-        match self.ack(RouteNetlinkMessage::DelQueueDiscipline(m), 0).await {
+        match self
+            .ack(RouteNetlinkMessage::DelQueueDiscipline(m), 0)
+            .await
+        {
             Ok(()) => Ok(()),
-            Err(NlFail::Errno { errno, .. }) if errno == libc::ENOENT || errno == libc::EINVAL => Ok(()),
-            Err(f) => Err(self.fail(TcOp::DeleteQdisc, ifindex, "clsact qdisc".into(), f).await),
+            Err(NlFail::Errno { errno, .. }) if errno == libc::ENOENT || errno == libc::EINVAL => {
+                Ok(())
+            }
+            Err(f) => Err(self
+                .fail(TcOp::DeleteQdisc, ifindex, "clsact qdisc".into(), f)
+                .await),
         }
     }
 

@@ -1,0 +1,178 @@
+//! Builds Ethernet frames for classifier tests: IPv4 (options, fragments),
+//! IPv6 (extension headers, fragments), TCP/UDP/ICMP, VLAN tags, with valid
+//! IPv4 header checksums.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+#[derive(Debug, Clone)]
+pub struct Pkt {
+    pub vlans: Vec<u16>,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub dscp: u8,
+    /// IPv4 option bytes (padded to 4) — ignored for IPv6.
+    pub v4_options: Vec<u8>,
+    /// IPv6 extension headers to put before L4: (type, total length in bytes, a multiple of 8).
+    pub v6_ext: Vec<(u8, usize)>,
+    /// Fragment: (id, offset in 8-byte units, more fragments).
+    pub frag: Option<(u32, u16, bool)>,
+    pub payload: usize,
+}
+
+impl Pkt {
+    pub fn new(src: &str, dst: &str, proto: u8, sport: u16, dport: u16) -> Pkt {
+        Pkt {
+            vlans: vec![],
+            src: src.parse().expect("src address"),
+            dst: dst.parse().expect("dst address"),
+            proto,
+            sport,
+            dport,
+            dscp: 0,
+            v4_options: vec![],
+            v6_ext: vec![],
+            frag: None,
+            payload: 64,
+        }
+    }
+    pub fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> Pkt {
+        Pkt::new(src, dst, 17, sport, dport)
+    }
+    pub fn tcp(src: &str, dst: &str, sport: u16, dport: u16) -> Pkt {
+        Pkt::new(src, dst, 6, sport, dport)
+    }
+
+    fn l4(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        let later_fragment = self.frag.is_some_and(|(_, off, _)| off != 0);
+        if !later_fragment {
+            match self.proto {
+                6 => {
+                    b.extend(self.sport.to_be_bytes());
+                    b.extend(self.dport.to_be_bytes());
+                    b.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+                }
+                17 => {
+                    b.extend(self.sport.to_be_bytes());
+                    b.extend(self.dport.to_be_bytes());
+                    b.extend(((8 + self.payload) as u16).to_be_bytes());
+                    b.extend([0, 0]);
+                }
+                1 | 58 => b.extend([8, 0, 0, 0, 0, 1, 0, 1]),
+                _ => {}
+            }
+        }
+        b.extend(std::iter::repeat_n(0xabu8, self.payload));
+        b
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
+        for (i, v) in self.vlans.iter().enumerate() {
+            let tpid: u16 = if i == 0 && self.vlans.len() > 1 {
+                0x88a8
+            } else {
+                0x8100
+            };
+            f.extend(tpid.to_be_bytes());
+            f.extend(v.to_be_bytes());
+        }
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                f.extend(0x0800u16.to_be_bytes());
+                f.extend(self.v4(s, d));
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                f.extend(0x86ddu16.to_be_bytes());
+                f.extend(self.v6(s, d));
+            }
+            _ => panic!("mixed address families"),
+        }
+        f
+    }
+
+    fn v4(&self, s: Ipv4Addr, d: Ipv4Addr) -> Vec<u8> {
+        let mut opts = self.v4_options.clone();
+        while opts.len() % 4 != 0 {
+            opts.push(0);
+        }
+        let ihl = 5 + opts.len() / 4;
+        let l4 = self.l4();
+        let total = ihl * 4 + l4.len();
+        let (id, frag_field) = match self.frag {
+            Some((id, off, more)) => (id as u16, (off & 0x1fff) | if more { 0x2000 } else { 0 }),
+            None => (0x1234, 0x4000),
+        };
+        let mut h = vec![(4 << 4) | ihl as u8, self.dscp << 2];
+        h.extend((total as u16).to_be_bytes());
+        h.extend(id.to_be_bytes());
+        h.extend(frag_field.to_be_bytes());
+        h.extend([64, self.proto, 0, 0]);
+        h.extend(s.octets());
+        h.extend(d.octets());
+        h.extend(opts);
+        let c = checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h.extend(l4);
+        h
+    }
+
+    fn v6(&self, s: Ipv6Addr, d: Ipv6Addr) -> Vec<u8> {
+        // Chain: ext headers..., [fragment], L4.
+        let mut chain: Vec<(u8, Vec<u8>)> = Vec::new();
+        for &(t, len) in &self.v6_ext {
+            assert!(len >= 8 && len % 8 == 0);
+            let mut e = vec![0u8; len];
+            e[1] = if t == 51 {
+                (len / 4 - 2) as u8
+            } else {
+                (len / 8 - 1) as u8
+            };
+            chain.push((t, e));
+        }
+        if let Some((id, off, more)) = self.frag {
+            let mut e = vec![0u8; 8];
+            let fo = (off << 3) | u16::from(more);
+            e[2..4].copy_from_slice(&fo.to_be_bytes());
+            e[4..8].copy_from_slice(&id.to_be_bytes());
+            chain.push((44, e));
+        }
+        let mut body = Vec::new();
+        for i in 0..chain.len() {
+            let next = chain.get(i + 1).map_or(self.proto, |c| c.0);
+            let mut e = chain[i].1.clone();
+            e[0] = next;
+            body.extend(e);
+        }
+        body.extend(self.l4());
+        let first = chain.first().map_or(self.proto, |c| c.0);
+        let tc = self.dscp << 2;
+        let mut h = vec![0x60 | (tc >> 4), (tc & 0x0f) << 4, 0, 0];
+        h.extend((body.len() as u16).to_be_bytes());
+        h.extend([first, 64]);
+        h.extend(s.octets());
+        h.extend(d.octets());
+        h.extend(body);
+        h
+    }
+}
+
+/// The Internet checksum of a header (with its checksum field zero).
+pub fn checksum(b: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in b.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from(c[0]) << 8
+        };
+        sum += u32::from(w);
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

@@ -1,0 +1,395 @@
+//! Which class does a packet land in? The real classifier, loaded through the
+//! verifier, run on crafted frames with BPF_PROG_TEST_RUN; `skb->priority`
+//! as the program leaves it is the HTB class. Also checked against the
+//! reference model (`compile::reference_match`) on random packets, and that
+//! no input makes the program drop.
+
+use std::path::Path;
+
+use shaper_tests::packet::{checksum, Pkt};
+use shaper_user::{
+    compile::{self, classid_of, PacketView},
+    config::{self, Policy},
+    kernel::bpf,
+};
+
+const POLICY: &str = r#"
+[interfaces]
+wan = "wan0"
+lan = "lan0"
+[upload]
+rate = "10mbit"
+[download]
+rate = "40mbit"
+[[class]]
+name = "video"
+priority = 0
+guaranteed = "20%"
+dscp = "AF41"
+[[class]]
+name = "images"
+priority = 2
+guaranteed = "30%"
+dscp = "AF11"
+[[class]]
+name = "default"
+priority = 4
+guaranteed = "10%"
+default = true
+[[class]]
+name = "interactive"
+priority = 1
+guaranteed = "10%"
+[[rule]]
+name = "teams"
+class = "video"
+protocol = "udp"
+dst_ports = ["3478-3481"]
+dst_cidrs = ["52.112.0.0/14", "2603:1063::/38"]
+[[rule]]
+name = "dicom"
+class = "images"
+protocol = "tcp"
+dst_ports = [104, 11112]
+[[rule]]
+name = "hscn"
+class = "interactive"
+dst_cidrs = ["10.0.0.0/8"]
+[[rule]]
+name = "ef"
+class = "video"
+dscp = ["EF"]
+direction = "upload"
+"#;
+
+struct Ns(String);
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+fn root_or_skip() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: classifier tests need root (BPF program load)");
+        return false;
+    }
+    true
+}
+
+struct Rig {
+    _ns: Ns,
+    policy: Policy,
+    obj: aya::Ebpf,
+    wan: u32,
+    lan: u32,
+}
+
+/// Loads the classifier in a private namespace whose `lo` is the WAN side
+/// (ifindex 1) and a veth is the LAN side (test runs need a real device).
+fn rig() -> Rig {
+    let name = format!("shp-cls-{}", std::process::id());
+    let ns = Ns(name.clone());
+    let sh = |args: &[&str]| {
+        let st = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    };
+    sh(&["netns", "add", &name]);
+    sh(&[
+        "-n", &name, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+    ]);
+    sh(&["-n", &name, "link", "set", "lo", "up"]);
+    sh(&["-n", &name, "link", "set", "v0", "up"]);
+    sh(&["-n", &name, "link", "set", "v1", "up"]);
+    let f = std::fs::File::open(format!("/run/netns/{name}")).expect("netns file");
+    // SAFETY: setns on this test's own thread with a valid netns fd.
+    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns");
+    let c = std::ffi::CString::new("v0").expect("name");
+    // SAFETY: NUL-terminated name.
+    let lan = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert!(lan > 1, "veth ifindex");
+    let policy = config::parse(Path::new("classify.toml"), POLICY).expect("policy");
+    let plan = compile::plan(&policy, None);
+    let maps = compile::maps(&plan);
+    let flags =
+        shaper_common::CFG_WAN_L2 | shaper_common::CFG_LAN_L2 | shaper_common::CFG_REMARK_WAN;
+    let obj = bpf::load(&maps, 1, lan, flags).expect("classifier loads and passes the verifier");
+    Rig {
+        _ns: ns,
+        policy,
+        obj,
+        wan: 1,
+        lan,
+    }
+}
+
+impl Rig {
+    fn class_of(&self, name: &str) -> u32 {
+        let i = self
+            .policy
+            .classes
+            .iter()
+            .position(|c| c.name == name)
+            .expect("class");
+        classid_of(&self.policy, i)
+    }
+    fn run(&mut self, frame: &[u8], up: bool) -> u32 {
+        let ifindex = if up { self.wan } else { self.lan };
+        bpf::test_run(&mut self.obj, frame, ifindex, 1)
+            .expect("test run")
+            .priority
+    }
+    fn run_out(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let r = bpf::test_run(&mut self.obj, frame, self.wan, 1).expect("test run");
+        (r.priority, r.data)
+    }
+}
+
+#[test]
+fn packets_land_in_their_classes() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut r = rig();
+    let video = r.class_of("video");
+    let images = r.class_of("images");
+    let default = r.class_of("default");
+    let inter = r.class_of("interactive");
+    let lan_host = "192.168.7.20";
+
+    // Upload and download of the same Teams flow.
+    assert_eq!(
+        r.run(&Pkt::udp(lan_host, "52.113.9.9", 50020, 3478).build(), true),
+        video
+    );
+    assert_eq!(
+        r.run(
+            &Pkt::udp("52.113.9.9", lan_host, 3478, 50020).build(),
+            false
+        ),
+        video
+    );
+    // Right port, wrong destination: default.
+    assert_eq!(
+        r.run(&Pkt::udp(lan_host, "8.8.4.4", 50020, 3478).build(), true),
+        default
+    );
+    // DICOM over IPv4 with options.
+    let mut p = Pkt::tcp(lan_host, "203.0.113.5", 40000, 104);
+    p.v4_options = vec![0x94, 0x04, 0, 0, 1, 1, 1, 0];
+    assert_eq!(r.run(&p.build(), true), images);
+    // 802.1Q and QinQ.
+    let mut p = Pkt::tcp(lan_host, "203.0.113.5", 40000, 11112);
+    p.vlans = vec![100];
+    assert_eq!(r.run(&p.build(), true), images);
+    p.vlans = vec![100, 200];
+    assert_eq!(r.run(&p.build(), true), images);
+    // IPv6 with hop-by-hop, destination options and AH before TCP.
+    let mut p = Pkt::tcp("fd00::20", "2001:db8::5", 40000, 104);
+    p.v6_ext = vec![(0, 8), (60, 16), (51, 16)];
+    assert_eq!(r.run(&p.build(), true), images);
+    assert_eq!(
+        r.run(
+            &Pkt::udp("fd00::20", "2603:1063::7", 50000, 3479).build(),
+            true
+        ),
+        video
+    );
+    // Downloaded IPv6 Teams media.
+    assert_eq!(
+        r.run(
+            &Pkt::udp("2603:1063::7", "fd00::20", 3479, 50000).build(),
+            false
+        ),
+        video
+    );
+    // ICMP to HSCN: the address-only rule.
+    assert_eq!(
+        r.run(&Pkt::new(lan_host, "10.1.2.3", 1, 0, 0).build(), true),
+        inter
+    );
+    // DSCP EF only counts on upload.
+    let mut p = Pkt::udp(lan_host, "198.51.100.1", 1000, 2000);
+    p.dscp = 46;
+    assert_eq!(r.run(&p.build(), true), video);
+    let mut p = Pkt::udp("198.51.100.1", lan_host, 2000, 1000);
+    p.dscp = 46;
+    assert_eq!(r.run(&p.build(), false), default);
+}
+
+#[test]
+fn fragments_follow_their_first_fragment() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut r = rig();
+    let video = r.class_of("video");
+    let default = r.class_of("default");
+    let mut first = Pkt::udp("192.168.7.20", "52.112.1.1", 50020, 3478);
+    first.frag = Some((0x4242, 0, true));
+    first.payload = 1200;
+    assert_eq!(r.run(&first.build(), true), video);
+    let mut later = first.clone();
+    later.frag = Some((0x4242, 151, false));
+    later.payload = 300;
+    assert_eq!(
+        r.run(&later.build(), true),
+        video,
+        "later fragment follows the first"
+    );
+    later.frag = Some((0x4343, 151, false));
+    assert_eq!(
+        r.run(&later.build(), true),
+        default,
+        "unknown fragment goes to default"
+    );
+    // IPv6 fragment header.
+    let mut first = Pkt::udp("fd00::20", "2603:1063::9", 50020, 3478);
+    first.frag = Some((0xdead_beef, 0, true));
+    assert_eq!(r.run(&first.build(), true), video);
+    let mut later = first.clone();
+    later.frag = Some((0xdead_beef, 100, false));
+    assert_eq!(r.run(&later.build(), true), video);
+    later.frag = Some((0xdead_0000, 100, false));
+    assert_eq!(r.run(&later.build(), true), default);
+}
+
+#[test]
+fn malformed_packets_go_to_default_and_pass() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut r = rig();
+    let default = r.class_of("default");
+    let good = Pkt::tcp("192.168.7.20", "203.0.113.5", 40000, 104).build();
+    // Cut inside the TCP ports, bad IHL, bad version, ARP, an IPv6 extension
+    // header cut short, too many extension headers. (BPF_PROG_TEST_RUN itself
+    // refuses frames shorter than Ethernet + the IP header for the IP
+    // ethertypes, so a frame cut inside the IP header cannot be fed here.)
+    let mut bad_ihl = good.clone();
+    bad_ihl[14] = 0x42;
+    let mut bad_ver = good.clone();
+    bad_ver[14] = 0x75;
+    let mut arp = good.clone();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let mut v6 = Pkt::tcp("fd00::20", "2001:db8::5", 40000, 104);
+    v6.v6_ext = vec![(60, 16)];
+    let v6 = v6.build();
+    let mut long_ext = Pkt::tcp("fd00::20", "2001:db8::5", 40000, 104);
+    long_ext.v6_ext = vec![(0, 8); 9];
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("ipv4 cut inside ports", good[..14 + 20 + 2].to_vec()),
+        ("ihl 2", bad_ihl),
+        ("version 7", bad_ver),
+        ("arp", arp),
+        (
+            "ipv6 cut inside an extension header",
+            v6[..14 + 40 + 6].to_vec(),
+        ),
+        ("ipv6 cut inside the ports", v6[..14 + 40 + 16 + 2].to_vec()),
+        ("nine extension headers", long_ext.build()),
+    ];
+    for (what, frame) in cases {
+        let ifindex = r.wan;
+        let res = bpf::test_run(&mut r.obj, &frame, ifindex, 1)
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        assert_eq!(res.priority, default, "{what}: default class");
+        assert_eq!(
+            res.ret,
+            u32::MAX,
+            "{what}: TC_ACT_UNSPEC (pass), never a drop"
+        );
+    }
+}
+
+#[test]
+fn dscp_is_remarked_on_the_wan_with_a_valid_checksum() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut r = rig();
+    let (prio, out) = r.run_out(&Pkt::tcp("192.168.7.20", "203.0.113.5", 40000, 104).build());
+    assert_eq!(prio, r.class_of("images"));
+    assert_eq!(out[15] >> 2, 10, "AF11 written");
+    assert_eq!(
+        checksum(&out[14..34]),
+        0,
+        "IPv4 header checksum still valid"
+    );
+    let (_, out) = r.run_out(&Pkt::tcp("fd00::20", "2001:db8::5", 40000, 104).build());
+    let tclass = ((out[14] & 0x0f) << 4) | (out[15] >> 4);
+    assert_eq!(tclass >> 2, 10, "AF11 in the IPv6 traffic class");
+}
+
+#[test]
+fn kernel_agrees_with_the_reference_model_on_random_packets() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut r = rig();
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let remotes = [
+        "52.112.3.4",
+        "52.115.255.1",
+        "10.9.8.7",
+        "203.0.113.9",
+        "8.8.8.8",
+    ];
+    let remotes6 = ["2603:1063::1", "2603:1063:ffff::1", "2001:db8::1"];
+    for _ in 0..3000 {
+        let x = next();
+        let v6 = x & 1 == 1;
+        let up = x & 2 == 2;
+        let proto = [6u8, 17, 1, 47][(x >> 2) as usize % 4];
+        let lport = (x >> 8) as u16;
+        let rport =
+            [3478u16, 3481, 3482, 104, 11112, 443, (x >> 24) as u16][(x >> 40) as usize % 7];
+        let dscp = [0u8, 46, 34][(x >> 50) as usize % 3];
+        let (lan, wan) = if v6 {
+            (
+                "fd00::20".to_string(),
+                remotes6[(x >> 44) as usize % 3].to_string(),
+            )
+        } else {
+            (
+                "192.168.7.20".to_string(),
+                remotes[(x >> 44) as usize % 5].to_string(),
+            )
+        };
+        let mut p = if up {
+            Pkt::new(&lan, &wan, proto, lport, rport)
+        } else {
+            Pkt::new(&wan, &lan, proto, rport, lport)
+        };
+        p.dscp = dscp;
+        let has_ports = proto == 6 || proto == 17;
+        let view = PacketView {
+            dir: if up { 0 } else { 1 },
+            proto,
+            dscp,
+            sport: has_ports.then_some(lport),
+            dport: has_ports.then_some(rport),
+            src: lan.parse().expect("lan"),
+            dst: wan.parse().expect("wan"),
+        };
+        let want = match compile::reference_match(&r.policy, &view) {
+            Some(i) => classid_of(&r.policy, r.policy.rules[i].class),
+            None => r.class_of("default"),
+        };
+        let got = r.run(&p.build(), up);
+        assert_eq!(got, want, "packet {p:?}");
+    }
+}
