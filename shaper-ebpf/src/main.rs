@@ -132,6 +132,13 @@ pub fn shaper_classify(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Does nothing: the floor that benchmarks subtract (BPF_PROG_TEST_RUN's own
+/// cost). Never attached.
+#[classifier]
+pub fn shaper_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
 #[inline(always)]
 fn classify(ctx: &TcContext) {
     let Some(cfg) = CONFIG.get(0) else { return };

@@ -47,8 +47,9 @@ pub struct ShaperConfig {
 }
 
 impl ShaperConfig {
-    /// The GP-surgery policy for `line`: both directions shaped to 95 % of the line
-    /// (9500kbit / 38mbit on FTTC 40/10); video first, pure TCP ACKs in their own prio-0
+    /// The GP-surgery policy for `line`: upload shaped to 95 % and download to 92 % of the
+    /// line (9500kbit / 36.8mbit on FTTC 40/10; downstream the shaper sits behind the
+    /// bottleneck and needs the larger margin); video first, pure TCP ACKs in their own prio-0
     /// class (measured: without it the downloads starve behind bulk uploads), images
     /// guaranteed 30 %.
     pub fn gp_surgery(line: &Line) -> Self {
@@ -63,7 +64,7 @@ impl ShaperConfig {
             wan: GW_WAN_IF.into(),
             lan: GW_LAN_IF.into(),
             upload_bps: line.up_bps / 100 * 95,
-            download_bps: line.down_bps / 100 * 95,
+            download_bps: line.down_bps / 100 * 92,
             classes: vec![
                 class("video", 0, 10, false),
                 class("acks", 0, 10, false),

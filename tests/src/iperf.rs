@@ -67,6 +67,8 @@ pub struct IperfClient {
     pub seconds: u64,
     /// Seconds at the start left out of the figures (`-O`), run in addition to `seconds`.
     pub omit: u64,
+    /// Socket buffer / TCP window (`-w`), e.g. "1M"; `None` leaves autotuning on.
+    pub window: Option<String>,
 }
 
 impl IperfClient {
@@ -88,6 +90,10 @@ impl IperfClient {
         ];
         if self.reverse {
             a.push("-R".into());
+        }
+        if let Some(w) = &self.window {
+            a.push("-w".into());
+            a.push(w.clone());
         }
         a
     }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod iperf;
 pub mod netns;
 pub mod packet;
+pub mod phases;
 pub mod probe;
 pub mod reference;
 pub mod scenario;

@@ -29,6 +29,11 @@ pub struct Scenario {
     /// Video keeps being received this long after its last packet was sent.
     pub drain: Duration,
     pub bulk_streams: u32,
+    /// TCP window of the bulk and image transfers (iperf3 `-w`). The lab has no base
+    /// round-trip time (this kernel has no netem), so receive-window autotuning would keep
+    /// windows at a few hundred kB and the unshaped download's bloat would come and go from
+    /// run to run; hosts on a real 20-40 ms path open their windows to this size and more.
+    pub window: Option<String>,
     pub bulk_up_port: u16,
     pub bulk_down_port: u16,
     /// Image upload (one TCP stream to this port, DICOM's 104), or `None` for no image.
@@ -47,6 +52,7 @@ impl Default for Scenario {
             tail: Duration::from_secs(1),
             drain: Duration::from_millis(1500),
             bulk_streams: 4,
+            window: Some("1M".into()),
             bulk_up_port: 5201,
             bulk_down_port: 5202,
             image_port: Some(104),
@@ -115,6 +121,7 @@ impl Scenario {
             reverse,
             seconds: total - warm - stagger,
             omit,
+            window: self.window.clone(),
         };
         let bulk_up = client(self.bulk_up_port, self.bulk_streams, false, warm);
         let bulk_down = client(self.bulk_down_port, self.bulk_streams, true, warm + stagger);

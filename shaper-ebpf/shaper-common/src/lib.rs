@@ -93,6 +93,8 @@ pub const MAP_GLOBAL_STATS: &str = "GLOBAL_STATS";
 pub const MAP_FRAGS: &str = "FRAGS";
 /// The classifier program's name in the object file.
 pub const PROG_CLASSIFY: &str = "shaper_classify";
+/// An empty program in the same object, for benchmarks.
+pub const PROG_EMPTY: &str = "shaper_empty";
 /// Every map the user side fills or reads.
 pub const ALL_MAPS: [&str; 16] = [
     MAP_CONFIG,

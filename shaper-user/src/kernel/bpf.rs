@@ -499,7 +499,28 @@ pub struct RunResult {
 /// BPF_PROG_TEST_RUN, `repeat` times. `ifindex` selects the direction (the
 /// configured WAN or LAN index; it must exist in the caller's namespace).
 pub fn test_run(bpf: &mut Ebpf, packet: &[u8], ifindex: u32, repeat: u32) -> Result<RunResult> {
-    let prog = program(bpf)?;
+    run_prog(program(bpf)?, packet, ifindex, repeat)
+}
+
+/// The same test run on the object's empty program: the floor of a run's cost.
+pub fn test_run_empty(packet: &[u8], repeat: u32) -> Result<RunResult> {
+    let mut bpf = EbpfLoader::new()
+        .load(OBJECT)
+        .context("loading the classifier object")?;
+    let prog: &mut SchedClassifier = bpf
+        .program_mut(PROG_EMPTY)
+        .ok_or_else(|| anyhow!("empty program missing from object"))?
+        .try_into()?;
+    prog.load()?;
+    run_prog(prog, packet, 1, repeat)
+}
+
+fn run_prog(
+    prog: &mut SchedClassifier,
+    packet: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> Result<RunResult> {
     // struct __sk_buff: priority at offset 32, ifindex at 40.
     let mut ctx_in = [0u8; 192];
     ctx_in[40..44].copy_from_slice(&ifindex.to_ne_bytes());
