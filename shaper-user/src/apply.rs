@@ -399,6 +399,7 @@ pub async fn apply(paths: &Paths, policy: &Policy, config: &Path) -> Result<Stat
         for (side, i, want) in sides {
             sync_tree(&tc, i.index, want, prev_dir(side, i).as_ref()).await?;
         }
+        fault("after-trees")?;
         bpf::stage_maps(&obj, &paths.pins)?;
         let mut attachments = Vec::new();
         for (side, i, _) in sides {
@@ -462,6 +463,15 @@ pub async fn apply(paths: &Paths, policy: &Policy, config: &Path) -> Result<Stat
         }
     }
     Ok(state)
+}
+
+/// Fault injection for the tests of the rollback path: `SHAPER_FAULT=<point>`
+/// makes apply fail there as a kernel error would.
+fn fault(point: &str) -> Result<()> {
+    if std::env::var("SHAPER_FAULT").is_ok_and(|v| v == point) {
+        bail!("injected fault at {point} (SHAPER_FAULT)");
+    }
+    Ok(())
 }
 
 fn looks_like_ours(q: &QdiscInfo) -> bool {

@@ -1,0 +1,304 @@
+//! The CLI's lifecycle on a real gateway namespace: apply, re-apply with a changed class
+//! set (no stale classes, qdiscs or programs), a failed apply (the previous shaping stays),
+//! status, remove (interfaces as found), and the `run` daemon with SIGHUP and SIGTERM.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use aya::programs::{tc::TcAttachType, SchedClassifier};
+use shaper_tests::topology::{GW_LAN_IF, GW_WAN_IF, SRV_V4};
+use shaper_tests::{probe, skip_unless_ready, Shaper, TempDir, Topology, TOPOLOGY_TOOLS};
+
+fn config(classes: &[(&str, u8, u32, bool)], extra: &str) -> String {
+    let mut t = String::from(
+        "[interfaces]\nwan = \"wan0\"\nlan = \"lan0\"\n[upload]\nrate = \"10mbit\"\n[download]\nrate = \"40mbit\"\n",
+    );
+    t.push_str(extra);
+    for (name, prio, pct, default) in classes {
+        t.push_str(&format!(
+            "[[class]]\nname = \"{name}\"\npriority = {prio}\nguaranteed = \"{pct}%\"\n"
+        ));
+        if *default {
+            t.push_str("default = true\n");
+        }
+    }
+    t.push_str("[[rule]]\nname = \"video\"\nclass = \"video\"\nprotocol = \"udp\"\ndst_ports = [\"50000-50059\"]\n");
+    t
+}
+
+fn config_a() -> String {
+    config(
+        &[
+            ("video", 0, 20, false),
+            ("images", 2, 30, false),
+            ("default", 4, 20, true),
+        ],
+        "",
+    )
+}
+
+fn config_b() -> String {
+    config(
+        &[
+            ("video", 0, 25, false),
+            ("default", 4, 20, true),
+            ("bulk", 7, 5, false),
+        ],
+        "",
+    )
+}
+
+/// HTB class ids on `dev` in the gateway, sorted ("1:1", "1:10", ...).
+fn classes(topo: &Topology, dev: &str) -> Vec<String> {
+    let out = topo
+        .gw
+        .run("tc", &["class", "show", "dev", dev])
+        .expect("tc class show");
+    let mut v: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+fn leaf_qdiscs(topo: &Topology, dev: &str) -> usize {
+    let out = topo
+        .gw
+        .run("tc", &["qdisc", "show", "dev", dev])
+        .expect("tc qdisc show");
+    out.lines().filter(|l| l.contains(" parent 1:")).count()
+}
+
+/// TCX egress programs on `dev` in the gateway namespace.
+fn tcx_programs(topo: &Topology, dev: &'static str) -> usize {
+    topo.gw
+        .within(move || {
+            let (_, progs) = SchedClassifier::query_tcx(dev, TcAttachType::Egress)?;
+            Ok(progs.len())
+        })
+        .expect("query tcx")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write config");
+    p
+}
+
+fn status_classes(shaper: &Shaper) -> Vec<String> {
+    let v = shaper.status_json().expect("status --json");
+    v["directions"][0]["classes"]
+        .as_array()
+        .expect("classes")
+        .iter()
+        .filter_map(|c| c["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn apply_reapply_failed_apply_and_remove() {
+    skip_unless_ready!(TOPOLOGY_TOOLS);
+    let topo = Topology::build(None).expect("topology");
+    let dir = TempDir::new("lifecycle").expect("temp dir");
+    let a = write(dir.path(), "a.toml", &config_a());
+    let b = write(dir.path(), "b.toml", &config_b());
+    let mut shaper = Shaper::new(&topo.gw).expect("shaper");
+    let before = topo.gw_qdiscs().expect("qdiscs");
+
+    shaper.apply(&a).expect("apply A");
+    assert_eq!(
+        classes(&topo, GW_WAN_IF),
+        ["1:1", "1:10", "1:11", "1:2"],
+        "A's tree on wan0"
+    );
+    assert_eq!(
+        classes(&topo, GW_LAN_IF),
+        ["1:1", "1:10", "1:11", "1:2"],
+        "A's tree on lan0"
+    );
+    assert_eq!(tcx_programs(&topo, GW_WAN_IF), 1);
+    assert_eq!(tcx_programs(&topo, GW_LAN_IF), 1);
+
+    // Traffic through the gateway is classified: UDP to the video ports lands in 1:10.
+    for _ in 0..5 {
+        let _ = probe::udp_echo(&topo.srv, &topo.lan, SRV_V4.into(), 50010);
+    }
+    let st = shaper.status_json().expect("status");
+    let video = &st["directions"][0]["classes"][0];
+    assert_eq!(video["name"], "video");
+    assert!(
+        video["classified_packets"].as_u64().unwrap_or(0) > 0,
+        "video upload classified: {video}"
+    );
+    assert!(
+        video["packets"].as_u64().unwrap_or(0) > 0,
+        "HTB 1:10 sent packets: {video}"
+    );
+
+    // Re-apply with another class set: images gone, bulk added; nothing stale.
+    shaper.apply(&b).expect("apply B");
+    for dev in [GW_WAN_IF, GW_LAN_IF] {
+        assert_eq!(
+            classes(&topo, dev),
+            ["1:1", "1:10", "1:12", "1:2"],
+            "B's tree on {dev}"
+        );
+        assert_eq!(leaf_qdiscs(&topo, dev), 3, "one leaf per class on {dev}");
+        assert_eq!(
+            tcx_programs(&topo, dev),
+            1,
+            "still exactly one classifier on {dev}"
+        );
+    }
+    assert_eq!(status_classes(&shaper), ["video", "default", "bulk"]);
+    let pins: Vec<String> = std::fs::read_dir(shaper.bpffs_dir())
+        .expect("pin dir")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    let mut pins_sorted = pins.clone();
+    pins_sorted.sort();
+    assert_eq!(
+        pins_sorted,
+        ["link_lan", "link_wan", "maps"],
+        "no staged or old map sets left"
+    );
+
+    // A failed apply (fault injected after the trees were changed) leaves B in place.
+    let tree_b = topo
+        .gw
+        .run("tc", &["class", "show", "dev", GW_WAN_IF])
+        .expect("tc");
+    let out = shaper
+        .command(&[std::ffi::OsStr::new("apply"), a.as_os_str()])
+        .env("SHAPER_FAULT", "after-trees")
+        .output()
+        .expect("run apply");
+    assert!(
+        !out.status.success(),
+        "an injected fault must fail the apply"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("previous shaping is back"), "{err}");
+    assert_eq!(
+        topo.gw
+            .run("tc", &["class", "show", "dev", GW_WAN_IF])
+            .expect("tc"),
+        tree_b
+    );
+    assert_eq!(
+        status_classes(&shaper),
+        ["video", "default", "bulk"],
+        "state still B"
+    );
+    assert_eq!(tcx_programs(&topo, GW_WAN_IF), 1);
+
+    // A config naming a missing interface changes nothing either.
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        &config_a().replace("lan = \"lan0\"", "lan = \"nosuch0\""),
+    );
+    let out = shaper
+        .command(&[std::ffi::OsStr::new("apply"), bad.as_os_str()])
+        .output()
+        .expect("run apply");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    assert_eq!(
+        topo.gw
+            .run("tc", &["class", "show", "dev", GW_WAN_IF])
+            .expect("tc"),
+        tree_b
+    );
+
+    shaper.remove().expect("remove");
+    assert_eq!(
+        topo.gw_qdiscs().expect("qdiscs"),
+        before,
+        "interfaces as found"
+    );
+    assert_eq!(tcx_programs(&topo, GW_WAN_IF), 0);
+    assert_eq!(tcx_programs(&topo, GW_LAN_IF), 0);
+    assert!(
+        shaper.leftover_pins().is_empty(),
+        "pins left: {:?}",
+        shaper.leftover_pins()
+    );
+    let st = shaper.command(&["status"]).output().expect("status");
+    assert_eq!(st.status.code(), Some(3), "status says not applied");
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn run_daemon_reloads_on_sighup_and_cleans_up_on_sigterm() {
+    skip_unless_ready!(TOPOLOGY_TOOLS);
+    let topo = Topology::build(None).expect("topology");
+    let dir = TempDir::new("daemon").expect("temp dir");
+    let cfg = write(dir.path(), "site.toml", &config_a());
+    let shaper = Shaper::new(&topo.gw).expect("shaper");
+    let before = topo.gw_qdiscs().expect("qdiscs");
+    let mut child = shaper
+        .command(&[std::ffi::OsStr::new("run"), cfg.as_os_str()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start daemon");
+    let pid = child.id() as i32;
+    let kill = |sig| {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid, sig) };
+    };
+    wait_for("the daemon to apply", Duration::from_secs(20), || {
+        classes(&topo, GW_WAN_IF).len() == 4
+    });
+    wait_for("status", Duration::from_secs(10), || {
+        shaper.status_json().is_ok()
+    });
+    assert_eq!(status_classes(&shaper), ["video", "images", "default"]);
+
+    std::fs::write(&cfg, config_b()).expect("rewrite config");
+    kill(libc::SIGHUP);
+    wait_for("the reload", Duration::from_secs(20), || {
+        classes(&topo, GW_WAN_IF).contains(&"1:12".to_string())
+    });
+    assert_eq!(status_classes(&shaper), ["video", "default", "bulk"]);
+
+    // A broken config on reload is refused; B stays.
+    std::fs::write(&cfg, "[interfaces]\nwan = 3\n").expect("rewrite config");
+    kill(libc::SIGHUP);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(status_classes(&shaper), ["video", "default", "bulk"]);
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "daemon survives a bad reload"
+    );
+
+    kill(libc::SIGTERM);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "daemon did not exit on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "clean exit: {status}");
+    assert_eq!(
+        topo.gw_qdiscs().expect("qdiscs"),
+        before,
+        "shaping removed on exit"
+    );
+    assert!(shaper.leftover_pins().is_empty());
+}
