@@ -364,7 +364,7 @@ pub async fn apply(paths: &Paths, policy: &Policy, config: &Path) -> Result<Stat
             Some(o) => o.clone(),
             None => {
                 let mut root = tc.root_qdisc(i.index).await?;
-                if root.as_ref().is_some_and(|q| looks_like_ours(q)) {
+                if root.as_ref().is_some_and(looks_like_ours) {
                     // A tree of ours without a state file: a crashed apply.
                     // What it replaced is unknown; the kernel default it is.
                     log::warn!("{} carries a shaper tree but no state was recorded; `remove` will leave the kernel's default qdisc", i.name);

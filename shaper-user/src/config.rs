@@ -288,7 +288,7 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("`{s}` is not a number followed by a unit, e.g. \"40mbit\""))?;
     let bps = (n * mult).round();
-    if !(bps >= 1.0 && bps <= 1e12) {
+    if !(1.0..=1e12).contains(&bps) {
         return Err(format!("`{s}` is out of range (1bit to 1000gbit)"));
     }
     Ok(bps as u64)
@@ -296,9 +296,9 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
 
 /// Formats bits per second the way tc would print them.
 pub fn format_rate(bps: u64) -> String {
-    if bps >= 1_000_000_000 && bps % 1_000_000 == 0 {
+    if bps >= 1_000_000_000 && bps.is_multiple_of(1_000_000) {
         format!("{}gbit", bps as f64 / 1e9)
-    } else if bps >= 1_000_000 && bps % 1_000 == 0 {
+    } else if bps >= 1_000_000 && bps.is_multiple_of(1_000) {
         format!("{}mbit", bps as f64 / 1e6)
     } else if bps >= 1_000 {
         format!("{}kbit", bps as f64 / 1e3)

@@ -108,7 +108,7 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
                 .as_ref()
                 .map_or_else(|| find(&first[di]), |s| find(&s[di]));
             let before = find(&first[di]);
-            let st = now.as_ref().map(|k| k.stats.clone()).unwrap_or_default();
+            let st = now.as_ref().map(|k| k.stats).unwrap_or_default();
             let rate_bps = match (&second, &before, &now) {
                 (Some(_), Some(b), Some(n)) if secs > 0.0 => {
                     Some(((n.stats.bytes.saturating_sub(b.stats.bytes)) as f64 * 8.0 / secs) as u64)
@@ -201,6 +201,14 @@ pub fn render(r: &Report) -> String {
         "config: {} (applied at unix time {})",
         r.config, r.applied_at
     );
+    let cw = r
+        .directions
+        .iter()
+        .flat_map(|d| &d.classes)
+        .map(|c| c.name.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
     for d in &r.directions {
         let _ = writeln!(
             s,
@@ -211,13 +219,13 @@ pub fn render(r: &Report) -> String {
         );
         let _ = writeln!(
             s,
-            "  {:<16} {:>5} {:>10} {:>10} {:>10} {:>12} {:>7} {:>9} {:>11}",
+            "  {:<cw$} {:>5} {:>10} {:>10} {:>10} {:>12} {:>7} {:>9} {:>11}",
             "class", "id", "guarant.", "ceiling", "packets", "bytes", "drops", "backlog", "rate"
         );
         for c in &d.classes {
             let _ = writeln!(
                 s,
-                "  {:<16} {:>5} {:>10} {:>10} {:>10} {:>12} {:>7} {:>9} {:>11}",
+                "  {:<cw$} {:>5} {:>10} {:>10} {:>10} {:>12} {:>7} {:>9} {:>11}",
                 c.name,
                 c.classid,
                 format_rate(c.guaranteed_bps),
@@ -230,15 +238,22 @@ pub fn render(r: &Report) -> String {
             );
         }
     }
+    let rw = r
+        .rules
+        .iter()
+        .map(|x| x.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     let _ = writeln!(
         s,
-        "\n  {:<24} {:<16} {:>10} {:>12} {:>10} {:>12}",
+        "\n  {:<rw$} {:<cw$} {:>10} {:>12} {:>10} {:>12}",
         "rule", "class", "up pkts", "up bytes", "down pkts", "down bytes"
     );
     for rr in &r.rules {
         let _ = writeln!(
             s,
-            "  {:<24} {:<16} {:>10} {:>12} {:>10} {:>12}",
+            "  {:<rw$} {:<cw$} {:>10} {:>12} {:>10} {:>12}",
             rr.name,
             rr.class,
             rr.upload_packets,

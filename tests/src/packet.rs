@@ -96,7 +96,7 @@ impl Pkt {
 
     fn v4(&self, s: Ipv4Addr, d: Ipv4Addr) -> Vec<u8> {
         let mut opts = self.v4_options.clone();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(0);
         }
         let ihl = 5 + opts.len() / 4;

@@ -237,6 +237,15 @@ fn setup() -> Result<()> {
 fn cargo(args: &[&str]) -> Command {
     let mut c = Command::new("cargo");
     c.current_dir(workspace()).args(args);
+    // `cargo run` gave this process CARGO_PKG_*, CARGO_MANIFEST_* and friends; a nested
+    // cargo must not see them (they changed which targets it selected).
+    for (k, _) in env::vars_os() {
+        if let Some(k) = k.to_str() {
+            if k.starts_with("CARGO_") && k != "CARGO_HOME" {
+                c.env_remove(k);
+            }
+        }
+    }
     // bpf-linker lives in cargo's bin dir; make sure aya-build's cargo finds it.
     let path = env::var_os("PATH").unwrap_or_default();
     let mut paths = vec![cargo_home().join("bin")];
@@ -257,13 +266,29 @@ fn shaper_bin(release: bool) -> PathBuf {
 
 fn test(args: &[String]) -> Result<()> {
     step("building");
-    run(&mut cargo(&["build", "--workspace", "--all-targets"]))?;
+    // Named packages only: the eBPF crate builds for the BPF target (build.rs does it).
+    let host = [
+        "-p",
+        "shaper-user",
+        "-p",
+        "shaper-common",
+        "-p",
+        "shaper-tests",
+        "-p",
+        "xtask",
+    ];
+    let mut build = cargo(&["build", "--all-targets"]);
+    build.args(host);
+    run(&mut build)?;
     step("unit tests");
     run(&mut cargo(&[
         "test",
-        "--workspace",
-        "--exclude",
-        "shaper-tests",
+        "-p",
+        "shaper-user",
+        "-p",
+        "shaper-common",
+        "-p",
+        "xtask",
     ]))?;
     if !is_root() {
         bail!(
