@@ -121,6 +121,8 @@ mod tests {
             image_up_bps: image,
             total_up_bps: up,
             total_down_bps: down,
+            line_up_bps: 9.5e6,
+            line_down_bps: 37e6,
             ..Default::default()
         }
     }
@@ -130,24 +132,30 @@ mod tests {
         let line = Line::FTTC_40_10;
         let cfg = ShaperConfig::gp_surgery(&line);
         let before = results(400.0, 5.0, 1e6, 9.6e6, 30e6);
-        assert!(
-            shaping_failures(&line, &cfg, &before, &results(2.0, 0.0, 6e6, 8.6e6, 34.2e6))
-                .is_empty()
-        );
-        // 8.41 Mbit/s up (what the tc reference shaper reaches) misses 85 % of 10 Mbit/s.
+        let good = results(2.0, 0.0, 6e6, 8.2e6, 34.2e6);
+        assert!(shaping_failures(&line, &cfg, &before, &good).is_empty());
+        // The copper left idle upstream fails.
+        let mut idle = good.clone();
+        idle.line_up_bps = 8.0e6;
+        let f = shaping_failures(&line, &cfg, &before, &idle);
+        assert_eq!(f.len(), 1, "{f:?}");
+        // Upload goodput under its floor, download goodput under 85 %: two failures.
+        let f = shaping_failures(&line, &cfg, &before, &results(2.0, 0.0, 6e6, 7.0e6, 33.0e6));
+        assert_eq!(f.len(), 2, "{f:?}");
+        // p99 only 5x better fails.
         let f = shaping_failures(
             &line,
             &cfg,
             &before,
-            &results(2.0, 0.0, 6e6, 8.41e6, 34.2e6),
+            &results(80.0, 0.0, 6e6, 8.2e6, 34.2e6),
         );
-        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f.len(), 2, "{f:?}");
         // A missing figure (NaN: no packet arrived) fails.
         let f = shaping_failures(
             &line,
             &cfg,
             &before,
-            &results(f64::NAN, 1.0, 2e6, 8.6e6, 34.2e6),
+            &results(f64::NAN, 1.0, 2e6, 8.2e6, 34.2e6),
         );
         assert_eq!(f.len(), 5, "{f:?}"); // 2 x p99, 2 x loss at exactly 1 %, image
     }
