@@ -50,6 +50,8 @@ struct RawConfig {
     download: RawDirection,
     #[serde(default)]
     shaping: Option<RawShaping>,
+    #[serde(default)]
+    telemetry: Option<RawTelemetry>,
     #[serde(default, rename = "class")]
     classes: Vec<Spanned<RawClass>>,
     #[serde(default, rename = "rule")]
@@ -80,6 +82,13 @@ struct RawShaping {
     remark_dscp: Option<bool>,
     /// Class for pure TCP ACKs (default: classified like other packets).
     ack_class: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    /// Prometheus text endpoint of `shaper run`, e.g. "127.0.0.1:9464".
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +179,8 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Index into `classes` for pure TCP ACKs, if set.
     pub ack_class: Option<usize>,
+    /// Where `shaper run` serves Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -870,6 +881,20 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
         },
     };
 
+    let metrics_listen = match raw.telemetry.as_ref().and_then(|t| t.listen.as_ref()) {
+        None => None,
+        Some(l) => Some(l.get_ref().parse::<std::net::SocketAddr>().map_err(|_| {
+            cx.at(
+                l,
+                "telemetry.listen",
+                format!(
+                    "`{}` is not an address:port like \"127.0.0.1:9464\"",
+                    l.get_ref()
+                ),
+            )
+        })?),
+    };
+
     Ok(Policy {
         wan,
         lan,
@@ -882,6 +907,7 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
         default_class,
         rules,
         ack_class,
+        metrics_listen,
     })
 }
 
