@@ -255,9 +255,9 @@ fn frag_key(pkt: &Pkt, dir: u32) -> FragKey {
 }
 
 #[inline(always)]
-fn bitmap_id(map: &Array<u32>, index: u32) -> u32 {
+fn bitmap_id(map: &Array<u32>, index: u32, base: u32) -> u32 {
     match map.get(index) {
-        Some(id) => *id,
+        Some(id) => *id ^ base,
         None => 0,
     }
 }
@@ -281,34 +281,16 @@ fn addr_id(
     }
 }
 
-/// Lowest set bit of a non-zero word, without a ctz instruction.
+/// Index of the lowest set bit of a non-zero word, branch-free: the population
+/// count of the bits below it. (BPF has no ctz instruction, and a branchy
+/// version multiplies the states the verifier must walk after the scan.)
 #[inline(always)]
-fn lowest_bit(mut w: u64) -> u32 {
-    let mut n = 0;
-    if w & 0xffff_ffff == 0 {
-        n += 32;
-        w >>= 32;
-    }
-    if w & 0xffff == 0 {
-        n += 16;
-        w >>= 16;
-    }
-    if w & 0xff == 0 {
-        n += 8;
-        w >>= 8;
-    }
-    if w & 0xf == 0 {
-        n += 4;
-        w >>= 4;
-    }
-    if w & 0x3 == 0 {
-        n += 2;
-        w >>= 2;
-    }
-    if w & 0x1 == 0 {
-        n += 1;
-    }
-    n
+fn lowest_bit(w: u64) -> u32 {
+    let mut x = (w & w.wrapping_neg()).wrapping_sub(1);
+    x = x - ((x >> 1) & 0x5555_5555_5555_5555);
+    x = (x & 0x3333_3333_3333_3333) + ((x >> 2) & 0x3333_3333_3333_3333);
+    x = (x + (x >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    (x.wrapping_mul(0x0101_0101_0101_0101) >> 56) as u32
 }
 
 /// State of the bitmap scan handed to the `bpf_loop` callback.
@@ -347,10 +329,10 @@ extern "C" fn scan_word(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
 fn match_rule(cfg: &Config, pkt: &Pkt, dir: u32) -> u32 {
     let mut scan = Scan {
         ids: [
-            bitmap_id(&PROTO_IDX, dir * 256 + pkt.proto as u32),
-            bitmap_id(&DSCP_IDX, pkt.dscp as u32),
-            bitmap_id(&SPORT_IDX, pkt.sport),
-            bitmap_id(&DPORT_IDX, pkt.dport),
+            bitmap_id(&PROTO_IDX, dir * 256 + pkt.proto as u32, cfg.proto_base),
+            bitmap_id(&DSCP_IDX, pkt.dscp as u32, cfg.dscp_base),
+            bitmap_id(&SPORT_IDX, pkt.sport, cfg.sport_base),
+            bitmap_id(&DPORT_IDX, pkt.dport, cfg.dport_base),
             addr_id(pkt.v6 != 0, &pkt.src, &SRC4, &SRC6, cfg.wild_src),
             addr_id(pkt.v6 != 0, &pkt.dst, &DST4, &DST6, cfg.wild_dst),
         ],
@@ -480,6 +462,87 @@ fn parse_v4(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> u32 {
     PARSED_IP
 }
 
+/// State of the IPv6 extension-header walk handed to the `bpf_loop` callback.
+#[repr(C)]
+struct V6Walk {
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    /// Offset of the header `nh` names.
+    l4: u32,
+    nh: u32,
+    frag: u32,
+    frag_id: u32,
+    /// 0: walking, 1: reached the upper-layer header, 2: malformed.
+    status: u32,
+    _pad: u32,
+}
+
+const WALK_ON: u32 = 0;
+const WALK_DONE: u32 = 1;
+const WALK_BAD: u32 = 2;
+
+/// One extension header. Run through `bpf_loop` so the verifier checks it once
+/// (walked inline, every header type at every depth multiplied its paths).
+extern "C" fn v6_step(_index: u64, c: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: c is the `V6Walk` on parse_v6's stack, passed to bpf_loop.
+    let w = unsafe { &mut *(c as *mut V6Walk) };
+    let ctx = TcContext::new(w.skb);
+    let l4 = w.l4 as usize;
+    if l4 > MAX_HDR_OFF {
+        w.status = WALK_BAD;
+        return 1;
+    }
+    match w.nh as u8 {
+        // Hop-by-hop, routing, destination options.
+        0 | 43 | 60 => {
+            let Some(e) = load::<[u8; 2]>(&ctx, l4) else {
+                w.status = WALK_BAD;
+                return 1;
+            };
+            w.nh = e[0] as u32;
+            w.l4 = (l4 + (e[1] as usize + 1) * 8) as u32;
+            0
+        }
+        // Fragment header.
+        44 => {
+            let Some(e) = load::<[u8; 8]>(&ctx, l4) else {
+                w.status = WALK_BAD;
+                return 1;
+            };
+            w.nh = e[0] as u32;
+            w.l4 = (l4 + 8) as u32;
+            w.frag_id = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
+            let fo = u16::from_be_bytes([e[2], e[3]]);
+            if fo & 0xfff8 != 0 {
+                // A later fragment: no upper-layer header here.
+                w.frag = FRAG_LATER as u32;
+                w.status = WALK_DONE;
+                return 1;
+            }
+            if fo & 1 != 0 {
+                w.frag = FRAG_FIRST as u32;
+            }
+            0
+        }
+        // Authentication header.
+        51 => {
+            let Some(e) = load::<[u8; 2]>(&ctx, l4) else {
+                w.status = WALK_BAD;
+                return 1;
+            };
+            w.nh = e[0] as u32;
+            w.l4 = (l4 + (e[1] as usize + 2) * 4) as u32;
+            0
+        }
+        _ => {
+            w.status = WALK_DONE;
+            1
+        }
+    }
+}
+
+/// Headers ending beyond this offset are not followed (default class).
+const MAX_HDR_OFF: usize = 1024;
+
 #[inline(always)]
 fn parse_v6(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> u32 {
     let Some(h) = load::<[u8; 40]>(ctx, off) else {
@@ -495,55 +558,30 @@ fn parse_v6(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> u32 {
     pkt.l3 = off as u32;
     pkt.src.copy_from_slice(&h[8..24]);
     pkt.dst.copy_from_slice(&h[24..40]);
-    pkt.frag = FRAG_NONE;
-    pkt.frag_id = 0;
-    let mut nh = h[6];
-    let mut l4 = off + 40;
-    let mut n = 0;
-    while n < MAX_V6_EXT {
-        match nh {
-            // Hop-by-hop, routing, destination options.
-            0 | 43 | 60 => {
-                let Some(e) = load::<[u8; 2]>(ctx, l4) else {
-                    return PARSED_MALFORMED;
-                };
-                nh = e[0];
-                l4 += (e[1] as usize + 1) * 8;
-            }
-            // Fragment header.
-            44 => {
-                let Some(e) = load::<[u8; 8]>(ctx, l4) else {
-                    return PARSED_MALFORMED;
-                };
-                nh = e[0];
-                let fo = u16::from_be_bytes([e[2], e[3]]);
-                pkt.frag_id = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
-                l4 += 8;
-                if fo & 0xfff8 != 0 {
-                    pkt.frag = FRAG_LATER;
-                    break;
-                }
-                if fo & 1 != 0 {
-                    pkt.frag = FRAG_FIRST;
-                }
-            }
-            // Authentication header.
-            51 => {
-                let Some(e) = load::<[u8; 2]>(ctx, l4) else {
-                    return PARSED_MALFORMED;
-                };
-                nh = e[0];
-                l4 += (e[1] as usize + 2) * 4;
-            }
-            _ => break,
-        }
-        n += 1;
+    let mut w = V6Walk {
+        skb: ctx.skb.skb,
+        l4: (off + 40) as u32,
+        nh: h[6] as u32,
+        frag: FRAG_NONE as u32,
+        frag_id: 0,
+        status: WALK_ON,
+        _pad: 0,
+    };
+    // SAFETY: bpf_loop calls v6_step with our stack struct as its context.
+    unsafe {
+        bpf_loop(MAX_V6_EXT as u32, v6_step as *mut core::ffi::c_void, &mut w as *mut V6Walk as *mut core::ffi::c_void, 0);
     }
-    if n == MAX_V6_EXT {
-        // Too many extension headers to follow: treat as unparseable.
+    if w.status != WALK_DONE {
+        // Malformed, or more extension headers than we follow.
         return PARSED_MALFORMED;
     }
-    pkt.proto = nh;
+    let l4 = w.l4 as usize;
+    if l4 > MAX_HDR_OFF {
+        return PARSED_MALFORMED;
+    }
+    pkt.frag = w.frag as u8;
+    pkt.frag_id = w.frag_id;
+    pkt.proto = w.nh as u8;
     // Payload length minus the extension headers walked.
     pkt.l4_len = (u16::from_be_bytes([h[4], h[5]]) as u32).wrapping_sub((l4 - off - 40) as u32);
     if pkt.frag == FRAG_LATER {

@@ -79,6 +79,9 @@ pub struct Original {
 pub struct State {
     pub version: u32,
     pub config: PathBuf,
+    /// The config text as applied (what a commit-confirmed rollback restores).
+    #[serde(default)]
+    pub config_text: String,
     pub applied_at: u64,
     pub caps: KernelCaps,
     pub plan: Plan,
@@ -326,9 +329,14 @@ pub async fn probe_caps() -> KernelCaps {
     }
 }
 
-/// Applies `policy` (read from `config`). On error the previous shaping is
+/// Applies `policy` (parsed from `config_text`, read from `config`). On error the previous shaping is
 /// left in place (see the module docs).
-pub async fn apply(paths: &Paths, policy: &Policy, config: &Path) -> Result<State> {
+pub async fn apply(
+    paths: &Paths,
+    policy: &Policy,
+    config: &Path,
+    config_text: &str,
+) -> Result<State> {
     let _lock = lock(paths)?;
     let prev = State::load(paths)?;
     let tc = Tc::connect().await?;
@@ -418,6 +426,7 @@ pub async fn apply(paths: &Paths, policy: &Policy, config: &Path) -> Result<Stat
         let state = State {
             version: STATE_VERSION,
             config: config.to_path_buf(),
+            config_text: config_text.to_string(),
             applied_at: now(),
             caps,
             plan: plan.clone(),

@@ -100,39 +100,10 @@ struct RawClass {
     #[serde(default)]
     ceiling: Option<Spanned<String>>,
     #[serde(default)]
-    default: bool,
+    default: Option<Spanned<bool>>,
+    /// A number 0-63 or a name; checked by [`dscp_value`].
     #[serde(default)]
-    dscp: Option<Spanned<DscpValue>>,
-}
-
-#[derive(Debug, Deserialize, Clone)]
-#[serde(untagged)]
-enum DscpValue {
-    Number(i64),
-    Name(String),
-}
-
-#[derive(Debug, Deserialize, Clone)]
-#[serde(untagged)]
-enum OneOrMany<T> {
-    One(T),
-    Many(Vec<T>),
-}
-
-impl<T: Clone> OneOrMany<T> {
-    fn to_vec(&self) -> Vec<T> {
-        match self {
-            Self::One(v) => vec![v.clone()],
-            Self::Many(v) => v.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Deserialize, Clone)]
-#[serde(untagged)]
-enum PortValue {
-    Number(i64),
-    Text(String),
+    dscp: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,18 +115,22 @@ struct RawRule {
     priority: Option<Spanned<i64>>,
     #[serde(default)]
     direction: Option<Spanned<String>>,
+    // The match fields take one value or a list, and each value may be a
+    // number or a string; they are read as TOML values and checked by
+    // `list` and the per-item parsers, so a wrong type gets a message
+    // naming what is accepted (not serde's "no variant of untagged enum").
     #[serde(default)]
-    protocol: Option<Spanned<OneOrMany<String>>>,
+    protocol: Option<Spanned<toml::Value>>,
     #[serde(default)]
-    src_ports: Option<Spanned<OneOrMany<PortValue>>>,
+    src_ports: Option<Spanned<toml::Value>>,
     #[serde(default)]
-    dst_ports: Option<Spanned<OneOrMany<PortValue>>>,
+    dst_ports: Option<Spanned<toml::Value>>,
     #[serde(default)]
-    src_cidrs: Option<Spanned<OneOrMany<String>>>,
+    src_cidrs: Option<Spanned<toml::Value>>,
     #[serde(default)]
-    dst_cidrs: Option<Spanned<OneOrMany<String>>>,
+    dst_cidrs: Option<Spanned<toml::Value>>,
     #[serde(default)]
-    dscp: Option<Spanned<OneOrMany<DscpValue>>>,
+    dscp: Option<Spanned<toml::Value>>,
 }
 
 // ---------------------------------------------------------------------------
@@ -299,6 +274,11 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("`{s}` is not a number followed by a unit, e.g. \"40mbit\""))?;
     let bps = (n * mult).round();
+    if bps == 0.0 {
+        return Err(format!(
+            "`{s}` is zero; give a rate above 0, e.g. \"40mbit\" or \"9500kbit\""
+        ));
+    }
     if !(1.0..=1e12).contains(&bps) {
         return Err(format!("`{s}` is out of range (1bit to 1000gbit)"));
     }
@@ -367,25 +347,41 @@ pub fn parse_dscp_name(s: &str) -> Result<u8, String> {
     Ok(v)
 }
 
-fn dscp_value(v: &DscpValue) -> Result<u8, String> {
+fn dscp_value(v: &toml::Value) -> Result<u8, String> {
     match v {
-        DscpValue::Number(n) if (0..=63).contains(n) => Ok(*n as u8),
-        DscpValue::Number(n) => Err(format!("DSCP {n} is out of range 0-63")),
-        DscpValue::Name(s) => parse_dscp_name(s),
+        toml::Value::Integer(n) if (0..=63).contains(n) => Ok(*n as u8),
+        toml::Value::Integer(n) => Err(format!("DSCP {n} is out of range 0-63")),
+        toml::Value::String(s) => parse_dscp_name(s),
+        other => Err(format!(
+            "`{other}` is not a DSCP: use 0-63 or a name (EF, AF41, CS1, LE, DF, ...)"
+        )),
     }
 }
 
-fn parse_port_range(v: &PortValue) -> Result<(u16, u16), String> {
+/// The values of a match field that takes one value or a list of them.
+/// An empty list is refused: it would match nothing, while leaving the
+/// field out matches anything.
+fn list<'v>(v: &'v toml::Value, what: &str) -> Result<Vec<&'v toml::Value>, String> {
+    match v {
+        toml::Value::Array(a) if a.is_empty() => Err(format!(
+            "an empty list matches nothing; leave the field out to match any {what}"
+        )),
+        toml::Value::Array(a) => Ok(a.iter().collect()),
+        one => Ok(vec![one]),
+    }
+}
+
+fn parse_port_range(v: &toml::Value) -> Result<(u16, u16), String> {
     let one = |s: &str| -> Result<u16, String> {
         s.trim()
             .parse::<u16>()
             .map_err(|_| format!("`{s}` is not a port (0-65535)"))
     };
     match v {
-        PortValue::Number(n) => u16::try_from(*n)
+        toml::Value::Integer(n) => u16::try_from(*n)
             .map(|p| (p, p))
             .map_err(|_| format!("port {n} is out of range 0-65535")),
-        PortValue::Text(s) => {
+        toml::Value::String(s) => {
             let (lo, hi) = match s.split_once('-') {
                 Some((a, b)) => (one(a)?, one(b)?),
                 None => {
@@ -398,6 +394,30 @@ fn parse_port_range(v: &PortValue) -> Result<(u16, u16), String> {
             }
             Ok((lo, hi))
         }
+        other => Err(format!(
+            "`{other}` is not a port: use whole numbers 0-65535 or ranges like \"3478-3481\""
+        )),
+    }
+}
+
+fn cidr_value(v: &toml::Value) -> Result<Cidr, String> {
+    match v {
+        toml::Value::String(s) => parse_cidr(s),
+        other => Err(format!(
+            "`{other}` is not a CIDR: write it as a string like \"10.0.0.0/8\" or \"2603:1063::/38\""
+        )),
+    }
+}
+
+fn protocol_value(v: &toml::Value) -> Result<u8, String> {
+    match v {
+        toml::Value::Integer(n) => {
+            u8::try_from(*n).map_err(|_| format!("protocol number {n} is out of range 0-255"))
+        }
+        toml::Value::String(s) => parse_protocol(s),
+        other => Err(format!(
+            "`{other}` is not a protocol: use a name (tcp, udp, ...) or a number 0-255"
+        )),
     }
 }
 
@@ -462,7 +482,7 @@ fn parse_protocol(s: &str) -> Result<u8, String> {
         "ah" => Ok(51),
         "udplite" => Ok(136),
         other => other.parse::<u8>().map_err(|_| {
-            format!("`{s}` is not a protocol: use tcp, udp, icmp, icmpv6, sctp, gre, esp or a number 0-255")
+            format!("`{s}` is not a protocol: use tcp, udp, icmp, icmpv6, sctp, udplite, gre, esp, ah or a number 0-255")
         }),
     }
 }
@@ -519,12 +539,129 @@ pub fn load(path: &Path) -> Result<Policy, ConfigError> {
 /// Validates configuration text; `file` is used in error messages.
 pub fn parse(file: &Path, text: &str) -> Result<Policy, ConfigError> {
     let cx = Ctx { file, text };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let msg = e.message().to_string();
-        // serde's unknown-field message lists what is accepted; keep it.
-        cx.err(e.span(), "", msg)
-    })?;
+    let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(&cx, &e))?;
     validate(&cx, raw)
+}
+
+/// Top-level tables the file must have (a missing one has no line to point at).
+const REQUIRED_TABLES: [&str; 3] = ["interfaces", "upload", "download"];
+
+/// A TOML syntax or type error as a [`ConfigError`]: the message on one line
+/// (serde's unknown-field message lists what is accepted; it is kept), and
+/// for errors about one key (wrong type, unknown, missing or duplicate key)
+/// the key's path, found from where the error points.
+fn toml_error(cx: &Ctx<'_>, e: &toml::de::Error) -> ConfigError {
+    let message = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ");
+    // The name in "unknown field `x`, expected ..." / "missing field `x`".
+    let named = |prefix: &str| -> Option<String> {
+        let rest = message.strip_prefix(prefix)?.strip_prefix('`')?;
+        rest.split_once('`').map(|(k, _)| k.to_string())
+    };
+    let unknown = named("unknown field ");
+    let missing = named("missing field ");
+    if let Some(m) = missing.as_deref().filter(|m| REQUIRED_TABLES.contains(m)) {
+        return cx.err(None, m, format!("{message}: the [{m}] table is required"));
+    }
+    let about_a_key = [
+        "invalid type",
+        "invalid value",
+        "invalid length",
+        "unknown field",
+        "missing field",
+        "duplicate key",
+        "unknown variant",
+    ]
+    .iter()
+    .any(|p| message.starts_with(p));
+    let field = match e.span() {
+        Some(span) if about_a_key => {
+            field_path(cx.text, span.start, unknown.as_deref(), missing.as_deref())
+        }
+        _ => String::new(),
+    };
+    cx.err(e.span(), field, message)
+}
+
+/// `[name]` -> ("name", false), `[[name]]` -> ("name", true), else None.
+fn table_header(line: &str) -> Option<(String, bool)> {
+    let l = line.trim();
+    let (inner, array) = if let Some(r) = l.strip_prefix("[[") {
+        (r.split("]]").next()?, true)
+    } else {
+        (l.strip_prefix('[')?.split(']').next()?, false)
+    };
+    let name = inner
+        .split('.')
+        .map(|p| p.trim().trim_matches(|c| c == '"' || c == '\''))
+        .collect::<Vec<_>>()
+        .join(".");
+    Some((name, array))
+}
+
+/// The dotted path of the key at byte `pos` of `text` ("class[1].priority"),
+/// from the table header above it and the key on its line. `unknown` and
+/// `missing` are the key a serde error names, if any. A best effort for
+/// messages: the file is already known to be malformed.
+fn field_path(text: &str, pos: usize, unknown: Option<&str>, missing: Option<&str>) -> String {
+    let lines: Vec<&str> = text.split('\n').collect();
+    let at = text
+        .get(..pos.min(text.len()))
+        .map_or(0, |t| t.bytes().filter(|&b| b == b'\n').count())
+        .min(lines.len().saturating_sub(1));
+    let header = (0..=at)
+        .rev()
+        .find_map(|i| table_header(lines[i]).map(|(n, a)| (i, n, a)));
+    let table = match &header {
+        None => String::new(),
+        Some((i, name, false)) => {
+            let _ = i;
+            name.clone()
+        }
+        Some((i, name, true)) => {
+            let index = lines[..=*i]
+                .iter()
+                .filter(|l| table_header(l).is_some_and(|(n, a)| a && n == *name))
+                .count()
+                - 1;
+            format!("{name}[{index}]")
+        }
+    };
+    let join = |k: &str| {
+        if table.is_empty() {
+            k.to_string()
+        } else {
+            format!("{table}.{k}")
+        }
+    };
+    match &header {
+        // The error points at a table header: a key missing from it, or the
+        // table itself unknown or of the wrong kind.
+        Some((i, name, _)) if *i == at => match missing {
+            Some(m) => join(m),
+            None if unknown.is_some() => name.clone(),
+            None => table,
+        },
+        _ => {
+            // The key of this line, or of the line above for a value that
+            // runs over several lines.
+            let first = header.as_ref().map_or(0, |(i, _, _)| i + 1);
+            let key = (first..=at).rev().find_map(|i| {
+                let (k, _) = lines[i].split_once('=')?;
+                let k = k.trim().trim_matches(|c| c == '"' || c == '\'');
+                (!k.is_empty() && !k.starts_with('#')).then_some(k)
+            });
+            match unknown.or(missing).or(key) {
+                Some(k) => join(k),
+                None => table,
+            }
+        }
+    }
 }
 
 fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
@@ -656,24 +793,27 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
                 ));
             }
             if g < 8_000 {
-                return Err(cx.at(
-                    &c.guaranteed,
-                    f("guaranteed"),
-                    format!(
-                        "{guaranteed} of the {dir} rate is {}; at least 8kbit is needed",
+                let msg = match guaranteed {
+                    Share::Bps(_) => {
+                        format!("{guaranteed} is below 8kbit, the least a class can be guaranteed")
+                    }
+                    Share::Percent(_) => format!(
+                        "{guaranteed} of the {dir} rate {} is {}; at least 8kbit is needed",
+                        format_rate(rate),
                         format_rate(g)
                     ),
-                ));
+                };
+                return Err(cx.at(&c.guaranteed, f("guaranteed"), msg));
             }
         }
         let dscp = match &c.dscp {
             None => None,
             Some(d) => Some(dscp_value(d.get_ref()).map_err(|m| cx.at(d, f("dscp"), m))?),
         };
-        if c.default {
+        if let Some(d) = c.default.as_ref().filter(|d| *d.get_ref()) {
             if let Some(prev) = default_class {
                 return Err(cx.at(
-                    &c.name,
+                    d,
                     f("default"),
                     format!(
                         "class `{}` is already the default; only one class can be",
@@ -699,16 +839,34 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
         ));
     };
     for (dir, rate) in [("upload", upload_bps), ("download", download_bps)] {
-        let sum: u64 = classes.iter().map(|c| c.guaranteed.of(rate)).sum();
-        if sum > rate {
-            return Err(cx.err(
-                Some(raw.classes[0].span()),
-                "class[*].guaranteed",
+        // Exact shares, not the rounded bit rates: 50% + 50% of an odd rate
+        // is 100%, though each half rounds up.
+        let share = |c: &Class| match c.guaranteed {
+            Share::Percent(p) => rate as f64 * p / 100.0,
+            Share::Bps(b) => b as f64,
+        };
+        let limit = rate as f64 * (1.0 + 1e-9);
+        let mut running = 0.0;
+        // The class whose guarantee takes the total past the rate.
+        let over = classes.iter().position(|c| {
+            running += share(c);
+            running > limit
+        });
+        if let Some(i) = over {
+            let total: f64 = classes.iter().map(share).sum();
+            let parts: Vec<String> = classes
+                .iter()
+                .map(|c| format!("{} {}", c.name, format_rate(share(c).round() as u64)))
+                .collect();
+            return Err(cx.at(
+                &raw.classes[i].get_ref().guaranteed,
+                format!("class[{i}].guaranteed"),
                 format!(
-                    "guaranteed shares add up to {} ({:.1}% of the {dir} rate {}); they must not exceed 100%",
-                    format_rate(sum),
-                    sum as f64 * 100.0 / rate as f64,
-                    format_rate(rate)
+                    "guaranteed shares add up to {}, {:.1}% of the {dir} rate {} ({}); they must not exceed 100%",
+                    format_rate(total.round() as u64),
+                    total * 100.0 / rate as f64,
+                    format_rate(rate),
+                    parts.join(" + ")
                 ),
             ));
         }
@@ -768,32 +926,22 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
                 }
             },
         };
-        let protocols = match &r.protocol {
-            None => vec![],
-            Some(p) => p
-                .get_ref()
-                .to_vec()
-                .iter()
-                .map(|s| parse_protocol(s))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|m| cx.at(p, f("protocol"), m))?,
-        };
-        let ports = |v: &Option<Spanned<OneOrMany<PortValue>>>,
-                     k: &str|
-         -> Result<Vec<(u16, u16)>, ConfigError> {
-            match v {
-                None => Ok(vec![]),
-                Some(p) => p
-                    .get_ref()
-                    .to_vec()
-                    .iter()
-                    .map(parse_port_range)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|m| cx.at(p, f(k), m)),
-            }
-        };
-        let src_ports = ports(&r.src_ports, "src_ports")?;
-        let dst_ports = ports(&r.dst_ports, "dst_ports")?;
+        // One value or a non-empty list, each item parsed by `item`.
+        fn values<T>(
+            cx: &Ctx<'_>,
+            v: &Option<Spanned<toml::Value>>,
+            field: String,
+            what: &str,
+            item: impl Fn(&toml::Value) -> Result<T, String>,
+        ) -> Result<Vec<T>, ConfigError> {
+            let Some(v) = v else { return Ok(vec![]) };
+            list(v.get_ref(), what)
+                .and_then(|l| l.into_iter().map(item).collect())
+                .map_err(|m| cx.at(v, field, m))
+        }
+        let protocols = values(cx, &r.protocol, f("protocol"), "protocol", protocol_value)?;
+        let src_ports = values(cx, &r.src_ports, f("src_ports"), "port", parse_port_range)?;
+        let dst_ports = values(cx, &r.dst_ports, f("dst_ports"), "port", parse_port_range)?;
         if (!src_ports.is_empty() || !dst_ports.is_empty())
             && !protocols.is_empty()
             && protocols.iter().all(|p| ![6u8, 17, 132, 136].contains(p))
@@ -805,48 +953,9 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
                 "ports are given but none of the protocols carries ports (tcp, udp, sctp, udplite)",
             ));
         }
-        let cidrs =
-            |v: &Option<Spanned<OneOrMany<String>>>, k: &str| -> Result<Vec<Cidr>, ConfigError> {
-                match v {
-                    None => Ok(vec![]),
-                    Some(p) => p
-                        .get_ref()
-                        .to_vec()
-                        .iter()
-                        .map(|s| parse_cidr(s))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|m| cx.at(p, f(k), m)),
-                }
-            };
-        let src_cidrs = cidrs(&r.src_cidrs, "src_cidrs")?;
-        let dst_cidrs = cidrs(&r.dst_cidrs, "dst_cidrs")?;
-        let dscp = match &r.dscp {
-            None => vec![],
-            Some(d) => d
-                .get_ref()
-                .to_vec()
-                .iter()
-                .map(dscp_value)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|m| cx.at(d, f("dscp"), m))?,
-        };
-        for (k, v) in [
-            ("src_ports", r.src_ports.as_ref().map(|s| s.span())),
-            ("dst_ports", r.dst_ports.as_ref().map(|s| s.span())),
-        ] {
-            let list = if k == "src_ports" {
-                &src_ports
-            } else {
-                &dst_ports
-            };
-            if v.is_some() && list.is_empty() {
-                return Err(cx.err(
-                    v,
-                    f(k),
-                    "an empty list matches nothing; leave the field out to match any port",
-                ));
-            }
-        }
+        let src_cidrs = values(cx, &r.src_cidrs, f("src_cidrs"), "address", cidr_value)?;
+        let dst_cidrs = values(cx, &r.dst_cidrs, f("dst_cidrs"), "address", cidr_value)?;
+        let dscp = values(cx, &r.dscp, f("dscp"), "DSCP", dscp_value)?;
         rules.push(Rule {
             name,
             class,
@@ -946,6 +1055,7 @@ fn interface_name(cx: &Ctx<'_>, v: &Spanned<String>, field: &str) -> Result<Stri
     if s.is_empty()
         || s.len() > 15
         || s.contains('/')
+        || s.contains(':')
         || s.chars().any(|c| c.is_whitespace())
         || s == "."
         || s == ".."
@@ -953,7 +1063,7 @@ fn interface_name(cx: &Ctx<'_>, v: &Spanned<String>, field: &str) -> Result<Stri
         return Err(cx.at(
             v,
             field,
-            format!("`{s}` is not a valid interface name (1-15 characters, no spaces or '/')"),
+            format!("`{s}` is not a valid interface name (1-15 characters, no spaces, '/' or ':')"),
         ));
     }
     Ok(s.clone())
@@ -1046,7 +1156,84 @@ dst_cidrs = ["52.112.0.0/14", "2603:1063::/38"]
     fn shares_above_100_percent() {
         let e = err_of(&GOOD.replace("guaranteed = \"30%\"", "guaranteed = \"90%\""));
         assert!(e.message.contains("must not exceed 100%"), "{e}");
-        assert_eq!(e.field, "class[*].guaranteed");
+        // The class that takes the total past 100%, on its `guaranteed` line.
+        assert_eq!(e.field, "class[1].guaranteed");
+        assert_eq!(e.line, Some(17), "{e}");
+        assert!(
+            e.message.contains("video 1.9mbit + default 8.55mbit"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn shares_of_exactly_100_percent_of_an_odd_rate() {
+        // Each half rounds up to 4750001bit; the shares still add up to 100%.
+        let text = GOOD
+            .replace("9500kbit", "9500001bit")
+            .replace("\"20%\"", "\"50%\"")
+            .replace("\"30%\"", "\"50%\"");
+        p(&text).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn protocols_by_number_and_match_lists() {
+        let pol = p(&GOOD.replace("protocol = \"udp\"", "protocol = [17, \"tcp\"]"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pol.rules[0].protocols, vec![17, 6]);
+        let pol = p(&GOOD.replace("protocol = \"udp\"", "protocol = 17")).expect("valid");
+        assert_eq!(pol.rules[0].protocols, vec![17]);
+        let e = err_of(&GOOD.replace("protocol = \"udp\"", "protocol = 300"));
+        assert!(e.message.contains("out of range 0-255"), "{e}");
+        for k in [
+            "protocol = []",
+            "dst_cidrs = []",
+            "src_cidrs = []",
+            "dscp = []",
+        ] {
+            // The rule with `k` in place of the same key's line, if it has one.
+            let key = k.split(' ').next().unwrap_or_default();
+            let (head, rule) = GOOD.split_once("[[rule]]\n").expect("a rule");
+            let rule: String = rule
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{key} =")))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let e = err_of(&format!("{head}[[rule]]\n{k}\n{rule}"));
+            assert!(e.message.contains("empty list matches nothing"), "{k}: {e}");
+            assert_eq!(e.line, Some(20), "{k}: {e}");
+        }
+        let e = err_of(&GOOD.replace("50020]", "500.5]"));
+        assert_eq!(e.field, "rule[0].dst_ports");
+        assert!(e.message.contains("`500.5` is not a port"), "{e}");
+        let e = err_of(&GOOD.replace("dscp = \"AF41\"", "dscp = 46.0"));
+        assert_eq!(e.field, "class[0].dscp");
+        assert!(e.message.contains("is not a DSCP"), "{e}");
+    }
+
+    #[test]
+    fn toml_errors_name_the_field() {
+        let e = err_of(&GOOD.replace("priority = 4", "priority = \"low\""));
+        assert_eq!((e.field.as_str(), e.line), ("class[1].priority", Some(16)));
+        let e = err_of(&GOOD.replace("rate = \"36mbit\"", "rate = 36"));
+        assert_eq!((e.field.as_str(), e.line), ("download.rate", Some(8)));
+        let e = err_of(&GOOD.replace("class = \"video\"", "class = \"video\"\nport = 1"));
+        assert_eq!((e.field.as_str(), e.line), ("rule[0].port", Some(22)));
+        let e = err_of(&GOOD.replace("wan = \"wan0\"\n", ""));
+        assert_eq!((e.field.as_str(), e.line), ("interfaces.wan", Some(2)));
+        let e = err_of(&GOOD.replace("[upload]\nrate = \"9500kbit\"\n", ""));
+        assert_eq!((e.field.as_str(), e.line), ("upload", None), "{e}");
+        // Syntax errors: a line, one line of message, no field.
+        let e = err_of(&GOOD.replace("[download]", "[download"));
+        assert_eq!((e.field.as_str(), e.line), ("", Some(7)));
+        assert!(!e.message.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn second_default_points_at_its_default_line() {
+        let e = err_of(&GOOD.replace("dscp = \"AF41\"", "dscp = \"AF41\"\ndefault = true"));
+        assert_eq!(e.field, "class[1].default");
+        assert_eq!(e.line, Some(19), "{e}");
+        assert!(e.message.contains("`video` is already the default"), "{e}");
     }
 
     #[test]
@@ -1083,6 +1270,9 @@ dst_cidrs = ["52.112.0.0/14", "2603:1063::/38"]
         let e = err_of(&GOOD.replace("lan = \"lan0\"", "lan = \"wan0\""));
         assert_eq!(e.field, "interfaces.lan");
         let e = err_of(&GOOD.replace("lan = \"lan0\"", "lan = \"a-very-long-interface-name\""));
+        assert!(e.message.contains("not a valid interface name"), "{e}");
+        // The kernel refuses ':' in a device name ("eth0:1" is an alias label).
+        let e = err_of(&GOOD.replace("lan = \"lan0\"", "lan = \"lan0:1\""));
         assert!(e.message.contains("not a valid interface name"), "{e}");
     }
 

@@ -4,5 +4,8 @@
 pub mod apply;
 pub mod compile;
 pub mod config;
+pub mod confirm;
+pub mod daemon;
 pub mod kernel;
+pub mod metrics;
 pub mod status;

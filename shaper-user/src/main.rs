@@ -1,6 +1,6 @@
 //! `shaper`: clinical-traffic shaping for copper-line site gateways.
 
-use shaper_user::{apply, compile, config, status};
+use shaper_user::{apply, compile, config, confirm, daemon, status};
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -28,7 +28,18 @@ enum Cmd {
         offline: bool,
     },
     /// Apply a config and exit; shaping stays in place (pinned in bpffs).
-    Apply { config: PathBuf },
+    Apply {
+        config: PathBuf,
+        /// Roll back to the last confirmed config unless `shaper confirm` runs
+        /// within this time (e.g. "120s", "5m").
+        #[arg(long, value_parser = confirm::parse_duration)]
+        confirm_within: Option<std::time::Duration>,
+    },
+    /// Keep a config applied with --confirm-within.
+    Confirm,
+    /// (internal) waits for a confirmation and rolls back without one.
+    #[command(hide = true)]
+    ConfirmWatch,
     /// Per-class and per-rule counters read from the kernel.
     Status {
         #[arg(long)]
@@ -56,7 +67,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            log::error!("{e:#}");
+            // The one line a user must always see, whatever RUST_LOG says.
+            eprintln!("shaper: error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -87,9 +99,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}: OK (leaf \"auto\" is fq_codel where the kernel has it, else bfifo; decided at apply)", config.display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Apply { config } => {
-            let policy = load_policy(&config)?;
-            let state = runtime()?.block_on(apply::apply(&paths, &policy, &config))?;
+        Cmd::Apply {
+            config,
+            confirm_within,
+        } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let policy = config::parse(&config, &text)?;
+            let rollback = match confirm_within {
+                Some(_) => Some(confirm::prepare(&paths)?),
+                None => None,
+            };
+            let state = runtime()?.block_on(apply::apply(&paths, &policy, &config, &text))?;
             log::info!(
                 "applied {}: {} classes, {} rules on {} (upload) and {} (download), classifier via {:?}",
                 config.display(),
@@ -99,6 +120,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 policy.lan,
                 state.attachments.first().map(|a| a.mode)
             );
+            match (confirm_within, rollback) {
+                (Some(within), Some(rb)) => {
+                    confirm::arm(&paths, &config, within, rb)?;
+                    if let Some(p) = confirm::pending(&paths)? {
+                        log::warn!("{}", confirm::describe(&p));
+                    }
+                }
+                _ => {
+                    // A plain apply is a confirmed one: drop any pending rollback.
+                    confirm::confirm(&paths)?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Confirm => {
+            if confirm::confirm(&paths)? {
+                log::info!("confirmed; the applied config stays");
+            } else {
+                log::info!("nothing to confirm");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::ConfirmWatch => {
+            runtime()?.block_on(confirm::watch(&paths))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { json, interval } => {
@@ -130,43 +175,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Run {
             config,
             keep_on_exit,
-        } => runtime()?.block_on(daemon(paths, config, keep_on_exit)),
-    }
-}
-
-async fn daemon(paths: apply::Paths, config: PathBuf, keep_on_exit: bool) -> Result<ExitCode> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let policy = load_policy(&config)?;
-    apply::apply(&paths, &policy, &config).await?;
-    log::info!(
-        "shaping {} -> {}; SIGHUP reloads {}",
-        policy.lan,
-        policy.wan,
-        config.display()
-    );
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    loop {
-        tokio::select! {
-            _ = hup.recv() => {
-                match load_policy(&config) {
-                    Ok(p) => match apply::apply(&paths, &p, &config).await {
-                        Ok(_) => log::info!("reloaded {}", config.display()),
-                        Err(e) => log::error!("reload failed, previous shaping kept: {e:#}"),
-                    },
-                    Err(e) => log::error!("reload refused, previous shaping kept: {e:#}"),
-                }
+        } => {
+            // A metrics address on the WAN is refused before anything is applied.
+            let policy = load_policy(&config)?;
+            if let Some(addr) = policy.metrics_listen {
+                shaper_user::metrics::check_listen(addr, &policy.wan)?;
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            // Started once the first apply succeeded (metrics endpoint and the like).
+            let mp = paths.clone();
+            let on_first_apply: Option<daemon::OnApplied> =
+                Some(Box::new(move |p| shaper_user::metrics::start(p, &mp)));
+            runtime()?.block_on(daemon::run(paths, config, keep_on_exit, on_first_apply))
         }
     }
-    if keep_on_exit {
-        log::info!("stopping; shaping left in place");
-    } else {
-        apply::remove(&paths).await?;
-        log::info!("stopped; shaping removed");
-    }
-    Ok(ExitCode::SUCCESS)
 }

@@ -91,7 +91,9 @@ struct Rig {
 /// Loads the classifier in a private namespace whose `lo` is the WAN side
 /// (ifindex 1) and a veth is the LAN side (test runs need a real device).
 fn rig() -> Rig {
-    let name = format!("shp-cls-{}", std::process::id());
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("shp-cls-{}-{n}", std::process::id());
     let ns = Ns(name.clone());
     let sh = |args: &[&str]| {
         let st = std::process::Command::new("ip")

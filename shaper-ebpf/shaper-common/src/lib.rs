@@ -134,6 +134,13 @@ pub struct Config {
     pub flags: u32,
     /// Class index for pure TCP ACKs (no payload), or [`NO_CLASS`].
     pub ack_class: u32,
+    /// The index maps hold `bitmap id ^ base`, with each map's most common id as
+    /// its base: only the entries that differ from it need writing (a port map
+    /// has 65,537 slots; most hold the same id).
+    pub proto_base: u32,
+    pub dscp_base: u32,
+    pub sport_base: u32,
+    pub dport_base: u32,
 }
 
 /// `Config::ack_class` value: pure ACKs are classified like any packet.

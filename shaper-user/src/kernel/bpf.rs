@@ -154,8 +154,16 @@ pub fn load(m: &MapPlan, wan_ifindex: u32, lan_ifindex: u32, flags: u32) -> Resu
         .load(OBJECT)
         .context("loading the classifier object")?;
     let prog: &mut SchedClassifier = program(&mut bpf)?;
+    let t0 = std::time::Instant::now();
     prog.load()
         .map_err(|e| anyhow!("the kernel refused the classifier program: {e:#}"))?;
+    if let Ok(info) = prog.info() {
+        log::debug!(
+            "classifier verified in {:?}: {:?} instructions processed",
+            t0.elapsed(),
+            info.verified_instruction_count()
+        );
+    }
     fill(&mut bpf, m, wan_ifindex, lan_ifindex, flags)?;
     Ok(bpf)
 }
@@ -181,17 +189,23 @@ fn fill(bpf: &mut Ebpf, m: &MapPlan, wan_ifindex: u32, lan_ifindex: u32, flags: 
             a.set(i as u32, b, 0).context("filling rule bitmaps")?;
         }
     }
-    for (name, idx) in [
+    let mut bases = [0u32; 4];
+    for (k, (name, idx)) in [
         (MAP_PROTO_IDX, &m.proto_idx),
         (MAP_DSCP_IDX, &m.dscp_idx),
         (MAP_SPORT_IDX, &m.sport_idx),
         (MAP_DPORT_IDX, &m.dport_idx),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // Slots hold `id ^ base`; a fresh map is all zeros, i.e. all `base`.
+        let base = most_common(idx);
+        bases[k] = base;
         let mut a: Array<_, u32> = Array::try_from(map_mut(bpf, name)?)?;
         for (i, id) in idx.iter().enumerate() {
-            // Id 0 is the empty bitmap, which is what an unset slot holds.
-            if *id != 0 {
-                a.set(i as u32, *id, 0)
+            if *id != base {
+                a.set(i as u32, *id ^ base, 0)
                     .with_context(|| format!("filling {name}"))?;
             }
         }
@@ -234,10 +248,25 @@ fn fill(bpf: &mut Ebpf, m: &MapPlan, wan_ifindex: u32, lan_ifindex: u32, flags: 
         wild_dst: m.wild_dst,
         flags: flags | CFG_READY,
         ack_class: m.ack_class.unwrap_or(NO_CLASS),
+        proto_base: bases[0],
+        dscp_base: bases[1],
+        sport_base: bases[2],
+        dport_base: bases[3],
     };
     let mut a: Array<_, Config> = Array::try_from(map_mut(bpf, MAP_CONFIG)?)?;
     a.set(0, cfg, 0).context("writing CONFIG")?;
     Ok(())
+}
+
+fn most_common(ids: &[u32]) -> u32 {
+    let mut counts: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for id in ids {
+        *counts.entry(*id).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by_key(|&(id, n)| (n, std::cmp::Reverse(id)))
+        .map_or(0, |(id, _)| id)
 }
 
 fn not_found(e: &LinkError) -> bool {

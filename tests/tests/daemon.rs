@@ -1,0 +1,304 @@
+//! Unattended operation: commit-confirmed rollback, and the `run` daemon waiting for
+//! interfaces that do not exist yet and restoring shaping on a re-created interface.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use shaper_tests::{skip_unless_ready, Netns, Shaper, TempDir, TOPOLOGY_TOOLS};
+
+fn config(classes: &[(&str, u32)]) -> String {
+    let mut t = String::from(
+        "[interfaces]\nwan = \"wan0\"\nlan = \"lan0\"\n[upload]\nrate = \"10mbit\"\n[download]\nrate = \"40mbit\"\n",
+    );
+    for (i, (name, pct)) in classes.iter().enumerate() {
+        t.push_str(&format!(
+            "[[class]]\nname = \"{name}\"\npriority = {i}\nguaranteed = \"{pct}%\"\n"
+        ));
+        if *name == "default" {
+            t.push_str("default = true\n");
+        }
+    }
+    t
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write config");
+    p
+}
+
+/// A gateway namespace with two veth pairs whose gateway ends are wan0 and lan0.
+fn gateway() -> Netns {
+    let ns = Netns::new("gwd").expect("netns");
+    add_veth(&ns, "wan0", "wanp");
+    add_veth(&ns, "lan0", "lanp");
+    ns
+}
+
+fn add_veth(ns: &Netns, a: &str, b: &str) {
+    ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])
+        .expect("veth");
+    ns.ip(&["link", "set", a, "up"]).expect("up");
+    ns.ip(&["link", "set", b, "up"]).expect("up");
+}
+
+fn shaped(ns: &Netns, dev: &str) -> bool {
+    ns.run("tc", &["qdisc", "show", "dev", dev])
+        .is_ok_and(|o| o.contains("htb 1: root"))
+}
+
+fn class_names(shaper: &Shaper) -> Option<Vec<String>> {
+    let v = shaper.status_json().ok()?;
+    Some(
+        v["directions"][0]["classes"]
+            .as_array()?
+            .iter()
+            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .collect(),
+    )
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
+
+fn apply_confirm(shaper: &Shaper, cfg: &Path, within: &str) {
+    let out = shaper
+        .command(&[
+            OsStr::new("apply"),
+            OsStr::new("--confirm-within"),
+            OsStr::new(within),
+            cfg.as_os_str(),
+        ])
+        .output()
+        .expect("apply");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn commit_confirmed_rolls_back_unless_confirmed() {
+    skip_unless_ready!(TOPOLOGY_TOOLS);
+    let ns = gateway();
+    let dir = TempDir::new("confirm").expect("dir");
+    let a = write(
+        dir.path(),
+        "a.toml",
+        &config(&[("video", 20), ("default", 20)]),
+    );
+    let b = write(
+        dir.path(),
+        "b.toml",
+        &config(&[("video", 30), ("images", 30), ("default", 20)]),
+    );
+    let mut shaper = Shaper::new(&ns).expect("shaper");
+    let before = ns.run("tc", &["qdisc", "show"]).expect("tc");
+
+    shaper.apply(&a).expect("apply A");
+    // Unconfirmed B goes back to A.
+    apply_confirm(&shaper, &b, "2s");
+    assert_eq!(
+        class_names(&shaper).expect("status"),
+        ["video", "images", "default"]
+    );
+    wait_for("the rollback to A", Duration::from_secs(10), || {
+        class_names(&shaper).is_some_and(|c| c == ["video", "default"])
+    });
+    // Edit a.toml afterwards: the rollback used the text as applied, not the file.
+    std::fs::write(&a, "garbage").expect("overwrite");
+
+    // Confirmed B stays.
+    apply_confirm(&shaper, &b, "2s");
+    let out = shaper.command(&["confirm"]).output().expect("confirm");
+    assert!(out.status.success());
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        class_names(&shaper).expect("status"),
+        ["video", "images", "default"]
+    );
+
+    // With nothing confirmed before, an unconfirmed apply rolls back to no shaping.
+    shaper.remove().expect("remove");
+    apply_confirm(&shaper, &b, "2s");
+    assert!(shaped(&ns, "wan0"));
+    wait_for(
+        "the rollback to no shaping",
+        Duration::from_secs(10),
+        || !shaped(&ns, "wan0"),
+    );
+    wait_for("state cleared", Duration::from_secs(5), || {
+        class_names(&shaper).is_none()
+    });
+    assert_eq!(ns.run("tc", &["qdisc", "show"]).expect("tc"), before);
+    assert!(shaper.leftover_pins().is_empty());
+}
+
+struct Daemon(Child);
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(shaper: &Shaper, cfg: &Path) -> Daemon {
+    Daemon(
+        shaper
+            .command(&[OsStr::new("run"), cfg.as_os_str()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start daemon"),
+    )
+}
+
+#[test]
+fn daemon_waits_for_interfaces_and_restores_a_recreated_one() {
+    skip_unless_ready!(TOPOLOGY_TOOLS);
+    let ns = Netns::new("gwd").expect("netns");
+    add_veth(&ns, "wan0", "wanp");
+    let dir = TempDir::new("daemon-if").expect("dir");
+    let cfg = write(
+        dir.path(),
+        "site.toml",
+        &config(&[("video", 20), ("default", 20)]),
+    );
+    let shaper = Shaper::new(&ns).expect("shaper");
+    let mut d = start(&shaper, &cfg);
+
+    // lan0 does not exist yet: the daemon waits instead of exiting.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        d.0.try_wait().expect("wait").is_none(),
+        "daemon must wait for lan0"
+    );
+    assert!(!shaped(&ns, "wan0"));
+    add_veth(&ns, "lan0", "lanp");
+    let t = wait_for("shaping once lan0 exists", Duration::from_secs(5), || {
+        shaped(&ns, "wan0") && shaped(&ns, "lan0")
+    });
+    eprintln!("shaping {t:?} after lan0 appeared");
+
+    // Link down/up keeps the shaping.
+    ns.ip(&["link", "set", "lan0", "down"]).expect("down");
+    ns.ip(&["link", "set", "lan0", "up"]).expect("up");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(shaped(&ns, "lan0"));
+
+    // The interface is deleted and created again (a modem re-plugged): restored within 1 s.
+    for round in 0..3 {
+        ns.ip(&["link", "del", "wan0"]).expect("del");
+        std::thread::sleep(Duration::from_millis(300));
+        add_veth(&ns, "wan0", "wanp");
+        let t = wait_for(
+            "shaping on the re-created wan0",
+            Duration::from_secs(1),
+            || shaped(&ns, "wan0"),
+        );
+        eprintln!("round {round}: re-created wan0 shaped again after {t:?}");
+    }
+    // Someone deletes our root qdisc: put back too.
+    ns.run("tc", &["qdisc", "del", "dev", "lan0", "root"])
+        .expect("tc del");
+    let t = wait_for("the root qdisc put back", Duration::from_secs(1), || {
+        shaped(&ns, "lan0")
+    });
+    eprintln!("deleted root qdisc restored after {t:?}");
+    assert_eq!(class_names(&shaper).expect("status"), ["video", "default"]);
+    assert!(
+        d.0.try_wait().expect("wait").is_none(),
+        "daemon still running"
+    );
+
+    // SIGTERM: clean exit, shaping removed.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.0.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = d.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    assert!(!shaped(&ns, "wan0") && !shaped(&ns, "lan0"));
+    assert!(shaper.leftover_pins().is_empty());
+}
+
+#[test]
+fn daemon_speaks_the_systemd_notify_protocol() {
+    skip_unless_ready!(TOPOLOGY_TOOLS);
+    let ns = gateway();
+    let dir = TempDir::new("notify").expect("dir");
+    let cfg = write(
+        dir.path(),
+        "site.toml",
+        &config(&[("video", 20), ("default", 20)]),
+    );
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let shaper = Shaper::new(&ns).expect("shaper");
+    let child = shaper
+        .command(&[OsStr::new("run"), cfg.as_os_str()])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start daemon");
+    let d = Daemon(child);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    let t0 = Instant::now();
+    while !(got.iter().any(|m: &String| m == "READY=1")
+        && got.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2)
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "messages so far: {got:?}"
+        );
+        let n = sock.recv(&mut buf).expect("notify message");
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        shaped(&ns, "wan0"),
+        "READY=1 comes after the shaping is in place"
+    );
+    drop(d); // SIGTERM
+    let mut rest = Vec::new();
+    while let Ok(n) = sock.recv(&mut buf) {
+        rest.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        if rest.iter().any(|m| m == "STOPPING=1") {
+            break;
+        }
+    }
+    assert!(
+        rest.iter().any(|m| m == "STOPPING=1"),
+        "after SIGTERM: {rest:?}"
+    );
+}
