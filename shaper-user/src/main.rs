@@ -48,6 +48,15 @@ enum Cmd {
         #[arg(long, default_value_t = 1.0)]
         interval: f64,
     },
+    /// A live view of the counters and rates, refreshed every interval.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Stop after this many refreshes (default: until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Remove all shaping and restore the interfaces as they were found.
     Remove,
     /// Foreground daemon: apply, reload on SIGHUP, remove and exit on SIGTERM.
@@ -60,9 +69,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp(None)
-        .init();
+    init_logging();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -72,6 +79,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs go to stderr. Under systemd (JOURNAL_STREAM set) each line carries its
+/// syslog priority as `<N>` so journald files it at the right level, and no
+/// timestamp (the journal adds its own).
+fn init_logging() {
+    use std::io::Write as _;
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        b.format(|f, r| {
+            let prio = match r.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            writeln!(f, "<{prio}>{}", r.args())
+        });
+    } else {
+        b.format_timestamp(None);
+    }
+    b.init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -163,6 +192,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
             }
+        }
+        Cmd::Top { interval, count } => {
+            use std::io::{IsTerminal as _, Write as _};
+            let rt = runtime()?;
+            let tty = std::io::stdout().is_terminal();
+            let interval = interval.max(0.2);
+            let mut n = 0u64;
+            while count.is_none_or(|c| n < c) {
+                // Each frame samples over `interval`, so it also paces the loop.
+                let frame = match rt.block_on(status::collect(&paths, interval))? {
+                    Some(r) => status::render(&r),
+                    None => "not applied\n".to_string(),
+                };
+                let mut out = std::io::stdout().lock();
+                if tty {
+                    write!(out, "\x1b[2J\x1b[H")?;
+                }
+                write!(out, "{frame}")?;
+                if !tty {
+                    writeln!(out, "----")?;
+                }
+                out.flush()?;
+                n += 1;
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Remove => {
             if runtime()?.block_on(apply::remove(&paths))? {

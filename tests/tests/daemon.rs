@@ -302,3 +302,37 @@ fn daemon_speaks_the_systemd_notify_protocol() {
         "after SIGTERM: {rest:?}"
     );
 }
+
+#[test]
+fn top_refreshes_and_logs_carry_journald_priorities() {
+    skip_unless_ready!(TOPOLOGY_TOOLS);
+    let ns = gateway();
+    let dir = TempDir::new("top").expect("dir");
+    let cfg = write(
+        dir.path(),
+        "site.toml",
+        &config(&[("video", 20), ("default", 20)]),
+    );
+    let mut shaper = Shaper::new(&ns).expect("shaper");
+    // Under systemd the log lines carry their syslog priority.
+    let out = shaper
+        .command(&[OsStr::new("apply"), cfg.as_os_str()])
+        .env("JOURNAL_STREAM", "8:12345")
+        .output()
+        .expect("apply");
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.lines().any(|l| l.starts_with("<6>applied")), "{err}");
+    shaper.apply(&cfg).expect("apply through the driver too");
+
+    let out = shaper
+        .command(&["top", "--count", "2", "--interval", "0.3"])
+        .output()
+        .expect("top");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("----").count(), 2, "two frames: {text}");
+    assert_eq!(text.matches("upload on wan0").count(), 2, "{text}");
+    assert!(text.contains("video"), "{text}");
+    shaper.remove().expect("remove");
+}
