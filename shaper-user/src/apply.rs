@@ -31,7 +31,7 @@ use crate::{
     config::Policy,
     kernel::{
         bpf::{self, Attachment, Pins, Side},
-        tc::{self, HtbClassParams, LinkLayer, QdiscInfo, Tc},
+        tc::{self, HtbClassParams, LinkLayer, QdiscInfo, Stab, Tc},
     },
 };
 
@@ -225,12 +225,41 @@ fn leaf_params(c: &ClassPlan) -> HtbClassParams {
     )
 }
 
-/// Is our HTB root (1:) the root of this interface now?
-async fn has_our_root(tc: &Tc, ifindex: u32) -> Result<bool> {
-    Ok(tc
-        .root_qdisc(ifindex)
-        .await?
-        .is_some_and(|q| q.kind == "htb" && q.handle == ROOT_HANDLE))
+/// Is this our HTB root (1:)?
+fn is_our_root(q: &QdiscInfo) -> bool {
+    q.kind == "htb" && q.handle == ROOT_HANDLE
+}
+
+/// The size table for a direction's accounting on an interface, or `None`
+/// (no accounting).
+///
+/// Accounting is a size table on the HTB root, not per-class
+/// overhead/linklayer in the rate specs, because:
+/// - the overhead must be able to go negative: it is configured per IP
+///   packet and the interface's own 14-byte Ethernet header is subtracted
+///   (PPPoA's 10 becomes -4 on an Ethernet port); rate specs carry a u16;
+/// - the root computes each packet's length once, before classification, so
+///   1:1, every class, and the leaves' byte limits all see the same line
+///   bytes, with no chance of a class missing the setting;
+/// - a changed line type changes only the root's table, in place (see
+///   `sync_tree`), with the class tree and its queues kept.
+///
+/// Known limit, shared with per-class accounting: a GSO packet gets the
+/// overhead once, not per segment.
+fn root_stab(a: &compile::Accounting, l2_header: bool) -> Option<Stab> {
+    if a.is_none() {
+        return None;
+    }
+    Some(Stab {
+        linklayer: if a.atm() {
+            LinkLayer::Atm
+        } else {
+            LinkLayer::Ethernet
+        },
+        overhead: a.stab_overhead(if l2_header { 14 } else { 0 }),
+        mpu: a.mpu,
+        ..Stab::default()
+    })
 }
 
 /// Brings one interface's class tree to `want`. `have` is the plan applied
@@ -238,8 +267,11 @@ async fn has_our_root(tc: &Tc, ifindex: u32) -> Result<bool> {
 /// replacing whatever root is there). Classes only `have` has are left for
 /// [`prune_tree`], after the classifier stops steering into them.
 async fn sync_tree(tc: &Tc, ifindex: u32, want: &DirPlan, have: Option<&DirPlan>) -> Result<()> {
-    let ours = has_our_root(tc, ifindex).await?;
+    let root = tc.root_qdisc(ifindex).await?;
+    let ours = root.as_ref().is_some_and(is_our_root);
     let have = have.filter(|_| ours);
+    let l2 = tc.link_info(ifindex).await?.has_l2_header;
+    let stab = root_stab(&want.accounting, l2);
     if have.is_none() {
         // Replacing an HTB 1: with an HTB 1: would only "change" it (and HTB
         // cannot), so a stale tree of ours goes first.
@@ -248,9 +280,36 @@ async fn sync_tree(tc: &Tc, ifindex: u32, want: &DirPlan, have: Option<&DirPlan>
                 .await
                 .with_context(|| format!("clearing the old tree on {}", want.ifname))?;
         }
-        tc.add_htb_root(ifindex, ROOT_HANDLE, want.default_minor, 10, None, true)
+        tc.add_htb_root(
+            ifindex,
+            ROOT_HANDLE,
+            want.default_minor,
+            10,
+            stab.as_ref(),
+            true,
+        )
+        .await
+        .with_context(|| format!("creating the HTB root on {}", want.ifname))?;
+    } else {
+        // Our root stays (same default class and r2q); only its size table
+        // may differ: compared with what the kernel reports, not with the
+        // previous plan, so a table changed behind our back is put right
+        // too. The replace sends no HTB options, so the kernel keeps the
+        // tree and swaps the table (or drops it, for no accounting).
+        let wanted = stab.map(|s| s.compute().0);
+        let current = root.as_ref().and_then(QdiscInfo::stab);
+        if wanted != current {
+            tc.add_htb_root(
+                ifindex,
+                ROOT_HANDLE,
+                want.default_minor,
+                10,
+                stab.as_ref(),
+                true,
+            )
             .await
-            .with_context(|| format!("creating the HTB root on {}", want.ifname))?;
+            .with_context(|| format!("changing the size table on {}", want.ifname))?;
+        }
     }
     tc.put_htb_class(
         ifindex,
@@ -578,4 +637,33 @@ pub async fn remove(paths: &Paths) -> Result<bool> {
     fs::remove_file(paths.state())
         .with_context(|| format!("removing {}", paths.state().display()))?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Framing, LinkAccounting};
+
+    #[test]
+    fn root_stab_per_line() {
+        let acc = |framing, overhead, mpu| {
+            compile::Accounting::of(&LinkAccounting {
+                line: None,
+                framing,
+                overhead,
+                mpu,
+            })
+        };
+        assert_eq!(root_stab(&acc(Framing::Ethernet, 0, 0), true), None);
+        let s = root_stab(&acc(Framing::Atm, 10, 0), true).expect("a table");
+        assert_eq!((s.linklayer, s.overhead, s.mpu), (LinkLayer::Atm, -4, 0));
+        // On an L3 device (ppp0) the packet is the IP packet.
+        let s = root_stab(&acc(Framing::Atm, 10, 0), false).expect("a table");
+        assert_eq!(s.overhead, 10);
+        let s = root_stab(&acc(Framing::Ptm, 30, 68), true).expect("a table");
+        assert_eq!(
+            (s.linklayer, s.overhead, s.mpu),
+            (LinkLayer::Ethernet, 16, 68)
+        );
+    }
 }

@@ -8,7 +8,9 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use shaper_common::{ClassInfo, BITMAP_WORDS, DSCP_KEEP, NO_PORT, PORT_SLOTS};
 
-use crate::config::{format_rate, mask_addr, Cidr, Direction, LeafChoice, Policy, Rule};
+use crate::config::{
+    format_rate, mask_addr, Cidr, Direction, Framing, LeafChoice, LinkAccounting, Policy, Rule,
+};
 
 /// HTB root handle (1:) on both interfaces.
 pub const ROOT_HANDLE: u32 = 0x0001_0000;
@@ -78,13 +80,82 @@ pub struct ClassPlan {
     pub leaf: LeafPlan,
 }
 
+/// Link-layer accounting of one direction as the kernel gets it: a size table
+/// on the HTB root (ATM cells or not, overhead, mpu) and, for PTM's 64/65
+/// coding (which size tables cannot express), every HTB rate derated by
+/// `rate_num / rate_den`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accounting {
+    /// The `line` preset named in the config, if any.
+    pub line: Option<String>,
+    pub framing: Framing,
+    /// Bytes the line adds to each IP packet (CAKE's convention).
+    pub overhead: i32,
+    /// Minimum packet size on the line, overhead included.
+    pub mpu: u32,
+    /// HTB rates are the configured ones x `rate_num / rate_den` (64/65 for
+    /// PTM). Equal (or both 0, in a state file from before) means 1.
+    pub rate_num: u32,
+    pub rate_den: u32,
+}
+
+impl Accounting {
+    pub fn of(l: &LinkAccounting) -> Self {
+        let (rate_num, rate_den) = match l.framing {
+            Framing::Ptm => (64, 65),
+            Framing::Atm | Framing::Ethernet => (1, 1),
+        };
+        Accounting {
+            line: l.line.clone(),
+            framing: l.framing,
+            overhead: l.overhead,
+            mpu: l.mpu,
+            rate_num,
+            rate_den,
+        }
+    }
+
+    /// No accounting at all: no size table, rates as configured.
+    pub fn is_none(&self) -> bool {
+        self.framing == Framing::Ethernet && self.overhead == 0 && self.mpu == 0
+    }
+
+    /// Whether the size table counts ATM cells.
+    pub fn atm(&self) -> bool {
+        self.framing == Framing::Atm
+    }
+
+    /// `bps` derated for the line's coding.
+    pub fn scale(&self, bps: u64) -> u64 {
+        if self.rate_num == self.rate_den || self.rate_den == 0 {
+            bps
+        } else {
+            (bps as u128 * self.rate_num as u128 / self.rate_den as u128) as u64
+        }
+    }
+
+    /// The size table's overhead on an interface whose packets carry
+    /// `l2_header` bytes of link-layer header (14 on Ethernet, 0 on ppp/tun):
+    /// the configured overhead is relative to the IP packet.
+    pub fn stab_overhead(&self, l2_header: u32) -> i32 {
+        self.overhead - l2_header as i32
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirPlan {
     pub ifname: String,
+    /// The HTB rate of 1:1 (the configured rate, derated for PTM).
     pub rate_bps: u64,
+    /// The direction's rate as configured.
+    #[serde(default)]
+    pub line_rate_bps: u64,
     pub default_minor: u32,
     pub parent_burst_bytes: u32,
     pub classes: Vec<ClassPlan>,
+    /// Link-layer accounting (size table on the root, PTM derating).
+    #[serde(default)]
+    pub accounting: Accounting,
 }
 
 /// Everything the classifier's maps hold.
@@ -169,15 +240,25 @@ fn leaf_for(policy: &Policy, caps: Option<KernelCaps>, ceil_bps: u64) -> LeafPla
     }
 }
 
-fn dir_plan(policy: &Policy, caps: Option<KernelCaps>, ifname: &str, rate_bps: u64) -> DirPlan {
+fn dir_plan(
+    policy: &Policy,
+    caps: Option<KernelCaps>,
+    ifname: &str,
+    rate_bps: u64,
+    link: &LinkAccounting,
+) -> DirPlan {
+    let accounting = Accounting::of(link);
     let classes = policy
         .classes
         .iter()
         .enumerate()
         .map(|(i, c)| {
             let classid = classid_of(policy, i);
-            let rate = c.guaranteed.of(rate_bps);
-            let ceil = c.ceiling.of(rate_bps);
+            // Shares of the configured rate (absolute ones too) are line
+            // capacity; HTB counts bytes before the PTM coding, so all
+            // rates are derated alike.
+            let rate = accounting.scale(c.guaranteed.of(rate_bps));
+            let ceil = accounting.scale(c.ceiling.of(rate_bps));
             ClassPlan {
                 name: c.name.clone(),
                 index: i as u32,
@@ -193,12 +274,15 @@ fn dir_plan(policy: &Policy, caps: Option<KernelCaps>, ifname: &str, rate_bps: u
             }
         })
         .collect();
+    let htb_rate = accounting.scale(rate_bps);
     DirPlan {
         ifname: ifname.to_string(),
-        rate_bps,
+        rate_bps: htb_rate,
+        line_rate_bps: rate_bps,
         default_minor: DEFAULT_MINOR,
-        parent_burst_bytes: burst_for(rate_bps),
+        parent_burst_bytes: burst_for(htb_rate),
         classes,
+        accounting,
     }
 }
 
@@ -206,8 +290,20 @@ fn dir_plan(policy: &Policy, caps: Option<KernelCaps>, ifname: &str, rate_bps: u
 /// was not probed (plan shown by `check`).
 pub fn plan(policy: &Policy, caps: Option<KernelCaps>) -> Plan {
     Plan {
-        up: dir_plan(policy, caps, &policy.wan, policy.upload_bps),
-        down: dir_plan(policy, caps, &policy.lan, policy.download_bps),
+        up: dir_plan(
+            policy,
+            caps,
+            &policy.wan,
+            policy.upload_bps,
+            &policy.upload_link,
+        ),
+        down: dir_plan(
+            policy,
+            caps,
+            &policy.lan,
+            policy.download_bps,
+            &policy.download_link,
+        ),
         policy: policy.clone(),
     }
 }
@@ -460,6 +556,32 @@ pub fn describe(plan: &Plan, maps: &MapPlan) -> String {
             format_rate(d.rate_bps),
             d.default_minor
         );
+        let a = &d.accounting;
+        if a.is_none() {
+            let _ = writeln!(
+                s,
+                "  link layer: no accounting (packets counted as Linux sees them)"
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "  link layer: {}{} framing, overhead {} bytes per IP packet, mpu {}; size table on the root (linklayer {})",
+                a.line.as_ref().map(|l| format!("{l}, ")).unwrap_or_default(),
+                a.framing,
+                a.overhead,
+                a.mpu,
+                if a.atm() { "atm" } else { "ethernet" }
+            );
+            if d.rate_bps != d.line_rate_bps {
+                let _ = writeln!(
+                    s,
+                    "  PTM 64/65 coding: HTB rates x {}/{} ({} configured)",
+                    a.rate_num,
+                    a.rate_den,
+                    format_rate(d.line_rate_bps)
+                );
+            }
+        }
         let _ = writeln!(
             s,
             "  {:<22} {:>6} {:>11} {:>11} {:>4}  leaf",
@@ -690,6 +812,77 @@ priority = 200
             with_fq.up.classes[0].leaf,
             LeafPlan::FqCodel { .. }
         ));
+    }
+
+    #[test]
+    fn link_accounting_in_the_plan() {
+        let base = policy(RULES);
+        let pl = plan(&base, None);
+        assert!(pl.up.accounting.is_none() && pl.down.accounting.is_none());
+        assert_eq!(pl.up.rate_bps, pl.up.line_rate_bps);
+
+        let text = |up: &str, down: &str| {
+            let mut t = format!(
+                "[interfaces]\nwan = \"wan0\"\nlan = \"lan0\"\n[upload]\nrate = \"10mbit\"\n{up}\n[download]\nrate = \"40mbit\"\n{down}\n"
+            );
+            t.push_str("[[class]]\nname = \"video\"\npriority = 0\nguaranteed = \"2mbit\"\n");
+            t.push_str("[[class]]\nname = \"default\"\npriority = 4\nguaranteed = \"10%\"\ndefault = true\n");
+            config::parse(Path::new("t.toml"), &t).expect("valid")
+        };
+        let pol = text("line = \"adsl2-pppoa\"", "line = \"vdsl2-pppoe\"");
+        let pl = plan(&pol, None);
+        // ATM: rates untouched, cells counted by the size table.
+        let a = &pl.up.accounting;
+        assert!(a.atm() && !a.is_none());
+        assert_eq!(
+            (a.overhead, a.mpu, a.scale(10_000_000)),
+            (10, 0, 10_000_000)
+        );
+        assert_eq!(a.stab_overhead(14), -4);
+        assert_eq!(a.stab_overhead(0), 10);
+        assert_eq!(pl.up.rate_bps, 10_000_000);
+        // PTM: every HTB rate x 64/65, absolute shares too.
+        let d = &pl.down;
+        assert!(!d.accounting.atm());
+        assert_eq!((d.accounting.rate_num, d.accounting.rate_den), (64, 65));
+        assert_eq!(d.line_rate_bps, 40_000_000);
+        assert_eq!(d.rate_bps, 39_384_615);
+        assert_eq!(d.classes[0].rate_bps, 1_969_230);
+        assert_eq!(d.classes[0].ceil_bps, 39_384_615);
+        assert_eq!(d.classes[1].rate_bps, 3_938_461);
+
+        let out = describe(&pl, &maps(&pl));
+        assert!(
+            out.contains(
+                "link layer: adsl2-pppoa, atm framing, overhead 10 bytes per IP packet, mpu 0"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("HTB rates x 64/65 (40mbit configured)"),
+            "{out}"
+        );
+        let out = describe(&plan(&base, None), &maps(&plan(&base, None)));
+        assert!(out.contains("link layer: no accounting"), "{out}");
+    }
+
+    #[test]
+    fn state_files_from_before_accounting_still_read() {
+        // A DirPlan serialised before `accounting` and `line_rate_bps` existed.
+        let pl = plan(&policy(RULES), None);
+        let mut v = serde_json::to_value(&pl.up).expect("json");
+        let o = v.as_object_mut().expect("object");
+        o.remove("accounting");
+        o.remove("line_rate_bps");
+        let d: DirPlan = serde_json::from_value(v).expect("old DirPlan reads");
+        assert!(d.accounting.is_none());
+        assert_eq!(d.accounting.scale(1_000), 1_000);
+        let mut v = serde_json::to_value(&pl.policy).expect("json");
+        let o = v.as_object_mut().expect("object");
+        o.remove("upload_link");
+        o.remove("download_link");
+        let p: Policy = serde_json::from_value(v).expect("old Policy reads");
+        assert!(p.upload_link.is_none());
     }
 
     fn pv(

@@ -69,6 +69,18 @@ struct RawInterfaces {
 #[serde(deny_unknown_fields)]
 struct RawDirection {
     rate: Spanned<String>,
+    /// Line type preset for link-layer accounting (see [`line_preset`]).
+    #[serde(default)]
+    line: Option<Spanned<String>>,
+    /// Bytes the line adds to each IP packet; overrides the preset.
+    #[serde(default)]
+    overhead: Option<Spanned<i64>>,
+    /// Minimum size of a packet on the line; overrides the preset.
+    #[serde(default)]
+    mpu: Option<Spanned<i64>>,
+    /// "atm", "ptm" or "ethernet"; overrides the preset.
+    #[serde(default)]
+    framing: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,7 +168,125 @@ pub struct Policy {
     pub ack_class: Option<usize>,
     /// Where `shaper run` serves Prometheus metrics, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How the line counts bytes upstream (`[upload] line/framing/overhead/mpu`).
+    #[serde(default)]
+    pub upload_link: LinkAccounting,
+    /// How the line counts bytes downstream.
+    #[serde(default)]
+    pub download_link: LinkAccounting,
 }
+
+/// How a copper line frames each packet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Framing {
+    /// No cell or coding tax (also: the default, no accounting).
+    #[default]
+    Ethernet,
+    /// ATM cells (ADSL): 53 bytes on the line per 48 of payload, the last cell padded.
+    Atm,
+    /// PTM 64/65 coding (VDSL2, EFM): one byte in 65 is framing.
+    Ptm,
+}
+
+impl fmt::Display for Framing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Framing::Ethernet => "ethernet",
+            Framing::Atm => "atm",
+            Framing::Ptm => "ptm",
+        })
+    }
+}
+
+/// Link-layer accounting for one direction: what the copper adds to each packet.
+///
+/// `overhead` follows CAKE's convention: bytes added to the **IP packet** (not to
+/// the Ethernet frame Linux hands the qdisc); `apply` subtracts the interface's own
+/// link-layer header (14 bytes on Ethernet) when it builds the size table, so the
+/// same number is right on an Ethernet port towards a modem and on a `ppp0`. The
+/// all-zero Ethernet value means "no accounting": packets are measured as Linux
+/// sees them, as before this option existed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkAccounting {
+    /// The `line` preset the values started from, if one was named.
+    pub line: Option<String>,
+    pub framing: Framing,
+    /// Bytes added to each IP packet on the line (-64..=256).
+    pub overhead: i32,
+    /// Minimum size of a packet on the line, overhead included (0..=256).
+    pub mpu: u32,
+}
+
+impl LinkAccounting {
+    /// No accounting: Ethernet framing, no overhead, no minimum.
+    pub fn is_none(&self) -> bool {
+        self.framing == Framing::Ethernet && self.overhead == 0 && self.mpu == 0
+    }
+}
+
+impl fmt::Display for LinkAccounting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_none() {
+            return f.write_str("none (packets counted as Linux sees them)");
+        }
+        if let Some(l) = &self.line {
+            write!(f, "{l}: ")?;
+        }
+        write!(
+            f,
+            "{} framing, overhead {} bytes per IP packet, mpu {}",
+            self.framing, self.overhead, self.mpu
+        )
+    }
+}
+
+/// Line types: (name, framing, overhead per IP packet, mpu). The numbers are the
+/// ones CAKE's keywords stand for (tc-cake(8), "OVERHEAD COMPENSATION
+/// PARAMETERS"), which sqm-scripts uses as well:
+/// - `adsl2-pppoa`: CAKE `pppoa-vcmux` = overhead 10 atm (PPP 2 + ATM AAL5 trailer 8,
+///   VC-mux: no LLC header). The usual UK ADSL2+ encapsulation.
+/// - `adsl2-pppoe`: CAKE `pppoe-llcsnap` = overhead 40 atm (PPPoE + PPP 8 + Ethernet 14,
+///   no FCS + RFC 2684 LLC/SNAP 10 + AAL5 trailer 8).
+/// - `vdsl2-pppoe`: CAKE `pppoe-ptm` = overhead 30 ptm (PPPoE 8 + Ethernet 14 + FCS 4 +
+///   PTM-TC 4). The usual UK FTTC encapsulation.
+/// - `vdsl2-ipoe`: CAKE `bridged-ptm` = overhead 22 ptm (Ethernet 14 + FCS 4 + PTM-TC 4).
+/// - `efm`: our choice, not a CAKE keyword. EFM copper (2BASE-TL/10PASS-TS, IEEE 802.3
+///   clause 61) carries Ethernet frames in the same 64/65-octet encapsulation that
+///   CAKE's `ptm` models (tc-cake(8) cites IEEE 802.3 section 61.3), so: ptm with
+///   the bridged frame's 22 bytes (Ethernet 14 + FCS 4 + 4 for the frame's start/end
+///   codes and, on bonded pairs, the PAF fragment header). Not CAKE's `ethernet` (38,
+///   mpu 84): preamble and inter-frame gap are not sent over 64/65 encapsulation.
+/// - `ethernet`: no accounting (the default).
+///
+/// mpu is 0 for all of them, as in CAKE's keywords; set `mpu` to account for the
+/// padding of minimum-size Ethernet frames (e.g. 68 on PTM) if wanted.
+const LINE_PRESETS: [(&str, Framing, i32, u32); 6] = [
+    ("adsl2-pppoa", Framing::Atm, 10, 0),
+    ("adsl2-pppoe", Framing::Atm, 40, 0),
+    ("vdsl2-pppoe", Framing::Ptm, 30, 0),
+    ("vdsl2-ipoe", Framing::Ptm, 22, 0),
+    ("efm", Framing::Ptm, 22, 0),
+    ("ethernet", Framing::Ethernet, 0, 0),
+];
+
+/// The accounting of a `line` preset, by name.
+pub fn line_preset(name: &str) -> Option<LinkAccounting> {
+    LINE_PRESETS
+        .iter()
+        .find(|p| p.0 == name)
+        .map(|&(n, framing, overhead, mpu)| LinkAccounting {
+            line: Some(n.to_string()),
+            framing,
+            overhead,
+            mpu,
+        })
+}
+
+/// Overhead range CAKE accepts (and the size table carries easily).
+pub const OVERHEAD_RANGE: std::ops::RangeInclusive<i64> = -64..=256;
+/// mpu range CAKE accepts.
+pub const MPU_RANGE: std::ops::RangeInclusive<i64> = 0..=256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -678,6 +808,8 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
         .map_err(|m| cx.at(&raw.upload.rate, "upload.rate", m))?;
     let download_bps = parse_rate(raw.download.rate.get_ref())
         .map_err(|m| cx.at(&raw.download.rate, "download.rate", m))?;
+    let upload_link = link_accounting(cx, &raw.upload, "upload")?;
+    let download_link = link_accounting(cx, &raw.download, "download")?;
 
     let shaping = raw.shaping.unwrap_or(RawShaping {
         leaf: None,
@@ -1017,7 +1149,80 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
         rules,
         ack_class,
         metrics_listen,
+        upload_link,
+        download_link,
     })
+}
+
+/// `[upload]`/`[download]` `line`, then `framing`, `overhead` and `mpu` over it.
+fn link_accounting(
+    cx: &Ctx<'_>,
+    raw: &RawDirection,
+    dir: &str,
+) -> Result<LinkAccounting, ConfigError> {
+    let mut acc = match &raw.line {
+        None => LinkAccounting::default(),
+        Some(l) => line_preset(l.get_ref().trim()).ok_or_else(|| {
+            let names: Vec<_> = LINE_PRESETS
+                .iter()
+                .map(|p| format!("\"{}\"", p.0))
+                .collect();
+            cx.at(
+                l,
+                format!("{dir}.line"),
+                format!(
+                    "`{}` is not a line type; use {}",
+                    l.get_ref(),
+                    names.join(", ")
+                ),
+            )
+        })?,
+    };
+    if let Some(f) = &raw.framing {
+        acc.framing = match f.get_ref().trim() {
+            "atm" => Framing::Atm,
+            "ptm" => Framing::Ptm,
+            "ethernet" => Framing::Ethernet,
+            other => {
+                return Err(cx.at(
+                    f,
+                    format!("{dir}.framing"),
+                    format!("`{other}`: use \"atm\" (ADSL), \"ptm\" (VDSL2, EFM) or \"ethernet\""),
+                ))
+            }
+        };
+    }
+    if let Some(o) = &raw.overhead {
+        let v = *o.get_ref();
+        if !OVERHEAD_RANGE.contains(&v) {
+            return Err(cx.at(
+                o,
+                format!("{dir}.overhead"),
+                format!(
+                    "{v} is out of range: bytes added to each IP packet, {} to {}",
+                    OVERHEAD_RANGE.start(),
+                    OVERHEAD_RANGE.end()
+                ),
+            ));
+        }
+        acc.overhead = v as i32;
+    }
+    if let Some(m) = &raw.mpu {
+        let v = *m.get_ref();
+        if !MPU_RANGE.contains(&v) {
+            return Err(cx.at(
+                m,
+                format!("{dir}.mpu"),
+                format!(
+                    "{v} is out of range: minimum bytes per packet on the line, {} to {}",
+                    MPU_RANGE.start(),
+                    MPU_RANGE.end()
+                ),
+            ));
+        }
+        acc.mpu = v as u32;
+    }
+    Ok(acc)
 }
 
 /// Checks that the configured interfaces exist on this host (a read-only
@@ -1283,6 +1488,139 @@ dst_cidrs = ["52.112.0.0/14", "2603:1063::/38"]
             "guaranteed = \"20%\"\nceiling = \"10%\"",
         ));
         assert_eq!(e.field, "class[0].ceiling");
+    }
+
+    #[test]
+    fn line_presets_and_overrides() {
+        let pol = p(GOOD).expect("valid");
+        assert!(pol.upload_link.is_none() && pol.download_link.is_none());
+        let up = |extra: &str| {
+            p(&GOOD.replace(
+                "rate = \"9500kbit\"\n",
+                &format!("rate = \"9500kbit\"\n{extra}\n"),
+            ))
+        };
+        let pol = up("line = \"adsl2-pppoa\"").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            pol.upload_link,
+            LinkAccounting {
+                line: Some("adsl2-pppoa".into()),
+                framing: Framing::Atm,
+                overhead: 10,
+                mpu: 0
+            }
+        );
+        assert!(
+            pol.download_link.is_none(),
+            "the other direction is untouched"
+        );
+        for (name, framing, overhead) in [
+            ("adsl2-pppoe", Framing::Atm, 40),
+            ("vdsl2-pppoe", Framing::Ptm, 30),
+            ("vdsl2-ipoe", Framing::Ptm, 22),
+            ("efm", Framing::Ptm, 22),
+            ("ethernet", Framing::Ethernet, 0),
+        ] {
+            let l = up(&format!("line = \"{name}\"")).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                (l.upload_link.framing, l.upload_link.overhead),
+                (framing, overhead),
+                "{name}"
+            );
+        }
+        assert!(up("line = \"ethernet\"")
+            .expect("valid")
+            .upload_link
+            .is_none());
+        // Explicit fields override the preset.
+        let pol = up("line = \"vdsl2-pppoe\"\noverhead = 34\nmpu = 68").expect("valid");
+        assert_eq!(
+            (
+                pol.upload_link.framing,
+                pol.upload_link.overhead,
+                pol.upload_link.mpu
+            ),
+            (Framing::Ptm, 34, 68)
+        );
+        let pol =
+            up("line = \"adsl2-pppoa\"\nframing = \"ethernet\"\noverhead = -4").expect("valid");
+        assert_eq!(
+            (pol.upload_link.framing, pol.upload_link.overhead),
+            (Framing::Ethernet, -4)
+        );
+        // Without a preset.
+        let pol = p(&GOOD.replace(
+            "rate = \"36mbit\"\n",
+            "rate = \"36mbit\"\nframing = \"atm\"\noverhead = 44\n",
+        ))
+        .expect("valid");
+        assert_eq!(
+            (
+                pol.download_link.line.as_deref(),
+                pol.download_link.framing,
+                pol.download_link.overhead
+            ),
+            (None, Framing::Atm, 44)
+        );
+        assert!(pol.upload_link.is_none());
+    }
+
+    #[test]
+    fn line_errors_name_file_line_and_field() {
+        let up = |extra: &str| {
+            err_of(&GOOD.replace(
+                "rate = \"9500kbit\"\n",
+                &format!("rate = \"9500kbit\"\n{extra}\n"),
+            ))
+        };
+        let e = up("line = \"adsl\"");
+        assert_eq!((e.field.as_str(), e.line), ("upload.line", Some(7)), "{e}");
+        assert!(e.message.contains("\"adsl2-pppoa\""), "{e}");
+        assert!(
+            e.to_string().starts_with("site.toml:7: `upload.line`"),
+            "{e}"
+        );
+        let e = up("overhead = 300");
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("upload.overhead", Some(7)),
+            "{e}"
+        );
+        assert!(e.message.contains("-64 to 256"), "{e}");
+        let e = up("overhead = -65");
+        assert_eq!(e.field, "upload.overhead", "{e}");
+        // The bounds themselves are accepted.
+        let pol = p(&GOOD.replace(
+            "rate = \"9500kbit\"\n",
+            "rate = \"9500kbit\"\noverhead = -64\nmpu = 256\n",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((pol.upload_link.overhead, pol.upload_link.mpu), (-64, 256));
+        let e = up("mpu = -1");
+        assert_eq!((e.field.as_str(), e.line), ("upload.mpu", Some(7)), "{e}");
+        assert!(e.message.contains("0 to 256"), "{e}");
+        let e = up("mpu = 257");
+        assert_eq!(e.field, "upload.mpu", "{e}");
+        let e = up("framing = \"vdsl\"");
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("upload.framing", Some(7)),
+            "{e}"
+        );
+        assert!(e.message.contains("\"ptm\""), "{e}");
+        // Wrong TOML types are named like any other field.
+        let e = up("overhead = \"10\"");
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("upload.overhead", Some(7)),
+            "{e}"
+        );
+        let e = err_of(&GOOD.replace("rate = \"36mbit\"\n", "rate = \"36mbit\"\nline = 3\n"));
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("download.line", Some(9)),
+            "{e}"
+        );
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub struct Line {
     pub down_bps: u64,
     pub up_bps: u64,
     pub buffer_ms: u32,
+    /// ATM framing (ADSL): the modem counts each packet as the cells it takes on the
+    /// copper, with this many bytes of encapsulation added to the IP packet (CAKE's
+    /// convention, e.g. 10 for PPPoA VC-mux). `None`: bytes counted as they are.
+    pub atm_overhead: Option<u16>,
 }
 
 impl Line {
@@ -54,12 +58,14 @@ impl Line {
         down_bps: 40_000_000,
         up_bps: 10_000_000,
         buffer_ms: 400,
+        atm_overhead: None,
     };
     /// ADSL2+ ~ 8/1 Mbit/s with a 600 ms buffer.
     pub const ADSL_8_1: Line = Line {
         down_bps: 8_000_000,
         up_bps: 1_000_000,
         buffer_ms: 600,
+        atm_overhead: None,
     };
 
     /// TBF bucket size in bytes for `rate_bps`: 1 ms of line time but at least two full
@@ -253,26 +259,27 @@ impl Topology {
     }
 
     /// Applies (or changes) the emulated line: TBF on the modem's out0 egress (upload) and
-    /// in0 egress (download).
+    /// in0 egress (download). With [`Line::atm_overhead`] the TBFs get a size table
+    /// `stab linklayer atm overhead N-14`: the veth hands TBF the 14-byte Ethernet header
+    /// with each packet, which the copper does not carry, so the table counts the IP packet
+    /// plus N bytes in 53-byte cells, as an ADSL line does.
     pub fn set_line(&mut self, line: Line) -> Result<()> {
+        let stab: Vec<String> = match line.atm_overhead {
+            None => Vec::new(),
+            Some(n) => ["stab", "linklayer", "atm", "overhead"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([(i32::from(n) - 14).to_string()])
+                .collect(),
+        };
         for (dev, rate) in [(MODEM_OUT_IF, line.up_bps), (MODEM_IN_IF, line.down_bps)] {
-            self.modem.run(
-                "tc",
-                &[
-                    "qdisc",
-                    "replace",
-                    "dev",
-                    dev,
-                    "root",
-                    "tbf",
-                    "rate",
-                    &format!("{rate}bit"),
-                    "burst",
-                    &Line::burst_bytes(rate).to_string(),
-                    "limit",
-                    &line.limit_bytes(rate).to_string(),
-                ],
-            )?;
+            let rate_s = format!("{rate}bit");
+            let burst = Line::burst_bytes(rate).to_string();
+            let limit = line.limit_bytes(rate).to_string();
+            let mut args: Vec<&str> = vec!["qdisc", "replace", "dev", dev, "root"];
+            args.extend(stab.iter().map(String::as_str));
+            args.extend(["tbf", "rate", &rate_s, "burst", &burst, "limit", &limit]);
+            self.modem.run("tc", &args)?;
         }
         self.line = Some(line);
         Ok(())
