@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod iperf;
+pub mod gateway;
 pub mod netns;
 pub mod packet;
 pub mod phases;

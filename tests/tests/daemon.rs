@@ -2,10 +2,11 @@
 //! interfaces that do not exist yet and restoring shaping on a re-created interface.
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use shaper_tests::gateway::{wait_for, write_config};
 use shaper_tests::{skip_unless_ready, Netns, Shaper, TempDir, TOPOLOGY_TOOLS};
 
 fn config(classes: &[(&str, u32)]) -> String {
@@ -21,12 +22,6 @@ fn config(classes: &[(&str, u32)]) -> String {
         }
     }
     t
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write config");
-    p
 }
 
 /// A gateway namespace with two veth pairs whose gateway ends are wan0 and lan0.
@@ -60,18 +55,6 @@ fn class_names(shaper: &Shaper) -> Option<Vec<String>> {
     )
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    t0.elapsed()
-}
-
 fn apply_confirm(shaper: &Shaper, cfg: &Path, within: &str) {
     let out = shaper
         .command(&[
@@ -94,12 +77,12 @@ fn commit_confirmed_rolls_back_unless_confirmed() {
     skip_unless_ready!(TOPOLOGY_TOOLS);
     let ns = gateway();
     let dir = TempDir::new("confirm").expect("dir");
-    let a = write(
+    let a = write_config(
         dir.path(),
         "a.toml",
         &config(&[("video", 20), ("default", 20)]),
     );
-    let b = write(
+    let b = write_config(
         dir.path(),
         "b.toml",
         &config(&[("video", 30), ("images", 30), ("default", 20)]),
@@ -180,7 +163,7 @@ fn daemon_waits_for_interfaces_and_restores_a_recreated_one() {
     let ns = Netns::new("gwd").expect("netns");
     add_veth(&ns, "wan0", "wanp");
     let dir = TempDir::new("daemon-if").expect("dir");
-    let cfg = write(
+    let cfg = write_config(
         dir.path(),
         "site.toml",
         &config(&[("video", 20), ("default", 20)]),
@@ -253,7 +236,7 @@ fn daemon_speaks_the_systemd_notify_protocol() {
     skip_unless_ready!(TOPOLOGY_TOOLS);
     let ns = gateway();
     let dir = TempDir::new("notify").expect("dir");
-    let cfg = write(
+    let cfg = write_config(
         dir.path(),
         "site.toml",
         &config(&[("video", 20), ("default", 20)]),
@@ -308,7 +291,7 @@ fn top_refreshes_and_logs_carry_journald_priorities() {
     skip_unless_ready!(TOPOLOGY_TOOLS);
     let ns = gateway();
     let dir = TempDir::new("top").expect("dir");
-    let cfg = write(
+    let cfg = write_config(
         dir.path(),
         "site.toml",
         &config(&[("video", 20), ("default", 20)]),

@@ -2,10 +2,9 @@
 //! set (no stale classes, qdiscs or programs), a failed apply (the previous shaping stays),
 //! status, remove (interfaces as found), and the `run` daemon with SIGHUP and SIGTERM.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use aya::programs::{tc::TcAttachType, SchedClassifier};
+use shaper_tests::gateway::{tcx_programs, wait_for, write_config};
 use shaper_tests::topology::{GW_LAN_IF, GW_WAN_IF, SRV_V4};
 use shaper_tests::{probe, skip_unless_ready, Shaper, TempDir, Topology, TOPOLOGY_TOOLS};
 
@@ -71,22 +70,6 @@ fn leaf_qdiscs(topo: &Topology, dev: &str) -> usize {
     out.lines().filter(|l| l.contains(" parent 1:")).count()
 }
 
-/// TCX egress programs on `dev` in the gateway namespace.
-fn tcx_programs(topo: &Topology, dev: &'static str) -> usize {
-    topo.gw
-        .within(move || {
-            let (_, progs) = SchedClassifier::query_tcx(dev, TcAttachType::Egress)?;
-            Ok(progs.len())
-        })
-        .expect("query tcx")
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write config");
-    p
-}
-
 fn status_classes(shaper: &Shaper) -> Vec<String> {
     let v = shaper.status_json().expect("status --json");
     v["directions"][0]["classes"]
@@ -102,8 +85,8 @@ fn apply_reapply_failed_apply_and_remove() {
     skip_unless_ready!(TOPOLOGY_TOOLS);
     let topo = Topology::build(None).expect("topology");
     let dir = TempDir::new("lifecycle").expect("temp dir");
-    let a = write(dir.path(), "a.toml", &config_a());
-    let b = write(dir.path(), "b.toml", &config_b());
+    let a = write_config(dir.path(), "a.toml", &config_a());
+    let b = write_config(dir.path(), "b.toml", &config_b());
     let mut shaper = Shaper::new(&topo.gw).expect("shaper");
     let before = topo.gw_qdiscs().expect("qdiscs");
 
@@ -118,8 +101,8 @@ fn apply_reapply_failed_apply_and_remove() {
         ["1:1", "1:10", "1:11", "1:2"],
         "A's tree on lan0"
     );
-    assert_eq!(tcx_programs(&topo, GW_WAN_IF), 1);
-    assert_eq!(tcx_programs(&topo, GW_LAN_IF), 1);
+    assert_eq!(tcx_programs(&topo.gw, GW_WAN_IF), 1);
+    assert_eq!(tcx_programs(&topo.gw, GW_LAN_IF), 1);
 
     // Traffic through the gateway is classified: UDP to the video ports lands in 1:10.
     for _ in 0..5 {
@@ -147,7 +130,7 @@ fn apply_reapply_failed_apply_and_remove() {
         );
         assert_eq!(leaf_qdiscs(&topo, dev), 3, "one leaf per class on {dev}");
         assert_eq!(
-            tcx_programs(&topo, dev),
+            tcx_programs(&topo.gw, dev),
             1,
             "still exactly one classifier on {dev}"
         );
@@ -192,10 +175,10 @@ fn apply_reapply_failed_apply_and_remove() {
         ["video", "default", "bulk"],
         "state still B"
     );
-    assert_eq!(tcx_programs(&topo, GW_WAN_IF), 1);
+    assert_eq!(tcx_programs(&topo.gw, GW_WAN_IF), 1);
 
     // A config naming a missing interface changes nothing either.
-    let bad = write(
+    let bad = write_config(
         dir.path(),
         "bad.toml",
         &config_a().replace("lan = \"lan0\"", "lan = \"nosuch0\""),
@@ -219,8 +202,8 @@ fn apply_reapply_failed_apply_and_remove() {
         before,
         "interfaces as found"
     );
-    assert_eq!(tcx_programs(&topo, GW_WAN_IF), 0);
-    assert_eq!(tcx_programs(&topo, GW_LAN_IF), 0);
+    assert_eq!(tcx_programs(&topo.gw, GW_WAN_IF), 0);
+    assert_eq!(tcx_programs(&topo.gw, GW_LAN_IF), 0);
     assert!(
         shaper.leftover_pins().is_empty(),
         "pins left: {:?}",
@@ -230,20 +213,12 @@ fn apply_reapply_failed_apply_and_remove() {
     assert_eq!(st.status.code(), Some(3), "status says not applied");
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn run_daemon_reloads_on_sighup_and_cleans_up_on_sigterm() {
     skip_unless_ready!(TOPOLOGY_TOOLS);
     let topo = Topology::build(None).expect("topology");
     let dir = TempDir::new("daemon").expect("temp dir");
-    let cfg = write(dir.path(), "site.toml", &config_a());
+    let cfg = write_config(dir.path(), "site.toml", &config_a());
     let shaper = Shaper::new(&topo.gw).expect("shaper");
     let before = topo.gw_qdiscs().expect("qdiscs");
     let mut child = shaper

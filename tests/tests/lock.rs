@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 
-use aya::programs::{tc::TcAttachType, SchedClassifier};
+use shaper_tests::gateway::{tcx_programs, write_config};
 use shaper_tests::topology::{GW_LAN_IF, GW_WAN_IF};
 use shaper_tests::{skip_unless_ready, Shaper, TempDir, Topology, TOPOLOGY_TOOLS};
 
@@ -56,12 +56,6 @@ fn config_b() -> String {
     )
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write config");
-    p
-}
-
 /// `tc class show dev DEV` in the gateway, one class per line, sorted.
 fn tree(topo: &Topology, dev: &str) -> Vec<String> {
     let out = topo
@@ -80,16 +74,6 @@ fn tree(topo: &Topology, dev: &str) -> Vec<String> {
 
 fn trees(topo: &Topology) -> [Vec<String>; 2] {
     [tree(topo, GW_WAN_IF), tree(topo, GW_LAN_IF)]
-}
-
-/// TCX egress programs on `dev` in the gateway namespace.
-fn tcx_programs(topo: &Topology, dev: &'static str) -> usize {
-    topo.gw
-        .within(move || {
-            let (_, progs) = SchedClassifier::query_tcx(dev, TcAttachType::Egress)?;
-            Ok(progs.len())
-        })
-        .expect("query tcx")
 }
 
 fn entries(dir: &Path) -> Vec<String> {
@@ -114,8 +98,8 @@ fn concurrent_applies_are_serialised() {
     skip_unless_ready!(TOPOLOGY_TOOLS);
     let topo = Topology::build(None).expect("topology");
     let dir = TempDir::new("lock").expect("temp dir");
-    let a = write(dir.path(), "a.toml", &config_a());
-    let b = write(dir.path(), "b.toml", &config_b());
+    let a = write_config(dir.path(), "a.toml", &config_a());
+    let b = write_config(dir.path(), "b.toml", &config_b());
     let mut shaper = Shaper::new(&topo.gw).expect("shaper");
     let before = topo.gw_qdiscs().expect("qdiscs");
 
@@ -191,7 +175,7 @@ fn concurrent_applies_are_serialised() {
                     got[k].join("\n")
                 ));
             }
-            let n = tcx_programs(&topo, dev);
+            let n = tcx_programs(&topo.gw, dev);
             if n != 1 {
                 problems.push(format!(
                     "round {round}: {n} TCX programs on {dev}, expected exactly 1"

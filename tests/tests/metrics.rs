@@ -5,11 +5,11 @@
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use prometheus_parse::{Sample, Scrape, Value};
+use shaper_tests::gateway::write_config;
 use shaper_tests::topology::{GW_LAN_V4, GW_WAN_IF, GW_WAN_V4, SRV_V4};
 use shaper_tests::{probe, skip_unless_ready, Shaper, TempDir, Topology, TOPOLOGY_TOOLS};
 
@@ -23,12 +23,6 @@ fn config(listen: &str) -> String {
          [[class]]\nname = \"default\"\npriority = 4\nguaranteed = \"20%\"\ndefault = true\n\
          [[rule]]\nname = \"video\"\nclass = \"video\"\nprotocol = \"udp\"\ndst_ports = [\"50000-50059\"]\n"
     )
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write config");
-    p
 }
 
 /// One HTTP exchange from inside the LAN host's namespace: (status code, head, body).
@@ -114,7 +108,7 @@ fn run_serves_prometheus_metrics_on_the_lan_address() {
     let topo = Topology::build(None).expect("topology");
     let dir = TempDir::new("metrics").expect("temp dir");
     let addr = SocketAddr::new(GW_LAN_V4.into(), PORT);
-    let cfg = write(dir.path(), "site.toml", &config(&addr.to_string()));
+    let cfg = write_config(dir.path(), "site.toml", &config(&addr.to_string()));
     let log_path = dir.path().join("daemon.log");
     let shaper = Shaper::new(&topo.gw).expect("shaper");
     let before = topo.gw_qdiscs().expect("qdiscs");
@@ -302,7 +296,7 @@ fn run_refuses_metrics_on_the_wan_or_every_address() {
         ("0.0.0.0:9464", "every address".to_string()),
         ("[::]:9464", "every address".to_string()),
     ] {
-        let cfg = write(dir.path(), "site.toml", &config(listen));
+        let cfg = write_config(dir.path(), "site.toml", &config(listen));
         let mut child = shaper
             .command(&[OsStr::new("run"), cfg.as_os_str()])
             .stdout(Stdio::null())

@@ -8,14 +8,14 @@ use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use aya::programs::{tc::TcAttachType, SchedClassifier};
+use shaper_tests::gateway::{tcx_programs, write_config};
 use shaper_tests::topology::{GW_LAN_IF, GW_WAN_IF, SRV_V4};
 use shaper_tests::util::monotonic_ns;
 use shaper_tests::{skip_unless_ready, Shaper, TempDir, Topology, TOPOLOGY_TOOLS};
@@ -128,22 +128,6 @@ fn kernel_classes(topo: &Topology, dev: &str) -> BTreeMap<String, (u64, u64, u32
         m.insert(w[2].to_string(), (rate, ceil, prio));
     }
     m
-}
-
-/// TCX egress programs on `dev` in the gateway namespace.
-fn tcx_programs(topo: &Topology, dev: &'static str) -> usize {
-    topo.gw
-        .within(move || {
-            let (_, progs) = SchedClassifier::query_tcx(dev, TcAttachType::Egress)?;
-            Ok(progs.len())
-        })
-        .expect("query tcx")
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write config");
-    p
 }
 
 /// `shaper status --json --interval 0` (no rate sampling: returns at once).
@@ -473,8 +457,8 @@ fn hitless_reload_loses_no_packet() {
     const PPS: u64 = 12_000;
     let topo = Topology::build(None).expect("topology");
     let dir = TempDir::new("reload").expect("temp dir");
-    let a = write(dir.path(), "a.toml", &config(CLASSES_A, RULES_A));
-    let b = write(dir.path(), "b.toml", &config(CLASSES_B, RULES_B));
+    let a = write_config(dir.path(), "a.toml", &config(CLASSES_A, RULES_A));
+    let b = write_config(dir.path(), "b.toml", &config(CLASSES_B, RULES_B));
     let mut shaper = Shaper::new(&topo.gw).expect("shaper");
     shaper.apply(&a).expect("apply A");
     for dev in [GW_WAN_IF, GW_LAN_IF] {
@@ -580,7 +564,7 @@ fn hitless_reload_loses_no_packet() {
 
     for dev in [GW_WAN_IF, GW_LAN_IF] {
         assert_eq!(
-            tcx_programs(&topo, dev),
+            tcx_programs(&topo.gw, dev),
             1,
             "exactly one classifier on {dev}"
         );
@@ -682,7 +666,7 @@ fn kill_9_leaves_shaping_and_restart_adopts() {
     const PPS: u64 = 2_000;
     let topo = Topology::build(None).expect("topology");
     let dir = TempDir::new("kill9").expect("temp dir");
-    let cfg = write(dir.path(), "site.toml", &config(CLASSES_A, RULES_A));
+    let cfg = write_config(dir.path(), "site.toml", &config(CLASSES_A, RULES_A));
     let shaper = Shaper::new(&topo.gw).expect("shaper");
     let before = topo.gw_qdiscs().expect("qdiscs");
 
@@ -690,7 +674,7 @@ fn kill_9_leaves_shaping_and_restart_adopts() {
     let up1 = d1.wait_up(Duration::from_secs(30));
     for dev in [GW_WAN_IF, GW_LAN_IF] {
         assert_eq!(kernel_classes(&topo, dev), expected_classes(CLASSES_A));
-        assert_eq!(tcx_programs(&topo, dev), 1);
+        assert_eq!(tcx_programs(&topo.gw, dev), 1);
     }
     let video_htb0 = htb_class_packets(&topo, GW_WAN_IF, "1:10");
     let default_htb0 = htb_class_packets(&topo, GW_WAN_IF, "1:2");
@@ -770,7 +754,7 @@ fn kill_9_leaves_shaping_and_restart_adopts() {
             "HTB tree on {dev} survives kill -9"
         );
         assert_eq!(
-            tcx_programs(&topo, dev),
+            tcx_programs(&topo.gw, dev),
             1,
             "classifier on {dev} survives kill -9"
         );
@@ -918,7 +902,7 @@ fn kill_9_leaves_shaping_and_restart_adopts() {
     for dev in [GW_WAN_IF, GW_LAN_IF] {
         assert_eq!(kernel_classes(&topo, dev), expected_classes(CLASSES_A));
         assert_eq!(
-            tcx_programs(&topo, dev),
+            tcx_programs(&topo.gw, dev),
             1,
             "one classifier on {dev} after the restart"
         );
@@ -930,7 +914,11 @@ fn kill_9_leaves_shaping_and_restart_adopts() {
     assert!(st.success(), "clean exit on SIGTERM: {st}");
     assert_eq!(topo.gw_qdiscs().expect("qdiscs"), before, "qdiscs as found");
     for dev in [GW_WAN_IF, GW_LAN_IF] {
-        assert_eq!(tcx_programs(&topo, dev), 0, "no classifier left on {dev}");
+        assert_eq!(
+            tcx_programs(&topo.gw, dev),
+            0,
+            "no classifier left on {dev}"
+        );
     }
     assert!(
         shaper.leftover_pins().is_empty(),
