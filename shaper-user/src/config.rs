@@ -14,6 +14,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+use crate::catalogue::{App, AppMatch, Catalogue};
+
 /// Highest HTB priority value the kernel accepts is 7; 0 is served first.
 pub const MAX_PRIORITY: u8 = 7;
 
@@ -56,6 +58,9 @@ struct RawConfig {
     classes: Vec<Spanned<RawClass>>,
     #[serde(default, rename = "rule")]
     rules: Vec<Spanned<RawRule>>,
+    /// Apps added to (or replacing ones of) the built-in catalogue.
+    #[serde(default, rename = "app")]
+    apps: Vec<Spanned<RawApp>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,6 +148,92 @@ struct RawRule {
     dst_cidrs: Option<Spanned<toml::Value>>,
     #[serde(default)]
     dscp: Option<Spanned<toml::Value>>,
+    /// Catalogue app names, instead of the match fields above.
+    #[serde(default)]
+    apps: Option<Spanned<toml::Value>>,
+}
+
+/// The built-in catalogue's file ([`crate::catalogue::BUILTIN`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalogue {
+    version: Spanned<String>,
+    #[serde(default, rename = "app")]
+    apps: Vec<Spanned<RawApp>>,
+}
+
+/// An `[[app]]` table: one match entry as flat fields, or several as
+/// `[[app.match]]` tables.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    name: Spanned<String>,
+    #[serde(default)]
+    protocol: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    src_ports: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    dst_ports: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    src_cidrs: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    dst_cidrs: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    dscp: Option<Spanned<toml::Value>>,
+    #[serde(default, rename = "match")]
+    matches: Option<Spanned<Vec<RawMatch>>>,
+    #[serde(default)]
+    dns_names: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    needs: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    source: Option<Spanned<String>>,
+    #[serde(default)]
+    notes: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    #[serde(default)]
+    protocol: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    src_ports: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    dst_ports: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    src_cidrs: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    dst_cidrs: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    dscp: Option<Spanned<toml::Value>>,
+}
+
+/// The six match fields of a rule, an app or an app's `[[app.match]]`.
+struct MatchFields<'a> {
+    protocol: &'a Option<Spanned<toml::Value>>,
+    src_ports: &'a Option<Spanned<toml::Value>>,
+    dst_ports: &'a Option<Spanned<toml::Value>>,
+    src_cidrs: &'a Option<Spanned<toml::Value>>,
+    dst_cidrs: &'a Option<Spanned<toml::Value>>,
+    dscp: &'a Option<Spanned<toml::Value>>,
+}
+
+impl MatchFields<'_> {
+    /// The fields present, by key, in file order of the struct.
+    fn present(&self) -> Vec<(&'static str, &Spanned<toml::Value>)> {
+        [
+            ("protocol", self.protocol),
+            ("src_ports", self.src_ports),
+            ("dst_ports", self.dst_ports),
+            ("src_cidrs", self.src_cidrs),
+            ("dst_cidrs", self.dst_cidrs),
+            ("dscp", self.dscp),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+        .collect()
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -174,6 +265,13 @@ pub struct Policy {
     /// How the line counts bytes downstream.
     #[serde(default)]
     pub download_link: LinkAccounting,
+    /// The built-in catalogue's version, when a rule names apps.
+    #[serde(default)]
+    pub catalogue: Option<String>,
+    /// Things `check` should say that are not errors (apps that match only
+    /// partly or not at all yet).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// How a copper line frames each packet.
@@ -1004,15 +1102,29 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
         }
     }
 
-    if raw.rules.len() > shaper_common::MAX_RULES {
-        return Err(cx.at(
-            &raw.rules[shaper_common::MAX_RULES],
-            "rule",
-            format!("at most {} rules", shaper_common::MAX_RULES),
-        ));
+    let mut catalogue = Catalogue::builtin();
+    let mut app_names: HashMap<String, usize> = HashMap::new();
+    for (i, sa) in raw.apps.iter().enumerate() {
+        let a = sa.get_ref();
+        let origin = format!("{}:{}", cx.file.display(), cx.line_of(sa.span()));
+        let app = app(cx, a, &format!("app[{i}]"), origin)?;
+        if app_names.insert(app.name.clone(), i).is_some() {
+            return Err(cx.at(
+                &a.name,
+                format!("app[{i}].name"),
+                format!("app `{}` is defined twice", app.name),
+            ));
+        }
+        catalogue.upsert(app);
     }
+
     let mut rules = Vec::new();
     let mut rule_names: HashMap<String, usize> = HashMap::new();
+    // Every rule's name after expansion: `<rule>/<app>#<n>` must not meet a
+    // rule of that name.
+    let mut final_names: std::collections::HashSet<String> = Default::default();
+    let mut notes = Vec::new();
+    let mut uses_apps = false;
     for (i, sr) in raw.rules.iter().enumerate() {
         let r = sr.get_ref();
         let f = |k: &str| format!("rule[{i}].{k}");
@@ -1058,48 +1170,105 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
                 }
             },
         };
-        // One value or a non-empty list, each item parsed by `item`.
-        fn values<T>(
-            cx: &Ctx<'_>,
-            v: &Option<Spanned<toml::Value>>,
-            field: String,
-            what: &str,
-            item: impl Fn(&toml::Value) -> Result<T, String>,
-        ) -> Result<Vec<T>, ConfigError> {
-            let Some(v) = v else { return Ok(vec![]) };
-            list(v.get_ref(), what)
-                .and_then(|l| l.into_iter().map(item).collect())
-                .map_err(|m| cx.at(v, field, m))
-        }
-        let protocols = values(cx, &r.protocol, f("protocol"), "protocol", protocol_value)?;
-        let src_ports = values(cx, &r.src_ports, f("src_ports"), "port", parse_port_range)?;
-        let dst_ports = values(cx, &r.dst_ports, f("dst_ports"), "port", parse_port_range)?;
-        if (!src_ports.is_empty() || !dst_ports.is_empty())
-            && !protocols.is_empty()
-            && protocols.iter().all(|p| ![6u8, 17, 132, 136].contains(p))
-        {
-            let span = r.protocol.as_ref().map(|p| p.span());
-            return Err(cx.err(
-                span,
-                f("protocol"),
-                "ports are given but none of the protocols carries ports (tcp, udp, sctp, udplite)",
+        let fields = MatchFields {
+            protocol: &r.protocol,
+            src_ports: &r.src_ports,
+            dst_ports: &r.dst_ports,
+            src_cidrs: &r.src_cidrs,
+            dst_cidrs: &r.dst_cidrs,
+            dscp: &r.dscp,
+        };
+        let Some(apps) = &r.apps else {
+            let m = match_fields(cx, &fields, &f)?;
+            if !final_names.insert(name.clone()) {
+                return Err(cx.at(
+                    &r.name,
+                    f("name"),
+                    format!("rule `{name}` is defined twice (once by an earlier rule's apps)"),
+                ));
+            }
+            rules.push(Rule {
+                name,
+                class,
+                priority,
+                direction,
+                protocols: m.protocols,
+                src_ports: m.src_ports,
+                dst_ports: m.dst_ports,
+                src_cidrs: m.src_cidrs,
+                dst_cidrs: m.dst_cidrs,
+                dscp: m.dscp,
+            });
+            continue;
+        };
+        // `apps` instead of match fields: mixing them would leave it unclear
+        // whether the fields narrow each app or add a match of their own.
+        if let Some((k, v)) = fields.present().first() {
+            return Err(cx.at(
+                v,
+                f(k),
+                format!(
+                    "`{k}` cannot be combined with `apps` (line {}): the apps bring their own match; \
+                     give `{k}` a rule of its own, or define an [[app]] with it",
+                    cx.line_of(apps.span())
+                ),
             ));
         }
-        let src_cidrs = values(cx, &r.src_cidrs, f("src_cidrs"), "address", cidr_value)?;
-        let dst_cidrs = values(cx, &r.dst_cidrs, f("dst_cidrs"), "address", cidr_value)?;
-        let dscp = values(cx, &r.dscp, f("dscp"), "DSCP", dscp_value)?;
-        rules.push(Rule {
-            name,
-            class,
-            priority,
-            direction,
-            protocols,
-            src_ports,
-            dst_ports,
-            src_cidrs,
-            dst_cidrs,
-            dscp,
-        });
+        uses_apps = true;
+        let wanted = values(cx, &Some(apps.clone()), f("apps"), "app", |v| match v {
+            toml::Value::String(s) => Ok(s.trim().to_string()),
+            other => Err(format!(
+                "`{other}` is not an app name: write it as a string like \"dicom\""
+            )),
+        })?;
+        for app_name in wanted {
+            let Some(app) = catalogue.get(&app_name) else {
+                return Err(cx.at(
+                    apps,
+                    f("apps"),
+                    format!(
+                        "no app named `{app_name}`; known apps (catalogue {}{}) are: {}",
+                        catalogue.version,
+                        if raw.apps.is_empty() {
+                            ""
+                        } else {
+                            " and this file's [[app]] tables"
+                        },
+                        catalogue.names().join(", ")
+                    ),
+                ));
+            };
+            if let Some(n) = app.note(&name) {
+                notes.push(n);
+            }
+            for rule in app.expand(&name, class, priority, direction) {
+                if !final_names.insert(rule.name.clone()) {
+                    return Err(cx.at(
+                        &r.name,
+                        f("name"),
+                        format!(
+                            "rule `{}` (from app `{app_name}`) is defined twice",
+                            rule.name
+                        ),
+                    ));
+                }
+                rules.push(rule);
+            }
+        }
+        if rules.len() > shaper_common::MAX_RULES {
+            return Err(cx.at(
+                sr,
+                "rule",
+                format!("at most {} rules (apps expanded)", shaper_common::MAX_RULES),
+            ));
+        }
+    }
+    if rules.len() > shaper_common::MAX_RULES {
+        return Err(cx.at(
+            &raw.rules[shaper_common::MAX_RULES.min(raw.rules.len() - 1)],
+            "rule",
+            format!("at most {} rules", shaper_common::MAX_RULES),
+        ));
     }
     // Lower priority value first; file order breaks ties (sort is stable).
     rules.sort_by_key(|r| r.priority);
@@ -1151,7 +1320,228 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
         metrics_listen,
         upload_link,
         download_link,
+        catalogue: uses_apps.then(|| catalogue.version.clone()),
+        notes,
     })
+}
+
+/// One value or a non-empty list, each item parsed by `item`.
+fn values<T>(
+    cx: &Ctx<'_>,
+    v: &Option<Spanned<toml::Value>>,
+    field: String,
+    what: &str,
+    item: impl Fn(&toml::Value) -> Result<T, String>,
+) -> Result<Vec<T>, ConfigError> {
+    let Some(v) = v else { return Ok(vec![]) };
+    list(v.get_ref(), what)
+        .and_then(|l| l.into_iter().map(item).collect())
+        .map_err(|m| cx.at(v, field, m))
+}
+
+/// The match fields of a rule or app, checked; `f` names a field.
+fn match_fields(
+    cx: &Ctx<'_>,
+    m: &MatchFields<'_>,
+    f: &dyn Fn(&str) -> String,
+) -> Result<AppMatch, ConfigError> {
+    let protocols = values(cx, m.protocol, f("protocol"), "protocol", protocol_value)?;
+    let src_ports = values(cx, m.src_ports, f("src_ports"), "port", parse_port_range)?;
+    let dst_ports = values(cx, m.dst_ports, f("dst_ports"), "port", parse_port_range)?;
+    if (!src_ports.is_empty() || !dst_ports.is_empty())
+        && !protocols.is_empty()
+        && protocols.iter().all(|p| ![6u8, 17, 132, 136].contains(p))
+    {
+        let span = m.protocol.as_ref().map(|p| p.span());
+        return Err(cx.err(
+            span,
+            f("protocol"),
+            "ports are given but none of the protocols carries ports (tcp, udp, sctp, udplite)",
+        ));
+    }
+    Ok(AppMatch {
+        protocols,
+        src_ports,
+        dst_ports,
+        src_cidrs: values(cx, m.src_cidrs, f("src_cidrs"), "address", cidr_value)?,
+        dst_cidrs: values(cx, m.dst_cidrs, f("dst_cidrs"), "address", cidr_value)?,
+        dscp: values(cx, m.dscp, f("dscp"), "DSCP", dscp_value)?,
+    })
+}
+
+/// A DNS name for later DNS-name rules: letters, digits, '-' and dots, with an
+/// optional leading `*.` wildcard; stored lower-case.
+fn dns_name_value(v: &toml::Value) -> Result<String, String> {
+    let toml::Value::String(s) = v else {
+        return Err(format!(
+            "`{v}` is not a DNS name: write it as a string like \"*.sfu.whereby.com\""
+        ));
+    };
+    let name = s.trim().to_ascii_lowercase();
+    let rest = name.strip_prefix("*.").unwrap_or(&name);
+    let ok = rest.contains('.')
+        && rest.len() <= 253
+        && rest.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !ok {
+        return Err(format!(
+            "`{s}` is not a DNS name: use labels of letters, digits and '-' separated by dots, \
+             optionally starting with `*.` (e.g. \"*.dl.delivery.mp.microsoft.com\")"
+        ));
+    }
+    Ok(name)
+}
+
+/// Validates one `[[app]]` table (of a config, or of the built-in catalogue);
+/// `at` names it in errors ("app[2]").
+fn app(cx: &Ctx<'_>, a: &RawApp, at: &str, origin: String) -> Result<App, ConfigError> {
+    let f = |k: &str| format!("{at}.{k}");
+    let name = a.name.get_ref().trim().to_string();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+    {
+        return Err(cx.at(&a.name, f("name"), "use letters, digits, '-' and '_'"));
+    }
+    let flat = MatchFields {
+        protocol: &a.protocol,
+        src_ports: &a.src_ports,
+        dst_ports: &a.dst_ports,
+        src_cidrs: &a.src_cidrs,
+        dst_cidrs: &a.dst_cidrs,
+        dscp: &a.dscp,
+    };
+    let mut matches = Vec::new();
+    match &a.matches {
+        None => {
+            if !flat.present().is_empty() {
+                matches.push(match_fields(cx, &flat, &f)?);
+            }
+        }
+        Some(list) => {
+            if let Some((k, v)) = flat.present().first() {
+                return Err(cx.at(
+                    v,
+                    f(k),
+                    format!(
+                        "`{k}` cannot be combined with [[app.match]] tables: put it in each [[app.match]]"
+                    ),
+                ));
+            }
+            if list.get_ref().is_empty() {
+                return Err(cx.at(
+                    list,
+                    f("match"),
+                    "an empty list matches nothing; leave `match` out if the app has no match",
+                ));
+            }
+            for (j, m) in list.get_ref().iter().enumerate() {
+                let fm = |k: &str| format!("{at}.match[{j}].{k}");
+                let fields = MatchFields {
+                    protocol: &m.protocol,
+                    src_ports: &m.src_ports,
+                    dst_ports: &m.dst_ports,
+                    src_cidrs: &m.src_cidrs,
+                    dst_cidrs: &m.dst_cidrs,
+                    dscp: &m.dscp,
+                };
+                if fields.present().is_empty() {
+                    return Err(cx.at(
+                        list,
+                        format!("{at}.match[{j}]"),
+                        "a match with no fields would match all traffic; give it protocol, ports, CIDRs or dscp",
+                    ));
+                }
+                matches.push(match_fields(cx, &fields, &fm)?);
+            }
+        }
+    }
+    let dns_names = values(cx, &a.dns_names, f("dns_names"), "name", dns_name_value)?;
+    let mut needs = values(cx, &a.needs, f("needs"), "need", |v| match v {
+        toml::Value::String(s) if s.trim() == "dns" => Ok("dns".to_string()),
+        other => Err(format!(
+            "`{other}`: the only need known is \"dns\" (DNS-name matching)"
+        )),
+    })?;
+    needs.dedup();
+    if !dns_names.is_empty() && !needs.iter().any(|n| n == "dns") {
+        needs.push("dns".to_string());
+    }
+    Ok(App {
+        name,
+        matches,
+        dns_names,
+        needs,
+        source: a
+            .source
+            .as_ref()
+            .map(|s| s.get_ref().trim().to_string())
+            .unwrap_or_default(),
+        notes: a
+            .notes
+            .as_ref()
+            .map(|s| s.get_ref().trim().to_string())
+            .unwrap_or_default(),
+        origin,
+    })
+}
+
+/// Parses and validates a catalogue file (the built-in one: `version` and
+/// `[[app]]` tables).
+pub(crate) fn parse_catalogue(file: &Path, text: &str) -> Result<Catalogue, ConfigError> {
+    let cx = Ctx { file, text };
+    let raw: RawCatalogue = toml::from_str(text).map_err(|e| toml_error(&cx, &e))?;
+    let version = raw.version.get_ref().trim().to_string();
+    let mut catalogue = Catalogue {
+        version: version.clone(),
+        apps: Vec::new(),
+    };
+    for (i, sa) in raw.apps.iter().enumerate() {
+        let app = app(
+            &cx,
+            sa.get_ref(),
+            &format!("app[{i}]"),
+            format!("built-in catalogue {version}"),
+        )?;
+        if catalogue.get(&app.name).is_some() {
+            return Err(cx.at(
+                &sa.get_ref().name,
+                format!("app[{i}].name"),
+                format!("app `{}` is defined twice", app.name),
+            ));
+        }
+        catalogue.apps.push(app);
+    }
+    Ok(catalogue)
+}
+
+/// The catalogue a config sees: the built-in one with the config's `[[app]]`
+/// tables over it (for `shaper catalogue CONFIG`). Validates the whole config.
+pub fn load_catalogue(path: &Path) -> Result<Catalogue, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        line: None,
+        field: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(path, &text)?;
+    let cx = Ctx {
+        file: path,
+        text: &text,
+    };
+    let raw: RawConfig = toml::from_str(&text).map_err(|e| toml_error(&cx, &e))?;
+    let mut catalogue = Catalogue::builtin();
+    for (i, sa) in raw.apps.iter().enumerate() {
+        let origin = format!("{}:{}", path.display(), cx.line_of(sa.span()));
+        catalogue.upsert(app(&cx, sa.get_ref(), &format!("app[{i}]"), origin)?);
+    }
+    Ok(catalogue)
 }
 
 /// `[upload]`/`[download]` `line`, then `framing`, `overhead` and `mpu` over it.
@@ -1633,13 +2023,245 @@ dst_cidrs = ["52.112.0.0/14", "2603:1063::/38"]
             ["video", "clinical-interactive", "images", "default", "bulk"]
         );
         assert_eq!(pol.classes[pol.default_class].name, "default");
+        // Teams media to its four ranges, and DICOM outbound and inbound, now
+        // from the catalogue.
         assert!(pol
             .rules
             .iter()
-            .any(|r| r.name == "teams-media" && r.dst_cidrs.len() == 4));
-        assert!(pol
-            .rules
-            .iter()
-            .any(|r| r.name == "dicom" && r.dst_ports == vec![(104, 104), (11112, 11112)]));
+            .any(|r| r.name == "consultations/teams-media#1" && r.dst_cidrs.len() == 4));
+        assert!(
+            pol.rules
+                .iter()
+                .any(|r| r.name == "images/dicom#1"
+                    && r.dst_ports == vec![(104, 104), (11112, 11112)])
+        );
+        assert!(
+            pol.rules
+                .iter()
+                .any(|r| r.name == "images/dicom#2"
+                    && r.src_ports == vec![(104, 104), (11112, 11112)])
+        );
+        assert_eq!(pol.catalogue.as_deref(), Some(crate::catalogue::VERSION));
+    }
+
+    // -- Catalogue apps in rules and [[app]] tables ------------------------
+
+    /// GOOD's classes and interfaces with `rules` in place of its rule.
+    fn with_rules(rules: &str) -> String {
+        let (head, _) = GOOD.split_once("[[rule]]\n").expect("a rule");
+        format!("{head}{rules}")
+    }
+
+    fn names(pol: &Policy) -> Vec<&str> {
+        pol.rules.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    #[test]
+    fn apps_expand_in_order_with_the_rules_class_priority_and_direction() {
+        let pol = p(&with_rules(
+            r#"[[rule]]
+name = "first"
+class = "default"
+protocol = "tcp"
+[[rule]]
+name = "v"
+class = "video"
+priority = -5
+direction = "upload"
+apps = ["teams-media", "dicom", "zoom"]
+[[rule]]
+name = "last"
+class = "default"
+protocol = "udp"
+"#,
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        // Priority -5 puts all four expansions first, in the order named.
+        assert_eq!(
+            names(&pol),
+            [
+                "v/teams-media#1",
+                "v/dicom#1",
+                "v/dicom#2",
+                "v/zoom#1",
+                "first",
+                "last"
+            ]
+        );
+        for r in &pol.rules[..4] {
+            assert_eq!(
+                (r.class, r.priority, r.direction),
+                (0, -5, Direction::Upload)
+            );
+        }
+        assert_eq!(pol.rules[0].dst_cidrs.len(), 4);
+        assert_eq!(pol.rules[2].src_ports, [(104, 104), (11112, 11112)]);
+        assert_eq!(pol.catalogue.as_deref(), Some(crate::catalogue::VERSION));
+        assert!(pol.notes.is_empty(), "{:?}", pol.notes);
+        // Without a priority the expansions keep the rule's place in the file.
+        let pol = p(&with_rules(
+            "[[rule]]\nname = \"a\"\nclass = \"default\"\nprotocol = \"tcp\"\n\
+             [[rule]]\nname = \"d\"\nclass = \"video\"\napps = \"dicom\"\n\
+             [[rule]]\nname = \"b\"\nclass = \"default\"\nprotocol = \"udp\"\n",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(names(&pol), ["a", "d/dicom#1", "d/dicom#2", "b"]);
+        // A config without apps records no catalogue.
+        assert_eq!(p(GOOD).expect("valid").catalogue, None);
+    }
+
+    #[test]
+    fn unknown_app_is_an_error_listing_the_known_ones() {
+        let e = err_of(&with_rules(
+            "[[rule]]\nname = \"v\"\nclass = \"video\"\napps = [\"teams-media\", \"skype\"]\n",
+        ));
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("rule[0].apps", Some(22)),
+            "{e}"
+        );
+        assert!(e.message.contains("no app named `skype`"), "{e}");
+        assert!(e.message.contains("teams-media, zoom"), "{e}");
+        assert!(e.message.contains("backup-sync"), "{e}");
+        let e = err_of(&with_rules(
+            "[[rule]]\nname = \"v\"\nclass = \"video\"\napps = []\n",
+        ));
+        assert!(e.message.contains("empty list matches nothing"), "{e}");
+        let e = err_of(&with_rules(
+            "[[rule]]\nname = \"v\"\nclass = \"video\"\napps = [3]\n",
+        ));
+        assert!(e.message.contains("not an app name"), "{e}");
+    }
+
+    #[test]
+    fn apps_and_match_fields_cannot_be_mixed() {
+        let e = err_of(&with_rules(
+            "[[rule]]\nname = \"v\"\nclass = \"video\"\napps = [\"zoom\"]\nsrc_cidrs = [\"192.168.1.0/24\"]\n",
+        ));
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("rule[0].src_cidrs", Some(23)),
+            "{e}"
+        );
+        assert!(
+            e.message
+                .contains("cannot be combined with `apps` (line 22)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dns_only_app_expands_to_nothing_with_a_note() {
+        let pol = p(&with_rules(
+            "[[rule]]\nname = \"v\"\nclass = \"video\"\napps = [\"accurx-video\", \"zoom\"]\n",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(names(&pol), ["v/zoom#1"]);
+        assert_eq!(pol.notes.len(), 1, "{:?}", pol.notes);
+        assert!(
+            pol.notes[0].contains("`accurx-video` needs DNS-name matching, not available yet"),
+            "{:?}",
+            pol.notes
+        );
+        // Only DNS-only apps: no rule at all, still valid.
+        let pol = p(&with_rules(
+            "[[rule]]\nname = \"v\"\nclass = \"video\"\napps = [\"accurx-video\"]\n",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(pol.rules.is_empty());
+    }
+
+    #[test]
+    fn config_apps_override_and_extend_the_catalogue() {
+        let text = with_rules(
+            r#"[[rule]]
+name = "v"
+class = "video"
+apps = ["zoom", "pacs-cloud", "systmone"]
+[[app]]
+name = "zoom"
+protocol = "udp"
+dst_ports = ["8801-8810"]
+dst_cidrs = ["3.7.35.0/25"]
+notes = "our Zoom ranges"
+[[app]]
+name = "pacs-cloud"
+protocol = "tcp"
+dst_ports = [443]
+dst_cidrs = ["203.0.113.0/24"]
+[[app]]
+name = "systmone"
+source = "our HSCN provider"
+dns_names = ["*.tpp-uk.com"]
+[[app.match]]
+protocol = "tcp"
+dst_ports = [443]
+dst_cidrs = ["10.1.0.0/16"]
+[[app.match]]
+protocol = "tcp"
+dst_ports = [443]
+dst_cidrs = ["10.2.0.0/16"]
+"#,
+        );
+        let pol = p(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            names(&pol),
+            ["v/zoom#1", "v/pacs-cloud#1", "v/systmone#1", "v/systmone#2"]
+        );
+        assert_eq!(pol.rules[0].dst_cidrs[0].to_string(), "3.7.35.0/25");
+        assert_eq!(pol.rules[3].dst_cidrs[0].to_string(), "10.2.0.0/16");
+        let cat_path = std::env::temp_dir().join(format!("shaper-cat-{}.toml", std::process::id()));
+        std::fs::write(&cat_path, &text).expect("write");
+        let cat = load_catalogue(&cat_path).unwrap_or_else(|e| panic!("{e}"));
+        let _ = std::fs::remove_file(&cat_path);
+        let zoom = cat.get("zoom").expect("zoom");
+        assert_eq!(zoom.notes, "our Zoom ranges");
+        assert!(zoom.origin.ends_with(":23"), "{}", zoom.origin);
+        assert_eq!(cat.names()[4], "zoom", "replaced in place");
+        assert_eq!(cat.names().last(), Some(&"pacs-cloud"));
+        assert_eq!(cat.get("systmone").expect("s").needs, ["dns"]);
+    }
+
+    #[test]
+    fn config_apps_are_validated_like_rules() {
+        let app = |body: &str| {
+            err_of(&with_rules(&format!(
+                "[[rule]]\nname = \"v\"\nclass = \"video\"\napps = [\"x\"]\n[[app]]\nname = \"x\"\n{body}\n"
+            )))
+        };
+        let e = app("protocol = \"icmp\"\ndst_ports = [1]");
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("app[0].protocol", Some(25)),
+            "{e}"
+        );
+        assert!(e.message.contains("carries ports"), "{e}");
+        let e = app("dst_cidrs = [\"10.0.0.1/8\"]");
+        assert_eq!(e.field, "app[0].dst_cidrs", "{e}");
+        assert!(e.message.contains("host bits"), "{e}");
+        let e = app("dst_ports = []");
+        assert!(e.message.contains("empty list matches nothing"), "{e}");
+        let e = app("dns_names = [\"bad name.com\"]");
+        assert_eq!(e.field, "app[0].dns_names", "{e}");
+        let e = app("needs = [\"sni\"]");
+        assert_eq!(e.field, "app[0].needs", "{e}");
+        let e = app("dst_ports = [1]\n[[app.match]]\nprotocol = \"tcp\"");
+        assert_eq!(e.field, "app[0].dst_ports", "{e}");
+        assert!(e.message.contains("[[app.match]]"), "{e}");
+        let e = app("[[app.match]]\ndns_names = [\"a.b\"]");
+        assert!(e.message.contains("unknown field `dns_names`"), "{e}");
+        let e = app("[[app.match]]\nprotocol = 300");
+        assert_eq!(e.field, "app[0].match[0].protocol", "{e}");
+        let e = app("colour = \"red\"");
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("app[0].colour", Some(25)),
+            "{e}"
+        );
+        let e = app("protocol = \"udp\"\n[[app]]\nname = \"x\"\nprotocol = \"tcp\"");
+        assert_eq!((e.field.as_str(), e.line), ("app[1].name", Some(27)), "{e}");
+        assert!(e.message.contains("defined twice"), "{e}");
+        let e = app("protocol = \"udp\"\n[[app]]\nname = \"has space\"");
+        assert_eq!(e.field, "app[1].name", "{e}");
     }
 }

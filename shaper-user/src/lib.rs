@@ -2,10 +2,12 @@
 //! kernel state, the kernel interfaces (netlink tc, BPF), apply/remove and
 //! status. The `shaper` binary (main.rs) is a thin CLI over this.
 pub mod apply;
+pub mod catalogue;
 pub mod compile;
 pub mod config;
 pub mod confirm;
 pub mod daemon;
+pub mod explain;
 pub mod kernel;
 pub mod metrics;
 pub mod status;

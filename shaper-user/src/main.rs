@@ -1,6 +1,6 @@
 //! `shaper`: clinical-traffic shaping for copper-line site gateways.
 
-use shaper_user::{apply, compile, config, confirm, daemon, status};
+use shaper_user::{apply, catalogue, compile, config, confirm, daemon, explain, status};
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -26,6 +26,33 @@ enum Cmd {
         /// Do not check that the interfaces exist (preparing a config elsewhere).
         #[arg(long)]
         offline: bool,
+    },
+    /// List the clinical application catalogue (with CONFIG: including its [[app]] tables).
+    Catalogue {
+        #[arg(long)]
+        json: bool,
+        config: Option<PathBuf>,
+    },
+    /// Which rule and class packets get, and why. Touches nothing.
+    ///
+    /// PACKET: `up|down PROTOCOL SRC[:PORT] -> DST[:PORT] [dscp=EF] [flags=A] [payload=N]
+    /// [frag=first|later] [id=N]`, addresses as the packet carries them
+    /// (IPv6 with a port: [ADDR]:PORT), e.g.
+    /// `up udp 192.168.1.5:50020 -> 52.113.1.1:3478 dscp=EF`.
+    /// Or --pcap FILE --direction up|down (classic pcap, Ethernet or raw IP).
+    /// Exits 2 if the compiled maps and the reference matcher ever disagree.
+    Explain {
+        config: PathBuf,
+        /// Packet descriptions; quote each one (`->` is a shell redirection).
+        packets: Vec<String>,
+        /// A classic pcap file taken on one egress (see --direction).
+        #[arg(long)]
+        pcap: Option<PathBuf>,
+        /// Which egress the pcap was taken on: up (WAN) or down (LAN).
+        #[arg(long)]
+        direction: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Apply a config and exit; shaping stays in place (pinned in bpffs).
     Apply {
@@ -125,7 +152,51 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let plan = compile::plan(&policy, None);
             let maps = compile::maps(&plan);
             print!("{}", compile::describe(&plan, &maps));
+            if let Some(v) = &policy.catalogue {
+                println!("apps from the clinical catalogue {v} (`shaper catalogue` lists them)");
+            }
+            for n in &policy.notes {
+                println!("note: {n}");
+            }
             println!("{}: OK (leaf \"auto\" is fq_codel where the kernel has it, else bfifo; decided at apply)", config.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Catalogue { json, config } => {
+            let cat = match &config {
+                Some(path) => config::load_catalogue(path)?,
+                None => catalogue::Catalogue::builtin(),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&cat.to_json())?);
+            } else {
+                print!("{}", cat.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Explain {
+            config,
+            packets,
+            pcap,
+            direction,
+            json,
+        } => {
+            let policy = load_policy(&config)?;
+            let r = explain::run(
+                &policy,
+                &packets,
+                pcap.as_deref(),
+                direction.as_deref(),
+                json,
+            )
+            .map_err(anyhow::Error::msg)?;
+            print!("{}", r.text);
+            if r.disagreements > 0 {
+                eprintln!(
+                    "shaper: error: the compiled maps and the reference matcher disagree on {} packet(s)",
+                    r.disagreements
+                );
+                return Ok(ExitCode::from(2));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Apply {

@@ -1,0 +1,595 @@
+//! The built-in clinical application catalogue: named, versioned definitions of
+//! how each clinical (and background) application appears on the wire, which a
+//! config's rules refer to by name (`apps = ["teams-media", "dicom"]`).
+//!
+//! The catalogue is written in the same TOML a config's `[[app]]` tables use
+//! and validated by the same code ([`crate::config`]), so a built-in entry can
+//! be copied into a config and edited there: an `[[app]]` with a built-in name
+//! replaces it, a new name adds one.
+//!
+//! An app has zero or more match entries (each becomes one [`Rule`] when a rule
+//! names the app, named `<rule>/<app>#<n>`), DNS names (stored and shown; not
+//! matched until DNS-name rules exist), what it `needs` beyond ports and
+//! addresses, where its figures come from and notes. An app that cannot be
+//! recognised by ports and addresses today has no match entries: it matches
+//! nothing rather than something wrong.
+//!
+//! Figures are as published by the vendors (see each app's `source`) and in the
+//! project's CLINICAL-TRAFFIC.md; check them against current documentation when
+//! bumping [`VERSION`].
+
+use std::{fmt, path::Path, sync::OnceLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Cidr, Direction, Rule};
+
+/// Version of the built-in catalogue; bump it whenever an entry changes.
+pub const VERSION: &str = "2026.11.1";
+
+/// What a built-in catalogue error names as its file.
+pub const BUILTIN_FILE: &str = "<built-in catalogue>";
+
+/// The built-in catalogue, in the `[[app]]` format of a config. Each app is
+/// either flat match fields (one match entry) or `[[app.match]]` tables.
+pub const BUILTIN: &str = r#"
+version = "2026.11.1"
+
+# --- Video consultations -------------------------------------------------
+
+[[app]]
+name = "teams-audio"
+protocol = "udp"
+src_ports = ["50000-50019"]
+dst_ports = ["3478-3481"]
+dst_cidrs = ["13.107.64.0/18", "52.112.0.0/14", "52.122.0.0/15", "2603:1063::/38"]
+source = "Microsoft 365 URLs and IP address ranges (Teams media: UDP 3478-3481 to 13.107.64.0/18, 52.112.0.0/14, 52.122.0.0/15, 2603:1063::/38); Microsoft Teams QoS guidance (client source ports: audio 50000-50019, DSCP EF 46); CLINICAL-TRAFFIC.md"
+notes = "Matches only when the Teams client media port ranges are configured (Teams admin meeting settings) and media goes through Microsoft's relays; peer-to-peer media and the TCP 443 fallback are not recognised. Clients mark EF only where a QoS policy sets it."
+
+[[app]]
+name = "teams-video"
+protocol = "udp"
+src_ports = ["50020-50039"]
+dst_ports = ["3478-3481"]
+dst_cidrs = ["13.107.64.0/18", "52.112.0.0/14", "52.122.0.0/15", "2603:1063::/38"]
+source = "Microsoft 365 URLs and IP address ranges (Teams media: UDP 3478-3481 to its ranges); Microsoft Teams QoS guidance (client source ports: video 50020-50039, DSCP AF41 34); CLINICAL-TRAFFIC.md"
+notes = "As teams-audio: needs the client media port ranges configured; peer-to-peer and TCP 443 fallback media are not recognised."
+
+[[app]]
+name = "teams-screenshare"
+protocol = "udp"
+src_ports = ["50040-50059"]
+dst_ports = ["3478-3481"]
+dst_cidrs = ["13.107.64.0/18", "52.112.0.0/14", "52.122.0.0/15", "2603:1063::/38"]
+source = "Microsoft 365 URLs and IP address ranges (Teams media: UDP 3478-3481 to its ranges); Microsoft Teams QoS guidance (client source ports: screen sharing 50040-50059, DSCP AF21 18); CLINICAL-TRAFFIC.md"
+notes = "As teams-audio: needs the client media port ranges configured; peer-to-peer and TCP 443 fallback media are not recognised."
+
+[[app]]
+name = "teams-media"
+protocol = "udp"
+dst_ports = ["3478-3481"]
+dst_cidrs = ["13.107.64.0/18", "52.112.0.0/14", "52.122.0.0/15", "2603:1063::/38"]
+source = "Microsoft 365 URLs and IP address ranges (Teams media: UDP 3478-3481 to 13.107.64.0/18, 52.112.0.0/14, 52.122.0.0/15, 2603:1063::/38); CLINICAL-TRAFFIC.md"
+notes = "All Teams media (audio, video, screen sharing) through Microsoft's relays, whatever the client's source port. The TCP 443 fallback (UDP blocked) is not recognised."
+
+[[app]]
+name = "zoom"
+protocol = "udp"
+dst_ports = ["8801-8810"]
+source = "Zoom network firewall or proxy server settings (meeting media: UDP 8801-8810); CLINICAL-TRAFFIC.md"
+notes = "Any destination: Zoom's published IP ranges are long and change often, and are not included. Zoom can mark audio DSCP 56 and video 40 when enabled in its settings; not required here."
+
+[[app]]
+name = "near-me"
+protocol = "udp"
+dst_ports = [3478]
+needs = ["dns"]
+source = "Attend Anywhere / NHS Near Me network requirements (WebRTC; TURN on UDP 3478 and TCP 443); CLINICAL-TRAFFIC.md"
+notes = "Without DNS-name rules only the port part can be matched: UDP 3478 (STUN/TURN) to any destination, which other WebRTC services use as well. The TCP 443 TURN fallback is not matched: TCP 443 to anywhere is all web traffic. Recognising the service's TURN servers needs DNS-name matching (their names are not listed in our sources yet). Chromium sends no DSCP."
+
+[[app]]
+name = "accurx-video"
+dns_names = ["*.sfu.whereby.com", "*.turn.whereby.com"]
+source = "Whereby network requirements (media to *.sfu.whereby.com and *.turn.whereby.com; no static IP ranges); CLINICAL-TRAFFIC.md"
+notes = "accuRx video consultations run on Whereby, which publishes no static ranges: only DNS-name (or TLS SNI) recognition can find them, so this app matches nothing today."
+
+# --- Image transfers -----------------------------------------------------
+
+[[app]]
+name = "dicom"
+source = "DICOM PS3.8 / IANA service names (dicom: TCP 104 and 11112); CLINICAL-TRAFFIC.md"
+notes = "C-STORE and other DICOM associations in both directions: the site's modality or PACS connecting out (dst port) and a remote archive or the Image Exchange Portal connecting in (src port, the site's side). DICOM over TLS/VPN (IEP, cloud PACS) needs the tunnel's peer address in a rule of its own."
+
+[[app.match]]
+protocol = "tcp"
+dst_ports = [104, 11112]
+
+[[app.match]]
+protocol = "tcp"
+src_ports = [104, 11112]
+
+# --- Clinical systems ----------------------------------------------------
+
+[[app]]
+name = "emis-web"
+protocol = "tcp"
+dst_ports = ["33962-33969"]
+dst_cidrs = ["10.207.112.0/22", "10.207.116.0/22"]
+source = "CLINICAL-TRAFFIC.md (EMIS Web over HSCN: 10.207.112.0/22 and 10.207.116.0/22, TCP 33962-33969)"
+notes = "HSCN private addressing: only meaningful where the gateway carries the site's HSCN traffic."
+
+[[app]]
+name = "systmone"
+source = "CLINICAL-TRAFFIC.md (SystmOne over TLS 443 to its HSCN endpoints)"
+notes = "SystmOne uses TLS on TCP 443 to TPP's HSCN endpoints, whose addresses are not in our sources: TCP 443 alone is all web traffic, so this app matches nothing yet. Add the endpoints in a config [[app]] named systmone (dst_cidrs + dst_ports = [443]) to recognise it."
+
+# --- Background ----------------------------------------------------------
+
+[[app]]
+name = "delivery-optimization"
+source = "Microsoft Learn, Delivery Optimization (peer traffic on TCP/UDP 7680); CLINICAL-TRAFFIC.md"
+notes = "Peer-to-peer Windows/Office update traffic with peers across the internet (the site's PC as client, dst port, or as server, src port). Peers on the same LAN never cross the gateway. The HTTP downloads from Microsoft's CDN are in windows-update (DNS names)."
+
+[[app.match]]
+protocol = ["tcp", "udp"]
+dst_ports = [7680]
+
+[[app.match]]
+protocol = ["tcp", "udp"]
+src_ports = [7680]
+
+[[app]]
+name = "windows-update"
+dns_names = ["*.dl.delivery.mp.microsoft.com", "*.delivery.mp.microsoft.com", "*.windowsupdate.com", "*.update.microsoft.com"]
+source = "Microsoft Learn, Delivery Optimization and Windows Update endpoints (peer TCP/UDP 7680; downloads from *.dl.delivery.mp.microsoft.com, *.windowsupdate.com); CLINICAL-TRAFFIC.md"
+notes = "Only the Delivery Optimization peer part (TCP/UDP 7680) is matched; the downloads themselves come over TCP 80/443 from CDNs and need DNS-name matching (not available yet)."
+
+[[app.match]]
+protocol = ["tcp", "udp"]
+dst_ports = [7680]
+
+[[app.match]]
+protocol = ["tcp", "udp"]
+src_ports = [7680]
+
+[[app]]
+name = "backup-sync"
+dns_names = ["*.sharepoint.com"]
+source = "CLINICAL-TRAFFIC.md (backups and file sync; OneDrive *.sharepoint.com)"
+notes = "No ports identify backup or sync traffic: OneDrive/SharePoint and most cloud backup products use HTTPS (TCP 443), so this app matches nothing until DNS-name matching exists. *.sharepoint.com also carries interactive SharePoint and Teams file use. A backup product with its own port or target range can be added as a config [[app]]."
+"#;
+
+/// One way an app shows on the wire; all present fields must match (as in a
+/// rule). Becomes one [`Rule`] when expanded.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AppMatch {
+    /// Empty = any protocol.
+    pub protocols: Vec<u8>,
+    /// Inclusive ranges; empty = any. `src` is the site's (LAN) side.
+    pub src_ports: Vec<(u16, u16)>,
+    pub dst_ports: Vec<(u16, u16)>,
+    pub src_cidrs: Vec<Cidr>,
+    pub dst_cidrs: Vec<Cidr>,
+    pub dscp: Vec<u8>,
+}
+
+/// A named application.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct App {
+    pub name: String,
+    /// Each becomes one rule; empty = the app matches nothing today.
+    pub matches: Vec<AppMatch>,
+    /// Host names (`*.` wildcards) for DNS-name rules: stored and shown only.
+    pub dns_names: Vec<String>,
+    /// What recognising the app fully needs beyond ports and addresses
+    /// ("dns"); always includes "dns" when `dns_names` is not empty.
+    pub needs: Vec<String>,
+    /// Where the figures come from.
+    pub source: String,
+    pub notes: String,
+    /// "built-in catalogue 2026.11.1" or the config file and line.
+    pub origin: String,
+}
+
+/// A set of apps: the built-in ones, possibly extended by a config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Catalogue {
+    /// The built-in catalogue's version.
+    pub version: String,
+    /// Built-in apps in catalogue order, then a config's new ones in file order.
+    pub apps: Vec<App>,
+}
+
+impl Catalogue {
+    /// The built-in catalogue. Its text is constant and validated by the unit
+    /// tests, so a failure here is a bug in this file.
+    pub fn builtin() -> Catalogue {
+        static PARSED: OnceLock<Catalogue> = OnceLock::new();
+        PARSED
+            .get_or_init(|| {
+                crate::config::parse_catalogue(Path::new(BUILTIN_FILE), BUILTIN)
+                    .unwrap_or_else(|e| panic!("the built-in catalogue is invalid: {e}"))
+            })
+            .clone()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&App> {
+        self.apps.iter().find(|a| a.name == name)
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.apps.iter().map(|a| a.name.as_str()).collect()
+    }
+
+    /// Adds `app`, replacing an app of the same name in place.
+    pub fn upsert(&mut self, app: App) {
+        match self.apps.iter_mut().find(|a| a.name == app.name) {
+            Some(slot) => *slot = app,
+            None => self.apps.push(app),
+        }
+    }
+
+    /// Text listing for `shaper catalogue`.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "clinical application catalogue {} ({} apps)",
+            self.version,
+            self.apps.len()
+        );
+        for a in &self.apps {
+            let _ = writeln!(s);
+            let _ = writeln!(s, "{}  [{}]", a.name, a.origin);
+            if a.matches.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "  match:     nothing (no ports or addresses identify it)"
+                );
+            }
+            for (i, m) in a.matches.iter().enumerate() {
+                let _ = writeln!(s, "  match #{}:  {m}", i + 1);
+            }
+            if !a.dns_names.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "  DNS names: {} (not matched yet)",
+                    a.dns_names.join(", ")
+                );
+            }
+            if !a.needs.is_empty() {
+                let _ = writeln!(s, "  needs:     {}", a.needs.join(", "));
+            }
+            if !a.source.is_empty() {
+                let _ = writeln!(s, "  source:    {}", a.source);
+            }
+            if !a.notes.is_empty() {
+                let _ = writeln!(s, "  notes:     {}", a.notes);
+            }
+        }
+        s
+    }
+
+    /// JSON for `shaper catalogue --json`: ports as "lo-hi" strings, CIDRs as
+    /// strings, protocols by name where they have one.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let apps: Vec<_> = self
+            .apps
+            .iter()
+            .map(|a| {
+                let matches: Vec<_> = a
+                    .matches
+                    .iter()
+                    .map(|m| {
+                        json!({
+                            "protocols": m.protocols.iter().map(|&p| protocol_name(p)).collect::<Vec<_>>(),
+                            "src_ports": m.src_ports.iter().map(|&r| port_range(r)).collect::<Vec<_>>(),
+                            "dst_ports": m.dst_ports.iter().map(|&r| port_range(r)).collect::<Vec<_>>(),
+                            "src_cidrs": m.src_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+                            "dst_cidrs": m.dst_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+                            "dscp": m.dscp,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": a.name,
+                    "matches": matches,
+                    "dns_names": a.dns_names,
+                    "needs": a.needs,
+                    "source": a.source,
+                    "notes": a.notes,
+                    "origin": a.origin,
+                })
+            })
+            .collect();
+        json!({ "version": self.version, "apps": apps })
+    }
+}
+
+impl App {
+    /// The rules this app adds under a rule named `rule`: one per match entry,
+    /// named `<rule>/<app>#<n>` (n from 1), in order, each with the rule's
+    /// class, priority and direction.
+    pub fn expand(
+        &self,
+        rule: &str,
+        class: usize,
+        priority: i64,
+        direction: Direction,
+    ) -> Vec<Rule> {
+        self.matches
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Rule {
+                name: format!("{rule}/{}#{}", self.name, i + 1),
+                class,
+                priority,
+                direction,
+                protocols: m.protocols.clone(),
+                src_ports: m.src_ports.clone(),
+                dst_ports: m.dst_ports.clone(),
+                src_cidrs: m.src_cidrs.clone(),
+                dst_cidrs: m.dst_cidrs.clone(),
+                dscp: m.dscp.clone(),
+            })
+            .collect()
+    }
+
+    /// Whether recognising the app needs DNS-name matching.
+    pub fn needs_dns(&self) -> bool {
+        self.needs.iter().any(|n| n == "dns")
+    }
+
+    /// What `check` says about this app under `rule`, if anything: apps that
+    /// match only partly or not at all today.
+    pub fn note(&self, rule: &str) -> Option<String> {
+        let names = if self.dns_names.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.dns_names.join(", "))
+        };
+        if self.matches.is_empty() && self.needs_dns() {
+            Some(format!(
+                "rule `{rule}`: app `{}` needs DNS-name matching, not available yet{names}; it adds no rule",
+                self.name
+            ))
+        } else if self.matches.is_empty() {
+            Some(format!(
+                "rule `{rule}`: app `{}` has nothing to match yet (see `shaper catalogue`); it adds no rule",
+                self.name
+            ))
+        } else if self.needs_dns() {
+            Some(format!(
+                "rule `{rule}`: app `{}` is matched by ports/addresses only; the rest needs DNS-name matching, not available yet{names}",
+                self.name
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// "udp" for 17 and the like; the number otherwise.
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        47 => "gre".into(),
+        50 => "esp".into(),
+        51 => "ah".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        136 => "udplite".into(),
+        n => n.to_string(),
+    }
+}
+
+fn port_range((lo, hi): (u16, u16)) -> String {
+    if lo == hi {
+        lo.to_string()
+    } else {
+        format!("{lo}-{hi}")
+    }
+}
+
+impl fmt::Display for AppMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let join = |v: Vec<String>| v.join(",");
+        let mut parts = Vec::new();
+        parts.push(if self.protocols.is_empty() {
+            "any protocol".to_string()
+        } else {
+            join(self.protocols.iter().map(|&p| protocol_name(p)).collect())
+        });
+        if !self.src_ports.is_empty() {
+            parts.push(format!(
+                "src port {}",
+                join(self.src_ports.iter().map(|&r| port_range(r)).collect())
+            ));
+        }
+        if !self.dst_ports.is_empty() {
+            parts.push(format!(
+                "dst port {}",
+                join(self.dst_ports.iter().map(|&r| port_range(r)).collect())
+            ));
+        }
+        if !self.src_cidrs.is_empty() {
+            parts.push(format!(
+                "src {}",
+                join(self.src_cidrs.iter().map(|c| c.to_string()).collect())
+            ));
+        }
+        if !self.dst_cidrs.is_empty() {
+            parts.push(format!(
+                "dst {}",
+                join(self.dst_cidrs.iter().map(|c| c.to_string()).collect())
+            ));
+        }
+        if !self.dscp.is_empty() {
+            parts.push(format!(
+                "dscp {}",
+                join(self.dscp.iter().map(|d| d.to_string()).collect())
+            ));
+        }
+        f.write_str(&parts.join(" "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_parses_and_has_the_expected_apps() {
+        let c = Catalogue::builtin();
+        assert_eq!(c.version, VERSION);
+        assert_eq!(
+            c.names(),
+            [
+                "teams-audio",
+                "teams-video",
+                "teams-screenshare",
+                "teams-media",
+                "zoom",
+                "near-me",
+                "accurx-video",
+                "dicom",
+                "emis-web",
+                "systmone",
+                "delivery-optimization",
+                "windows-update",
+                "backup-sync",
+            ]
+        );
+        for a in &c.apps {
+            assert!(!a.source.is_empty(), "{}: no source", a.name);
+            assert!(!a.notes.is_empty(), "{}: no notes", a.name);
+            assert!(a.origin.contains(VERSION), "{}: {}", a.name, a.origin);
+            // Never a match entry that matches everything.
+            for m in &a.matches {
+                assert_ne!(m, &AppMatch::default(), "{}", a.name);
+            }
+            if !a.dns_names.is_empty() {
+                assert!(a.needs_dns(), "{}: DNS names without needs dns", a.name);
+            }
+        }
+    }
+
+    #[test]
+    fn figures() {
+        let c = Catalogue::builtin();
+        let m = |n: &str| c.get(n).unwrap_or_else(|| panic!("{n}")).matches.clone();
+        let teams = m("teams-media");
+        assert_eq!(teams.len(), 1);
+        assert_eq!(teams[0].protocols, [17]);
+        assert_eq!(teams[0].dst_ports, [(3478, 3481)]);
+        assert_eq!(
+            teams[0]
+                .dst_cidrs
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>(),
+            [
+                "13.107.64.0/18",
+                "52.112.0.0/14",
+                "52.122.0.0/15",
+                "2603:1063::/38"
+            ]
+        );
+        assert_eq!(m("teams-audio")[0].src_ports, [(50000, 50019)]);
+        assert_eq!(m("teams-video")[0].src_ports, [(50020, 50039)]);
+        assert_eq!(m("teams-screenshare")[0].src_ports, [(50040, 50059)]);
+        assert_eq!(m("zoom")[0].dst_ports, [(8801, 8810)]);
+        let dicom = m("dicom");
+        assert_eq!(dicom.len(), 2);
+        assert_eq!(dicom[0].dst_ports, [(104, 104), (11112, 11112)]);
+        assert!(dicom[0].src_ports.is_empty());
+        assert_eq!(dicom[1].src_ports, [(104, 104), (11112, 11112)]);
+        assert!(dicom[1].dst_ports.is_empty());
+        assert_eq!(m("emis-web")[0].dst_cidrs.len(), 2);
+        let near = c.get("near-me").expect("near-me");
+        assert_eq!(near.matches.len(), 1, "UDP 3478 only: TCP 443 is all web");
+        assert!(near.needs_dns());
+        assert!(near.notes.contains("only the port part can be matched"));
+        let accurx = c.get("accurx-video").expect("accurx");
+        assert!(accurx.matches.is_empty());
+        assert_eq!(accurx.needs, ["dns"]);
+        assert_eq!(
+            accurx.dns_names,
+            ["*.sfu.whereby.com", "*.turn.whereby.com"]
+        );
+        assert!(m("systmone").is_empty());
+        let wu = c.get("windows-update").expect("wu");
+        assert_eq!(wu.matches, m("delivery-optimization"));
+        assert!(wu
+            .dns_names
+            .contains(&"*.dl.delivery.mp.microsoft.com".to_string()));
+        assert!(m("backup-sync").is_empty());
+    }
+
+    #[test]
+    fn expansion_names_order_and_fields() {
+        let c = Catalogue::builtin();
+        let rules = c
+            .get("dicom")
+            .expect("dicom")
+            .expand("images", 2, 7, Direction::Upload);
+        let names: Vec<_> = rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["images/dicom#1", "images/dicom#2"]);
+        assert!(rules
+            .iter()
+            .all(|r| r.class == 2 && r.priority == 7 && r.direction == Direction::Upload));
+        assert_eq!(rules[0].dst_ports, [(104, 104), (11112, 11112)]);
+        assert_eq!(rules[1].src_ports, [(104, 104), (11112, 11112)]);
+        // A DNS-only app expands to nothing, and says so.
+        let a = c.get("accurx-video").expect("accurx");
+        assert!(a.expand("v", 0, 0, Direction::Both).is_empty());
+        let note = a.note("v").expect("a note");
+        assert!(
+            note.contains("needs DNS-name matching, not available yet"),
+            "{note}"
+        );
+        assert!(c.get("dicom").expect("dicom").note("x").is_none());
+        assert!(c
+            .get("systmone")
+            .expect("systmone")
+            .note("x")
+            .expect("note")
+            .contains("nothing to match"));
+    }
+
+    #[test]
+    fn upsert_replaces_in_place_or_appends() {
+        let mut c = Catalogue::builtin();
+        let n = c.apps.len();
+        let mut z = c.get("zoom").expect("zoom").clone();
+        z.notes = "changed".into();
+        c.upsert(z);
+        assert_eq!(c.apps.len(), n);
+        assert_eq!(c.get("zoom").expect("zoom").notes, "changed");
+        assert_eq!(c.names()[4], "zoom");
+        let mut new = c.get("zoom").expect("zoom").clone();
+        new.name = "pacs-cloud".into();
+        c.upsert(new);
+        assert_eq!(c.names().last(), Some(&"pacs-cloud"));
+    }
+
+    #[test]
+    fn render_and_json_show_every_app() {
+        let c = Catalogue::builtin();
+        let text = c.render();
+        for a in &c.apps {
+            assert!(text.contains(&format!("\n{}  [", a.name)), "{}", a.name);
+        }
+        assert!(text.contains("match #2:  tcp src port 104,11112"), "{text}");
+        assert!(text.contains("*.sfu.whereby.com"), "{text}");
+        let j = c.to_json();
+        assert_eq!(j["version"], VERSION);
+        assert_eq!(j["apps"][3]["name"], "teams-media");
+        assert_eq!(j["apps"][3]["matches"][0]["dst_ports"][0], "3478-3481");
+        assert_eq!(j["apps"][3]["matches"][0]["protocols"][0], "udp");
+    }
+}

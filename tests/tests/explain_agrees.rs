@@ -1,0 +1,324 @@
+//! `shaper explain --pcap` against the kernel: random frames (both directions,
+//! IPv4/IPv6, TCP/UDP/ICMP, VLAN tags, IPv6 extension headers, pure ACKs,
+//! fragments) are written to a pcap per direction, explained by the real
+//! binary, and run through the real classifier with BPF_PROG_TEST_RUN; the
+//! class `explain` names must be the one the kernel writes into
+//! `skb->priority`, for every packet.
+
+use std::path::Path;
+use std::process::Command;
+
+use shaper_tests::packet::Pkt;
+use shaper_tests::{Shaper, TempDir};
+use shaper_user::{
+    compile,
+    config::{self, Policy},
+    explain::pcap,
+    kernel::bpf,
+};
+
+const POLICY: &str = r#"
+[interfaces]
+wan = "wan0"
+lan = "lan0"
+[upload]
+rate = "10mbit"
+[download]
+rate = "40mbit"
+[shaping]
+ack_class = "interactive"
+[[class]]
+name = "video"
+priority = 0
+guaranteed = "20%"
+dscp = "AF41"
+[[class]]
+name = "images"
+priority = 2
+guaranteed = "30%"
+dscp = "AF11"
+[[class]]
+name = "default"
+priority = 4
+guaranteed = "10%"
+default = true
+[[class]]
+name = "interactive"
+priority = 1
+guaranteed = "10%"
+[[class]]
+name = "bulk"
+priority = 6
+guaranteed = "5%"
+[[rule]]
+name = "teams"
+class = "video"
+protocol = "udp"
+dst_ports = ["3478-3481"]
+dst_cidrs = ["52.112.0.0/14", "2603:1063::/38"]
+[[rule]]
+name = "teams-clients"
+class = "video"
+protocol = "udp"
+src_ports = ["50000-50019"]
+src_cidrs = ["192.168.7.0/24", "fd00::/64"]
+[[rule]]
+name = "dicom"
+class = "images"
+protocol = "tcp"
+dst_ports = [104, 11112]
+[[rule]]
+name = "hscn"
+class = "interactive"
+dst_cidrs = ["10.0.0.0/8"]
+[[rule]]
+name = "ef"
+class = "video"
+dscp = ["EF"]
+direction = "upload"
+[[rule]]
+name = "updates-down"
+class = "bulk"
+protocol = "tcp"
+direction = "download"
+dst_cidrs = ["203.0.113.0/24", "2001:db8:1::/48"]
+priority = 50
+[[rule]]
+name = "icmp-v6"
+class = "interactive"
+protocol = ["icmpv6", "icmp"]
+src_cidrs = ["fd00::/64"]
+priority = 60
+"#;
+
+struct Ns(String);
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+struct Rig {
+    _ns: Ns,
+    policy: Policy,
+    obj: aya::Ebpf,
+    wan: u32,
+    lan: u32,
+}
+
+/// Loads the classifier as tests/classify.rs does: a private namespace whose
+/// `lo` is the WAN side (ifindex 1) and a veth the LAN side.
+fn rig() -> Rig {
+    let name = format!("shp-expl-{}", std::process::id());
+    let ns = Ns(name.clone());
+    let sh = |args: &[&str]| {
+        let st = Command::new("ip").args(args).status().expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    };
+    sh(&["netns", "add", &name]);
+    sh(&[
+        "-n", &name, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+    ]);
+    for l in ["lo", "v0", "v1"] {
+        sh(&["-n", &name, "link", "set", l, "up"]);
+    }
+    let f = std::fs::File::open(format!("/run/netns/{name}")).expect("netns file");
+    // SAFETY: setns on this test's own thread with a valid netns fd.
+    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns");
+    let c = std::ffi::CString::new("v0").expect("name");
+    // SAFETY: NUL-terminated name.
+    let lan = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert!(lan > 1, "veth ifindex");
+    let policy = config::parse(Path::new("explain.toml"), POLICY).expect("policy");
+    let maps = compile::maps(&compile::plan(&policy, None));
+    let flags =
+        shaper_common::CFG_WAN_L2 | shaper_common::CFG_LAN_L2 | shaper_common::CFG_REMARK_WAN;
+    let obj = bpf::load(&maps, 1, lan, flags).expect("classifier loads");
+    Rig {
+        _ns: ns,
+        policy,
+        obj,
+        wan: 1,
+        lan,
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[(self.next() % v.len() as u64) as usize]
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+/// Random frames for one direction, in send order.
+fn frames(rng: &mut Rng, up: bool, n: usize) -> Vec<(Pkt, Vec<u8>)> {
+    let lans4 = ["192.168.7.20", "192.168.8.3"];
+    let lans6 = ["fd00::20", "fd00:1::9"];
+    let wans4 = [
+        "52.112.3.4",
+        "52.115.255.1",
+        "10.9.8.7",
+        "203.0.113.9",
+        "8.8.8.8",
+    ];
+    let wans6 = [
+        "2603:1063::1",
+        "2603:1063:ffff::1",
+        "2001:db8:1::1",
+        "2001:db8::1",
+    ];
+    let mut out = Vec::new();
+    while out.len() < n {
+        let v6 = rng.chance(40);
+        let proto = *rng.pick(&[6u8, 6, 17, 17, 17, if v6 { 58 } else { 1 }]);
+        let (lan, wan) = if v6 {
+            (*rng.pick(&lans6), *rng.pick(&wans6))
+        } else {
+            (*rng.pick(&lans4), *rng.pick(&wans4))
+        };
+        let any = rng.next() as u16;
+        let lport = *rng.pick(&[50005u16, 50019, 50020, 40000, any]);
+        let any = rng.next() as u16;
+        let rport = *rng.pick(&[3478u16, 3481, 3482, 104, 11112, 443, any]);
+        let mut p = if up {
+            Pkt::new(lan, wan, proto, lport, rport)
+        } else {
+            Pkt::new(wan, lan, proto, rport, lport)
+        };
+        p.dscp = *rng.pick(&[0u8, 0, 46, 34, 10]);
+        p.payload = *rng.pick(&[0usize, 0, 1, 64, 300]);
+        if rng.chance(25) {
+            p.vlans = vec![(rng.next() % 4094 + 1) as u16];
+            if rng.chance(40) {
+                p.vlans.push((rng.next() % 4094 + 1) as u16);
+            }
+        }
+        if v6 && rng.chance(20) {
+            p.v6_ext = (0..rng.next() % 4)
+                .map(|_| {
+                    (
+                        *rng.pick(&[0u8, 43, 60]),
+                        8 * (1 + (rng.next() % 3) as usize),
+                    )
+                })
+                .collect();
+        }
+        if proto != 6 && rng.chance(12) {
+            // A fragmented datagram: the first fragment, then a later one
+            // (sometimes with another id: the kernel has not seen its first).
+            let id = rng.next() as u32 & if v6 { u32::MAX } else { 0xffff };
+            p.frag = Some((id, 0, true));
+            p.payload = 200;
+            let mut later = p.clone();
+            let later_id = if rng.chance(25) { id ^ 0x55 } else { id };
+            later.frag = Some((later_id, 26, false));
+            later.payload = 40;
+            out.push((p.clone(), p.build()));
+            out.push((later.clone(), later.build()));
+            continue;
+        }
+        out.push((p.clone(), p.build()));
+    }
+    out
+}
+
+fn explain_json(bin: &Path, config: &Path, pcap_path: &Path, dir: &str) -> serde_json::Value {
+    let out = Command::new(bin)
+        .arg("explain")
+        .arg(config)
+        .arg("--pcap")
+        .arg(pcap_path)
+        .args(["--direction", dir, "--json"])
+        .output()
+        .expect("run shaper explain");
+    assert!(
+        out.status.success(),
+        "shaper explain --direction {dir}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("explain --json output is JSON")
+}
+
+#[test]
+fn explain_names_the_class_the_kernel_picks() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: needs root (BPF program load, network namespace)");
+        return;
+    }
+    let bin = Shaper::binary_path();
+    assert!(
+        bin.is_file(),
+        "shaper binary not found at {} (build it with `cargo build -p shaper-user`, or set SHAPER_BIN)",
+        bin.display()
+    );
+    let mut r = rig();
+    let dir = TempDir::new("explain").expect("temp dir");
+    let config = dir.write("site.toml", POLICY).expect("config");
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+
+    let mut checked = 0;
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    let mut acks = 0;
+    let mut failures = Vec::new();
+    for (up, label) in [(true, "up"), (false, "down")] {
+        let pkts = frames(&mut rng, up, 110);
+        let raw: Vec<Vec<u8>> = pkts.iter().map(|(_, f)| f.clone()).collect();
+        let path = dir.path().join(format!("{label}.pcap"));
+        std::fs::write(&path, pcap::write(pcap::LINKTYPE_ETHERNET, &raw)).expect("pcap");
+        let v = explain_json(&bin, &config, &path, label);
+        assert_eq!(v["disagreements"], 0, "maps and reference disagree: {v:#}");
+        let list = v["packets"].as_array().expect("packets");
+        assert_eq!(list.len(), pkts.len(), "one explanation per packet");
+        for ((pkt, frame), e) in pkts.iter().zip(list) {
+            let ifindex = if up { r.wan } else { r.lan };
+            let run = bpf::test_run(&mut r.obj, frame, ifindex, 1).expect("test run");
+            assert_eq!(run.ret, u32::MAX, "classifier passes every packet");
+            let said = e["classid"].as_u64().expect("classid") as u32;
+            if said != run.priority {
+                failures.push(format!(
+                    "{label} #{}: explain says {} ({}), the kernel 1:{:x}\n  frame {pkt:?}\n  explain {e}",
+                    e["packet"],
+                    e["handle"],
+                    e["class"],
+                    run.priority & 0xffff
+                ));
+            }
+            *outcomes
+                .entry(e["outcome"].as_str().unwrap_or("?").to_string())
+                .or_default() += 1;
+            if e["ack_class_applied"] == true {
+                acks += 1;
+            }
+            checked += 1;
+        }
+    }
+    eprintln!("checked {checked} packets; outcomes {outcomes:?}; pure ACKs to ack_class {acks}");
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} packets differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // The mix exercised what it is meant to.
+    assert!(checked >= 200);
+    for o in ["rule", "no_rule", "fragment_followed", "fragment_unknown"] {
+        assert!(
+            outcomes.get(o).copied().unwrap_or(0) > 0,
+            "no `{o}` packet in {outcomes:?}"
+        );
+    }
+    assert!(acks > 0, "no pure ACK went to ack_class");
+    let _ = &r.policy;
+}
