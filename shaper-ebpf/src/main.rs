@@ -55,6 +55,10 @@ static CLASS_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2 * MAX
 static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * GLOBAL_COUNTERS, 0);
 #[map(name = "FRAGS")]
 static FRAGS: LruHashMap<FragKey, FragVal> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
+/// Flow cache: the decision for a flow's first packet serves its later ones, so
+/// the cost per packet does not grow with the number of rules.
+#[map(name = "FLOWS")]
+static FLOWS: LruHashMap<FlowKey, FragVal> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -226,6 +230,28 @@ fn decide(cfg: &Config, pkt: &Pkt, dir: u32) -> (u32, u32) {
             }
         };
     }
+    let cache = cfg.flags & CFG_NO_FLOW_CACHE == 0;
+    let fkey = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        dscp: pkt.dscp,
+        dir: dir as u8,
+        family: if pkt.v6 != 0 { 6 } else { 4 },
+    };
+    if cache {
+        // SAFETY: the value is copied out before any other map operation.
+        if let Some(v) = unsafe { FLOWS.get(&fkey) }.copied() {
+            count_global(dir, G_FLOW_CACHE_HIT);
+            if pkt.frag == FRAG_FIRST {
+                let key = frag_key(pkt, dir);
+                let _ = FRAGS.insert(&key, &v, 0);
+            }
+            return (v.rule, v.class);
+        }
+    }
     let rule = match_rule(cfg, pkt, dir);
     let class = if rule == NO_RULE {
         cfg.default_class
@@ -235,9 +261,13 @@ fn decide(cfg: &Config, pkt: &Pkt, dir: u32) -> (u32, u32) {
             None => cfg.default_class,
         }
     };
+    let v = FragVal { rule, class };
+    if cache {
+        let _ = FLOWS.insert(&fkey, &v, 0);
+    }
     if pkt.frag == FRAG_FIRST {
         let key = frag_key(pkt, dir);
-        let _ = FRAGS.insert(&key, &FragVal { rule, class }, 0);
+        let _ = FRAGS.insert(&key, &v, 0);
     }
     (rule, class)
 }

@@ -30,6 +30,8 @@ pub const PORT_SLOTS: u32 = 65537;
 pub const MAX_PREFIXES: u32 = 65536;
 /// Remembered first fragments (so later fragments follow their class).
 pub const MAX_FRAGS: u32 = 4096;
+/// Flow cache entries: a flow's later packets skip the rule scan.
+pub const MAX_FLOWS: u32 = 16384;
 /// Rule index meaning "no rule matched": the packet goes to the default class.
 pub const NO_RULE: u32 = u32::MAX;
 /// `ClassInfo::dscp` value meaning "leave DSCP as it is".
@@ -45,6 +47,8 @@ pub const CFG_WAN_L2: u32 = 1 << 0;
 pub const CFG_LAN_L2: u32 = 1 << 1;
 /// `Config::flags`: re-mark DSCP on WAN egress per class.
 pub const CFG_REMARK_WAN: u32 = 1 << 2;
+/// `Config::flags`: do not use the flow cache (benchmarks of the full scan).
+pub const CFG_NO_FLOW_CACHE: u32 = 1 << 3;
 /// `Config::flags`: the configuration is complete; until set, every packet
 /// passes untouched (so a half-filled map set never classifies).
 pub const CFG_READY: u32 = 1 << 31;
@@ -59,7 +63,8 @@ pub const G_DEFAULT: u32 = 5;
 pub const G_REMARKED: u32 = 6;
 pub const G_IPV6: u32 = 7;
 pub const G_PURE_ACK: u32 = 8;
-pub const GLOBAL_COUNTERS: u32 = 9;
+pub const G_FLOW_CACHE_HIT: u32 = 9;
+pub const GLOBAL_COUNTERS: u32 = 10;
 /// Names of the global counters, in index order (for status output).
 pub const GLOBAL_COUNTER_NAMES: [&str; GLOBAL_COUNTERS as usize] = [
     "packets",
@@ -71,6 +76,7 @@ pub const GLOBAL_COUNTER_NAMES: [&str; GLOBAL_COUNTERS as usize] = [
     "dscp_remarked",
     "ipv6",
     "pure_tcp_acks",
+    "flow_cache_hits",
 ];
 
 /// Map names (as in the object file and under the pin directory).
@@ -91,12 +97,13 @@ pub const MAP_RULE_STATS: &str = "RULE_STATS";
 pub const MAP_CLASS_STATS: &str = "CLASS_STATS";
 pub const MAP_GLOBAL_STATS: &str = "GLOBAL_STATS";
 pub const MAP_FRAGS: &str = "FRAGS";
+pub const MAP_FLOWS: &str = "FLOWS";
 /// The classifier program's name in the object file.
 pub const PROG_CLASSIFY: &str = "shaper_classify";
 /// An empty program in the same object, for benchmarks.
 pub const PROG_EMPTY: &str = "shaper_empty";
 /// Every map the user side fills or reads.
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 17] = [
     MAP_CONFIG,
     MAP_BITMAPS,
     MAP_PROTO_IDX,
@@ -113,6 +120,7 @@ pub const ALL_MAPS: [&str; 16] = [
     MAP_CLASS_STATS,
     MAP_GLOBAL_STATS,
     MAP_FRAGS,
+    MAP_FLOWS,
 ];
 
 /// One rule bitmap.
@@ -183,7 +191,22 @@ pub struct FragKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of the first-fragment map.
+/// Key of the flow cache: everything a rule can look at, from the site's side
+/// (src = LAN), per direction. A new policy comes with a new, empty cache.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u32,
+    pub dport: u32,
+    pub proto: u8,
+    pub dscp: u8,
+    pub dir: u8,
+    pub family: u8,
+}
+
+/// Value of the first-fragment map and of the flow cache.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FragVal {
@@ -202,4 +225,5 @@ mod pod {
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragVal {}
+    unsafe impl aya::Pod for FlowKey {}
 }

@@ -96,14 +96,16 @@ fn classifier_table() -> anyhow::Result<()> {
             .collect::<Result<_, _>>()?,
     );
     println!("classifier cost per packet (BPF_PROG_TEST_RUN, mean of {REPEAT} runs, median of {ROUNDS} rounds)");
+    println!("`flow` = a flow's later packets (flow cache hit); `first` = a flow's first packet (cache off: the full rule scan)");
     println!(
-        "{:<12} {:<22} {:>10} {:>14} {:>9} {:>7}",
-        "rules", "packet", "ns/packet", "above empty", "bitmaps", "words"
+        "{:<12} {:<22} {:>10} {:>10} {:>13} {:>9} {:>7}",
+        "rules", "packet", "flow ns", "first ns", "first-empty", "bitmaps", "words"
     );
     println!(
-        "{:<12} {:<22} {:>10} {:>14} {:>9} {:>7}",
+        "{:<12} {:<22} {:>10} {:>10} {:>13} {:>9} {:>7}",
         "empty prog",
         "udp",
+        floor.as_nanos(),
         floor.as_nanos(),
         "-",
         "-",
@@ -115,19 +117,25 @@ fn classifier_table() -> anyhow::Result<()> {
         let maps = compile::maps(&plan);
         let flags = shaper_common::CFG_WAN_L2 | shaper_common::CFG_LAN_L2;
         // WAN = lo (ifindex 1): every run classifies as upload.
-        let mut obj = bpf::load(&maps, 1, u32::MAX, flags)?;
+        let mut cached = bpf::load(&maps, 1, u32::MAX, flags)?;
+        let mut uncached = bpf::load(&maps, 1, u32::MAX, flags | shaper_common::CFG_NO_FLOW_CACHE)?;
         for (label, pkt) in cases(n) {
-            let d = median(
-                (0..ROUNDS)
-                    .map(|_| bpf::test_run(&mut obj, &pkt, 1, REPEAT).map(|r| r.duration))
-                    .collect::<Result<_, _>>()?,
-            );
+            let mut time = |obj: &mut aya::Ebpf| -> anyhow::Result<std::time::Duration> {
+                Ok(median(
+                    (0..ROUNDS)
+                        .map(|_| bpf::test_run(obj, &pkt, 1, REPEAT).map(|r| r.duration))
+                        .collect::<Result<_, _>>()?,
+                ))
+            };
+            let hit = time(&mut cached)?;
+            let miss = time(&mut uncached)?;
             println!(
-                "{:<12} {:<22} {:>10} {:>14} {:>9} {:>7}",
+                "{:<12} {:<22} {:>10} {:>10} {:>13} {:>9} {:>7}",
                 n,
                 label,
-                d.as_nanos(),
-                d.as_nanos() as i128 - floor.as_nanos() as i128,
+                hit.as_nanos(),
+                miss.as_nanos(),
+                miss.as_nanos() as i128 - floor.as_nanos() as i128,
                 maps.bitmaps.len(),
                 maps.nwords
             );
