@@ -120,7 +120,7 @@ fn classifier_table() -> anyhow::Result<()> {
         let mut cached = bpf::load(&maps, 1, u32::MAX, flags)?;
         let mut uncached = bpf::load(&maps, 1, u32::MAX, flags | shaper_common::CFG_NO_FLOW_CACHE)?;
         for (label, pkt) in cases(n) {
-            let mut time = |obj: &mut aya::Ebpf| -> anyhow::Result<std::time::Duration> {
+            let time = |obj: &mut aya::Ebpf| -> anyhow::Result<std::time::Duration> {
                 Ok(median(
                     (0..ROUNDS)
                         .map(|_| bpf::test_run(obj, &pkt, 1, REPEAT).map(|r| r.duration))
