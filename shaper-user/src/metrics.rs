@@ -300,6 +300,15 @@ pub fn render(r: &status::Report) -> String {
                 &l,
                 bytes_per_second(c.ceiling_bps),
             );
+            if let Some(r) = c.rate_bps {
+                f.add(
+                    "shaper_class_current_rate_bytes_per_second",
+                    Kind::Gauge,
+                    "Rate the class is sending at now (the kernel's rate estimator), in bytes per second.",
+                    &l,
+                    bytes_per_second(r),
+                );
+            }
         }
     }
 

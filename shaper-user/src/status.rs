@@ -113,7 +113,8 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
                 (Some(_), Some(b), Some(n)) if secs > 0.0 => {
                     Some(((n.stats.bytes.saturating_sub(b.stats.bytes)) as f64 * 8.0 / secs) as u64)
                 }
-                _ => None,
+                // No sampling interval: the kernel's rate estimator on the class.
+                _ => st.rate_bps,
             };
             let cc = counters.classes[di]
                 .get(c.index as usize)
