@@ -18,6 +18,7 @@ pub mod packet;
 pub mod phases;
 pub mod probe;
 pub mod reference;
+pub mod rig;
 pub mod scenario;
 pub mod shaper;
 pub mod topology;

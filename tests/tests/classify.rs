@@ -4,12 +4,10 @@
 //! reference model (`compile::reference_match`) on random packets, and that
 //! no input makes the program drop.
 
-use std::path::Path;
-
 use shaper_tests::packet::{checksum, Pkt};
+use shaper_tests::rig::Rig;
 use shaper_user::{
     compile::{self, classid_of, PacketView},
-    config::{self, Policy},
     kernel::bpf,
 };
 
@@ -62,15 +60,6 @@ dscp = ["EF"]
 direction = "upload"
 "#;
 
-struct Ns(String);
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
-    }
-}
-
 fn root_or_skip() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -80,78 +69,14 @@ fn root_or_skip() -> bool {
     true
 }
 
-struct Rig {
-    _ns: Ns,
-    policy: Policy,
-    obj: aya::Ebpf,
-    wan: u32,
-    lan: u32,
+/// The WAN-side run, with the frame as the program left it (DSCP re-marking).
+fn run_out(r: &mut Rig, frame: &[u8]) -> (u32, Vec<u8>) {
+    let res = bpf::test_run(&mut r.obj, frame, r.wan, 1).expect("test run");
+    (res.priority, res.data)
 }
 
-/// Loads the classifier in a private namespace whose `lo` is the WAN side
-/// (ifindex 1) and a veth is the LAN side (test runs need a real device).
 fn rig() -> Rig {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name = format!("shp-cls-{}-{n}", std::process::id());
-    let ns = Ns(name.clone());
-    let sh = |args: &[&str]| {
-        let st = std::process::Command::new("ip")
-            .args(args)
-            .status()
-            .expect("ip");
-        assert!(st.success(), "ip {args:?}");
-    };
-    sh(&["netns", "add", &name]);
-    sh(&[
-        "-n", &name, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-    ]);
-    sh(&["-n", &name, "link", "set", "lo", "up"]);
-    sh(&["-n", &name, "link", "set", "v0", "up"]);
-    sh(&["-n", &name, "link", "set", "v1", "up"]);
-    let f = std::fs::File::open(format!("/run/netns/{name}")).expect("netns file");
-    // SAFETY: setns on this test's own thread with a valid netns fd.
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns");
-    let c = std::ffi::CString::new("v0").expect("name");
-    // SAFETY: NUL-terminated name.
-    let lan = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert!(lan > 1, "veth ifindex");
-    let policy = config::parse(Path::new("classify.toml"), POLICY).expect("policy");
-    let plan = compile::plan(&policy, None);
-    let maps = compile::maps(&plan);
-    let flags =
-        shaper_common::CFG_WAN_L2 | shaper_common::CFG_LAN_L2 | shaper_common::CFG_REMARK_WAN;
-    let obj = bpf::load(&maps, 1, lan, flags).expect("classifier loads and passes the verifier");
-    Rig {
-        _ns: ns,
-        policy,
-        obj,
-        wan: 1,
-        lan,
-    }
-}
-
-impl Rig {
-    fn class_of(&self, name: &str) -> u32 {
-        let i = self
-            .policy
-            .classes
-            .iter()
-            .position(|c| c.name == name)
-            .expect("class");
-        classid_of(&self.policy, i)
-    }
-    fn run(&mut self, frame: &[u8], up: bool) -> u32 {
-        let ifindex = if up { self.wan } else { self.lan };
-        bpf::test_run(&mut self.obj, frame, ifindex, 1)
-            .expect("test run")
-            .priority
-    }
-    fn run_out(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let r = bpf::test_run(&mut self.obj, frame, self.wan, 1).expect("test run");
-        (r.priority, r.data)
-    }
+    shaper_tests::rig::load(POLICY)
 }
 
 #[test]
@@ -317,7 +242,10 @@ fn dscp_is_remarked_on_the_wan_with_a_valid_checksum() {
         return;
     }
     let mut r = rig();
-    let (prio, out) = r.run_out(&Pkt::tcp("192.168.7.20", "203.0.113.5", 40000, 104).build());
+    let (prio, out) = run_out(
+        &mut r,
+        &Pkt::tcp("192.168.7.20", "203.0.113.5", 40000, 104).build(),
+    );
     assert_eq!(prio, r.class_of("images"));
     assert_eq!(out[15] >> 2, 10, "AF11 written");
     assert_eq!(
@@ -325,7 +253,10 @@ fn dscp_is_remarked_on_the_wan_with_a_valid_checksum() {
         0,
         "IPv4 header checksum still valid"
     );
-    let (_, out) = r.run_out(&Pkt::tcp("fd00::20", "2001:db8::5", 40000, 104).build());
+    let (_, out) = run_out(
+        &mut r,
+        &Pkt::tcp("fd00::20", "2001:db8::5", 40000, 104).build(),
+    );
     let tclass = ((out[14] & 0x0f) << 4) | (out[15] >> 4);
     assert_eq!(tclass >> 2, 10, "AF11 in the IPv6 traffic class");
 }

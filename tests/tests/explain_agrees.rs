@@ -9,13 +9,9 @@ use std::path::Path;
 use std::process::Command;
 
 use shaper_tests::packet::Pkt;
+use shaper_tests::rig::Rig;
 use shaper_tests::{Shaper, TempDir};
-use shaper_user::{
-    compile,
-    config::{self, Policy},
-    explain::pcap,
-    kernel::bpf,
-};
+use shaper_user::{explain::pcap, kernel::bpf};
 
 const POLICY: &str = r#"
 [interfaces]
@@ -91,57 +87,8 @@ src_cidrs = ["fd00::/64"]
 priority = 60
 "#;
 
-struct Ns(String);
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-struct Rig {
-    _ns: Ns,
-    policy: Policy,
-    obj: aya::Ebpf,
-    wan: u32,
-    lan: u32,
-}
-
-/// Loads the classifier as tests/classify.rs does: a private namespace whose
-/// `lo` is the WAN side (ifindex 1) and a veth the LAN side.
 fn rig() -> Rig {
-    let name = format!("shp-expl-{}", std::process::id());
-    let ns = Ns(name.clone());
-    let sh = |args: &[&str]| {
-        let st = Command::new("ip").args(args).status().expect("ip");
-        assert!(st.success(), "ip {args:?}");
-    };
-    sh(&["netns", "add", &name]);
-    sh(&[
-        "-n", &name, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-    ]);
-    for l in ["lo", "v0", "v1"] {
-        sh(&["-n", &name, "link", "set", l, "up"]);
-    }
-    let f = std::fs::File::open(format!("/run/netns/{name}")).expect("netns file");
-    // SAFETY: setns on this test's own thread with a valid netns fd.
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns");
-    let c = std::ffi::CString::new("v0").expect("name");
-    // SAFETY: NUL-terminated name.
-    let lan = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert!(lan > 1, "veth ifindex");
-    let policy = config::parse(Path::new("explain.toml"), POLICY).expect("policy");
-    let maps = compile::maps(&compile::plan(&policy, None));
-    let flags =
-        shaper_common::CFG_WAN_L2 | shaper_common::CFG_LAN_L2 | shaper_common::CFG_REMARK_WAN;
-    let obj = bpf::load(&maps, 1, lan, flags).expect("classifier loads");
-    Rig {
-        _ns: ns,
-        policy,
-        obj,
-        wan: 1,
-        lan,
-    }
+    shaper_tests::rig::load(POLICY)
 }
 
 struct Rng(u64);
