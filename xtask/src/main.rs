@@ -301,7 +301,8 @@ fn test(args: &[String]) -> Result<()> {
     run(&mut c)
 }
 
-fn demo(seconds: u32) -> Result<()> {
+/// Builds the product and the harness in release and runs one harness binary.
+fn run_bin(bin: &str, args: &[String]) -> Result<()> {
     run(&mut cargo(&[
         "build",
         "--release",
@@ -318,40 +319,21 @@ fn demo(seconds: u32) -> Result<()> {
         "-p",
         "shaper-tests",
         "--bin",
-        "shaper-demo",
+        bin,
         "--",
     ]);
-    c.arg("--seconds")
-        .arg(seconds.to_string())
-        .env("SHAPER_BIN", shaper_bin(true));
+    c.args(args).env("SHAPER_BIN", shaper_bin(true));
     run(&mut c)
 }
 
+fn demo(seconds: u32) -> Result<()> {
+    run_bin("shaper-demo", &["--seconds".into(), seconds.to_string()])
+}
+
 fn bench(classifier_only: bool, seconds: u32) -> Result<()> {
-    run(&mut cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "shaper-user",
-        "-p",
-        "shaper-tests",
-        "--bins",
-    ]))?;
-    let mut c = cargo(&[
-        "run",
-        "--quiet",
-        "--release",
-        "-p",
-        "shaper-tests",
-        "--bin",
-        "shaper-bench",
-        "--",
-    ]);
-    c.arg("--seconds")
-        .arg(seconds.to_string())
-        .env("SHAPER_BIN", shaper_bin(true));
+    let mut args = vec!["--seconds".to_string(), seconds.to_string()];
     if classifier_only {
-        c.arg("--classifier-only");
+        args.push("--classifier-only".into());
     }
-    run(&mut c)
+    run_bin("shaper-bench", &args)
 }
