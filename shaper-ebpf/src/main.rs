@@ -599,7 +599,12 @@ fn parse_v6(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> u32 {
     };
     // SAFETY: bpf_loop calls v6_step with our stack struct as its context.
     unsafe {
-        bpf_loop(MAX_V6_EXT as u32, v6_step as *mut core::ffi::c_void, &mut w as *mut V6Walk as *mut core::ffi::c_void, 0);
+        bpf_loop(
+            MAX_V6_EXT as u32,
+            v6_step as *mut core::ffi::c_void,
+            &mut w as *mut V6Walk as *mut core::ffi::c_void,
+            0,
+        );
     }
     if w.status != WALK_DONE {
         // Malformed, or more extension headers than we follow.

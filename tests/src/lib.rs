@@ -11,8 +11,8 @@
 //! `cargo test -p shaper-tests -- --test-threads=1`.
 
 pub mod config;
-pub mod iperf;
 pub mod gateway;
+pub mod iperf;
 pub mod netns;
 pub mod packet;
 pub mod phases;
