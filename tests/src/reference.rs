@@ -40,6 +40,9 @@ pub struct ReferenceOptions {
     /// Also steer small TCP packets (pure ACKs, IPv4 total length < 64) into the first
     /// (highest-priority) class, as cake's ACK handling effectively does.
     pub ack_priority: bool,
+    /// Depth of each class's bfifo leaf in milliseconds at the class ceiling (at least 10
+    /// frames). `None`: 100 ms. `Some(20)` matches the product's default `queue_ms`.
+    pub leaf_queue_ms: Option<u32>,
 }
 
 /// Installs HTB with one class per config class on `wan` (upload, matching destination
@@ -111,8 +114,9 @@ pub fn apply_with(gw: &Netns, config: &ShaperConfig, opts: ReferenceOptions) -> 
                 "quantum",
                 "3028",
             ])?;
-            // A bounded leaf queue (~100 ms at the ceiling, at least 10 frames).
-            let limit = (ceil / 8 / 10).max(15_140);
+            // A bounded leaf queue (~100 ms at the ceiling unless set, at least 10 frames).
+            let queue_ms = u64::from(opts.leaf_queue_ms.unwrap_or(100));
+            let limit = (ceil / 8 * queue_ms / 1000).max(15_140);
             tc(&[
                 "qdisc",
                 "add",

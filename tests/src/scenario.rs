@@ -41,6 +41,10 @@ pub struct Scenario {
     pub video: VideoCall,
     /// Use IPv6 addresses for everything.
     pub v6: bool,
+    /// TCP congestion control of the bulk and image transfers (`iperf3 -C`, set per socket
+    /// on both ends), e.g. "cubic" or "bbr"; `None` leaves the namespaces' default, which is
+    /// inherited from the host (`net.ipv4.tcp_congestion_control`).
+    pub congestion: Option<String>,
 }
 
 impl Default for Scenario {
@@ -58,6 +62,7 @@ impl Default for Scenario {
             image_port: Some(104),
             video: VideoCall::default(),
             v6: false,
+            congestion: None,
         }
     }
 }
@@ -127,11 +132,25 @@ impl Scenario {
         let bulk_down = client(self.bulk_down_port, self.bulk_streams, true, warm + stagger);
         let image = self.image_port.map(|p| client(p, 1, false, warm));
 
-        let down_child = bulk_down.spawn(&topo.lan)?;
+        let spawn = |c: &IperfClient| -> Result<std::process::Child> {
+            match &self.congestion {
+                None => c.spawn(&topo.lan),
+                Some(cc) => {
+                    let mut args = c.args();
+                    args.extend(["-C".to_string(), cc.clone()]);
+                    let mut cmd = topo.lan.cmd("iperf3", &args);
+                    cmd.stdin(std::process::Stdio::null())
+                        .stdout(std::process::Stdio::piped())
+                        .stderr(std::process::Stdio::piped());
+                    cmd.spawn().context("starting iperf3 client in lan")
+                }
+            }
+        };
+        let down_child = spawn(&bulk_down)?;
         std::thread::sleep(self.stagger);
-        let up_child = bulk_up.spawn(&topo.lan)?;
+        let up_child = spawn(&bulk_up)?;
         let image_child = match &image {
-            Some(c) => Some(c.spawn(&topo.lan)?),
+            Some(c) => Some(spawn(c)?),
             None => None,
         };
 

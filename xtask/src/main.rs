@@ -40,6 +40,10 @@ enum Cmd {
         /// Only the classifier micro-benchmark.
         #[arg(long)]
         classifier_only: bool,
+        /// The download-direction comparison instead (FIFO, plain HTB, the product's
+        /// modes, CUBIC and BBR, an unresponsive UDP flood); about 2.5 minutes.
+        #[arg(long)]
+        download: bool,
         #[arg(long, default_value_t = 20)]
         seconds: u32,
     },
@@ -53,8 +57,18 @@ fn main() -> ExitCode {
         Cmd::Demo { seconds } => setup().and_then(|()| demo(seconds)),
         Cmd::Bench {
             classifier_only,
+            download,
             seconds,
-        } => setup().and_then(|()| bench(classifier_only, seconds)),
+        } => setup().and_then(|()| {
+            if download {
+                run_bin(
+                    "shaper-download-bench",
+                    &["--seconds".into(), seconds.to_string()],
+                )
+            } else {
+                bench(classifier_only, seconds)
+            }
+        }),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
