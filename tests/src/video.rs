@@ -270,6 +270,8 @@ fn spawn_receiver(
                             std::io::ErrorKind::WouldBlock
                                 | std::io::ErrorKind::TimedOut
                                 | std::io::ErrorKind::ConnectionRefused
+                                // A signal to the process (a child exiting) is no error.
+                                | std::io::ErrorKind::Interrupted
                         ) =>
                     {
                         if stop.load(Ordering::SeqCst) {
