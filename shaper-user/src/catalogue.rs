@@ -284,7 +284,7 @@ impl Catalogue {
                     .iter()
                     .map(|m| {
                         json!({
-                            "protocols": m.protocols.iter().map(|&p| protocol_name(p)).collect::<Vec<_>>(),
+                            "protocols": m.protocols.iter().map(|&p| crate::config::protocol_name(p)).collect::<Vec<_>>(),
                             "src_ports": m.src_ports.iter().map(|&r| port_range(r)).collect::<Vec<_>>(),
                             "dst_ports": m.dst_ports.iter().map(|&r| port_range(r)).collect::<Vec<_>>(),
                             "src_cidrs": m.src_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
@@ -371,22 +371,6 @@ impl App {
     }
 }
 
-/// "udp" for 17 and the like; the number otherwise.
-pub fn protocol_name(p: u8) -> String {
-    match p {
-        1 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        47 => "gre".into(),
-        50 => "esp".into(),
-        51 => "ah".into(),
-        58 => "icmpv6".into(),
-        132 => "sctp".into(),
-        136 => "udplite".into(),
-        n => n.to_string(),
-    }
-}
-
 fn port_range((lo, hi): (u16, u16)) -> String {
     if lo == hi {
         lo.to_string()
@@ -402,7 +386,12 @@ impl fmt::Display for AppMatch {
         parts.push(if self.protocols.is_empty() {
             "any protocol".to_string()
         } else {
-            join(self.protocols.iter().map(|&p| protocol_name(p)).collect())
+            join(
+                self.protocols
+                    .iter()
+                    .map(|&p| crate::config::protocol_name(p))
+                    .collect(),
+            )
         });
         if !self.src_ports.is_empty() {
             parts.push(format!(

@@ -698,7 +698,24 @@ pub fn mask_addr(addr: IpAddr, len: u8) -> IpAddr {
     }
 }
 
-fn parse_protocol(s: &str) -> Result<u8, String> {
+/// "udp" for 17 and the like; the number otherwise.
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        47 => "gre".into(),
+        50 => "esp".into(),
+        51 => "ah".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        136 => "udplite".into(),
+        n => n.to_string(),
+    }
+}
+
+/// Protocol by name or number (the inverse of [`protocol_name`]).
+pub fn parse_protocol(s: &str) -> Result<u8, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "tcp" => Ok(6),
         "udp" => Ok(17),

@@ -94,7 +94,7 @@ impl Packet {
         let mut s = format!(
             "{} {} {} -> {} dscp={}",
             dir_name(self.dir),
-            proto_name(self.proto),
+            crate::config::protocol_name(self.proto),
             ep(self.src, self.sport),
             ep(self.dst, self.dport),
             dscp_name(self.dscp)
@@ -164,39 +164,6 @@ pub fn parse_direction(s: &str) -> Result<u32, String> {
         _ => Err(format!(
             "`{s}` is not a direction: use up (upload, WAN egress) or down (download, LAN egress)"
         )),
-    }
-}
-
-pub fn proto_name(p: u8) -> String {
-    match p {
-        1 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        47 => "gre".into(),
-        50 => "esp".into(),
-        51 => "ah".into(),
-        58 => "icmpv6".into(),
-        132 => "sctp".into(),
-        136 => "udplite".into(),
-        n => n.to_string(),
-    }
-}
-
-/// Protocol by name (as in the config) or number.
-pub fn parse_protocol(s: &str) -> Result<u8, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "tcp" => Ok(6),
-        "udp" => Ok(17),
-        "icmp" => Ok(1),
-        "icmpv6" | "ipv6-icmp" => Ok(58),
-        "sctp" => Ok(132),
-        "gre" => Ok(47),
-        "esp" => Ok(50),
-        "ah" => Ok(51),
-        "udplite" => Ok(136),
-        other => other.parse::<u8>().map_err(|_| {
-            format!("`{s}` is not a protocol: use tcp, udp, icmp, icmpv6, sctp, udplite, gre, esp, ah or 0-255")
-        }),
     }
 }
 
@@ -308,7 +275,7 @@ pub fn parse_description(s: &str) -> Result<Packet, String> {
         ));
     }
     let dir = parse_direction(toks[0]).map_err(ctx)?;
-    let proto = parse_protocol(toks[1]).map_err(ctx)?;
+    let proto = crate::config::parse_protocol(toks[1]).map_err(ctx)?;
     let (src, sport) = parse_endpoint(toks[2]).map_err(ctx)?;
     if !matches!(toks[3], "->" | ">" | "to") {
         return Err(ctx(format!(
@@ -326,13 +293,13 @@ pub fn parse_description(s: &str) -> Result<Packet, String> {
         if sport.is_none() || dport.is_none() {
             return Err(ctx(format!(
                 "{} carries ports: give both, as ADDRESS:PORT (IPv6: [ADDRESS]:PORT)",
-                proto_name(proto)
+                crate::config::protocol_name(proto)
             )));
         }
     } else if sport.is_some() || dport.is_some() {
         return Err(ctx(format!(
             "{} has no ports (the classifier sees none)",
-            proto_name(proto)
+            crate::config::protocol_name(proto)
         )));
     }
     let mut p = Packet {
@@ -903,9 +870,9 @@ fn checks(rule: &Rule, v: &PacketView) -> Vec<Check> {
         ok,
         format!(
             "protocol {} {} {}",
-            proto_name(v.proto),
+            crate::config::protocol_name(v.proto),
             inn(ok),
-            list(&rule.protocols, |p| proto_name(*p))
+            list(&rule.protocols, |p| crate::config::protocol_name(*p))
         ),
     ));
     let ok = rule.dscp.is_empty() || rule.dscp.contains(&v.dscp);
