@@ -36,3 +36,19 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> D
     }
     t0.elapsed()
 }
+
+/// Gives a receiving socket `bytes` of buffer, past `rmem_max` (SO_RCVBUFFORCE; we are
+/// root), so a receiver descheduled on a busy box does not drop what it is counting.
+pub fn force_rcvbuf(sock: &std::net::UdpSocket, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: setsockopt on an open socket with a valid int option.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}

@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader};
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd as _;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -271,17 +270,7 @@ impl Stream {
             .expect("bind receiver");
         // 16 MB of receive buffer (past rmem_max: we are root), so a receiver descheduled
         // on a busy box does not drop.
-        let sz: libc::c_int = 16 << 20;
-        // SAFETY: setsockopt on an open socket with a valid int option.
-        unsafe {
-            libc::setsockopt(
-                rx.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&sz as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        shaper_tests::gateway::force_rcvbuf(&rx, 16 << 20);
         rx.set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
         let tx = topo

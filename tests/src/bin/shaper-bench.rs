@@ -13,7 +13,6 @@
 //!    (`--no-scenario` skips it).
 
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -281,17 +280,7 @@ struct Forwarded {
 fn forward(topo: &Topology, dur: Duration) -> anyhow::Result<Forwarded> {
     let addr = SocketAddr::new(SRV_V4.into(), 50020);
     let rx = topo.srv.within(move || Ok(UdpSocket::bind(addr)?))?;
-    let sz: libc::c_int = 16 << 20;
-    // SAFETY: setsockopt on an open socket with a valid int option.
-    unsafe {
-        libc::setsockopt(
-            rx.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&sz as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    shaper_tests::gateway::force_rcvbuf(&rx, 16 << 20);
     rx.set_read_timeout(Some(Duration::from_millis(100)))?;
     let tx = topo.lan.within(move || {
         let s = UdpSocket::bind("0.0.0.0:0")?;

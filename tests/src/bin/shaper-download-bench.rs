@@ -20,7 +20,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -150,17 +149,7 @@ fn start_flood(
         s.set_read_timeout(Some(Duration::from_millis(50)))?;
         Ok(s)
     })?;
-    let sz: libc::c_int = 8 << 20;
-    // SAFETY: setsockopt on an open socket with a valid int option.
-    unsafe {
-        libc::setsockopt(
-            rx.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&sz as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    shaper_tests::gateway::force_rcvbuf(&rx, 8 << 20);
     let tx = topo.srv.within(|| {
         let s = UdpSocket::bind(("0.0.0.0", FLOOD_PORT))?;
         s.connect(SocketAddr::new(LAN_HOST_V4.into(), FLOOD_PORT))?;
