@@ -11,6 +11,7 @@
 //! `cargo test -p shaper-tests -- --test-threads=1`.
 
 pub mod config;
+pub mod dicom;
 pub mod gateway;
 pub mod iperf;
 pub mod netns;
@@ -18,13 +19,16 @@ pub mod packet;
 pub mod phases;
 pub mod probe;
 pub mod reference;
+pub mod report;
 pub mod rig;
+pub mod rtp;
 pub mod scenario;
 pub mod shaper;
 pub mod topology;
 pub mod util;
 pub mod verdict;
 pub mod video;
+pub mod vm;
 
 pub use config::{Class, Rule, ShaperConfig};
 pub use netns::Netns;

@@ -9,6 +9,8 @@ use std::{
     time::Instant,
 };
 
+mod image;
+
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
@@ -28,6 +30,35 @@ enum Cmd {
         /// Extra arguments for the namespace tests' harness (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Build the gateway firmware image (kernel + initramfs for the VM tier, an EFI
+    /// executable and a flashable raw disk) into target/images.
+    Image {
+        /// Rewrite images/packages.lock with today's Debian versions first.
+        #[arg(long)]
+        relock: bool,
+        /// Build even when a locked version is no longer served (warns; hash will differ).
+        #[arg(long)]
+        allow_drift: bool,
+        /// Build twice in separate folders and compare every output byte for byte.
+        #[arg(long)]
+        check_reproducible: bool,
+    },
+    /// Build the image, then run the VM tier: client, gateway (booting the image) and
+    /// server/line VMs under qemu, every line profile with the shaper and with a plain FIFO
+    /// gateway; prints the comparison tables and writes them with CDF plots to
+    /// target/vm-results.
+    VmTest {
+        /// Seconds of measured traffic per run.
+        #[arg(long, default_value_t = 20)]
+        seconds: u32,
+        /// Profiles to run (default: all): adsl, fttc, efm, adsl-syncdrop.
+        #[arg(long, value_delimiter = ',')]
+        profiles: Vec<String>,
+        /// Fail unless the shaper beat the FIFO gateway on video delay and every transfer
+        /// completed (what the test suite runs).
+        #[arg(long)]
+        assert: bool,
     },
     /// Set up, then run the demo: a simulated FTTC line with and without the shaper.
     Demo {
@@ -54,6 +85,16 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Setup => setup(),
         Cmd::Test { args } => setup().and_then(|()| test(&args)),
+        Cmd::Image {
+            relock,
+            allow_drift,
+            check_reproducible,
+        } => setup().and_then(|()| image_cmd(relock, allow_drift, check_reproducible)),
+        Cmd::VmTest {
+            seconds,
+            profiles,
+            assert,
+        } => setup().and_then(|()| vm_test(seconds, &profiles, assert)),
         Cmd::Demo { seconds } => setup().and_then(|()| demo(seconds)),
         Cmd::Bench {
             classifier_only,
@@ -129,9 +170,28 @@ const APT: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("ping", "iputils-ping"),
     ("bpftool", "bpftool"),
+    // The firmware image (cargo xtask image).
+    ("dpkg-deb", "dpkg"),
+    ("depmod", "kmod"),
+    ("cpio", "cpio"),
+    ("xz", "xz-utils"),
+    ("objcopy", "binutils"),
+    ("mkfs.fat", "dosfstools"),
+    ("mcopy", "mtools"),
+    ("sfdisk", "fdisk"),
+    // The VM tier (cargo xtask vm-test): qemu, UEFI firmware, real traffic tools.
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("/usr/share/ovmf/OVMF.fd", "ovmf"),
+    ("ffmpeg", "ffmpeg"),
+    ("storescu", "dcmtk"),
+    ("irtt", "irtt"),
+    ("ethtool", "ethtool"),
 ];
 
 fn have(bin: &str) -> bool {
+    if bin.starts_with('/') {
+        return Path::new(bin).exists();
+    }
     Command::new("sh")
         .args(["-c", &format!("command -v {bin} >/dev/null 2>&1")])
         .status()
@@ -312,7 +372,13 @@ fn test(args: &[String]) -> Result<()> {
     step("kernel and namespace tests (serial)");
     let mut c = cargo(&["test", "-p", "shaper-tests", "--", "--test-threads=1"]);
     c.args(args).env("SHAPER_BIN", shaper_bin(false));
-    run(&mut c)
+    run(&mut c)?;
+    if !args.is_empty() {
+        // A test name filter was given: the namespace tests it picked are the run.
+        return Ok(());
+    }
+    step("VM tier: the firmware image under qemu, every line profile, shaper vs FIFO");
+    vm_test(15, &[], true)
 }
 
 /// Builds the product and the harness in release and runs one harness binary.
@@ -350,4 +416,82 @@ fn bench(classifier_only: bool, seconds: u32) -> Result<()> {
         args.push("--classifier-only".into());
     }
     run_bin("shaper-bench", &args)
+}
+
+fn build_release_shaper() -> Result<PathBuf> {
+    step("building shaper (release)");
+    run(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "shaper-user",
+        "--bin",
+        "shaper",
+    ]))?;
+    Ok(shaper_bin(true))
+}
+
+fn image_cmd(relock: bool, allow_drift: bool, check_reproducible: bool) -> Result<()> {
+    let shaper = build_release_shaper()?;
+    let opts = image::Options {
+        relock,
+        allow_drift,
+        ..Default::default()
+    };
+    let img = image::build(&opts, &shaper)?;
+    if check_reproducible {
+        let again = image::Options {
+            out: workspace().join("target/images-again"),
+            allow_drift,
+            ..Default::default()
+        };
+        let img2 = image::build(&again, &shaper)?;
+        let mut same = true;
+        for (name, h) in &img.sha256 {
+            let h2 = img2.sha256.get(name).map(String::as_str).unwrap_or("");
+            let ok = h == h2;
+            same &= ok;
+            eprintln!(
+                "{} {name}: {h} / {h2}",
+                if ok { "same" } else { "DIFFERENT" }
+            );
+        }
+        if !same {
+            bail!("two builds from the same inputs differ");
+        }
+        eprintln!("==> reproducible: two builds gave identical bytes");
+    }
+    Ok(())
+}
+
+fn vm_test(seconds: u32, profiles: &[String], assert: bool) -> Result<()> {
+    let shaper = build_release_shaper()?;
+    let opts = image::Options {
+        allow_drift: true,
+        ..Default::default()
+    };
+    let img = image::build(&opts, &shaper)?;
+    let tester = workspace().join("target/images/tester-initramfs.cpio.gz");
+    step("tester initramfs for the client and server VMs");
+    image::build_tester_initramfs(&img, &tester)?;
+    let mut args = vec![
+        "--kernel".to_string(),
+        img.kernel.display().to_string(),
+        "--gateway-initramfs".into(),
+        img.initramfs.display().to_string(),
+        "--tester-initramfs".into(),
+        tester.display().to_string(),
+        "--seconds".into(),
+        seconds.to_string(),
+        "--out".into(),
+        workspace().join("target/vm-results").display().to_string(),
+    ];
+    if !profiles.is_empty() {
+        args.push("--profiles".into());
+        args.push(profiles.join(","));
+    }
+    if assert {
+        args.push("--assert".into());
+    }
+    run_bin("shaper-vm-test", &args)
 }

@@ -1,0 +1,1011 @@
+//! `shaper-vm-test` (run by `cargo xtask vm-test`): the VM tier.
+//!
+//! Three qemu VMs per run, linked by UDP datagram sockets on 127.0.0.1 and nothing else:
+//!
+//! ```text
+//! client (LAN, 10.10.0.2) ── gateway (the firmware image) ── server/ISP (192.0.2.1)
+//!                            lan0 10.10.0.1   wan0 192.0.2.2   netem = the copper line
+//! ```
+//!
+//! The server VM's netem is the line: download on its egress, upload on its ingress
+//! (redirected through ifb0), each with the profile's rate, link-layer framing (ATM cells or
+//! PTM 64/65 with per-packet overhead), base delay, jitter and the modem's deep buffer. The
+//! gateway boots the image's kernel and initramfs unchanged, with the run's shaper.toml and
+//! network.conf appended as a second archive; the FIFO baseline boots the same image with
+//! `shaper.disable` on the command line (a plain router: its queues never fill, the line's
+//! do). Client and server run the host's own tools read-only over 9p: ffmpeg sending a
+//! pre-encoded H.264 clip as RTP (one stream each way), `shaper-rtp-rx` measuring it,
+//! dcmtk storescu -> storescp with a synthetic CT study, 4 + 4 iperf3 bulk streams and irtt.
+//!
+//! Each profile runs FIFO then shaper; the tables and latency CDFs (SVG) go to `--out`.
+//! With `--assert` the exit status says whether the shaper beat the FIFO gateway on video
+//! delay in every profile and every transfer completed (behaviour, relative to the baseline
+//! measured in the same run: no absolute timing thresholds).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use shaper_tests::report::{cdf_svg, emodel_r, irtt_summary, mos, text_table};
+use shaper_tests::vm::{self, free_ports, initramfs_with_overlay, Vm, VmSpec};
+
+const CLIENT: &str = "10.10.0.2";
+const GW_LAN: &str = "10.10.0.1";
+const SERVER: &str = "192.0.2.1";
+const GW_WAN: &str = "192.0.2.2";
+/// Seconds of video on the idle line first: the receivers' baseline (minimum transit), so
+/// a queue that stands through the whole measured window still counts as added delay.
+const IDLE: u32 = 3;
+/// Seconds of bulk traffic before the measured window.
+const WARMUP: u32 = 6;
+/// Video and bulk start this long after the start signal (both testers see it by then).
+const LEAD: u32 = 1;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Framing {
+    /// ATM cells: 53-byte cells carrying 48, packet overhead (CAKE convention, on the IP
+    /// packet).
+    Atm,
+    /// PTM 64/65 encoding, packet overhead on the IP packet.
+    Ptm,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Dir {
+    Up,
+    Down,
+}
+
+struct Profile {
+    name: &'static str,
+    title: &'static str,
+    down_kbit: u32,
+    up_kbit: u32,
+    /// One-way base delay of the line, each way. No netem jitter: with `rate`, netem
+    /// computes each packet's slot from the previous one's jittered send time, so jitter
+    /// larger than a packet's serialization time lets the line run faster than its rate
+    /// (measured: 112 % of the EFM line with 0.2 ms jitter). The emulator's own timer noise
+    /// (TCG) is the jitter.
+    delay_ms: f64,
+    buffer_ms: u32,
+    framing: Framing,
+    overhead: i32,
+    /// The shaper's `line` preset matching the framing.
+    preset: &'static str,
+    video_kbit: u32,
+    dicom: Dir,
+    dicom_slices: u32,
+    /// Halfway through the measured window the line retrains at these rates.
+    sync_drop: Option<(u32, u32)>,
+}
+
+const PROFILES: &[Profile] = &[
+    Profile {
+        name: "adsl",
+        title: "ADSL2+ 12/1 Mbit/s, ATM (PPPoA VC-mux), 600 ms modem buffer",
+        down_kbit: 12_000,
+        up_kbit: 1_000,
+        delay_ms: 12.0,
+        buffer_ms: 600,
+        framing: Framing::Atm,
+        overhead: 10,
+        preset: "adsl2-pppoa",
+        video_kbit: 300,
+        dicom: Dir::Down,
+        dicom_slices: 8,
+        sync_drop: None,
+    },
+    Profile {
+        name: "fttc",
+        title: "FTTC/VDSL2 40/10 Mbit/s, PTM (PPPoE), 400 ms modem buffer",
+        down_kbit: 40_000,
+        up_kbit: 10_000,
+        delay_ms: 8.0,
+        buffer_ms: 400,
+        framing: Framing::Ptm,
+        overhead: 30,
+        preset: "vdsl2-pppoe",
+        video_kbit: 1200,
+        dicom: Dir::Up,
+        dicom_slices: 6,
+        sync_drop: None,
+    },
+    Profile {
+        name: "efm",
+        title: "EFM 20/20 Mbit/s, PTM (Ethernet), 200 ms modem buffer",
+        down_kbit: 20_000,
+        up_kbit: 20_000,
+        delay_ms: 4.0,
+        buffer_ms: 200,
+        framing: Framing::Ptm,
+        overhead: 22,
+        preset: "efm",
+        video_kbit: 1200,
+        dicom: Dir::Up,
+        dicom_slices: 10,
+        sync_drop: None,
+    },
+    Profile {
+        name: "adsl-syncdrop",
+        title: "ADSL2+ 12/1 retraining to 8/0.8 Mbit/s halfway (shaper rate fixed at 12/1)",
+        down_kbit: 12_000,
+        up_kbit: 1_000,
+        delay_ms: 12.0,
+        buffer_ms: 600,
+        framing: Framing::Atm,
+        overhead: 10,
+        preset: "adsl2-pppoa",
+        video_kbit: 300,
+        dicom: Dir::Down,
+        dicom_slices: 8,
+        sync_drop: Some((8_000, 800)),
+    },
+];
+
+struct Args {
+    kernel: PathBuf,
+    gateway_initramfs: PathBuf,
+    tester_initramfs: PathBuf,
+    seconds: u32,
+    out: PathBuf,
+    profiles: Vec<String>,
+    assert: bool,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        kernel: PathBuf::new(),
+        gateway_initramfs: PathBuf::new(),
+        tester_initramfs: PathBuf::new(),
+        seconds: 20,
+        out: PathBuf::from("target/vm-results"),
+        profiles: Vec::new(),
+        assert: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().ok_or_else(|| anyhow!("{k} needs a value"));
+        match k.as_str() {
+            "--kernel" => a.kernel = v()?.into(),
+            "--gateway-initramfs" => a.gateway_initramfs = v()?.into(),
+            "--tester-initramfs" => a.tester_initramfs = v()?.into(),
+            "--seconds" => a.seconds = v()?.parse()?,
+            "--out" => a.out = v()?.into(),
+            "--profiles" => {
+                a.profiles = v()?.split(',').map(str::to_string).collect();
+            }
+            "--assert" => a.assert = true,
+            _ => bail!("unknown argument {k}"),
+        }
+    }
+    if a.kernel.as_os_str().is_empty() {
+        bail!("--kernel, --gateway-initramfs and --tester-initramfs are required (cargo xtask vm-test passes them)");
+    }
+    Ok(a)
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("shaper-vm-test: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn tool(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let p = exe.with_file_name(name);
+    if p.exists() {
+        Ok(p)
+    } else {
+        bail!("{} is missing (build the shaper-tests bins)", p.display())
+    }
+}
+
+fn real_main() -> Result<bool> {
+    let args = parse_args()?;
+    let t0 = Instant::now();
+    for bin in [
+        "qemu-system-x86_64",
+        "ffmpeg",
+        "storescu",
+        "storescp",
+        "irtt",
+        "iperf3",
+    ] {
+        if shaper_tests::util::which(bin).is_none() {
+            bail!("{bin} is missing: run `cargo xtask setup`");
+        }
+    }
+    let out = std::fs::canonicalize(&args.out).or_else(|_| {
+        fs::create_dir_all(&args.out)?;
+        std::fs::canonicalize(&args.out)
+    })?;
+    let profiles: Vec<&Profile> = if args.profiles.is_empty() {
+        PROFILES.iter().collect()
+    } else {
+        args.profiles
+            .iter()
+            .map(|n| {
+                PROFILES.iter().find(|p| p.name == n).ok_or_else(|| {
+                    anyhow!(
+                        "no profile {n}; there are {}",
+                        PROFILES
+                            .iter()
+                            .map(|p| p.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    let media = out.join("media");
+    fs::create_dir_all(&media)?;
+    let mut report = String::new();
+    let mut all_ok = true;
+    for p in &profiles {
+        let clip = make_clip(&media, p.video_kbit)?;
+        let study = make_study(&media, p.dicom_slices)?;
+        let mut runs = Vec::new();
+        for shaped in [false, true] {
+            let mode = if shaped { "shaper" } else { "fifo" };
+            let dir = out.join(p.name).join(mode);
+            eprintln!("==> vm-test {} / {mode}", p.name);
+            let t = Instant::now();
+            let r = run_once(&args, p, shaped, &dir, &clip, &study)
+                .with_context(|| format!("profile {} ({mode})", p.name))?;
+            eprintln!("    {:.0} s wall", t.elapsed().as_secs_f64());
+            runs.push(r);
+        }
+        let (text, ok) = profile_report(p, &runs, &out.join(p.name), args.seconds)?;
+        all_ok &= ok;
+        println!("{text}");
+        report.push_str(&text);
+        report.push('\n');
+    }
+    let footer = format!(
+        "VM tier: {} profile(s), {} runs, {:.1} min wall ({} s measured per run, qemu TCG, 1 vCPU per VM)\n",
+        profiles.len(),
+        profiles.len() * 2,
+        t0.elapsed().as_secs_f64() / 60.0,
+        args.seconds
+    );
+    println!("{footer}");
+    report.push_str(&footer);
+    fs::write(out.join("report.txt"), &report)?;
+    eprintln!("==> tables and CDF plots in {}", out.display());
+    if args.assert && !all_ok {
+        eprintln!("vm-test: the shaper did not beat the FIFO gateway everywhere (see above)");
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// A 20 s H.264 clip at `kbit`, no B-frames (RTP timestamps in send order), made once.
+fn make_clip(dir: &Path, kbit: u32) -> Result<PathBuf> {
+    let p = dir.join(format!("clip-{kbit}k.mp4"));
+    if p.exists() {
+        return Ok(p);
+    }
+    let size = if kbit < 600 { "426x240" } else { "640x360" };
+    let st = Command::new("ffmpeg")
+        .args([
+            "-nostdin",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+        ])
+        .arg("-i")
+        .arg(format!("testsrc2=size={size}:rate=25"))
+        .args(["-t", "20", "-c:v", "libx264", "-preset", "ultrafast"])
+        .args(["-tune", "zerolatency", "-bf", "0", "-g", "50"])
+        .arg("-b:v")
+        .arg(format!("{kbit}k"))
+        .arg("-maxrate")
+        .arg(format!("{kbit}k"))
+        .arg("-bufsize")
+        .arg(format!("{}k", kbit / 2))
+        .args(["-pix_fmt", "yuv420p"])
+        .arg(&p)
+        .status()?;
+    if !st.success() {
+        bail!("ffmpeg could not encode the test clip");
+    }
+    Ok(p)
+}
+
+fn make_study(dir: &Path, slices: u32) -> Result<PathBuf> {
+    let p = dir.join(format!("study-{slices}"));
+    if p.join(format!("CT{slices:04}.dcm")).exists() {
+        return Ok(p);
+    }
+    let st = Command::new(tool("shaper-dicom-study")?)
+        .arg("--out")
+        .arg(&p)
+        .args(["--slices", &slices.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("shaper-dicom-study failed");
+    }
+    Ok(p)
+}
+
+fn rate_line(kbit: u32, p: &Profile) -> String {
+    // netem counts the Ethernet frame; the profile's overhead is on the IP packet.
+    let ovh = p.overhead - 14;
+    match p.framing {
+        Framing::Atm => format!("rate {kbit}kbit {ovh} 53 5"),
+        Framing::Ptm => format!("rate {}kbit {ovh}", u64::from(kbit) * 64 / 65),
+    }
+}
+
+fn netem(dev: &str, kbit: u32, p: &Profile, verb: &str) -> String {
+    // The modem's buffer in packets of a full frame.
+    let limit = (u64::from(kbit) * 1000 / 8 * u64::from(p.buffer_ms) / 1000 / 1514).max(16);
+    format!(
+        "tc qdisc {verb} dev {dev} root netem delay {}ms {} limit {limit}",
+        p.delay_ms,
+        rate_line(kbit, p)
+    )
+}
+
+fn shaper_toml(p: &Profile) -> String {
+    format!(
+        r#"# VM tier: {title}
+[interfaces]
+wan = "wan0"
+lan = "lan0"
+
+[upload]
+rate = "{up}kbit"
+line = "{preset}"
+
+[download]
+rate = "{down}kbit"
+line = "{preset}"
+
+[shaping]
+ack_class = "acks"
+
+[[class]]
+name = "video"
+priority = 0
+guaranteed = "25%"
+
+[[class]]
+name = "acks"
+priority = 0
+guaranteed = "10%"
+
+[[class]]
+name = "interactive"
+priority = 1
+guaranteed = "10%"
+
+[[class]]
+name = "images"
+priority = 2
+guaranteed = "30%"
+
+[[class]]
+name = "default"
+priority = 4
+guaranteed = "25%"
+default = true
+
+[[rule]]
+name = "consultation-media"
+class = "video"
+protocol = "udp"
+dst_ports = ["3478-3481"]
+
+[[rule]]
+name = "images"
+class = "images"
+apps = ["dicom"]
+
+[[rule]]
+name = "interactive-probe"
+class = "interactive"
+protocol = "udp"
+dst_ports = ["2112"]
+"#,
+        title = p.title,
+        up = p.up_kbit * 95 / 100,
+        down = p.down_kbit * 92 / 100,
+        preset = p.preset,
+    )
+}
+
+fn network_conf() -> String {
+    format!(
+        "WAN_DEV=eth0\nLAN_DEV=eth1\nWAN_NAME=wan0\nLAN_NAME=lan0\nWAN_ADDR={GW_WAN}/24\nLAN_ADDR={GW_LAN}/24\nWAN_GATEWAY={SERVER}\nWAN_ADDR6=\nLAN_ADDR6=\n"
+    )
+}
+
+fn script_head(addr: &str, route: &str) -> String {
+    format!(
+        r#"#!/bin/sh
+D=/run/vmtest
+PATH={path}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+set -x
+ip link set lo up
+ip link set eth0 up
+ip addr add {addr}/24 dev eth0
+ip route add {route}
+sysctl -qw net.core.rmem_max=8388608 net.core.wmem_max=8388608
+wait_start() {{ while [ ! -e $D/start ]; do sleep 0.1; done; }}
+"#,
+        path = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.display().to_string()))
+            .unwrap_or_default(),
+    )
+}
+
+fn ffmpeg_send(clip: &Path, secs: u32, dst: &str, local_port: u16) -> String {
+    format!(
+        "chrt -f 50 ffmpeg -nostdin -hide_banner -loglevel error -stream_loop -1 -re -i {} -t {secs} -c copy -an -f rtp 'rtp://{dst}?localrtpport={local_port}&pkt_size=1200'",
+        clip.display()
+    )
+}
+
+fn storescu(study: &Path, to: &str) -> String {
+    format!(
+        "s=$(date +%s.%N); storescu -aet SENDER -aec RECEIVER +sd -nh {to} 104 {} > $D/dicom.log 2>&1; rc=$?; e=$(date +%s.%N); echo \"$rc $s $e\" > $D/dicom-time.txt",
+        study.display()
+    )
+}
+
+fn client_script(p: &Profile, t: u32, clip: &Path, study: &Path) -> String {
+    let mut s = script_head(CLIENT, &format!("default via {GW_LAN}"));
+    let bulk = WARMUP + t + 3;
+    let rx_secs = IDLE + WARMUP + t;
+    let pre = IDLE + WARMUP;
+    if p.dicom == Dir::Down {
+        s.push_str(
+            "mkdir -p /tmp/rx && storescp -dhl --fork -od /tmp/rx 104 > $D/storescp.log 2>&1 &\n",
+        );
+    }
+    let _ = write!(
+        s,
+        r#"echo ready > $D/ready-client
+wait_start
+chrt -f 50 shaper-rtp-rx --listen {CLIENT}:5004 --seconds {rx_secs} --warmup {pre} --out $D/video-down.json --samples $D/video-down.txt &
+PIDS=$!
+sleep {LEAD}
+{ff} &
+PIDS="$PIDS $!"
+sleep {IDLE}
+for port in 5201 5202 5203 5204; do iperf3 -c {SERVER} -p $port -t {bulk} -J > $D/bulk-up-$port.json 2>&1 & PIDS="$PIDS $!"; done
+for port in 5205 5206 5207 5208; do iperf3 -c {SERVER} -p $port -t {bulk} -R -J > $D/bulk-down-$port.json 2>&1 & PIDS="$PIDS $!"; done
+sleep {WARMUP}
+chrt -f 50 irtt client -q -i 20ms -d {t}s --timeouts=4s,8s -o $D/irtt.json {SERVER}:2112 > $D/irtt.log 2>&1 &
+PIDS="$PIDS $!"
+"#,
+        ff = ffmpeg_send(clip, rx_secs + 2, &format!("{SERVER}:3480"), 5006),
+    );
+    if p.dicom == Dir::Up {
+        let _ = writeln!(s, "( {} ) &\nPIDS=\"$PIDS $!\"", storescu(study, SERVER));
+    }
+    s.push_str("wait $PIDS\n");
+    if p.dicom == Dir::Down {
+        // The server times its C-STORE into the shared folder.
+        s.push_str("i=0; while [ ! -e $D/dicom-time.txt ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\n");
+        s.push_str("ls /tmp/rx > $D/dicom-received.txt\n");
+        let _ = writeln!(
+            s,
+            "shaper-dicom-study --check /tmp/rx --slices {} > $D/dicom-check.txt 2>&1",
+            p.dicom_slices
+        );
+    }
+    s.push_str("echo done > $D/done-client\n");
+    s
+}
+
+fn server_script(p: &Profile, t: u32, clip: &Path, study: &Path) -> String {
+    let mut s = script_head(SERVER, &format!("10.10.0.0/24 via {GW_WAN}"));
+    let _ = write!(
+        s,
+        r#"# The copper line: download on eth0's egress, upload on its ingress through ifb0.
+# netem must see every packet as it goes on the wire, not GRO/GSO aggregates.
+ethtool -K eth0 gro off gso off tso off
+ip link add ifb0 type ifb 2>/dev/null
+ip link set ifb0 up
+{down}
+tc qdisc add dev eth0 handle ffff: ingress
+tc filter add dev eth0 parent ffff: matchall action mirred egress redirect dev ifb0
+{up}
+tc qdisc show
+for port in 5201 5202 5203 5204 5205 5206 5207 5208; do iperf3 -s -1 -p $port > /dev/null 2>&1 & done
+chrt -f 50 irtt server -b {SERVER}:2112 > /dev/null 2>&1 &
+"#,
+        down = netem("eth0", p.down_kbit, p, "add"),
+        up = netem("ifb0", p.up_kbit, p, "add"),
+    );
+    if p.dicom == Dir::Up {
+        s.push_str(
+            "mkdir -p /tmp/rx && storescp -dhl --fork -od /tmp/rx 104 > $D/storescp.log 2>&1 &\n",
+        );
+    }
+    let rx_secs = IDLE + WARMUP + t;
+    let pre = IDLE + WARMUP;
+    let _ = write!(
+        s,
+        r#"# Ready once every server listens.
+i=0
+while [ $(ss -Hltn | grep -cE ':(520[1-8]|104) ') -lt {listeners} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+echo ready > $D/ready-server
+wait_start
+chrt -f 50 shaper-rtp-rx --listen {SERVER}:3480 --seconds {rx_secs} --warmup {pre} --out $D/video-up.json --samples $D/video-up.txt &
+RX=$!
+sleep {LEAD}
+{ff} &
+sleep {pre}
+tc -s -j qdisc show dev eth0 > $D/line-down-start.json
+tc -s -j qdisc show dev ifb0 > $D/line-up-start.json
+date +%s.%N > $D/window-start.txt
+"#,
+        listeners = if p.dicom == Dir::Up { 9 } else { 8 },
+        ff = ffmpeg_send(clip, rx_secs + 2, &format!("{CLIENT}:5004"), 3481),
+    );
+    if p.dicom == Dir::Down {
+        let _ = writeln!(s, "( {} ) &\nDPID=$!", storescu(study, CLIENT));
+    }
+    if let Some((down, up)) = p.sync_drop {
+        let _ = writeln!(
+            s,
+            "( sleep {half}; {} ; {} ; echo \"retrained at $(date +%s.%N)\" > $D/syncdrop.txt ) &",
+            netem("eth0", down, p, "change"),
+            netem("ifb0", up, p, "change"),
+            half = t / 2
+        );
+    }
+    let _ = write!(
+        s,
+        r#"sleep {t}
+tc -s -j qdisc show dev eth0 > $D/line-down-end.json
+tc -s -j qdisc show dev ifb0 > $D/line-up-end.json
+date +%s.%N > $D/window-end.txt
+wait $RX $DPID
+"#
+    );
+    if p.dicom == Dir::Up {
+        s.push_str("sleep 4\n");
+        let _ = writeln!(
+            s,
+            "shaper-dicom-study --check /tmp/rx --slices {} > $D/dicom-check.txt 2>&1",
+            p.dicom_slices
+        );
+    }
+    s.push_str("sleep 4\necho done > $D/done-server\n");
+    s
+}
+
+struct RunResult {
+    mode: &'static str,
+    dir: PathBuf,
+    boot_to_shaping_s: Option<f64>,
+}
+
+fn run_once(
+    args: &Args,
+    p: &Profile,
+    shaped: bool,
+    dir: &Path,
+    clip: &Path,
+    study: &Path,
+) -> Result<RunResult> {
+    if dir.exists() {
+        fs::remove_dir_all(dir)?;
+    }
+    fs::create_dir_all(dir)?;
+    let t = args.seconds;
+    fs::write(dir.join("client.sh"), client_script(p, t, clip, study))?;
+    fs::write(dir.join("server.sh"), server_script(p, t, clip, study))?;
+    let toml = shaper_toml(p);
+    fs::write(dir.join("shaper.toml"), &toml)?;
+    let gw_initrd = dir.join("gateway-initramfs.cpio.gz");
+    initramfs_with_overlay(
+        &args.gateway_initramfs,
+        &[
+            ("etc/shaper/shaper.toml", toml.as_str(), 0o644),
+            ("etc/shaper/network.conf", network_conf().as_str(), 0o644),
+        ],
+        dir,
+        &gw_initrd,
+    )?;
+    let base = free_ports(4)?;
+    // client.eth0 <-> gateway.eth1 (LAN); gateway.eth0 <-> server.eth0 (WAN).
+    let (lan_client, lan_gw) = vm::link(base, base + 1, 0x02, 0x11);
+    let (wan_gw, wan_server) = vm::link(base + 2, base + 3, 0x12, 0x21);
+    let mut cmdline = "console=ttyS0 quiet panic=-1 cryptomgr.notests".to_string();
+    if !shaped {
+        cmdline.push_str(" shaper.disable");
+    }
+    let mut gateway = Vm::start(VmSpec {
+        name: "gateway",
+        kernel: &args.kernel,
+        initrd: &gw_initrd,
+        cmdline,
+        memory_mb: 512,
+        nics: vec![wan_gw, lan_gw],
+        shares: vec![],
+        console: dir.join("gateway.console"),
+    })?;
+    let tester = |role: &'static str, nic| VmSpec {
+        name: role,
+        kernel: &args.kernel,
+        initrd: &args.tester_initramfs,
+        cmdline: format!("console=ttyS0 quiet panic=-1 cryptomgr.notests vmtest.role={role}"),
+        memory_mb: 1024,
+        nics: vec![nic],
+        shares: vec![
+            (PathBuf::from("/"), "hostroot", true),
+            (dir.to_path_buf(), "results", false),
+        ],
+        console: dir.join(format!("{role}.console")),
+    };
+    let mut server = Vm::start(tester("server", wan_server))?;
+    let mut client = Vm::start(tester("client", lan_client))?;
+    let marker = if shaped {
+        "shaper-image: shaping at"
+    } else {
+        "shaper-image: shaping disabled"
+    };
+    {
+        let console = gateway.console.clone();
+        let d = dir.to_path_buf();
+        vm::wait_until(
+            "the three VMs to come up",
+            Duration::from_secs(180),
+            &mut [&mut gateway, &mut server, &mut client],
+            || {
+                let c = fs::read_to_string(&console).unwrap_or_default();
+                c.contains(marker)
+                    && d.join("ready-client").exists()
+                    && d.join("ready-server").exists()
+            },
+        )?;
+    }
+    let boot_to_shaping_s = gateway
+        .console_text()
+        .lines()
+        .find_map(|l| l.split("shaper-image: shaping at ").nth(1))
+        .and_then(|r| r.trim_end_matches(" s").trim().parse::<f64>().ok());
+    fs::write(dir.join("start"), "go\n")?;
+    let d = dir.to_path_buf();
+    vm::wait_until(
+        "the traffic to finish",
+        Duration::from_secs(u64::from(IDLE + WARMUP + t) + 180),
+        &mut [&mut gateway],
+        || d.join("done-client").exists() && d.join("done-server").exists(),
+    )?;
+    client.wait_exit(Duration::from_secs(10));
+    server.wait_exit(Duration::from_secs(10));
+    if shaped {
+        // What the gateway saw is in its console; the status is the shaper's own view.
+        let c = gateway.console_text();
+        if c.contains("shaper-image: shaper exited") {
+            bail!("the shaper exited in the gateway VM:\n{}", vm::tail(&c, 30));
+        }
+    }
+    drop(gateway);
+    Ok(RunResult {
+        mode: if shaped { "shaper" } else { "fifo" },
+        dir: dir.to_path_buf(),
+        boot_to_shaping_s,
+    })
+}
+
+fn read_json(p: &Path) -> Option<Value> {
+    serde_json::from_str(&fs::read_to_string(p).ok()?).ok()
+}
+
+fn num(v: &Value, k: &str) -> f64 {
+    v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+/// Goodput of the iperf3 runs matching `prefix`, bits/s (receiver side).
+fn bulk_bps(dir: &Path, prefix: &str) -> (f64, usize) {
+    let mut sum = 0.0;
+    let mut n = 0;
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            if let Some(v) = read_json(&e.path()) {
+                if let Some(b) = v
+                    .pointer("/end/sum_received/bits_per_second")
+                    .and_then(Value::as_f64)
+                {
+                    sum += b;
+                    n += 1;
+                }
+            }
+        }
+    }
+    (sum, n)
+}
+
+/// Bytes netem sent on the line during the measured window.
+fn line_bytes(dir: &Path, which: &str) -> Option<f64> {
+    let get = |f: &str| -> Option<f64> {
+        let v = read_json(&dir.join(format!("line-{which}-{f}.json")))?;
+        v.as_array()?
+            .iter()
+            .find(|q| q.get("kind").and_then(Value::as_str) == Some("netem"))?
+            .get("bytes")?
+            .as_f64()
+    };
+    Some(get("end")? - get("start")?)
+}
+
+fn window_s(dir: &Path) -> Option<f64> {
+    let r = |f: &str| -> Option<f64> { fs::read_to_string(dir.join(f)).ok()?.trim().parse().ok() };
+    Some(r("window-end.txt")? - r("window-start.txt")?)
+}
+
+fn samples(p: &Path) -> Vec<f64> {
+    fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn f1(x: f64) -> String {
+    if x.is_nan() {
+        "-".into()
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+fn profile_report(p: &Profile, runs: &[RunResult], dir: &Path, t: u32) -> Result<(String, bool)> {
+    let mut video_rows = Vec::new();
+    let mut xfer_rows = Vec::new();
+    let mut cdf_up: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut cdf_down: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut p99: BTreeMap<(&str, &str), f64> = BTreeMap::new();
+    let mut rtt_p50: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut problems = Vec::new();
+    let guarantee_bps = f64::from(match p.dicom {
+        Dir::Up => p.up_kbit * 95 / 100,
+        Dir::Down => p.down_kbit * 92 / 100,
+    }) * 1000.0
+        * 0.30;
+    let study_bytes = fs::read_dir(
+        dir.parent()
+            .unwrap_or(dir)
+            .join("media")
+            .join(format!("study-{}", p.dicom_slices)),
+    )
+    .map(|rd| {
+        rd.flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum::<u64>()
+    })
+    .unwrap_or(0) as f64;
+    for r in runs {
+        let up = read_json(&r.dir.join("video-up.json")).unwrap_or(Value::Null);
+        let down = read_json(&r.dir.join("video-down.json")).unwrap_or(Value::Null);
+        for (name, v) in [("up", &up), ("down", &down)] {
+            if num(v, "packets") > 0.0 {
+                p99.insert((r.mode, name), num(v, "p99_ms"));
+            } else {
+                problems.push(format!("{}: no video {name} packets arrived", r.mode));
+            }
+        }
+        let irtt = fs::read_to_string(r.dir.join("irtt.json"))
+            .ok()
+            .and_then(|s| irtt_summary(&s).ok());
+        if let Some(i) = &irtt {
+            if i.packets_received > 0 {
+                rtt_p50.insert(r.mode, i.rtt_p50_ms);
+            }
+        }
+        // E-model as for a G.711 call with PLC (Ie 0, Bpl 25.1) whose jitter buffer covers
+        // the p99 added delay: mouth-to-ear = line delay + p99 added delay.
+        let mos_of = |v: &Value| {
+            if num(v, "packets") > 0.0 {
+                format!(
+                    "{:.2}",
+                    mos(emodel_r(
+                        p.delay_ms + num(v, "p99_ms"),
+                        num(v, "loss_pct"),
+                        0.0,
+                        25.1
+                    ))
+                )
+            } else {
+                "-".into()
+            }
+        };
+        video_rows.push(vec![
+            r.mode.to_string(),
+            format!("{} / {}", f1(num(&up, "p50_ms")), f1(num(&up, "p99_ms"))),
+            f1(num(&up, "jitter_ms")),
+            format!("{:.2}", num(&up, "loss_pct")),
+            format!(
+                "{} / {}",
+                f1(num(&down, "p50_ms")),
+                f1(num(&down, "p99_ms"))
+            ),
+            f1(num(&down, "jitter_ms")),
+            format!("{:.2}", num(&down, "loss_pct")),
+            format!("{} / {}", mos_of(&up), mos_of(&down)),
+            irtt.as_ref()
+                .map(|i| format!("{} / {}", f1(i.rtt_p50_ms), f1(i.rtt_p99_ms)))
+                .unwrap_or_else(|| "-".into()),
+            irtt.as_ref()
+                .map(|i| format!("{:.1}", i.loss_pct))
+                .unwrap_or_else(|| "-".into()),
+        ]);
+        cdf_up.push((r.mode.into(), samples(&r.dir.join("video-up.txt"))));
+        cdf_down.push((r.mode.into(), samples(&r.dir.join("video-down.txt"))));
+
+        let dicom = fs::read_to_string(r.dir.join("dicom-time.txt")).unwrap_or_default();
+        let f: Vec<f64> = dicom
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let dicom_s = if f.len() == 3 && f[0] == 0.0 {
+            Some(f[2] - f[1])
+        } else {
+            problems.push(format!(
+                "{}: the DICOM C-STORE did not complete ({dicom:?})",
+                r.mode
+            ));
+            None
+        };
+        let check = fs::read_to_string(r.dir.join("dicom-check.txt")).unwrap_or_default();
+        if !check.contains("pixel data identical") {
+            problems.push(format!(
+                "{}: DICOM study not received intact: {}",
+                r.mode,
+                check.trim()
+            ));
+        }
+        let (bu, nu) = bulk_bps(&r.dir, "bulk-up-");
+        let (bd, nd) = bulk_bps(&r.dir, "bulk-down-");
+        if nu < 4 || nd < 4 {
+            problems.push(format!(
+                "{}: only {nu}+{nd} of 4+4 iperf3 runs reported",
+                r.mode
+            ));
+        }
+        let win = window_s(&r.dir).unwrap_or(f64::from(t));
+        let util = |which: &str, kbit: u32| {
+            line_bytes(&r.dir, which)
+                .map(|b| format!("{:.0}", 100.0 * b * 8.0 / win / (f64::from(kbit) * 1000.0)))
+                .unwrap_or_else(|| "-".into())
+        };
+        xfer_rows.push(vec![
+            r.mode.to_string(),
+            dicom_s
+                .map(|s| format!("{s:.1}"))
+                .unwrap_or_else(|| "failed".into()),
+            format!("{:.1}", study_bytes * 8.0 / guarantee_bps),
+            format!(
+                "{:.2} ({:.0} %)",
+                bu / 1e6,
+                100.0 * bu / (f64::from(p.up_kbit) * 1000.0)
+            ),
+            format!(
+                "{:.2} ({:.0} %)",
+                bd / 1e6,
+                100.0 * bd / (f64::from(p.down_kbit) * 1000.0)
+            ),
+            format!("{} / {}", util("up", p.up_kbit), util("down", p.down_kbit)),
+            r.boot_to_shaping_s
+                .map(|s| format!("{s:.2}"))
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let mut text = format!("## {} ({})\n\n", p.name, p.title);
+    text.push_str(&text_table(
+        &[
+            "gateway",
+            "video up p50/p99 ms",
+            "jitter",
+            "loss %",
+            "video down p50/p99 ms",
+            "jitter",
+            "loss %",
+            "MOS up/down",
+            "irtt RTT p50/p99 ms",
+            "irtt loss %",
+        ],
+        &video_rows,
+    ));
+    text.push('\n');
+    text.push_str(&text_table(
+        &[
+            "gateway",
+            "DICOM s",
+            "at guarantee s",
+            "bulk up Mbit/s",
+            "bulk down Mbit/s",
+            "line used up/down %",
+            "boot to shaping s",
+        ],
+        &xfer_rows,
+    ));
+    // Video delays are "added": transit minus the run's minimum (the VMs' clocks differ).
+    let mtu_ms = |kbit: u32| 1514.0 * 8.0 / f64::from(kbit);
+    let mut ok = problems.is_empty();
+    for (dirn, kbit) in [("up", p.up_kbit), ("down", p.down_kbit)] {
+        let (Some(fifo), Some(sh)) = (p99.get(&("fifo", dirn)), p99.get(&("shaper", dirn))) else {
+            ok = false;
+            continue;
+        };
+        let target = 2.0 + mtu_ms(kbit);
+        let _ = writeln!(
+            text,
+            "video {dirn}: p99 added delay {sh:.1} ms with the shaper, {fifo:.1} ms FIFO; issue target <= {target:.1} ms (2 ms + one MTU at {kbit} kbit/s): {}",
+            if *sh <= target { "met" } else { "not met" }
+        );
+        // Behaviour checked by --assert (same run, no absolute thresholds): the shaper's
+        // video p99 is below the FIFO gateway's in both directions.
+        if p.sync_drop.is_none() && *sh >= *fifo {
+            problems.push(format!(
+                "video {dirn} p99 with the shaper ({sh:.1} ms) is not below the FIFO's ({fifo:.1} ms)"
+            ));
+            ok = false;
+        }
+    }
+    // ... and the interactive probe's median round trip is at most half the FIFO's.
+    if p.sync_drop.is_none() {
+        match (rtt_p50.get("fifo"), rtt_p50.get("shaper")) {
+            (Some(f), Some(s)) if *s <= f / 2.0 => {}
+            (Some(f), Some(s)) => {
+                problems.push(format!(
+                    "irtt median RTT with the shaper ({s:.1} ms) is not under half the FIFO's ({f:.1} ms)"
+                ));
+                ok = false;
+            }
+            _ => {
+                problems.push("irtt reported nothing".into());
+                ok = false;
+            }
+        }
+    }
+    for pr in &problems {
+        let _ = writeln!(text, "problem: {pr}");
+    }
+    let series = |v: &[(String, Vec<f64>)]| -> Vec<(String, Vec<f64>)> { v.to_vec() };
+    for (name, data) in [
+        ("video-up", series(&cdf_up)),
+        ("video-down", series(&cdf_down)),
+    ] {
+        let refs: Vec<(&str, &[f64])> = data
+            .iter()
+            .map(|(n, d)| (n.as_str(), d.as_slice()))
+            .collect();
+        let svg = cdf_svg(
+            &format!("{}: {name} added one-way delay", p.name),
+            "added delay (ms)",
+            &refs,
+        );
+        fs::write(dir.join(format!("{name}-cdf.svg")), svg)?;
+    }
+    Ok((text, ok))
+}

@@ -1,0 +1,756 @@
+//! `cargo xtask image`: the gateway firmware image.
+//!
+//! Built from Debian packages pinned in images/packages.lock (kernel, busybox-static, the
+//! full iproute2 and the libraries it and `shaper` link against, systemd's EFI stub) and the
+//! project's own release `shaper` binary plus images/rootfs (init, default config). Outputs in
+//! target/images/:
+//!
+//! - `vmlinuz` + `initramfs.cpio.gz`: what the VM tier boots (qemu -kernel/-initrd);
+//! - `gateway.efi`: the same kernel, initramfs and command line as one EFI executable;
+//! - `gateway.img`: a raw GPT disk with one EFI system partition holding gateway.efi as
+//!   EFI/BOOT/BOOTX64.EFI and an empty /shaper/ folder for the site's config, to flash;
+//! - `SHA256SUMS` and `manifest.txt` (inputs with their hashes).
+//!
+//! Reproducible: every timestamp is SOURCE_DATE_EPOCH (the lock file's commit time is not
+//! used: a fixed constant), archives are written in sorted order with uid/gid 0, gzip without
+//! names or times, the FAT file system with `--invariant` and fixed serial, the GPT with fixed
+//! GUIDs. Same lock + same shaper binary + same images/ => same bytes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use crate::{output, run, workspace};
+
+/// Every file in the image carries this time (2026-01-01T00:00:00Z).
+pub const SOURCE_DATE_EPOCH: u64 = 1_767_225_600;
+/// Kernel command line of the EFI image (the VM tier passes its own).
+pub const EFI_CMDLINE: &str = "console=ttyS0,115200 console=tty0 quiet panic=10";
+const ESP_MB: u64 = 96;
+const DISK_GUID: &str = "5a3f0c1e-8d7b-4c2a-9e61-0b5e5ea7e001";
+const ESP_GUID: &str = "5a3f0c1e-8d7b-4c2a-9e61-0b5e5ea7e002";
+const FAT_SERIAL: &str = "5A3F0C1E";
+
+/// Modules the image's kernel gets (with their dependencies); /etc/modules loads them.
+const MODULES: &[&str] = &[
+    "virtio_net",
+    "e1000",
+    "e1000e",
+    "igb",
+    "igc",
+    "r8169",
+    "ixgbe",
+    "sch_htb",
+    "sch_cake",
+    "sch_fq",
+    "sch_ingress",
+    "ifb",
+    "cls_bpf",
+    "virtio_blk",
+    "nvme",
+    "ahci",
+    "sd_mod",
+    "usb_storage",
+    "xhci_pci",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+];
+
+pub struct Options {
+    /// Use today's candidate when a locked version is not served any more (prints a
+    /// warning: the image will not match the documented hash).
+    pub allow_drift: bool,
+    /// Rewrite images/packages.lock with today's candidates before building.
+    pub relock: bool,
+    /// Where the outputs go (default target/images).
+    pub out: PathBuf,
+    /// Where downloads are kept between builds.
+    pub cache: PathBuf,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        let t = workspace().join("target/images");
+        Options {
+            allow_drift: false,
+            relock: false,
+            cache: workspace().join("target/image-cache"),
+            out: t,
+        }
+    }
+}
+
+pub struct Image {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub kernel_version: String,
+    /// Unpacked packages (the VM tier builds its tester initramfs from the same kernel).
+    pub pkgroot: PathBuf,
+    pub sha256: BTreeMap<String, String>,
+}
+
+struct Progress {
+    n: usize,
+    total: usize,
+    t0: Instant,
+}
+
+impl Progress {
+    fn step(&mut self, what: &str) {
+        self.n += 1;
+        eprintln!(
+            "==> image [{}/{}] {what} ({:.1} s)",
+            self.n,
+            self.total,
+            self.t0.elapsed().as_secs_f64()
+        );
+    }
+}
+
+pub fn lock_path() -> PathBuf {
+    workspace().join("images/packages.lock")
+}
+
+fn read_lock() -> Result<Vec<(String, String)>> {
+    let text = fs::read_to_string(lock_path()).context("reading images/packages.lock")?;
+    let mut v = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut it = line.split_whitespace();
+        match (it.next(), it.next(), it.next()) {
+            (Some(n), Some(ver), None) => v.push((n.to_string(), ver.to_string())),
+            _ => bail!("images/packages.lock:{}: expected `package version`", i + 1),
+        }
+    }
+    Ok(v)
+}
+
+fn candidate(pkg: &str) -> Result<String> {
+    let out = output(Command::new("apt-cache").args(["policy", pkg]))?;
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate: "))
+        .filter(|v| *v != "(none)")
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("apt has no candidate for {pkg} (run apt-get update?)"))
+}
+
+fn relock() -> Result<()> {
+    let text = fs::read_to_string(lock_path())?;
+    let mut out = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            out.push_str(line);
+        } else {
+            let name = t.split_whitespace().next().unwrap_or_default();
+            out.push_str(&format!("{name} {}", candidate(name)?));
+        }
+        out.push('\n');
+    }
+    fs::write(lock_path(), out)?;
+    Ok(())
+}
+
+/// apt-get download's file name: name_version_arch.deb with ':' escaped as %3a.
+fn deb_name(pkg: &str, ver: &str, arch: &str) -> String {
+    format!("{pkg}_{}_{arch}.deb", ver.replace(':', "%3a"))
+}
+
+fn download(cache: &Path, pkg: &str, ver: &str) -> Result<PathBuf> {
+    for arch in ["amd64", "all"] {
+        let p = cache.join(deb_name(pkg, ver, arch));
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    let attempt = || {
+        Command::new("apt-get")
+            .current_dir(cache)
+            .args(["download", "-q", &format!("{pkg}={ver}")])
+            .output()
+    };
+    let mut o = attempt()?;
+    if !o.status.success() {
+        // The package lists may simply be stale on a fresh machine.
+        let _ = Command::new("apt-get").args(["update", "-q"]).output();
+        o = attempt()?;
+    }
+    if !o.status.success() {
+        bail!(
+            "apt-get download {pkg}={ver}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    for arch in ["amd64", "all"] {
+        let p = cache.join(deb_name(pkg, ver, arch));
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "apt-get download {pkg}={ver} left no .deb in {}",
+        cache.display()
+    )
+}
+
+fn sha256(path: &Path) -> Result<String> {
+    let out = output(Command::new("sha256sum").arg(path))?;
+    Ok(out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+fn reset_dir(p: &Path) -> Result<()> {
+    if p.exists() {
+        fs::remove_dir_all(p).with_context(|| format!("removing {}", p.display()))?;
+    }
+    fs::create_dir_all(p)?;
+    Ok(())
+}
+
+/// Copies a file's content (following symlinks) and sets its mode.
+fn install(src: &Path, dst: &Path, mode: u32) -> Result<()> {
+    if let Some(d) = dst.parent() {
+        fs::create_dir_all(d)?;
+    }
+    fs::copy(src, dst)
+        .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+    fs::set_permissions(dst, fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// DT_NEEDED entries of an ELF file.
+fn needed(elf: &Path) -> Result<Vec<String>> {
+    let out = output(Command::new("readelf").args(["-d", "-W"]).arg(elf))?;
+    Ok(out
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| {
+            let a = l.find('[')?;
+            let b = l.rfind(']')?;
+            Some(l[a + 1..b].to_string())
+        })
+        .collect())
+}
+
+/// Copies the shared libraries `bins` need (transitively) from the unpacked packages into
+/// rootfs/lib/x86_64-linux-gnu, and the dynamic loader into /lib64.
+fn install_libs(pkgroot: &Path, rootfs: &Path, bins: &[PathBuf]) -> Result<()> {
+    let dirs = [
+        pkgroot.join("lib/x86_64-linux-gnu"),
+        pkgroot.join("usr/lib/x86_64-linux-gnu"),
+    ];
+    let find = |so: &str| dirs.iter().map(|d| d.join(so)).find(|p| p.exists());
+    let mut todo: Vec<PathBuf> = bins.to_vec();
+    let mut seen = BTreeSet::new();
+    while let Some(elf) = todo.pop() {
+        for so in needed(&elf)? {
+            if !seen.insert(so.clone()) {
+                continue;
+            }
+            if so.starts_with("ld-linux") {
+                continue;
+            }
+            let src = find(&so).ok_or_else(|| {
+                anyhow!(
+                    "{} needs {so}, which no package in images/packages.lock provides",
+                    elf.display()
+                )
+            })?;
+            install(&src, &rootfs.join("lib/x86_64-linux-gnu").join(&so), 0o644)?;
+            todo.push(src);
+        }
+    }
+    let ld = find("ld-linux-x86-64.so.2").ok_or_else(|| anyhow!("libc6 has no loader"))?;
+    install(&ld, &rootfs.join("lib64/ld-linux-x86-64.so.2"), 0o755)?;
+    Ok(())
+}
+
+/// Copies `names` and their dependencies (by modules.dep) from the kernel package,
+/// decompressed, and indexes them with depmod. Returns how many modules went in.
+pub fn install_modules(pkgroot: &Path, rootfs: &Path, kver: &str, names: &[&str]) -> Result<usize> {
+    let src = pkgroot.join("lib/modules").join(kver);
+    let dep = fs::read_to_string(src.join("modules.dep")).context("modules.dep")?;
+    let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
+    for line in dep.lines() {
+        let Some((m, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let base = Path::new(m)
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or_default();
+        let name = base
+            .split(".ko")
+            .next()
+            .unwrap_or_default()
+            .replace('-', "_");
+        deps.insert(
+            name,
+            (
+                m.to_string(),
+                rest.split_whitespace().map(str::to_string).collect(),
+            ),
+        );
+    }
+    let builtin = fs::read_to_string(src.join("modules.builtin")).unwrap_or_default();
+    let mut files = BTreeSet::new();
+    for n in names {
+        let key = n.replace('-', "_");
+        match deps.get(&key) {
+            Some((m, d)) => {
+                files.insert(m.clone());
+                files.extend(d.iter().cloned());
+            }
+            None if builtin.contains(&format!("/{n}.ko")) => {}
+            None => bail!("kernel {kver} has no module {n}"),
+        }
+    }
+    let dst = rootfs.join("lib/modules").join(kver);
+    for f in &files {
+        let from = src.join(f);
+        let to = dst.join(f.trim_end_matches(".xz").trim_end_matches(".zst"));
+        if let Some(d) = to.parent() {
+            fs::create_dir_all(d)?;
+        }
+        if f.ends_with(".xz") {
+            let o = Command::new("xz").arg("-dc").arg(&from).output()?;
+            if !o.status.success() {
+                bail!("xz -d {}", from.display());
+            }
+            fs::write(&to, o.stdout)?;
+        } else {
+            fs::copy(&from, &to)?;
+        }
+        fs::set_permissions(&to, fs::Permissions::from_mode(0o644))?;
+    }
+    for f in [
+        "modules.builtin",
+        "modules.builtin.modinfo",
+        "modules.order",
+    ] {
+        if src.join(f).exists() {
+            install(&src.join(f), &dst.join(f), 0o644)?;
+        }
+    }
+    run(Command::new("depmod").arg("-b").arg(rootfs).arg(kver))?;
+    Ok(files.len())
+}
+
+/// busybox with a symlink per applet, except those the image ships in full.
+pub fn install_busybox(pkgroot: &Path, rootfs: &Path, except: &[&str]) -> Result<()> {
+    let bb = pkgroot.join("bin/busybox");
+    install(&bb, &rootfs.join("bin/busybox"), 0o755)?;
+    let list = output(Command::new(&bb).arg("--list-full"))?;
+    for applet in list.lines() {
+        let name = applet.rsplit('/').next().unwrap_or(applet);
+        if except.contains(&name) || applet == "bin/busybox" {
+            continue;
+        }
+        let link = rootfs.join(applet);
+        if link.exists() {
+            continue;
+        }
+        if let Some(d) = link.parent() {
+            fs::create_dir_all(d)?;
+        }
+        std::os::unix::fs::symlink("/bin/busybox", &link)?;
+    }
+    Ok(())
+}
+
+/// Sorted newc cpio, uid/gid 0, every mtime SOURCE_DATE_EPOCH, gzip -n.
+pub fn write_initramfs(rootfs: &Path, out: &Path) -> Result<()> {
+    run(Command::new("find")
+        .arg(rootfs)
+        .args(["-exec", "touch", "-h", "-d"])
+        .arg(format!("@{SOURCE_DATE_EPOCH}"))
+        .args(["{}", "+"]))?;
+    let script = format!(
+        "cd {} && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --reproducible -R 0:0 | gzip -9 -n > {}",
+        shell_quote(rootfs),
+        shell_quote(out)
+    );
+    run(Command::new("sh").args(["-c", &script]))
+}
+
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
+}
+
+fn kernel_version(pkgroot: &Path) -> Result<String> {
+    let mods = pkgroot.join("lib/modules");
+    let mut v: Vec<String> = fs::read_dir(&mods)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v.pop().ok_or_else(|| anyhow!("no kernel in the packages"))
+}
+
+fn write_text(path: &Path, text: &str, mode: u32) -> Result<()> {
+    if let Some(d) = path.parent() {
+        fs::create_dir_all(d)?;
+    }
+    fs::write(path, text)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// Copies images/rootfs into the image: executables 0755, the rest 0644.
+fn install_overlay(from: &Path, to: &Path) -> Result<()> {
+    for e in fs::read_dir(from)? {
+        let e = e?;
+        let p = e.path();
+        let t = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            fs::create_dir_all(&t)?;
+            install_overlay(&p, &t)?;
+        } else {
+            let exec = e.metadata()?.permissions().mode() & 0o111 != 0;
+            install(&p, &t, if exec { 0o755 } else { 0o644 })?;
+        }
+    }
+    Ok(())
+}
+
+pub fn build(opts: &Options, shaper: &Path) -> Result<Image> {
+    let mut pr = Progress {
+        n: 0,
+        total: 8,
+        t0: Instant::now(),
+    };
+    if !shaper.exists() {
+        bail!(
+            "{} is missing (build it in release first)",
+            shaper.display()
+        );
+    }
+    for tool in [
+        "dpkg-deb", "depmod", "cpio", "xz", "gzip", "objcopy", "mkfs.fat", "mcopy", "sfdisk",
+        "readelf",
+    ] {
+        if !crate::have(tool) {
+            bail!("{tool} is missing: run `cargo xtask setup`");
+        }
+    }
+    if opts.relock {
+        pr.step("relocking images/packages.lock to today's candidates");
+        relock()?;
+    } else {
+        pr.step("reading images/packages.lock");
+    }
+    let lock = read_lock()?;
+    fs::create_dir_all(&opts.cache)?;
+    fs::create_dir_all(&opts.out)?;
+    let work = opts.out.join("work");
+    reset_dir(&work)?;
+
+    pr.step(&format!("downloading {} packages", lock.len()));
+    let mut debs = Vec::new();
+    let mut used = Vec::new();
+    for (pkg, ver) in &lock {
+        match download(&opts.cache, pkg, ver) {
+            Ok(p) => {
+                used.push((pkg.clone(), ver.clone()));
+                debs.push(p);
+            }
+            Err(e) if opts.allow_drift => {
+                let now = candidate(pkg)?;
+                eprintln!(
+                    "warning: {pkg} {ver} is not served any more ({e:#}); using {now}: this image will not match the locked hash (run `cargo xtask image --relock`)"
+                );
+                debs.push(download(&opts.cache, pkg, &now)?);
+                used.push((pkg.clone(), now));
+            }
+            Err(e) => {
+                return Err(e.context(
+                    "a locked package is not available; `cargo xtask image --relock` takes today's versions",
+                ))
+            }
+        }
+    }
+
+    pr.step("unpacking");
+    let pkgroot = work.join("pkgroot");
+    fs::create_dir_all(&pkgroot)?;
+    for d in &debs {
+        run(Command::new("dpkg-deb").arg("-x").arg(d).arg(&pkgroot))?;
+    }
+    let kver = kernel_version(&pkgroot)?;
+    // The package ships no modules.dep (its postinst makes it); make one to read deps from.
+    run(Command::new("depmod").arg("-b").arg(&pkgroot).arg(&kver))?;
+
+    pr.step("root file system: busybox, iproute2, shaper, libraries");
+    let rootfs = work.join("rootfs");
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "run", "tmp", "root",
+        "var",
+    ] {
+        fs::create_dir_all(rootfs.join(d))?;
+    }
+    fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    install_busybox(&pkgroot, &rootfs, &["ip", "tc"])?;
+    std::os::unix::fs::symlink("bin/busybox", rootfs.join("init"))?;
+    install(&pkgroot.join("bin/ip"), &rootfs.join("sbin/ip"), 0o755)?;
+    install(&pkgroot.join("sbin/tc"), &rootfs.join("sbin/tc"), 0o755)?;
+    for f in fs::read_dir(pkgroot.join("etc/iproute2"))? {
+        let f = f?;
+        if f.file_type()?.is_file() {
+            install(
+                &f.path(),
+                &rootfs.join("etc/iproute2").join(f.file_name()),
+                0o644,
+            )?;
+        }
+    }
+    install(shaper, &rootfs.join("usr/sbin/shaper"), 0o755)?;
+    install_libs(
+        &pkgroot,
+        &rootfs,
+        &[
+            rootfs.join("sbin/ip"),
+            rootfs.join("sbin/tc"),
+            rootfs.join("usr/sbin/shaper"),
+        ],
+    )?;
+    let version = env!("CARGO_PKG_VERSION");
+    write_text(
+        &rootfs.join("etc/os-release"),
+        &format!(
+            "NAME=\"shaper gateway\"\nID=shaper-gateway\nVERSION_ID={version}\nPRETTY_NAME=\"shaper gateway {version}\"\n"
+        ),
+        0o644,
+    )?;
+    write_text(
+        &rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\n",
+        0o644,
+    )?;
+    write_text(&rootfs.join("etc/group"), "root:x:0:\n", 0o644)?;
+    write_text(&rootfs.join("etc/hostname"), "shaper-gateway\n", 0o644)?;
+    install_overlay(&workspace().join("images/rootfs"), &rootfs)?;
+
+    pr.step(&format!("kernel {kver} and its modules"));
+    let nmods = install_modules(&pkgroot, &rootfs, &kver, MODULES)?;
+    eprintln!("    {nmods} modules");
+
+    pr.step("initramfs");
+    let kernel = opts.out.join("vmlinuz");
+    install(
+        &pkgroot.join(format!("boot/vmlinuz-{kver}")),
+        &kernel,
+        0o644,
+    )?;
+    let initramfs = opts.out.join("initramfs.cpio.gz");
+    write_initramfs(&rootfs, &initramfs)?;
+
+    pr.step("EFI executable (systemd-boot stub + kernel + initramfs + command line)");
+    let efi = opts.out.join("gateway.efi");
+    build_uki(
+        &pkgroot,
+        &work,
+        &kernel,
+        &initramfs,
+        &efi,
+        &rootfs.join("etc/os-release"),
+    )?;
+
+    pr.step("raw disk image (GPT, EFI system partition)");
+    let disk = opts.out.join("gateway.img");
+    build_disk(&work, &efi, &disk)?;
+
+    let mut sums = BTreeMap::new();
+    for p in [&kernel, &initramfs, &efi, &disk] {
+        let name = p
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        sums.insert(name, sha256(p)?);
+    }
+    let mut text = String::new();
+    for (n, h) in &sums {
+        text.push_str(&format!("{h}  {n}\n"));
+    }
+    fs::write(opts.out.join("SHA256SUMS"), &text)?;
+    let mut manifest = format!(
+        "shaper gateway {version}\nkernel {kver}\nSOURCE_DATE_EPOCH {SOURCE_DATE_EPOCH}\nshaper {}  {}\n",
+        sha256(shaper)?,
+        shaper.display()
+    );
+    for ((pkg, ver), deb) in used.iter().zip(&debs) {
+        manifest.push_str(&format!("{} {pkg} {ver}\n", sha256(deb)?));
+    }
+    fs::write(opts.out.join("manifest.txt"), manifest)?;
+    eprintln!(
+        "==> image done in {:.1} s: {}\n{text}",
+        pr.t0.elapsed().as_secs_f64(),
+        opts.out.display()
+    );
+    Ok(Image {
+        kernel,
+        initramfs,
+        kernel_version: kver,
+        pkgroot,
+        sha256: sums,
+    })
+}
+
+/// A unified kernel image: systemd's EFI stub with the kernel, initramfs, command line and
+/// os-release as PE sections (the objcopy recipe systemd 252 documents).
+fn build_uki(
+    pkgroot: &Path,
+    work: &Path,
+    kernel: &Path,
+    initramfs: &Path,
+    out: &Path,
+    os_release: &Path,
+) -> Result<()> {
+    let stub = pkgroot.join("usr/lib/systemd/boot/efi/linuxx64.efi.stub");
+    if !stub.exists() {
+        bail!("systemd-boot-efi has no linuxx64.efi.stub");
+    }
+    let cmdline = work.join("cmdline.txt");
+    fs::write(&cmdline, format!("{EFI_CMDLINE}\0"))?;
+    let _ = fs::remove_file(out);
+    run(Command::new("objcopy")
+        .arg("--add-section")
+        .arg(format!(".osrel={}", os_release.display()))
+        .args(["--change-section-vma", ".osrel=0x20000"])
+        .arg("--add-section")
+        .arg(format!(".cmdline={}", cmdline.display()))
+        .args(["--change-section-vma", ".cmdline=0x30000"])
+        .arg("--add-section")
+        .arg(format!(".linux={}", kernel.display()))
+        .args(["--change-section-vma", ".linux=0x2000000"])
+        .arg("--add-section")
+        .arg(format!(".initrd={}", initramfs.display()))
+        .args(["--change-section-vma", ".initrd=0x3000000"])
+        .arg(&stub)
+        .arg(out))?;
+    Ok(())
+}
+
+fn build_disk(work: &Path, efi: &Path, disk: &Path) -> Result<()> {
+    let esp = work.join("esp.img");
+    let _ = fs::remove_file(&esp);
+    run(Command::new("mkfs.fat")
+        .args([
+            "-F",
+            "32",
+            "--invariant",
+            "-i",
+            FAT_SERIAL,
+            "-n",
+            "SHAPER",
+            "-C",
+        ])
+        .arg(&esp)
+        .arg((ESP_MB * 1024).to_string())
+        .stdout(std::process::Stdio::null()))?;
+    let readme = work.join("README.TXT");
+    fs::write(
+        &readme,
+        "Site configuration for the shaper gateway.\r\n\
+         Put shaper.toml (and network.conf for addressing) in this folder;\r\n\
+         they replace the image's defaults at the next boot.\r\n",
+    )?;
+    run(Command::new("touch")
+        .args(["-d", &format!("@{SOURCE_DATE_EPOCH}")])
+        .arg(efi)
+        .arg(&readme))?;
+    let mtools = |args: &[&str]| {
+        let mut c = Command::new(args[0]);
+        c.args(["-i"]).arg(&esp).args(&args[1..]);
+        // mtools stamps directories with the current time unless told otherwise.
+        c.env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH.to_string());
+        c.env("MTOOLS_SKIP_CHECK", "1");
+        c
+    };
+    run(&mut mtools(&["mmd", "::/EFI", "::/EFI/BOOT", "::/shaper"]))?;
+    let mut c = mtools(&["mcopy", "-m"]);
+    c.arg(efi).arg("::/EFI/BOOT/BOOTX64.EFI");
+    run(&mut c)?;
+    let mut c = mtools(&["mcopy", "-m"]);
+    c.arg(&readme).arg("::/shaper/README.TXT");
+    run(&mut c)?;
+
+    // 1 MiB before the partition, 1 MiB after it for the backup GPT.
+    let total = (ESP_MB + 2) * 1024 * 1024;
+    let _ = fs::remove_file(disk);
+    let f = fs::File::create(disk)?;
+    f.set_len(total)?;
+    drop(f);
+    let script = format!(
+        "label: gpt\nlabel-id: {DISK_GUID}\nfirst-lba: 2048\n\nstart=2048, size={}, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, uuid={ESP_GUID}, name=\"EFI system\"\n",
+        ESP_MB * 1024 * 2
+    );
+    let mut child = Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(disk)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow!("sfdisk stdin"))?
+        .write_all(script.as_bytes())?;
+    if !child.wait()?.success() {
+        bail!("sfdisk failed");
+    }
+    run(Command::new("dd")
+        .arg(format!("if={}", esp.display()))
+        .arg(format!("of={}", disk.display()))
+        .args(["bs=1M", "seek=1", "conv=notrunc", "status=none"]))?;
+    Ok(())
+}
+
+/// Modules the VM tier's client and server VMs load (9p for the host's userland, netem and
+/// friends to emulate the copper line).
+const TESTER_MODULES: &[&str] = &[
+    "virtio_net",
+    "9pnet_virtio",
+    "9p",
+    "sch_netem",
+    "ifb",
+    "sch_ingress",
+    "act_mirred",
+    "cls_matchall",
+    "sch_htb",
+    "sch_tbf",
+    "sch_cake",
+];
+
+/// The initramfs of the VM tier's client and server VMs: busybox, the modules above and
+/// tests/vm/tester-init. Not part of the product; built from the image's kernel package.
+pub fn build_tester_initramfs(img: &Image, out: &Path) -> Result<()> {
+    let rootfs = img.pkgroot.with_file_name("tester-rootfs");
+    reset_dir(&rootfs)?;
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp",
+    ] {
+        fs::create_dir_all(rootfs.join(d))?;
+    }
+    install_busybox(&img.pkgroot, &rootfs, &[])?;
+    install(
+        &workspace().join("tests/vm/tester-init"),
+        &rootfs.join("init"),
+        0o755,
+    )?;
+    install_modules(&img.pkgroot, &rootfs, &img.kernel_version, TESTER_MODULES)?;
+    write_initramfs(&rootfs, out)
+}
