@@ -348,6 +348,28 @@ async fn sync_tree(tc: &Tc, ifindex: u32, want: &DirPlan, have: Option<&DirPlan>
     Ok(())
 }
 
+/// Changes the rates of an applied tree in place (1:1 and every class), for
+/// rate adaptation: no class is created or deleted, no leaf or size table
+/// touched, the classifier untouched. `want` must come from the applied plan's
+/// policy with only the rates changed.
+pub async fn retune(tc: &Tc, ifindex: u32, want: &DirPlan) -> Result<()> {
+    tc.put_htb_class(
+        ifindex,
+        ROOT_HANDLE,
+        PARENT_CLASSID,
+        &parent_params(want),
+        false,
+    )
+    .await
+    .with_context(|| format!("changing class 1:1 on {}", want.ifname))?;
+    for c in &want.classes {
+        tc.put_htb_class(ifindex, PARENT_CLASSID, c.classid, &leaf_params(c), false)
+            .await
+            .with_context(|| format!("changing class {} on {}", c.name, want.ifname))?;
+    }
+    Ok(())
+}
+
 /// Deletes the classes `have` had that `want` does not.
 async fn prune_tree(tc: &Tc, ifindex: u32, want: &DirPlan, have: &DirPlan) -> Result<()> {
     for o in &have.classes {

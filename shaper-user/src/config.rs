@@ -54,6 +54,8 @@ struct RawConfig {
     shaping: Option<RawShaping>,
     #[serde(default)]
     telemetry: Option<RawTelemetry>,
+    #[serde(default)]
+    autorate: Option<Spanned<RawAutorate>>,
     #[serde(default, rename = "class")]
     classes: Vec<Spanned<RawClass>>,
     #[serde(default, rename = "rule")]
@@ -86,6 +88,26 @@ struct RawDirection {
     /// "atm", "ptm" or "ethernet"; overrides the preset.
     #[serde(default)]
     framing: Option<Spanned<String>>,
+    /// With `[autorate]`: the lowest rate it may set (default a quarter of `rate`).
+    #[serde(default)]
+    min_rate: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAutorate {
+    /// IPv4 addresses beyond the line that answer ping (the ISP's first hop, ...).
+    reflectors: Spanned<toml::Value>,
+    /// The class the probes travel in (default: the first class of the lowest priority).
+    #[serde(default)]
+    class: Option<Spanned<String>>,
+    /// One-way delay above the baseline that counts as a queue on the line (default 30 ms,
+    /// as cake-autorate).
+    #[serde(default)]
+    delay_ms: Option<Spanned<u32>>,
+    /// Time between probes (to the reflectors in turn).
+    #[serde(default)]
+    interval_ms: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -272,6 +294,22 @@ pub struct Policy {
     /// partly or not at all yet).
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Rate adaptation to a line whose usable rate varies (`[autorate]`).
+    #[serde(default)]
+    pub autorate: Option<Autorate>,
+}
+
+/// `[autorate]`: the shaper's rates follow the line, between each direction's
+/// `min_rate` and `rate`, steered by the round-trip time to the reflectors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Autorate {
+    pub reflectors: Vec<std::net::Ipv4Addr>,
+    /// Index into `classes` of the class the probes travel in.
+    pub class: usize,
+    pub delay_ms: u32,
+    pub interval_ms: u32,
+    pub upload_min_bps: u64,
+    pub download_min_bps: u64,
 }
 
 /// How a copper line frames each packet.
@@ -1287,6 +1325,37 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
             format!("at most {} rules", shaper_common::MAX_RULES),
         ));
     }
+    let autorate = autorate(
+        cx,
+        [&raw.upload, &raw.download],
+        raw.autorate.as_ref(),
+        &classes,
+        &names,
+        [upload_bps, download_bps],
+    )?;
+    if let Some(a) = &autorate {
+        // The probes must not wait in the queues they measure: they get their own
+        // rule, first, into the autorate class.
+        rules.push(Rule {
+            name: "autorate-probes".into(),
+            class: a.class,
+            priority: i64::MIN,
+            direction: Direction::Both,
+            protocols: vec![1],
+            src_ports: vec![],
+            dst_ports: vec![],
+            src_cidrs: vec![],
+            dst_cidrs: a
+                .reflectors
+                .iter()
+                .map(|r| Cidr {
+                    addr: IpAddr::V4(*r),
+                    len: 32,
+                })
+                .collect(),
+            dscp: vec![],
+        });
+    }
     // Lower priority value first; file order breaks ties (sort is stable).
     rules.sort_by_key(|r| r.priority);
     let ack_class = match &shaping.ack_class {
@@ -1339,7 +1408,114 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
         download_link,
         catalogue: uses_apps.then(|| catalogue.version.clone()),
         notes,
+        autorate,
     })
+}
+
+/// Validates `[autorate]` and the directions' `min_rate`.
+fn autorate(
+    cx: &Ctx<'_>,
+    [upload, download]: [&RawDirection; 2],
+    a: Option<&Spanned<RawAutorate>>,
+    classes: &[Class],
+    names: &HashMap<String, usize>,
+    [upload_bps, download_bps]: [u64; 2],
+) -> Result<Option<Autorate>, ConfigError> {
+    let Some(a) = a else {
+        for (d, f) in [(upload, "upload"), (download, "download")] {
+            if let Some(m) = &d.min_rate {
+                return Err(cx.at(
+                    m,
+                    format!("{f}.min_rate"),
+                    "`min_rate` is the floor of rate adaptation: add an [autorate] table, or remove it",
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let a = a.get_ref();
+    let reflectors = values(
+        cx,
+        &Some(a.reflectors.clone()),
+        "autorate.reflectors".into(),
+        "reflector",
+        |v| {
+            match v {
+            toml::Value::String(s) => s.trim().parse::<std::net::Ipv4Addr>().map_err(|_| {
+                format!(
+                    "`{s}` is not an IPv4 address (reflectors are pinged over IPv4; IPv6 reflectors are not supported yet)"
+                )
+            }),
+            other => Err(format!(
+                "`{other}` is not an address: write it as a string like \"192.0.2.1\""
+            )),
+        }
+        },
+    )?;
+    if reflectors.is_empty() {
+        return Err(cx.at(
+            &a.reflectors,
+            "autorate.reflectors",
+            "give at least one address to ping",
+        ));
+    }
+    let class = match &a.class {
+        Some(c) => *names.get(c.get_ref().trim()).ok_or_else(|| {
+            let known: Vec<_> = classes.iter().map(|c| c.name.as_str()).collect();
+            cx.at(
+                c,
+                "autorate.class",
+                format!(
+                    "no class named `{}`; classes are: {}",
+                    c.get_ref(),
+                    known.join(", ")
+                ),
+            )
+        })?,
+        None => (0..classes.len())
+            .min_by_key(|&i| classes[i].priority)
+            .unwrap_or(0),
+    };
+    let delay_ms = match &a.delay_ms {
+        None => 30,
+        Some(d) if (2..=500).contains(d.get_ref()) => *d.get_ref(),
+        Some(d) => return Err(cx.at(d, "autorate.delay_ms", "must be 2 to 500 milliseconds")),
+    };
+    let interval_ms = match &a.interval_ms {
+        None => 50,
+        Some(d) if (10..=1000).contains(d.get_ref()) => *d.get_ref(),
+        Some(d) => return Err(cx.at(d, "autorate.interval_ms", "must be 10 to 1000 milliseconds")),
+    };
+    let floor = |d: &RawDirection, f: &str, rate: u64| -> Result<u64, ConfigError> {
+        let Some(m) = &d.min_rate else {
+            return Ok(rate / 4);
+        };
+        let v = parse_rate(m.get_ref()).map_err(|e| cx.at(m, format!("{f}.min_rate"), e))?;
+        if v > rate {
+            return Err(cx.at(
+                m,
+                format!("{f}.min_rate"),
+                format!(
+                    "{} is above {f}.rate ({}): autorate moves between min_rate and rate",
+                    m.get_ref(),
+                    raw_rate(d)
+                ),
+            ));
+        }
+        Ok(v)
+    };
+    Ok(Some(Autorate {
+        reflectors,
+        class,
+        delay_ms,
+        interval_ms,
+        upload_min_bps: floor(upload, "upload", upload_bps)?,
+        download_min_bps: floor(download, "download", download_bps)?,
+    }))
+}
+
+fn raw_rate(d: &RawDirection) -> &str {
+    d.rate.get_ref()
 }
 
 /// One value or a non-empty list, each item parsed by `item`.

@@ -25,8 +25,10 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     apply::{self, Paths, State},
+    autorate::{self, Applied},
     compile::ROOT_HANDLE,
     config::{self, Policy},
+    kernel::bpf::Side,
     kernel::tc::Tc,
 };
 
@@ -97,6 +99,23 @@ async fn health(tc: &Tc, state: &State) -> Health {
     Health::Fine
 }
 
+/// What the autorate task needs to know of an apply.
+fn applied(state: &State) -> Option<Applied> {
+    let ifindex = |side: Side| {
+        state
+            .attachments
+            .iter()
+            .find(|a| a.side == side)
+            .map(|a| a.ifindex)
+    };
+    Some(Applied {
+        policy: state.plan.policy.clone(),
+        caps: state.caps,
+        wan_ifindex: ifindex(Side::Wan)?,
+        lan_ifindex: ifindex(Side::Lan)?,
+    })
+}
+
 /// The daemon's hooks for things that live elsewhere (metrics).
 pub type OnApplied = Box<dyn Fn(&Policy) + Send>;
 
@@ -151,6 +170,10 @@ pub async fn run(
     }
     sd_notify("READY=1");
     sd_notify("STATUS=shaping");
+    // Rate adaptation runs beside the loop below; every apply tells it the new policy
+    // (and that the configured rates are back in the kernel).
+    let (autorate_tx, autorate_rx) = tokio::sync::watch::channel(applied(&state));
+    let autorate_task = tokio::spawn(autorate::run(autorate_rx));
 
     let tc = Tc::connect().await?;
     let watchdog = std::env::var("WATCHDOG_USEC")
@@ -171,6 +194,7 @@ pub async fn run(
                             log::info!("reloaded {}", config_path.display());
                             state = s;
                             policy = p;
+                            let _ = autorate_tx.send(applied(&state));
                         }
                         Err(e) => log::error!("reload failed, previous shaping kept: {e:#}"),
                     },
@@ -196,6 +220,7 @@ pub async fn run(
                                 log::warn!("{why}; shaping restored");
                                 state = s;
                                 waiting_for = None;
+                                let _ = autorate_tx.send(applied(&state));
                             }
                             Err(e) => log::error!("{why}; restoring failed (will retry): {e:#}"),
                         }
@@ -207,6 +232,8 @@ pub async fn run(
         }
     }
     sd_notify("STOPPING=1");
+    drop(autorate_tx);
+    let _ = autorate_task.await;
     if keep_on_exit {
         log::info!("stopping; shaping left in place");
     } else {

@@ -2,12 +2,15 @@
 //! kernel state, the kernel interfaces (netlink tc, BPF), apply/remove and
 //! status. The `shaper` binary (main.rs) is a thin CLI over this.
 pub mod apply;
+pub mod autorate;
 pub mod catalogue;
 pub mod compile;
 pub mod config;
 pub mod confirm;
 pub mod daemon;
+pub mod dnswire;
 pub mod explain;
 pub mod kernel;
 pub mod metrics;
+pub mod sni;
 pub mod status;

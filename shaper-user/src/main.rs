@@ -155,6 +155,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(v) = &policy.catalogue {
                 println!("apps from the clinical catalogue {v} (`shaper catalogue` lists them)");
             }
+            if let Some(a) = &policy.autorate {
+                println!(
+                    "autorate: ping {} every {} ms (rule autorate-probes, class {}); upload {}-{} kbit/s, download {}-{} kbit/s; a queue is +{} ms of round trip",
+                    a.reflectors.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                    a.interval_ms,
+                    policy.classes[a.class].name,
+                    a.upload_min_bps / 1000,
+                    policy.upload_bps / 1000,
+                    a.download_min_bps / 1000,
+                    policy.download_bps / 1000,
+                    a.delay_ms
+                );
+            }
             for n in &policy.notes {
                 println!("note: {n}");
             }

@@ -105,6 +105,8 @@ struct Stream {
     bytes: u64,
     /// Transit (ns) of each non-duplicate packet, in arrival order.
     transits_ns: Vec<i64>,
+    /// Arrival time (ns) of each packet in `transits_ns`.
+    arrivals_ns: Vec<u64>,
     /// Smallest transit of the warm-up packets (part of the baseline, not of the figures).
     warmup_min_ns: Option<i64>,
     /// RFC 3550 jitter estimate in ns.
@@ -253,6 +255,7 @@ impl RtpStats {
             bytes: 0,
             transits_ns: Vec::new(),
             warmup_min_ns: None,
+            arrivals_ns: Vec::new(),
             jitter_ns: 0.0,
             sum_abs_d_ns: 0.0,
             n_d: 0,
@@ -288,6 +291,7 @@ impl RtpStats {
             stream.n_d += 1;
         }
         stream.transits_ns.push(transit);
+        stream.arrivals_ns.push(arrival_ns);
         true
     }
 
@@ -301,6 +305,21 @@ impl RtpStats {
             .min()
             .unwrap_or(0);
         s.transits_ns.iter().map(move |&t| (t - min) as f64 / 1e6)
+    }
+
+    /// (seconds since the first packet, added delay in ms) of every packet in the delay
+    /// statistics, SSRC by SSRC, each in arrival order: the delay over time.
+    pub fn timeline(&self) -> Vec<(f64, f64)> {
+        let first = self.first_ns.unwrap_or(0);
+        self.streams
+            .values()
+            .flat_map(|s| {
+                s.arrivals_ns
+                    .iter()
+                    .zip(Self::added_delays_of(s))
+                    .map(move |(&a, d)| (a.saturating_sub(first) as f64 / 1e9, d))
+            })
+            .collect()
     }
 
     /// Added delays (ms) of all non-duplicate packets, SSRC by SSRC, each in arrival order.

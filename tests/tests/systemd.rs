@@ -40,8 +40,20 @@ fn systemd_unit_verifies() {
         .output()
         .expect("run systemd-analyze");
     let err = String::from_utf8_lossy(&out.stderr);
+    // systemd-analyze also reads the machine's other units and warns about them (e.g.
+    // Debian's irtt.service runs as `nobody`): not ours to judge.
+    let (others, ours): (Vec<&str>, Vec<&str>) =
+        err.lines().filter(|l| !l.trim().is_empty()).partition(|l| {
+            ["/lib/systemd/", "/usr/lib/systemd/", "/etc/systemd/"]
+                .iter()
+                .any(|d| l.starts_with(d))
+        });
+    for l in &others {
+        eprintln!("note (another package's unit): {l}");
+    }
     assert!(
-        out.status.success() && err.trim().is_empty(),
-        "systemd-analyze verify: {err}"
+        out.status.success() && ours.is_empty(),
+        "systemd-analyze verify: {}",
+        ours.join("\n")
     );
 }

@@ -274,7 +274,21 @@ fn setup() -> Result<()> {
         std::fs::write(&stamp, stamp_text)?;
     }
 
-    // 3. Debian packages for the namespace tests.
+    // 3. cargo-fuzz for the parsers' fuzz targets (a short run is part of the suite).
+    let fuzz_ok = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .env("PATH", path_with_cargo_bin())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !fuzz_ok {
+        step("installing cargo-fuzz 0.13.2 (about a minute, once)");
+        run(Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--version", "0.13.2", "--locked"])
+            .arg("--root")
+            .arg(cargo_home()))?;
+    }
+
+    // 4. Debian packages for the namespace tests.
     let missing: Vec<&str> = APT
         .iter()
         .filter(|(bin, _)| !have(bin))
@@ -295,7 +309,7 @@ fn setup() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
 
-    // 4. bpffs for pinning.
+    // 5. bpffs for pinning.
     if is_root()
         && !output(Command::new("stat").args(["-f", "-c", "%T", "/sys/fs/bpf"]))
             .is_ok_and(|t| t.trim() == "bpf_fs")
@@ -321,13 +335,38 @@ fn cargo(args: &[&str]) -> Command {
         }
     }
     // bpf-linker lives in cargo's bin dir; make sure aya-build's cargo finds it.
+    c.env("PATH", path_with_cargo_bin());
+    c
+}
+
+fn path_with_cargo_bin() -> std::ffi::OsString {
     let path = env::var_os("PATH").unwrap_or_default();
     let mut paths = vec![cargo_home().join("bin")];
     paths.extend(env::split_paths(&path));
-    if let Ok(p) = env::join_paths(paths) {
-        c.env("PATH", p);
+    env::join_paths(paths).unwrap_or(path)
+}
+
+/// A short run of each parser fuzz target (shaper-user/fuzz), seeded from the captured
+/// fixtures; `seconds` each. A crash fails the run and leaves its input in
+/// shaper-user/fuzz/artifacts/.
+fn fuzz(seconds: u32) -> Result<()> {
+    for target in ["dnswire", "sni"] {
+        step(&format!("fuzzing {target} for {seconds} s"));
+        let mut c = Command::new("bash");
+        c.arg(workspace().join("shaper-user/fuzz/run.sh"))
+            .arg(target)
+            .arg(seconds.to_string())
+            .env("PATH", path_with_cargo_bin());
+        for (k, _) in env::vars_os() {
+            if let Some(k) = k.to_str() {
+                if k.starts_with("CARGO_") && k != "CARGO_HOME" {
+                    c.env_remove(k);
+                }
+            }
+        }
+        run(&mut c)?;
     }
-    c
+    Ok(())
 }
 
 fn shaper_bin(release: bool) -> PathBuf {
@@ -369,6 +408,7 @@ fn test(args: &[String]) -> Result<()> {
             "the namespace tests need root (they create network namespaces and load BPF programs)"
         );
     }
+    fuzz(20)?;
     step("kernel and namespace tests (serial)");
     let mut c = cargo(&["test", "-p", "shaper-tests", "--", "--test-threads=1"]);
     c.args(args).env("SHAPER_BIN", shaper_bin(false));

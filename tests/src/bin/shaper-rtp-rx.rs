@@ -22,7 +22,8 @@
 //! delay: transit minus the run's minimum transit, nearest rank), `jitter_ms` (RFC 3550 J at
 //! the end), `mean_abs_d_ms`, `bytes`, `bitrate_bps`, `duration_s`, `non_rtp`, `ssrcs` (the
 //! same per SSRC, with payload type), `delay_samples` (packets in the delay statistics). All
-//! numbers are 0 when nothing arrived. `--samples` writes the added delays in ms, one per
+//! numbers are 0 when nothing arrived. `--timeline` writes `seconds-since-first-packet
+//! added-delay-ms` pairs, one per line (the delay over time). `--samples` writes the added delays in ms, one per
 //! line, in arrival order (for CDF plots).
 //!
 //! A sender, verified on loopback with ffmpeg 5.1 (Debian 12). Pre-encode a clip with no
@@ -87,13 +88,14 @@ struct Args {
     seconds: f64,
     out: String,
     samples: Option<String>,
+    timeline: Option<String>,
     clock_rate: u32,
     warmup: f64,
 }
 
 fn usage() -> &'static str {
     "usage: shaper-rtp-rx --listen ADDR:PORT [--seconds 30] --out summary.json \
-     [--samples delays.txt] [--clock-rate 90000] [--warmup 0]"
+     [--samples delays.txt] [--timeline t-delays.txt] [--clock-rate 90000] [--warmup 0]"
 }
 
 fn parse_args() -> Result<Args> {
@@ -101,6 +103,7 @@ fn parse_args() -> Result<Args> {
     let mut seconds: f64 = 30.0;
     let mut out = None;
     let mut samples = None;
+    let mut timeline = None;
     let mut clock_rate = VIDEO_CLOCK_RATE;
     let mut warmup: f64 = 0.0;
     let mut it = std::env::args().skip(1);
@@ -111,6 +114,7 @@ fn parse_args() -> Result<Args> {
             "--seconds" => seconds = val()?.parse().context("--seconds: a number")?,
             "--out" => out = Some(val()?),
             "--samples" => samples = Some(val()?),
+            "--timeline" => timeline = Some(val()?),
             "--clock-rate" => clock_rate = val()?.parse().context("--clock-rate: an integer")?,
             "--warmup" => warmup = val()?.parse().context("--warmup: seconds")?,
             "-h" | "--help" => {
@@ -134,6 +138,7 @@ fn parse_args() -> Result<Args> {
         seconds,
         out,
         samples,
+        timeline,
         clock_rate,
         warmup,
     })
@@ -288,6 +293,13 @@ fn run(args: &Args) -> Result<()> {
         let mut text = String::new();
         for d in stats.added_delays_ms() {
             text.push_str(&format!("{d:.3}\n"));
+        }
+        fs::write(path, text).with_context(|| format!("writing {path}"))?;
+    }
+    if let Some(path) = &args.timeline {
+        let mut text = String::new();
+        for (t, d) in stats.timeline() {
+            text.push_str(&format!("{t:.4} {d:.3}\n"));
         }
         fs::write(path, text).with_context(|| format!("writing {path}"))?;
     }

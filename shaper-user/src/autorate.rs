@@ -1,0 +1,699 @@
+//! Rate adaptation for lines whose usable rate varies (`[autorate]`).
+//!
+//! The anchor is cake-autorate's published logic: probe reflectors beyond the line with
+//! ICMP timestamp requests (as its `tsping` pinger does), so each probe gives a one-way
+//! delay per direction (offset by the clocks' difference, which the baseline absorbs);
+//! keep a per-reflector baseline for each direction (fast to fall, slow to rise, never
+//! lifted by a delayed sample); call a sample "bloated" when it exceeds the baseline by
+//! `delay_ms` plus two full frames at the direction's rate (the HTB burst a probe can find
+//! ahead of it in our own class: 24 ms at 1 Mbit/s); declare bufferbloat in a direction
+//! when 3 of its last 6 samples are bloated, and then cut that direction to 90 % of what it
+//! carried (not of what it was allowed: a line that retrained low is found in one cut), with
+//! a 300 ms refractory period between cuts. Without bloat and with the direction busy
+//! (carrying >= 75 % of its rate) the rate climbs back by 1 % of the configured rate per
+//! 100 ms tick, after a 1 s pause following a cut. Idle directions keep their rate (no
+//! information). The rates stay between `min_rate` and the configured `rate`.
+//!
+//! The rates change in place in the HTB trees (`apply::retune`), never the classifier or
+//! the leaves. The probes leave through the shaper: the policy puts them first, into the
+//! autorate class (rule `autorate-probes`), so they measure the line, not the site's bulk
+//! queue. Reflectors must answer ICMP timestamp requests (Linux does; some routers filter
+//! them): IPv4 only.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+use crate::{
+    apply,
+    compile::{self, KernelCaps, PARENT_CLASSID},
+    config::{Autorate, Policy},
+    kernel::tc::Tc,
+};
+
+/// How often loads are measured and rates decided.
+pub const TICK: Duration = Duration::from_millis(100);
+const WINDOW: usize = 6;
+const BLOAT_OF_WINDOW: usize = 3;
+const REFRACTORY_CUT: Duration = Duration::from_millis(300);
+const PAUSE_AFTER_CUT: Duration = Duration::from_secs(1);
+const CUT_FACTOR: f64 = 0.9;
+const STEP_UP_OF_MAX: f64 = 0.01;
+const BUSY_FOR_STEP_UP: f64 = 0.75;
+/// Baseline moves towards a lower sample with this weight, towards a higher one with the
+/// other (cake-autorate's alpha_baseline_decrease / alpha_baseline_increase).
+const BASELINE_DOWN: f64 = 0.9;
+const BASELINE_UP: f64 = 0.001;
+
+/// One direction's state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DirState {
+    pub max_bps: u64,
+    pub min_bps: u64,
+    pub rate_bps: u64,
+}
+
+/// What the controller did to one direction on a tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Cut,
+    Raise,
+}
+
+/// What the controller decided on a tick, per direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Change {
+    pub up: Option<Step>,
+    pub down: Option<Step>,
+}
+
+/// Delay samples of one direction.
+#[derive(Debug, Default)]
+struct Delays {
+    baselines: Vec<Option<f64>>,
+    window: VecDeque<bool>,
+    last_delta_ms: f64,
+    last_cut: Option<Instant>,
+}
+
+impl Delays {
+    fn push(&mut self, i: usize, owd_ms: f64, threshold_ms: f64) {
+        let Some(slot) = self.baselines.get_mut(i) else {
+            return;
+        };
+        let base = *slot.get_or_insert(owd_ms);
+        let delta = owd_ms - base;
+        if delta < 0.0 {
+            *slot = Some(BASELINE_DOWN * owd_ms + (1.0 - BASELINE_DOWN) * base);
+        } else if delta < threshold_ms {
+            // Only quiet samples may lift the baseline: a standing queue must not become it.
+            *slot = Some(BASELINE_UP * owd_ms + (1.0 - BASELINE_UP) * base);
+        }
+        self.last_delta_ms = delta.max(0.0);
+        if self.window.len() == WINDOW {
+            self.window.pop_front();
+        }
+        self.window.push_back(delta > threshold_ms);
+    }
+
+    fn bloated(&self) -> bool {
+        self.window.iter().filter(|&&b| b).count() >= BLOAT_OF_WINDOW
+    }
+}
+
+/// The decision logic, without sockets or netlink (unit-tested below).
+#[derive(Debug)]
+pub struct Controller {
+    pub up: DirState,
+    pub down: DirState,
+    delay_ms: f64,
+    up_delays: Delays,
+    down_delays: Delays,
+    /// Counters for the log and tests.
+    pub cuts: u64,
+    pub raises: u64,
+}
+
+/// Time one full-size frame takes at `bps`, in ms.
+fn frame_ms(bps: u64) -> f64 {
+    1514.0 * 8.0 * 1e3 / bps.max(1) as f64
+}
+
+impl Controller {
+    pub fn new(a: &Autorate, policy: &Policy) -> Self {
+        let d = |max: u64, min: u64| DirState {
+            max_bps: max,
+            min_bps: min.min(max),
+            rate_bps: max,
+        };
+        let delays = || Delays {
+            baselines: vec![None; a.reflectors.len()],
+            ..Delays::default()
+        };
+        Controller {
+            up: d(policy.upload_bps, a.upload_min_bps),
+            down: d(policy.download_bps, a.download_min_bps),
+            delay_ms: f64::from(a.delay_ms),
+            up_delays: delays(),
+            down_delays: delays(),
+            cuts: 0,
+            raises: 0,
+        }
+    }
+
+    /// What counts as a queue on the line in a direction: `delay_ms` on top of the two
+    /// full frames a probe can find ahead of it in our own HTB class (its burst) at the
+    /// direction's current rate. At 1 Mbit/s that is 24 ms: without it a slow upstream
+    /// reads as permanently bloated.
+    fn threshold(&self, d: &DirState) -> f64 {
+        self.delay_ms + 2.0 * frame_ms(d.rate_bps)
+    }
+
+    /// One probe's one-way delays to and from reflector `i`, in ms (each with an unknown
+    /// but constant clock offset: only their changes matter).
+    pub fn on_owd(&mut self, i: usize, up_ms: f64, down_ms: f64) {
+        let (tu, td) = (self.threshold(&self.up), self.threshold(&self.down));
+        self.up_delays.push(i, up_ms, tu);
+        self.down_delays.push(i, down_ms, td);
+    }
+
+    pub fn bloated(&self) -> (bool, bool) {
+        (self.up_delays.bloated(), self.down_delays.bloated())
+    }
+
+    pub fn last_deltas_ms(&self) -> (f64, f64) {
+        (self.up_delays.last_delta_ms, self.down_delays.last_delta_ms)
+    }
+
+    /// Decides with the rates each direction achieved over the last tick.
+    pub fn tick(&mut self, now: Instant, achieved_up: f64, achieved_down: f64) -> Option<Change> {
+        let up = Self::decide(now, &mut self.up, &mut self.up_delays, achieved_up);
+        let down = Self::decide(now, &mut self.down, &mut self.down_delays, achieved_down);
+        for s in [up, down].into_iter().flatten() {
+            match s {
+                Step::Cut => self.cuts += 1,
+                Step::Raise => self.raises += 1,
+            }
+        }
+        (up.is_some() || down.is_some()).then_some(Change { up, down })
+    }
+
+    fn decide(now: Instant, d: &mut DirState, q: &mut Delays, achieved: f64) -> Option<Step> {
+        let since_cut = q.last_cut.map(|t| now.duration_since(t));
+        if q.bloated() {
+            if since_cut.is_some_and(|s| s < REFRACTORY_CUT) {
+                return None;
+            }
+            // From what the line carried, not from what the shaper allowed: a line that
+            // retrained low is found in one cut.
+            let from = (d.rate_bps as f64).min(achieved.max(d.min_bps as f64));
+            d.rate_bps = ((from * CUT_FACTOR) as u64).clamp(d.min_bps, d.max_bps);
+            q.last_cut = Some(now);
+            q.window.clear();
+            return Some(Step::Cut);
+        }
+        let quiet = !q.window.iter().any(|&b| b);
+        let busy = achieved / d.rate_bps.max(1) as f64 >= BUSY_FOR_STEP_UP;
+        if !quiet
+            || !busy
+            || d.rate_bps >= d.max_bps
+            || since_cut.is_some_and(|s| s < PAUSE_AFTER_CUT)
+        {
+            return None;
+        }
+        let step = (d.max_bps as f64 * STEP_UP_OF_MAX) as u64;
+        d.rate_bps = (d.rate_bps + step.max(1)).min(d.max_bps);
+        Some(Step::Raise)
+    }
+}
+
+/// What the daemon hands the autorate task after every apply.
+#[derive(Clone)]
+pub struct Applied {
+    pub policy: Policy,
+    pub caps: KernelCaps,
+    pub wan_ifindex: u32,
+    pub lan_ifindex: u32,
+}
+
+/// ICMP echo over a raw IPv4 socket (the socket is kept beside it, for `select!`).
+struct Pinger {
+    ident: u16,
+    seq: u16,
+    sent: HashMap<u16, (Instant, usize)>,
+}
+
+fn checksum(b: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in b.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from(c[0]) << 8
+        };
+        sum += u32::from(w);
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+impl Pinger {
+    fn new() -> Result<(Self, AsyncFd<OwnedFd>)> {
+        // SAFETY: plain socket(2); the fd is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_ICMP,
+            )
+        };
+        if fd < 0 {
+            bail!(
+                "opening a raw ICMP socket for autorate (needs CAP_NET_RAW): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: fd is a fresh socket we own.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: `owned` is a valid open socket and moves into the AsyncFd, which keeps it
+        // open until it is dropped (the I/O-safety condition of `register`).
+        let fd = unsafe { AsyncFd::register(owned) }
+            .map_err(|e| anyhow::anyhow!("registering the ICMP socket: {e}"))?;
+        Ok((
+            Pinger {
+                ident: (std::process::id() & 0xffff) as u16,
+                seq: 0,
+                sent: HashMap::new(),
+            },
+            fd,
+        ))
+    }
+
+    fn send(&mut self, fd: &AsyncFd<OwnedFd>, to: Ipv4Addr, reflector: usize) {
+        self.seq = self.seq.wrapping_add(1);
+        let p = timestamp_request(self.ident, self.seq, ms_since_midnight_utc());
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(to.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sendto with a buffer and address we own.
+        let rc = unsafe {
+            libc::sendto(
+                fd.get_ref().as_raw_fd(),
+                p.as_ptr() as *const libc::c_void,
+                p.len(),
+                0,
+                &addr as *const libc::sockaddr_in as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc >= 0 {
+            self.sent.insert(self.seq, (Instant::now(), reflector));
+        }
+        // Forget probes that never came back (lost ones are not delay samples).
+        let now = Instant::now();
+        self.sent
+            .retain(|_, (t, _)| now.duration_since(*t) < Duration::from_secs(2));
+    }
+
+    /// Replies available now: (reflector index, upstream and downstream one-way delay in ms,
+    /// each offset by the clocks' difference).
+    fn drain(&mut self, fd: &AsyncFd<OwnedFd>, out: &mut Vec<(usize, f64, f64)>) {
+        let mut buf = [0u8; 1500];
+        loop {
+            // SAFETY: recv into a buffer we own.
+            let n = unsafe {
+                libc::recv(
+                    fd.get_ref().as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                return;
+            }
+            let now = ms_since_midnight_utc();
+            let Some(r) = parse_timestamp_reply(&buf[..n as usize]) else {
+                continue;
+            };
+            if r.ident != self.ident {
+                continue;
+            }
+            if let Some((_, i)) = self.sent.remove(&r.seq) {
+                out.push((i, ms_diff(r.receive, r.originate), ms_diff(now, r.transmit)));
+            }
+        }
+    }
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// RFC 792 time: milliseconds since midnight UT.
+fn ms_since_midnight_utc() -> u32 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_millis() % DAY_MS as u128) as u32
+}
+
+/// `a - b` in ms across midnight (and across a clock offset of up to half a day).
+fn ms_diff(a: u32, b: u32) -> f64 {
+    let d = (i64::from(a) - i64::from(b)).rem_euclid(DAY_MS);
+    (if d > DAY_MS / 2 { d - DAY_MS } else { d }) as f64
+}
+
+/// ICMP timestamp request (type 13).
+fn timestamp_request(ident: u16, seq: u16, originate: u32) -> Vec<u8> {
+    let mut p = vec![13u8, 0, 0, 0];
+    p.extend_from_slice(&ident.to_be_bytes());
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&originate.to_be_bytes());
+    p.extend_from_slice(&[0; 8]);
+    let c = checksum(&p);
+    p[2..4].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct TimestampReply {
+    ident: u16,
+    seq: u16,
+    originate: u32,
+    receive: u32,
+    transmit: u32,
+}
+
+/// An ICMP timestamp reply (type 14) in an IPv4 packet as a raw socket returns it.
+fn parse_timestamp_reply(b: &[u8]) -> Option<TimestampReply> {
+    let ihl = usize::from(*b.first()? & 0x0f) * 4;
+    let m = b.get(ihl..ihl + 20)?;
+    if m[0] != 14 || m[1] != 0 {
+        return None;
+    }
+    let u32_at = |o: usize| u32::from_be_bytes([m[o], m[o + 1], m[o + 2], m[o + 3]]);
+    Some(TimestampReply {
+        ident: u16::from_be_bytes([m[4], m[5]]),
+        seq: u16::from_be_bytes([m[6], m[7]]),
+        originate: u32_at(8),
+        receive: u32_at(12),
+        transmit: u32_at(16),
+    })
+}
+
+/// Bytes sent by class 1:1 on an interface (the whole direction).
+async fn parent_bytes(tc: &Tc, ifindex: u32) -> Option<u64> {
+    let classes = tc.classes(ifindex).await.ok()?;
+    classes
+        .iter()
+        .find(|c| c.classid == PARENT_CLASSID)
+        .map(|c| c.stats.bytes)
+}
+
+async fn set_rates(tc: &Tc, a: &Applied, c: &Controller, change: Change) -> Result<()> {
+    let mut p = a.policy.clone();
+    p.upload_bps = c.up.rate_bps;
+    p.download_bps = c.down.rate_bps;
+    let plan = compile::plan(&p, Some(a.caps));
+    let (up, down) = (change.up.is_some(), change.down.is_some());
+    if up {
+        apply::retune(tc, a.wan_ifindex, &plan.up).await?;
+    }
+    if down {
+        apply::retune(tc, a.lan_ifindex, &plan.down).await?;
+    }
+    Ok(())
+}
+
+/// The autorate task: runs until the sender side of `applied` is dropped. Each new value
+/// (an apply or reload put the configured rates back) restarts the controller.
+pub async fn run(mut applied: watch::Receiver<Option<Applied>>) {
+    let (mut pinger, sock) = match Pinger::new() {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("autorate off: {e:#}");
+            return;
+        }
+    };
+    let tc = match Tc::connect().await.context("netlink") {
+        Ok(t) => t,
+        Err(e) => {
+            log::error!("autorate off: {e:#}");
+            return;
+        }
+    };
+    'outer: loop {
+        let current = applied.borrow_and_update().clone();
+        let Some(a) = current.filter(|a| a.policy.autorate.is_some()) else {
+            if applied.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let Some(cfg) = a.policy.autorate.clone() else {
+            continue;
+        };
+        let mut ctl = Controller::new(&cfg, &a.policy);
+        log::info!(
+            "autorate on: reflectors {}, upload {}-{} kbit/s, download {}-{} kbit/s, bloat at +{} ms",
+            cfg.reflectors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            ctl.up.min_bps / 1000,
+            ctl.up.max_bps / 1000,
+            ctl.down.min_bps / 1000,
+            ctl.down.max_bps / 1000,
+            cfg.delay_ms
+        );
+        let mut probe = tokio::time::interval(Duration::from_millis(u64::from(cfg.interval_ms)));
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_reflector = 0usize;
+        let mut last = (
+            Instant::now(),
+            parent_bytes(&tc, a.wan_ifindex).await,
+            parent_bytes(&tc, a.lan_ifindex).await,
+        );
+        let mut replies = Vec::new();
+        loop {
+            tokio::select! {
+                ch = applied.changed() => {
+                    if ch.is_err() {
+                        return;
+                    }
+                    continue 'outer;
+                }
+                _ = probe.tick() => {
+                    let i = next_reflector % cfg.reflectors.len();
+                    pinger.send(&sock, cfg.reflectors[i], i);
+                    next_reflector = next_reflector.wrapping_add(1);
+                }
+                r = sock.readable() => {
+                    if let Ok(mut guard) = r {
+                        replies.clear();
+                        pinger.drain(&sock, &mut replies);
+                        guard.clear_ready();
+                        for &(i, up, down) in &replies {
+                            ctl.on_owd(i, up, down);
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    let up = parent_bytes(&tc, a.wan_ifindex).await;
+                    let down = parent_bytes(&tc, a.lan_ifindex).await;
+                    let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
+                    let rate = |new: Option<u64>, old: Option<u64>| match (new, old) {
+                        (Some(n), Some(o)) if n >= o => (n - o) as f64 * 8.0 / secs,
+                        _ => 0.0,
+                    };
+                    let (au, ad) = (rate(up, last.1), rate(down, last.2));
+                    last = (now, up, down);
+                    let Some(change) = ctl.tick(now, au, ad) else { continue };
+                    if let Err(e) = set_rates(&tc, &a, &ctl, change).await {
+                        log::warn!("autorate: {e:#}");
+                        continue;
+                    }
+                    let (du, dd) = ctl.last_deltas_ms();
+                    if change.up == Some(Step::Cut) || change.down == Some(Step::Cut) {
+                        log::info!(
+                            "autorate: queue on the line (one-way delay +{du:.0} ms up, +{dd:.0} ms down); upload {} kbit/s, download {} kbit/s (carried {:.0}/{:.0})",
+                            ctl.up.rate_bps / 1000,
+                            ctl.down.rate_bps / 1000,
+                            au / 1e3,
+                            ad / 1e3
+                        );
+                    } else {
+                        log::debug!(
+                            "autorate: line busy and quiet; upload {} kbit/s, download {} kbit/s",
+                            ctl.up.rate_bps / 1000,
+                            ctl.down.rate_bps / 1000
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controller() -> Controller {
+        let a = Autorate {
+            reflectors: vec![Ipv4Addr::new(192, 0, 2, 1)],
+            class: 0,
+            delay_ms: 15,
+            interval_ms: 50,
+            upload_min_bps: 250_000,
+            download_min_bps: 3_000_000,
+        };
+        let mut c = Controller {
+            up: DirState {
+                max_bps: 1_000_000,
+                min_bps: a.upload_min_bps,
+                rate_bps: 1_000_000,
+            },
+            down: DirState {
+                max_bps: 12_000_000,
+                min_bps: a.download_min_bps,
+                rate_bps: 12_000_000,
+            },
+            delay_ms: 15.0,
+            up_delays: Delays {
+                baselines: vec![None],
+                ..Delays::default()
+            },
+            down_delays: Delays {
+                baselines: vec![None],
+                ..Delays::default()
+            },
+            cuts: 0,
+            raises: 0,
+        };
+        // Clocks 5 s apart: one-way delays read as 5012 up and -4988 down.
+        for _ in 0..10 {
+            c.on_owd(0, 5012.0, -4988.0);
+        }
+        c
+    }
+
+    #[test]
+    fn quiet_line_keeps_rates() {
+        let mut c = controller();
+        let t = Instant::now();
+        assert_eq!(c.tick(t, 900_000.0, 11_500_000.0), None);
+        assert_eq!(c.down.rate_bps, 12_000_000);
+    }
+
+    #[test]
+    fn a_queue_downstream_cuts_the_download_only() {
+        let mut c = controller();
+        let t = Instant::now();
+        for d in [30.0, 60.0, 70.0, 80.0] {
+            c.on_owd(0, 5012.0, -4988.0 + d);
+        }
+        assert_eq!(c.bloated(), (false, true));
+        // The line retrained to 8 Mbit/s: that is what the download carries.
+        let ch = c.tick(t, 1_000_000.0, 8_000_000.0);
+        assert_eq!(
+            ch,
+            Some(Change {
+                up: None,
+                down: Some(Step::Cut)
+            })
+        );
+        assert_eq!(c.down.rate_bps, 7_200_000);
+        assert_eq!(c.up.rate_bps, 1_000_000);
+        // Within the refractory period nothing more happens, even with bloat.
+        for d in [60.0, 70.0, 80.0] {
+            c.on_owd(0, 5012.0, -4988.0 + d);
+        }
+        assert_eq!(c.tick(t + Duration::from_millis(100), 0.0, 7e6), None);
+        // After it, a second cut.
+        assert!(c.tick(t + Duration::from_millis(400), 0.0, 7e6).is_some());
+        assert_eq!(c.down.rate_bps, 6_300_000);
+    }
+
+    #[test]
+    fn a_slow_upstream_is_not_bloat_by_itself() {
+        // Two full frames at 1 Mbit/s are 24 ms: a probe behind them is not a queue.
+        let mut c = controller();
+        for _ in 0..6 {
+            c.on_owd(0, 5012.0 + 30.0, -4988.0);
+        }
+        assert_eq!(c.bloated(), (false, false));
+        for _ in 0..6 {
+            c.on_owd(0, 5012.0 + 45.0, -4988.0);
+        }
+        assert_eq!(c.bloated(), (true, false));
+    }
+
+    #[test]
+    fn never_below_the_floor_nor_above_the_configured_rate() {
+        let mut c = controller();
+        let mut t = Instant::now();
+        for _ in 0..50 {
+            for _ in 0..3 {
+                c.on_owd(0, 5012.0 + 500.0, -4988.0 + 500.0);
+            }
+            c.tick(t, 1e6, 12e6);
+            t += Duration::from_millis(400);
+        }
+        assert_eq!(c.down.rate_bps, 3_000_000);
+        assert_eq!(c.up.rate_bps, 250_000);
+        // Quiet and busy: climbs back by 1 % of the configured rate per tick, to it.
+        for _ in 0..200 {
+            c.on_owd(0, 5012.0, -4988.0);
+            c.tick(t, c.up.rate_bps as f64, c.down.rate_bps as f64);
+            t += TICK;
+        }
+        assert_eq!(c.down.rate_bps, 12_000_000);
+        assert_eq!(c.up.rate_bps, 1_000_000);
+    }
+
+    #[test]
+    fn a_standing_queue_does_not_become_the_baseline() {
+        let mut c = controller();
+        for _ in 0..10_000 {
+            c.on_owd(0, 5012.0, -4988.0 + 300.0);
+        }
+        assert!(c.down_delays.baselines[0].is_some_and(|b| b < -4987.0));
+        assert_eq!(c.bloated(), (false, true));
+    }
+
+    #[test]
+    fn idle_directions_are_not_raised() {
+        let mut c = controller();
+        c.down.rate_bps = 6_000_000;
+        let t = Instant::now() + Duration::from_secs(5);
+        assert_eq!(c.tick(t, 0.0, 1_000_000.0), None);
+        assert_eq!(c.down.rate_bps, 6_000_000);
+    }
+
+    #[test]
+    fn icmp_timestamps() {
+        // Echo request, id 1 seq 1, no payload: checksum 0xf7fd.
+        assert_eq!(checksum(&[8u8, 0, 0, 0, 0, 1, 0, 1]), 0xf7fd);
+        let req = timestamp_request(0x1234, 7, 1000);
+        assert_eq!(req.len(), 20);
+        assert_eq!(checksum(&req), 0, "a packet with its checksum sums to zero");
+        // A reply as the raw socket returns it: 20-byte IPv4 header, then ICMP type 14.
+        let mut pkt = vec![0x45u8];
+        pkt.resize(20, 0);
+        pkt.extend_from_slice(&[14, 0, 0, 0, 0x12, 0x34, 0, 7]);
+        for v in [1000u32, 1040, 1041] {
+            pkt.extend_from_slice(&v.to_be_bytes());
+        }
+        assert_eq!(
+            parse_timestamp_reply(&pkt),
+            Some(TimestampReply {
+                ident: 0x1234,
+                seq: 7,
+                originate: 1000,
+                receive: 1040,
+                transmit: 1041
+            })
+        );
+        assert_eq!(parse_timestamp_reply(&pkt[..30]), None);
+        pkt[20] = 0;
+        assert_eq!(parse_timestamp_reply(&pkt), None);
+        // Across midnight.
+        assert_eq!(ms_diff(5, 86_399_990), 15.0);
+        assert_eq!(ms_diff(86_399_990, 5), -15.0);
+    }
+}
