@@ -53,6 +53,17 @@ pub fn apply(gw: &Netns, config: &ShaperConfig) -> Result<()> {
 
 /// [`apply`] with options.
 pub fn apply_with(gw: &Netns, config: &ShaperConfig, opts: ReferenceOptions) -> Result<()> {
+    for args in commands(config, opts)? {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        gw.run("tc", &args)?;
+    }
+    Ok(())
+}
+
+/// The `tc` argument lists [`apply_with`] runs, in order (also what the VM tier's plain-HTB
+/// gateway runs as a shell script).
+pub fn commands(config: &ShaperConfig, opts: ReferenceOptions) -> Result<Vec<Vec<String>>> {
+    let mut out: Vec<Vec<String>> = Vec::new();
     let default_minor = config
         .classes
         .iter()
@@ -63,7 +74,10 @@ pub fn apply_with(gw: &Netns, config: &ShaperConfig, opts: ReferenceOptions) -> 
         (&config.wan, config.upload_bps, true),
         (&config.lan, config.download_bps, false),
     ] {
-        let tc = |args: &[&str]| gw.run("tc", args).map(|_| ());
+        let mut tc = |args: &[&str]| -> Result<()> {
+            out.push(args.iter().map(|a| a.to_string()).collect());
+            Ok(())
+        };
         tc(&[
             "qdisc",
             "replace",
@@ -180,7 +194,7 @@ pub fn apply_with(gw: &Netns, config: &ShaperConfig, opts: ReferenceOptions) -> 
             }
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Removes what [`apply`] installed (the devices fall back to their default qdisc).

@@ -105,6 +105,8 @@ struct Stream {
     bytes: u64,
     /// Transit (ns) of each non-duplicate packet, in arrival order.
     transits_ns: Vec<i64>,
+    /// Transits of the warm-up packets inside the idle window.
+    idle_transits_ns: Vec<i64>,
     /// Arrival time (ns) of each packet in `transits_ns`.
     arrivals_ns: Vec<u64>,
     /// Smallest transit of the warm-up packets (part of the baseline, not of the figures).
@@ -135,6 +137,7 @@ pub struct RtpStats {
     first_ns: Option<u64>,
     last_ns: u64,
     warmup_ns: u64,
+    idle_window_ns: Option<(u64, u64)>,
 }
 
 /// Statistics of one SSRC (or the aggregate over all of them).
@@ -166,6 +169,11 @@ pub struct Summary {
     pub duration_s: f64,
     /// Datagrams that were not RTP.
     pub non_rtp: u64,
+    /// Added delay of the packets in the idle window ([`RtpStats::with_idle_window_ns`]),
+    /// against the same minimum transit: the floor of the path with no load. 0 without one.
+    pub idle_p50_ms: f64,
+    pub idle_p99_ms: f64,
+    pub idle_samples: u64,
 }
 
 impl Summary {
@@ -189,6 +197,9 @@ impl Summary {
             "bitrate_bps": self.bitrate_bps,
             "duration_s": self.duration_s,
             "non_rtp": self.non_rtp,
+            "idle_p50_ms": self.idle_p50_ms,
+            "idle_p99_ms": self.idle_p99_ms,
+            "idle_samples": self.idle_samples,
         })
     }
 }
@@ -204,11 +215,20 @@ impl RtpStats {
             first_ns: None,
             last_ns: 0,
             warmup_ns: 0,
+            idle_window_ns: None,
         }
     }
 
     /// Leaves packets arriving within `warmup_ns` of the first packet out of the delay and
     /// jitter statistics.
+    /// Warm-up packets arriving between `from_ns` and `until_ns` after the first packet
+    /// make the idle figures (`idle_p50_ms`, `idle_p99_ms`): the same stream before any load
+    /// starts, measured against the same baseline.
+    pub fn with_idle_window_ns(mut self, from_ns: u64, until_ns: u64) -> Self {
+        self.idle_window_ns = Some((from_ns, until_ns));
+        self
+    }
+
     pub fn with_warmup_ns(mut self, warmup_ns: u64) -> Self {
         self.warmup_ns = warmup_ns;
         self
@@ -255,6 +275,7 @@ impl RtpStats {
             bytes: 0,
             transits_ns: Vec::new(),
             warmup_min_ns: None,
+            idle_transits_ns: Vec::new(),
             arrivals_ns: Vec::new(),
             jitter_ns: 0.0,
             sum_abs_d_ns: 0.0,
@@ -282,6 +303,11 @@ impl RtpStats {
             .is_some_and(|f| arrival_ns < f.saturating_add(self.warmup_ns))
         {
             stream.warmup_min_ns = Some(stream.warmup_min_ns.map_or(transit, |m| m.min(transit)));
+            if let (Some(f), Some((from, until))) = (self.first_ns, self.idle_window_ns) {
+                if arrival_ns >= f.saturating_add(from) && arrival_ns < f.saturating_add(until) {
+                    stream.idle_transits_ns.push(transit);
+                }
+            }
             return true;
         }
         if let Some(&prev) = stream.transits_ns.last() {
@@ -295,16 +321,26 @@ impl RtpStats {
         true
     }
 
-    /// Added delays (ms) of the non-duplicate packets of one SSRC, in arrival order.
-    fn added_delays_of(s: &Stream) -> impl Iterator<Item = f64> + '_ {
-        let min = s
-            .transits_ns
+    fn min_transit(s: &Stream) -> i64 {
+        s.transits_ns
             .iter()
             .copied()
             .chain(s.warmup_min_ns)
             .min()
-            .unwrap_or(0);
+            .unwrap_or(0)
+    }
+
+    /// Added delays (ms) of the non-duplicate packets of one SSRC, in arrival order.
+    fn added_delays_of(s: &Stream) -> impl Iterator<Item = f64> + '_ {
+        let min = Self::min_transit(s);
         s.transits_ns.iter().map(move |&t| (t - min) as f64 / 1e6)
+    }
+
+    fn idle_delays_of(s: &Stream) -> impl Iterator<Item = f64> + '_ {
+        let min = Self::min_transit(s);
+        s.idle_transits_ns
+            .iter()
+            .map(move |&t| (t - min) as f64 / 1e6)
     }
 
     /// (seconds since the first packet, added delay in ms) of every packet in the delay
@@ -348,6 +384,8 @@ impl RtpStats {
         let mut delays: Vec<f64> = streams.clone().flat_map(Self::added_delays_of).collect();
         delays.sort_by(f64::total_cmp);
         let pct = |p: f64| nearest_rank(&delays, p).unwrap_or(0.0);
+        let mut idle: Vec<f64> = streams.clone().flat_map(Self::idle_delays_of).collect();
+        idle.sort_by(f64::total_cmp);
         let n_transits: u64 = streams.clone().map(|s| s.transits_ns.len() as u64).sum();
         let jitter_ns = if n_transits == 0 {
             0.0
@@ -382,6 +420,9 @@ impl RtpStats {
             p90_ms: pct(90.0),
             p99_ms: pct(99.0),
             max_ms: delays.last().copied().unwrap_or(0.0),
+            idle_p50_ms: nearest_rank(&idle, 50.0).unwrap_or(0.0),
+            idle_p99_ms: nearest_rank(&idle, 99.0).unwrap_or(0.0),
+            idle_samples: idle.len() as u64,
             jitter_ms: jitter_ns / 1e6,
             mean_abs_d_ms: mean_abs_d_ns / 1e6,
             bytes,
@@ -618,6 +659,30 @@ mod tests {
         }
         let d = s.added_delays_ms();
         assert!(!d.is_empty() && d.iter().all(|&x| x == 300.0), "{d:?}");
+    }
+
+    #[test]
+    fn idle_window_gives_the_unloaded_floor() {
+        // Transit 5 ms, with every fourth packet 2 ms late, during the idle window
+        // (20..100 ms); then a 50 ms queue.
+        let mut s = RtpStats::new(1000)
+            .with_warmup_ns(100 * MS)
+            .with_idle_window_ns(20 * MS, 100 * MS);
+        for i in 0..20u16 {
+            let ts = i as u64 * 10;
+            let extra = if ts >= 100 {
+                50
+            } else if i % 4 == 3 {
+                2
+            } else {
+                0
+            };
+            s.push((ts + 5 + extra) * MS, &pkt(i, ts as u32, 1, 0));
+        }
+        let sum = s.summary();
+        assert_eq!(sum.idle_samples, 8);
+        assert_eq!((sum.idle_p50_ms, sum.idle_p99_ms), (0.0, 2.0));
+        assert_eq!(sum.p50_ms, 50.0);
     }
 
     #[test]

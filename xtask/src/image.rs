@@ -31,7 +31,9 @@ use crate::{output, run, workspace};
 /// Every file in the image carries this time (2026-01-01T00:00:00Z).
 pub const SOURCE_DATE_EPOCH: u64 = 1_767_225_600;
 /// Kernel command line of the EFI image (the VM tier passes its own).
-pub const EFI_CMDLINE: &str = "console=ttyS0,115200 console=tty0 quiet panic=10";
+/// The serial console comes last, so it is /dev/console: headless boxes in a comms cupboard
+/// are reached over serial; a screen on tty0 still shows the kernel's messages.
+pub const EFI_CMDLINE: &str = "console=tty0 console=ttyS0,115200 quiet panic=10";
 const ESP_MB: u64 = 96;
 const DISK_GUID: &str = "5a3f0c1e-8d7b-4c2a-9e61-0b5e5ea7e001";
 const ESP_GUID: &str = "5a3f0c1e-8d7b-4c2a-9e61-0b5e5ea7e002";
@@ -52,6 +54,10 @@ const MODULES: &[&str] = &[
     "sch_ingress",
     "ifb",
     "cls_bpf",
+    // Not used by the shaper; there for an engineer's own `tc` on the console.
+    "cls_u32",
+    "cls_flower",
+    "act_mirred",
     "virtio_blk",
     "nvme",
     "ahci",
@@ -627,6 +633,8 @@ fn build_uki(
     fs::write(&cmdline, format!("{EFI_CMDLINE}\0"))?;
     let _ = fs::remove_file(out);
     run(Command::new("objcopy")
+        // The PE header's TimeDateStamp (and so its checksum) come from this, else from now.
+        .env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH.to_string())
         .arg("--add-section")
         .arg(format!(".osrel={}", os_release.display()))
         .args(["--change-section-vma", ".osrel=0x20000"])
@@ -641,6 +649,42 @@ fn build_uki(
         .args(["--change-section-vma", ".initrd=0x3000000"])
         .arg(&stub)
         .arg(out))?;
+    // objcopy stamps the PE header with the current time (it ignores SOURCE_DATE_EPOCH for
+    // PE): put the fixed time there and make the header checksum match again.
+    let mut pe = fs::read(out)?;
+    pin_pe_timestamp(&mut pe, SOURCE_DATE_EPOCH as u32)?;
+    fs::write(out, pe)?;
+    Ok(())
+}
+
+/// Sets a PE image's COFF TimeDateStamp and recomputes the optional header's CheckSum.
+fn pin_pe_timestamp(pe: &mut [u8], stamp: u32) -> Result<()> {
+    let lfanew = pe
+        .get(0x3c..0x40)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| anyhow!("not a PE file"))?;
+    if pe.get(lfanew..lfanew + 4) != Some(b"PE\0\0".as_slice()) {
+        bail!("no PE signature");
+    }
+    let ts = lfanew + 8;
+    let csum = lfanew + 24 + 64;
+    if pe.len() < csum + 4 {
+        bail!("PE header cut short");
+    }
+    pe[ts..ts + 4].copy_from_slice(&stamp.to_le_bytes());
+    pe[csum..csum + 4].fill(0);
+    let mut sum: u64 = 0;
+    for (i, w) in pe.chunks(2).enumerate() {
+        if i * 2 == csum || i * 2 == csum + 2 {
+            continue;
+        }
+        let v = u64::from(w[0]) | (u64::from(*w.get(1).unwrap_or(&0)) << 8);
+        sum += v;
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    let total = (sum + pe.len() as u64) as u32;
+    pe[csum..csum + 4].copy_from_slice(&total.to_le_bytes());
     Ok(())
 }
 

@@ -105,6 +105,15 @@ fn main() -> ExitCode {
                 run_bin(
                     "shaper-download-bench",
                     &["--seconds".into(), seconds.to_string()],
+                )?;
+                // The same comparison on the VM tier (kernel with fq_codel and cake, netem
+                // line): FIFO, plain tc HTB, the product with fq_codel and with cake leaves.
+                step("download direction on the VM tier (FTTC 40/10)");
+                vm_test_with(
+                    seconds,
+                    &["fttc".to_string()],
+                    Some("fifo,plain-htb,shaper,shaper-cake"),
+                    false,
                 )
             } else {
                 bench(classifier_only, seconds)
@@ -505,6 +514,15 @@ fn image_cmd(relock: bool, allow_drift: bool, check_reproducible: bool) -> Resul
 }
 
 fn vm_test(seconds: u32, profiles: &[String], assert: bool) -> Result<()> {
+    vm_test_with(seconds, profiles, None, assert)
+}
+
+fn vm_test_with(
+    seconds: u32,
+    profiles: &[String],
+    modes: Option<&str>,
+    assert: bool,
+) -> Result<()> {
     let shaper = build_release_shaper()?;
     let opts = image::Options {
         allow_drift: true,
@@ -529,6 +547,21 @@ fn vm_test(seconds: u32, profiles: &[String], assert: bool) -> Result<()> {
     if !profiles.is_empty() {
         args.push("--profiles".into());
         args.push(profiles.join(","));
+    }
+    if modes.is_none() {
+        args.push("--disk".into());
+        args.push(
+            workspace()
+                .join("target/images/gateway.img")
+                .display()
+                .to_string(),
+        );
+    }
+    if let Some(m) = modes {
+        args.push("--modes".into());
+        args.push(m.into());
+        args.push("--out".into());
+        args.push(workspace().join("target/vm-bench").display().to_string());
     }
     if assert {
         args.push("--assert".into());

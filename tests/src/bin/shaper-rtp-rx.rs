@@ -15,7 +15,9 @@
 //! `--warmup S` (default 0) leaves the packets arriving in the first S seconds out of the
 //! delay and jitter statistics (not out of loss): ffmpeg sends its first frame a frame
 //! period late, together with the next, which otherwise sets `max_ms` at 40 ms (25 fps) on
-//! every run. Use `--warmup 1` and add the second to `--seconds`.
+//! every run. Use `--warmup 1` and add the second to `--seconds`. `--idle FROM,UNTIL`
+//! (seconds after the first packet, inside the warm-up) adds `idle_p50_ms`/`idle_p99_ms`:
+//! the same stream's added delay before any load, the floor of the path.
 //!
 //! The JSON summary: `packets` (received, duplicates included), `expected`, `lost`,
 //! `loss_pct`, `duplicates`, `reordered`, `p50_ms`, `p90_ms`, `p99_ms`, `max_ms` (added
@@ -91,11 +93,13 @@ struct Args {
     timeline: Option<String>,
     clock_rate: u32,
     warmup: f64,
+    idle: Option<(f64, f64)>,
 }
 
 fn usage() -> &'static str {
     "usage: shaper-rtp-rx --listen ADDR:PORT [--seconds 30] --out summary.json \
-     [--samples delays.txt] [--timeline t-delays.txt] [--clock-rate 90000] [--warmup 0]"
+     [--samples delays.txt] [--timeline t-delays.txt] [--clock-rate 90000] [--warmup 0] \
+     [--idle FROM,UNTIL]"
 }
 
 fn parse_args() -> Result<Args> {
@@ -106,6 +110,7 @@ fn parse_args() -> Result<Args> {
     let mut timeline = None;
     let mut clock_rate = VIDEO_CLOCK_RATE;
     let mut warmup: f64 = 0.0;
+    let mut idle = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().with_context(|| format!("{a} needs a value"));
@@ -117,6 +122,16 @@ fn parse_args() -> Result<Args> {
             "--timeline" => timeline = Some(val()?),
             "--clock-rate" => clock_rate = val()?.parse().context("--clock-rate: an integer")?,
             "--warmup" => warmup = val()?.parse().context("--warmup: seconds")?,
+            "--idle" => {
+                let v = val()?;
+                let (a, b) = v
+                    .split_once(',')
+                    .context("--idle: FROM,UNTIL in seconds after the first packet")?;
+                idle = Some((
+                    a.trim().parse().context("--idle: FROM")?,
+                    b.trim().parse().context("--idle: UNTIL")?,
+                ));
+            }
             "-h" | "--help" => {
                 println!("{}", usage());
                 std::process::exit(0);
@@ -141,6 +156,7 @@ fn parse_args() -> Result<Args> {
         timeline,
         clock_rate,
         warmup,
+        idle,
     })
 }
 
@@ -253,6 +269,9 @@ fn run(args: &Args) -> Result<()> {
     let run_ns = (args.seconds * 1e9) as u64;
     let start = realtime_ns();
     let mut stats = RtpStats::new(args.clock_rate).with_warmup_ns((args.warmup * 1e9) as u64);
+    if let Some((a, b)) = args.idle {
+        stats = stats.with_idle_window_ns((a * 1e9) as u64, (b * 1e9) as u64);
+    }
     let mut buf = vec![0u8; 65536];
     loop {
         let now = realtime_ns();
