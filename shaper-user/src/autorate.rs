@@ -228,7 +228,8 @@ struct Pinger {
     sent: HashMap<u16, (Instant, usize)>,
 }
 
-fn checksum(b: &[u8]) -> u16 {
+/// The Internet checksum (RFC 1071) of `b`, with its checksum field zero.
+pub fn checksum(b: &[u8]) -> u16 {
     let mut sum = 0u32;
     for c in b.chunks(2) {
         let w = if c.len() == 2 {

@@ -126,22 +126,25 @@ struct Profile {
     sync_drop: Option<(u32, u32)>,
 }
 
+/// ADSL2+ as UK exchanges sell it; the sync-drop profile is the same line retraining.
+const ADSL: Profile = Profile {
+    name: "adsl",
+    title: "ADSL2+ 12/1 Mbit/s, ATM (PPPoA VC-mux), 600 ms modem buffer",
+    down_kbit: 12_000,
+    up_kbit: 1_000,
+    delay_ms: 12.0,
+    buffer_ms: 600,
+    framing: Framing::Atm,
+    overhead: 10,
+    preset: "adsl2-pppoa",
+    video_kbit: 300,
+    dicom: Dir::Down,
+    dicom_slices: 8,
+    sync_drop: None,
+};
+
 const PROFILES: &[Profile] = &[
-    Profile {
-        name: "adsl",
-        title: "ADSL2+ 12/1 Mbit/s, ATM (PPPoA VC-mux), 600 ms modem buffer",
-        down_kbit: 12_000,
-        up_kbit: 1_000,
-        delay_ms: 12.0,
-        buffer_ms: 600,
-        framing: Framing::Atm,
-        overhead: 10,
-        preset: "adsl2-pppoa",
-        video_kbit: 300,
-        dicom: Dir::Down,
-        dicom_slices: 8,
-        sync_drop: None,
-    },
+    ADSL,
     Profile {
         name: "fttc",
         title: "FTTC/VDSL2 40/10 Mbit/s, PTM (PPPoE), 400 ms modem buffer",
@@ -175,17 +178,8 @@ const PROFILES: &[Profile] = &[
     Profile {
         name: "adsl-syncdrop",
         title: "ADSL2+ 12/1 retraining to 8/0.8 Mbit/s halfway (shaper rate fixed at 12/1)",
-        down_kbit: 12_000,
-        up_kbit: 1_000,
-        delay_ms: 12.0,
-        buffer_ms: 600,
-        framing: Framing::Atm,
-        overhead: 10,
-        preset: "adsl2-pppoa",
-        video_kbit: 300,
-        dicom: Dir::Down,
-        dicom_slices: 8,
         sync_drop: Some((8_000, 800)),
+        ..ADSL
     },
 ];
 
