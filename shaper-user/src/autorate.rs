@@ -420,31 +420,40 @@ async fn set_rates(tc: &Tc, a: &Applied, c: &Controller, change: Change) -> Resu
 /// The autorate task: runs until the sender side of `applied` is dropped. Each new value
 /// (an apply or reload put the configured rates back) restarts the controller.
 pub async fn run(mut applied: watch::Receiver<Option<Applied>>) {
-    let (mut pinger, sock) = match Pinger::new() {
-        Ok(p) => p,
-        Err(e) => {
-            log::error!("autorate off: {e:#}");
-            return;
-        }
-    };
-    let tc = match Tc::connect().await.context("netlink") {
-        Ok(t) => t,
-        Err(e) => {
-            log::error!("autorate off: {e:#}");
-            return;
-        }
-    };
+    // Opened on first use: a policy without [autorate] needs no raw socket (nor CAP_NET_RAW).
+    let mut io: Option<(Pinger, AsyncFd<OwnedFd>, Tc)> = None;
     'outer: loop {
         let current = applied.borrow_and_update().clone();
-        let Some(a) = current.filter(|a| a.policy.autorate.is_some()) else {
+        let configured = current.and_then(|a| a.policy.autorate.clone().map(|c| (a, c)));
+        let Some((a, cfg)) = configured else {
             if applied.changed().await.is_err() {
                 return;
             }
             continue;
         };
-        let Some(cfg) = a.policy.autorate.clone() else {
+        if io.is_none() {
+            let opened = match Pinger::new() {
+                Ok((p, sock)) => Tc::connect()
+                    .await
+                    .context("netlink")
+                    .map(|tc| (p, sock, tc)),
+                Err(e) => Err(e),
+            };
+            match opened {
+                Ok(x) => io = Some(x),
+                Err(e) => {
+                    log::error!("autorate off until the next reload: {e:#}");
+                    if applied.changed().await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some((pinger, sock, tc)) = io.as_mut() else {
             continue;
         };
+        let tc = &*tc;
         let mut ctl = Controller::new(&cfg, &a.policy);
         log::info!(
             "autorate on: reflectors {}, upload {}-{} kbit/s, download {}-{} kbit/s, bloat at +{} ms",
