@@ -474,8 +474,8 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>) {
         let mut next_reflector = 0usize;
         let mut last = (
             Instant::now(),
-            parent_bytes(&tc, a.wan_ifindex).await,
-            parent_bytes(&tc, a.lan_ifindex).await,
+            parent_bytes(tc, a.wan_ifindex).await,
+            parent_bytes(tc, a.lan_ifindex).await,
         );
         let mut replies = Vec::new();
         loop {
@@ -488,13 +488,13 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>) {
                 }
                 _ = probe.tick() => {
                     let i = next_reflector % cfg.reflectors.len();
-                    pinger.send(&sock, cfg.reflectors[i], i);
+                    pinger.send(sock, cfg.reflectors[i], i);
                     next_reflector = next_reflector.wrapping_add(1);
                 }
                 r = sock.readable() => {
                     if let Ok(mut guard) = r {
                         replies.clear();
-                        pinger.drain(&sock, &mut replies);
+                        pinger.drain(sock, &mut replies);
                         guard.clear_ready();
                         for &(i, up, down) in &replies {
                             ctl.on_owd(i, up, down);
@@ -503,8 +503,8 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>) {
                 }
                 _ = tick.tick() => {
                     let now = Instant::now();
-                    let up = parent_bytes(&tc, a.wan_ifindex).await;
-                    let down = parent_bytes(&tc, a.lan_ifindex).await;
+                    let up = parent_bytes(tc, a.wan_ifindex).await;
+                    let down = parent_bytes(tc, a.lan_ifindex).await;
                     let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
                     let rate = |new: Option<u64>, old: Option<u64>| match (new, old) {
                         (Some(n), Some(o)) if n >= o => (n - o) as f64 * 8.0 / secs,
@@ -513,7 +513,7 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>) {
                     let (au, ad) = (rate(up, last.1), rate(down, last.2));
                     last = (now, up, down);
                     let Some(change) = ctl.tick(now, au, ad) else { continue };
-                    if let Err(e) = set_rates(&tc, &a, &ctl, change).await {
+                    if let Err(e) = set_rates(tc, &a, &ctl, change).await {
                         log::warn!("autorate: {e:#}");
                         continue;
                     }
