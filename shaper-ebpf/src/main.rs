@@ -10,11 +10,11 @@
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
-    helpers::generated::bpf_loop,
+    helpers::generated::{bpf_ktime_get_ns, bpf_loop, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, LruHashMap, PerCpuArray,
+        Array, LruHashMap, PerCpuArray, RingBuf,
     },
     programs::TcContext,
 };
@@ -58,7 +58,13 @@ static FRAGS: LruHashMap<FragKey, FragVal> = LruHashMap::with_max_entries(MAX_FR
 /// Flow cache: the decision for a flow's first packet serves its later ones, so
 /// the cost per packet does not grow with the number of rules.
 #[map(name = "FLOWS")]
-static FLOWS: LruHashMap<FlowKey, FragVal> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+static FLOWS: LruHashMap<FlowKey, FlowVal> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+/// Connections whose class user space set from the TLS server name.
+#[map(name = "HOST_FLOWS")]
+static HOST_FLOWS: LruHashMap<HostKey, HostVal> = LruHashMap::with_max_entries(MAX_HOST_FLOWS, 0);
+/// DNS answers and ClientHellos for user space.
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -97,6 +103,9 @@ struct Pkt {
     _pad: [u8; 3],
     /// Bytes of L4 header + payload the IP header announces.
     l4_len: u32,
+    /// Offset and length (as announced) of the L4 payload (TCP, UDP).
+    payload_off: u32,
+    payload_len: u32,
 }
 
 const FRAG_NONE: u8 = 0;
@@ -176,7 +185,18 @@ fn classify(ctx: &TcContext) {
                 core::mem::swap(&mut pkt.src, &mut pkt.dst);
                 core::mem::swap(&mut pkt.sport, &mut pkt.dport);
             }
-            let (rule, mut class) = decide(cfg, pkt, dir);
+            // DSCP a side is not trusted with is not looked at by rules.
+            let dscp = pkt.dscp;
+            let ignore = if dir == DIR_UP {
+                CFG_IGNORE_DSCP_UP
+            } else {
+                CFG_IGNORE_DSCP_DOWN
+            };
+            if cfg.flags & ignore != 0 {
+                pkt.dscp = 0;
+            }
+            let (rule, mut class) = decide(ctx, cfg, pkt, dir, bytes);
+            pkt.dscp = dscp;
             if pkt.pure_ack != 0 {
                 count_global(dir, G_PURE_ACK);
                 // ACKs clock the opposite direction's transfers: keep them
@@ -212,9 +232,159 @@ fn classify(ctx: &TcContext) {
     }
 }
 
+#[inline(always)]
+fn host_key(pkt: &Pkt) -> HostKey {
+    HostKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        family: if pkt.v6 != 0 { 6 } else { 4 },
+        _pad: [0; 2],
+    }
+}
+
+/// Copies the packet's connection and the start of its L4 payload into the
+/// event ring buffer for user space.
+#[inline(always)]
+fn emit(ctx: &TcContext, kind: u32, dir: u32, pkt: &Pkt) {
+    let Some(mut e) = EVENTS.reserve::<Event>(0) else {
+        count_global(dir, G_EVENTS_LOST);
+        return;
+    };
+    let ev = e.as_mut_ptr();
+    let off = pkt.payload_off;
+    // 64-bit arithmetic: the verifier must see the length's bounds (1 to
+    // EVENT_DATA) on the very register passed to the helper.
+    let avail = (ctx.len() as u64).saturating_sub(off as u64);
+    let mut n = pkt.payload_len as u64;
+    if n > avail {
+        n = avail;
+    }
+    if n == 0 {
+        e.discard(0);
+        return;
+    }
+    if n > EVENT_DATA as u64 {
+        n = EVENT_DATA as u64;
+    }
+    // SAFETY: `ev` points at a reserved entry of size_of::<Event>() bytes and
+    // at most EVENT_DATA bytes are copied into its `data`.
+    let r = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const core::ffi::c_void,
+            off,
+            (*ev).data.as_mut_ptr() as *mut core::ffi::c_void,
+            n as u32,
+        )
+    };
+    if r != 0 {
+        e.discard(0);
+        count_global(dir, G_EVENTS_LOST);
+        return;
+    }
+    // SAFETY: as above; plain stores into the reserved entry.
+    unsafe {
+        (*ev).kind = kind;
+        (*ev).len = n as u32;
+        (*ev).dir = dir;
+        (*ev).dscp = pkt.dscp as u32;
+        (*ev).key = host_key(pkt);
+    }
+    e.submit(0);
+    count_global(dir, G_EVENTS);
+}
+
+/// Host names: DNS answers on their way to the LAN, and a TCP 443
+/// connection's ClientHello (or its next segment when user space asks for
+/// it), go to user space; a connection user space has decided follows its
+/// decision in both directions.
+#[inline(always)]
+fn hosts(ctx: &TcContext, pkt: &Pkt, dir: u32) -> Option<(u32, u32)> {
+    if pkt.proto == IPPROTO_UDP && pkt.dport == 53 && dir == DIR_DOWN {
+        emit(ctx, EV_DNS, dir, pkt);
+        return None;
+    }
+    if pkt.dport != 443 || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP) {
+        return None;
+    }
+    let key = host_key(pkt);
+    // SAFETY: the value is copied out before any other map operation.
+    match unsafe { HOST_FLOWS.get(&key) }.copied() {
+        Some(h) if h.flags & HOST_DECIDED != 0 => {
+            count_global(dir, G_HOST_FLOW_HIT);
+            return Some((h.rule, h.class));
+        }
+        Some(h) if h.flags & HOST_WANT_MORE != 0 => {
+            if dir == DIR_UP && pkt.payload_len > 0 {
+                emit(ctx, EV_TLS, dir, pkt);
+            }
+        }
+        Some(_) => {}
+        None => {
+            if dir == DIR_UP && pkt.proto == IPPROTO_TCP && pkt.payload_len >= 6 {
+                // A handshake record carrying a ClientHello.
+                if let Some(h) = load::<[u8; 6]>(ctx, pkt.payload_off as usize) {
+                    if h[0] == 0x16 && h[5] == 0x01 {
+                        emit(ctx, EV_TLS, dir, pkt);
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+/// What a flow has carried: demotes a flow that turns bulk, promotes a
+/// default-class UDP flow that looks like media.
+#[inline(always)]
+fn behave(cfg: &Config, v: &mut FlowVal, pkt: &Pkt, dir: u32, bytes: u64) {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let age = now.wrapping_sub(v.window_start);
+    if age >= FLOW_WINDOW_NS {
+        // A window closed. Promotion looks at a whole window that the flow
+        // was active in (not one that ended long ago).
+        if v.flags == 0
+            && age < 2 * FLOW_WINDOW_NS
+            && cfg.promote_class != NO_CLASS
+            && v.rule == NO_RULE
+            && pkt.proto == IPPROTO_UDP
+            && v.window_packets >= cfg.promote_min_packets
+            && v.window_bytes <= cfg.promote_max_bytes as u64
+            && v.window_bytes <= cfg.promote_max_packet as u64 * v.window_packets as u64
+        {
+            v.class = cfg.promote_class;
+            v.flags |= FLOW_PROMOTED;
+            count_global(dir, G_PROMOTED);
+        }
+        v.window_start = now;
+        v.window_bytes = 0;
+        v.window_packets = 0;
+    }
+    v.window_bytes += bytes;
+    v.window_packets += 1;
+    v.total_bytes += bytes;
+    if v.flags & FLOW_DEMOTED != 0 {
+        return;
+    }
+    let Some(ci) = CLASSES.get(v.class) else {
+        return;
+    };
+    if ci.demote_class != NO_CLASS
+        && ((ci.demote_bytes != 0 && v.total_bytes > ci.demote_bytes)
+            || (ci.demote_window_bytes != 0 && v.window_bytes > ci.demote_window_bytes))
+    {
+        v.class = ci.demote_class;
+        v.flags |= FLOW_DEMOTED;
+        count_global(dir, G_DEMOTED);
+    }
+}
+
 /// Rule and class for a parsed packet, following fragments.
 #[inline(always)]
-fn decide(cfg: &Config, pkt: &Pkt, dir: u32) -> (u32, u32) {
+fn decide(ctx: &TcContext, cfg: &Config, pkt: &Pkt, dir: u32, bytes: u64) -> (u32, u32) {
     if pkt.frag == FRAG_LATER {
         let key = frag_key(pkt, dir);
         // SAFETY: the value is copied out before any other map operation.
@@ -230,6 +400,19 @@ fn decide(cfg: &Config, pkt: &Pkt, dir: u32) -> (u32, u32) {
             }
         };
     }
+    if cfg.flags & CFG_HOSTS != 0 {
+        if let Some(d) = hosts(ctx, pkt, dir) {
+            if pkt.frag == FRAG_FIRST {
+                let key = frag_key(pkt, dir);
+                let v = FragVal {
+                    rule: d.0,
+                    class: d.1,
+                };
+                let _ = FRAGS.insert(&key, &v, 0);
+            }
+            return d;
+        }
+    }
     let cache = cfg.flags & CFG_NO_FLOW_CACHE == 0;
     let fkey = FlowKey {
         src: pkt.src,
@@ -242,14 +425,23 @@ fn decide(cfg: &Config, pkt: &Pkt, dir: u32) -> (u32, u32) {
         family: if pkt.v6 != 0 { 6 } else { 4 },
     };
     if cache {
-        // SAFETY: the value is copied out before any other map operation.
-        if let Some(v) = unsafe { FLOWS.get(&fkey) }.copied() {
+        if let Some(v) = FLOWS.get_ptr_mut(&fkey) {
+            // SAFETY: a value in the flow map; concurrent updates from other
+            // CPUs only blur the flow's byte counts.
+            let v = unsafe { &mut *v };
             count_global(dir, G_FLOW_CACHE_HIT);
+            if cfg.flags & CFG_FLOW_BEHAVIOUR != 0 {
+                behave(cfg, v, pkt, dir, bytes);
+            }
+            let d = FragVal {
+                rule: v.rule,
+                class: v.class,
+            };
             if pkt.frag == FRAG_FIRST {
                 let key = frag_key(pkt, dir);
-                let _ = FRAGS.insert(&key, &v, 0);
+                let _ = FRAGS.insert(&key, &d, 0);
             }
-            return (v.rule, v.class);
+            return (d.rule, d.class);
         }
     }
     let rule = match_rule(cfg, pkt, dir);
@@ -263,7 +455,20 @@ fn decide(cfg: &Config, pkt: &Pkt, dir: u32) -> (u32, u32) {
     };
     let v = FragVal { rule, class };
     if cache {
-        let _ = FLOWS.insert(&fkey, &v, 0);
+        let mut f = FlowVal {
+            rule,
+            class,
+            window_start: 0,
+            window_bytes: bytes,
+            total_bytes: bytes,
+            window_packets: 1,
+            flags: 0,
+        };
+        if cfg.flags & CFG_FLOW_BEHAVIOUR != 0 {
+            // SAFETY: a helper without arguments.
+            f.window_start = unsafe { bpf_ktime_get_ns() };
+        }
+        let _ = FLOWS.insert(&fkey, &f, 0);
     }
     if pkt.frag == FRAG_FIRST {
         let key = frag_key(pkt, dir);
@@ -432,6 +637,8 @@ fn ports(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> bool {
             };
             pkt.sport = u16::from_be_bytes([p[0], p[1]]) as u32;
             pkt.dport = u16::from_be_bytes([p[2], p[3]]) as u32;
+            pkt.payload_off = off as u32 + 8;
+            pkt.payload_len = pkt.l4_len.saturating_sub(8);
             if pkt.proto == IPPROTO_TCP {
                 if let Some(t) = load::<[u8; 2]>(ctx, off + 12) {
                     let doff = ((t[0] >> 4) as u32) * 4;
@@ -440,6 +647,8 @@ fn ports(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> bool {
                     if flags & 0x10 != 0 && flags & 0x07 == 0 && doff >= 20 && pkt.l4_len == doff {
                         pkt.pure_ack = 1;
                     }
+                    pkt.payload_off = off as u32 + doff;
+                    pkt.payload_len = pkt.l4_len.saturating_sub(doff);
                 }
             }
             true
@@ -447,6 +656,8 @@ fn ports(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> bool {
         _ => {
             pkt.sport = NO_PORT;
             pkt.dport = NO_PORT;
+            pkt.payload_off = 0;
+            pkt.payload_len = 0;
             true
         }
     }

@@ -254,7 +254,7 @@ impl Catalogue {
             if !a.dns_names.is_empty() {
                 let _ = writeln!(
                     s,
-                    "  DNS names: {} (not matched yet)",
+                    "  DNS names: {} (DNS answers and TLS server names)",
                     a.dns_names.join(", ")
                 );
             }
@@ -319,7 +319,8 @@ impl App {
         priority: i64,
         direction: Direction,
     ) -> Vec<Rule> {
-        self.matches
+        let mut rules: Vec<Rule> = self
+            .matches
             .iter()
             .enumerate()
             .map(|(i, m)| Rule {
@@ -333,8 +334,27 @@ impl App {
                 src_cidrs: m.src_cidrs.clone(),
                 dst_cidrs: m.dst_cidrs.clone(),
                 dscp: m.dscp.clone(),
+                dns_names: vec![],
             })
-            .collect()
+            .collect();
+        if !self.dns_names.is_empty() {
+            // Any traffic to the addresses answered for the names (or whose
+            // TLS server name is one of them).
+            rules.push(Rule {
+                name: format!("{rule}/{}#dns", self.name),
+                class,
+                priority,
+                direction,
+                protocols: vec![],
+                src_ports: vec![],
+                dst_ports: vec![],
+                src_cidrs: vec![],
+                dst_cidrs: vec![],
+                dscp: vec![],
+                dns_names: self.dns_names.clone(),
+            });
+        }
+        rules
     }
 
     /// Whether recognising the app needs DNS-name matching.
@@ -350,19 +370,21 @@ impl App {
         } else {
             format!(" ({})", self.dns_names.join(", "))
         };
-        if self.matches.is_empty() && self.needs_dns() {
+        if self.needs_dns() && self.dns_names.is_empty() {
             Some(format!(
-                "rule `{rule}`: app `{}` needs DNS-name matching, not available yet{names}; it adds no rule",
+                "rule `{rule}`: app `{}` needs DNS-name matching but the catalogue lists no names for it; \
+                 only its ports/addresses are matched",
                 self.name
             ))
-        } else if self.matches.is_empty() {
+        } else if self.matches.is_empty() && self.dns_names.is_empty() {
             Some(format!(
                 "rule `{rule}`: app `{}` has nothing to match yet (see `shaper catalogue`); it adds no rule",
                 self.name
             ))
-        } else if self.needs_dns() {
+        } else if !self.dns_names.is_empty() {
             Some(format!(
-                "rule `{rule}`: app `{}` is matched by ports/addresses only; the rest needs DNS-name matching, not available yet{names}",
+                "rule `{rule}`: app `{}` is recognised by host name{names} from DNS answers and TLS server names \
+                 seen while `shaper run` runs",
                 self.name
             ))
         } else {
@@ -533,14 +555,15 @@ mod tests {
             .all(|r| r.class == 2 && r.priority == 7 && r.direction == Direction::Upload));
         assert_eq!(rules[0].dst_ports, [(104, 104), (11112, 11112)]);
         assert_eq!(rules[1].src_ports, [(104, 104), (11112, 11112)]);
-        // A DNS-only app expands to nothing, and says so.
+        // A DNS-only app expands to one host-name rule, and says how it is recognised.
         let a = c.get("accurx-video").expect("accurx");
-        assert!(a.expand("v", 0, 0, Direction::Both).is_empty());
+        let rules = a.expand("v", 0, 0, Direction::Both);
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules[0].name, "v/accurx-video#dns");
+        assert_eq!(rules[0].dns_names, a.dns_names);
+        assert!(rules[0].protocols.is_empty() && rules[0].dst_cidrs.is_empty());
         let note = a.note("v").expect("a note");
-        assert!(
-            note.contains("needs DNS-name matching, not available yet"),
-            "{note}"
-        );
+        assert!(note.contains("recognised by host name"), "{note}");
         assert!(c.get("dicom").expect("dicom").note("x").is_none());
         assert!(c
             .get("systmone")

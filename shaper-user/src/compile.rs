@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
-use shaper_common::{ClassInfo, BITMAP_WORDS, DSCP_KEEP, NO_PORT, PORT_SLOTS};
+use shaper_common::{ClassInfo, BITMAP_WORDS, DSCP_KEEP, NO_CLASS, NO_PORT, PORT_SLOTS};
 
 use crate::config::{
     format_rate, mask_addr, Cidr, Direction, Framing, LeafChoice, LinkAccounting, Policy, Rule,
@@ -182,7 +182,18 @@ pub struct MapPlan {
     pub default_class: u32,
     /// Class index for pure TCP ACKs.
     pub ack_class: Option<u32>,
+    /// `CFG_*` flags the policy sets (host names, DSCP trust, flow behaviour);
+    /// the loader adds the interfaces' own.
+    pub flags: u32,
+    /// Bitmap slots beyond `bitmaps` for DNS-learned addresses.
+    pub spare_bitmaps: u32,
+    /// Promotion (class, packets, bytes, packet size per window), if configured.
+    pub promote: Option<(u32, u32, u32, u32)>,
 }
+
+/// Bitmap slots kept free for the combinations DNS-learned addresses need
+/// (each distinct set of host rules over each covering static prefix).
+pub const DNS_SPARE_BITMAPS: u32 = 512;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
@@ -424,8 +435,11 @@ fn prefix_entries(
     rules: &[Rule],
     v6: bool,
     field: impl Fn(&Rule) -> &[Cidr],
+    open: impl Fn(&Rule) -> bool,
 ) -> (Vec<(IpAddr, u8, u32)>, Vec<u64>) {
-    let wild = bits.of(rules.iter().enumerate(), |r| field(r).is_empty());
+    // A rule accepts every address of the field only when it constrains it in
+    // no way (a rule with host names takes only the addresses learned for them).
+    let wild = bits.of(rules.iter().enumerate(), |r| field(r).is_empty() && open(r));
     let mut by_prefix: HashMap<(IpAddr, u8), Vec<usize>> = HashMap::new();
     let mut lens: Vec<u8> = Vec::new();
     for (i, r) in rules.iter().enumerate() {
@@ -485,10 +499,13 @@ pub fn maps(plan: &Plan) -> MapPlan {
     let sport_idx = port_index(&mut store, &bits, rules, |r| &r.src_ports);
     let dport_idx = port_index(&mut store, &bits, rules, |r| &r.dst_ports);
 
-    let (s4, wild_src) = prefix_entries(&mut store, &bits, rules, false, |r| &r.src_cidrs);
-    let (s6, _) = prefix_entries(&mut store, &bits, rules, true, |r| &r.src_cidrs);
-    let (d4, wild_dst) = prefix_entries(&mut store, &bits, rules, false, |r| &r.dst_cidrs);
-    let (d6, _) = prefix_entries(&mut store, &bits, rules, true, |r| &r.dst_cidrs);
+    let any = |_: &Rule| true;
+    let no_hosts = |r: &Rule| r.dns_names.is_empty();
+    let (s4, wild_src) = prefix_entries(&mut store, &bits, rules, false, |r| &r.src_cidrs, any);
+    let (s6, _) = prefix_entries(&mut store, &bits, rules, true, |r| &r.src_cidrs, any);
+    let (d4, wild_dst) =
+        prefix_entries(&mut store, &bits, rules, false, |r| &r.dst_cidrs, no_hosts);
+    let (d6, _) = prefix_entries(&mut store, &bits, rules, true, |r| &r.dst_cidrs, no_hosts);
     let wild_src = store.id(wild_src);
     let wild_dst = store.id(wild_dst);
     let v4 = |v: Vec<(IpAddr, u8, u32)>| {
@@ -520,8 +537,37 @@ pub fn maps(plan: &Plan) -> MapPlan {
                 DSCP_KEEP
             },
             _pad: [0; 3],
+            demote_class: c.demote.map_or(NO_CLASS, |d| d.to as u32),
+            _pad2: 0,
+            demote_bytes: c.demote.and_then(|d| d.after_bytes).unwrap_or(0),
+            // Bytes in one measuring window at the rate.
+            demote_window_bytes: c.demote.and_then(|d| d.above_bps).map_or(0, |bps| {
+                (bps as u128 * shaper_common::FLOW_WINDOW_NS as u128 / 8 / 1_000_000_000) as u64
+            }),
         })
         .collect();
+    let mut flags = 0;
+    if policy.uses_hosts() {
+        flags |= shaper_common::CFG_HOSTS;
+    }
+    if !policy.dscp_trust_lan {
+        flags |= shaper_common::CFG_IGNORE_DSCP_UP;
+    }
+    if !policy.dscp_trust_wan {
+        flags |= shaper_common::CFG_IGNORE_DSCP_DOWN;
+    }
+    if policy.measures_flows() {
+        flags |= shaper_common::CFG_FLOW_BEHAVIOUR;
+    }
+    let window_s = shaper_common::FLOW_WINDOW_NS as f64 / 1e9;
+    let promote = policy.promote.map(|p| {
+        (
+            p.class as u32,
+            ((p.min_pps as f64 * window_s).ceil() as u32).max(1),
+            (p.max_bps as f64 / 8.0 * window_s).min(u32::MAX as f64) as u32,
+            p.max_packet,
+        )
+    });
 
     MapPlan {
         nwords: nwords as u32,
@@ -540,6 +586,13 @@ pub fn maps(plan: &Plan) -> MapPlan {
         classes,
         default_class: policy.default_class as u32,
         ack_class: policy.ack_class.map(|c| c as u32),
+        flags,
+        spare_bitmaps: if policy.uses_hosts() {
+            DNS_SPARE_BITMAPS
+        } else {
+            0
+        },
+        promote,
     }
 }
 
@@ -653,6 +706,16 @@ pub struct PacketView {
 }
 
 pub fn reference_match(policy: &Policy, p: &PacketView) -> Option<usize> {
+    reference_match_hosts(policy, p, |_, _| false)
+}
+
+/// [`reference_match`] where `learned(rule, addr)` says whether `addr` was
+/// answered (by DNS) for one of the rule's host names.
+pub fn reference_match_hosts(
+    policy: &Policy,
+    p: &PacketView,
+    learned: impl Fn(usize, IpAddr) -> bool,
+) -> Option<usize> {
     let in_ports = |ranges: &[(u16, u16)], port: Option<u16>| {
         ranges.is_empty()
             || port.is_some_and(|pt| ranges.iter().any(|&(lo, hi)| lo <= pt && pt <= hi))
@@ -663,10 +726,16 @@ pub fn reference_match(policy: &Policy, p: &PacketView) -> Option<usize> {
                 .iter()
                 .any(|c| c.addr.is_ipv6() == a.is_ipv6() && mask_addr(a, c.len) == c.addr)
     };
-    policy.rules.iter().position(|r| {
+    let dscp = match p.dir {
+        shaper_common::DIR_UP if !policy.dscp_trust_lan => 0,
+        shaper_common::DIR_DOWN if !policy.dscp_trust_wan => 0,
+        _ => p.dscp,
+    };
+    policy.rules.iter().enumerate().position(|(i, r)| {
         applies(r, p.dir)
+            && (r.dns_names.is_empty() || learned(i, p.dst))
             && (r.protocols.is_empty() || r.protocols.contains(&p.proto))
-            && (r.dscp.is_empty() || r.dscp.contains(&p.dscp))
+            && (r.dscp.is_empty() || r.dscp.contains(&dscp))
             && in_ports(&r.src_ports, p.sport)
             && in_ports(&r.dst_ports, p.dport)
             && in_cidrs(&r.src_cidrs, p.src)
@@ -674,9 +743,35 @@ pub fn reference_match(policy: &Policy, p: &PacketView) -> Option<usize> {
     })
 }
 
+/// The bitmap id the WAN-side (dst) address trie gives `a` from the static
+/// prefixes alone (the wildcard id when none covers it).
+pub fn static_dst_id(m: &MapPlan, a: IpAddr) -> u32 {
+    let best = match a {
+        IpAddr::V4(_) => m
+            .dst4
+            .iter()
+            .filter(|(p, l, _)| mask_addr(a, *l) == IpAddr::V4((*p).into()))
+            .max_by_key(|(_, l, _)| *l)
+            .map(|e| e.2),
+        IpAddr::V6(_) => m
+            .dst6
+            .iter()
+            .filter(|(p, l, _)| mask_addr(a, *l) == IpAddr::V6((*p).into()))
+            .max_by_key(|(_, l, _)| *l)
+            .map(|e| e.2),
+    };
+    best.unwrap_or(m.wild_dst)
+}
+
 /// The same lookup the kernel does, over the compiled maps (used to check the
 /// compiler against `reference_match`).
 pub fn map_match(m: &MapPlan, p: &PacketView) -> Option<usize> {
+    let ignore = if p.dir == shaper_common::DIR_UP {
+        shaper_common::CFG_IGNORE_DSCP_UP
+    } else {
+        shaper_common::CFG_IGNORE_DSCP_DOWN
+    };
+    let dscp = if m.flags & ignore != 0 { 0 } else { p.dscp };
     let lpm =
         |e4: &[([u8; 4], u8, u32)], e6: &[([u8; 16], u8, u32)], a: IpAddr, wild: u32| -> u32 {
             let best = match a {
@@ -695,7 +790,7 @@ pub fn map_match(m: &MapPlan, p: &PacketView) -> Option<usize> {
         };
     let ids = [
         m.proto_idx[(p.dir * 256 + p.proto as u32) as usize],
-        m.dscp_idx[p.dscp as usize],
+        m.dscp_idx[dscp as usize],
         m.sport_idx[p.sport.map_or(NO_PORT as usize, usize::from)],
         m.dport_idx[p.dport.map_or(NO_PORT as usize, usize::from)],
         lpm(&m.src4, &m.src6, p.src, m.wild_src),

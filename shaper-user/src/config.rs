@@ -56,6 +56,12 @@ struct RawConfig {
     telemetry: Option<RawTelemetry>,
     #[serde(default)]
     autorate: Option<Spanned<RawAutorate>>,
+    #[serde(default)]
+    dns: Option<Spanned<RawDns>>,
+    #[serde(default)]
+    dscp: Option<Spanned<RawDscp>>,
+    #[serde(default)]
+    promote: Option<Spanned<RawPromote>>,
     #[serde(default, rename = "class")]
     classes: Vec<Spanned<RawClass>>,
     #[serde(default, rename = "rule")]
@@ -110,6 +116,54 @@ struct RawAutorate {
     interval_ms: Option<Spanned<u32>>,
 }
 
+/// `[dns]`: how addresses learned from DNS answers are kept.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    /// Shortest time an answered address is kept (seconds; answers with a
+    /// smaller TTL are kept this long).
+    #[serde(default)]
+    min_ttl: Option<Spanned<i64>>,
+    /// Longest time (seconds).
+    #[serde(default)]
+    max_ttl: Option<Spanned<i64>>,
+    /// Most addresses kept at once (the soonest to expire make room).
+    #[serde(default)]
+    max_entries: Option<Spanned<i64>>,
+}
+
+/// `[dscp]`: whose DSCP marks rules may look at, and which marks from the LAN
+/// are honoured as they are.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDscp {
+    /// "trust" (default) or "ignore": DSCP on packets from the LAN.
+    #[serde(default)]
+    lan: Option<Spanned<String>>,
+    /// "trust" (default) or "ignore": DSCP on packets from the WAN.
+    #[serde(default)]
+    wan: Option<Spanned<String>>,
+    /// DSCP name or number -> class: upload packets so marked go to the class.
+    #[serde(default)]
+    honour: Option<Spanned<toml::value::Table>>,
+}
+
+/// `[promote]`: default-class UDP flows that look like media move to a class.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPromote {
+    class: Spanned<String>,
+    /// At least this many packets per second ...
+    #[serde(default)]
+    min_pps: Option<Spanned<i64>>,
+    /// ... at most this rate ...
+    #[serde(default)]
+    max_rate: Option<Spanned<String>>,
+    /// ... and packets of at most this many bytes on average.
+    #[serde(default)]
+    max_packet: Option<Spanned<i64>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawShaping {
@@ -143,6 +197,15 @@ struct RawClass {
     /// A number 0-63 or a name; checked by [`dscp_value`].
     #[serde(default)]
     dscp: Option<Spanned<toml::Value>>,
+    /// Class a flow of this class moves to when it turns bulk.
+    #[serde(default)]
+    demote_to: Option<Spanned<String>>,
+    /// ... once it has carried this many bytes ("20MB").
+    #[serde(default)]
+    demote_after: Option<Spanned<String>>,
+    /// ... or when it carries more than this rate over a second ("4mbit").
+    #[serde(default)]
+    demote_above: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +236,10 @@ struct RawRule {
     /// Catalogue app names, instead of the match fields above.
     #[serde(default)]
     apps: Option<Spanned<toml::Value>>,
+    /// Host names (`*.` wildcards): the WAN-side address must be one a DNS
+    /// answer gave for them, or the connection's TLS server name one of them.
+    #[serde(default)]
+    dns_names: Option<Spanned<toml::Value>>,
 }
 
 /// The built-in catalogue's file ([`crate::catalogue::BUILTIN`]).
@@ -297,6 +364,74 @@ pub struct Policy {
     /// Rate adaptation to a line whose usable rate varies (`[autorate]`).
     #[serde(default)]
     pub autorate: Option<Autorate>,
+    /// How DNS-learned addresses are kept (`[dns]`).
+    #[serde(default)]
+    pub dns: DnsSettings,
+    /// Rules look at DSCP from the LAN (`[dscp] lan = "trust"`).
+    #[serde(default = "yes")]
+    pub dscp_trust_lan: bool,
+    /// Rules look at DSCP from the WAN (`[dscp] wan = "trust"`).
+    #[serde(default = "yes")]
+    pub dscp_trust_wan: bool,
+    /// Media-like default-class UDP flows move to a class (`[promote]`).
+    #[serde(default)]
+    pub promote: Option<Promote>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Policy {
+    /// Whether a rule names hosts (DNS answers and TLS server names are watched).
+    pub fn uses_hosts(&self) -> bool {
+        self.rules.iter().any(|r| !r.dns_names.is_empty())
+    }
+
+    /// Whether the flow cache measures flows (demotion or promotion configured).
+    pub fn measures_flows(&self) -> bool {
+        self.promote.is_some() || self.classes.iter().any(|c| c.demote.is_some())
+    }
+}
+
+/// `[dns]`: bounds on how long, and how many, DNS-learned addresses are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsSettings {
+    pub min_ttl_s: u32,
+    pub max_ttl_s: u32,
+    pub max_entries: u32,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            min_ttl_s: 60,
+            max_ttl_s: 86_400,
+            max_entries: 4096,
+        }
+    }
+}
+
+/// Most DNS-learned addresses a config may ask to keep.
+pub const MAX_DNS_ENTRIES: u32 = 32_768;
+
+/// `[promote]`, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promote {
+    pub class: usize,
+    pub min_pps: u32,
+    pub max_bps: u64,
+    pub max_packet: u32,
+}
+
+/// A class's `demote_*`, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Demote {
+    pub to: usize,
+    /// Bytes after which a flow is demoted.
+    pub after_bytes: Option<u64>,
+    /// Rate (bit/s over one second) above which a flow is demoted.
+    pub above_bps: Option<u64>,
 }
 
 /// `[autorate]`: the shaper's rates follow the line, between each direction's
@@ -466,6 +601,8 @@ pub struct Class {
     pub guaranteed: Share,
     pub ceiling: Share,
     pub dscp: Option<u8>,
+    #[serde(default)]
+    pub demote: Option<Demote>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -502,6 +639,10 @@ pub struct Rule {
     pub src_cidrs: Vec<Cidr>,
     pub dst_cidrs: Vec<Cidr>,
     pub dscp: Vec<u8>,
+    /// Host names (lowercase, `*.` wildcards): the WAN-side address must have
+    /// been answered for one of them, or the TLS server name be one of them.
+    #[serde(default)]
+    pub dns_names: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -1114,6 +1255,7 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
             guaranteed,
             ceiling,
             dscp,
+            demote: None,
         });
     }
     let Some(default_class) = default_class else {
@@ -1123,6 +1265,9 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
             "no class has `default = true`; unmatched traffic needs one",
         ));
     };
+    for (i, sc) in raw.classes.iter().enumerate() {
+        classes[i].demote = demote(cx, sc.get_ref(), i, &names)?;
+    }
     for (dir, rate) in [("upload", upload_bps), ("download", download_bps)] {
         // Exact shares, not the rounded bit rates: 50% + 50% of an odd rate
         // is 100%, though each half rounds up.
@@ -1233,6 +1378,28 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
             dst_cidrs: &r.dst_cidrs,
             dscp: &r.dscp,
         };
+        let dns_names = values(cx, &r.dns_names, f("dns_names"), "name", dns_name_value)?;
+        if let Some(d) = &r.dns_names {
+            if dns_names.is_empty() {
+                return Err(cx.at(d, f("dns_names"), "give at least one host name"));
+            }
+            if let Some(a) = &r.apps {
+                return Err(cx.at(
+                    a,
+                    f("apps"),
+                    "`apps` cannot be combined with `dns_names`: the apps bring their own names; \
+                     give the names a rule of their own",
+                ));
+            }
+            if let Some(c) = &r.dst_cidrs {
+                return Err(cx.at(
+                    c,
+                    f("dst_cidrs"),
+                    "`dst_cidrs` cannot be combined with `dns_names`: the names stand for the \
+                     WAN-side addresses; give the prefixes a rule of their own",
+                ));
+            }
+        }
         let Some(apps) = &r.apps else {
             let m = match_fields(cx, &fields, &f)?;
             if !final_names.insert(name.clone()) {
@@ -1253,6 +1420,7 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
                 src_cidrs: m.src_cidrs,
                 dst_cidrs: m.dst_cidrs,
                 dscp: m.dscp,
+                dns_names,
             });
             continue;
         };
@@ -1354,8 +1522,12 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
                 })
                 .collect(),
             dscp: vec![],
+            dns_names: vec![],
         });
     }
+    let (dscp_trust_lan, dscp_trust_wan) = dscp_trust(cx, raw.dscp.as_ref(), &names, &mut rules)?;
+    let promote = promote(cx, raw.promote.as_ref(), &names, &classes)?;
+    let dns = dns_settings(cx, raw.dns.as_ref())?;
     // Lower priority value first; file order breaks ties (sort is stable).
     rules.sort_by_key(|r| r.priority);
     let ack_class = match &shaping.ack_class {
@@ -1409,7 +1581,277 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
         catalogue: uses_apps.then(|| catalogue.version.clone()),
         notes,
         autorate,
+        dns,
+        dscp_trust_lan,
+        dscp_trust_wan,
+        promote,
     })
+}
+
+fn class_index(
+    cx: &Ctx<'_>,
+    v: &Spanned<String>,
+    field: &str,
+    names: &HashMap<String, usize>,
+) -> Result<usize, ConfigError> {
+    names.get(v.get_ref().trim()).copied().ok_or_else(|| {
+        let mut known: Vec<_> = names.iter().collect();
+        known.sort_by_key(|(_, i)| **i);
+        let known: Vec<_> = known.into_iter().map(|(n, _)| n.as_str()).collect();
+        cx.at(
+            v,
+            field,
+            format!(
+                "no class named `{}`; classes are: {}",
+                v.get_ref(),
+                known.join(", ")
+            ),
+        )
+    })
+}
+
+/// Parses "20MB", "500kB", "1.5GB", "65536B" (k = 1000, as rates are).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult = match unit.trim() {
+        "B" => 1.0,
+        "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "" => {
+            return Err(format!(
+                "`{s}` has no unit: write e.g. \"20MB\" or \"500kB\""
+            ))
+        }
+        u => {
+            return Err(format!(
+                "`{s}`: unknown unit `{u}`; use B, kB, MB or GB (bytes)"
+            ))
+        }
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number followed by a unit, e.g. \"20MB\""))?;
+    let b = (n * mult).round();
+    if !(1.0..=1e15).contains(&b) {
+        return Err(format!("`{s}` is out of range (1B to 1000000GB)"));
+    }
+    Ok(b as u64)
+}
+
+/// A class's `demote_to` / `demote_after` / `demote_above`.
+fn demote(
+    cx: &Ctx<'_>,
+    c: &RawClass,
+    i: usize,
+    names: &HashMap<String, usize>,
+) -> Result<Option<Demote>, ConfigError> {
+    let f = |k: &str| format!("class[{i}].{k}");
+    let after_bytes = match &c.demote_after {
+        None => None,
+        Some(v) => Some(parse_bytes(v.get_ref()).map_err(|m| cx.at(v, f("demote_after"), m))?),
+    };
+    let above_bps = match &c.demote_above {
+        None => None,
+        Some(v) => Some(parse_rate(v.get_ref()).map_err(|m| cx.at(v, f("demote_above"), m))?),
+    };
+    let Some(to) = &c.demote_to else {
+        if let Some(v) = c.demote_after.as_ref().or(c.demote_above.as_ref()) {
+            return Err(cx.at(
+                v,
+                f(if c.demote_after.is_some() {
+                    "demote_after"
+                } else {
+                    "demote_above"
+                }),
+                "name the class flows are demoted to with `demote_to`",
+            ));
+        }
+        return Ok(None);
+    };
+    let to_i = class_index(cx, to, &f("demote_to"), names)?;
+    if to_i == i {
+        return Err(cx.at(to, f("demote_to"), "a class cannot demote flows to itself"));
+    }
+    if after_bytes.is_none() && above_bps.is_none() {
+        return Err(cx.at(
+            to,
+            f("demote_to"),
+            "say when a flow turns bulk: `demote_after` (bytes, e.g. \"20MB\") and/or \
+             `demote_above` (rate over a second, e.g. \"4mbit\")",
+        ));
+    }
+    Ok(Some(Demote {
+        to: to_i,
+        after_bytes,
+        above_bps,
+    }))
+}
+
+/// `[promote]`.
+fn promote(
+    cx: &Ctx<'_>,
+    p: Option<&Spanned<RawPromote>>,
+    names: &HashMap<String, usize>,
+    classes: &[Class],
+) -> Result<Option<Promote>, ConfigError> {
+    let Some(p) = p else { return Ok(None) };
+    let p = p.get_ref();
+    let class = class_index(cx, &p.class, "promote.class", names)?;
+    let _ = classes;
+    let min_pps = match &p.min_pps {
+        None => 20,
+        Some(v) if (1..=100_000).contains(v.get_ref()) => *v.get_ref() as u32,
+        Some(v) => {
+            return Err(cx.at(
+                v,
+                "promote.min_pps",
+                "must be 1 to 100000 packets per second",
+            ))
+        }
+    };
+    let max_bps = match &p.max_rate {
+        None => 4_000_000,
+        Some(v) => parse_rate(v.get_ref()).map_err(|m| cx.at(v, "promote.max_rate", m))?,
+    };
+    if max_bps / 8 > u32::MAX as u64 {
+        let v = p.max_rate.as_ref().expect("set: the default is small");
+        return Err(cx.at(v, "promote.max_rate", "at most 34gbit"));
+    }
+    let max_packet = match &p.max_packet {
+        None => 1300,
+        Some(v) if (64..=65535).contains(v.get_ref()) => *v.get_ref() as u32,
+        Some(v) => return Err(cx.at(v, "promote.max_packet", "must be 64 to 65535 bytes")),
+    };
+    Ok(Some(Promote {
+        class,
+        min_pps,
+        max_bps,
+        max_packet,
+    }))
+}
+
+/// `[dscp]`: (trust LAN, trust WAN); adds a rule per honoured codepoint.
+fn dscp_trust(
+    cx: &Ctx<'_>,
+    d: Option<&Spanned<RawDscp>>,
+    names: &HashMap<String, usize>,
+    rules: &mut Vec<Rule>,
+) -> Result<(bool, bool), ConfigError> {
+    let Some(d) = d else { return Ok((true, true)) };
+    let d = d.get_ref();
+    let side = |v: &Option<Spanned<String>>, field: &str| -> Result<bool, ConfigError> {
+        match v {
+            None => Ok(true),
+            Some(s) => match s.get_ref().trim() {
+                "trust" => Ok(true),
+                "ignore" => Ok(false),
+                other => Err(cx.at(s, field, format!("`{other}`: use \"trust\" or \"ignore\""))),
+            },
+        }
+    };
+    let lan = side(&d.lan, "dscp.lan")?;
+    let wan = side(&d.wan, "dscp.wan")?;
+    if let Some(h) = &d.honour {
+        if !lan {
+            return Err(cx.at(
+                h,
+                "dscp.honour",
+                "marks from the LAN are honoured only when trusted: set `lan = \"trust\"` or remove `honour`",
+            ));
+        }
+        for (k, v) in h.get_ref() {
+            let code = dscp_value(&toml::Value::String(k.clone()))
+                .or_else(|_| {
+                    k.parse::<u8>()
+                        .map_err(|e| e.to_string())
+                        .and_then(|n| dscp_value(&toml::Value::Integer(n.into())))
+                })
+                .map_err(|m| cx.at(h, format!("dscp.honour.{k}"), m))?;
+            let toml::Value::String(cname) = v else {
+                return Err(cx.at(
+                    h,
+                    format!("dscp.honour.{k}"),
+                    format!("`{v}` is not a class name: write it as a string like \"video\""),
+                ));
+            };
+            let Some(&class) = names.get(cname.trim()) else {
+                return Err(cx.at(
+                    h,
+                    format!("dscp.honour.{k}"),
+                    format!("no class named `{cname}`"),
+                ));
+            };
+            rules.push(Rule {
+                name: format!("dscp-honour-{}", k.to_ascii_lowercase()),
+                class,
+                // After the autorate probes, before every rule of the file.
+                priority: i64::MIN + 1,
+                direction: Direction::Upload,
+                protocols: vec![],
+                src_ports: vec![],
+                dst_ports: vec![],
+                src_cidrs: vec![],
+                dst_cidrs: vec![],
+                dscp: vec![code],
+                dns_names: vec![],
+            });
+        }
+    }
+    Ok((lan, wan))
+}
+
+/// `[dns]`.
+fn dns_settings(cx: &Ctx<'_>, d: Option<&Spanned<RawDns>>) -> Result<DnsSettings, ConfigError> {
+    let mut out = DnsSettings::default();
+    let Some(d) = d else { return Ok(out) };
+    let d = d.get_ref();
+    if let Some(v) = &d.min_ttl {
+        if !(1..=86_400).contains(v.get_ref()) {
+            return Err(cx.at(v, "dns.min_ttl", "must be 1 to 86400 seconds"));
+        }
+        out.min_ttl_s = *v.get_ref() as u32;
+    }
+    if let Some(v) = &d.max_ttl {
+        if !(1..=604_800).contains(v.get_ref()) {
+            return Err(cx.at(v, "dns.max_ttl", "must be 1 to 604800 seconds (a week)"));
+        }
+        out.max_ttl_s = *v.get_ref() as u32;
+    }
+    if out.min_ttl_s > out.max_ttl_s {
+        let v = d
+            .min_ttl
+            .as_ref()
+            .or(d.max_ttl.as_ref())
+            .expect("one is set");
+        return Err(cx.at(
+            v,
+            if d.min_ttl.is_some() {
+                "dns.min_ttl"
+            } else {
+                "dns.max_ttl"
+            },
+            format!(
+                "min_ttl ({} s) is above max_ttl ({} s)",
+                out.min_ttl_s, out.max_ttl_s
+            ),
+        ));
+    }
+    if let Some(v) = &d.max_entries {
+        if !(1..=MAX_DNS_ENTRIES as i64).contains(v.get_ref()) {
+            return Err(cx.at(
+                v,
+                "dns.max_entries",
+                format!("must be 1 to {MAX_DNS_ENTRIES}"),
+            ));
+        }
+        out.max_entries = *v.get_ref() as u32;
+    }
+    Ok(out)
 }
 
 /// Validates `[autorate]` and the directions' `min_rate`.
@@ -2344,24 +2786,107 @@ protocol = "udp"
     }
 
     #[test]
-    fn dns_only_app_expands_to_nothing_with_a_note() {
+    fn dns_only_app_expands_to_a_host_name_rule_with_a_note() {
         let pol = p(&with_rules(
             "[[rule]]\nname = \"v\"\nclass = \"video\"\napps = [\"accurx-video\", \"zoom\"]\n",
         ))
         .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(names(&pol), ["v/zoom#1"]);
+        assert_eq!(names(&pol), ["v/accurx-video#dns", "v/zoom#1"]);
+        assert_eq!(
+            pol.rules[0].dns_names,
+            ["*.sfu.whereby.com", "*.turn.whereby.com"]
+        );
+        assert!(pol.uses_hosts());
         assert_eq!(pol.notes.len(), 1, "{:?}", pol.notes);
         assert!(
-            pol.notes[0].contains("`accurx-video` needs DNS-name matching, not available yet"),
+            pol.notes[0].contains("`accurx-video` is recognised by host name"),
             "{:?}",
             pol.notes
         );
-        // Only DNS-only apps: no rule at all, still valid.
+    }
+
+    #[test]
+    fn host_names_demotion_promotion_and_dscp_trust_validate() {
         let pol = p(&with_rules(
-            "[[rule]]\nname = \"v\"\nclass = \"video\"\napps = [\"accurx-video\"]\n",
+            "[[rule]]\nname = \"w\"\nclass = \"video\"\nprotocol = \"udp\"\ndns_names = [\"*.Example.org\"]\n",
         ))
         .unwrap_or_else(|e| panic!("{e}"));
-        assert!(pol.rules.is_empty());
+        assert_eq!(pol.rules[0].dns_names, ["*.example.org"]);
+        for (extra, field) in [
+            (
+                "dst_cidrs = [\"10.0.0.0/8\"]\ndns_names = [\"a.example\"]\n",
+                "rule[0].dst_cidrs",
+            ),
+            ("dns_names = []\n", "rule[0].dns_names"),
+            ("dns_names = [\"bad name\"]\n", "rule[0].dns_names"),
+        ] {
+            let e = p(&with_rules(&format!(
+                "[[rule]]\nname = \"w\"\nclass = \"video\"\n{extra}"
+            )))
+            .expect_err(extra);
+            assert_eq!(e.field, field, "{e}");
+        }
+        // Demotion on the video class, promotion into it, DSCP trust.
+        let with = |class_extra: &str, tail: &str| {
+            let t = with_rules("").replacen(
+                "name = \"video\"\n",
+                &format!("name = \"video\"\n{class_extra}"),
+                1,
+            );
+            p(&format!("{t}{tail}"))
+        };
+        let pol = with(
+            "demote_to = \"default\"\ndemote_after = \"20MB\"\ndemote_above = \"4mbit\"\n",
+            "[promote]\nclass = \"video\"\n[dscp]\nwan = \"ignore\"\n[dscp.honour]\nef = \"video\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let v = &pol.classes[0];
+        assert_eq!(
+            v.demote,
+            Some(Demote {
+                to: 1,
+                after_bytes: Some(20_000_000),
+                above_bps: Some(4_000_000)
+            })
+        );
+        assert_eq!(
+            pol.promote,
+            Some(Promote {
+                class: 0,
+                min_pps: 20,
+                max_bps: 4_000_000,
+                max_packet: 1300
+            })
+        );
+        assert!(pol.dscp_trust_lan && !pol.dscp_trust_wan);
+        assert_eq!(pol.rules[0].name, "dscp-honour-ef");
+        assert_eq!(pol.rules[0].dscp, [46]);
+        assert!(pol.measures_flows());
+        for (class_extra, tail, field) in [
+            ("demote_after = \"20MB\"\n", "", "class[0].demote_after"),
+            (
+                "demote_to = \"video\"\ndemote_after = \"1MB\"\n",
+                "",
+                "class[0].demote_to",
+            ),
+            ("demote_to = \"default\"\n", "", "class[0].demote_to"),
+            (
+                "demote_to = \"default\"\ndemote_after = \"20mb\"\n",
+                "",
+                "class[0].demote_after",
+            ),
+            ("", "[promote]\nclass = \"nope\"\n", "promote.class"),
+            (
+                "",
+                "[dscp]\nlan = \"ignore\"\n[dscp.honour]\nef = \"video\"\n",
+                "dscp.honour",
+            ),
+            ("", "[dscp]\nlan = \"maybe\"\n", "dscp.lan"),
+            ("", "[dns]\nmin_ttl = 600\nmax_ttl = 60\n", "dns.min_ttl"),
+        ] {
+            let e = with(class_extra, tail).expect_err(field);
+            assert_eq!(e.field, field, "{e}");
+        }
     }
 
     #[test]
@@ -2399,7 +2924,13 @@ dst_cidrs = ["10.2.0.0/16"]
         let pol = p(&text).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             names(&pol),
-            ["v/zoom#1", "v/pacs-cloud#1", "v/systmone#1", "v/systmone#2"]
+            [
+                "v/zoom#1",
+                "v/pacs-cloud#1",
+                "v/systmone#1",
+                "v/systmone#2",
+                "v/systmone#dns"
+            ]
         );
         assert_eq!(pol.rules[0].dst_cidrs[0].to_string(), "3.7.35.0/25");
         assert_eq!(pol.rules[3].dst_cidrs[0].to_string(), "10.2.0.0/16");

@@ -28,6 +28,7 @@ use crate::{
     autorate::{self, Applied},
     compile::ROOT_HANDLE,
     config::{self, Policy},
+    hosts::{self, HostsApplied},
     kernel::bpf::Side,
     kernel::tc::Tc,
 };
@@ -116,6 +117,14 @@ fn applied(state: &State) -> Option<Applied> {
     })
 }
 
+/// What the host-name task needs to know of an apply.
+fn hosts_applied(paths: &Paths, state: &State) -> Option<HostsApplied> {
+    Some(HostsApplied {
+        plan: state.plan.clone(),
+        pins: paths.pins.clone(),
+    })
+}
+
 /// The daemon's hooks for things that live elsewhere (metrics).
 pub type OnApplied = Box<dyn Fn(&Policy) + Send>;
 
@@ -174,6 +183,9 @@ pub async fn run(
     // (and that the configured rates are back in the kernel).
     let (autorate_tx, autorate_rx) = tokio::sync::watch::channel(applied(&state));
     let autorate_task = tokio::spawn(autorate::run(autorate_rx));
+    // Host names (DNS answers, TLS server names) likewise.
+    let (hosts_tx, hosts_rx) = tokio::sync::watch::channel(hosts_applied(&paths, &state));
+    let hosts_task = tokio::spawn(hosts::run(hosts_rx, paths.run.clone()));
 
     let tc = Tc::connect().await?;
     let watchdog = std::env::var("WATCHDOG_USEC")
@@ -195,6 +207,7 @@ pub async fn run(
                             state = s;
                             policy = p;
                             let _ = autorate_tx.send(applied(&state));
+                            let _ = hosts_tx.send(hosts_applied(&paths, &state));
                         }
                         Err(e) => log::error!("reload failed, previous shaping kept: {e:#}"),
                     },
@@ -221,6 +234,7 @@ pub async fn run(
                                 state = s;
                                 waiting_for = None;
                                 let _ = autorate_tx.send(applied(&state));
+                                let _ = hosts_tx.send(hosts_applied(&paths, &state));
                             }
                             Err(e) => log::error!("{why}; restoring failed (will retry): {e:#}"),
                         }
@@ -234,6 +248,8 @@ pub async fn run(
     sd_notify("STOPPING=1");
     drop(autorate_tx);
     let _ = autorate_task.await;
+    drop(hosts_tx);
+    let _ = hosts_task.await;
     if keep_on_exit {
         log::info!("stopping; shaping left in place");
     } else {

@@ -10,6 +10,7 @@ pub mod confirm;
 pub mod daemon;
 pub mod dnswire;
 pub mod explain;
+pub mod hosts;
 pub mod kernel;
 pub mod metrics;
 pub mod sni;

@@ -32,6 +32,15 @@ pub const MAX_PREFIXES: u32 = 65536;
 pub const MAX_FRAGS: u32 = 4096;
 /// Flow cache entries: a flow's later packets skip the rule scan.
 pub const MAX_FLOWS: u32 = 16384;
+/// Flows whose class was set from user space (TLS server name).
+pub const MAX_HOST_FLOWS: u32 = 16384;
+/// Bytes of L4 payload copied into one event (a DNS answer, a ClientHello's
+/// first segment).
+pub const EVENT_DATA: usize = 1500;
+/// Size of the event ring buffer (a power of two, a multiple of the page size).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// Flow behaviour is measured over windows of this length.
+pub const FLOW_WINDOW_NS: u64 = 1_000_000_000;
 /// Rule index meaning "no rule matched": the packet goes to the default class.
 pub const NO_RULE: u32 = u32::MAX;
 /// `ClassInfo::dscp` value meaning "leave DSCP as it is".
@@ -49,6 +58,18 @@ pub const CFG_LAN_L2: u32 = 1 << 1;
 pub const CFG_REMARK_WAN: u32 = 1 << 2;
 /// `Config::flags`: do not use the flow cache (benchmarks of the full scan).
 pub const CFG_NO_FLOW_CACHE: u32 = 1 << 3;
+/// `Config::flags`: copy DNS answers (UDP from port 53, LAN egress) and TLS
+/// ClientHellos (TCP to port 443, WAN egress) to user space.
+pub const CFG_HOSTS: u32 = 1 << 4;
+/// `Config::flags`: DSCP of upload packets (as the LAN sent them) is not
+/// looked at by rules (classified as DSCP 0).
+pub const CFG_IGNORE_DSCP_UP: u32 = 1 << 5;
+/// `Config::flags`: DSCP of download packets (as the WAN delivered them) is
+/// not looked at by rules.
+pub const CFG_IGNORE_DSCP_DOWN: u32 = 1 << 6;
+/// `Config::flags`: some class demotes flows, or promotion is configured:
+/// the flow cache measures each flow.
+pub const CFG_FLOW_BEHAVIOUR: u32 = 1 << 7;
 /// `Config::flags`: the configuration is complete; until set, every packet
 /// passes untouched (so a half-filled map set never classifies).
 pub const CFG_READY: u32 = 1 << 31;
@@ -64,7 +85,17 @@ pub const G_REMARKED: u32 = 6;
 pub const G_IPV6: u32 = 7;
 pub const G_PURE_ACK: u32 = 8;
 pub const G_FLOW_CACHE_HIT: u32 = 9;
-pub const GLOBAL_COUNTERS: u32 = 10;
+/// Packets whose class came from a host-name decision (TLS SNI).
+pub const G_HOST_FLOW_HIT: u32 = 10;
+/// Events (DNS answers, ClientHellos) handed to user space.
+pub const G_EVENTS: u32 = 11;
+/// Events lost (ring buffer full or the copy failed).
+pub const G_EVENTS_LOST: u32 = 12;
+/// Flows moved out of their class for turning bulk.
+pub const G_DEMOTED: u32 = 13;
+/// Default-class flows promoted for looking like media.
+pub const G_PROMOTED: u32 = 14;
+pub const GLOBAL_COUNTERS: u32 = 15;
 /// Names of the global counters, in index order (for status output).
 pub const GLOBAL_COUNTER_NAMES: [&str; GLOBAL_COUNTERS as usize] = [
     "packets",
@@ -77,6 +108,11 @@ pub const GLOBAL_COUNTER_NAMES: [&str; GLOBAL_COUNTERS as usize] = [
     "ipv6",
     "pure_tcp_acks",
     "flow_cache_hits",
+    "host_flow_hits",
+    "events",
+    "events_lost",
+    "flows_demoted",
+    "flows_promoted",
 ];
 
 /// Map names (as in the object file and under the pin directory).
@@ -98,12 +134,16 @@ pub const MAP_CLASS_STATS: &str = "CLASS_STATS";
 pub const MAP_GLOBAL_STATS: &str = "GLOBAL_STATS";
 pub const MAP_FRAGS: &str = "FRAGS";
 pub const MAP_FLOWS: &str = "FLOWS";
+/// Ring buffer of [`Event`]s for user space.
+pub const MAP_EVENTS: &str = "EVENTS";
+/// [`HostKey`] -> [`HostVal`]: flows classified by server name.
+pub const MAP_HOST_FLOWS: &str = "HOST_FLOWS";
 /// The classifier program's name in the object file.
 pub const PROG_CLASSIFY: &str = "shaper_classify";
 /// An empty program in the same object, for benchmarks.
 pub const PROG_EMPTY: &str = "shaper_empty";
 /// Every map the user side fills or reads.
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 19] = [
     MAP_CONFIG,
     MAP_BITMAPS,
     MAP_PROTO_IDX,
@@ -121,6 +161,8 @@ pub const ALL_MAPS: [&str; 17] = [
     MAP_GLOBAL_STATS,
     MAP_FRAGS,
     MAP_FLOWS,
+    MAP_EVENTS,
+    MAP_HOST_FLOWS,
 ];
 
 /// One rule bitmap.
@@ -149,6 +191,14 @@ pub struct Config {
     pub dscp_base: u32,
     pub sport_base: u32,
     pub dport_base: u32,
+    /// Class index default-class UDP flows are promoted to, or [`NO_CLASS`].
+    pub promote_class: u32,
+    /// Promotion: at least this many packets in a window ...
+    pub promote_min_packets: u32,
+    /// ... at most this many bytes in the window ...
+    pub promote_max_bytes: u32,
+    /// ... and packets of at most this size on average.
+    pub promote_max_packet: u32,
 }
 
 /// `Config::ack_class` value: pure ACKs are classified like any packet.
@@ -169,6 +219,14 @@ pub struct ClassInfo {
     /// DSCP to write on WAN egress, or [`DSCP_KEEP`].
     pub dscp: u8,
     pub _pad: [u8; 3],
+    /// Class index a flow of this class is demoted to, or [`NO_CLASS`].
+    pub demote_class: u32,
+    pub _pad2: u32,
+    /// Demote once the flow has carried more than this many bytes (0: never).
+    pub demote_bytes: u64,
+    /// Demote when the flow carries more than this many bytes in one window
+    /// (0: never).
+    pub demote_window_bytes: u64,
 }
 
 #[repr(C)]
@@ -206,7 +264,75 @@ pub struct FlowKey {
     pub family: u8,
 }
 
-/// Value of the first-fragment map and of the flow cache.
+/// Value of the flow cache: the decision and what the flow has carried.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowVal {
+    /// Rule index, or [`NO_RULE`].
+    pub rule: u32,
+    pub class: u32,
+    /// Start of the current measuring window (ns, monotonic).
+    pub window_start: u64,
+    pub window_bytes: u64,
+    pub total_bytes: u64,
+    pub window_packets: u32,
+    /// `FLOW_DEMOTED`, `FLOW_PROMOTED`.
+    pub flags: u32,
+}
+
+pub const FLOW_DEMOTED: u32 = 1;
+pub const FLOW_PROMOTED: u32 = 2;
+
+/// Key of the host-flow map: a connection from the site's side (src = LAN),
+/// the same in both directions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HostKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u32,
+    pub dport: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the host-flow map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostVal {
+    /// Rule index, or [`NO_RULE`] while undecided.
+    pub rule: u32,
+    pub class: u32,
+    /// `HOST_DECIDED`, `HOST_WANT_MORE`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// The flow's class is `HostVal::class`.
+pub const HOST_DECIDED: u32 = 1;
+/// User space needs the flow's next payload (a ClientHello split over segments).
+pub const HOST_WANT_MORE: u32 = 2;
+
+/// Event kinds.
+pub const EV_DNS: u32 = 1;
+pub const EV_TLS: u32 = 2;
+
+/// One event in the ring buffer: the packet's connection (from the site's
+/// side) and the first `len` bytes of its L4 payload.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Event {
+    pub kind: u32,
+    pub len: u32,
+    pub dir: u32,
+    /// DSCP as the rules saw it (0 when the side's DSCP is ignored).
+    pub dscp: u32,
+    pub key: HostKey,
+    pub data: [u8; EVENT_DATA],
+}
+
+/// Value of the first-fragment map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FragVal {
@@ -226,4 +352,7 @@ mod pod {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragVal {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowVal {}
+    unsafe impl aya::Pod for HostKey {}
+    unsafe impl aya::Pod for HostVal {}
 }

@@ -148,7 +148,7 @@ pub fn ensure_bpffs(pins: &Pins) -> Result<()> {
 /// Loads the classifier (through the verifier) with maps sized and filled for
 /// `m`. Nothing is attached yet; `CONFIG` is written last with `CFG_READY`.
 pub fn load(m: &MapPlan, wan_ifindex: u32, lan_ifindex: u32, flags: u32) -> Result<Ebpf> {
-    let nbitmaps = u32::try_from(m.bitmaps.len()).context("too many bitmaps")?;
+    let nbitmaps = u32::try_from(m.bitmaps.len()).context("too many bitmaps")? + m.spare_bitmaps;
     let mut bpf = EbpfLoader::new()
         .map_max_entries(MAP_BITMAPS, nbitmaps.max(1))
         .load(OBJECT)
@@ -246,12 +246,16 @@ fn fill(bpf: &mut Ebpf, m: &MapPlan, wan_ifindex: u32, lan_ifindex: u32, flags: 
         default_class: m.default_class,
         wild_src: m.wild_src,
         wild_dst: m.wild_dst,
-        flags: flags | CFG_READY,
+        flags: flags | m.flags | CFG_READY,
         ack_class: m.ack_class.unwrap_or(NO_CLASS),
         proto_base: bases[0],
         dscp_base: bases[1],
         sport_base: bases[2],
         dport_base: bases[3],
+        promote_class: m.promote.map_or(NO_CLASS, |p| p.0),
+        promote_min_packets: m.promote.map_or(0, |p| p.1),
+        promote_max_bytes: m.promote.map_or(0, |p| p.2),
+        promote_max_packet: m.promote.map_or(0, |p| p.3),
     };
     let mut a: Array<_, Config> = Array::try_from(map_mut(bpf, MAP_CONFIG)?)?;
     a.set(0, cfg, 0).context("writing CONFIG")?;
@@ -475,7 +479,8 @@ pub struct Counters {
     pub global: [Vec<u64>; 2],
 }
 
-fn open_pinned(pins: &Pins, name: &str) -> Result<Map> {
+/// Opens one of the running classifier's pinned maps.
+pub fn open_pinned(pins: &Pins, name: &str) -> Result<Map> {
     let path = pins.maps().join(name);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening {} (is the shaper applied?)", path.display()))?;

@@ -1,0 +1,1035 @@
+//! Host names: rules with `dns_names` (directly, or through a catalogue app)
+//! classify by the names of the servers a site talks to, which have no fixed
+//! addresses (Whereby/accuRx media, Windows Update CDNs, cloud PACS).
+//!
+//! Two ways in, both fed by the classifier through the `EVENTS` ring buffer:
+//! - **DNS answers** on their way to the LAN (UDP from port 53, on LAN
+//!   egress). The answer is parsed ([`crate::dnswire`]), its CNAME chain
+//!   followed, and every address at its end whose chain names a rule's host
+//!   name is put into the WAN-side address trie (`DST4`/`DST6`) as a /32 or
+//!   /128 whose bitmap is the static prefixes' bitmap for that address plus
+//!   the host rules' bits. Entries live for the record's TTL, clamped to
+//!   `[dns] min_ttl..max_ttl`; at most `max_entries` addresses are kept (the
+//!   soonest to expire make room). Expired entries are removed (or the static
+//!   /32 they replaced is put back).
+//! - **TLS server names**: the first segment of a TCP connection to port 443
+//!   that carries a ClientHello (and, when the hello is split, the next ones
+//!   on request). If the server name makes a host rule win over whatever rule
+//!   the connection matches otherwise, the connection's class is written to
+//!   `HOST_FLOWS`, which the classifier follows in both directions.
+//!
+//! What is not seen: DNS over TCP, TLS or HTTPS (DoT/DoH: a browser using its
+//! own encrypted resolver; the TLS server name then still works), QUIC (the
+//! Initial's server name is encrypted with keys derived from the connection
+//! ID; not decrypted here, but QUIC connections to addresses learned from DNS
+//! match), and TLS with Encrypted Client Hello (only the outer name is seen).
+//!
+//! Connections already cached by the classifier keep their class when an
+//! address is learned or expires: new connections see the change.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, RingBuf};
+use serde::Serialize;
+use shaper_common::{
+    Bitmap, Event, HostKey, HostVal, BITMAP_WORDS, DIR_UP, EV_DNS, EV_TLS, HOST_DECIDED,
+    HOST_WANT_MORE, MAP_BITMAPS, MAP_DST4, MAP_DST6, MAP_EVENTS, MAP_HOST_FLOWS, NO_RULE,
+};
+use tokio::{io::unix::AsyncFd, sync::watch};
+
+use crate::{
+    compile::{self, MapPlan, PacketView, Plan},
+    config::{DnsSettings, Policy},
+    dnswire,
+    kernel::bpf::{self, Pins},
+    sni,
+};
+
+/// The host rules of a policy: (rule rank, lowercase patterns).
+#[derive(Debug, Clone, Default)]
+pub struct HostRules {
+    rules: Vec<(usize, Vec<String>)>,
+}
+
+impl HostRules {
+    pub fn new(policy: &Policy) -> Self {
+        HostRules {
+            rules: policy
+                .rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| !r.dns_names.is_empty())
+                .map(|(i, r)| (i, r.dns_names.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Ranks of the rules with a pattern matching `name`, ascending.
+    pub fn matching(&self, name: &str) -> Vec<usize> {
+        self.rules
+            .iter()
+            .filter(|(_, pats)| pats.iter().any(|p| dnswire::name_matches(p, name)))
+            .map(|(i, _)| *i)
+            .collect()
+    }
+}
+
+/// Why an address is in the table for one rule.
+#[derive(Debug, Clone)]
+struct Learn {
+    expires: Instant,
+    /// The queried name (what the rule's pattern matched on the chain).
+    name: String,
+}
+
+/// Addresses learned from DNS answers, per host rule.
+#[derive(Debug, Default)]
+pub struct Table {
+    settings: DnsSettings,
+    entries: HashMap<IpAddr, BTreeMap<usize, Learn>>,
+}
+
+impl Table {
+    pub fn new(settings: DnsSettings) -> Self {
+        Table {
+            settings,
+            entries: HashMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Records that `addr` was answered for `name`, which rule `rank`
+    /// names, with `ttl` seconds. Returns the addresses whose rule set
+    /// changed (this one when new, and any evicted to make room).
+    pub fn learn(
+        &mut self,
+        now: Instant,
+        addr: IpAddr,
+        rank: usize,
+        name: &str,
+        ttl: u32,
+    ) -> Vec<IpAddr> {
+        let ttl = ttl.clamp(self.settings.min_ttl_s, self.settings.max_ttl_s);
+        let expires = now + Duration::from_secs(ttl.into());
+        let mut changed = Vec::new();
+        if !self.entries.contains_key(&addr)
+            && self.entries.len() >= self.settings.max_entries as usize
+        {
+            // Full: the address that would expire first makes room.
+            let victim = self
+                .entries
+                .iter()
+                .min_by_key(|(_, rules)| rules.values().map(|l| l.expires).max())
+                .map(|(a, _)| *a);
+            if let Some(v) = victim {
+                self.entries.remove(&v);
+                changed.push(v);
+            }
+        }
+        let rules = self.entries.entry(addr).or_default();
+        let new = !rules.contains_key(&rank);
+        let l = rules.entry(rank).or_insert_with(|| Learn {
+            expires,
+            name: name.to_string(),
+        });
+        // A later answer extends (never shortens) the entry's life.
+        if expires > l.expires {
+            l.expires = expires;
+            l.name = name.to_string();
+        }
+        if new {
+            changed.push(addr);
+        }
+        changed
+    }
+
+    /// Drops what has expired; returns the addresses whose rule set changed.
+    pub fn expire(&mut self, now: Instant) -> Vec<IpAddr> {
+        let mut changed = Vec::new();
+        self.entries.retain(|a, rules| {
+            let before = rules.len();
+            rules.retain(|_, l| l.expires > now);
+            if rules.len() != before {
+                changed.push(*a);
+            }
+            !rules.is_empty()
+        });
+        changed
+    }
+
+    /// The host rules `addr` is learned for, ascending.
+    pub fn rules_of(&self, addr: IpAddr) -> Vec<usize> {
+        self.entries
+            .get(&addr)
+            .map(|r| r.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn has(&self, addr: IpAddr, rank: usize) -> bool {
+        self.entries
+            .get(&addr)
+            .is_some_and(|r| r.contains_key(&rank))
+    }
+
+    /// (address, name, expiry) of every entry, for carrying over a reload.
+    fn names(&self) -> Vec<(IpAddr, String, Instant)> {
+        self.entries
+            .iter()
+            .flat_map(|(a, rules)| rules.values().map(|l| (*a, l.name.clone(), l.expires)))
+            .collect()
+    }
+}
+
+/// What the kernel side must offer (a fake in the unit tests).
+pub trait Kernel {
+    fn write_bitmap(&mut self, slot: u32, words: &[u64]) -> Result<()>;
+    /// Sets the WAN-side trie's host entry (/32 or /128) for `addr`.
+    fn set_addr(&mut self, addr: IpAddr, id: u32) -> Result<()>;
+    fn del_addr(&mut self, addr: IpAddr) -> Result<()>;
+    fn set_host_flow(&mut self, key: &HostKey, val: HostVal) -> Result<()>;
+    fn del_host_flow(&mut self, key: &HostKey) -> Result<()>;
+}
+
+/// Bitmap slots beyond the compiled ones, one per (static id, rule set).
+#[derive(Debug, Default)]
+struct Slots {
+    next: u32,
+    end: u32,
+    free: Vec<u32>,
+    used: HashMap<(u32, Vec<usize>), (u32, u32)>,
+}
+
+impl Slots {
+    fn acquire(
+        &mut self,
+        key: (u32, Vec<usize>),
+        maps: &MapPlan,
+        kernel: &mut dyn Kernel,
+    ) -> Result<Option<u32>> {
+        if let Some((slot, refs)) = self.used.get_mut(&key) {
+            *refs += 1;
+            return Ok(Some(*slot));
+        }
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None if self.next < self.end => {
+                self.next += 1;
+                self.next - 1
+            }
+            None => return Ok(None),
+        };
+        let mut words = maps.bitmaps[key.0 as usize].clone();
+        for &r in &key.1 {
+            words[r / 64] |= 1 << (r % 64);
+        }
+        kernel.write_bitmap(slot, &words)?;
+        self.used.insert(key, (slot, 1));
+        Ok(Some(slot))
+    }
+
+    fn release(&mut self, key: &(u32, Vec<usize>)) {
+        if let Some((slot, refs)) = self.used.get_mut(key) {
+            *refs -= 1;
+            if *refs == 0 {
+                self.free.push(*slot);
+                self.used.remove(key);
+            }
+        }
+    }
+}
+
+/// Counters of what the host-name path did (shown by `shaper status` through
+/// hosts.json).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HostStats {
+    pub dns_answers: u64,
+    pub dns_unparsed: u64,
+    pub dns_addresses_learned: u64,
+    pub tls_hellos: u64,
+    pub tls_segments_joined: u64,
+    pub sni_found: u64,
+    pub sni_absent: u64,
+    pub sni_unparsed: u64,
+    pub sni_decided: u64,
+    /// Addresses not installed: no bitmap slot left.
+    pub no_room: u64,
+    pub kernel_errors: u64,
+}
+
+/// One learned address, as written to hosts.json.
+#[derive(Debug, Clone, Serialize)]
+pub struct LearnedEntry {
+    pub addr: IpAddr,
+    pub rule: String,
+    pub name: String,
+    pub expires_in_s: u64,
+}
+
+/// One connection classified by its TLS server name.
+#[derive(Debug, Clone, Serialize)]
+pub struct SniEntry {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub name: String,
+    pub rule: String,
+}
+
+/// What `shaper run` writes to `<run>/hosts.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub stats: HostStats,
+    pub learned: Vec<LearnedEntry>,
+    pub sni: Vec<SniEntry>,
+}
+
+/// Most connections whose ClientHello is being put together at once.
+const MAX_PENDING: usize = 256;
+/// Most bytes of one ClientHello kept.
+const MAX_HELLO: usize = 16 * 1024;
+/// A split ClientHello not completed in this time is given up.
+const PENDING_FOR: Duration = Duration::from_secs(5);
+/// SNI decisions listed in hosts.json (the most recent).
+const MAX_SNI_LISTED: usize = 1024;
+
+/// The host-name engine over one applied policy.
+pub struct Engine<K: Kernel> {
+    policy: Policy,
+    maps: MapPlan,
+    rules: HostRules,
+    pub table: Table,
+    slots: Slots,
+    /// What the kernel holds per address: (static id, rule set).
+    installed: HashMap<IpAddr, (u32, Vec<usize>)>,
+    pending: HashMap<HostKey, (Instant, Vec<u8>)>,
+    sni: Vec<SniEntry>,
+    pub stats: HostStats,
+    kernel: K,
+}
+
+fn key_addrs(k: &HostKey) -> (IpAddr, IpAddr) {
+    let a = |b: &[u8; 16]| -> IpAddr {
+        if k.family == 6 {
+            IpAddr::from(*b)
+        } else {
+            IpAddr::from([b[0], b[1], b[2], b[3]])
+        }
+    };
+    (a(&k.src), a(&k.dst))
+}
+
+impl<K: Kernel> Engine<K> {
+    pub fn new(plan: &Plan, kernel: K) -> Self {
+        let maps = compile::maps(plan);
+        let first = maps.bitmaps.len() as u32;
+        Engine {
+            policy: plan.policy.clone(),
+            rules: HostRules::new(&plan.policy),
+            table: Table::new(plan.policy.dns),
+            slots: Slots {
+                next: first,
+                end: first + maps.spare_bitmaps,
+                ..Default::default()
+            },
+            maps,
+            installed: HashMap::new(),
+            pending: HashMap::new(),
+            sni: Vec::new(),
+            stats: HostStats::default(),
+            kernel,
+        }
+    }
+
+    /// Re-learns what an engine over the previous policy knew (names are
+    /// matched against this policy's rules).
+    pub fn carry_over(&mut self, now: Instant, old: &Table) {
+        for (addr, name, expires) in old.names() {
+            let left = expires.saturating_duration_since(now).as_secs() as u32;
+            if left == 0 {
+                continue;
+            }
+            for rank in self.rules.matching(&name) {
+                self.table.learn(now, addr, rank, &name, left);
+            }
+            self.sync(addr);
+        }
+    }
+
+    /// One event from the ring buffer.
+    pub fn on_event(&mut self, now: Instant, bytes: &[u8]) {
+        if bytes.len() < std::mem::size_of::<Event>() {
+            return;
+        }
+        // SAFETY: Event is plain old data and `bytes` holds at least one.
+        let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const Event) };
+        let len = (ev.len as usize).min(ev.data.len());
+        match ev.kind {
+            EV_DNS => self.on_dns(now, &ev.data[..len]),
+            EV_TLS if ev.dir == DIR_UP => self.on_tls(now, ev.key, ev.dscp as u8, &ev.data[..len]),
+            _ => {}
+        }
+    }
+
+    fn on_dns(&mut self, now: Instant, payload: &[u8]) {
+        let msg = match dnswire::parse_udp(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.dns_unparsed += 1;
+                log::debug!("DNS answer not understood: {e}");
+                return;
+            }
+        };
+        self.stats.dns_answers += 1;
+        let names = dnswire::chain_names(&msg);
+        let mut ranks: Vec<usize> = names.iter().flat_map(|n| self.rules.matching(n)).collect();
+        ranks.sort_unstable();
+        ranks.dedup();
+        if ranks.is_empty() {
+            return;
+        }
+        let mut changed = Vec::new();
+        for (qname, addr, ttl) in dnswire::resolve_chain(&msg) {
+            for &rank in &ranks {
+                changed.extend(self.table.learn(now, addr, rank, &qname, ttl));
+            }
+            self.stats.dns_addresses_learned += 1;
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        for a in changed {
+            self.sync(a);
+        }
+    }
+
+    fn on_tls(&mut self, now: Instant, key: HostKey, dscp: u8, data: &[u8]) {
+        let joined;
+        let bytes: &[u8] = match self.pending.remove(&key) {
+            Some((_, mut buf)) => {
+                self.stats.tls_segments_joined += 1;
+                buf.extend_from_slice(data);
+                joined = buf;
+                &joined
+            }
+            None => {
+                self.stats.tls_hellos += 1;
+                data
+            }
+        };
+        match sni::client_hello_sni(bytes) {
+            Ok(sni::Sni::Found { name, .. }) => {
+                self.stats.sni_found += 1;
+                self.decide(key, dscp, &name);
+            }
+            Ok(sni::Sni::NeedMore(_))
+                if bytes.len() < MAX_HELLO && self.pending.len() < MAX_PENDING =>
+            {
+                let want = HostVal {
+                    rule: NO_RULE,
+                    class: 0,
+                    flags: HOST_WANT_MORE,
+                    _pad: 0,
+                };
+                if self.kernel.set_host_flow(&key, want).is_ok() {
+                    self.pending.insert(key, (now, bytes.to_vec()));
+                } else {
+                    self.stats.kernel_errors += 1;
+                }
+                return;
+            }
+            Ok(sni::Sni::NeedMore(_)) | Ok(sni::Sni::Absent { .. }) => {
+                self.stats.sni_absent += 1;
+            }
+            Err(e) => {
+                self.stats.sni_unparsed += 1;
+                log::debug!("ClientHello not understood: {e}");
+            }
+        }
+        // Joined segments had asked the kernel for more: stop asking.
+        if !std::ptr::eq(bytes, data) && !self.installed_sni(&key) {
+            let _ = self.kernel.del_host_flow(&key);
+        }
+    }
+
+    fn installed_sni(&self, key: &HostKey) -> bool {
+        let (src, dst) = key_addrs(key);
+        self.sni.iter().any(|e| {
+            e.src == src
+                && e.dst == dst
+                && e.sport as u32 == key.sport
+                && e.dport as u32 == key.dport
+        })
+    }
+
+    /// The rule a connection with this server name falls to, if the name is
+    /// what decides it.
+    pub fn sni_rule(&self, view: &PacketView, name: &str) -> Option<usize> {
+        let by_name = self.rules.matching(name);
+        if by_name.is_empty() {
+            return None;
+        }
+        let r = compile::reference_match_hosts(&self.policy, view, |rank, a| {
+            by_name.contains(&rank) || self.table.has(a, rank)
+        })?;
+        // Only a rule the name matched (not one the address already gave).
+        (by_name.contains(&r) && !self.table.has(view.dst, r)).then_some(r)
+    }
+
+    fn decide(&mut self, key: HostKey, dscp: u8, name: &str) {
+        let (src, dst) = key_addrs(&key);
+        let view = PacketView {
+            dir: DIR_UP,
+            proto: key.proto,
+            dscp,
+            sport: Some(key.sport as u16),
+            dport: Some(key.dport as u16),
+            src,
+            dst,
+        };
+        let Some(rank) = self.sni_rule(&view, name) else {
+            let _ = self.kernel.del_host_flow(&key);
+            return;
+        };
+        let val = HostVal {
+            rule: rank as u32,
+            class: self.policy.rules[rank].class as u32,
+            flags: HOST_DECIDED,
+            _pad: 0,
+        };
+        if let Err(e) = self.kernel.set_host_flow(&key, val) {
+            self.stats.kernel_errors += 1;
+            log::warn!("recording the connection to {name}: {e:#}");
+            return;
+        }
+        self.stats.sni_decided += 1;
+        log::debug!(
+            "{src}:{} -> {dst}:{} is {name}: rule {}",
+            key.sport,
+            key.dport,
+            self.policy.rules[rank].name
+        );
+        if self.sni.len() == MAX_SNI_LISTED {
+            self.sni.remove(0);
+        }
+        self.sni.push(SniEntry {
+            src,
+            dst,
+            sport: key.sport as u16,
+            dport: key.dport as u16,
+            name: name.to_string(),
+            rule: self.policy.rules[rank].name.clone(),
+        });
+    }
+
+    /// Expires addresses and gives up split ClientHellos that did not complete.
+    pub fn tick(&mut self, now: Instant) {
+        for a in self.table.expire(now) {
+            self.sync(a);
+        }
+        let stale: Vec<HostKey> = self
+            .pending
+            .iter()
+            .filter(|(_, (t, _))| now.duration_since(*t) > PENDING_FOR)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            self.pending.remove(&k);
+            let _ = self.kernel.del_host_flow(&k);
+        }
+    }
+
+    /// Puts the table's state for `addr` into the kernel.
+    fn sync(&mut self, addr: IpAddr) {
+        let want = self.table.rules_of(addr);
+        let old = self.installed.remove(&addr);
+        if want.is_empty() {
+            if let Some(old) = old {
+                self.slots.release(&old);
+                let r = match self.exact_static(addr) {
+                    Some(id) => self.kernel.set_addr(addr, id),
+                    None => self.kernel.del_addr(addr),
+                };
+                if let Err(e) = r {
+                    self.stats.kernel_errors += 1;
+                    log::warn!("removing {addr}: {e:#}");
+                }
+            }
+            return;
+        }
+        let sid = compile::static_dst_id(&self.maps, addr);
+        let key = (sid, want);
+        if old.as_ref() == Some(&key) {
+            self.installed.insert(addr, key);
+            return;
+        }
+        let slot = match self
+            .slots
+            .acquire(key.clone(), &self.maps, &mut self.kernel)
+        {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                self.stats.no_room += 1;
+                log::warn!(
+                    "no room for another combination of host rules; {addr} is not installed"
+                );
+                if let Some(o) = old {
+                    self.installed.insert(addr, o);
+                }
+                return;
+            }
+            Err(e) => {
+                self.stats.kernel_errors += 1;
+                log::warn!("installing {addr}: {e:#}");
+                if let Some(o) = old {
+                    self.installed.insert(addr, o);
+                }
+                return;
+            }
+        };
+        if let Err(e) = self.kernel.set_addr(addr, slot) {
+            self.stats.kernel_errors += 1;
+            log::warn!("installing {addr}: {e:#}");
+            self.slots.release(&key);
+            if let Some(o) = old {
+                self.installed.insert(addr, o);
+            }
+            return;
+        }
+        if let Some(o) = old {
+            self.slots.release(&o);
+        }
+        self.installed.insert(addr, key);
+    }
+
+    /// The id of a static prefix that is exactly this host address, if any.
+    fn exact_static(&self, addr: IpAddr) -> Option<u32> {
+        match addr {
+            IpAddr::V4(a) => self
+                .maps
+                .dst4
+                .iter()
+                .find(|(p, l, _)| *l == 32 && *p == a.octets())
+                .map(|e| e.2),
+            IpAddr::V6(a) => self
+                .maps
+                .dst6
+                .iter()
+                .find(|(p, l, _)| *l == 128 && *p == a.octets())
+                .map(|e| e.2),
+        }
+    }
+
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        let mut learned: Vec<LearnedEntry> = self
+            .table
+            .entries
+            .iter()
+            .flat_map(|(a, rules)| {
+                rules.iter().map(move |(rank, l)| LearnedEntry {
+                    addr: *a,
+                    rule: self.policy.rules[*rank].name.clone(),
+                    name: l.name.clone(),
+                    expires_in_s: l.expires.saturating_duration_since(now).as_secs(),
+                })
+            })
+            .collect();
+        learned.sort_by(|a, b| (a.addr, &a.rule).cmp(&(b.addr, &b.rule)));
+        Snapshot {
+            stats: self.stats.clone(),
+            learned,
+            sni: self.sni.clone(),
+        }
+    }
+}
+
+/// The classifier's pinned maps the engine writes.
+pub struct PinnedKernel {
+    bitmaps: Array<MapData, Bitmap>,
+    dst4: LpmTrie<MapData, [u8; 4], u32>,
+    dst6: LpmTrie<MapData, [u8; 16], u32>,
+    host_flows: BpfHashMap<MapData, HostKey, HostVal>,
+}
+
+impl PinnedKernel {
+    pub fn open(pins: &Pins) -> Result<Self> {
+        Ok(PinnedKernel {
+            bitmaps: Array::try_from(bpf::open_pinned(pins, MAP_BITMAPS)?)?,
+            dst4: LpmTrie::try_from(bpf::open_pinned(pins, MAP_DST4)?)?,
+            dst6: LpmTrie::try_from(bpf::open_pinned(pins, MAP_DST6)?)?,
+            host_flows: BpfHashMap::try_from(bpf::open_pinned(pins, MAP_HOST_FLOWS)?)?,
+        })
+    }
+}
+
+impl Kernel for PinnedKernel {
+    fn write_bitmap(&mut self, slot: u32, words: &[u64]) -> Result<()> {
+        let mut b: Bitmap = [0; BITMAP_WORDS];
+        b[..words.len()].copy_from_slice(words);
+        self.bitmaps
+            .set(slot, b, 0)
+            .context("writing a rule bitmap")
+    }
+    fn set_addr(&mut self, addr: IpAddr, id: u32) -> Result<()> {
+        use aya::maps::lpm_trie::Key;
+        match addr {
+            IpAddr::V4(a) => self.dst4.insert(&Key::new(32, a.octets()), id, 0),
+            IpAddr::V6(a) => self.dst6.insert(&Key::new(128, a.octets()), id, 0),
+        }
+        .context("writing the address trie")
+    }
+    fn del_addr(&mut self, addr: IpAddr) -> Result<()> {
+        use aya::maps::lpm_trie::Key;
+        match addr {
+            IpAddr::V4(a) => self.dst4.remove(&Key::new(32, a.octets())),
+            IpAddr::V6(a) => self.dst6.remove(&Key::new(128, a.octets())),
+        }
+        .context("removing from the address trie")
+    }
+    fn set_host_flow(&mut self, key: &HostKey, val: HostVal) -> Result<()> {
+        self.host_flows
+            .insert(key, val, 0)
+            .context("writing the host-flow map")
+    }
+    fn del_host_flow(&mut self, key: &HostKey) -> Result<()> {
+        self.host_flows
+            .remove(key)
+            .context("removing from the host-flow map")
+    }
+}
+
+/// What the host task needs of an apply.
+#[derive(Debug, Clone)]
+pub struct HostsApplied {
+    pub plan: Plan,
+    pub pins: Pins,
+}
+
+/// Where `shaper run` writes the learned names (for `shaper status` and
+/// `shaper explain`).
+pub fn snapshot_path(run: &Path) -> PathBuf {
+    run.join("hosts.json")
+}
+
+/// The daemon's host-name task: reads events while the applied policy has
+/// host rules; every apply sends the new plan (the maps are new: the
+/// learned addresses are installed again).
+pub async fn run(mut applied: watch::Receiver<Option<HostsApplied>>, run_dir: PathBuf) {
+    let mut carried: Option<Table> = None;
+    loop {
+        let current = applied.borrow_and_update().clone();
+        let Some(a) = current.filter(|a| a.plan.policy.uses_hosts()) else {
+            let _ = std::fs::remove_file(snapshot_path(&run_dir));
+            if applied.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let opened = PinnedKernel::open(&a.pins).and_then(|k| {
+            let ring = RingBuf::try_from(bpf::open_pinned(&a.pins, MAP_EVENTS)?)?;
+            // SAFETY: the ring buffer's fd stays open as long as the AsyncFd owns it.
+            let fd = unsafe { AsyncFd::register(ring) }.context("registering the event ring")?;
+            Ok((k, fd))
+        });
+        let (kernel, mut ring) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                log::error!("host names off until the next apply: {e:#}");
+                if applied.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let mut engine = Engine::new(&a.plan, kernel);
+        if let Some(old) = carried.take() {
+            engine.carry_over(Instant::now(), &old);
+        }
+        log::info!(
+            "host names on: {} rule(s) watch DNS answers and TLS server names",
+            engine.rules.rules.len()
+        );
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let path = snapshot_path(&run_dir);
+        let stop = loop {
+            tokio::select! {
+                r = ring.readable_mut() => {
+                    let Ok(mut guard) = r else { break false };
+                    let now = Instant::now();
+                    let rb = guard.get_inner_mut();
+                    while let Some(item) = rb.next() {
+                        engine.on_event(now, &item);
+                    }
+                    guard.clear_ready();
+                }
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    engine.tick(now);
+                    write_snapshot(&path, &engine.snapshot(now));
+                }
+                c = applied.changed() => break c.is_err(),
+            }
+        };
+        carried = Some(std::mem::take(&mut engine.table));
+        if stop {
+            let _ = std::fs::remove_file(&path);
+            return;
+        }
+    }
+}
+
+fn write_snapshot(path: &Path, s: &Snapshot) {
+    let tmp = path.with_extension("json.next");
+    let r = serde_json::to_vec_pretty(s)
+        .map_err(anyhow::Error::from)
+        .and_then(|b| std::fs::write(&tmp, b).map_err(Into::into))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(Into::into));
+    if let Err(e) = r {
+        log::debug!("writing {}: {e:#}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use std::net::Ipv4Addr;
+
+    #[derive(Default)]
+    struct Fake {
+        bitmaps: HashMap<u32, Vec<u64>>,
+        addrs: HashMap<IpAddr, u32>,
+        flows: HashMap<HostKey, HostVal>,
+    }
+
+    impl Kernel for &mut Fake {
+        fn write_bitmap(&mut self, slot: u32, words: &[u64]) -> Result<()> {
+            self.bitmaps.insert(slot, words.to_vec());
+            Ok(())
+        }
+        fn set_addr(&mut self, addr: IpAddr, id: u32) -> Result<()> {
+            self.addrs.insert(addr, id);
+            Ok(())
+        }
+        fn del_addr(&mut self, addr: IpAddr) -> Result<()> {
+            self.addrs.remove(&addr);
+            Ok(())
+        }
+        fn set_host_flow(&mut self, key: &HostKey, val: HostVal) -> Result<()> {
+            self.flows.insert(*key, val);
+            Ok(())
+        }
+        fn del_host_flow(&mut self, key: &HostKey) -> Result<()> {
+            self.flows.remove(key);
+            Ok(())
+        }
+    }
+
+    const BASE: &str = r#"
+[interfaces]
+wan = "wan0"
+lan = "lan0"
+[upload]
+rate = "10mbit"
+[download]
+rate = "40mbit"
+[[class]]
+name = "video"
+priority = 0
+guaranteed = "30%"
+[[class]]
+name = "bulk"
+priority = 2
+guaranteed = "10%"
+[[class]]
+name = "web"
+priority = 1
+guaranteed = "10%"
+default = true
+"#;
+
+    fn plan(rules: &str) -> Plan {
+        let p = config::parse(Path::new("t.toml"), &format!("{BASE}{rules}")).expect("valid");
+        compile::plan(&p, None)
+    }
+
+    /// A DNS answer: `name` CNAME `target`, `target` A `addr`, TTLs given.
+    fn answer(name: &str, target: &str, addr: [u8; 4], ttl: u32) -> Vec<u8> {
+        let mut m = vec![0x12, 0x34, 0x81, 0x80, 0, 1, 0, 2, 0, 0, 0, 0];
+        let enc = |n: &str| {
+            let mut v = Vec::new();
+            for l in n.split('.') {
+                v.push(l.len() as u8);
+                v.extend_from_slice(l.as_bytes());
+            }
+            v.push(0);
+            v
+        };
+        m.extend(enc(name));
+        m.extend([0, 1, 0, 1]);
+        m.extend(enc(name));
+        m.extend([0, 5, 0, 1]);
+        m.extend(ttl.to_be_bytes());
+        let t = enc(target);
+        m.extend((t.len() as u16).to_be_bytes());
+        m.extend(&t);
+        m.extend(t);
+        m.extend([0, 1, 0, 1]);
+        m.extend(ttl.to_be_bytes());
+        m.extend([0, 4]);
+        m.extend(addr);
+        m
+    }
+
+    fn event(kind: u32, data: &[u8]) -> Vec<u8> {
+        let mut ev = Event {
+            kind,
+            len: data.len() as u32,
+            dir: if kind == EV_DNS { 1 } else { 0 },
+            dscp: 0,
+            key: HostKey::default(),
+            data: [0; shaper_common::EVENT_DATA],
+        };
+        ev.data[..data.len()].copy_from_slice(data);
+        // SAFETY: Event is plain old data.
+        unsafe {
+            std::slice::from_raw_parts(
+                &ev as *const Event as *const u8,
+                std::mem::size_of::<Event>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn a_dns_answer_installs_its_addresses_with_the_host_rules_bits_and_they_expire() {
+        let p = plan(
+            "[[rule]]\nname = \"wb\"\nclass = \"video\"\ndns_names = [\"*.sfu.whereby.com\"]\n\
+             [[rule]]\nname = \"net\"\nclass = \"bulk\"\ndst_cidrs = [\"192.0.2.0/24\"]\n",
+        );
+        let mut fake = Fake::default();
+        let mut e = Engine::new(&p, &mut fake);
+        let t0 = Instant::now();
+        e.on_event(
+            t0,
+            &event(
+                EV_DNS,
+                &answer(
+                    "media.sfu.whereby.com",
+                    "edge.example.net",
+                    [192, 0, 2, 7],
+                    30,
+                ),
+            ),
+        );
+        assert_eq!(e.stats.dns_answers, 1);
+        let addr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+        assert!(e.table.has(addr, 0), "learned for rule 0");
+        let slot = e.installed[&addr].0;
+        let _ = slot;
+        drop(e);
+        let id = fake.addrs[&addr];
+        let words = &fake.bitmaps[&id];
+        // Both the host rule (0) and the covering /24's rule (1) accept it.
+        assert_eq!(words[0] & 0b11, 0b11, "{words:?}");
+        // TTL 30 s is raised to min_ttl 60 s; gone after.
+        let mut e = Engine::new(&p, &mut fake);
+        e.on_event(
+            t0,
+            &event(
+                EV_DNS,
+                &answer(
+                    "media.sfu.whereby.com",
+                    "edge.example.net",
+                    [192, 0, 2, 7],
+                    30,
+                ),
+            ),
+        );
+        e.tick(t0 + Duration::from_secs(59));
+        assert!(e.table.has(addr, 0));
+        e.tick(t0 + Duration::from_secs(61));
+        assert!(!e.table.has(addr, 0));
+        drop(e);
+        assert!(!fake.addrs.contains_key(&addr), "removed from the trie");
+    }
+
+    #[test]
+    fn names_that_no_rule_wants_are_not_installed() {
+        let p = plan(
+            "[[rule]]\nname = \"wb\"\nclass = \"video\"\ndns_names = [\"*.sfu.whereby.com\"]\n",
+        );
+        let mut fake = Fake::default();
+        let mut e = Engine::new(&p, &mut fake);
+        e.on_event(
+            Instant::now(),
+            &event(
+                EV_DNS,
+                &answer("www.example.com", "x.example.net", [198, 51, 100, 1], 300),
+            ),
+        );
+        assert!(e.table.is_empty());
+        drop(e);
+        assert!(fake.addrs.is_empty());
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_the_soonest_to_expire_makes_room() {
+        let mut t = Table::new(DnsSettings {
+            min_ttl_s: 1,
+            max_ttl_s: 1000,
+            max_entries: 2,
+        });
+        let now = Instant::now();
+        let a = |n| IpAddr::V4(Ipv4Addr::new(10, 0, 0, n));
+        t.learn(now, a(1), 0, "a", 100);
+        t.learn(now, a(2), 0, "b", 10);
+        let changed = t.learn(now, a(3), 0, "c", 50);
+        assert_eq!(t.len(), 2);
+        assert!(
+            changed.contains(&a(2)) && changed.contains(&a(3)),
+            "{changed:?}"
+        );
+        assert!(t.has(a(1), 0) && t.has(a(3), 0) && !t.has(a(2), 0));
+    }
+
+    #[test]
+    fn a_server_name_decides_a_connection_only_when_its_rule_wins() {
+        let p = plan(
+            "[[rule]]\nname = \"dicom\"\nclass = \"bulk\"\nprotocol = \"tcp\"\ndst_ports = [104]\n\
+             [[rule]]\nname = \"pacs\"\nclass = \"video\"\ndns_names = [\"pacs.example.nhs.uk\"]\n",
+        );
+        let mut fake = Fake::default();
+        let e = Engine::new(&p, &mut fake);
+        let view = |dport| PacketView {
+            dir: DIR_UP,
+            proto: 6,
+            dscp: 0,
+            sport: Some(40000),
+            dport: Some(dport),
+            src: IpAddr::V4(Ipv4Addr::new(192, 168, 1, 10)),
+            dst: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 5)),
+        };
+        assert_eq!(e.sni_rule(&view(443), "pacs.example.nhs.uk"), Some(1));
+        assert_eq!(e.sni_rule(&view(443), "other.example"), None);
+        // The earlier rule matches the connection anyway: the name changes nothing.
+        assert_eq!(e.sni_rule(&view(104), "pacs.example.nhs.uk"), None);
+    }
+}
