@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Cidr, Direction, Rule};
 
 /// Version of the built-in catalogue; bump it whenever an entry changes.
-pub const VERSION: &str = "2026.11.1";
+pub const VERSION: &str = "2026.11.2";
 
 /// What a built-in catalogue error names as its file.
 pub const BUILTIN_FILE: &str = "<built-in catalogue>";
@@ -33,7 +33,7 @@ pub const BUILTIN_FILE: &str = "<built-in catalogue>";
 /// The built-in catalogue, in the `[[app]]` format of a config. Each app is
 /// either flat match fields (one match entry) or `[[app.match]]` tables.
 pub const BUILTIN: &str = r#"
-version = "2026.11.1"
+version = "2026.11.2"
 
 # --- Video consultations -------------------------------------------------
 
@@ -85,13 +85,13 @@ protocol = "udp"
 dst_ports = [3478]
 needs = ["dns"]
 source = "Attend Anywhere / NHS Near Me network requirements (WebRTC; TURN on UDP 3478 and TCP 443); CLINICAL-TRAFFIC.md"
-notes = "Without DNS-name rules only the port part can be matched: UDP 3478 (STUN/TURN) to any destination, which other WebRTC services use as well. The TCP 443 TURN fallback is not matched: TCP 443 to anywhere is all web traffic. Recognising the service's TURN servers needs DNS-name matching (their names are not listed in our sources yet). Chromium sends no DSCP."
+notes = "Only the port part is matched: UDP 3478 (STUN/TURN) to any destination, which other WebRTC services use as well. The TCP 443 TURN fallback is not matched: TCP 443 to anywhere is all web traffic. The service's TURN server names are not listed in our sources: add them as dns_names in a config [[app]] named near-me (matched from DNS answers and TLS server names). Chromium sends no DSCP."
 
 [[app]]
 name = "accurx-video"
 dns_names = ["*.sfu.whereby.com", "*.turn.whereby.com"]
 source = "Whereby network requirements (media to *.sfu.whereby.com and *.turn.whereby.com; no static IP ranges); CLINICAL-TRAFFIC.md"
-notes = "accuRx video consultations run on Whereby, which publishes no static ranges: only DNS-name (or TLS SNI) recognition can find them, so this app matches nothing today."
+notes = "accuRx video consultations run on Whereby, which publishes no static ranges: the media servers are recognised by name, from the DNS answers clients receive through the gateway (any protocol to the answered addresses) and from TLS server names (TURN over TCP 443). A client using its own encrypted DNS (DoH) is recognised by TLS server name only."
 
 # --- Image transfers -----------------------------------------------------
 
@@ -142,7 +142,7 @@ src_ports = [7680]
 name = "windows-update"
 dns_names = ["*.dl.delivery.mp.microsoft.com", "*.delivery.mp.microsoft.com", "*.windowsupdate.com", "*.update.microsoft.com"]
 source = "Microsoft Learn, Delivery Optimization and Windows Update endpoints (peer TCP/UDP 7680; downloads from *.dl.delivery.mp.microsoft.com, *.windowsupdate.com); CLINICAL-TRAFFIC.md"
-notes = "Only the Delivery Optimization peer part (TCP/UDP 7680) is matched; the downloads themselves come over TCP 80/443 from CDNs and need DNS-name matching (not available yet)."
+notes = "The Delivery Optimization peer part (TCP/UDP 7680) by port; the downloads from Microsoft's CDNs (TCP 80/443) by name, from DNS answers through CNAME chains and from TLS server names. A CDN address shared with other sites' content is classed with it while the answer's TTL lasts."
 
 [[app.match]]
 protocol = ["tcp", "udp"]
@@ -156,7 +156,7 @@ src_ports = [7680]
 name = "backup-sync"
 dns_names = ["*.sharepoint.com"]
 source = "CLINICAL-TRAFFIC.md (backups and file sync; OneDrive *.sharepoint.com)"
-notes = "No ports identify backup or sync traffic: OneDrive/SharePoint and most cloud backup products use HTTPS (TCP 443), so this app matches nothing until DNS-name matching exists. *.sharepoint.com also carries interactive SharePoint and Teams file use. A backup product with its own port or target range can be added as a config [[app]]."
+notes = "No ports identify backup or sync traffic: OneDrive/SharePoint and most cloud backup products use HTTPS (TCP 443), recognised here by name (DNS answers and TLS server names). *.sharepoint.com also carries interactive SharePoint and Teams file use. A backup product with its own port, target range or names can be added as a config [[app]]."
 "#;
 
 /// One way an app shows on the wire; all present fields must match (as in a
@@ -524,7 +524,7 @@ mod tests {
         let near = c.get("near-me").expect("near-me");
         assert_eq!(near.matches.len(), 1, "UDP 3478 only: TCP 443 is all web");
         assert!(near.needs_dns());
-        assert!(near.notes.contains("only the port part can be matched"));
+        assert!(near.notes.contains("Only the port part is matched"));
         let accurx = c.get("accurx-video").expect("accurx");
         assert!(accurx.matches.is_empty());
         assert_eq!(accurx.needs, ["dns"]);

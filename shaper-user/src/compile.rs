@@ -687,6 +687,63 @@ pub fn describe(plan: &Plan, maps: &MapPlan) -> String {
             .filter(|r| p.classes[r.class].name == c.name)
             .count();
         let _ = writeln!(s, "  class {:<20} {n} rule(s)", c.name);
+        if let Some(d) = c.demote {
+            let mut when = Vec::new();
+            if let Some(b) = d.after_bytes {
+                when.push(format!("after {b} bytes"));
+            }
+            if let Some(r) = d.above_bps {
+                when.push(format!("above {} over a second", format_rate(r)));
+            }
+            let _ = writeln!(
+                s,
+                "    a flow that turns bulk ({}) is demoted to {}",
+                when.join(" or "),
+                p.classes[d.to].name
+            );
+        }
+    }
+    let hosts: Vec<&Rule> = p.rules.iter().filter(|r| !r.dns_names.is_empty()).collect();
+    if !hosts.is_empty() {
+        let _ = writeln!(
+            s,
+            "host names: {} rule(s) match by name; `shaper run` learns addresses from DNS answers \
+             (kept {}-{} s, at most {}) and reads TLS server names",
+            hosts.len(),
+            p.dns.min_ttl_s,
+            p.dns.max_ttl_s,
+            p.dns.max_entries
+        );
+        for r in hosts {
+            let _ = writeln!(s, "  {:<30} {}", r.name, r.dns_names.join(", "));
+        }
+    }
+    if let Some(pr) = p.promote {
+        let _ = writeln!(
+            s,
+            "promotion: default-class UDP flows of at least {} packets/s, at most {} and {} bytes a packet \
+             on average move to {}",
+            pr.min_pps,
+            format_rate(pr.max_bps),
+            pr.max_packet,
+            p.classes[pr.class].name
+        );
+    }
+    if !p.dscp_trust_lan || !p.dscp_trust_wan {
+        let _ = writeln!(
+            s,
+            "DSCP: rules see marks from the LAN: {}, from the WAN: {}",
+            if p.dscp_trust_lan {
+                "yes"
+            } else {
+                "no (ignored)"
+            },
+            if p.dscp_trust_wan {
+                "yes"
+            } else {
+                "no (ignored)"
+            }
+        );
     }
     s
 }
@@ -766,6 +823,13 @@ pub fn static_dst_id(m: &MapPlan, a: IpAddr) -> u32 {
 /// The same lookup the kernel does, over the compiled maps (used to check the
 /// compiler against `reference_match`).
 pub fn map_match(m: &MapPlan, p: &PacketView) -> Option<usize> {
+    map_match_hosts(m, p, &[])
+}
+
+/// [`map_match`] with the WAN-side address learned (from DNS) for the host
+/// rules `learned`: what the kernel looks up once user space installed the
+/// address (its bitmap is the static one plus those rules' bits).
+pub fn map_match_hosts(m: &MapPlan, p: &PacketView, learned: &[usize]) -> Option<usize> {
     let ignore = if p.dir == shaper_common::DIR_UP {
         shaper_common::CFG_IGNORE_DSCP_UP
     } else {
@@ -796,10 +860,14 @@ pub fn map_match(m: &MapPlan, p: &PacketView) -> Option<usize> {
         lpm(&m.src4, &m.src6, p.src, m.wild_src),
         lpm(&m.dst4, &m.dst6, p.dst, m.wild_dst),
     ];
+    let mut dst_words = m.bitmaps[ids[5] as usize].clone();
+    for &r in learned {
+        dst_words[r / 64] |= 1 << (r % 64);
+    }
     for w in 0..m.nwords as usize {
-        let x = ids
+        let x = ids[..5]
             .iter()
-            .fold(u64::MAX, |acc, &id| acc & m.bitmaps[id as usize][w]);
+            .fold(dst_words[w], |acc, &id| acc & m.bitmaps[id as usize][w]);
         if x != 0 {
             return Some(w * 64 + x.trailing_zeros() as usize);
         }

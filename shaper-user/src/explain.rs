@@ -63,6 +63,9 @@ pub struct Packet {
     pub vlans: Vec<u16>,
     /// IPv6 extension headers walked (next-header values).
     pub v6_ext: Vec<u8>,
+    /// The TLS server name the packet carries (a ClientHello in a capture) or
+    /// its connection was opened with (`sni=` in a description).
+    pub sni: Option<String>,
 }
 
 impl Packet {
@@ -315,6 +318,7 @@ pub fn parse_description(s: &str) -> Result<Packet, String> {
         pure_ack: if proto == 6 { None } else { Some(false) },
         vlans: vec![],
         v6_ext: vec![],
+        sni: None,
     };
     let mut flags: Option<u8> = None;
     let mut payload = 0usize;
@@ -364,9 +368,15 @@ pub fn parse_description(s: &str) -> Result<Packet, String> {
                     .parse()
                     .map_err(|_| ctx(format!("`{v}` is not a fragment id")))?
             }
+            "sni" => {
+                if v.is_empty() || v.contains(|c: char| c.is_whitespace()) {
+                    return Err(ctx(format!("sni=`{v}`: give a host name")));
+                }
+                p.sni = Some(v.trim_end_matches('.').to_ascii_lowercase());
+            }
             _ => {
                 return Err(ctx(format!(
-                    "unknown `{t}`: accepted are dscp=, flags=, payload=, frag=, id= and ack"
+                    "unknown `{t}`: accepted are dscp=, flags=, payload=, frag=, id=, sni= and ack"
                 )))
             }
         }
@@ -457,6 +467,15 @@ fn l4_ports(b: &[u8], l4: usize, l4_len: u32, p: &mut Packet) -> Result<(), &'st
             let flags = t[1];
             p.pure_ack =
                 Some(flags & 0x10 != 0 && flags & 0x07 == 0 && doff >= 20 && l4_len == doff);
+            // A ClientHello to port 443 (upload), as the classifier hands it over.
+            let start = l4 + doff as usize;
+            if p.dir == DIR_UP && p.dport == Some(443) && doff >= 20 && start < b.len() {
+                if let Ok(crate::sni::Sni::Found { name, .. }) =
+                    crate::sni::client_hello_sni(&b[start..])
+                {
+                    p.sni = Some(name);
+                }
+            }
         }
     }
     Ok(())
@@ -493,6 +512,7 @@ fn parse_v4(b: &[u8], off: usize, dir: u32) -> Result<Packet, &'static str> {
         pure_ack: Some(false),
         vlans: vec![],
         v6_ext: vec![],
+        sni: None,
     };
     if frag != Frag::Later {
         l4_ports(b, off + ihl, l4_len, &mut p)?;
@@ -576,6 +596,7 @@ fn parse_v6(b: &[u8], off: usize, dir: u32) -> Result<Packet, &'static str> {
         pure_ack: Some(false),
         vlans: vec![],
         v6_ext: exts,
+        sni: None,
     };
     if frag != Frag::Later {
         l4_ports(b, l4, l4_len, &mut p)?;
@@ -759,6 +780,11 @@ struct FragKey {
 pub struct Explainer<'a> {
     pub policy: &'a Policy,
     pub maps: MapPlan,
+    /// What the running shaper learned of host names (its hosts.json).
+    pub hosts: crate::hosts::Snapshot,
+    /// The last decided packet's host facts and the server name that decided it.
+    facts: HostFacts,
+    sni_decided: Option<String>,
     frags: HashMap<FragKey, (usize, Option<usize>, usize)>,
     seen: usize,
 }
@@ -832,8 +858,54 @@ fn ranges_text(r: &[(u16, u16)]) -> String {
     })
 }
 
-fn checks(rule: &Rule, v: &PacketView) -> Vec<Check> {
+/// What is known of the packet's host names: the host rules its WAN-side
+/// address was learned for (rank, name) and its TLS server name.
+#[derive(Debug, Clone, Default)]
+struct HostFacts {
+    learned: Vec<(usize, String)>,
+    sni: Option<String>,
+}
+
+fn checks(rule: &Rule, rank: usize, v: &PacketView, h: &HostFacts) -> Vec<Check> {
     let mut out = Vec::new();
+    if !rule.dns_names.is_empty() {
+        let learned = h.learned.iter().find(|(r, _)| *r == rank);
+        let by_sni = h.sni.as_ref().filter(|n| {
+            rule.dns_names
+                .iter()
+                .any(|p| crate::dnswire::name_matches(p, n))
+        });
+        let (ok, detail) = match (learned, by_sni) {
+            (Some((_, name)), _) => (
+                true,
+                format!("WAN address {} was answered for {name} (DNS)", v.dst),
+            ),
+            (None, Some(n)) => (
+                true,
+                format!(
+                    "TLS server name {n} is in {}",
+                    list(&rule.dns_names, |n| n.clone())
+                ),
+            ),
+            (None, None) => (
+                false,
+                format!(
+                    "WAN address {} was not answered for {}{}",
+                    v.dst,
+                    list(&rule.dns_names, |n| n.clone()),
+                    match &h.sni {
+                        Some(n) => format!(" and server name {n} is not one"),
+                        None => String::new(),
+                    }
+                ),
+            ),
+        };
+        out.push(Check {
+            field: "host",
+            ok: Some(ok),
+            detail,
+        });
+    }
     let dir_ok = match rule.direction {
         Direction::Both => None,
         Direction::Upload => Some(v.dir == DIR_UP),
@@ -928,9 +1000,43 @@ impl<'a> Explainer<'a> {
         Explainer {
             maps: compile::maps(&plan),
             policy,
+            hosts: Default::default(),
+            facts: HostFacts::default(),
+            sni_decided: None,
             frags: HashMap::new(),
             seen: 0,
         }
+    }
+
+    /// With what a running shaper learned of host names.
+    pub fn with_hosts(policy: &'a Policy, hosts: crate::hosts::Snapshot) -> Self {
+        let mut e = Self::new(policy);
+        e.hosts = hosts;
+        e
+    }
+
+    fn host_facts(&self, p: &Packet, view: &PacketView) -> HostFacts {
+        let rank = |name: &str| self.policy.rules.iter().position(|r| r.name == name);
+        let learned = self
+            .hosts
+            .learned
+            .iter()
+            .filter(|l| l.addr == view.dst)
+            .filter_map(|l| rank(&l.rule).map(|r| (r, l.name.clone())))
+            .collect();
+        let sni = p.sni.clone().or_else(|| {
+            self.hosts
+                .sni
+                .iter()
+                .find(|e| {
+                    e.src == view.src
+                        && e.dst == view.dst
+                        && Some(e.sport) == view.sport
+                        && Some(e.dport) == view.dport
+                })
+                .map(|e| e.name.clone())
+        });
+        HostFacts { learned, sni }
     }
 
     fn class_of_rule(&self, rule: Option<usize>) -> usize {
@@ -979,8 +1085,42 @@ impl<'a> Explainer<'a> {
                 None => plain(Outcome::FragmentUnknown),
             }
         } else {
-            let rule = compile::map_match(&self.maps, &view);
-            let reference = compile::reference_match(self.policy, &view);
+            let facts = self.host_facts(p, &view);
+            let ranks: Vec<usize> = facts.learned.iter().map(|l| l.0).collect();
+            let mut rule = compile::map_match_hosts(&self.maps, &view, &ranks);
+            let mut reference = compile::reference_match_hosts(self.policy, &view, |r, a| {
+                a == view.dst && ranks.contains(&r)
+            });
+            // A connection to port 443 whose server name makes a host rule win is
+            // decided by it in both directions (the kernel's HOST_FLOWS).
+            self.sni_decided = None;
+            if let (Some(name), Some(443), 6 | 17) = (&facts.sni, view.dport, view.proto) {
+                let by_name: Vec<usize> = self
+                    .policy
+                    .rules
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| {
+                        r.dns_names
+                            .iter()
+                            .any(|pat| crate::dnswire::name_matches(pat, name))
+                    })
+                    .map(|(i, _)| i)
+                    .collect();
+                let up = PacketView {
+                    dir: DIR_UP,
+                    ..view
+                };
+                let r = compile::reference_match_hosts(self.policy, &up, |r, a| {
+                    by_name.contains(&r) || (a == view.dst && ranks.contains(&r))
+                });
+                if let Some(r) = r.filter(|r| by_name.contains(r) && !ranks.contains(r)) {
+                    rule = Some(r);
+                    reference = Some(r);
+                    self.sni_decided = Some(name.clone());
+                }
+            }
+            self.facts = facts;
             let class = self.class_of_rule(rule);
             if p.frag == Frag::First {
                 self.frags.insert(key(), (self.seen, rule, class));
@@ -1055,7 +1195,7 @@ impl<'a> Explainer<'a> {
                 Outcome::Rule | Outcome::FragmentFollowed => {
                     if let Some(r) = d.rule {
                         let rule = &pol.rules[r];
-                        let cs = checks(rule, &view);
+                        let cs = checks(rule, r, &view, &self.facts);
                         hit = Some(RuleHit {
                             name: rule.name.clone(),
                             priority: rule.priority,
@@ -1085,7 +1225,7 @@ impl<'a> Explainer<'a> {
                 }
                 Outcome::NoRule => {
                     for (i, rule) in pol.rules.iter().enumerate() {
-                        let cs = checks(rule, &view);
+                        let cs = checks(rule, i, &view, &self.facts);
                         let failed: Vec<&Check> =
                             cs.iter().filter(|c| c.ok == Some(false)).collect();
                         if failed.len() == 1 && near_misses.len() < 3 {
@@ -1097,6 +1237,20 @@ impl<'a> Explainer<'a> {
                 // The rule line says it (LATER_FRAGMENT_NOTE).
                 Outcome::FragmentUnknown => {}
                 Outcome::NonIp | Outcome::Malformed => {}
+            }
+            if let Some(name) = &self.sni_decided {
+                notes.push(format!(
+                    "decided by the TLS server name {name}: the connection follows it in both directions \
+                     once `shaper run` has read its ClientHello (the ClientHello itself, and anything before it, \
+                     goes by the address rules)"
+                ));
+            } else if let Some((_, name)) =
+                self.facts.learned.iter().find(|(r, _)| Some(*r) == d.rule)
+            {
+                notes.push(format!(
+                    "the WAN address {} was learned from a DNS answer for {name}",
+                    view.dst
+                ));
             }
             if p.pure_ack.is_none() {
                 notes.push(
@@ -1255,6 +1409,7 @@ pub fn run(
     pcap_file: Option<&std::path::Path>,
     direction: Option<&str>,
     json: bool,
+    hosts: Option<crate::hosts::Snapshot>,
 ) -> Result<Report, String> {
     let mut inputs: Vec<Parsed> = Vec::new();
     let mut preamble = Vec::new();
@@ -1311,7 +1466,16 @@ pub fn run(
             }
         }
     }
-    let mut ex = Explainer::new(policy);
+    if let Some(h) = &hosts {
+        if policy.uses_hosts() {
+            preamble.push(format!(
+                "host names learned by the running shaper: {} address(es) from DNS answers, {} connection(s) by TLS server name",
+                h.learned.len(),
+                h.sni.len()
+            ));
+        }
+    }
+    let mut ex = Explainer::with_hosts(policy, hosts.unwrap_or_default());
     let explanations: Vec<Explanation> = inputs.iter().map(|i| ex.explain(i)).collect();
     let disagreements = explanations.iter().filter(|e| !e.agree).count();
     let text = if json {
@@ -1400,6 +1564,63 @@ direction = "upload"
 
     fn policy() -> Policy {
         config::parse(Path::new("explain.toml"), POLICY).expect("policy")
+    }
+
+    #[test]
+    fn host_names_learned_by_dns_or_given_by_sni_decide_and_say_so() {
+        let text = format!(
+            "{POLICY}[[rule]]\nname = \"wb\"\nclass = \"video\"\npriority = 1\nprotocol = \"udp\"\n\
+             dns_names = [\"*.sfu.whereby.com\"]\n[[rule]]\nname = \"pacs\"\nclass = \"images\"\n\
+             priority = 2\ndns_names = [\"pacs.example.nhs.uk\"]\n"
+        );
+        let pol = config::parse(Path::new("explain.toml"), &text).expect("policy");
+        let hosts = crate::hosts::Snapshot {
+            learned: vec![crate::hosts::LearnedEntry {
+                addr: "198.51.100.9".parse().expect("addr"),
+                rule: "wb".into(),
+                name: "media.sfu.whereby.com".into(),
+                expires_in_s: 40,
+            }],
+            ..Default::default()
+        };
+        let mut ex = Explainer::with_hosts(&pol, hosts);
+        let e = explain_one(&mut ex, "up udp 192.168.1.5:40000 -> 198.51.100.9:3480");
+        assert!(e.agree, "{e:?}");
+        assert_eq!(e.rule.as_ref().map(|r| r.name.as_str()), Some("wb"));
+        assert!(
+            e.notes
+                .iter()
+                .any(|n| n.contains("DNS answer for media.sfu.whereby.com")),
+            "{:?}",
+            e.notes
+        );
+        // Download: the same address on the WAN side.
+        let e = explain_one(&mut ex, "down udp 198.51.100.9:3480 -> 192.168.1.5:40000");
+        assert_eq!(e.rule.as_ref().map(|r| r.name.as_str()), Some("wb"));
+        // Not learned: no host rule.
+        let e = explain_one(&mut ex, "up udp 192.168.1.5:40000 -> 198.51.100.10:3480");
+        assert_eq!(e.class, "default");
+        // A server name decides a TCP 443 connection, both ways.
+        let e = explain_one(
+            &mut ex,
+            "up tcp 192.168.1.5:40001 -> 203.0.113.4:443 sni=pacs.example.nhs.uk",
+        );
+        assert_eq!(e.rule.as_ref().map(|r| r.name.as_str()), Some("pacs"));
+        assert!(
+            e.notes.iter().any(|n| n.contains("TLS server name")),
+            "{:?}",
+            e.notes
+        );
+        let e = explain_one(
+            &mut ex,
+            "down tcp 203.0.113.4:443 -> 192.168.1.5:40001 sni=pacs.example.nhs.uk",
+        );
+        assert_eq!(e.class, "images");
+        let e = explain_one(
+            &mut ex,
+            "up tcp 192.168.1.5:40001 -> 203.0.113.4:443 sni=www.example.org",
+        );
+        assert_eq!(e.class, "default");
     }
 
     // Minimal frame building (the layout of tests/src/packet.rs).
@@ -1915,7 +2136,7 @@ direction = "upload"
         std::fs::create_dir_all(&dir).expect("tmp");
         let path = dir.join("up.pcap");
         std::fs::write(&path, pcap::write(1, &frames)).expect("write");
-        let r = run(&pol, &[], Some(&path), Some("up"), false).expect("runs");
+        let r = run(&pol, &[], Some(&path), Some("up"), false, None).expect("runs");
         let classes: Vec<&str> = r.explanations.iter().map(|e| e.class.as_str()).collect();
         assert_eq!(classes, vec!["video", "video", "interactive", "default"]);
         assert_eq!(r.disagreements, 0);
@@ -1924,13 +2145,13 @@ direction = "upload"
             "{}",
             r.text
         );
-        let j = run(&pol, &[], Some(&path), Some("up"), true).expect("json");
+        let j = run(&pol, &[], Some(&path), Some("up"), true, None).expect("json");
         let v: serde_json::Value = serde_json::from_str(&j.text).expect("valid json");
         assert_eq!(v["packets"][0]["classid"], 0x10010);
         assert_eq!(v["packets"][2]["ack_class_applied"], true);
         assert_eq!(v["packets"][3]["outcome"], "non_ip");
         assert!(
-            run(&pol, &[], Some(&path), None, false).is_err(),
+            run(&pol, &[], Some(&path), None, false, None).is_err(),
             "--direction needed"
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -36,7 +36,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, RingBuf};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shaper_common::{
     Bitmap, Event, HostKey, HostVal, BITMAP_WORDS, DIR_UP, EV_DNS, EV_TLS, HOST_DECIDED,
     HOST_WANT_MORE, MAP_BITMAPS, MAP_DST4, MAP_DST6, MAP_EVENTS, MAP_HOST_FLOWS, NO_RULE,
@@ -257,7 +257,7 @@ impl Slots {
 
 /// Counters of what the host-name path did (shown by `shaper status` through
 /// hosts.json).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HostStats {
     pub dns_answers: u64,
     pub dns_unparsed: u64,
@@ -274,7 +274,7 @@ pub struct HostStats {
 }
 
 /// One learned address, as written to hosts.json.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LearnedEntry {
     pub addr: IpAddr,
     pub rule: String,
@@ -283,7 +283,7 @@ pub struct LearnedEntry {
 }
 
 /// One connection classified by its TLS server name.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SniEntry {
     pub src: IpAddr,
     pub dst: IpAddr,
@@ -294,7 +294,7 @@ pub struct SniEntry {
 }
 
 /// What `shaper run` writes to `<run>/hosts.json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Snapshot {
     pub stats: HostStats,
     pub learned: Vec<LearnedEntry>,
@@ -793,6 +793,13 @@ pub async fn run(mut applied: watch::Receiver<Option<HostsApplied>>, run_dir: Pa
             return;
         }
     }
+}
+
+/// Reads what a running `shaper run` wrote; `None` when it wrote nothing
+/// (no host rules, or not running).
+pub fn read_snapshot(run: &Path) -> Option<Snapshot> {
+    let b = std::fs::read(snapshot_path(run)).ok()?;
+    serde_json::from_slice(&b).ok()
 }
 
 fn write_snapshot(path: &Path, s: &Snapshot) {

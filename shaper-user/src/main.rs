@@ -36,7 +36,7 @@ enum Cmd {
     /// Which rule and class packets get, and why. Touches nothing.
     ///
     /// PACKET: `up|down PROTOCOL SRC[:PORT] -> DST[:PORT] [dscp=EF] [flags=A] [payload=N]
-    /// [frag=first|later] [id=N]`, addresses as the packet carries them
+    /// [frag=first|later] [id=N] [sni=HOST]`, addresses as the packet carries them
     /// (IPv6 with a port: [ADDR]:PORT), e.g.
     /// `up udp 192.168.1.5:50020 -> 52.113.1.1:3478 dscp=EF`.
     /// Or --pcap FILE --direction up|down (classic pcap, Ethernet or raw IP).
@@ -53,6 +53,11 @@ enum Cmd {
         direction: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Host names learned by the running shaper (`shaper run` writes
+        /// hosts.json in its run directory, read by default when present);
+        /// `none` to ignore them.
+        #[arg(long)]
+        hosts: Option<PathBuf>,
     },
     /// Apply a config and exit; shaping stays in place (pinned in bpffs).
     Apply {
@@ -192,14 +197,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             pcap,
             direction,
             json,
+            hosts,
         } => {
             let policy = load_policy(&config)?;
+            let hosts = match hosts {
+                Some(p) if p.as_os_str() == "none" => None,
+                Some(p) => {
+                    let b =
+                        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                    Some(
+                        serde_json::from_slice(&b)
+                            .with_context(|| format!("{} is not a hosts.json", p.display()))?,
+                    )
+                }
+                None => shaper_user::hosts::read_snapshot(&paths.run),
+            };
             let r = explain::run(
                 &policy,
                 &packets,
                 pcap.as_deref(),
                 direction.as_deref(),
                 json,
+                hosts,
             )
             .map_err(anyhow::Error::msg)?;
             print!("{}", r.text);

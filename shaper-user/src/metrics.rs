@@ -761,6 +761,7 @@ mod tests {
                 download_bytes: 12_000,
             }],
             classifier,
+            hosts: None,
         }
     }
 

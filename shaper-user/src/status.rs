@@ -27,6 +27,8 @@ pub struct Report {
     pub rules: Vec<RuleReport>,
     /// Classifier counters per direction ("upload", "download").
     pub classifier: BTreeMap<String, BTreeMap<String, u64>>,
+    /// What `shaper run` learned of host names (absent without host rules).
+    pub hosts: Option<crate::hosts::Snapshot>,
 }
 
 #[derive(Debug, Serialize)]
@@ -180,6 +182,11 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
         directions,
         rules,
         classifier,
+        hosts: if state.plan.policy.uses_hosts() {
+            crate::hosts::read_snapshot(&paths.run)
+        } else {
+            None
+        },
     }))
 }
 
@@ -266,6 +273,34 @@ pub fn render(r: &Report) -> String {
     for (dir, m) in &r.classifier {
         let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let _ = writeln!(s, "\nclassifier {dir}: {}", parts.join(" "));
+    }
+    if let Some(h) = &r.hosts {
+        let st = &h.stats;
+        let _ = writeln!(
+            s,
+            "\nhost names: {} DNS answers read ({} not understood), {} address(es) held; \
+             {} ClientHellos, {} server names, {} connections decided by name",
+            st.dns_answers,
+            st.dns_unparsed,
+            h.learned.len(),
+            st.tls_hellos,
+            st.sni_found,
+            st.sni_decided
+        );
+        for l in h.learned.iter().take(20) {
+            let _ = writeln!(
+                s,
+                "  {:<40} {:<24} {} ({} s left)",
+                l.addr, l.rule, l.name, l.expires_in_s
+            );
+        }
+        if h.learned.len() > 20 {
+            let _ = writeln!(
+                s,
+                "  ... {} more (shaper status --json)",
+                h.learned.len() - 20
+            );
+        }
     }
     s
 }

@@ -421,7 +421,8 @@ pub fn stage_maps(bpf: &Ebpf, pins: &Pins) -> Result<()> {
             | Map::PerCpuArray(d)
             | Map::LpmTrie(d)
             | Map::LruHashMap(d)
-            | Map::HashMap(d) => d,
+            | Map::HashMap(d)
+            | Map::RingBuf(d) => d,
             _ => bail!("unexpected map type for {name}"),
         };
         data.pin(next.join(name))
