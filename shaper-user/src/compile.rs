@@ -864,10 +864,10 @@ pub fn map_match_hosts(m: &MapPlan, p: &PacketView, learned: &[usize]) -> Option
     for &r in learned {
         dst_words[r / 64] |= 1 << (r % 64);
     }
-    for w in 0..m.nwords as usize {
+    for (w, &dw) in dst_words.iter().enumerate().take(m.nwords as usize) {
         let x = ids[..5]
             .iter()
-            .fold(dst_words[w], |acc, &id| acc & m.bitmaps[id as usize][w]);
+            .fold(dw, |acc, &id| acc & m.bitmaps[id as usize][w]);
         if x != 0 {
             return Some(w * 64 + x.trailing_zeros() as usize);
         }

@@ -148,6 +148,13 @@ impl Topology {
             line: None,
             veth_names: Vec::new(),
         };
+        // No duplicate-address detection on the lab's links: with it, IPv6 is not
+        // forwarded for ~2 s after the links come up (the routers' link-local
+        // addresses are still tentative), and early v6 traffic stalls.
+        for ns in [&topo.lan, &topo.srv, &topo.gw, &topo.modem] {
+            ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+            ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+        }
         topo.wire(opts.offloads).context("wiring the topology")?;
         if let Some(line) = opts.line {
             topo.set_line(line)?;

@@ -179,6 +179,10 @@ const APT: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("ping", "iputils-ping"),
     ("bpftool", "bpftool"),
+    // Host names (tests/tests/hosts.rs): a DNS server and client, a TLS server and client.
+    ("dnsmasq", "dnsmasq-base"),
+    ("dig", "bind9-dnsutils"),
+    ("openssl", "openssl"),
     // The firmware image (cargo xtask image).
     ("dpkg-deb", "dpkg"),
     ("depmod", "kmod"),
