@@ -14,7 +14,7 @@ use aya_ebpf::{
     macros::{classifier, map},
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, LruHashMap, PerCpuArray, RingBuf,
+        Array, HashMap, LruHashMap, PerCpuArray, RingBuf,
     },
     programs::TcContext,
 };
@@ -62,6 +62,11 @@ static FLOWS: LruHashMap<FlowKey, FlowVal> = LruHashMap::with_max_entries(MAX_FL
 /// Connections whose class user space set from the TLS server name.
 #[map(name = "HOST_FLOWS")]
 static HOST_FLOWS: LruHashMap<HostKey, HostVal> = LruHashMap::with_max_entries(MAX_HOST_FLOWS, 0);
+/// WAN-side addresses learned from DNS answers -> bitmap id (see shaper_common).
+#[map(name = "LEARNED4")]
+static LEARNED4: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_LEARNED, 0);
+#[map(name = "LEARNED6")]
+static LEARNED6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_LEARNED, 0);
 /// DNS answers and ClientHellos for user space.
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
@@ -516,6 +521,28 @@ fn addr_id(
     }
 }
 
+/// The WAN-side address's bitmap id: a learned host address first, then the
+/// static prefixes.
+#[inline(always)]
+fn dst_id(cfg: &Config, pkt: &Pkt) -> u32 {
+    if cfg.flags & CFG_HOSTS != 0 {
+        // SAFETY: the value is copied out at once.
+        let hit = unsafe {
+            if pkt.v6 != 0 {
+                LEARNED6.get(&pkt.dst).copied()
+            } else {
+                LEARNED4
+                    .get(&[pkt.dst[0], pkt.dst[1], pkt.dst[2], pkt.dst[3]])
+                    .copied()
+            }
+        };
+        if let Some(id) = hit {
+            return id;
+        }
+    }
+    addr_id(pkt.v6 != 0, &pkt.dst, &DST4, &DST6, cfg.wild_dst)
+}
+
 /// Index of the lowest set bit of a non-zero word, branch-free: the population
 /// count of the bits below it. (BPF has no ctz instruction, and a branchy
 /// version multiplies the states the verifier must walk after the scan.)
@@ -569,7 +596,7 @@ fn match_rule(cfg: &Config, pkt: &Pkt, dir: u32) -> u32 {
             bitmap_id(&SPORT_IDX, pkt.sport, cfg.sport_base),
             bitmap_id(&DPORT_IDX, pkt.dport, cfg.dport_base),
             addr_id(pkt.v6 != 0, &pkt.src, &SRC4, &SRC6, cfg.wild_src),
-            addr_id(pkt.v6 != 0, &pkt.dst, &DST4, &DST6, cfg.wild_dst),
+            dst_id(cfg, pkt),
         ],
         rule: NO_RULE,
         _pad: 0,

@@ -66,6 +66,9 @@ pub struct Packet {
     /// The TLS server name the packet carries (a ClientHello in a capture) or
     /// its connection was opened with (`sni=` in a description).
     pub sni: Option<String>,
+    /// `sni` was read from this packet's own ClientHello: the kernel classifies
+    /// this packet by the rules, and the connection's later packets by the name.
+    pub sni_in_payload: bool,
 }
 
 impl Packet {
@@ -319,6 +322,7 @@ pub fn parse_description(s: &str) -> Result<Packet, String> {
         vlans: vec![],
         v6_ext: vec![],
         sni: None,
+        sni_in_payload: false,
     };
     let mut flags: Option<u8> = None;
     let mut payload = 0usize;
@@ -467,13 +471,16 @@ fn l4_ports(b: &[u8], l4: usize, l4_len: u32, p: &mut Packet) -> Result<(), &'st
             let flags = t[1];
             p.pure_ack =
                 Some(flags & 0x10 != 0 && flags & 0x07 == 0 && doff >= 20 && l4_len == doff);
-            // A ClientHello to port 443 (upload), as the classifier hands it over.
+            // A ClientHello to port 443 (upload), as the classifier hands it over:
+            // the payload the IP header announces, not what trails the frame.
             let start = l4 + doff as usize;
-            if p.dir == DIR_UP && p.dport == Some(443) && doff >= 20 && start < b.len() {
+            let end = (l4 + l4_len as usize).min(b.len());
+            if p.dir == DIR_UP && p.dport == Some(443) && doff >= 20 && start < end {
                 if let Ok(crate::sni::Sni::Found { name, .. }) =
-                    crate::sni::client_hello_sni(&b[start..])
+                    crate::sni::client_hello_sni(&b[start..end])
                 {
                     p.sni = Some(name);
+                    p.sni_in_payload = true;
                 }
             }
         }
@@ -513,6 +520,7 @@ fn parse_v4(b: &[u8], off: usize, dir: u32) -> Result<Packet, &'static str> {
         vlans: vec![],
         v6_ext: vec![],
         sni: None,
+        sni_in_payload: false,
     };
     if frag != Frag::Later {
         l4_ports(b, off + ihl, l4_len, &mut p)?;
@@ -597,6 +605,7 @@ fn parse_v6(b: &[u8], off: usize, dir: u32) -> Result<Packet, &'static str> {
         vlans: vec![],
         v6_ext: exts,
         sni: None,
+        sni_in_payload: false,
     };
     if frag != Frag::Later {
         l4_ports(b, l4, l4_len, &mut p)?;
@@ -775,6 +784,9 @@ struct FragKey {
     proto: u8,
 }
 
+/// A connection from the site's side: LAN address, WAN address, ports, protocol.
+type Conn = (IpAddr, IpAddr, Option<u16>, Option<u16>, u8);
+
 /// Classifies packets over one policy, remembering first fragments as the
 /// kernel's FRAGS map does (by direction, site-side addresses, id, protocol).
 pub struct Explainer<'a> {
@@ -785,6 +797,9 @@ pub struct Explainer<'a> {
     /// The last decided packet's host facts and the server name that decided it.
     facts: HostFacts,
     sni_decided: Option<String>,
+    /// Server names read from ClientHellos earlier in the input, by connection
+    /// (site-side addresses and ports, protocol).
+    sni_conns: HashMap<Conn, String>,
     frags: HashMap<FragKey, (usize, Option<usize>, usize)>,
     seen: usize,
 }
@@ -1003,9 +1018,39 @@ impl<'a> Explainer<'a> {
             hosts: Default::default(),
             facts: HostFacts::default(),
             sni_decided: None,
+            sni_conns: HashMap::new(),
             frags: HashMap::new(),
             seen: 0,
         }
+    }
+
+    /// The host rule a connection's server name makes win (what user space
+    /// writes to HOST_FLOWS), if any; `learned` are the host rules the WAN
+    /// address is learned for.
+    fn sni_winner(&self, view: &PacketView, name: &str, learned: &[usize]) -> Option<usize> {
+        if view.dport != Some(443) || !matches!(view.proto, 6 | 17) {
+            return None;
+        }
+        let by_name: Vec<usize> = self
+            .policy
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                r.dns_names
+                    .iter()
+                    .any(|pat| crate::dnswire::name_matches(pat, name))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let up = PacketView {
+            dir: DIR_UP,
+            ..*view
+        };
+        let r = compile::reference_match_hosts(self.policy, &up, |r, a| {
+            by_name.contains(&r) || (a == view.dst && learned.contains(&r))
+        })?;
+        (by_name.contains(&r) && !learned.contains(&r)).then_some(r)
     }
 
     /// With what a running shaper learned of host names.
@@ -1024,18 +1069,23 @@ impl<'a> Explainer<'a> {
             .filter(|l| l.addr == view.dst)
             .filter_map(|l| rank(&l.rule).map(|r| (r, l.name.clone())))
             .collect();
-        let sni = p.sni.clone().or_else(|| {
-            self.hosts
-                .sni
-                .iter()
-                .find(|e| {
-                    e.src == view.src
-                        && e.dst == view.dst
-                        && Some(e.sport) == view.sport
-                        && Some(e.dport) == view.dport
-                })
-                .map(|e| e.name.clone())
-        });
+        let conn = (view.src, view.dst, view.sport, view.dport, view.proto);
+        // A ClientHello's own name applies from the connection's next packet on.
+        let own = p.sni.clone().filter(|_| !p.sni_in_payload);
+        let sni = own
+            .or_else(|| self.sni_conns.get(&conn).cloned())
+            .or_else(|| {
+                self.hosts
+                    .sni
+                    .iter()
+                    .find(|e| {
+                        e.src == view.src
+                            && e.dst == view.dst
+                            && Some(e.sport) == view.sport
+                            && Some(e.dport) == view.dport
+                    })
+                    .map(|e| e.name.clone())
+            });
         HostFacts { learned, sni }
     }
 
@@ -1094,33 +1144,26 @@ impl<'a> Explainer<'a> {
             // A connection to port 443 whose server name makes a host rule win is
             // decided by it in both directions (the kernel's HOST_FLOWS).
             self.sni_decided = None;
-            if let (Some(name), Some(443), 6 | 17) = (&facts.sni, view.dport, view.proto) {
-                let by_name: Vec<usize> = self
-                    .policy
-                    .rules
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| {
-                        r.dns_names
-                            .iter()
-                            .any(|pat| crate::dnswire::name_matches(pat, name))
-                    })
-                    .map(|(i, _)| i)
-                    .collect();
-                let up = PacketView {
-                    dir: DIR_UP,
-                    ..view
-                };
-                let r = compile::reference_match_hosts(self.policy, &up, |r, a| {
-                    by_name.contains(&r) || (a == view.dst && ranks.contains(&r))
-                });
-                if let Some(r) = r.filter(|r| by_name.contains(r) && !ranks.contains(r)) {
+            if let Some(name) = &facts.sni {
+                if let Some(r) = self.sni_winner(&view, name, &ranks) {
                     rule = Some(r);
                     reference = Some(r);
                     self.sni_decided = Some(name.clone());
                 }
             }
             self.facts = facts;
+            if let (true, Some(n)) = (p.sni_in_payload, &p.sni) {
+                // As the kernel: a connection decided by a name keeps it (it sends no
+                // later ClientHello up); one the name did not decide may be by a later one.
+                let conn = (view.src, view.dst, view.sport, view.dport, view.proto);
+                let decided = self
+                    .sni_conns
+                    .get(&conn)
+                    .is_some_and(|old| self.sni_winner(&view, old, &ranks).is_some());
+                if !decided {
+                    self.sni_conns.insert(conn, n.clone());
+                }
+            }
             let class = self.class_of_rule(rule);
             if p.frag == Frag::First {
                 self.frags.insert(key(), (self.seen, rule, class));
@@ -1237,6 +1280,12 @@ impl<'a> Explainer<'a> {
                 // The rule line says it (LATER_FRAGMENT_NOTE).
                 Outcome::FragmentUnknown => {}
                 Outcome::NonIp | Outcome::Malformed => {}
+            }
+            if let (true, Some(name)) = (p.sni_in_payload, &p.sni) {
+                notes.push(format!(
+                    "a ClientHello naming {name}: this packet goes by the rules; if the name makes a host \
+                     rule win, the connection's later packets follow it"
+                ));
             }
             if let Some(name) = &self.sni_decided {
                 notes.push(format!(

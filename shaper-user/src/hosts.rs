@@ -6,12 +6,13 @@
 //! - **DNS answers** on their way to the LAN (UDP from port 53, on LAN
 //!   egress). The answer is parsed ([`crate::dnswire`]), its CNAME chain
 //!   followed, and every address at its end whose chain names a rule's host
-//!   name is put into the WAN-side address trie (`DST4`/`DST6`) as a /32 or
-//!   /128 whose bitmap is the static prefixes' bitmap for that address plus
-//!   the host rules' bits. Entries live for the record's TTL, clamped to
-//!   `[dns] min_ttl..max_ttl`; at most `max_entries` addresses are kept (the
-//!   soonest to expire make room). Expired entries are removed (or the static
-//!   /32 they replaced is put back).
+//!   name is put into the learned-address maps (`LEARNED4`/`LEARNED6`, exact
+//!   addresses the classifier looks up before the WAN-side trie, so the cost
+//!   does not grow with their number) with a bitmap that is the static
+//!   prefixes' bitmap for that address plus the host rules' bits. Entries
+//!   live for the record's TTL, clamped to `[dns] min_ttl..max_ttl`; at most
+//!   `max_entries` addresses are kept (the soonest to expire make room).
+//!   Expired entries are removed (the address falls back to the trie).
 //! - **TLS server names**: the first segment of a TCP connection to port 443
 //!   that carries a ClientHello (and, when the hello is split, the next ones
 //!   on request). If the server name makes a host rule win over whatever rule
@@ -35,11 +36,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf};
 use serde::{Deserialize, Serialize};
 use shaper_common::{
     Bitmap, Event, HostKey, HostVal, BITMAP_WORDS, DIR_UP, EV_DNS, EV_TLS, HOST_DECIDED,
-    HOST_WANT_MORE, MAP_BITMAPS, MAP_DST4, MAP_DST6, MAP_EVENTS, MAP_HOST_FLOWS, NO_RULE,
+    HOST_WANT_MORE, MAP_BITMAPS, MAP_EVENTS, MAP_HOST_FLOWS, MAP_LEARNED4, MAP_LEARNED6, NO_RULE,
 };
 use tokio::{io::unix::AsyncFd, sync::watch};
 
@@ -436,7 +437,9 @@ impl<K: Kernel> Engine<K> {
         match sni::client_hello_sni(bytes) {
             Ok(sni::Sni::Found { name, .. }) => {
                 self.stats.sni_found += 1;
+                // Writes the decision, or removes any request for more.
                 self.decide(key, dscp, &name);
+                return;
             }
             Ok(sni::Sni::NeedMore(_))
                 if bytes.len() < MAX_HELLO && self.pending.len() < MAX_PENDING =>
@@ -462,20 +465,11 @@ impl<K: Kernel> Engine<K> {
                 log::debug!("ClientHello not understood: {e}");
             }
         }
-        // Joined segments had asked the kernel for more: stop asking.
-        if !std::ptr::eq(bytes, data) && !self.installed_sni(&key) {
+        // Joined segments had asked the kernel for more (it sends a connection's
+        // segments only while it holds no decision for it): stop asking.
+        if !std::ptr::eq(bytes, data) {
             let _ = self.kernel.del_host_flow(&key);
         }
-    }
-
-    fn installed_sni(&self, key: &HostKey) -> bool {
-        let (src, dst) = key_addrs(key);
-        self.sni.iter().any(|e| {
-            e.src == src
-                && e.dst == dst
-                && e.sport as u32 == key.sport
-                && e.dport as u32 == key.dport
-        })
     }
 
     /// The rule a connection with this server name falls to, if the name is
@@ -562,11 +556,7 @@ impl<K: Kernel> Engine<K> {
         if want.is_empty() {
             if let Some(old) = old {
                 self.slots.release(&old);
-                let r = match self.exact_static(addr) {
-                    Some(id) => self.kernel.set_addr(addr, id),
-                    None => self.kernel.del_addr(addr),
-                };
-                if let Err(e) = r {
+                if let Err(e) = self.kernel.del_addr(addr) {
                     self.stats.kernel_errors += 1;
                     log::warn!("removing {addr}: {e:#}");
                 }
@@ -618,24 +608,6 @@ impl<K: Kernel> Engine<K> {
         self.installed.insert(addr, key);
     }
 
-    /// The id of a static prefix that is exactly this host address, if any.
-    fn exact_static(&self, addr: IpAddr) -> Option<u32> {
-        match addr {
-            IpAddr::V4(a) => self
-                .maps
-                .dst4
-                .iter()
-                .find(|(p, l, _)| *l == 32 && *p == a.octets())
-                .map(|e| e.2),
-            IpAddr::V6(a) => self
-                .maps
-                .dst6
-                .iter()
-                .find(|(p, l, _)| *l == 128 && *p == a.octets())
-                .map(|e| e.2),
-        }
-    }
-
     pub fn snapshot(&self, now: Instant) -> Snapshot {
         let mut learned: Vec<LearnedEntry> = self
             .table
@@ -659,26 +631,60 @@ impl<K: Kernel> Engine<K> {
     }
 }
 
-/// The classifier's pinned maps the engine writes.
-pub struct PinnedKernel {
-    bitmaps: Array<MapData, Bitmap>,
-    dst4: LpmTrie<MapData, [u8; 4], u32>,
-    dst6: LpmTrie<MapData, [u8; 16], u32>,
-    host_flows: BpfHashMap<MapData, HostKey, HostVal>,
+/// The classifier's maps the engine writes: the running one's (pinned), or a
+/// loaded object's (benchmarks, the soak).
+pub struct MapKernel {
+    pub bitmaps: Array<MapData, Bitmap>,
+    pub learned4: BpfHashMap<MapData, [u8; 4], u32>,
+    pub learned6: BpfHashMap<MapData, [u8; 16], u32>,
+    pub host_flows: BpfHashMap<MapData, HostKey, HostVal>,
 }
 
-impl PinnedKernel {
+impl MapKernel {
+    fn from(mut get: impl FnMut(&str) -> Result<aya::maps::Map>) -> Result<Self> {
+        Ok(MapKernel {
+            bitmaps: Array::try_from(get(MAP_BITMAPS)?)?,
+            learned4: BpfHashMap::try_from(get(MAP_LEARNED4)?)?,
+            learned6: BpfHashMap::try_from(get(MAP_LEARNED6)?)?,
+            host_flows: BpfHashMap::try_from(get(MAP_HOST_FLOWS)?)?,
+        })
+    }
+
+    /// The running classifier's maps, from their pins.
     pub fn open(pins: &Pins) -> Result<Self> {
-        Ok(PinnedKernel {
-            bitmaps: Array::try_from(bpf::open_pinned(pins, MAP_BITMAPS)?)?,
-            dst4: LpmTrie::try_from(bpf::open_pinned(pins, MAP_DST4)?)?,
-            dst6: LpmTrie::try_from(bpf::open_pinned(pins, MAP_DST6)?)?,
-            host_flows: BpfHashMap::try_from(bpf::open_pinned(pins, MAP_HOST_FLOWS)?)?,
+        Self::from(|name| bpf::open_pinned(pins, name))
+    }
+
+    /// Takes the maps out of a loaded object (its program keeps its own
+    /// references to them).
+    pub fn take(obj: &mut aya::Ebpf) -> Result<Self> {
+        Self::from(|name| {
+            obj.take_map(name)
+                .with_context(|| format!("map {name} missing from the object"))
         })
     }
 }
 
-impl Kernel for PinnedKernel {
+/// A kernel shared with other users of the same maps (the soak looks them up).
+impl<K: Kernel> Kernel for std::rc::Rc<std::cell::RefCell<K>> {
+    fn write_bitmap(&mut self, slot: u32, words: &[u64]) -> Result<()> {
+        self.borrow_mut().write_bitmap(slot, words)
+    }
+    fn set_addr(&mut self, addr: IpAddr, id: u32) -> Result<()> {
+        self.borrow_mut().set_addr(addr, id)
+    }
+    fn del_addr(&mut self, addr: IpAddr) -> Result<()> {
+        self.borrow_mut().del_addr(addr)
+    }
+    fn set_host_flow(&mut self, key: &HostKey, val: HostVal) -> Result<()> {
+        self.borrow_mut().set_host_flow(key, val)
+    }
+    fn del_host_flow(&mut self, key: &HostKey) -> Result<()> {
+        self.borrow_mut().del_host_flow(key)
+    }
+}
+
+impl Kernel for MapKernel {
     fn write_bitmap(&mut self, slot: u32, words: &[u64]) -> Result<()> {
         let mut b: Bitmap = [0; BITMAP_WORDS];
         b[..words.len()].copy_from_slice(words);
@@ -687,20 +693,18 @@ impl Kernel for PinnedKernel {
             .context("writing a rule bitmap")
     }
     fn set_addr(&mut self, addr: IpAddr, id: u32) -> Result<()> {
-        use aya::maps::lpm_trie::Key;
         match addr {
-            IpAddr::V4(a) => self.dst4.insert(&Key::new(32, a.octets()), id, 0),
-            IpAddr::V6(a) => self.dst6.insert(&Key::new(128, a.octets()), id, 0),
+            IpAddr::V4(a) => self.learned4.insert(a.octets(), id, 0),
+            IpAddr::V6(a) => self.learned6.insert(a.octets(), id, 0),
         }
-        .context("writing the address trie")
+        .context("writing the learned addresses")
     }
     fn del_addr(&mut self, addr: IpAddr) -> Result<()> {
-        use aya::maps::lpm_trie::Key;
         match addr {
-            IpAddr::V4(a) => self.dst4.remove(&Key::new(32, a.octets())),
-            IpAddr::V6(a) => self.dst6.remove(&Key::new(128, a.octets())),
+            IpAddr::V4(a) => self.learned4.remove(&a.octets()),
+            IpAddr::V6(a) => self.learned6.remove(&a.octets()),
         }
-        .context("removing from the address trie")
+        .context("removing from the learned addresses")
     }
     fn set_host_flow(&mut self, key: &HostKey, val: HostVal) -> Result<()> {
         self.host_flows
@@ -741,7 +745,7 @@ pub async fn run(mut applied: watch::Receiver<Option<HostsApplied>>, run_dir: Pa
             }
             continue;
         };
-        let opened = PinnedKernel::open(&a.pins).and_then(|k| {
+        let opened = MapKernel::open(&a.pins).and_then(|k| {
             let ring = RingBuf::try_from(bpf::open_pinned(&a.pins, MAP_EVENTS)?)?;
             // SAFETY: the ring buffer's fd stays open as long as the AsyncFd owns it.
             let fd = unsafe { AsyncFd::register(ring) }.context("registering the event ring")?;

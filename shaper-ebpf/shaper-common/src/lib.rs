@@ -32,6 +32,8 @@ pub const MAX_PREFIXES: u32 = 65536;
 pub const MAX_FRAGS: u32 = 4096;
 /// Flow cache entries: a flow's later packets skip the rule scan.
 pub const MAX_FLOWS: u32 = 16384;
+/// WAN-side host addresses learned from DNS answers (per family).
+pub const MAX_LEARNED: u32 = 32768;
 /// Flows whose class was set from user space (TLS server name).
 pub const MAX_HOST_FLOWS: u32 = 16384;
 /// Bytes of L4 payload copied into one event (a DNS answer, a ClientHello's
@@ -138,12 +140,17 @@ pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_EVENTS: &str = "EVENTS";
 /// [`HostKey`] -> [`HostVal`]: flows classified by server name.
 pub const MAP_HOST_FLOWS: &str = "HOST_FLOWS";
+/// WAN-side IPv4 / IPv6 address -> bitmap id, for addresses learned from DNS
+/// answers: looked up before the WAN-side trie, in constant time however many
+/// there are (host entries in the trie deepen it for every lookup near them).
+pub const MAP_LEARNED4: &str = "LEARNED4";
+pub const MAP_LEARNED6: &str = "LEARNED6";
 /// The classifier program's name in the object file.
 pub const PROG_CLASSIFY: &str = "shaper_classify";
 /// An empty program in the same object, for benchmarks.
 pub const PROG_EMPTY: &str = "shaper_empty";
 /// Every map the user side fills or reads.
-pub const ALL_MAPS: [&str; 19] = [
+pub const ALL_MAPS: [&str; 21] = [
     MAP_CONFIG,
     MAP_BITMAPS,
     MAP_PROTO_IDX,
@@ -163,6 +170,8 @@ pub const ALL_MAPS: [&str; 19] = [
     MAP_FLOWS,
     MAP_EVENTS,
     MAP_HOST_FLOWS,
+    MAP_LEARNED4,
+    MAP_LEARNED6,
 ];
 
 /// One rule bitmap.

@@ -1,29 +1,48 @@
 //! `shaper-soak`: feeds at least 1,000,000 random and mutated frames through
-//! the real classifier (BPF_PROG_TEST_RUN) loaded with a 1,000-rule policy, and
-//! counts what must never happen: drops (a return code other than
-//! TC_ACT_UNSPEC) and priorities that are not one of the policy's class ids.
-//! Also runs `shaper explain`'s parser and matcher on every frame and counts
-//! where it names another class than the kernel picked.
+//! the real classifier (BPF_PROG_TEST_RUN) loaded with a 1,000-rule policy (plus
+//! three host-name rules, demotion on two classes and `[promote]`), and counts
+//! what must never happen: drops (a return code other than TC_ACT_UNSPEC) and
+//! priorities that are not one of the policy's class ids. Also runs `shaper
+//! explain`'s parser and matcher on every frame, with what the host-name engine
+//! has learned (as `shaper explain` reads a running daemon's hosts.json), and
+//! counts where it names another class than the kernel picked and nothing
+//! explains why (explain does not see the kernel's caches: see `accounted_for`).
 //!
 //! Frames: random bytes; valid frames from `packet.rs` (IPv4 options, VLANs,
 //! IPv6 extension headers, fragments, TCP/UDP/ICMP/SCTP/UDP-Lite/GRE) left
 //! alone, with random byte flips, truncated, with random VLAN stacks, with
-//! random IPv6 extension chains, with random fragment fields.
+//! random IPv6 extension chains, with random fragment fields; DNS answers (UDP
+//! from port 53, LAN side; captured and synthetic, mutated) and ClientHellos
+//! (TCP to 443, WAN side; captured, split over two segments, synthetic,
+//! mutated), later segments of those connections both ways, flows sent again
+//! and again (demotion, promotion) and packets to the addresses the answers name.
+//! The event ring is read after every frame and its events go through the
+//! daemon's host-name engine (`shaper_user::hosts::Engine`) into the loaded
+//! maps, as `shaper run` does. Flow behaviour (1 s windows) and the engine's
+//! timeouts follow the clock, so a seed's counts vary a little from run to run.
 //!
 //! `cargo run --release -p shaper-tests --bin shaper-soak [-- --frames N --seed S]`.
 //! Needs root (prints SKIP otherwise). Exits 1 on any drop or bad class id.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::{Command, ExitCode};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use shaper_common::{
+    FlowKey, FlowVal, HostKey, HostVal, FLOW_DEMOTED, FLOW_PROMOTED, GLOBAL_COUNTERS,
+    GLOBAL_COUNTER_NAMES, HOST_DECIDED, MAP_EVENTS, MAP_FLOWS, MAP_GLOBAL_STATS, NO_PORT,
+};
 use shaper_tests::packet::Pkt;
 use shaper_user::{
     compile::{self, classid_of},
     config,
-    explain::{self, Explainer, Outcome, Parsed},
+    explain::{self, Explainer, Frag, Outcome, Parsed},
+    hosts::{Engine, MapKernel},
     kernel::bpf,
 };
 
@@ -77,7 +96,7 @@ fn policy_text() -> String {
     ];
     for (i, (name, dscp)) in classes.iter().enumerate() {
         t.push_str(&format!(
-            "[[class]]\nname = \"{name}\"\npriority = {}\nguaranteed = \"10%\"\n{}{}",
+            "[[class]]\nname = \"{name}\"\npriority = {}\nguaranteed = \"10%\"\n{}{}{}",
             i,
             if dscp.is_empty() {
                 String::new()
@@ -88,6 +107,14 @@ fn policy_text() -> String {
                 "default = true\n"
             } else {
                 ""
+            },
+            // Flows turning bulk: by bytes carried, and (video) by rate over a window.
+            match *name {
+                "video" => {
+                    "demote_to = \"bulk\"\ndemote_after = \"30kB\"\ndemote_above = \"400kbit\"\n"
+                }
+                "images" => "demote_to = \"bulk\"\ndemote_after = \"200kB\"\n",
+                _ => "",
             }
         ));
     }
@@ -156,6 +183,19 @@ fn policy_text() -> String {
         }
         t.push_str(&r);
     }
+    // Host names: two before every rule (the file's priorities are 0-199), one in the
+    // middle; media-like default-class UDP flows promoted to voice; learned addresses
+    // outlive the run (so a cached decision never outlives its address).
+    t.push_str(
+        "[[rule]]\nname = \"hosts-video\"\nclass = \"video\"\npriority = -1\n\
+         dns_names = [\"*.example.test\", \"*.sfu.whereby.com\", \"*.turn.whereby.com\"]\n\
+         [[rule]]\nname = \"hosts-pacs\"\nclass = \"images\"\npriority = -1\nprotocol = \"tcp\"\n\
+         dst_ports = [443]\ndns_names = [\"pacs.example.nhs.uk\", \"*.pacs.example.test\"]\n\
+         [[rule]]\nname = \"hosts-bulk\"\nclass = \"bulk\"\npriority = 100\nprotocol = \"udp\"\n\
+         dns_names = [\"*.bulk.example.test\"]\n\
+         [promote]\nclass = \"voice\"\nmin_pps = 5\nmax_rate = \"2mbit\"\n\
+         [dns]\nmin_ttl = 3600\nmax_ttl = 7200\n",
+    );
     t
 }
 
@@ -383,9 +423,358 @@ fn fragment_pair(rng: &mut Rng, up: bool, n: u64, firsts: &mut Firsts) -> Vec<u8
     }
 }
 
-fn frame(rng: &mut Rng, up: bool, n: u64, firsts: &mut Firsts) -> (&'static str, Vec<u8>) {
-    let (kind, mut f) = match rng.below(100) {
-        0..=9 => {
+/// Captured DNS answers (tests/fixtures/dns): CNAME chains, AAAA, mixed case,
+/// NXDOMAIN, a truncated answer, ANY, HTTPS records, a query.
+const DNS_FIXTURES: [&[u8]; 11] = [
+    include_bytes!("../../fixtures/dns/media-a.bin"),
+    include_bytes!("../../fixtures/dns/media-aaaa.bin"),
+    include_bytes!("../../fixtures/dns/media-mixedcase-a.bin"),
+    include_bytes!("../../fixtures/dns/media-https-type65.bin"),
+    include_bytes!("../../fixtures/dns/media-a-query.bin"),
+    include_bytes!("../../fixtures/dns/turn-a.bin"),
+    include_bytes!("../../fixtures/dns/turn-aaaa.bin"),
+    include_bytes!("../../fixtures/dns/nxdomain.bin"),
+    include_bytes!("../../fixtures/dns/big-truncated-udp.bin"),
+    include_bytes!("../../fixtures/dns/any-mixed.bin"),
+    include_bytes!("../../fixtures/dns/https-type65.bin"),
+];
+/// Captured ClientHellos in one segment (tests/fixtures/tls).
+const TLS_WHOLE: [&[u8]; 7] = [
+    include_bytes!("../../fixtures/tls/curl-sni.bin"),
+    include_bytes!("../../fixtures/tls/gnutls-sni.bin"),
+    include_bytes!("../../fixtures/tls/openssl-default-sni.bin"),
+    include_bytes!("../../fixtures/tls/openssl-tls12-sni.bin"),
+    include_bytes!("../../fixtures/tls/openssl-tls13-sni.bin"),
+    include_bytes!("../../fixtures/tls/openssl-no-sni.bin"),
+    // Not TLS: a QUIC Initial sent over TCP 443 (its first byte is not 0x16).
+    include_bytes!("../../fixtures/tls/quic-initial-gtlsclient.bin"),
+];
+/// Captured ClientHellos split over two segments (the SNI in the first, or only in
+/// the second).
+const TLS_SPLIT: [(&[u8], &[u8]); 3] = [
+    (
+        include_bytes!("../../fixtures/tls/openssl-big-alpn-seg1.bin"),
+        include_bytes!("../../fixtures/tls/openssl-big-alpn-seg2.bin"),
+    ),
+    (
+        include_bytes!("../../fixtures/tls/openssl-512-records-seg1.bin"),
+        include_bytes!("../../fixtures/tls/openssl-512-records-seg2.bin"),
+    ),
+    (
+        include_bytes!("../../fixtures/tls/gnutls-ffdhe8192-seg1.bin"),
+        include_bytes!("../../fixtures/tls/gnutls-ffdhe8192-seg2.bin"),
+    ),
+];
+
+/// What the seeds remember between frames.
+#[derive(Default)]
+struct Seeds {
+    firsts: Firsts,
+    /// Recent ClientHello connections (as sent: LAN -> WAN:443), for later segments.
+    conns: Vec<Pkt>,
+    /// Second segments of split ClientHellos, to follow on their connections.
+    seconds: Vec<(Pkt, &'static [u8])>,
+    /// Flows sent again and again (demotion, promotion): (upload, packet).
+    pool: Vec<(bool, Pkt)>,
+}
+
+/// One of the 256 (per family) WAN addresses the synthetic DNS answers name.
+fn named_addr(rng: &mut Rng, v6: bool) -> IpAddr {
+    let j = rng.byte();
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, j.into()))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(203, 0, 113, j))
+    }
+}
+
+/// A frame carrying `payload` after its L4 header (the builder's payload is its tail).
+fn with_payload(mut p: Pkt, payload: &[u8]) -> Vec<u8> {
+    p.payload = payload.len();
+    let mut f = p.build();
+    let at = f.len() - payload.len();
+    f[at..].copy_from_slice(payload);
+    f
+}
+
+fn dns_name(n: &str) -> Vec<u8> {
+    let mut v = Vec::new();
+    for l in n.split('.') {
+        v.push(l.len() as u8);
+        v.extend(l.as_bytes());
+    }
+    v.push(0);
+    v
+}
+
+/// A DNS answer to `qname` (A or AAAA after the first address's family), through
+/// `cname` if given, owner names compressed.
+fn dns_message(id: u16, qname: &str, cname: Option<&str>, addrs: &[IpAddr], ttl: u32) -> Vec<u8> {
+    let qtype: u16 = if addrs.first().is_some_and(IpAddr::is_ipv6) {
+        28
+    } else {
+        1
+    };
+    let an = addrs.len() + usize::from(cname.is_some());
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend([0x81, 0x80, 0, 1]);
+    m.extend((an as u16).to_be_bytes());
+    m.extend([0, 0, 0, 0]);
+    m.extend(dns_name(qname));
+    m.extend(qtype.to_be_bytes());
+    m.extend([0, 1]);
+    let mut owner = [0xc0, 12];
+    if let Some(t) = cname {
+        m.extend(owner);
+        m.extend([0, 5, 0, 1]);
+        m.extend(ttl.to_be_bytes());
+        let t = dns_name(t);
+        m.extend((t.len() as u16).to_be_bytes());
+        owner = [0xc0 | (m.len() >> 8) as u8, m.len() as u8];
+        m.extend(t);
+    }
+    for a in addrs {
+        m.extend(owner);
+        let (t, data) = match a {
+            IpAddr::V4(a) => (1u16, a.octets().to_vec()),
+            IpAddr::V6(a) => (28, a.octets().to_vec()),
+        };
+        m.extend(t.to_be_bytes());
+        m.extend([0, 1]);
+        m.extend(ttl.to_be_bytes());
+        m.extend((data.len() as u16).to_be_bytes());
+        m.extend(data);
+    }
+    m
+}
+
+/// A TLS 1.2/1.3-style ClientHello with `sni` (if any) and some padding.
+fn client_hello(rng: &mut Rng, sni: Option<&str>) -> Vec<u8> {
+    let mut ext = Vec::new();
+    if let Some(name) = sni {
+        let n = name.as_bytes();
+        ext.extend([0, 0]);
+        ext.extend(((n.len() + 5) as u16).to_be_bytes());
+        ext.extend(((n.len() + 3) as u16).to_be_bytes());
+        ext.push(0);
+        ext.extend((n.len() as u16).to_be_bytes());
+        ext.extend(n);
+    }
+    // supported_versions (TLS 1.3, 1.2), then padding.
+    ext.extend([0, 0x2b, 0, 5, 4, 3, 4, 3, 3]);
+    let pad = rng.below(300) as usize;
+    ext.extend([0, 0x15]);
+    ext.extend((pad as u16).to_be_bytes());
+    ext.extend(std::iter::repeat_n(0, pad));
+    let mut body = vec![3, 3];
+    body.extend(rng.bytes(32));
+    body.push(32);
+    body.extend(rng.bytes(32));
+    body.extend([0, 6, 0x13, 0x01, 0x13, 0x02, 0xc0, 0x2f, 1, 0]);
+    body.extend((ext.len() as u16).to_be_bytes());
+    body.extend(ext);
+    let mut hs = vec![1];
+    hs.extend(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend(body);
+    let mut rec = vec![0x16, 3, 1];
+    rec.extend((hs.len() as u16).to_be_bytes());
+    rec.extend(hs);
+    rec
+}
+
+/// Mostly left alone; else byte flips, a cut, or bytes added.
+fn mutate(rng: &mut Rng, payload: &mut Vec<u8>) {
+    match rng.below(10) {
+        0..=4 => {}
+        5..=7 if !payload.is_empty() => {
+            for _ in 0..1 + rng.below(6) {
+                let i = rng.below(payload.len() as u64) as usize;
+                if rng.chance(50) {
+                    payload[i] ^= 1 << rng.below(8);
+                } else {
+                    payload[i] = rng.byte();
+                }
+            }
+        }
+        8 => {
+            let cut = rng.below(payload.len() as u64 + 1) as usize;
+            payload.truncate(cut);
+        }
+        _ => {
+            let extra = rng.bytes_below(64);
+            payload.extend(extra);
+        }
+    }
+}
+
+/// A DNS answer on its way to the LAN: captured, or synthetic for names the host
+/// rules want (and some they do not), naming [`named_addr`]s; then [`mutate`]d.
+fn dns_answer(rng: &mut Rng) -> Vec<u8> {
+    let v6 = rng.chance(30);
+    let (lan, resolver) = (lan_addr(rng, v6), wan_addr(rng, v6));
+    let mut p = Pkt::udp(
+        &resolver.to_string(),
+        &lan.to_string(),
+        53,
+        1024 + rng.below(64000) as u16,
+    );
+    if rng.chance(10) {
+        p.vlans = vec![rng.next() as u16];
+    }
+    let mut payload = if rng.chance(25) {
+        DNS_FIXTURES[rng.below(DNS_FIXTURES.len() as u64) as usize].to_vec()
+    } else {
+        let j = rng.byte();
+        let (qname, cname) = match rng.below(5) {
+            0 => (format!("h{j}.example.test"), None),
+            1 => (
+                format!("m{j}.sfu.whereby.com"),
+                Some(format!("edge{j}.cdn.example.net")),
+            ),
+            2 => (format!("b{j}.bulk.example.test"), None),
+            3 => (format!("x{j}.turn.whereby.com"), None),
+            // No rule wants it: not learned.
+            _ => (format!("w{j}.other.test"), None),
+        };
+        let addrs: Vec<IpAddr> = (0..1 + rng.below(3)).map(|_| named_addr(rng, v6)).collect();
+        let ttl = 30 + rng.below(3600) as u32;
+        dns_message(rng.next() as u16, &qname, cname.as_deref(), &addrs, ttl)
+    };
+    mutate(rng, &mut payload);
+    with_payload(p, &payload)
+}
+
+/// A TCP segment to port 443 carrying a ClientHello (captured, the first of a split
+/// one, or synthetic with a name the host rules want or not), [`mutate`]d; or the
+/// second segment of a split one sent earlier.
+fn client_hello_segment(rng: &mut Rng, st: &mut Seeds) -> Vec<u8> {
+    if !st.seconds.is_empty() && rng.chance(40) {
+        let (p, seg2) = st
+            .seconds
+            .swap_remove(rng.below(st.seconds.len() as u64) as usize);
+        let mut payload = seg2.to_vec();
+        mutate(rng, &mut payload);
+        return with_payload(p, &payload);
+    }
+    let v6 = rng.chance(30);
+    let lan = lan_addr(rng, v6);
+    let wan = if rng.chance(50) {
+        named_addr(rng, v6)
+    } else {
+        wan_addr(rng, v6)
+    };
+    let p = Pkt::tcp(
+        &lan.to_string(),
+        &wan.to_string(),
+        1024 + rng.below(64000) as u16,
+        443,
+    );
+    let mut payload = match rng.below(10) {
+        0..=2 => TLS_WHOLE[rng.below(TLS_WHOLE.len() as u64) as usize].to_vec(),
+        3 | 4 => {
+            let (seg1, seg2) = TLS_SPLIT[rng.below(TLS_SPLIT.len() as u64) as usize];
+            if st.seconds.len() < 64 {
+                st.seconds.push((p.clone(), seg2));
+            }
+            seg1.to_vec()
+        }
+        _ => {
+            let j = rng.byte();
+            let name = match rng.below(5) {
+                0 => Some("pacs.example.nhs.uk".to_string()),
+                1 => Some(format!("s{j}.pacs.example.test")),
+                2 => Some(format!("h{j}.example.test")),
+                3 => Some(format!("w{j}.other.test")),
+                _ => None,
+            };
+            client_hello(rng, name.as_deref())
+        }
+    };
+    mutate(rng, &mut payload);
+    if st.conns.len() >= 256 {
+        st.conns.remove(0);
+    }
+    st.conns.push(p.clone());
+    with_payload(p, &payload)
+}
+
+/// A later segment (or pure ACK) of a recent ClientHello's connection, either way.
+fn later_segment(rng: &mut Rng, st: &Seeds, up: bool) -> Vec<u8> {
+    if st.conns.is_empty() {
+        return valid(rng, up).build();
+    }
+    let mut p = st.conns[rng.below(st.conns.len() as u64) as usize].clone();
+    p.payload = [0usize, 0, 20, 200, 1200][rng.below(5) as usize];
+    if !up {
+        std::mem::swap(&mut p.src, &mut p.dst);
+        std::mem::swap(&mut p.sport, &mut p.dport);
+    }
+    p.build()
+}
+
+/// 16 flows each of the two demoting classes (video, images) and of default-class
+/// UDP (promotable), found by explain among random flows.
+fn flow_pool(policy: &config::Policy, seed: u64) -> Vec<(bool, Pkt)> {
+    let mut ex = Explainer::new(policy);
+    let mut rng = Rng(seed ^ 0x2545_f491_4f6c_dd1d | 1);
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut pool = Vec::new();
+    for _ in 0..500_000 {
+        let (v6, up) = (rng.chance(30), rng.chance(50));
+        let proto = if rng.chance(70) { 17 } else { 6 };
+        let (lan, wan) = (lan_addr(&mut rng, v6), wan_addr(&mut rng, v6));
+        let lport = 1024 + rng.below(64000) as u16;
+        let rport = if rng.chance(50) {
+            rng.next() as u16
+        } else {
+            [104u16, 443, 3478, 11112, 3389][rng.below(5) as usize]
+        };
+        let mut p = if up {
+            Pkt::new(&lan.to_string(), &wan.to_string(), proto, lport, rport)
+        } else {
+            Pkt::new(&wan.to_string(), &lan.to_string(), proto, rport, lport)
+        };
+        p.payload = 100;
+        let dir = if up {
+            shaper_common::DIR_UP
+        } else {
+            shaper_common::DIR_DOWN
+        };
+        let d = ex.decide(&explain::parse_frame(&p.build(), true, dir));
+        let which = match policy.classes[d.class].name.as_str() {
+            "video" => "video",
+            "images" => "images",
+            "default" if d.rule.is_none() && proto == 17 => "default udp",
+            _ => continue,
+        };
+        let c = counts.entry(which).or_default();
+        if *c < 16 {
+            *c += 1;
+            pool.push((up, p));
+        }
+        if pool.len() == 48 {
+            break;
+        }
+    }
+    pool
+}
+
+fn addr16(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(a) => {
+            let mut b = [0; 16];
+            b[..4].copy_from_slice(&a.octets());
+            b
+        }
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// One frame of a random kind, and its direction (the seeds of DNS answers and
+/// ClientHellos, and the repeated flows, have their own).
+fn frame(rng: &mut Rng, up: bool, n: u64, st: &mut Seeds) -> (&'static str, Vec<u8>, bool) {
+    let (kind, mut f, up) = match rng.below(100) {
+        0..=8 => {
             let mut f = rng.bytes_below(160);
             if f.len() >= 16 && rng.chance(70) {
                 let et = [0x0800u16, 0x86dd, 0x8100, 0x88a8][rng.below(4) as usize];
@@ -394,22 +783,22 @@ fn frame(rng: &mut Rng, up: bool, n: u64, firsts: &mut Firsts) -> (&'static str,
                     f[14] = if et == 0x86dd { 0x60 } else { 0x45 } | (f[14] & 0x0f);
                 }
             }
-            ("random bytes", f)
+            ("random bytes", f, up)
         }
-        10..=24 => ("valid", valid(rng, up).build()),
-        25..=44 => {
+        9..=21 => ("valid", valid(rng, up).build(), up),
+        22..=38 => {
             let mut f = valid(rng, up).build();
             let n = 1 + rng.below(8);
             flip(rng, &mut f, n);
-            ("byte flips", f)
+            ("byte flips", f, up)
         }
-        45..=59 => {
+        39..=51 => {
             let mut f = valid(rng, up).build();
             let cut = rng.below(f.len() as u64 + 1) as usize;
             f.truncate(cut);
-            ("truncated", f)
+            ("truncated", f, up)
         }
-        60..=69 => {
+        52..=59 => {
             let mut f = valid(rng, up).build();
             for _ in 0..rng.below(7) {
                 let tpid = [0x8100u16, 0x88a8, 0x9100, rng.next() as u16][rng.below(4) as usize];
@@ -417,11 +806,33 @@ fn frame(rng: &mut Rng, up: bool, n: u64, firsts: &mut Firsts) -> (&'static str,
                 tag.extend((rng.next() as u16).to_be_bytes());
                 f.splice(12..12, tag);
             }
-            ("VLAN stacks", f)
+            ("VLAN stacks", f, up)
         }
-        70..=84 => ("IPv6 extension chains", v6_chain(rng)),
-        85..=92 => ("fragment fields", frag_fields(rng, up)),
-        _ => ("fragment pairs", fragment_pair(rng, up, n, firsts)),
+        60..=72 => ("IPv6 extension chains", v6_chain(rng), up),
+        73..=79 => ("fragment fields", frag_fields(rng, up), up),
+        80..=84 => (
+            "fragment pairs",
+            fragment_pair(rng, up, n, &mut st.firsts),
+            up,
+        ),
+        85..=88 => ("DNS answers", dns_answer(rng), false),
+        89..=92 => ("ClientHellos", client_hello_segment(rng, st), true),
+        93 | 94 => ("later segments", later_segment(rng, st, up), up),
+        95..=97 if !st.pool.is_empty() => {
+            let (up, mut p) = st.pool[rng.below(st.pool.len() as u64) as usize].clone();
+            p.payload = [20usize, 100, 300, 800, 1200][rng.below(5) as usize];
+            ("repeated flows", p.build(), up)
+        }
+        _ => {
+            let mut p = valid(rng, up);
+            let a = named_addr(rng, p.src.is_ipv6());
+            if up {
+                p.dst = a;
+            } else {
+                p.src = a;
+            }
+            ("to named addresses", p.build(), up)
+        }
     };
     // Some of every kind also get a cut or a flip.
     if rng.chance(10) {
@@ -433,7 +844,7 @@ fn frame(rng: &mut Rng, up: bool, n: u64, firsts: &mut Firsts) -> (&'static str,
         f.truncate(cut);
     }
     f.truncate(MAX_FRAME);
-    (kind, f)
+    (kind, f, up)
 }
 
 /// BPF_PROG_TEST_RUN refuses frames shorter than Ethernet, and for the IP
@@ -449,8 +860,97 @@ fn harness_refuses(f: &[u8]) -> bool {
     }
 }
 
+/// Why the kernel's class for `p` may rightly differ from explain's, which knows what
+/// the host-name engine knows (its snapshot, as `shaper explain` reads hosts.json) but
+/// not the kernel's caches: the connection was decided by its server name and the
+/// decision has left the snapshot's list of recent ones (`HOST_FLOWS`), its flow was
+/// demoted or promoted, or cached before its address was learned (`FLOWS`), or the
+/// frame is a ClientHello, which explain decides by its own server name while the
+/// kernel hands it to user space and classifies it by the rules. Checked before the
+/// frame's own events reach the engine, so the state is what the kernel saw.
+fn accounted_for(
+    policy: &config::Policy,
+    p: &explain::Packet,
+    priority: u32,
+    host_flows: &BpfHashMap<MapData, HostKey, HostVal>,
+    flows: &BpfHashMap<MapData, FlowKey, FlowVal>,
+    engine: &Engine<Rc<RefCell<MapKernel>>>,
+) -> Option<&'static str> {
+    let view = p.view();
+    // A pure ACK goes to the ACK class whatever decided it.
+    let class_id = |class: u32| {
+        let class = policy
+            .ack_class
+            .filter(|_| p.pure_ack == Some(true))
+            .unwrap_or(class as usize);
+        classid_of(policy, class)
+    };
+    let family = if view.dst.is_ipv6() { 6 } else { 4 };
+    let port = |p: Option<u16>| p.map_or(NO_PORT, u32::from);
+    if p.frag == Frag::Later {
+        return None;
+    }
+    if (p.proto == 6 || p.proto == 17) && view.dport == Some(443) {
+        let key = HostKey {
+            src: addr16(view.src),
+            dst: addr16(view.dst),
+            sport: port(view.sport),
+            dport: port(view.dport),
+            proto: p.proto,
+            family,
+            _pad: [0; 2],
+        };
+        if let Ok(h) = host_flows.get(&key, 0) {
+            if h.flags & HOST_DECIDED != 0 && class_id(h.class) == priority {
+                return Some("decided by server name (HOST_FLOWS)");
+            }
+        }
+    }
+    let key = FlowKey {
+        src: addr16(view.src),
+        dst: addr16(view.dst),
+        sport: port(view.sport),
+        dport: port(view.dport),
+        proto: p.proto,
+        dscp: view.dscp,
+        dir: p.dir as u8,
+        family,
+    };
+    if let Ok(f) = flows.get(&key, 0) {
+        if class_id(f.class) == priority {
+            if f.flags & FLOW_DEMOTED != 0 {
+                return Some("demoted flow (FLOWS)");
+            }
+            if f.flags & FLOW_PROMOTED != 0 {
+                return Some("promoted flow (FLOWS)");
+            }
+            if !engine.table.rules_of(view.dst).is_empty() {
+                return Some("cached before address learned (FLOWS)");
+            }
+        }
+    }
+    if p.sni.is_some() && p.dir == shaper_common::DIR_UP && view.dport == Some(443) {
+        let rule =
+            compile::reference_match_hosts(policy, &view, |rank, a| engine.table.has(a, rank));
+        let class = rule.map_or(policy.default_class, |r| policy.rules[r].class);
+        if class_id(class as u32) == priority {
+            return Some("ClientHello itself (explain: by its SNI)");
+        }
+    }
+    None
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!(
+            "shaper-soak [--frames N] [--seed S]\n  \
+             feeds N (default 1000000) random and mutated frames through the classifier with a \
+             1,000-rule policy (plus host-name rules, demotion, promotion); root only.\n  \
+             Exits 1 on a drop or a bad class id, 2 on a setup error."
+        );
+        return ExitCode::SUCCESS;
+    }
     let arg = |name: &str| {
         args.iter()
             .position(|a| a == name)
@@ -504,7 +1004,8 @@ fn run(frames: u64, seed: u64) -> anyhow::Result<bool> {
 
     let text = policy_text();
     let policy = config::parse(Path::new("soak.toml"), &text).context("soak policy")?;
-    let maps = compile::maps(&compile::plan(&policy, None));
+    let plan = compile::plan(&policy, None);
+    let maps = compile::maps(&plan);
     let flags =
         shaper_common::CFG_WAN_L2 | shaper_common::CFG_LAN_L2 | shaper_common::CFG_REMARK_WAN;
     let t0 = Instant::now();
@@ -517,17 +1018,46 @@ fn run(frames: u64, seed: u64) -> anyhow::Result<bool> {
         maps.nwords,
         t0.elapsed()
     );
+    for (flag, what) in [
+        (shaper_common::CFG_HOSTS, "host names"),
+        (shaper_common::CFG_FLOW_BEHAVIOUR, "flow behaviour"),
+    ] {
+        if maps.flags & flag == 0 {
+            bail!("the soak policy does not turn on {what}");
+        }
+    }
+    // The maps the host-name engine writes and the soak looks up, taken out of the
+    // object (the loaded program keeps its own references to them).
+    let mut take = |name: &str| {
+        obj.take_map(name)
+            .with_context(|| format!("map {name} missing from the object"))
+    };
+    let mut ring = RingBuf::try_from(take(MAP_EVENTS)?)?;
+    let flows: BpfHashMap<MapData, FlowKey, FlowVal> = BpfHashMap::try_from(take(MAP_FLOWS)?)?;
+    let host_maps = Rc::new(RefCell::new(MapKernel::take(&mut obj)?));
+    let mut engine = Engine::new(&plan, host_maps.clone());
     let classids: HashSet<u32> = (0..policy.classes.len())
         .map(|i| classid_of(&policy, i))
         .collect();
+    // explain as `shaper explain` runs beside a daemon: with what the engine learned.
     let mut ex = Explainer::new(&policy);
+    let mut known = (0, 0);
 
     let mut rng = Rng(seed);
-    let mut firsts: Firsts = Vec::new();
+    let mut st = Seeds {
+        pool: flow_pool(&policy, seed),
+        ..Default::default()
+    };
     let mut decided: Vec<u64> = Vec::new();
+    // Frames whose difference from explain is accounted for (their later fragments
+    // follow them in the kernel).
+    let mut accounted: HashSet<u64> = HashSet::new();
+    let mut why: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut events = 0u64;
     let (mut refused, mut errors, mut drops, mut bad, mut differ, mut not_compared) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     let mut kernel_time = Duration::ZERO;
+    let mut kind_time: BTreeMap<&str, (Duration, u64)> = BTreeMap::new();
     let mut runs = 0u64;
     let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
     let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
@@ -535,7 +1065,10 @@ fn run(frames: u64, seed: u64) -> anyhow::Result<bool> {
     let started = Instant::now();
     for n in 0..frames {
         let up = rng.chance(50);
-        let (kind, f) = frame(&mut rng, up, n, &mut firsts);
+        let (kind, f, up) = frame(&mut rng, up, n, &mut st);
+        if n % 65_536 == 0 {
+            engine.tick(Instant::now());
+        }
         *kinds.entry(kind).or_default() += 1;
         let ifindex = if up { wan } else { lan };
         let res = match bpf::test_run(&mut obj, &f, ifindex, 1) {
@@ -558,6 +1091,9 @@ fn run(frames: u64, seed: u64) -> anyhow::Result<bool> {
         };
         runs += 1;
         kernel_time += res.duration;
+        let kt = kind_time.entry(kind).or_default();
+        kt.0 += res.duration;
+        kt.1 += 1;
         if res.ret != u32::MAX {
             drops += 1;
             if examples.len() < 10 {
@@ -599,31 +1135,65 @@ fn run(frames: u64, seed: u64) -> anyhow::Result<bool> {
             Outcome::Malformed => "malformed",
         };
         *outcomes.entry(key.to_string()).or_default() += 1;
-        if d.outcome == Outcome::FragmentFollowed
-            && d.first_fragment
-                .is_some_and(|first| n - decided[first - 1] > 1000)
-        {
+        let first_at = d.first_fragment.map(|first| decided[first - 1]);
+        let reason = || match &parsed {
+            _ if first_at.is_some_and(|at| accounted.contains(&at)) => {
+                Some("later fragments of those")
+            }
+            Parsed::Ip(p) => accounted_for(
+                &policy,
+                p,
+                res.priority,
+                &host_maps.borrow().host_flows,
+                &flows,
+                &engine,
+            ),
+            _ => None,
+        };
+        if d.outcome == Outcome::FragmentFollowed && first_at.is_some_and(|at| n - at > 1000) {
             not_compared += 1;
         } else if ex.classid(&d) != res.priority {
-            differ += 1;
-            if examples.len() < 10 {
-                let what = match &parsed {
-                    Parsed::Ip(p) => p.describe(),
-                    other => format!("{other:?}"),
-                };
-                examples.push(format!(
-                    "explain says 1:{:x}, kernel 1:{:x} on frame {n} ({kind}, {what}): {:02x?}",
-                    ex.classid(&d) & 0xffff,
-                    res.priority & 0xffff,
-                    &f[..f.len().min(96)]
-                ));
+            if let Some(reason) = reason() {
+                *why.entry(reason).or_default() += 1;
+                accounted.insert(n);
+            } else {
+                differ += 1;
+                if examples.len() < 10 {
+                    let what = match &parsed {
+                        Parsed::Ip(p) => p.describe(),
+                        other => format!("{other:?}"),
+                    };
+                    examples.push(format!(
+                        "explain says 1:{:x}, kernel 1:{:x} on frame {n} ({kind}, {what}): {:02x?}",
+                        ex.classid(&d) & 0xffff,
+                        res.priority & 0xffff,
+                        &f[..f.len().min(96)]
+                    ));
+                }
             }
+        }
+        // The events this frame made go through the host-name engine into the maps
+        // before the next frame (the daemon reads the ring as it fills).
+        let now = Instant::now();
+        while let Some(item) = ring.next() {
+            events += 1;
+            engine.on_event(now, &item);
+        }
+        let learned = (engine.table.len(), engine.stats.sni_decided);
+        if learned != known {
+            ex.hosts = engine.snapshot(now);
+            known = learned;
         }
     }
     let wall = started.elapsed();
 
     println!("\nframe kinds: {kinds:?}");
     println!("explain outcomes: {outcomes:?}");
+    let by_kind: Vec<String> = kind_time
+        .iter()
+        .map(|(k, (t, n))| format!("{k}: {:.0}", t.as_nanos() as f64 / (*n).max(1) as f64))
+        .collect();
+    println!("kernel ns/packet by kind: {}", by_kind.join(", "));
     for e in &examples {
         println!("  {e}");
     }
@@ -634,8 +1204,67 @@ fn run(frames: u64, seed: u64) -> anyhow::Result<bool> {
     row("test-run errors", errors.to_string());
     row("drops (return code != TC_ACT_UNSPEC)", drops.to_string());
     row("bad class ids (priority not a class)", bad.to_string());
-    row("explain != kernel", differ.to_string());
+    row("explain != kernel, unaccounted for", differ.to_string());
+    row(
+        "explain != kernel, accounted for:",
+        why.values().sum::<u64>().to_string(),
+    );
+    for (reason, count) in &why {
+        row(&format!("  {reason}"), count.to_string());
+    }
     row("  (later fragments not compared)", not_compared.to_string());
+    let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(
+        obj.map(MAP_GLOBAL_STATS)
+            .context("map GLOBAL_STATS missing")?,
+    )?;
+    let global = |name: &str| -> anyhow::Result<u64> {
+        let i = GLOBAL_COUNTER_NAMES
+            .iter()
+            .position(|n| *n == name)
+            .with_context(|| format!("no counter {name}"))? as u32;
+        let mut sum = 0;
+        for dir in 0..2 {
+            sum += stats
+                .get(&(dir * GLOBAL_COUNTERS + i), 0)?
+                .iter()
+                .sum::<u64>();
+        }
+        Ok(sum)
+    };
+    for name in [
+        "events",
+        "events_lost",
+        "host_flow_hits",
+        "flow_cache_hits",
+        "flows_demoted",
+        "flows_promoted",
+    ] {
+        row(&format!("kernel: {name}"), global(name)?.to_string());
+    }
+    let h = &engine.stats;
+    row(
+        "events read and handed to hosts::Engine",
+        events.to_string(),
+    );
+    for (name, v) in [
+        ("dns_answers", h.dns_answers),
+        ("dns_unparsed", h.dns_unparsed),
+        ("dns_addresses_learned", h.dns_addresses_learned),
+        ("tls_hellos", h.tls_hellos),
+        ("tls_segments_joined", h.tls_segments_joined),
+        ("sni_found", h.sni_found),
+        ("sni_absent", h.sni_absent),
+        ("sni_unparsed", h.sni_unparsed),
+        ("sni_decided", h.sni_decided),
+        ("no_room", h.no_room),
+        ("kernel_errors", h.kernel_errors),
+    ] {
+        row(&format!("engine: {name}"), v.to_string());
+    }
+    row(
+        "engine: addresses in the table",
+        engine.table.len().to_string(),
+    );
     row(
         "ns/packet (kernel, mean of runs)",
         format!("{:.0}", kernel_time.as_nanos() as f64 / runs.max(1) as f64),
