@@ -302,8 +302,8 @@ fn emit(ctx: &TcContext, kind: u32, dir: u32, pkt: &Pkt) {
 }
 
 /// Host names: DNS answers on their way to the LAN, and a TCP 443
-/// connection's ClientHello (or its next segment when user space asks for
-/// it), go to user space; a connection user space has decided follows its
+/// connection's ClientHello or a UDP 443 (QUIC) client Initial (or the
+/// connection's next packet when user space asks for it), go to user space; a connection user space has decided follows its
 /// decision in both directions.
 #[inline(always)]
 fn hosts(ctx: &TcContext, pkt: &Pkt, dir: u32) -> Option<(u32, u32)> {
@@ -328,10 +328,20 @@ fn hosts(ctx: &TcContext, pkt: &Pkt, dir: u32) -> Option<(u32, u32)> {
         }
         Some(_) => {}
         None => {
-            if dir == DIR_UP && pkt.proto == IPPROTO_TCP && pkt.payload_len >= 6 {
-                // A handshake record carrying a ClientHello.
+            if dir == DIR_UP && pkt.payload_len >= 6 {
                 if let Some(h) = load::<[u8; 6]>(ctx, pkt.payload_off as usize) {
-                    if h[0] == 0x16 && h[5] == 0x01 {
+                    let hello = if pkt.proto == IPPROTO_TCP {
+                        // A handshake record carrying a ClientHello.
+                        h[0] == 0x16 && h[5] == 0x01
+                    } else {
+                        // A QUIC long-header Initial (v1, or v2 whose Initial
+                        // has type bits 01); its CRYPTO frames carry the hello.
+                        let version = u32::from_be_bytes([h[1], h[2], h[3], h[4]]);
+                        h[0] & 0xc0 == 0xc0
+                            && ((version == 1 && h[0] & 0x30 == 0)
+                                || (version == 0x6b33_43cf && h[0] & 0x30 == 0x10))
+                    };
+                    if hello {
                         emit(ctx, EV_TLS, dir, pkt);
                     }
                 }
