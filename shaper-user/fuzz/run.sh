@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # Runs one fuzz target, seeded from the captured fixtures.
-# Usage: shaper-user/fuzz/run.sh <dnswire|sni> [seconds, default 30]
+# Usage: shaper-user/fuzz/run.sh <dnswire|sni|quic> [seconds, default 30]
 # Needs the nightly toolchain and cargo-fuzz (cargo install cargo-fuzz --locked).
 set -euo pipefail
 cd "$(dirname "$0")"
-target=${1:?usage: run.sh <dnswire|sni> [seconds]}
+target=${1:?usage: run.sh <dnswire|sni|quic> [seconds]}
 secs=${2:-30}
 case "$target" in
     dnswire) fixtures=../../tests/fixtures/dns ;;
     sni) fixtures=../../tests/fixtures/tls ;;
-    *) echo "unknown target $target (dnswire, sni)" >&2; exit 2 ;;
+    quic) fixtures=../../tests/fixtures/quic ;;
+    *) echo "unknown target $target (dnswire, sni, quic)" >&2; exit 2 ;;
 esac
 mkdir -p "corpus/$target"
 cp "$fixtures"/*.bin "corpus/$target/"
+if [ "$target" = quic ]; then
+    # Also the TLS captures: the target reads TLS records as a ClientHello to send
+    # through QUIC Initials (and the first QUIC capture lives with them).
+    cp ../../tests/fixtures/tls/*.bin "corpus/$target/"
+fi
 # -a: debug assertions and overflow checks on, so an arithmetic overflow is a crash.
 exec cargo +nightly fuzz run -a "$target" "corpus/$target" -- -max_total_time="$secs"

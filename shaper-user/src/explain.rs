@@ -485,6 +485,16 @@ fn l4_ports(b: &[u8], l4: usize, l4_len: u32, p: &mut Packet) -> Result<(), &'st
             }
         }
     }
+    // A QUIC client Initial to UDP 443 whose ClientHello fits in it.
+    let (start, end) = (l4 + 8, (l4 + l4_len as usize).min(b.len()));
+    if p.proto == 17 && p.dir == DIR_UP && p.dport == Some(443) && start < end {
+        if let Ok(crate::sni::Sni::Found { name, .. }) =
+            crate::quic::HelloAssembler::new().push_datagram(&b[start..end])
+        {
+            p.sni = Some(name);
+            p.sni_in_payload = true;
+        }
+    }
     Ok(())
 }
 

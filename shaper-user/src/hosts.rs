@@ -18,12 +18,14 @@
 //!   on request). If the server name makes a host rule win over whatever rule
 //!   the connection matches otherwise, the connection's class is written to
 //!   `HOST_FLOWS`, which the classifier follows in both directions.
+//! - **QUIC server names**: a QUIC v1/v2 client Initial to UDP 443 is
+//!   decrypted with the keys its destination connection id gives away
+//!   ([`crate::quic`]) and its CRYPTO frames put together (a post-quantum
+//!   ClientHello spans two Initials, the second sent on request), then as TLS.
 //!
 //! What is not seen: DNS over TCP, TLS or HTTPS (DoT/DoH: a browser using its
-//! own encrypted resolver; the TLS server name then still works), QUIC (the
-//! Initial's server name is encrypted with keys derived from the connection
-//! ID; not decrypted here, but QUIC connections to addresses learned from DNS
-//! match), and TLS with Encrypted Client Hello (only the outer name is seen).
+//! own encrypted resolver; the TLS server name then still works), and TLS or
+//! QUIC with Encrypted Client Hello (only the outer name is seen).
 //!
 //! Connections already cached by the classifier keep their class when an
 //! address is learned or expires: new connections see the change.
@@ -265,6 +267,11 @@ pub struct HostStats {
     pub dns_addresses_learned: u64,
     pub tls_hellos: u64,
     pub tls_segments_joined: u64,
+    /// QUIC client Initials read (first of a connection), and later ones joined.
+    #[serde(default)]
+    pub quic_initials: u64,
+    #[serde(default)]
+    pub quic_initials_joined: u64,
     pub sni_found: u64,
     pub sni_absent: u64,
     pub sni_unparsed: u64,
@@ -321,6 +328,8 @@ pub struct Engine<K: Kernel> {
     /// What the kernel holds per address: (static id, rule set).
     installed: HashMap<IpAddr, (u32, Vec<usize>)>,
     pending: HashMap<HostKey, (Instant, Vec<u8>)>,
+    /// QUIC connections whose ClientHello spans several Initials.
+    quic_pending: HashMap<HostKey, (Instant, crate::quic::HelloAssembler)>,
     sni: Vec<SniEntry>,
     pub stats: HostStats,
     kernel: K,
@@ -353,6 +362,7 @@ impl<K: Kernel> Engine<K> {
             maps,
             installed: HashMap::new(),
             pending: HashMap::new(),
+            quic_pending: HashMap::new(),
             sni: Vec::new(),
             stats: HostStats::default(),
             kernel,
@@ -384,6 +394,9 @@ impl<K: Kernel> Engine<K> {
         let len = (ev.len as usize).min(ev.data.len());
         match ev.kind {
             EV_DNS => self.on_dns(now, &ev.data[..len]),
+            EV_TLS if ev.dir == DIR_UP && ev.key.proto == 17 => {
+                self.on_quic(now, ev.key, ev.dscp as u8, &ev.data[..len])
+            }
             EV_TLS if ev.dir == DIR_UP => self.on_tls(now, ev.key, ev.dscp as u8, &ev.data[..len]),
             _ => {}
         }
@@ -472,6 +485,56 @@ impl<K: Kernel> Engine<K> {
         }
     }
 
+    /// A QUIC client Initial (UDP to 443): its ClientHello, decrypted with the
+    /// keys every Initial's connection id gives away, may span several.
+    fn on_quic(&mut self, now: Instant, key: HostKey, dscp: u8, datagram: &[u8]) {
+        let (mut asm, joined) = match self.quic_pending.remove(&key) {
+            Some((_, a)) => {
+                self.stats.quic_initials_joined += 1;
+                (a, true)
+            }
+            None => {
+                self.stats.quic_initials += 1;
+                (crate::quic::HelloAssembler::new(), false)
+            }
+        };
+        let mut r = asm.push_datagram(datagram);
+        if joined && matches!(r, Err(crate::quic::QuicSniError::OtherConnection)) {
+            // A new connection id on the same 5-tuple (after a Retry): start again.
+            asm = crate::quic::HelloAssembler::new();
+            r = asm.push_datagram(datagram);
+        }
+        match r {
+            Ok(sni::Sni::Found { name, .. }) => {
+                self.stats.sni_found += 1;
+                self.decide(key, dscp, &name);
+                return;
+            }
+            Ok(sni::Sni::NeedMore(_)) if self.quic_pending.len() < MAX_PENDING => {
+                let want = HostVal {
+                    rule: NO_RULE,
+                    class: 0,
+                    flags: HOST_WANT_MORE,
+                    _pad: 0,
+                };
+                if self.kernel.set_host_flow(&key, want).is_ok() {
+                    self.quic_pending.insert(key, (now, asm));
+                } else {
+                    self.stats.kernel_errors += 1;
+                }
+                return;
+            }
+            Ok(_) => self.stats.sni_absent += 1,
+            Err(e) => {
+                self.stats.sni_unparsed += 1;
+                log::debug!("QUIC Initial not understood: {e}");
+            }
+        }
+        if joined {
+            let _ = self.kernel.del_host_flow(&key);
+        }
+    }
+
     /// The rule a connection with this server name falls to, if the name is
     /// what decides it.
     pub fn sni_rule(&self, view: &PacketView, name: &str) -> Option<usize> {
@@ -488,6 +551,12 @@ impl<K: Kernel> Engine<K> {
 
     fn decide(&mut self, key: HostKey, dscp: u8, name: &str) {
         let (src, dst) = key_addrs(&key);
+        log::debug!(
+            "server name {name} on {src}:{} -> {dst}:{} ({})",
+            key.sport,
+            key.dport,
+            crate::config::protocol_name(key.proto)
+        );
         let view = PacketView {
             dir: DIR_UP,
             proto: key.proto,
@@ -543,8 +612,15 @@ impl<K: Kernel> Engine<K> {
             .filter(|(_, (t, _))| now.duration_since(*t) > PENDING_FOR)
             .map(|(k, _)| *k)
             .collect();
-        for k in stale {
+        let stale_quic: Vec<HostKey> = self
+            .quic_pending
+            .iter()
+            .filter(|(_, (t, _))| now.duration_since(*t) > PENDING_FOR)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale.into_iter().chain(stale_quic) {
             self.pending.remove(&k);
+            self.quic_pending.remove(&k);
             let _ = self.kernel.del_host_flow(&k);
         }
     }
@@ -1019,6 +1095,55 @@ default = true
             "{changed:?}"
         );
         assert!(t.has(a(1), 0) && t.has(a(3), 0) && !t.has(a(2), 0));
+    }
+
+    #[test]
+    fn a_quic_hello_over_two_initials_is_put_together_and_decides() {
+        let p = plan(
+            "[[rule]]\nname = \"pacs\"\nclass = \"video\"\ndns_names = [\"pacs.example.nhs.uk\"]\n",
+        );
+        let first = include_bytes!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/quic/quic-ffdhe8192-gtlsclient-1.bin"
+        ));
+        let second = include_bytes!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/quic/quic-ffdhe8192-gtlsclient-2.bin"
+        ));
+        let key = HostKey {
+            src: [192, 168, 1, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [203, 0, 113, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            sport: 50_000,
+            dport: 443,
+            proto: 17,
+            family: 4,
+            _pad: [0; 2],
+        };
+        let ev = |data: &[u8]| {
+            let mut e = event(EV_TLS, data);
+            // SAFETY: Event is plain old data; the key sits at its offset.
+            let off = std::mem::offset_of!(Event, key);
+            let kb = unsafe {
+                std::slice::from_raw_parts(
+                    &key as *const HostKey as *const u8,
+                    std::mem::size_of::<HostKey>(),
+                )
+            };
+            e[off..off + kb.len()].copy_from_slice(kb);
+            e
+        };
+        let mut fake = Fake::default();
+        let mut e = Engine::new(&p, &mut fake);
+        let now = Instant::now();
+        e.on_event(now, &ev(first));
+        assert_eq!(e.stats.quic_initials, 1);
+        assert_eq!(e.stats.sni_decided, 0, "the name is in the second Initial");
+        e.on_event(now, &ev(second));
+        assert_eq!(e.stats.quic_initials_joined, 1);
+        assert_eq!(e.stats.sni_decided, 1, "{:?}", e.stats);
+        drop(e);
+        let v = fake.flows[&key];
+        assert_eq!((v.rule, v.class, v.flags), (0, 0, HOST_DECIDED));
     }
 
     #[test]

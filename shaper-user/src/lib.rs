@@ -13,5 +13,6 @@ pub mod explain;
 pub mod hosts;
 pub mod kernel;
 pub mod metrics;
+pub mod quic;
 pub mod sni;
 pub mod status;

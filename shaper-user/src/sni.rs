@@ -49,13 +49,11 @@
 //! # QUIC
 //!
 //! [`quic_initial`] recognises a QUIC v1 (RFC 9000) or v2 (RFC 9369) Initial packet's
-//! long header and returns its connection IDs. Reading the SNI out of a QUIC Initial
-//! is **not implemented**: the ClientHello sits in CRYPTO frames of a payload
-//! protected with keys derived from the DCID (HKDF-SHA256 with the version's salt,
-//! RFC 9001 §5.2), AES-128-GCM, and header protection (AES-ECB mask over the packet
-//! number); this crate uses no crypto libraries, and a std-only implementation is not
-//! worth the risk. QUIC flows are therefore classified by address/port and DNS names
-//! only; the DCID lets a caller that adds decryption later find the keys.
+//! long header and returns its connection IDs. The ClientHello sits in CRYPTO frames
+//! of a payload protected with keys derived from the DCID (HKDF-SHA256 with the
+//! version's salt, RFC 9001 §5.2), AES-128-GCM, and header protection (AES-ECB mask
+//! over the packet number): [`crate::quic`] removes those and hands the hello back to
+//! [`client_hello_sni`].
 
 use std::fmt;
 
@@ -484,7 +482,7 @@ pub fn quic_initial(udp_payload: &[u8]) -> Result<QuicInitial, QuicError> {
 }
 
 /// A QUIC variable-length integer (RFC 9000 §16).
-fn varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
+pub(crate) fn varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
     let first = *buf.get(*pos)?;
     let len = 1usize << (first >> 6);
     let bytes = buf.get(*pos..*pos + len)?;

@@ -183,6 +183,7 @@ const APT: &[(&str, &str)] = &[
     ("dnsmasq", "dnsmasq-base"),
     ("dig", "bind9-dnsutils"),
     ("openssl", "openssl"),
+    ("gtlsclient", "ngtcp2-client"),
     // The firmware image (cargo xtask image).
     ("dpkg-deb", "dpkg"),
     ("depmod", "kmod"),
@@ -363,7 +364,7 @@ fn path_with_cargo_bin() -> std::ffi::OsString {
 /// fixtures; `seconds` each. A crash fails the run and leaves its input in
 /// shaper-user/fuzz/artifacts/.
 fn fuzz(seconds: u32) -> Result<()> {
-    for target in ["dnswire", "sni"] {
+    for target in ["dnswire", "sni", "quic"] {
         step(&format!("fuzzing {target} for {seconds} s"));
         let mut c = Command::new("bash");
         c.arg(workspace().join("shaper-user/fuzz/run.sh"))
