@@ -803,21 +803,26 @@ pub fn reference_match_hosts(
 /// The bitmap id the WAN-side (dst) address trie gives `a` from the static
 /// prefixes alone (the wildcard id when none covers it).
 pub fn static_dst_id(m: &MapPlan, a: IpAddr) -> u32 {
+    lpm_id(&m.dst4, &m.dst6, a, m.wild_dst)
+}
+
+/// The id an LPM lookup of `a` gives over these entries (`wild` when none
+/// covers it), as the kernel's tries do.
+fn lpm_id(e4: &[([u8; 4], u8, u32)], e6: &[([u8; 16], u8, u32)], a: IpAddr, wild: u32) -> u32 {
+    let covers = |p: IpAddr, l: u8| mask_addr(a, l) == p;
     let best = match a {
-        IpAddr::V4(_) => m
-            .dst4
+        IpAddr::V4(_) => e4
             .iter()
-            .filter(|(p, l, _)| mask_addr(a, *l) == IpAddr::V4((*p).into()))
+            .filter(|(p, l, _)| covers(IpAddr::V4((*p).into()), *l))
             .max_by_key(|(_, l, _)| *l)
             .map(|e| e.2),
-        IpAddr::V6(_) => m
-            .dst6
+        IpAddr::V6(_) => e6
             .iter()
-            .filter(|(p, l, _)| mask_addr(a, *l) == IpAddr::V6((*p).into()))
+            .filter(|(p, l, _)| covers(IpAddr::V6((*p).into()), *l))
             .max_by_key(|(_, l, _)| *l)
             .map(|e| e.2),
     };
-    best.unwrap_or(m.wild_dst)
+    best.unwrap_or(wild)
 }
 
 /// The same lookup the kernel does, over the compiled maps (used to check the
@@ -836,29 +841,13 @@ pub fn map_match_hosts(m: &MapPlan, p: &PacketView, learned: &[usize]) -> Option
         shaper_common::CFG_IGNORE_DSCP_DOWN
     };
     let dscp = if m.flags & ignore != 0 { 0 } else { p.dscp };
-    let lpm =
-        |e4: &[([u8; 4], u8, u32)], e6: &[([u8; 16], u8, u32)], a: IpAddr, wild: u32| -> u32 {
-            let best = match a {
-                IpAddr::V4(a) => e4
-                    .iter()
-                    .filter(|(p, l, _)| mask_addr(IpAddr::V4(a), *l) == IpAddr::V4((*p).into()))
-                    .max_by_key(|(_, l, _)| *l)
-                    .map(|e| e.2),
-                IpAddr::V6(a) => e6
-                    .iter()
-                    .filter(|(p, l, _)| mask_addr(IpAddr::V6(a), *l) == IpAddr::V6((*p).into()))
-                    .max_by_key(|(_, l, _)| *l)
-                    .map(|e| e.2),
-            };
-            best.unwrap_or(wild)
-        };
     let ids = [
         m.proto_idx[(p.dir * 256 + p.proto as u32) as usize],
         m.dscp_idx[dscp as usize],
         m.sport_idx[p.sport.map_or(NO_PORT as usize, usize::from)],
         m.dport_idx[p.dport.map_or(NO_PORT as usize, usize::from)],
-        lpm(&m.src4, &m.src6, p.src, m.wild_src),
-        lpm(&m.dst4, &m.dst6, p.dst, m.wild_dst),
+        lpm_id(&m.src4, &m.src6, p.src, m.wild_src),
+        lpm_id(&m.dst4, &m.dst6, p.dst, m.wild_dst),
     ];
     let mut dst_words = m.bitmaps[ids[5] as usize].clone();
     for &r in learned {

@@ -258,6 +258,30 @@ impl Slots {
     }
 }
 
+/// An event's bytes as the classifier writes them to the ring buffer: the
+/// connection `key` (from the site's side) and up to `EVENT_DATA` bytes of
+/// `payload` (for tests, benchmarks and the soak).
+pub fn event_bytes(kind: u32, dir: u32, key: HostKey, payload: &[u8]) -> Vec<u8> {
+    let n = payload.len().min(shaper_common::EVENT_DATA);
+    let mut ev = Event {
+        kind,
+        len: n as u32,
+        dir,
+        dscp: 0,
+        key,
+        data: [0; shaper_common::EVENT_DATA],
+    };
+    ev.data[..n].copy_from_slice(&payload[..n]);
+    // SAFETY: Event is #[repr(C)] plain old data; the slice covers exactly one.
+    unsafe {
+        std::slice::from_raw_parts(
+            &ev as *const Event as *const u8,
+            std::mem::size_of::<Event>(),
+        )
+    }
+    .to_vec()
+}
+
 /// Counters of what the host-name path did (shown by `shaper status` through
 /// hosts.json).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -986,23 +1010,12 @@ default = true
     }
 
     fn event(kind: u32, data: &[u8]) -> Vec<u8> {
-        let mut ev = Event {
+        event_bytes(
             kind,
-            len: data.len() as u32,
-            dir: if kind == EV_DNS { 1 } else { 0 },
-            dscp: 0,
-            key: HostKey::default(),
-            data: [0; shaper_common::EVENT_DATA],
-        };
-        ev.data[..data.len()].copy_from_slice(data);
-        // SAFETY: Event is plain old data.
-        unsafe {
-            std::slice::from_raw_parts(
-                &ev as *const Event as *const u8,
-                std::mem::size_of::<Event>(),
-            )
-        }
-        .to_vec()
+            if kind == EV_DNS { 1 } else { 0 },
+            HostKey::default(),
+            data,
+        )
     }
 
     #[test]
@@ -1119,19 +1132,7 @@ default = true
             family: 4,
             _pad: [0; 2],
         };
-        let ev = |data: &[u8]| {
-            let mut e = event(EV_TLS, data);
-            // SAFETY: Event is plain old data; the key sits at its offset.
-            let off = std::mem::offset_of!(Event, key);
-            let kb = unsafe {
-                std::slice::from_raw_parts(
-                    &key as *const HostKey as *const u8,
-                    std::mem::size_of::<HostKey>(),
-                )
-            };
-            e[off..off + kb.len()].copy_from_slice(kb);
-            e
-        };
+        let ev = |data: &[u8]| event_bytes(EV_TLS, 0, key, data);
         let mut fake = Fake::default();
         let mut e = Engine::new(&p, &mut fake);
         let now = Instant::now();

@@ -26,8 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use shaper_common::{
-    Event, HostKey, HostVal, EVENT_DATA, GLOBAL_COUNTERS, HOST_DECIDED, MAP_EVENTS,
-    MAP_GLOBAL_STATS, MAP_HOST_FLOWS,
+    HostKey, HostVal, GLOBAL_COUNTERS, HOST_DECIDED, MAP_EVENTS, MAP_GLOBAL_STATS, MAP_HOST_FLOWS,
 };
 use shaper_tests::packet::Pkt;
 use shaper_tests::phases::{self, Phases};
@@ -35,7 +34,7 @@ use shaper_tests::topology::{GW_LAN_IF, GW_WAN_IF, HOST_IF, SRV_V4};
 use shaper_tests::{
     Line, Offloads, Scenario, Shaper, ShaperConfig, TempDir, Topology, TopologyOptions,
 };
-use shaper_user::hosts::{Engine, MapKernel};
+use shaper_user::hosts::{event_bytes, Engine, MapKernel};
 use shaper_user::{compile, config, kernel::bpf};
 
 const REPEAT: u32 = 200_000;
@@ -232,27 +231,6 @@ fn dns_answer(id: u16, name: &str, addr: Ipv4Addr, ttl: u32) -> Vec<u8> {
     m.extend([0, 4]);
     m.extend(addr.octets());
     m
-}
-
-/// `payload` as the classifier hands it to user space (an `Event`'s bytes).
-fn event_bytes(kind: u32, dir: u32, payload: &[u8]) -> Vec<u8> {
-    let mut ev = Event {
-        kind,
-        len: payload.len() as u32,
-        dir,
-        dscp: 0,
-        key: HostKey::default(),
-        data: [0; EVENT_DATA],
-    };
-    ev.data[..payload.len()].copy_from_slice(payload);
-    // SAFETY: Event is #[repr(C)] plain old data; the slice covers exactly one.
-    unsafe {
-        std::slice::from_raw_parts(
-            &ev as *const Event as *const u8,
-            std::mem::size_of::<Event>(),
-        )
-    }
-    .to_vec()
 }
 
 /// A per-direction global counter of a loaded classifier (summed over CPUs).
@@ -639,7 +617,7 @@ fn host_rows(floor: Duration) -> anyhow::Result<()> {
                     scattered(i as u32),
                     3600,
                 );
-                event_bytes(shaper_common::EV_DNS, DIR_DOWN, &answer)
+                event_bytes(shaper_common::EV_DNS, DIR_DOWN, HostKey::default(), &answer)
             })
             .collect();
         let now = Instant::now();
