@@ -303,8 +303,9 @@ fn emit(ctx: &TcContext, kind: u32, dir: u32, pkt: &Pkt) {
 
 /// Host names: DNS answers on their way to the LAN, and a TCP 443
 /// connection's ClientHello or a UDP 443 (QUIC) client Initial (or the
-/// connection's next packet when user space asks for it), go to user space; a connection user space has decided follows its
-/// decision in both directions.
+/// connection's next packet when user space asks for it), go to user space;
+/// a connection user space has decided follows its decision in both
+/// directions.
 #[inline(always)]
 fn hosts(ctx: &TcContext, pkt: &Pkt, dir: u32) -> Option<(u32, u32)> {
     if pkt.proto == IPPROTO_UDP && pkt.dport == 53 && dir == DIR_DOWN {

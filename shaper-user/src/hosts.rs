@@ -91,7 +91,7 @@ impl HostRules {
 #[derive(Debug, Clone)]
 struct Learn {
     expires: Instant,
-    /// The queried name (what the rule's pattern matched on the chain).
+    /// The name on the answer's CNAME chain the rule matched.
     name: String,
 }
 
@@ -436,17 +436,22 @@ impl<K: Kernel> Engine<K> {
             }
         };
         self.stats.dns_answers += 1;
-        let names = dnswire::chain_names(&msg);
-        let mut ranks: Vec<usize> = names.iter().flat_map(|n| self.rules.matching(n)).collect();
-        ranks.sort_unstable();
-        ranks.dedup();
-        if ranks.is_empty() {
+        // Each rule with the first name on the chain it matches (the queried
+        // name, or a CNAME target a rule names): that name is kept, so a reload
+        // can match it against the new rules.
+        let mut by_rank: BTreeMap<usize, String> = BTreeMap::new();
+        for n in dnswire::chain_names(&msg) {
+            for rank in self.rules.matching(&n) {
+                by_rank.entry(rank).or_insert_with(|| n.clone());
+            }
+        }
+        if by_rank.is_empty() {
             return;
         }
         let mut changed = Vec::new();
-        for (qname, addr, ttl) in dnswire::resolve_chain(&msg) {
-            for &rank in &ranks {
-                changed.extend(self.table.learn(now, addr, rank, &qname, ttl));
+        for (_, addr, ttl) in dnswire::resolve_chain(&msg) {
+            for (&rank, name) in &by_rank {
+                changed.extend(self.table.learn(now, addr, rank, name, ttl));
             }
             self.stats.dns_addresses_learned += 1;
         }
@@ -1055,6 +1060,39 @@ default = true
         assert!(!e.table.has(addr, 0));
         drop(e);
         assert!(!fake.addrs.contains_key(&addr), "removed from the trie");
+    }
+
+    #[test]
+    fn a_rule_naming_a_cname_target_learns_and_keeps_it_across_a_reload() {
+        let p = plan(
+            "[[rule]]\nname = \"cdn\"\nclass = \"bulk\"\ndns_names = [\"edge.example.net\"]\n",
+        );
+        let mut fake = Fake::default();
+        let mut e = Engine::new(&p, &mut fake);
+        let t0 = Instant::now();
+        let ev = event(
+            EV_DNS,
+            &answer(
+                "media.sfu.whereby.com",
+                "edge.example.net",
+                [192, 0, 2, 9],
+                600,
+            ),
+        );
+        e.on_event(t0, &ev);
+        let addr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 9));
+        assert!(e.table.has(addr, 0));
+        assert_eq!(e.snapshot(t0).learned[0].name, "edge.example.net");
+        let old = std::mem::take(&mut e.table);
+        drop(e);
+        // The reloaded policy has the rule at another rank.
+        let p2 = plan(
+            "[[rule]]\nname = \"x\"\nclass = \"video\"\nprotocol = \"udp\"\ndst_ports = [1]\n\
+             [[rule]]\nname = \"cdn\"\nclass = \"bulk\"\ndns_names = [\"edge.example.net\"]\n",
+        );
+        let mut e = Engine::new(&p2, &mut fake);
+        e.carry_over(t0 + Duration::from_secs(10), &old);
+        assert!(e.table.has(addr, 1), "carried over to the rule's new rank");
     }
 
     #[test]
