@@ -326,3 +326,55 @@ fn kernel_agrees_with_the_reference_model_on_random_packets() {
         assert_eq!(got, want, "packet {p:?}");
     }
 }
+
+#[test]
+fn dscp_from_an_ignored_side_is_not_looked_at_and_honoured_marks_pick_their_class() {
+    if !root_or_skip() {
+        return;
+    }
+    let lan_host = "192.168.7.20";
+    let marked = |up: bool, dscp: u8| {
+        let mut p = if up {
+            Pkt::udp(lan_host, "198.51.100.4", 40000, 5004)
+        } else {
+            Pkt::udp("198.51.100.4", lan_host, 5004, 40000)
+        };
+        p.dscp = dscp;
+        p.build()
+    };
+    // Trusted (the default): the `ef` rule (upload, DSCP EF) takes an EF packet.
+    let mut r = rig();
+    assert_eq!(r.run(&marked(true, 46), true), r.class_of("video"));
+    drop(r);
+    // The LAN's marks ignored: the same packet is unmarked to the rules.
+    let mut r = shaper_tests::rig::load(&format!("{POLICY}[dscp]\nlan = \"ignore\"\n"));
+    assert_eq!(r.run(&marked(true, 46), true), r.class_of("default"));
+    drop(r);
+    // Honoured marks: AF41 from the LAN to `images`, ahead of every rule of the file;
+    // the WAN side's marks ignored (a download AF41 packet is not honoured: upload only).
+    let text = format!("{POLICY}[dscp]\nwan = \"ignore\"\n[dscp.honour]\naf41 = \"images\"\n");
+    let mut r = shaper_tests::rig::load(&text);
+    assert_eq!(r.run(&marked(true, 34), true), r.class_of("images"));
+    assert_eq!(r.run(&marked(false, 34), false), r.class_of("default"));
+    assert_eq!(r.run(&marked(true, 46), true), r.class_of("video"));
+    // The kernel agrees with the reference matcher on these.
+    for (up, dscp) in [(true, 34u8), (false, 34), (true, 46), (false, 46)] {
+        let f = marked(up, dscp);
+        let view = PacketView {
+            dir: if up { 0 } else { 1 },
+            proto: 17,
+            dscp,
+            sport: Some(40000),
+            dport: Some(5004),
+            src: lan_host.parse().expect("addr"),
+            dst: "198.51.100.4".parse().expect("addr"),
+        };
+        let want = compile::reference_match(&r.policy, &view)
+            .map_or(r.policy.default_class, |i| r.policy.rules[i].class);
+        assert_eq!(
+            r.run(&f, up),
+            classid_of(&r.policy, want),
+            "up={up} dscp={dscp}"
+        );
+    }
+}
