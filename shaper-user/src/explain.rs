@@ -1034,33 +1034,10 @@ impl<'a> Explainer<'a> {
         }
     }
 
-    /// The host rule a connection's server name makes win (what user space
-    /// writes to HOST_FLOWS), if any; `learned` are the host rules the WAN
-    /// address is learned for.
+    /// The host rule a connection's server name makes win ([`crate::hosts::sni_winner`]);
+    /// `learned` are the host rules the WAN address is learned for.
     fn sni_winner(&self, view: &PacketView, name: &str, learned: &[usize]) -> Option<usize> {
-        if view.dport != Some(443) || !matches!(view.proto, 6 | 17) {
-            return None;
-        }
-        let by_name: Vec<usize> = self
-            .policy
-            .rules
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| {
-                r.dns_names
-                    .iter()
-                    .any(|pat| crate::dnswire::name_matches(pat, name))
-            })
-            .map(|(i, _)| i)
-            .collect();
-        let up = PacketView {
-            dir: DIR_UP,
-            ..*view
-        };
-        let r = compile::reference_match_hosts(self.policy, &up, |r, a| {
-            by_name.contains(&r) || (a == view.dst && learned.contains(&r))
-        })?;
-        (by_name.contains(&r) && !learned.contains(&r)).then_some(r)
+        crate::hosts::sni_winner(self.policy, view, name, |r| learned.contains(&r))
     }
 
     /// With what a running shaper learned of host names.

@@ -342,6 +342,40 @@ const PENDING_FOR: Duration = Duration::from_secs(5);
 /// SNI decisions listed in hosts.json (the most recent).
 const MAX_SNI_LISTED: usize = 1024;
 
+/// The host rule a connection's server name makes win, if any: what user
+/// space writes to HOST_FLOWS (and what `explain` says). `learned(rank)`:
+/// the connection's WAN-side address is learned from DNS for that rule. The
+/// decision is taken on the upload view, for TCP or UDP to port 443 only,
+/// and only for a rule the name matched (not one the address already gave).
+pub fn sni_winner(
+    policy: &Policy,
+    view: &PacketView,
+    name: &str,
+    learned: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    if view.dport != Some(443) || !matches!(view.proto, 6 | 17) {
+        return None;
+    }
+    let by_name: Vec<usize> = policy
+        .rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.dns_names.iter().any(|p| dnswire::name_matches(p, name)))
+        .map(|(i, _)| i)
+        .collect();
+    if by_name.is_empty() {
+        return None;
+    }
+    let up = PacketView {
+        dir: DIR_UP,
+        ..*view
+    };
+    let r = compile::reference_match_hosts(policy, &up, |rank, a| {
+        by_name.contains(&rank) || (a == view.dst && learned(rank))
+    })?;
+    (by_name.contains(&r) && !learned(r)).then_some(r)
+}
+
 /// The host-name engine over one applied policy.
 pub struct Engine<K: Kernel> {
     policy: Policy,
@@ -567,15 +601,9 @@ impl<K: Kernel> Engine<K> {
     /// The rule a connection with this server name falls to, if the name is
     /// what decides it.
     pub fn sni_rule(&self, view: &PacketView, name: &str) -> Option<usize> {
-        let by_name = self.rules.matching(name);
-        if by_name.is_empty() {
-            return None;
-        }
-        let r = compile::reference_match_hosts(&self.policy, view, |rank, a| {
-            by_name.contains(&rank) || self.table.has(a, rank)
-        })?;
-        // Only a rule the name matched (not one the address already gave).
-        (by_name.contains(&r) && !self.table.has(view.dst, r)).then_some(r)
+        sni_winner(&self.policy, view, name, |rank| {
+            self.table.has(view.dst, rank)
+        })
     }
 
     fn decide(&mut self, key: HostKey, dscp: u8, name: &str) {
