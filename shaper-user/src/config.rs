@@ -97,6 +97,10 @@ struct RawDirection {
     /// With `[autorate]`: the lowest rate it may set (default a quarter of `rate`).
     #[serde(default)]
     min_rate: Option<Spanned<String>>,
+    /// Download only: what reaches the shaper counts against the rate, dropped or not
+    /// (it crossed the line before it was dropped), as CAKE's ingress mode.
+    #[serde(default)]
+    account_arrivals: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -376,6 +380,10 @@ pub struct Policy {
     /// Media-like default-class UDP flows move to a class (`[promote]`).
     #[serde(default)]
     pub promote: Option<Promote>,
+    /// `[download] account_arrivals`: the download rate is held so that what reaches
+    /// the shaper, dropped or not, stays within it (see `ingress`).
+    #[serde(default)]
+    pub download_account_arrivals: bool,
 }
 
 fn yes() -> bool {
@@ -1528,6 +1536,26 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
     let (dscp_trust_lan, dscp_trust_wan) = dscp_trust(cx, raw.dscp.as_ref(), &names, &mut rules)?;
     let promote = promote(cx, raw.promote.as_ref(), &names, &classes)?;
     let dns = dns_settings(cx, raw.dns.as_ref())?;
+    if let Some(a) = &raw.upload.account_arrivals {
+        return Err(cx.at(
+            a,
+            "upload.account_arrivals",
+            "only the download direction accounts arrivals: upload packets are shaped before the line, not after it",
+        ));
+    }
+    let download_account_arrivals = match &raw.download.account_arrivals {
+        Some(a) if *a.get_ref() && autorate.is_some() => {
+            return Err(cx.at(
+                a,
+                "download.account_arrivals",
+                "cannot be combined with [autorate] (both set the download rate); choose one",
+            ))
+        }
+        Some(a) => *a.get_ref(),
+        // On unless [autorate] sets the download rate (it reacts to the same queue by
+        // its delay).
+        None => autorate.is_none(),
+    };
     // Lower priority value first; file order breaks ties (sort is stable).
     rules.sort_by_key(|r| r.priority);
     let ack_class = match &shaping.ack_class {
@@ -1585,6 +1613,7 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
         dscp_trust_lan,
         dscp_trust_wan,
         promote,
+        download_account_arrivals,
     })
 }
 

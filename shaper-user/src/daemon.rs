@@ -182,6 +182,8 @@ pub async fn run(
     // Rate adaptation runs beside the loop below; every apply tells it the new policy
     // (and that the configured rates are back in the kernel).
     let (autorate_tx, autorate_rx) = tokio::sync::watch::channel(applied(&state));
+    // Arrival accounting on the download rate rides on the same notifications.
+    let ingress_task = tokio::spawn(crate::ingress::run(autorate_rx.clone(), paths.pins.clone()));
     let autorate_task = tokio::spawn(autorate::run(autorate_rx));
     // Host names (DNS answers, TLS server names) likewise.
     let (hosts_tx, hosts_rx) = tokio::sync::watch::channel(hosts_applied(&paths, &state));
@@ -248,6 +250,7 @@ pub async fn run(
     sd_notify("STOPPING=1");
     drop(autorate_tx);
     let _ = autorate_task.await;
+    let _ = ingress_task.await;
     drop(hosts_tx);
     let _ = hosts_task.await;
     if keep_on_exit {

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod dnswire;
 pub mod explain;
 pub mod hosts;
+pub mod ingress;
 pub mod kernel;
 pub mod metrics;
 pub mod quic;

@@ -173,6 +173,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     a.delay_ms
                 );
             }
+            if policy.download_account_arrivals {
+                println!(
+                    "download arrival accounting: `shaper run` holds what reaches the shaper (dropped or not) within {} +{} %, lowering the download rate (to {} at least) while more arrives: an unresponsive flood costs throughput, not the modem's queue",
+                    config::format_rate(policy.download_bps),
+                    shaper_user::ingress::MARGIN * 100.0,
+                    config::format_rate((policy.download_bps as f64 * shaper_user::ingress::FLOOR) as u64)
+                );
+            }
             for n in &policy.notes {
                 println!("note: {n}");
             }

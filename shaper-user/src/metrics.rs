@@ -732,6 +732,7 @@ mod tests {
             direction: direction.to_string(),
             interface: interface.to_string(),
             rate_bps: rate,
+            kernel_rate_bps: Some(rate),
             classes: vec![class("video", "1:10", 7), class("default", "1:2", 9)],
         };
         let mut classifier = BTreeMap::new();

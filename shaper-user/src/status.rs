@@ -36,6 +36,9 @@ pub struct DirReport {
     pub direction: String,
     pub interface: String,
     pub rate_bps: u64,
+    /// The rate class 1:1 has in the kernel now: below `rate_bps` while `shaper run`'s
+    /// arrival accounting or autorate holds it lower.
+    pub kernel_rate_bps: Option<u64>,
     pub classes: Vec<ClassReport>,
 }
 
@@ -140,10 +143,16 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
                 classified_bytes: cc.bytes,
             });
         }
+        let kernel_rate_bps = first[di]
+            .iter()
+            .find(|k| k.classid == crate::compile::PARENT_CLASSID)
+            .and_then(|k| k.htb)
+            .map(|h| h.rate_bps);
         directions.push(DirReport {
             direction: label.to_string(),
             interface: d.ifname.clone(),
             rate_bps: d.rate_bps,
+            kernel_rate_bps,
             classes,
         });
     }
@@ -218,9 +227,20 @@ pub fn render(r: &Report) -> String {
         .unwrap_or(5)
         .max(5);
     for d in &r.directions {
+        // HTB keeps rates in bytes per second: a few bit/s of rounding are no change.
+        let lowered = d
+            .kernel_rate_bps
+            .filter(|&k| k + d.rate_bps / 200 < d.rate_bps)
+            .map(|k| {
+                format!(
+                    " (now {}: lowered by `shaper run`'s arrival accounting or autorate)",
+                    format_rate(k)
+                )
+            })
+            .unwrap_or_default();
         let _ = writeln!(
             s,
-            "\n{} on {} at {}",
+            "\n{} on {} at {}{lowered}",
             d.direction,
             d.interface,
             format_rate(d.rate_bps)

@@ -44,6 +44,9 @@ pub struct ShaperConfig {
     pub rules: Vec<Rule>,
     /// The class pure TCP ACKs go to (`[shaping] ack_class`).
     pub ack_class: Option<String>,
+    /// `[download] account_arrivals` (done by `shaper run`); `None` leaves the product's
+    /// default (on without `[autorate]`).
+    pub account_arrivals: Option<bool>,
 }
 
 impl ShaperConfig {
@@ -72,6 +75,7 @@ impl ShaperConfig {
                 class("default", 4, 20, true),
             ],
             ack_class: Some("acks".into()),
+            account_arrivals: None,
             rules: vec![
                 Rule {
                     name: "teams-video".into(),
@@ -120,6 +124,9 @@ impl ShaperConfig {
             "[download]\nrate = {}",
             q(&format_rate(self.download_bps))
         );
+        if let Some(a) = self.account_arrivals {
+            let _ = writeln!(t, "account_arrivals = {a}");
+        }
         if let Some(a) = &self.ack_class {
             let _ = writeln!(t, "[shaping]\nack_class = {}", q(a));
         }

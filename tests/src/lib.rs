@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod dicom;
+pub mod flood;
 pub mod gateway;
 pub mod iperf;
 pub mod netns;

@@ -222,3 +222,69 @@ pub fn ensure_bpffs() -> Result<()> {
     util::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS_ROOT]))?;
     Ok(())
 }
+
+/// `shaper run CONFIG` in the gateway namespace (as on the box), its stderr in a file;
+/// [`Daemon::stop`] or drop sends SIGTERM (the daemon removes its shaping), then SIGKILL.
+pub struct Daemon {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon and waits (up to 20 s) until `shaper status` answers.
+    pub fn start(shaper: &Shaper, config: &Path, log: PathBuf, rust_log: &str) -> Result<Daemon> {
+        let child = shaper
+            .command(&[OsStr::new("run"), config.as_os_str()])
+            .env("RUST_LOG", rust_log)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).context("daemon log file")?)
+            .spawn()
+            .context("starting `shaper run`")?;
+        let mut d = Daemon { child, log };
+        let t0 = std::time::Instant::now();
+        while shaper.status_json().is_err() {
+            if let Some(st) = d.child.try_wait()? {
+                bail!("`shaper run` exited ({st}) before applying:\n{}", d.log());
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(20) {
+                bail!("`shaper run` did not apply within 20 s:\n{}", d.log());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Ok(d)
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait (20 s, then SIGKILL and an error); returns the log.
+    pub fn stop(mut self) -> Result<String> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> Result<String> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = std::time::Instant::now();
+        while self.child.try_wait()?.is_none() {
+            if t0.elapsed() > std::time::Duration::from_secs(20) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("`shaper run` did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Ok(self.log())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.terminate();
+        }
+    }
+}

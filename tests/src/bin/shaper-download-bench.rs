@@ -4,37 +4,37 @@
 //! The busy hour on FTTC 40/10 (400 ms modem buffer) in one run, one topology, for:
 //! no shaper (FIFO gateway), the plain `tc` HTB reference shaper configured like the product
 //! (same rates, classes, priorities, pure ACKs at priority 0, 20 ms bfifo leaves), the
-//! product at 92 % and 95 % of the download line with CUBIC senders, and the product at
-//! 92 % with BBR senders (`net.ipv4.tcp_congestion_control` set in the srv and lan
-//! namespaces only).
+//! product at 92 % and 95 % of the download line with CUBIC senders (95 % also with
+//! `account_arrivals = false`), and the product at 92 % with BBR senders
+//! (`net.ipv4.tcp_congestion_control` set in the srv and lan namespaces only). The product
+//! runs as on the box, `shaper run` (arrival accounting lives in the daemon).
 //!
 //! Then "UDP flood": the product at 92 % with an extra `bulk` class (guaranteed 5 %,
 //! ceiling 50 %) and a rule putting UDP port 5300 in it, without a flood and with one
-//! unresponsive UDP flow srv -> lan at 1.5x (and 0.5x) the download line rate; where the
-//! flood's excess was dropped (the gateway's bulk class, other classes, the modem).
+//! unresponsive UDP flow srv -> lan at 0.5x the download line rate (without arrival
+//! accounting, with it, with it and BBR senders) and at 1.5x; where the flood's excess was
+//! dropped (the gateway's bulk class, other classes, the modem).
 //!
 //! While the video runs, the modem's in0 TBF and the gateway's lan0 leaf qdiscs are sampled
 //! (`tc -s -j qdisc`) every 100 ms: the third table says where the download queue was.
 //!
-//! `--seconds N` per configuration (default 15); `--no-flood` skips the second scenario.
+//! `--seconds N` per configuration (default 15); `--no-flood` skips the second scenario;
+//! `--only A,B` runs the configurations whose label contains A or B. `SHAPER_LOG` sets the
+//! daemon's log level (its arrival-accounting lines are echoed to stderr).
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
+use shaper_tests::flood::{start_flood, with_bulk_class, FLOOD_PAYLOAD, FLOOD_PORT};
 use shaper_tests::reference::{self, ReferenceOptions};
-use shaper_tests::topology::{GW_LAN_IF, LAN_HOST_V4, MODEM_IN_IF};
-use shaper_tests::{
-    Class, Line, Netns, Results, Rule, Scenario, Shaper, ShaperConfig, TempDir, Topology,
-};
+use shaper_tests::shaper::Daemon;
+use shaper_tests::topology::{GW_LAN_IF, MODEM_IN_IF};
+use shaper_tests::{Line, Netns, Results, Scenario, Shaper, ShaperConfig, TempDir, Topology};
 
-/// UDP port of the flood (both ends); a rule puts it in the `bulk` class.
-const FLOOD_PORT: u16 = 5300;
-const FLOOD_PAYLOAD: usize = 1472;
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Clone)]
@@ -133,61 +133,6 @@ fn download_class_names(st: &Value) -> BTreeMap<String, String> {
     m
 }
 
-/// Paced unresponsive UDP from srv:FLOOD_PORT to lan:FLOOD_PORT at `bps` (IP bytes).
-fn start_flood(
-    topo: &Topology,
-    bps: u64,
-    len: Duration,
-    stop: Arc<AtomicBool>,
-) -> Result<(
-    std::thread::JoinHandle<u64>,
-    std::thread::JoinHandle<u64>,
-    Instant,
-)> {
-    let rx = topo.lan.within(|| {
-        let s = UdpSocket::bind(SocketAddr::new(LAN_HOST_V4.into(), FLOOD_PORT))?;
-        s.set_read_timeout(Some(Duration::from_millis(50)))?;
-        Ok(s)
-    })?;
-    shaper_tests::gateway::force_rcvbuf(&rx, 8 << 20);
-    let tx = topo.srv.within(|| {
-        let s = UdpSocket::bind(("0.0.0.0", FLOOD_PORT))?;
-        s.connect(SocketAddr::new(LAN_HOST_V4.into(), FLOOD_PORT))?;
-        Ok(s)
-    })?;
-    let stop_rx = stop.clone();
-    let receiver = std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        let mut n = 0u64;
-        loop {
-            if stop_rx.load(Ordering::Relaxed) {
-                return n;
-            }
-            if rx.recv(&mut buf).is_ok() {
-                n += 1;
-            }
-        }
-    });
-    let interval_ns = (FLOOD_PAYLOAD as u64 + 28) * 8 * 1_000_000_000 / bps;
-    let t0 = Instant::now();
-    let sender = std::thread::spawn(move || {
-        let pkt = [0x5au8; FLOOD_PAYLOAD];
-        let mut sent = 0u64;
-        while !stop.load(Ordering::Relaxed) && t0.elapsed() < len {
-            let due = Duration::from_nanos(sent * interval_ns);
-            let now = t0.elapsed();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-            // An error (ENOBUFS, ECONNREFUSED after an ICMP error) counts as sent and lost.
-            let _ = tx.send(&pkt);
-            sent += 1;
-        }
-        sent
-    });
-    Ok((sender, receiver, t0))
-}
-
 /// Samples the modem's and the gateway's download queues until `stop`, starting after
 /// `delay` (when the video starts).
 fn sample(topo: &Topology, delay: Duration, len: Duration, stop: &AtomicBool) -> Samples {
@@ -271,6 +216,7 @@ fn run_case(
     };
     let mut names = BTreeMap::new();
     let mut status_before = None;
+    let mut daemon: Option<Daemon> = None;
     match &case.gateway {
         Gateway::Fifo => {}
         Gateway::Reference(cfg) => {
@@ -288,7 +234,13 @@ fn run_case(
         }
         Gateway::Product(cfg) => {
             let path = cfg.write(dir.path(), "shaper.toml")?;
-            shaper.apply(&path)?;
+            // As on the box: `shaper run` (arrival accounting lives in the daemon).
+            daemon = Some(Daemon::start(
+                shaper,
+                &path,
+                dir.path().join("daemon.log"),
+                &std::env::var("SHAPER_LOG").unwrap_or_else(|_| "info".into()),
+            )?);
             let st = shaper.status_json()?;
             names = download_class_names(&st);
             status_before = Some(st);
@@ -343,7 +295,12 @@ fn run_case(
             for (n, d) in after {
                 class_drops.insert(n.clone(), d - before.get(&n).copied().unwrap_or(0));
             }
-            shaper.remove()?;
+            if let Some(d) = daemon.take() {
+                let log = d.stop()?;
+                for l in log.lines().filter(|l| l.contains("arrival accounting")) {
+                    eprintln!("  daemon: {l}");
+                }
+            }
         }
     }
     Ok(CaseResult {
@@ -424,6 +381,10 @@ fn main() -> Result<()> {
         download_bps: line.down_bps / 100 * pct,
         ..base.clone()
     };
+    let unaccounted = |c: ShaperConfig| ShaperConfig {
+        account_arrivals: Some(false),
+        ..c
+    };
     let case = |label: &str, gateway, cc, flood_bps| Case {
         label: label.to_string(),
         gateway,
@@ -450,24 +411,16 @@ fn main() -> Result<()> {
             "cubic",
             None,
         ),
+        case(
+            "product 95 %, cubic, no arrival accounting",
+            Gateway::Product(unaccounted(at(95))),
+            "cubic",
+            None,
+        ),
         case("product 92 %, bbr", Gateway::Product(at(92)), "bbr", None),
     ];
     let main_cases = cases.len();
-    let mut bulk_cfg = at(92);
-    bulk_cfg.classes.push(Class {
-        name: "bulk".into(),
-        priority: 7,
-        guaranteed_pct: 5,
-        ceiling_pct: 50,
-        default: false,
-    });
-    bulk_cfg.rules.push(Rule {
-        name: "flood".into(),
-        class: "bulk".into(),
-        protocol: Some("udp".into()),
-        dst_ports: vec![FLOOD_PORT.to_string()],
-        ..Default::default()
-    });
+    let bulk_cfg = with_bulk_class(at(92));
     if flood_too {
         cases.push(case(
             "product 92 % + bulk class, no flood",
@@ -476,9 +429,21 @@ fn main() -> Result<()> {
             None,
         ));
         cases.push(case(
+            "  + UDP flood 0.5x line, no arrival accounting",
+            Gateway::Product(unaccounted(bulk_cfg.clone())),
+            "cubic",
+            Some(line.down_bps / 2),
+        ));
+        cases.push(case(
             "  + UDP flood 0.5x line (20 Mbit/s)",
             Gateway::Product(bulk_cfg.clone()),
             "cubic",
+            Some(line.down_bps / 2),
+        ));
+        cases.push(case(
+            "  + UDP flood 0.5x line, bbr",
+            Gateway::Product(bulk_cfg.clone()),
+            "bbr",
             Some(line.down_bps / 2),
         ));
         cases.push(case(
@@ -489,6 +454,20 @@ fn main() -> Result<()> {
         ));
     }
 
+    // `--only A,B`: the cases whose label contains one of these (a quick look at a few).
+    let main_cases = match args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+    {
+        Some(only) => {
+            let keep = |c: &Case| only.split(',').any(|o| c.label.contains(o));
+            let main_kept = cases[..main_cases].iter().filter(|c| keep(c)).count();
+            cases.retain(keep);
+            main_kept
+        }
+        None => main_cases,
+    };
     let topo = Topology::build(Some(line))?;
     let dir = TempDir::new("download-bench")?;
     let mut shaper = Shaper::new(&topo.gw)?;

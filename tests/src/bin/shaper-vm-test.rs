@@ -1240,6 +1240,7 @@ fn plain_htb_script(p: &Profile) -> Result<String> {
         lan: "lan0".into(),
         upload_bps: u64::from(p.up_kbit * 95 / 100) * 1000,
         download_bps: u64::from(p.down_kbit * 92 / 100) * 1000,
+        account_arrivals: None,
         classes: vec![
             class("video", 0, 25, false),
             class("acks", 0, 10, false),

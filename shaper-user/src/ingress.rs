@@ -1,0 +1,351 @@
+//! `[download] account_arrivals`: everything that reaches the download shaper
+//! counts against the download rate, dropped or not (CAKE's ingress mode, done
+//! over the HTB tree).
+//!
+//! The download shaper sits behind the bottleneck: every packet it sees has
+//! already crossed the copper, so dropping it gives the line nothing back unless
+//! its sender slows down. An unresponsive flow (UDP that ignores loss) keeps
+//! arriving at its rate whatever the shaper drops of it; if the shaper still
+//! hands the responsive flows its whole rate, the two together exceed the line
+//! and the modem's queue fills, for every class.
+//!
+//! So every 100 ms the task measures what arrived at the shaper (the
+//! classifier's per-class byte and packet counters, before any queue, each
+//! packet sized as the HTB root's size table sizes it) and steers the download
+//! rate so that arrivals stay within `rate` (+2 %, the responsive flows' own
+//! drops): while more arrives, the rate comes down by half the excess per tick;
+//! while less arrives, it climbs back by a tenth of the room per tick, up to the
+//! configured rate. The whole tree is retuned (`apply::retune`), every class
+//! scaled with it, so classes with guarantees cannot keep what the line no
+//! longer has.
+//!
+//! Two properties make it work:
+//! - A modem with a queue sends at its line rate, so while a queue stands in it
+//!   the arrivals are the line rate, above `rate` + 2 % (the configured rate is
+//!   below the line's): the rate keeps coming down until the modem's queue is
+//!   gone, however it got there.
+//! - With the modem empty, arrivals = the unresponsive flows + what the shaper
+//!   lets the responsive ones have: the rate settles where the responsive flows
+//!   get the line minus the unresponsive ones, and the unresponsive flow's class
+//!   keeps only what its own share of the smaller rate gives it. The flood
+//!   costs throughput (which it has taken on the line anyway), not latency.
+//!
+//! Known limits: a GRO packet is sized once with its total length (the HTB root
+//! adds each segment's headers; about 3 % more for TCP), so on a gateway whose
+//! WAN side merges packets the arrivals read a little low (the shaper cuts a
+//! little later, never earlier). A flood above the line rate cannot be helped
+//! from behind the modem: the rate then stays at its floor (a tenth).
+//! Not combined with `[autorate]` (both set the download rate).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use aya::maps::{MapData, PerCpuArray};
+use shaper_common::{Counter, DIR_DOWN, MAP_CLASS_STATS, MAX_CLASSES};
+use tokio::sync::watch;
+
+use crate::{
+    apply,
+    autorate::Applied,
+    compile::{self, Accounting},
+    config::format_rate,
+    kernel::bpf::{self, Pins},
+    kernel::tc::Tc,
+};
+
+pub const TICK: Duration = Duration::from_millis(100);
+/// Arrivals may exceed the rate by this share before it is cut: the shaper's own
+/// drops of responsive flows (TCP finding its rate), which do come back off.
+pub const MARGIN: f64 = 0.02;
+/// Share of the excess taken off the rate per tick.
+const GAIN_DOWN: f64 = 0.5;
+/// Share of the room given back per tick.
+const GAIN_UP: f64 = 0.1;
+/// The rate never goes below this share of the configured one.
+pub const FLOOR: f64 = 0.1;
+/// Changes smaller than this share of the configured rate are not applied.
+const STEP: f64 = 0.005;
+
+/// The controller: arrivals in, rate out; rates in the HTB root's units.
+#[derive(Debug, Clone)]
+pub struct Governor {
+    base: f64,
+    rate: f64,
+    /// The rate last applied.
+    applied: f64,
+}
+
+impl Governor {
+    pub fn new(base_bps: u64) -> Self {
+        let base = base_bps as f64;
+        Governor {
+            base,
+            rate: base,
+            // The first update applies: the tree holds the configured rates after an apply,
+            // unless a retune raced with it.
+            applied: f64::NAN,
+        }
+    }
+
+    pub fn rate_bps(&self) -> u64 {
+        self.rate as u64
+    }
+
+    /// One tick's arrivals (bits per second, as the root counts them). Returns the
+    /// rate to apply when it should change.
+    pub fn update(&mut self, arrived_bps: f64) -> Option<u64> {
+        let limit = self.base * (1.0 + MARGIN);
+        let err = arrived_bps - limit;
+        self.rate = if err > 0.0 {
+            self.rate - GAIN_DOWN * err
+        } else {
+            self.rate - GAIN_UP * err
+        }
+        .clamp(self.base * FLOOR, self.base);
+        // NaN (nothing applied yet) compares false: that is a move too.
+        let moved = (self.rate - self.applied)
+            .abs()
+            .partial_cmp(&(STEP * self.base))
+            .is_none_or(|o| o != std::cmp::Ordering::Less);
+        let home = self.rate >= self.base && self.applied < self.base;
+        if moved || home {
+            self.applied = self.rate;
+            return Some(self.rate as u64);
+        }
+        None
+    }
+}
+
+/// Bytes of an IP packet of `len` bytes (as the interface holds it: with its
+/// link-layer header when it has one) as the HTB root's size table counts it.
+pub fn root_len(a: &Accounting, len: u64, l2_header: bool) -> f64 {
+    if a.is_none() {
+        return len as f64;
+    }
+    let l = (len as i64 + i64::from(a.stab_overhead(if l2_header { 14 } else { 0 }))).max(0) as u64;
+    let l = if a.atm() { l.div_ceil(48) * 53 } else { l };
+    l.max(u64::from(a.mpu)) as f64
+}
+
+/// Per-class arrival counters of the download direction.
+struct Arrivals {
+    map: PerCpuArray<MapData, Counter>,
+    /// Class indices of the download tree.
+    classes: Vec<u32>,
+    last: Vec<Counter>,
+    at: Instant,
+}
+
+impl Arrivals {
+    fn read(&self) -> Vec<Counter> {
+        self.classes
+            .iter()
+            .map(|&k| {
+                self.map
+                    .get(&(DIR_DOWN * MAX_CLASSES as u32 + k), 0)
+                    .map(|v| {
+                        v.iter().fold(Counter::default(), |a, c| Counter {
+                            packets: a.packets + c.packets,
+                            bytes: a.bytes + c.bytes,
+                        })
+                    })
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// Bits per second (root units) since the last call.
+    fn rate(&mut self, acc: &Accounting, l2: bool) -> f64 {
+        let now = self.read();
+        let at = Instant::now();
+        let secs = at.duration_since(self.at).as_secs_f64().max(1e-3);
+        let mut bits = 0.0;
+        for (n, o) in now.iter().zip(&self.last) {
+            let (p, b) = (
+                n.packets.saturating_sub(o.packets),
+                n.bytes.saturating_sub(o.bytes),
+            );
+            if p > 0 {
+                bits += p as f64 * root_len(acc, b / p, l2) * 8.0;
+            }
+        }
+        self.last = now;
+        self.at = at;
+        bits / secs
+    }
+}
+
+async fn open(a: &Applied, pins: &Pins) -> Result<(Tc, Arrivals, bool)> {
+    let tc = Tc::connect().await?;
+    let l2 = tc.link_info(a.lan_ifindex).await?.has_l2_header;
+    let map: PerCpuArray<MapData, Counter> =
+        PerCpuArray::try_from(bpf::open_pinned(pins, MAP_CLASS_STATS)?)?;
+    let plan = compile::plan(&a.policy, Some(a.caps));
+    let mut arr = Arrivals {
+        map,
+        classes: plan.down.classes.iter().map(|c| c.index).collect(),
+        last: Vec::new(),
+        at: Instant::now(),
+    };
+    arr.last = arr.read();
+    Ok((tc, arr, l2))
+}
+
+/// The daemon's task: runs while the applied policy asks for it; every apply
+/// (the configured rate is back in the kernel) starts it again.
+pub async fn run(mut applied: watch::Receiver<Option<Applied>>, pins: Pins) {
+    loop {
+        let current = applied.borrow_and_update().clone();
+        let Some(a) = current.filter(|a| a.policy.download_account_arrivals) else {
+            if applied.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let (tc, mut arrivals, l2) = match open(&a, &pins).await {
+            Ok(x) => x,
+            Err(e) => {
+                log::error!("download arrival accounting off until the next apply: {e:#}");
+                if applied.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let plan = compile::plan(&a.policy, Some(a.caps));
+        let acc = plan.down.accounting.clone();
+        let base_htb = plan.down.rate_bps;
+        let mut gov = Governor::new(base_htb);
+        log::info!(
+            "download arrival accounting on: what reaches the shaper is held to {} (+{} %)",
+            format_rate(a.policy.download_bps),
+            MARGIN * 100.0
+        );
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reduced = false;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                c = applied.changed() => {
+                    if c.is_err() {
+                        return;
+                    }
+                    break;
+                }
+            }
+            let arrived = arrivals.rate(&acc, l2);
+            let Some(rate) = gov.update(arrived) else {
+                continue;
+            };
+            // Back to configured units (the plan derates PTM again).
+            let bps = (a.policy.download_bps as u128 * u128::from(rate)
+                / u128::from(base_htb.max(1))) as u64;
+            let mut p = a.policy.clone();
+            p.download_bps = bps.min(a.policy.download_bps);
+            let down = compile::plan(&p, Some(a.caps)).down;
+            if let Err(e) = apply::retune(&tc, a.lan_ifindex, &down).await {
+                log::warn!("download arrival accounting: setting the rate: {e:#}");
+                continue;
+            }
+            let now_reduced = p.download_bps < a.policy.download_bps;
+            let msg = format!(
+                "download arrival accounting: rate {} ({} arrived)",
+                format_rate(p.download_bps),
+                format_rate((arrived * bps_per_root(&a.policy, base_htb)) as u64)
+            );
+            if now_reduced != reduced {
+                log::info!("{msg}");
+                reduced = now_reduced;
+            } else {
+                log::debug!("{msg}");
+            }
+        }
+    }
+}
+
+/// Configured bits per root bit (1 but for PTM's derating).
+fn bps_per_root(p: &crate::config::Policy, base_htb: u64) -> f64 {
+    p.download_bps as f64 / base_htb.max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Framing;
+
+    fn acc(framing: Framing, overhead: i32, mpu: u32) -> Accounting {
+        Accounting {
+            line: None,
+            framing,
+            overhead,
+            mpu,
+            rate_num: 1,
+            rate_den: 1,
+        }
+    }
+
+    #[test]
+    fn packets_are_sized_as_the_size_table_sizes_them() {
+        assert_eq!(root_len(&acc(Framing::Ethernet, 0, 0), 1514, true), 1514.0);
+        // PTM, 30 bytes on the IP packet: 1500 + 30 (the 14-byte header replaced).
+        assert_eq!(root_len(&acc(Framing::Ptm, 30, 0), 1514, true), 1530.0);
+        assert_eq!(root_len(&acc(Framing::Ptm, 30, 0), 1500, false), 1530.0);
+        // ATM, 10 bytes: 1510 -> 32 cells of 53.
+        assert_eq!(root_len(&acc(Framing::Atm, 10, 0), 1514, true), 32.0 * 53.0);
+        // A small packet is counted at least mpu.
+        assert_eq!(root_len(&acc(Framing::Ptm, 30, 68), 54, true), 70.0);
+        assert_eq!(root_len(&acc(Framing::Ptm, 30, 96), 54, true), 96.0);
+    }
+
+    #[test]
+    fn arrivals_within_the_rate_leave_it_alone() {
+        let mut g = Governor::new(36_000_000);
+        assert_eq!(g.update(36_000_000.0 * 1.01), Some(36_000_000));
+        for _ in 0..100 {
+            assert_eq!(g.update(36_000_000.0 * 1.01), None);
+        }
+        assert_eq!(g.rate_bps(), 36_000_000);
+    }
+
+    #[test]
+    fn a_standing_modem_queue_keeps_cutting_until_arrivals_fall() {
+        // The modem's queue sends at the line (40 Mbit/s) whatever the shaper does.
+        let mut g = Governor::new(36_000_000);
+        g.update(0.0);
+        let mut last = 36_000_000;
+        for _ in 0..5 {
+            let r = g.update(40_000_000.0).expect("a cut every tick");
+            assert!(r < last, "{r} < {last}");
+            last = r;
+        }
+        // Down to the floor if it never ends (a flood above the line).
+        for _ in 0..200 {
+            g.update(40_000_000.0);
+        }
+        assert_eq!(g.rate_bps(), 3_600_000);
+    }
+
+    #[test]
+    fn an_unresponsive_flow_settles_the_rate_where_arrivals_meet_it() {
+        // 20 Mbit/s unresponsive + responsive flows that take what the shaper gives
+        // them (the rate minus the flood's own share, 5 % of the rate).
+        let mut g = Governor::new(36_000_000);
+        let mut rate = 36_000_000.0;
+        for _ in 0..300 {
+            let arrived = 20e6 + 0.95 * rate;
+            if let Some(r) = g.update(arrived) {
+                rate = r as f64;
+            }
+        }
+        let fixed = (36e6 * (1.0 + MARGIN) - 20e6) / 0.95;
+        assert!((rate - fixed).abs() < 0.02 * 36e6, "{rate} vs {fixed}");
+        // The flood stops: back to the configured rate.
+        for _ in 0..100 {
+            if let Some(r) = g.update(0.9 * rate) {
+                rate = r as f64;
+            }
+        }
+        assert_eq!(g.rate_bps(), 36_000_000);
+    }
+}

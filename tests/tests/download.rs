@@ -1,0 +1,203 @@
+//! The download direction with a misbehaving flow: an unresponsive UDP flood srv -> lan at
+//! 0.7x the line rate, in a `bulk` class of its own (guaranteed 5 %, ceiling 50 %), while
+//! the busy hour runs (4 TCP downloads, video both ways). FTTC 40/10, 400 ms modem buffer,
+//! the product at 92 % run as on the box (`shaper run`).
+//!
+//! Three phases on one topology:
+//! 1. no flood (the baseline of this run);
+//! 2. the flood with `[download] account_arrivals = false`: the flood's packets crossed the
+//!    line before the shaper dropped its excess, so what the shaper lets through for the
+//!    rest (its rate minus the flood class's 50 % ceiling) plus the whole flood exceed the
+//!    line and the modem's queue fills (the control: p99 at least 10x the baseline's and
+//!    20 ms, or the scenario shows nothing);
+//! 3. the flood with the product's default (arrivals accounted): the download video's p99
+//!    stays within 10 ms of the baseline's, nothing of it is lost beyond 1 %, the TCP
+//!    downloads keep at least half of the line minus the flood (what is left of the line),
+//!    and the flood's own class is what pays (less than half of it gets through).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shaper_tests::flood::{start_flood, with_bulk_class};
+use shaper_tests::shaper::Daemon;
+use shaper_tests::{
+    skip_unless_ready, table, Line, Results, Scenario, Shaper, ShaperConfig, TempDir, Topology,
+    TRAFFIC_TOOLS,
+};
+
+/// One phase: the daemon with `cfg`, the scenario, and a flood at `flood_bps` (or none).
+/// Returns the figures, the flood's (sent, received) packets, the daemon's log and the
+/// download rate `shaper status --json` reported from the kernel while the video ran.
+fn phase(
+    topo: &Topology,
+    shaper: &Shaper,
+    dir: &TempDir,
+    name: &str,
+    cfg: &ShaperConfig,
+    scenario: &Scenario,
+    flood_bps: Option<u64>,
+) -> (Results, Option<(u64, u64)>, String, Option<u64>) {
+    let path = cfg
+        .write(dir.path(), &format!("{name}.toml"))
+        .expect("config");
+    let daemon = Daemon::start(
+        shaper,
+        &path,
+        dir.path().join(format!("{name}.log")),
+        "info,shaper_user::ingress=debug",
+    )
+    .expect("shaper run");
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = flood_bps.map(|bps| {
+        start_flood(topo, bps, scenario.duration - scenario.tail, stop.clone()).expect("flood")
+    });
+    let mid = scenario.stagger + scenario.warmup + Duration::from_secs(3);
+    let (results, kernel_rate) = std::thread::scope(|s| {
+        let status = s.spawn(|| {
+            std::thread::sleep(mid);
+            let st = shaper.status_json().ok()?;
+            st["directions"]
+                .as_array()?
+                .iter()
+                .find(|d| d["direction"] == "download")?["kernel_rate_bps"]
+                .as_u64()
+        });
+        let r = scenario.run(topo);
+        (r, status.join().ok().flatten())
+    });
+    stop.store(true, Ordering::Relaxed);
+    let flood = flood.map(|(tx, rx, _)| {
+        (
+            tx.join().expect("flood sender"),
+            rx.join().expect("flood receiver"),
+        )
+    });
+    let log = daemon.stop().expect("daemon stops on SIGTERM");
+    (results.expect(name), flood, log, kernel_rate)
+}
+
+#[test]
+fn an_unresponsive_download_flood_costs_its_own_class_not_the_modem_queue() {
+    skip_unless_ready!(TRAFFIC_TOOLS);
+    let line = Line::FTTC_40_10;
+    let topo = Topology::build(Some(line)).expect("topology");
+    let dir = TempDir::new("download-flood").expect("temp dir");
+    let shaper = Shaper::new(&topo.gw).expect("shaper");
+    let accounted = with_bulk_class(ShaperConfig {
+        download_bps: line.down_bps / 100 * 92,
+        ..ShaperConfig::gp_surgery(&line)
+    });
+    let unaccounted = ShaperConfig {
+        account_arrivals: Some(false),
+        ..accounted.clone()
+    };
+    // The flood starts with the bulk traffic; the video is measured from 6 s in (the
+    // shaper has had 4 s of warm-up to find its rate) for 7 s.
+    let scenario = Scenario {
+        duration: Duration::from_secs(14),
+        warmup: Duration::from_secs(4),
+        ..Default::default()
+    };
+    let flood_bps = line.down_bps / 10 * 7;
+    let flood = Some(flood_bps);
+    let (base, _, _, base_rate) = phase(
+        &topo, &shaper, &dir, "no-flood", &accounted, &scenario, None,
+    );
+    let (control, _, _, _) = phase(
+        &topo,
+        &shaper,
+        &dir,
+        "flood-unaccounted",
+        &unaccounted,
+        &scenario,
+        flood,
+    );
+    let (flooded, flood_pkts, log, flooded_rate) = phase(
+        &topo,
+        &shaper,
+        &dir,
+        "flood-accounted",
+        &accounted,
+        &scenario,
+        flood,
+    );
+    eprintln!(
+        "{}",
+        table(&[
+            ("no flood", &base),
+            ("flood, not accounted", &control),
+            ("flood, accounted", &flooded),
+        ])
+    );
+    let configured = format!(
+        "rate {} (",
+        shaper_user::config::format_rate(accounted.download_bps)
+    );
+    let cuts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("download arrival accounting: rate") && !l.contains(&configured))
+        .collect();
+    eprintln!(
+        "arrival accounting: {} changes below the configured rate; first: {:?}",
+        cuts.len(),
+        cuts.first()
+    );
+
+    let mut problems = Vec::new();
+    // The control: without accounting the flood fills the modem (else this test shows
+    // nothing).
+    if control.video_down.p99_ms < (10.0 * base.video_down.p99_ms).max(20.0) {
+        problems.push(format!(
+            "control: without arrival accounting the download video p99 was only {:.1} ms (baseline {:.1} ms; the flood should fill the modem's queue)",
+            control.video_down.p99_ms, base.video_down.p99_ms
+        ));
+    }
+    let bound = base.video_down.p99_ms + 10.0;
+    if flooded.video_down.p99_ms > bound {
+        problems.push(format!(
+            "with arrivals accounted the download video p99 was {:.1} ms under the flood (baseline {:.1} ms + 10 ms allowed)",
+            flooded.video_down.p99_ms, base.video_down.p99_ms
+        ));
+    }
+    if flooded.video_down.loss_pct > 1.0 {
+        problems.push(format!(
+            "download video lost {:.2} % under the flood",
+            flooded.video_down.loss_pct
+        ));
+    }
+    let left = (line.down_bps - flood_bps) as f64;
+    if flooded.bulk_down_bps < 0.5 * left {
+        problems.push(format!(
+            "the TCP downloads got {:.1} Mbit/s under the flood (>= half of the {:.1} Mbit/s the flood leaves expected)",
+            flooded.bulk_down_bps / 1e6,
+            left / 1e6
+        ));
+    }
+    match flood_pkts {
+        Some((sent, recv)) if recv < sent / 2 => {}
+        other => problems.push(format!(
+            "the flood's class should pay: (sent, received) packets {other:?}"
+        )),
+    }
+    if cuts.is_empty() {
+        problems.push("the daemon never lowered the download rate".into());
+    }
+    // `shaper status` shows the rate in the kernel: the configured one without a flood,
+    // lower under it.
+    eprintln!(
+        "download rate in the kernel mid-run: no flood {base_rate:?}, flood {flooded_rate:?}"
+    );
+    match (base_rate, flooded_rate) {
+        (Some(b), Some(f)) if f < b * 9 / 10 && b * 100 >= accounted.download_bps * 98 => {}
+        other => problems.push(format!(
+            "`shaper status` kernel_rate_bps (no flood, flood) = {other:?}: expected about {} and lower",
+            accounted.download_bps
+        )),
+    }
+    assert!(
+        problems.is_empty(),
+        "download flood test failed:\n- {}",
+        problems.join("\n- ")
+    );
+}
