@@ -134,11 +134,11 @@ fn count_global(dir: u32, counter: u32) {
 }
 
 #[inline(always)]
-fn count(map: &PerCpuArray<Counter>, index: u32, bytes: u64) {
+fn count(map: &PerCpuArray<Counter>, index: u32, packets: u64, bytes: u64) {
     if let Some(p) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe {
-            (*p).packets += 1;
+            (*p).packets += packets;
             (*p).bytes += bytes;
         }
     }
@@ -180,8 +180,13 @@ fn classify(ctx: &TcContext) {
     };
     // SAFETY: per-CPU scratch slot, used by this program run only.
     let pkt = unsafe { &mut *pkt };
+    // Bytes of headers each segment of a GSO packet carries (0: not known).
+    let mut hdr = 0u64;
     let (rule, class) = match parse(ctx, l2, pkt) {
         PARSED_IP => {
+            if pkt.frag == FRAG_NONE {
+                hdr = pkt.payload_off as u64;
+            }
             if pkt.v6 != 0 {
                 count_global(dir, G_IPV6);
             }
@@ -225,15 +230,31 @@ fn classify(ctx: &TcContext) {
         }
     };
 
+    // A GSO/GRO packet counts as the segments it leaves as, each with its own
+    // headers, as the qdiscs count it (qdisc_pkt_len_init): what the HTB counters and
+    // `shaper run`'s arrival accounting compare with.
+    // SAFETY: the context pointer is valid for the program's run.
+    let segs = unsafe { (*ctx.skb.skb).gso_segs } as u64;
+    let (packets, bytes) = if segs > 1 {
+        let hdr = if hdr < bytes { hdr } else { 0 };
+        (segs, bytes + (segs - 1) * hdr)
+    } else {
+        (1, bytes)
+    };
     if rule == NO_RULE {
         count_global(dir, G_DEFAULT);
     } else {
-        count(&RULE_STATS, dir * MAX_RULES as u32 + rule, bytes);
+        count(&RULE_STATS, dir * MAX_RULES as u32 + rule, packets, bytes);
     }
     if let Some(info) = CLASSES.get(class) {
         // SAFETY: tc programs may write skb->priority.
         unsafe { (*ctx.skb.skb).priority = info.classid };
-        count(&CLASS_STATS, dir * MAX_CLASSES as u32 + class, bytes);
+        count(
+            &CLASS_STATS,
+            dir * MAX_CLASSES as u32 + class,
+            packets,
+            bytes,
+        );
     }
 }
 

@@ -9,9 +9,9 @@
 //! hands the responsive flows its whole rate, the two together exceed the line
 //! and the modem's queue fills, for every class.
 //!
-//! So every 100 ms the task measures what arrived at the shaper (the
-//! classifier's per-class byte and packet counters, before any queue, each
-//! packet sized as the HTB root's size table sizes it) and steers the download
+//! So every 100 ms the task measures what arrived at the shaper over the last
+//! 400 ms (the classifier's per-class byte and packet counters, before any
+//! queue, each packet sized as the HTB root's size table sizes it) and steers the download
 //! rate so that arrivals stay within `rate` (+2 %, the responsive flows' own
 //! drops): while more arrives, the rate comes down by half the excess per tick;
 //! while less arrives, it climbs back by a tenth of the room per tick, up to the
@@ -30,13 +30,16 @@
 //!   keeps only what its own share of the smaller rate gives it. The flood
 //!   costs throughput (which it has taken on the line anyway), not latency.
 //!
-//! Known limits: a GRO packet is sized once with its total length (the HTB root
-//! adds each segment's headers; about 3 % more for TCP), so on a gateway whose
-//! WAN side merges packets the arrivals read a little low (the shaper cuts a
-//! little later, never earlier). A flood above the line rate cannot be helped
-//! from behind the modem: the rate then stays at its floor (a tenth).
+//! A GSO/GRO packet is counted by the classifier as the segments it leaves as,
+//! each with its own headers (as the qdiscs count it), and each segment is sized
+//! here with the line's overhead (the HTB root's size table adds the overhead
+//! once per GSO packet: it errs the other way).
+//!
+//! Known limit: a flood above the line rate cannot be helped from behind the
+//! modem: the rate then stays at its floor (a tenth).
 //! Not combined with `[autorate]` (both set the download rate).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -54,6 +57,10 @@ use crate::{
 };
 
 pub const TICK: Duration = Duration::from_millis(100);
+/// Arrivals are measured over this many ticks: TCP's bursts make 100 ms readings swing
+/// by a fifth either way (seen on the VM tier's ADSL line), a queue standing in the modem
+/// shows in every reading.
+const WINDOW: usize = 4;
 /// Arrivals may exceed the rate by this share before it is cut: the shaper's own
 /// drops of responsive flows (TCP finding its rate), which do come back off.
 pub const MARGIN: f64 = 0.02;
@@ -132,8 +139,8 @@ struct Arrivals {
     map: PerCpuArray<MapData, Counter>,
     /// Class indices of the download tree.
     classes: Vec<u32>,
-    last: Vec<Counter>,
-    at: Instant,
+    /// The last readings, oldest first (at most WINDOW + 1).
+    seen: VecDeque<(Instant, Vec<Counter>)>,
 }
 
 impl Arrivals {
@@ -154,13 +161,18 @@ impl Arrivals {
             .collect()
     }
 
-    /// Bits per second (root units) since the last call.
+    /// Bits per second (root units) over the last WINDOW ticks.
     fn rate(&mut self, acc: &Accounting, l2: bool) -> f64 {
-        let now = self.read();
-        let at = Instant::now();
-        let secs = at.duration_since(self.at).as_secs_f64().max(1e-3);
+        self.seen.push_back((Instant::now(), self.read()));
+        while self.seen.len() > WINDOW + 1 {
+            self.seen.pop_front();
+        }
+        let (Some((t0, old)), Some((t1, now))) = (self.seen.front(), self.seen.back()) else {
+            return 0.0;
+        };
+        let secs = t1.duration_since(*t0).as_secs_f64().max(1e-3);
         let mut bits = 0.0;
-        for (n, o) in now.iter().zip(&self.last) {
+        for (n, o) in now.iter().zip(old) {
             let (p, b) = (
                 n.packets.saturating_sub(o.packets),
                 n.bytes.saturating_sub(o.bytes),
@@ -169,8 +181,6 @@ impl Arrivals {
                 bits += p as f64 * root_len(acc, b / p, l2) * 8.0;
             }
         }
-        self.last = now;
-        self.at = at;
         bits / secs
     }
 }
@@ -184,10 +194,9 @@ async fn open(a: &Applied, pins: &Pins) -> Result<(Tc, Arrivals, bool)> {
     let mut arr = Arrivals {
         map,
         classes: plan.down.classes.iter().map(|c| c.index).collect(),
-        last: Vec::new(),
-        at: Instant::now(),
+        seen: VecDeque::new(),
     };
-    arr.last = arr.read();
+    arr.seen.push_back((Instant::now(), arr.read()));
     Ok((tc, arr, l2))
 }
 

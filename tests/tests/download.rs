@@ -20,10 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shaper_tests::flood::{start_flood, with_bulk_class};
+use shaper_tests::iperf::{IperfClient, IperfServer};
 use shaper_tests::shaper::Daemon;
+use shaper_tests::topology::{GW_LAN_IF, GW_WAN_IF, SRV_V4};
 use shaper_tests::{
-    skip_unless_ready, table, Line, Results, Scenario, Shaper, ShaperConfig, TempDir, Topology,
-    TRAFFIC_TOOLS,
+    skip_unless_ready, table, Line, Offloads, Results, Scenario, Shaper, ShaperConfig, TempDir,
+    Topology, TopologyOptions, TRAFFIC_TOOLS,
 };
 
 /// One phase: the daemon with `cfg`, the scenario, and a flood at `flood_bps` (or none).
@@ -199,5 +201,89 @@ fn an_unresponsive_download_flood_costs_its_own_class_not_the_modem_queue() {
         problems.is_empty(),
         "download flood test failed:\n- {}",
         problems.join("\n- ")
+    );
+}
+
+/// With the hosts' segmentation offloads on (TCP hands 64 KB GSO packets through the veths,
+/// as a gateway whose NIC merges packets sees them), the classifier counts a download as the
+/// segments and bytes the HTB tree counts for it: what arrival accounting compares with the
+/// rate. One TCP stream (1 MB window) through a 1 Gbit/s shaper whose 20 ms queues it cannot
+/// fill, so nothing is dropped and everything classified is sent.
+#[test]
+fn gso_downloads_are_counted_per_segment_as_the_qdiscs_count_them() {
+    skip_unless_ready!(TRAFFIC_TOOLS);
+    let topo = Topology::build_with(TopologyOptions {
+        line: None,
+        offloads: Offloads::KernelDefault,
+    })
+    .expect("topology");
+    let dir = TempDir::new("download-gso").expect("temp dir");
+    let mut shaper = Shaper::new(&topo.gw).expect("shaper");
+    let cfg = format!(
+        "[interfaces]\nwan = \"{GW_WAN_IF}\"\nlan = \"{GW_LAN_IF}\"\n[upload]\nrate = \"1gbit\"\n[download]\nrate = \"1gbit\"\n\
+         [[class]]\nname = \"video\"\npriority = 0\nguaranteed = \"10%\"\n\
+         [[class]]\nname = \"default\"\npriority = 3\nguaranteed = \"90%\"\ndefault = true\n"
+    );
+    let path = dir.path().join("gso.toml");
+    std::fs::write(&path, cfg).expect("config");
+    shaper.apply(&path).expect("apply");
+    let totals = |st: &serde_json::Value| {
+        let mut t = [0u64; 5];
+        for d in st["directions"].as_array().expect("directions") {
+            if d["direction"] != "download" {
+                continue;
+            }
+            for c in d["classes"].as_array().expect("classes") {
+                for (i, k) in [
+                    "packets",
+                    "bytes",
+                    "drops",
+                    "classified_packets",
+                    "classified_bytes",
+                ]
+                .iter()
+                .enumerate()
+                {
+                    t[i] += c[*k].as_u64().unwrap_or(0);
+                }
+            }
+        }
+        t
+    };
+    let before = totals(&shaper.status_json().expect("status"));
+    let _server = IperfServer::start(&topo.srv, 5202).expect("iperf3 server");
+    let client = IperfClient {
+        server: SRV_V4.into(),
+        port: 5202,
+        streams: 1,
+        reverse: true,
+        seconds: 2,
+        omit: 0,
+        window: Some("1M".into()),
+    };
+    let child = client.spawn(&topo.lan).expect("iperf3 client");
+    let report = client.finish(child).expect("iperf3 report");
+    std::thread::sleep(Duration::from_millis(300));
+    let after = totals(&shaper.status_json().expect("status"));
+    shaper.remove().expect("remove");
+    let d: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    let (sent_p, sent_b, drops, cls_p, cls_b) = (d[0], d[1], d[2], d[3], d[4]);
+    eprintln!(
+        "download: HTB sent {sent_p} packets / {sent_b} bytes, {drops} drops; classifier {cls_p} packets / {cls_b} bytes; iperf3 {:.0} Mbit/s",
+        report.receiver_bps / 1e6
+    );
+    assert_eq!(drops, 0, "the shaper dropped: the comparison needs none");
+    assert!(
+        sent_p > 10_000,
+        "too little traffic to compare ({sent_p} packets)"
+    );
+    let near = |a: u64, b: u64| a.abs_diff(b) * 200 <= b;
+    assert!(
+        near(cls_p, sent_p),
+        "classifier packets {cls_p} vs HTB's {sent_p} (GSO packets must count their segments)"
+    );
+    assert!(
+        near(cls_b, sent_b),
+        "classifier bytes {cls_b} vs HTB's {sent_b} (each segment's headers count)"
     );
 }

@@ -102,9 +102,19 @@ fn main() -> ExitCode {
             seconds,
         } => setup().and_then(|()| {
             if download {
+                let ns = workspace().join("target/download-bench-namespaces.json");
+                let vm = workspace().join("target/vm-bench/fttc/summary.json");
+                for f in [&ns, &vm] {
+                    let _ = std::fs::remove_file(f);
+                }
                 run_bin(
                     "shaper-download-bench",
-                    &["--seconds".into(), seconds.to_string()],
+                    &[
+                        "--seconds".into(),
+                        seconds.to_string(),
+                        "--summary".into(),
+                        ns.display().to_string(),
+                    ],
                 )?;
                 // The same comparison on the VM tier (kernel with fq_codel and cake, netem
                 // line): FIFO, plain tc HTB, the product with fq_codel and with cake leaves.
@@ -114,7 +124,8 @@ fn main() -> ExitCode {
                     &["fttc".to_string()],
                     Some("fifo,plain-htb,shaper,shaper-cake"),
                     false,
-                )
+                )?;
+                both_tiers_table(&ns, &vm)
             } else {
                 bench(classifier_only, seconds)
             }
@@ -515,6 +526,61 @@ fn image_cmd(relock: bool, allow_drift: bool, check_reproducible: bool) -> Resul
         }
         eprintln!("==> reproducible: two builds gave identical bytes");
     }
+    Ok(())
+}
+
+/// The download comparison of both tiers in one table, from the rows each bench wrote.
+fn both_tiers_table(ns: &Path, vm: &Path) -> Result<()> {
+    let read = |p: &Path| -> Result<Vec<serde_json::Value>> {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+    };
+    let mut rows = read(ns)?;
+    rows.extend(read(vm)?);
+    step("download direction, both tiers (FTTC 40/10, 400 ms modem buffer)");
+    let cols = [
+        ("video_down_p50_ms", "vid dn p50"),
+        ("video_down_p99_ms", "vid dn p99"),
+        ("video_down_loss_pct", "loss dn %"),
+        ("video_up_p50_ms", "vid up p50"),
+        ("video_up_p99_ms", "vid up p99"),
+        ("video_up_loss_pct", "loss up %"),
+        ("bulk_down_pct", "bulk dn %"),
+        ("bulk_up_pct", "bulk up %"),
+    ];
+    let width = rows
+        .iter()
+        .filter_map(|r| r["configuration"].as_str())
+        .map(str::len)
+        .max()
+        .unwrap_or(13)
+        .max(13);
+    let mut head = format!("{:<10} | {:<width$}", "tier", "configuration");
+    for (_, h) in cols {
+        head.push_str(&format!(" | {h:>10}"));
+    }
+    println!("{head}\n{}", "-".repeat(head.len()));
+    for r in &rows {
+        let mut line = format!(
+            "{:<10} | {:<width$}",
+            r["tier"].as_str().unwrap_or("?"),
+            r["configuration"].as_str().unwrap_or("?")
+        );
+        for (k, _) in cols {
+            match r[k].as_f64() {
+                Some(v) => line.push_str(&format!(" | {v:>10.1}")),
+                None => line.push_str(&format!(" | {:>10}", "-")),
+            }
+        }
+        println!("{line}");
+    }
+    println!(
+        "(video: one-way delay in ms added over the idle line, p50/p99, and loss; bulk: the iperf3 \
+         TCP transfers' goodput as % of the line. The VM tier runs under qemu TCG: its CPUs add \
+         tens of ms at p99 and do not carry the line's 40 Mbit/s (see README); the namespace \
+         tier runs on the host's CPUs.)"
+    );
     Ok(())
 }
 

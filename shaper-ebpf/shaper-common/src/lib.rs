@@ -238,6 +238,8 @@ pub struct ClassInfo {
     pub demote_window_bytes: u64,
 }
 
+/// Per-rule / per-class classifier counter. A GSO/GRO packet counts as the
+/// segments it leaves as, each with its own headers, as the qdiscs count it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counter {

@@ -19,7 +19,8 @@
 //! (`tc -s -j qdisc`) every 100 ms: the third table says where the download queue was.
 //!
 //! `--seconds N` per configuration (default 15); `--no-flood` skips the second scenario;
-//! `--only A,B` runs the configurations whose label contains A or B. `SHAPER_LOG` sets the
+//! `--only A,B` runs the configurations whose label contains A or B; `--summary FILE` writes
+//! the flood-free rows as JSON (for the table of both tiers). `SHAPER_LOG` sets the
 //! daemon's log level (its arrival-accounting lines are echoed to stderr).
 
 use std::collections::BTreeMap;
@@ -490,6 +491,35 @@ fn main() -> Result<()> {
 
     let down = line.down_bps as f64;
     let up = line.up_bps as f64;
+    // `--summary FILE`: one JSON row per configuration for `cargo xtask bench --download`'s
+    // table of both tiers (the flood rows are this tier's only).
+    if let Some(path) = args
+        .iter()
+        .position(|a| a == "--summary")
+        .and_then(|i| args.get(i + 1))
+    {
+        let rows: Vec<Value> = done
+            .iter()
+            .filter(|r| r.case.flood_bps.is_none())
+            .map(|r| {
+                let x = &r.results;
+                serde_json::json!({
+                    "tier": "namespaces",
+                    "configuration": r.case.label,
+                    "video_down_p50_ms": x.video_down.p50_ms,
+                    "video_down_p99_ms": x.video_down.p99_ms,
+                    "video_down_loss_pct": x.video_down.loss_pct,
+                    "video_up_p50_ms": x.video_up.p50_ms,
+                    "video_up_p99_ms": x.video_up.p99_ms,
+                    "video_up_loss_pct": x.video_up.loss_pct,
+                    "bulk_down_pct": 100.0 * x.bulk_down_bps / down,
+                    "bulk_up_pct": 100.0 * x.bulk_up_bps / up,
+                })
+            })
+            .collect();
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {path}"))?;
+    }
     let serial_ms = 1514.0 * 8.0 / down * 1e3;
     println!(
         "download benchmark: FTTC {}/{} Mbit/s, {} ms modem buffer; {} s per configuration; \

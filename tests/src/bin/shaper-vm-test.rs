@@ -872,6 +872,8 @@ fn profile_report(p: &Profile, runs: &[RunResult], dir: &Path, t: u32) -> Result
     let mut rtt_p50: BTreeMap<&str, f64> = BTreeMap::new();
     let mut problems = Vec::new();
     let mut notes: Vec<String> = Vec::new();
+    // One row per gateway for `cargo xtask bench --download`'s table of both tiers.
+    let mut summary = Vec::new();
     let guarantee_bps = f64::from(match p.dicom {
         Dir::Up => p.up_kbit * 95 / 100,
         Dir::Down => p.down_kbit * 92 / 100,
@@ -987,6 +989,18 @@ fn profile_report(p: &Profile, runs: &[RunResult], dir: &Path, t: u32) -> Result
         }
         let (bu, nu) = bulk_bps(&r.dir, "bulk-up-");
         let (bd, nd) = bulk_bps(&r.dir, "bulk-down-");
+        summary.push(serde_json::json!({
+            "tier": "vm",
+            "configuration": r.mode,
+            "video_down_p50_ms": num(&down, "p50_ms"),
+            "video_down_p99_ms": num(&down, "p99_ms"),
+            "video_down_loss_pct": num(&down, "loss_pct"),
+            "video_up_p50_ms": num(&up, "p50_ms"),
+            "video_up_p99_ms": num(&up, "p99_ms"),
+            "video_up_loss_pct": num(&up, "loss_pct"),
+            "bulk_down_pct": 100.0 * bd / (f64::from(p.down_kbit) * 1000.0),
+            "bulk_up_pct": 100.0 * bu / (f64::from(p.up_kbit) * 1000.0),
+        }));
         if nu < 4 || nd < 4 {
             // Background load, not a measured transfer: noted, not a failure.
             notes.push(format!(
@@ -1022,6 +1036,11 @@ fn profile_report(p: &Profile, runs: &[RunResult], dir: &Path, t: u32) -> Result
                 .unwrap_or_else(|| "-".into()),
         ]);
     }
+    fs::create_dir_all(dir)?;
+    fs::write(
+        dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
     let mut text = format!("## {} ({})\n\n", p.name, p.title);
     text.push_str(&text_table(
         &[
