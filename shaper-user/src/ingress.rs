@@ -185,15 +185,14 @@ impl Arrivals {
     }
 }
 
-async fn open(a: &Applied, pins: &Pins) -> Result<(Tc, Arrivals, bool)> {
+async fn open(a: &Applied, pins: &Pins, down: &compile::DirPlan) -> Result<(Tc, Arrivals, bool)> {
     let tc = Tc::connect().await?;
     let l2 = tc.link_info(a.lan_ifindex).await?.has_l2_header;
     let map: PerCpuArray<MapData, Counter> =
         PerCpuArray::try_from(bpf::open_pinned(pins, MAP_CLASS_STATS)?)?;
-    let plan = compile::plan(&a.policy, Some(a.caps));
     let mut arr = Arrivals {
         map,
-        classes: plan.down.classes.iter().map(|c| c.index).collect(),
+        classes: down.classes.iter().map(|c| c.index).collect(),
         seen: VecDeque::new(),
     };
     arr.seen.push_back((Instant::now(), arr.read()));
@@ -211,7 +210,8 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, pins: Pins) {
             }
             continue;
         };
-        let (tc, mut arrivals, l2) = match open(&a, &pins).await {
+        let plan = compile::plan(&a.policy, Some(a.caps));
+        let (tc, mut arrivals, l2) = match open(&a, &pins, &plan.down).await {
             Ok(x) => x,
             Err(e) => {
                 log::error!("download arrival accounting off until the next apply: {e:#}");
@@ -221,7 +221,6 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, pins: Pins) {
                 continue;
             }
         };
-        let plan = compile::plan(&a.policy, Some(a.caps));
         let acc = plan.down.accounting.clone();
         let base_htb = plan.down.rate_bps;
         let mut gov = Governor::new(base_htb);

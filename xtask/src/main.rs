@@ -546,8 +546,8 @@ fn both_tiers_table(ns: &Path, vm: &Path) -> Result<()> {
         ("video_up_p50_ms", "vid up p50"),
         ("video_up_p99_ms", "vid up p99"),
         ("video_up_loss_pct", "loss up %"),
-        ("bulk_down_pct", "bulk dn %"),
-        ("bulk_up_pct", "bulk up %"),
+        ("goodput_down_pct", "goodput dn"),
+        ("goodput_up_pct", "goodput up"),
     ];
     let width = rows
         .iter()
@@ -576,10 +576,11 @@ fn both_tiers_table(ns: &Path, vm: &Path) -> Result<()> {
         println!("{line}");
     }
     println!(
-        "(video: one-way delay in ms added over the idle line, p50/p99, and loss; bulk: the iperf3 \
-         TCP transfers' goodput as % of the line. The VM tier runs under qemu TCG: its CPUs add \
-         tens of ms at p99 and do not carry the line's 40 Mbit/s (see README); the namespace \
-         tier runs on the host's CPUs.)"
+        "(video: one-way delay in ms added over the idle line, p50/p99, and loss %; goodput as % \
+         of the line: namespaces, everything the receivers got (4+4 bulk TCP, the image upload, \
+         video); vm, the 4+4 bulk TCP transfers (the DICOM study and video ride beside them). \
+         The VM tier runs under qemu TCG: its CPUs add tens of ms at p99 and do not carry the \
+         line's 40 Mbit/s (see README); the namespace tier runs on the host's CPUs.)"
     );
     Ok(())
 }

@@ -512,8 +512,8 @@ fn main() -> Result<()> {
                     "video_up_p50_ms": x.video_up.p50_ms,
                     "video_up_p99_ms": x.video_up.p99_ms,
                     "video_up_loss_pct": x.video_up.loss_pct,
-                    "bulk_down_pct": 100.0 * x.bulk_down_bps / down,
-                    "bulk_up_pct": 100.0 * x.bulk_up_bps / up,
+                    "goodput_down_pct": 100.0 * x.total_down_bps / down,
+                    "goodput_up_pct": 100.0 * x.total_up_bps / up,
                 })
             })
             .collect();

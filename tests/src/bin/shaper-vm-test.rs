@@ -998,8 +998,8 @@ fn profile_report(p: &Profile, runs: &[RunResult], dir: &Path, t: u32) -> Result
             "video_up_p50_ms": num(&up, "p50_ms"),
             "video_up_p99_ms": num(&up, "p99_ms"),
             "video_up_loss_pct": num(&up, "loss_pct"),
-            "bulk_down_pct": 100.0 * bd / (f64::from(p.down_kbit) * 1000.0),
-            "bulk_up_pct": 100.0 * bu / (f64::from(p.up_kbit) * 1000.0),
+            "goodput_down_pct": 100.0 * bd / (f64::from(p.down_kbit) * 1000.0),
+            "goodput_up_pct": 100.0 * bu / (f64::from(p.up_kbit) * 1000.0),
         }));
         if nu < 4 || nd < 4 {
             // Background load, not a measured transfer: noted, not a failure.
