@@ -246,21 +246,18 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, pins: Pins) {
             let Some(rate) = gov.update(arrived) else {
                 continue;
             };
-            // Back to configured units (the plan derates PTM again).
-            let bps = (a.policy.download_bps as u128 * u128::from(rate)
-                / u128::from(base_htb.max(1))) as u64;
-            let mut p = a.policy.clone();
-            p.download_bps = bps.min(a.policy.download_bps);
-            let down = compile::plan(&p, Some(a.caps)).down;
+            let down = scaled(&plan.down, rate as f64 / base_htb.max(1) as f64);
             if let Err(e) = apply::retune(&tc, a.lan_ifindex, &down).await {
                 log::warn!("download arrival accounting: setting the rate: {e:#}");
                 continue;
             }
-            let now_reduced = p.download_bps < a.policy.download_bps;
+            // In configured units (the plan derates PTM).
+            let per_root = a.policy.download_bps as f64 / base_htb.max(1) as f64;
+            let now_reduced = rate < base_htb;
             let msg = format!(
                 "download arrival accounting: rate {} ({} arrived)",
-                format_rate(p.download_bps),
-                format_rate((arrived * bps_per_root(&a.policy, base_htb)) as u64)
+                format_rate((rate as f64 * per_root) as u64),
+                format_rate((arrived * per_root) as u64)
             );
             if now_reduced != reduced {
                 log::info!("{msg}");
@@ -272,9 +269,20 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, pins: Pins) {
     }
 }
 
-/// Configured bits per root bit (1 but for PTM's derating).
-fn bps_per_root(p: &crate::config::Policy, base_htb: u64) -> f64 {
-    p.download_bps as f64 / base_htb.max(1) as f64
+/// The applied tree with every rate and ceiling times `k` (<= 1): classes given an
+/// absolute rate shrink with the rest, so no guarantee keeps what the line no longer
+/// has. Bursts stay (two frames).
+pub fn scaled(d: &compile::DirPlan, k: f64) -> compile::DirPlan {
+    let k = k.clamp(0.0, 1.0);
+    // HTB's smallest useful rate; the config refuses guarantees below it.
+    let at = |bps: u64| ((bps as f64 * k).round() as u64).max(8_000);
+    let mut out = d.clone();
+    out.rate_bps = at(d.rate_bps);
+    for c in &mut out.classes {
+        c.rate_bps = at(c.rate_bps);
+        c.ceil_bps = at(c.ceil_bps).min(out.rate_bps).max(c.rate_bps);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -304,6 +312,32 @@ mod tests {
         // A small packet is counted at least mpu.
         assert_eq!(root_len(&acc(Framing::Ptm, 30, 68), 54, true), 70.0);
         assert_eq!(root_len(&acc(Framing::Ptm, 30, 96), 54, true), 96.0);
+    }
+
+    #[test]
+    fn a_lowered_tree_scales_every_class_absolute_rates_too() {
+        let text = "[interfaces]\nwan = \"wan0\"\nlan = \"lan0\"\n[upload]\nrate = \"10mbit\"\n[download]\nrate = \"40mbit\"\n\
+            [[class]]\nname = \"video\"\npriority = 0\nguaranteed = \"4mbit\"\nceiling = \"100%\"\n\
+            [[class]]\nname = \"default\"\npriority = 3\nguaranteed = \"50%\"\nceiling = \"50%\"\ndefault = true\n";
+        let policy = crate::config::parse(std::path::Path::new("t.toml"), text).expect("config");
+        let plan = compile::plan(&policy, None);
+        let half = scaled(&plan.down, 0.5);
+        assert_eq!(half.rate_bps, 20_000_000);
+        let class = |n: &str| half.classes.iter().find(|c| c.name == n).expect("class");
+        let (video, default) = (class("video"), class("default"));
+        assert_eq!((video.rate_bps, video.ceil_bps), (2_000_000, 20_000_000));
+        assert_eq!(
+            (default.rate_bps, default.ceil_bps),
+            (10_000_000, 10_000_000)
+        );
+        assert_eq!(half.classes.len(), plan.down.classes.len());
+        // Nothing is ever raised, nor set below HTB's floor.
+        let tiny = scaled(&plan.down, 0.0);
+        assert!(tiny
+            .classes
+            .iter()
+            .all(|c| c.rate_bps == 8_000 && c.ceil_bps >= c.rate_bps));
+        assert_eq!(scaled(&plan.down, 2.0), plan.down);
     }
 
     #[test]

@@ -227,6 +227,15 @@ pub fn render(r: &status::Report) -> String {
             &dl,
             bytes_per_second(d.rate_bps),
         );
+        if let Some(k) = d.kernel_rate_bps {
+            f.add(
+                "shaper_rate_now_bytes_per_second",
+                Kind::Gauge,
+                "The direction's rate in the kernel now, in bytes per second: below shaper_rate_bytes_per_second while arrival accounting or autorate holds it down.",
+                &dl,
+                bytes_per_second(k),
+            );
+        }
     }
 
     for d in &r.directions {
@@ -940,6 +949,15 @@ mod tests {
             find(
                 &s,
                 "shaper_rate_bytes_per_second",
+                &[("direction", "download"), ("interface", "lan0")]
+            )
+            .map(|x| x.2),
+            Some(4_500_000.0)
+        );
+        assert_eq!(
+            find(
+                &s,
+                "shaper_rate_now_bytes_per_second",
                 &[("direction", "download"), ("interface", "lan0")]
             )
             .map(|x| x.2),
