@@ -449,17 +449,6 @@ pub fn name_matches(pattern: &str, name: &str) -> bool {
 mod tests {
     use super::*;
 
-    macro_rules! fixture {
-        ($f:literal) => {
-            include_bytes!(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../tests/fixtures/dns/",
-                $f
-            ))
-            .as_slice()
-        };
-    }
-
     fn v4(s: &str) -> IpAddr {
         IpAddr::V4(s.parse().expect("test address"))
     }
@@ -498,7 +487,7 @@ mod tests {
 
     #[test]
     fn media_a_cname_chain() {
-        let m = parse_udp(fixture!("media-a.bin")).expect("parses");
+        let m = parse_udp(fixture!("dns/media-a.bin")).expect("parses");
         assert!(m.is_response && m.authoritative && !m.truncated);
         assert_eq!(m.rcode, RCODE_NOERROR);
         let q = m.question.as_ref().expect("question");
@@ -535,7 +524,7 @@ mod tests {
 
     #[test]
     fn media_aaaa_cname_chain() {
-        let m = parse_udp(fixture!("media-aaaa.bin")).expect("parses");
+        let m = parse_udp(fixture!("dns/media-aaaa.bin")).expect("parses");
         assert_eq!(m.question.as_ref().map(|q| q.qtype), Some(TYPE_AAAA));
         assert_eq!(m.answers.len(), 3);
         assert_eq!(
@@ -546,7 +535,7 @@ mod tests {
 
     #[test]
     fn mixed_case_question_is_lowercased() {
-        let raw = fixture!("media-mixedcase-a.bin");
+        let raw = fixture!("dns/media-mixedcase-a.bin");
         // The capture really carries the client's case (dnsmasq echoes it, and the
         // first answer's owner is a pointer to it).
         assert!(raw.windows(5).any(|w| w == b"MEDIA"));
@@ -564,7 +553,7 @@ mod tests {
 
     #[test]
     fn wildcard_domain_a_and_aaaa() {
-        let m = parse_udp(fixture!("turn-a.bin")).expect("parses");
+        let m = parse_udp(fixture!("dns/turn-a.bin")).expect("parses");
         assert_eq!(
             resolve_chain(&m),
             vec![(
@@ -573,7 +562,7 @@ mod tests {
                 300
             )]
         );
-        let m = parse_udp(fixture!("turn-aaaa.bin")).expect("parses");
+        let m = parse_udp(fixture!("dns/turn-aaaa.bin")).expect("parses");
         assert_eq!(
             resolve_chain(&m),
             vec![(
@@ -590,7 +579,7 @@ mod tests {
 
     #[test]
     fn nxdomain() {
-        let m = parse_udp(fixture!("nxdomain.bin")).expect("parses");
+        let m = parse_udp(fixture!("dns/nxdomain.bin")).expect("parses");
         assert_eq!(m.rcode, RCODE_NXDOMAIN);
         assert_eq!(
             m.question.as_ref().map(|q| q.name.as_str()),
@@ -602,7 +591,7 @@ mod tests {
 
     #[test]
     fn truncated_udp_answer_keeps_what_was_sent() {
-        let m = parse_udp(fixture!("big-truncated-udp.bin")).expect("parses");
+        let m = parse_udp(fixture!("dns/big-truncated-udp.bin")).expect("parses");
         assert!(m.truncated);
         // dnsmasq sends as many of the 40 records as fit in 512 bytes and sets
         // ANCOUNT to that.
@@ -627,7 +616,7 @@ mod tests {
 
     #[test]
     fn tcp_answer_has_all_records() {
-        let raw = fixture!("big-tcp.bin");
+        let raw = fixture!("dns/big-tcp.bin");
         let m = parse_tcp(raw).expect("parses");
         assert!(!m.truncated);
         let r = resolve_chain(&m);
@@ -653,7 +642,7 @@ mod tests {
     #[test]
     fn other_types_are_skipped_by_rdlength() {
         // ANY: TXT, HTTPS, A, AAAA
-        let m = parse_udp(fixture!("any-mixed.bin")).expect("parses");
+        let m = parse_udp(fixture!("dns/any-mixed.bin")).expect("parses");
         assert_eq!(m.skipped, 2);
         let mut r = resolve_chain(&m);
         r.sort();
@@ -664,10 +653,10 @@ mod tests {
                 ("x.cdn.example.net".to_string(), v6("2001:db8::10"), 300),
             ]
         );
-        let m = parse_udp(fixture!("https-type65.bin")).expect("parses");
+        let m = parse_udp(fixture!("dns/https-type65.bin")).expect("parses");
         assert_eq!((m.answers.len(), m.skipped), (0, 1));
         // A browser's HTTPS query: the CNAME chain is kept, the HTTPS record skipped.
-        let m = parse_udp(fixture!("media-https-type65.bin")).expect("parses");
+        let m = parse_udp(fixture!("dns/media-https-type65.bin")).expect("parses");
         assert_eq!((m.answers.len(), m.skipped), (2, 1));
         assert!(resolve_chain(&m).is_empty());
         assert_eq!(chain_names(&m).len(), 3);
@@ -675,7 +664,7 @@ mod tests {
 
     #[test]
     fn query_parses_without_answers() {
-        let m = parse_udp(fixture!("media-a-query.bin")).expect("parses");
+        let m = parse_udp(fixture!("dns/media-a-query.bin")).expect("parses");
         assert!(!m.is_response);
         assert_eq!(
             m.question.as_ref().map(|q| q.name.as_str()),
@@ -688,17 +677,17 @@ mod tests {
     #[test]
     fn every_prefix_of_every_fixture_is_an_error_not_a_panic() {
         for raw in [
-            fixture!("media-a.bin"),
-            fixture!("media-aaaa.bin"),
-            fixture!("media-mixedcase-a.bin"),
-            fixture!("turn-a.bin"),
-            fixture!("turn-aaaa.bin"),
-            fixture!("nxdomain.bin"),
-            fixture!("big-truncated-udp.bin"),
-            fixture!("any-mixed.bin"),
-            fixture!("https-type65.bin"),
-            fixture!("media-https-type65.bin"),
-            fixture!("media-a-query.bin"),
+            fixture!("dns/media-a.bin"),
+            fixture!("dns/media-aaaa.bin"),
+            fixture!("dns/media-mixedcase-a.bin"),
+            fixture!("dns/turn-a.bin"),
+            fixture!("dns/turn-aaaa.bin"),
+            fixture!("dns/nxdomain.bin"),
+            fixture!("dns/big-truncated-udp.bin"),
+            fixture!("dns/any-mixed.bin"),
+            fixture!("dns/https-type65.bin"),
+            fixture!("dns/media-https-type65.bin"),
+            fixture!("dns/media-a-query.bin"),
         ] {
             let full = parse_udp(raw).expect("full fixture parses");
             for cut in 0..raw.len() {

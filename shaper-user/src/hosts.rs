@@ -1167,14 +1167,8 @@ default = true
         let p = plan(
             "[[rule]]\nname = \"pacs\"\nclass = \"video\"\ndns_names = [\"pacs.example.nhs.uk\"]\n",
         );
-        let first = include_bytes!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/fixtures/quic/quic-ffdhe8192-gtlsclient-1.bin"
-        ));
-        let second = include_bytes!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/fixtures/quic/quic-ffdhe8192-gtlsclient-2.bin"
-        ));
+        let first = fixture!("quic/quic-ffdhe8192-gtlsclient-1.bin");
+        let second = fixture!("quic/quic-ffdhe8192-gtlsclient-2.bin");
         let key = HostKey {
             src: [192, 168, 1, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             dst: [203, 0, 113, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],

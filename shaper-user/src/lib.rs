@@ -1,6 +1,20 @@
 //! The user side of the shaper: configuration, compilation of policy into
 //! kernel state, the kernel interfaces (netlink tc, BPF), apply/remove and
 //! status. The `shaper` binary (main.rs) is a thin CLI over this.
+
+/// A captured packet under `tests/fixtures/` (for unit tests), as a byte slice.
+#[cfg(test)]
+macro_rules! fixture {
+    ($f:literal) => {
+        include_bytes!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/",
+            $f
+        ))
+        .as_slice()
+    };
+}
+
 pub mod apply;
 pub mod autorate;
 pub mod catalogue;

@@ -729,25 +729,7 @@ mod tests {
         );
     }
 
-    macro_rules! fixture {
-        ($f:literal) => {
-            include_bytes!(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../tests/fixtures/",
-                $f
-            ))
-            .as_slice()
-        };
-    }
-
-    const SNI: &str = "pacs.example.nhs.uk";
-
-    fn found(name: &str) -> Sni {
-        Sni::Found {
-            name: name.into(),
-            ech: false,
-        }
-    }
+    use crate::sni::tests::{found, SNI};
 
     #[test]
     fn gtlsclient_v1_initial() {

@@ -495,23 +495,13 @@ pub(crate) fn varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    macro_rules! fixture {
-        ($f:literal) => {
-            include_bytes!(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../tests/fixtures/tls/",
-                $f
-            ))
-            .as_slice()
-        };
-    }
+    /// The server name in the captured hellos (QUIC's tests use it too).
+    pub(crate) const SNI: &str = "pacs.example.nhs.uk";
 
-    const SNI: &str = "pacs.example.nhs.uk";
-
-    fn found(name: &str) -> Sni {
+    pub(crate) fn found(name: &str) -> Sni {
         Sni::Found {
             name: name.into(),
             ech: false,
@@ -521,24 +511,24 @@ mod tests {
     #[test]
     fn openssl_and_curl_hellos() {
         for raw in [
-            fixture!("openssl-default-sni.bin"),
-            fixture!("openssl-tls12-sni.bin"),
-            fixture!("openssl-tls13-sni.bin"),
-            fixture!("curl-sni.bin"),
-            fixture!("gnutls-sni.bin"),
+            fixture!("tls/openssl-default-sni.bin"),
+            fixture!("tls/openssl-tls12-sni.bin"),
+            fixture!("tls/openssl-tls13-sni.bin"),
+            fixture!("tls/curl-sni.bin"),
+            fixture!("tls/gnutls-sni.bin"),
         ] {
             assert_eq!(client_hello_sni(raw), Ok(found(SNI)));
         }
         assert_eq!(
-            client_hello_sni(fixture!("openssl-no-sni.bin")),
+            client_hello_sni(fixture!("tls/openssl-no-sni.bin")),
             Ok(Sni::Absent { ech: false })
         );
     }
 
     #[test]
     fn big_hello_sni_in_first_segment() {
-        let seg1 = fixture!("openssl-big-alpn-seg1.bin");
-        let seg2 = fixture!("openssl-big-alpn-seg2.bin");
+        let seg1 = fixture!("tls/openssl-big-alpn-seg1.bin");
+        let seg2 = fixture!("tls/openssl-big-alpn-seg2.bin");
         assert_eq!(seg1.len(), 1448);
         // SNI is the first extension: found in the first segment alone.
         assert_eq!(client_hello_sni(seg1), Ok(found(SNI)));
@@ -553,8 +543,8 @@ mod tests {
 
     #[test]
     fn hello_split_into_512_byte_records() {
-        let seg1 = fixture!("openssl-512-records-seg1.bin");
-        let seg2 = fixture!("openssl-512-records-seg2.bin");
+        let seg1 = fixture!("tls/openssl-512-records-seg1.bin");
+        let seg2 = fixture!("tls/openssl-512-records-seg2.bin");
         // The capture really is several handshake records.
         assert_eq!(&seg1[..5], &[22, 3, 1, 2, 0]);
         assert_eq!(client_hello_sni(seg1), Ok(found(SNI)));
@@ -572,8 +562,8 @@ mod tests {
 
     #[test]
     fn sni_after_key_share_is_in_second_segment() {
-        let seg1 = fixture!("gnutls-ffdhe8192-seg1.bin");
-        let seg2 = fixture!("gnutls-ffdhe8192-seg2.bin");
+        let seg1 = fixture!("tls/gnutls-ffdhe8192-seg1.bin");
+        let seg2 = fixture!("tls/gnutls-ffdhe8192-seg2.bin");
         let whole = [seg1, seg2].concat();
         let total = 5 + usize::from(u16::from_be_bytes([seg1[3], seg1[4]]));
         assert!(whole.len() >= total);
@@ -587,12 +577,12 @@ mod tests {
     #[test]
     fn every_prefix_of_every_fixture() {
         for raw in [
-            fixture!("openssl-default-sni.bin"),
-            fixture!("openssl-tls12-sni.bin"),
-            fixture!("openssl-tls13-sni.bin"),
-            fixture!("openssl-no-sni.bin"),
-            fixture!("curl-sni.bin"),
-            fixture!("gnutls-sni.bin"),
+            fixture!("tls/openssl-default-sni.bin"),
+            fixture!("tls/openssl-tls12-sni.bin"),
+            fixture!("tls/openssl-tls13-sni.bin"),
+            fixture!("tls/openssl-no-sni.bin"),
+            fixture!("tls/curl-sni.bin"),
+            fixture!("tls/gnutls-sni.bin"),
         ] {
             let full = client_hello_sni(raw).expect("full");
             for cut in 0..raw.len() {
@@ -743,7 +733,7 @@ mod tests {
 
     #[test]
     fn quic_initial_from_gtlsclient() {
-        let raw = fixture!("quic-initial-gtlsclient.bin");
+        let raw = fixture!("tls/quic-initial-gtlsclient.bin");
         let q = quic_initial(raw).expect("initial");
         assert_eq!(q.version, QUIC_V1);
         assert_eq!(q.dcid, [0x83, 0x94, 0xc8, 0xf0, 0x3e, 0x51, 0x57, 0x08]);

@@ -470,6 +470,36 @@ pub fn irtt_summary(json: &str) -> Result<IrttSummary> {
     })
 }
 
+/// One row of `cargo xtask bench --download`'s table of both tiers (xtask reads these
+/// JSON keys).
+pub struct TierRow<'a> {
+    pub tier: &'a str,
+    pub configuration: &'a str,
+    /// Download video: p50 ms, p99 ms, loss %.
+    pub video_down: (f64, f64, f64),
+    /// Upload video: p50 ms, p99 ms, loss %.
+    pub video_up: (f64, f64, f64),
+    pub goodput_down_pct: f64,
+    pub goodput_up_pct: f64,
+}
+
+impl TierRow<'_> {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tier": self.tier,
+            "configuration": self.configuration,
+            "video_down_p50_ms": self.video_down.0,
+            "video_down_p99_ms": self.video_down.1,
+            "video_down_loss_pct": self.video_down.2,
+            "video_up_p50_ms": self.video_up.0,
+            "video_up_p99_ms": self.video_up.1,
+            "video_up_loss_pct": self.video_up.2,
+            "goodput_down_pct": self.goodput_down_pct,
+            "goodput_up_pct": self.goodput_up_pct,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -231,8 +231,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts the daemon and waits (up to 20 s) until `shaper status` answers.
-    pub fn start(shaper: &Shaper, config: &Path, log: PathBuf, rust_log: &str) -> Result<Daemon> {
+    /// Starts the daemon, `RUST_LOG` set to `rust_log`; returns at once.
+    pub fn spawn(shaper: &Shaper, config: &Path, log: PathBuf, rust_log: &str) -> Result<Daemon> {
         let child = shaper
             .command(&[OsStr::new("run"), config.as_os_str()])
             .env("RUST_LOG", rust_log)
@@ -241,10 +241,15 @@ impl Daemon {
             .stderr(std::fs::File::create(&log).context("daemon log file")?)
             .spawn()
             .context("starting `shaper run`")?;
-        let mut d = Daemon { child, log };
+        Ok(Daemon { child, log })
+    }
+
+    /// Starts the daemon and waits (up to 20 s) until `shaper status` answers.
+    pub fn start(shaper: &Shaper, config: &Path, log: PathBuf, rust_log: &str) -> Result<Daemon> {
+        let mut d = Self::spawn(shaper, config, log, rust_log)?;
         let t0 = std::time::Instant::now();
         while shaper.status_json().is_err() {
-            if let Some(st) = d.child.try_wait()? {
+            if let Some(st) = d.exited() {
                 bail!("`shaper run` exited ({st}) before applying:\n{}", d.log());
             }
             if t0.elapsed() > std::time::Duration::from_secs(20) {
@@ -260,24 +265,36 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// SIGTERM and wait (20 s, then SIGKILL and an error); returns the log.
-    pub fn stop(mut self) -> Result<String> {
-        self.terminate()
+    /// The daemon's exit status if it has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
-    fn terminate(&mut self) -> Result<String> {
-        // SAFETY: signalling our own child.
+    /// SIGTERM and wait (20 s, then SIGKILL and an error); returns the exit status and the
+    /// log.
+    pub fn stop(mut self) -> Result<(ExitStatus, String)> {
+        let status = self.terminate()?;
+        Ok((status, self.log()))
+    }
+
+    fn terminate(&mut self) -> Result<ExitStatus> {
+        // SAFETY: signalling our own child (nsenter execs shaper: same pid).
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let t0 = std::time::Instant::now();
-        while self.child.try_wait()?.is_none() {
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
             if t0.elapsed() > std::time::Duration::from_secs(20) {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                bail!("`shaper run` did not stop within 20 s of SIGTERM");
+                bail!(
+                    "`shaper run` did not stop within 20 s of SIGTERM; its log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        Ok(self.log())
     }
 }
 

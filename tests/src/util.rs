@@ -128,3 +128,11 @@ pub fn fmt_bps(bps: f64) -> String {
         format!("{bps:.0} bit/s")
     }
 }
+
+/// The value after `name` on a command line (`--seconds 15` -> "15"), if both are there.
+pub fn arg_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}

@@ -75,7 +75,7 @@ fn phase(
             rx.join().expect("flood receiver"),
         )
     });
-    let log = daemon.stop().expect("daemon stops on SIGTERM");
+    let (_, log) = daemon.stop().expect("daemon stops on SIGTERM");
     (results.expect(name), flood, log, kernel_rate)
 }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use shaper_tests::gateway::write_config;
 use shaper_tests::iperf::{wait_listening, IperfServer};
+use shaper_tests::shaper::Daemon;
 use shaper_tests::topology::{GW_LAN_IF, GW_WAN_IF, SRV_V4, SRV_V6};
 use shaper_tests::{skip_unless_ready, Netns, Shaper, TempDir, Topology};
 
@@ -75,92 +76,36 @@ fn class(name: &str, priority: u8, guaranteed_pct: u8, default: bool) -> String 
 // ---------------------------------------------------------------------------------------------
 // The daemon, the status JSON and hosts.json
 
-/// `shaper run` in the gateway namespace, its stderr in a file; SIGTERM (then SIGKILL) on drop.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
+/// `shaper run` in the gateway namespace, its stderr in a file, once its host task has
+/// written hosts.json (the shaping is in place and the event ring is being read).
+fn start_daemon(shaper: &Shaper, cfg: &Path, log: PathBuf) -> Daemon {
+    let mut daemon =
+        Daemon::spawn(shaper, cfg, log, "info,shaper_user=debug").expect("start `shaper run`");
+    let t0 = Instant::now();
+    while hosts_json(shaper).is_none() {
+        if let Some(s) = daemon.exited() {
+            panic!("`shaper run` exited ({s}); its log:\n{}", daemon.log());
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no hosts.json from `shaper run` after 30 s; its log:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    daemon
 }
 
-impl Daemon {
-    fn start(shaper: &Shaper, cfg: &Path, log: PathBuf) -> Daemon {
-        let child = shaper
-            .command(&[OsStr::new("run"), cfg.as_os_str()])
-            .env("RUST_LOG", "info,shaper_user=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("daemon log file"))
-            .spawn()
-            .expect("start `shaper run`");
-        Daemon { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM: the daemon must exit cleanly, removing the shaping, its pins and hosts.json.
-    fn stop(mut self, shaper: &Shaper) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let t0 = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "no exit within 20 s of SIGTERM; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        assert!(
-            status.success(),
-            "exit on SIGTERM: {status}\n{}",
-            self.log()
-        );
-        assert!(hosts_json(shaper).is_none(), "hosts.json removed on exit");
-        assert!(
-            shaper.leftover_pins().is_empty(),
-            "pins left: {:?}",
-            shaper.leftover_pins()
-        );
-    }
-
-    /// Waits until the host task has written hosts.json once (the shaping is in place and the
-    /// event ring is being read).
-    fn wait_hosts_up(&mut self, shaper: &Shaper) {
-        let t0 = Instant::now();
-        while hosts_json(shaper).is_none() {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                panic!("`shaper run` exited ({s}); its log:\n{}", self.log());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "no hosts.json from `shaper run` after 30 s; its log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: signalling our own child (nsenter execs shaper: same pid).
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// SIGTERM: the daemon must exit cleanly, removing the shaping, its pins and hosts.json.
+fn stop_daemon(daemon: Daemon, shaper: &Shaper) {
+    let (status, log) = daemon.stop().expect("`shaper run` stops on SIGTERM");
+    assert!(status.success(), "exit on SIGTERM: {status}\n{log}");
+    assert!(hosts_json(shaper).is_none(), "hosts.json removed on exit");
+    assert!(
+        shaper.leftover_pins().is_empty(),
+        "pins left: {:?}",
+        shaper.leftover_pins()
+    );
 }
 
 /// `shaper status --json --interval 0`.
@@ -455,8 +400,7 @@ fn dns_answers_put_a_host_rules_addresses_in_its_class() {
     let cfg = write_config(dir.path(), "site.toml", &cfg_text);
     let shaper = Shaper::new(&topo.gw).expect("shaper");
     let qdiscs_before = topo.gw_qdiscs().expect("qdiscs");
-    let mut daemon = Daemon::start(&shaper, &cfg, dir.path().join("daemon.log"));
-    daemon.wait_hosts_up(&shaper);
+    let daemon = start_daemon(&shaper, &cfg, dir.path().join("daemon.log"));
     let dns_log = dir.path().join("dnsmasq.log");
     start_dnsmasq(&topo.srv, &dns_log);
 
@@ -586,7 +530,7 @@ fn dns_answers_put_a_host_rules_addresses_in_its_class() {
         listed.contains(&SRV_V4.into()) && listed.contains(&SRV_V6.into()),
         "status lists {listed:?}"
     );
-    daemon.stop(&shaper);
+    stop_daemon(daemon, &shaper);
     assert_eq!(
         topo.gw_qdiscs().expect("qdiscs"),
         qdiscs_before,
@@ -717,8 +661,7 @@ fn tls_server_names_decide_connections_in_both_directions() {
     let cfg = write_config(dir.path(), "site.toml", &cfg_text);
     let (cert, key) = self_signed(dir.path());
     let shaper = Shaper::new(&topo.gw).expect("shaper");
-    let mut daemon = Daemon::start(&shaper, &cfg, dir.path().join("daemon.log"));
-    daemon.wait_hosts_up(&shaper);
+    let daemon = start_daemon(&shaper, &cfg, dir.path().join("daemon.log"));
     let server = topo.srv.cmd(
         "openssl",
         &[
@@ -841,7 +784,7 @@ fn tls_server_names_decide_connections_in_both_directions() {
         "the page ({} bytes) came down in the default class: {d}",
         page.len()
     );
-    daemon.stop(&shaper);
+    stop_daemon(daemon, &shaper);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1169,8 +1112,7 @@ fn a_gp_surgery_config_of_catalogue_apps_classifies_each_app_and_explain_agrees(
     );
     let cfg = write_config(dir.path(), "surgery.toml", &cfg_text);
     let shaper = Shaper::new(&topo.gw).expect("shaper");
-    let mut daemon = Daemon::start(&shaper, &cfg, dir.path().join("daemon.log"));
-    daemon.wait_hosts_up(&shaper);
+    let daemon = start_daemon(&shaper, &cfg, dir.path().join("daemon.log"));
 
     // The site's resolver: Whereby media and a Windows Update name (through a CNAME).
     let dns_log = dir.path().join("dnsmasq.log");
@@ -1336,7 +1278,7 @@ fn a_gp_surgery_config_of_catalogue_apps_classifies_each_app_and_explain_agrees(
         }
         eprintln!("{what}: {want_class} ({})", want_rule.unwrap_or("no rule"));
     }
-    daemon.stop(&shaper);
+    stop_daemon(daemon, &shaper);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1373,8 +1315,7 @@ fn quic_server_names_decide_connections() {
     );
     let cfg = write_config(dir.path(), "site.toml", &cfg_text);
     let shaper = Shaper::new(&topo.gw).expect("shaper");
-    let mut daemon = Daemon::start(&shaper, &cfg, dir.path().join("daemon.log"));
-    daemon.wait_hosts_up(&shaper);
+    let daemon = start_daemon(&shaper, &cfg, dir.path().join("daemon.log"));
     // A sink on UDP 443: the Initials arrive and get no answer (no ICMP either), so the
     // client retransmits them.
     let sink = topo
@@ -1448,5 +1389,5 @@ fn quic_server_names_decide_connections() {
     stop.store(true, Ordering::Relaxed);
     let n = got.join().expect("sink");
     assert!(n >= 3, "the sink saw {n} Initials");
-    daemon.stop(&shaper);
+    stop_daemon(daemon, &shaper);
 }

@@ -959,16 +959,10 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let classifier_only = args.iter().any(|a| a == "--classifier-only");
-    let secs = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .and_then(|i| args.get(i + 1))
+    let secs = shaper_tests::util::arg_value(&args, "--seconds")
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let forward_secs = args
-        .iter()
-        .position(|a| a == "--forward-seconds")
-        .and_then(|i| args.get(i + 1))
+    let forward_secs = shaper_tests::util::arg_value(&args, "--forward-seconds")
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     classifier_table()?;

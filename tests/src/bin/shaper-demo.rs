@@ -10,10 +10,7 @@ use shaper_tests::{Line, Scenario, ShaperConfig};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let secs = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .and_then(|i| args.get(i + 1))
+    let secs = shaper_tests::util::arg_value(&args, "--seconds")
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     let line = Line::FTTC_40_10;

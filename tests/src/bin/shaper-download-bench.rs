@@ -32,8 +32,10 @@ use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 use shaper_tests::flood::{start_flood, with_bulk_class, FLOOD_PAYLOAD, FLOOD_PORT};
 use shaper_tests::reference::{self, ReferenceOptions};
+use shaper_tests::report::TierRow;
 use shaper_tests::shaper::Daemon;
 use shaper_tests::topology::{GW_LAN_IF, MODEM_IN_IF};
+use shaper_tests::util::arg_value;
 use shaper_tests::{Line, Netns, Results, Scenario, Shaper, ShaperConfig, TempDir, Topology};
 
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
@@ -297,7 +299,7 @@ fn run_case(
                 class_drops.insert(n.clone(), d - before.get(&n).copied().unwrap_or(0));
             }
             if let Some(d) = daemon.take() {
-                let log = d.stop()?;
+                let (_, log) = d.stop()?;
                 for l in log.lines().filter(|l| l.contains("arrival accounting")) {
                     eprintln!("  daemon: {l}");
                 }
@@ -365,10 +367,7 @@ fn mean(v: &[u64]) -> f64 {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let secs: u64 = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .and_then(|i| args.get(i + 1))
+    let secs: u64 = arg_value(&args, "--seconds")
         .and_then(|s| s.parse().ok())
         .unwrap_or(15);
     let flood_too = !args.iter().any(|a| a == "--no-flood");
@@ -456,11 +455,7 @@ fn main() -> Result<()> {
     }
 
     // `--only A,B`: the cases whose label contains one of these (a quick look at a few).
-    let main_cases = match args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-    {
+    let main_cases = match arg_value(&args, "--only") {
         Some(only) => {
             let keep = |c: &Case| only.split(',').any(|o| c.label.contains(o));
             let main_kept = cases[..main_cases].iter().filter(|c| keep(c)).count();
@@ -493,28 +488,22 @@ fn main() -> Result<()> {
     let up = line.up_bps as f64;
     // `--summary FILE`: one JSON row per configuration for `cargo xtask bench --download`'s
     // table of both tiers (the flood rows are this tier's only).
-    if let Some(path) = args
-        .iter()
-        .position(|a| a == "--summary")
-        .and_then(|i| args.get(i + 1))
-    {
+    if let Some(path) = arg_value(&args, "--summary") {
         let rows: Vec<Value> = done
             .iter()
             .filter(|r| r.case.flood_bps.is_none())
             .map(|r| {
                 let x = &r.results;
-                serde_json::json!({
-                    "tier": "namespaces",
-                    "configuration": r.case.label,
-                    "video_down_p50_ms": x.video_down.p50_ms,
-                    "video_down_p99_ms": x.video_down.p99_ms,
-                    "video_down_loss_pct": x.video_down.loss_pct,
-                    "video_up_p50_ms": x.video_up.p50_ms,
-                    "video_up_p99_ms": x.video_up.p99_ms,
-                    "video_up_loss_pct": x.video_up.loss_pct,
-                    "goodput_down_pct": 100.0 * x.total_down_bps / down,
-                    "goodput_up_pct": 100.0 * x.total_up_bps / up,
-                })
+                let video = |v: &shaper_tests::DelayStats| (v.p50_ms, v.p99_ms, v.loss_pct);
+                TierRow {
+                    tier: "namespaces",
+                    configuration: &r.case.label,
+                    video_down: video(&x.video_down),
+                    video_up: video(&x.video_up),
+                    goodput_down_pct: 100.0 * x.total_down_bps / down,
+                    goodput_up_pct: 100.0 * x.total_up_bps / up,
+                }
+                .to_json()
             })
             .collect();
         std::fs::write(path, serde_json::to_string_pretty(&rows)?)

@@ -951,12 +951,8 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
+    let arg =
+        |name: &str| shaper_tests::util::arg_value(&args, name).and_then(|v| v.parse::<u64>().ok());
     let frames = arg("--frames").unwrap_or(1_000_000);
     let seed = arg("--seed").unwrap_or(0x9e37_79b9_7f4a_7c15) | 1;
 

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
-use shaper_tests::report::{cdf_svg, emodel_r, irtt_summary, mos, text_table};
+use shaper_tests::report::{cdf_svg, emodel_r, irtt_summary, mos, text_table, TierRow};
 use shaper_tests::vm::{self, free_ports, initramfs_with_overlay, Vm, VmSpec};
 
 const CLIENT: &str = "10.10.0.2";
@@ -989,18 +989,18 @@ fn profile_report(p: &Profile, runs: &[RunResult], dir: &Path, t: u32) -> Result
         }
         let (bu, nu) = bulk_bps(&r.dir, "bulk-up-");
         let (bd, nd) = bulk_bps(&r.dir, "bulk-down-");
-        summary.push(serde_json::json!({
-            "tier": "vm",
-            "configuration": r.mode,
-            "video_down_p50_ms": num(&down, "p50_ms"),
-            "video_down_p99_ms": num(&down, "p99_ms"),
-            "video_down_loss_pct": num(&down, "loss_pct"),
-            "video_up_p50_ms": num(&up, "p50_ms"),
-            "video_up_p99_ms": num(&up, "p99_ms"),
-            "video_up_loss_pct": num(&up, "loss_pct"),
-            "goodput_down_pct": 100.0 * bd / (f64::from(p.down_kbit) * 1000.0),
-            "goodput_up_pct": 100.0 * bu / (f64::from(p.up_kbit) * 1000.0),
-        }));
+        let video = |v: &Value| (num(v, "p50_ms"), num(v, "p99_ms"), num(v, "loss_pct"));
+        summary.push(
+            TierRow {
+                tier: "vm",
+                configuration: r.mode,
+                video_down: video(&down),
+                video_up: video(&up),
+                goodput_down_pct: 100.0 * bd / (f64::from(p.down_kbit) * 1000.0),
+                goodput_up_pct: 100.0 * bu / (f64::from(p.up_kbit) * 1000.0),
+            }
+            .to_json(),
+        );
         if nu < 4 || nd < 4 {
             // Background load, not a measured transfer: noted, not a failure.
             notes.push(format!(
