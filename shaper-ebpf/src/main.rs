@@ -281,19 +281,24 @@ fn emit(ctx: &TcContext, kind: u32, dir: u32, pkt: &Pkt) {
     };
     let ev = e.as_mut_ptr();
     let off = pkt.payload_off;
-    // 64-bit arithmetic: the verifier must see the length's bounds (1 to
-    // EVENT_DATA) on the very register passed to the helper.
-    let avail = (ctx.len() as u64).saturating_sub(off as u64);
-    let mut n = pkt.payload_len as u64;
+    // The verifier must see the length's bounds (1 to EVENT_DATA) on the very
+    // register passed to the helper (its size argument may not be 0). Signed
+    // 64-bit arithmetic on purpose: `n` may be negative (`off` past the end),
+    // so the compiler keeps `n < 1` as a signed compare instead of turning it
+    // into `n == 0`, and a signed compare is what raises the lower bound to 1
+    // on older verifiers (6.1 learns nothing from the false branch of
+    // `n == 0`). Same outcome as min(payload_len, len.saturating_sub(off)).
+    let avail = ctx.len() as i64 - off as i64;
+    let mut n = pkt.payload_len as i64;
     if n > avail {
         n = avail;
     }
-    if n == 0 {
+    if n < 1 {
         e.discard(0);
         return;
     }
-    if n > EVENT_DATA as u64 {
-        n = EVENT_DATA as u64;
+    if n > EVENT_DATA as i64 {
+        n = EVENT_DATA as i64;
     }
     // SAFETY: `ev` points at a reserved entry of size_of::<Event>() bytes and
     // at most EVENT_DATA bytes are copied into its `data`.

@@ -54,6 +54,8 @@ pub struct Shaper<'a> {
     bpffs_dir: PathBuf,
     run_dir: PathBuf,
     applied: bool,
+    /// More environment for every command (e.g. `SHAPER_ATTACH=netlink`).
+    env: Vec<(String, String)>,
 }
 
 impl<'a> Shaper<'a> {
@@ -104,7 +106,13 @@ impl<'a> Shaper<'a> {
             bpffs_dir,
             run_dir,
             applied: false,
+            env: Vec::new(),
         })
+    }
+
+    /// Sets `key=value` in the environment of every later command.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.into(), value.into()));
     }
 
     pub fn bpffs_dir(&self) -> &Path {
@@ -119,7 +127,8 @@ impl<'a> Shaper<'a> {
     pub fn command<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
         let mut c = self.ns.cmd(&self.bin, args);
         c.env("SHAPER_BPFFS", &self.bpffs_dir)
-            .env("SHAPER_RUN", &self.run_dir);
+            .env("SHAPER_RUN", &self.run_dir)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 

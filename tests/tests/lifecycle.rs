@@ -213,6 +213,67 @@ fn apply_reapply_failed_apply_and_remove() {
     assert_eq!(st.status.code(), Some(3), "status says not applied");
 }
 
+/// The BPF filters on `dev`'s clsact egress in the gateway (`tc filter show` prints each
+/// as a chain line and a line naming the program: the latter).
+fn clsact_filters(topo: &Topology, dev: &str) -> Vec<String> {
+    topo.gw
+        .run("tc", &["filter", "show", "dev", dev, "egress"])
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" bpf ") && l.contains(" handle "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The attach path of kernels before 6.6 (Debian 12's 6.1): a direct-action cls_bpf filter
+/// on clsact through netlink, forced here on the host's kernel. The filter must outlive
+/// `shaper apply`, classify, be replaced in place by a re-apply (still one), and go with
+/// `remove`. (aya 0.14 deletes a netlink filter when a handle to it is dropped: a handle
+/// made but unused once deleted the filter just added, so nothing classified.)
+#[test]
+fn legacy_clsact_attach_classifies_after_apply_exits() {
+    skip_unless_ready!(TOPOLOGY_TOOLS);
+    let topo = Topology::build(None).expect("topology");
+    let dir = TempDir::new("clsact").expect("temp dir");
+    let a = write_config(dir.path(), "a.toml", &config_a());
+    let b = write_config(dir.path(), "b.toml", &config_b());
+    let mut shaper = Shaper::new(&topo.gw).expect("shaper");
+    shaper.set_env("SHAPER_ATTACH", "netlink");
+    let before = topo.gw_qdiscs().expect("qdiscs");
+    for (round, cfg) in [("A", &a), ("B, in place", &b)] {
+        shaper.apply(cfg).expect("apply");
+        for dev in [GW_WAN_IF, GW_LAN_IF] {
+            let f = clsact_filters(&topo, dev);
+            assert_eq!(f.len(), 1, "{round}: one classifier filter on {dev}: {f:?}");
+            assert!(f[0].contains("direct-action"), "{f:?}");
+            assert_eq!(tcx_programs(&topo.gw, dev), 0, "no TCX program on {dev}");
+        }
+        for _ in 0..5 {
+            let _ = probe::udp_echo(&topo.srv, &topo.lan, SRV_V4.into(), 50010);
+        }
+        let st = shaper.status_json().expect("status");
+        let video = &st["directions"][0]["classes"][0];
+        assert_eq!(video["name"], "video");
+        assert!(
+            video["classified_packets"].as_u64().unwrap_or(0) > 0,
+            "{round}: video upload classified after apply exited: {video}"
+        );
+    }
+    shaper.remove().expect("remove");
+    for dev in [GW_WAN_IF, GW_LAN_IF] {
+        assert!(
+            clsact_filters(&topo, dev).is_empty(),
+            "filter left on {dev}"
+        );
+    }
+    assert_eq!(
+        topo.gw_qdiscs().expect("qdiscs"),
+        before,
+        "interfaces as found (clsact removed)"
+    );
+    assert!(shaper.leftover_pins().is_empty());
+}
+
 #[test]
 fn run_daemon_reloads_on_sighup_and_cleans_up_on_sigterm() {
     skip_unless_ready!(TOPOLOGY_TOOLS);

@@ -360,15 +360,25 @@ pub fn attach(
                 }
                 Err(e) => return Err(anyhow!("adding clsact to {ifname}: {e}")),
             };
-            let id = match SchedClassifierLink::attached(
-                ifname,
-                TcAttachType::Egress,
-                NL_PRIORITY,
-                NL_HANDLE,
-                None,
-            ) {
-                Ok(link) if same_if => prog.attach_to_link(link)?,
-                _ => prog.attach_with_options(
+            // Only a filter this shaper put on this very interface is replaced in place.
+            // `attached` builds a handle whether or not such a filter exists, and dropping
+            // a handle deletes the filter it names: never make one that is not used (on a
+            // first apply that deleted the filter just added, leaving nothing attached).
+            let existing = if same_if {
+                SchedClassifierLink::attached(
+                    ifname,
+                    TcAttachType::Egress,
+                    NL_PRIORITY,
+                    NL_HANDLE,
+                    None,
+                )
+                .ok()
+            } else {
+                None
+            };
+            let id = match existing {
+                Some(link) => prog.attach_to_link(link)?,
+                None => prog.attach_with_options(
                     ifname,
                     TcAttachType::Egress,
                     TcAttachOptions::Netlink(NlOptions {
