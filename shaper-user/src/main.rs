@@ -292,6 +292,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             match report {
                 None => {
                     eprintln!("not applied");
+                    // A crash is worth knowing about most when nothing is applied.
+                    if let Some(c) = status::read_last_crash(&paths.run) {
+                        eprint!("{}", status::render_last_crash(&c));
+                    }
                     Ok(ExitCode::from(3))
                 }
                 Some(r) if json => {

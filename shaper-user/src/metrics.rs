@@ -772,6 +772,7 @@ mod tests {
             }],
             classifier,
             hosts: None,
+            last_crash: None,
         }
     }
 

@@ -1,8 +1,9 @@
 //! `shaper status`: what the kernel says the shaping is doing — HTB class
 //! counters by netlink and the classifier's per-rule / per-class counters
-//! from the pinned maps.
+//! from the pinned maps — and the last kernel crash, when the gateway image
+//! recorded one.
 
-use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
 
 use anyhow::Result;
 use serde::Serialize;
@@ -29,6 +30,156 @@ pub struct Report {
     pub classifier: BTreeMap<String, BTreeMap<String, u64>>,
     /// What `shaper run` learned of host names (absent without host rules).
     pub hosts: Option<crate::hosts::Snapshot>,
+    /// The last kernel crash the gateway image kept (null: none recorded).
+    pub last_crash: Option<LastCrash>,
+}
+
+/// File in the run directory where the gateway image's boot script
+/// (images/rootfs/usr/libexec/shaper/save-crash) summarises the last kernel crash.
+pub const LAST_CRASH_FILE: &str = "last-crash";
+
+/// The last kernel crash, as the image's boot script summarised it from the
+/// pstore record the crashed kernel left in EFI variables.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum LastCrash {
+    Recorded(CrashRecord),
+    /// The file is there but not understood; status still works.
+    Unreadable {
+        error: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct CrashRecord {
+    /// When the crashed kernel wrote the record, by its clock (UTC), if known.
+    pub time: Option<String>,
+    /// Seconds after the crashed boot started, if the record said.
+    pub uptime_s: Option<f64>,
+    /// The "Kernel panic - not syncing: ..." line, else the Oops/BUG line.
+    pub summary: String,
+    /// The first Oops/BUG line when the summary is the panic line.
+    pub detail: Option<String>,
+    /// Where the full record is on the boot disk's EFI partition (None: not saved).
+    pub record: Option<String>,
+    /// "previous": the boot just before this one crashed; "earlier": an older
+    /// boot (kept from the EFI partition until a newer crash replaces it).
+    pub boot: Option<String>,
+}
+
+/// Reads `<run>/last-crash`. A missing file is no crash (None); anything that
+/// cannot be read or understood is `Unreadable`, never an error of status.
+pub fn read_last_crash(run: &Path) -> Option<LastCrash> {
+    let path = run.join(LAST_CRASH_FILE);
+    match std::fs::read(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(LastCrash::Unreadable {
+            error: format!("reading {}: {e}", path.display()),
+        }),
+        Ok(bytes) => Some(match parse_last_crash(&bytes) {
+            Ok(r) => LastCrash::Recorded(r),
+            Err(error) => LastCrash::Unreadable {
+                error: format!("{}: {error}", path.display()),
+            },
+        }),
+    }
+}
+
+/// Parses the key=value lines of the last-crash file (unknown keys are ignored,
+/// empty values are absent ones); a summary is required.
+pub fn parse_last_crash(bytes: &[u8]) -> std::result::Result<CrashRecord, String> {
+    const MAX: usize = 64 * 1024;
+    if bytes.len() > MAX {
+        return Err(format!(
+            "{} bytes, more than a summary ever is",
+            bytes.len()
+        ));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("not text ({e})"))?;
+    let mut r = CrashRecord::default();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(format!("line {} is not key=value", i + 1));
+        };
+        let value = value.trim();
+        let opt = || (!value.is_empty()).then(|| value.to_string());
+        match key.trim() {
+            "time" => r.time = opt(),
+            "uptime" => {
+                r.uptime_s = match value {
+                    "" => None,
+                    v => Some(
+                        v.parse::<f64>()
+                            .ok()
+                            .filter(|x| x.is_finite() && *x >= 0.0)
+                            .ok_or_else(|| format!("uptime {v:?} is not a number of seconds"))?,
+                    ),
+                }
+            }
+            "summary" => r.summary = value.to_string(),
+            "detail" => r.detail = opt(),
+            "record" => r.record = opt(),
+            "boot" => r.boot = opt(),
+            _ => {}
+        }
+    }
+    if r.summary.is_empty() {
+        return Err("no summary line".to_string());
+    }
+    Ok(r)
+}
+
+/// Control characters (a terminal's escape sequences) shown as '?'.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// `last crash: ...` lines for the terminal.
+pub fn render_last_crash(c: &LastCrash) -> String {
+    let mut s = String::new();
+    match c {
+        LastCrash::Unreadable { error } => {
+            let _ = writeln!(
+                s,
+                "last crash: recorded, but the summary is unreadable ({})",
+                printable(error)
+            );
+        }
+        LastCrash::Recorded(r) => {
+            let record = match &r.record {
+                Some(p) => format!("record in {} on the boot disk", printable(p)),
+                None => "record not saved on the boot disk".to_string(),
+            };
+            let _ = writeln!(s, "last crash: {} ({record})", printable(&r.summary));
+            let mut when = Vec::new();
+            if let Some(t) = &r.time {
+                when.push(format!("at {}", printable(t)));
+            }
+            if let Some(u) = r.uptime_s {
+                when.push(format!("{u:.1} s after boot"));
+            }
+            match r.boot.as_deref() {
+                Some("previous") => when.push("in the boot before this one".to_string()),
+                Some("earlier") => {
+                    when.push("in an earlier boot (the last one did not crash)".to_string())
+                }
+                _ => {}
+            }
+            if !when.is_empty() {
+                let _ = writeln!(s, "  {}", when.join(", "));
+            }
+            if let Some(d) = &r.detail {
+                let _ = writeln!(s, "  {}", printable(d));
+            }
+        }
+    }
+    s
 }
 
 #[derive(Debug, Serialize)]
@@ -196,6 +347,7 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
         } else {
             None
         },
+        last_crash: read_last_crash(&paths.run),
     }))
 }
 
@@ -218,6 +370,9 @@ pub fn render(r: &Report) -> String {
         "config: {} (applied at unix time {})",
         r.config, r.applied_at
     );
+    if let Some(c) = &r.last_crash {
+        s.push_str(&render_last_crash(c));
+    }
     let cw = r
         .directions
         .iter()
@@ -323,4 +478,125 @@ pub fn render(r: &Report) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "time=2026-12-02T16:32:48Z\nuptime=18.372113\n\
+        summary=Kernel panic - not syncing: Fatal exception\n\
+        detail=BUG: kernel NULL pointer dereference, address: 0000000000000008\n\
+        record=shaper/crash/20261202-163248\nboot=previous\n";
+
+    fn dir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("shaper-status-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("temp dir");
+        d
+    }
+
+    #[test]
+    fn parses_the_boot_scripts_file() {
+        let r = parse_last_crash(FILE.as_bytes()).expect("parses");
+        assert_eq!(r.time.as_deref(), Some("2026-12-02T16:32:48Z"));
+        assert_eq!(r.uptime_s, Some(18.372113));
+        assert_eq!(r.summary, "Kernel panic - not syncing: Fatal exception");
+        assert_eq!(
+            r.detail.as_deref(),
+            Some("BUG: kernel NULL pointer dereference, address: 0000000000000008")
+        );
+        assert_eq!(r.record.as_deref(), Some("shaper/crash/20261202-163248"));
+        assert_eq!(r.boot.as_deref(), Some("previous"));
+    }
+
+    #[test]
+    fn empty_values_are_absent_and_unknown_keys_ignored() {
+        let r = parse_last_crash(
+            b"# comment\ntime=\nuptime=\nsummary=Kernel panic - not syncing: NMI: Not continuing\ndetail=\nrecord=\nboot=previous\nfuture=1\n",
+        )
+        .expect("parses");
+        assert_eq!(r.time, None);
+        assert_eq!(r.uptime_s, None);
+        assert_eq!(r.detail, None);
+        assert_eq!(r.record, None);
+        let text = render_last_crash(&LastCrash::Recorded(r));
+        assert_eq!(
+            text,
+            "last crash: Kernel panic - not syncing: NMI: Not continuing (record not saved on the boot disk)\n  in the boot before this one\n"
+        );
+    }
+
+    #[test]
+    fn renders_summary_record_time_and_detail() {
+        let r = parse_last_crash(FILE.as_bytes()).expect("parses");
+        let text = render_last_crash(&LastCrash::Recorded(r));
+        assert_eq!(
+            text,
+            "last crash: Kernel panic - not syncing: Fatal exception (record in shaper/crash/20261202-163248 on the boot disk)\n\
+             \x20 at 2026-12-02T16:32:48Z, 18.4 s after boot, in the boot before this one\n\
+             \x20 BUG: kernel NULL pointer dereference, address: 0000000000000008\n"
+        );
+        let earlier = parse_last_crash(FILE.replace("boot=previous", "boot=earlier").as_bytes())
+            .expect("parses");
+        assert!(render_last_crash(&LastCrash::Recorded(earlier))
+            .contains("in an earlier boot (the last one did not crash)"));
+    }
+
+    #[test]
+    fn garbage_is_unreadable_not_an_error() {
+        for bad in [
+            &b"\xff\xfe\x00garbage"[..],
+            b"just some words\n",
+            b"time=2026-01-01T00:00:00Z\n",
+            b"summary=x\nuptime=soon\n",
+            b"",
+        ] {
+            assert!(parse_last_crash(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_last_crash(&vec![b'a'; 100_000]).is_err());
+        let d = dir("garbage");
+        std::fs::write(d.join(LAST_CRASH_FILE), b"\x00\x01 not a summary").expect("write");
+        let c = read_last_crash(&d).expect("a file is there");
+        assert!(matches!(c, LastCrash::Unreadable { .. }), "{c:?}");
+        let text = render_last_crash(&c);
+        assert!(
+            text.starts_with("last crash: recorded, but the summary is unreadable ("),
+            "{text}"
+        );
+        let json = serde_json::to_value(&c).expect("json");
+        assert_eq!(json["state"], "unreadable");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn missing_file_shows_nothing() {
+        let d = dir("missing");
+        assert_eq!(read_last_crash(&d), None);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn reads_the_file_and_serialises_it() {
+        let d = dir("read");
+        std::fs::write(d.join(LAST_CRASH_FILE), FILE).expect("write");
+        let c = read_last_crash(&d).expect("recorded");
+        let json = serde_json::to_value(&c).expect("json");
+        assert_eq!(json["state"], "recorded");
+        assert_eq!(
+            json["summary"],
+            "Kernel panic - not syncing: Fatal exception"
+        );
+        assert_eq!(json["record"], "shaper/crash/20261202-163248");
+        assert_eq!(json["uptime_s"], 18.372113);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn escape_sequences_are_not_printed() {
+        let r = parse_last_crash(b"summary=panic \x1b[2J here\n").expect("parses");
+        let text = render_last_crash(&LastCrash::Recorded(r));
+        assert!(!text.contains('\x1b'), "{text:?}");
+        assert!(text.contains("panic ?[2J here"), "{text:?}");
+    }
 }

@@ -11,6 +11,7 @@
 //! `cargo test -p shaper-tests -- --test-threads=1`.
 
 pub mod config;
+pub mod crash;
 pub mod dicom;
 pub mod flood;
 pub mod gateway;

@@ -43,6 +43,8 @@ pub struct ReferenceOptions {
     /// Depth of each class's bfifo leaf in milliseconds at the class ceiling (at least 10
     /// frames). `None`: 100 ms. `Some(20)` matches the product's default `queue_ms`.
     pub leaf_queue_ms: Option<u32>,
+    /// fq_codel leaves instead of bfifo (kernels that have it: the VM tier's gateway).
+    pub fq_codel_leaves: bool,
 }
 
 /// Installs HTB with one class per config class on `wan` (upload, matching destination
@@ -128,20 +130,32 @@ pub fn commands(config: &ShaperConfig, opts: ReferenceOptions) -> Result<Vec<Vec
                 "quantum",
                 "3028",
             ])?;
-            // A bounded leaf queue (~100 ms at the ceiling unless set, at least 10 frames).
-            let queue_ms = u64::from(opts.leaf_queue_ms.unwrap_or(100));
-            let limit = (ceil / 8 * queue_ms / 1000).max(15_140);
-            tc(&[
-                "qdisc",
-                "add",
-                "dev",
-                dev,
-                "parent",
-                &format!("1:{minor}"),
-                "bfifo",
-                "limit",
-                &limit.to_string(),
-            ])?;
+            if opts.fq_codel_leaves {
+                tc(&[
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "parent",
+                    &format!("1:{minor}"),
+                    "fq_codel",
+                ])?;
+            } else {
+                // A bounded leaf queue (~100 ms at the ceiling unless set, at least 10 frames).
+                let queue_ms = u64::from(opts.leaf_queue_ms.unwrap_or(100));
+                let limit = (ceil / 8 * queue_ms / 1000).max(15_140);
+                tc(&[
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "parent",
+                    &format!("1:{minor}"),
+                    "bfifo",
+                    "limit",
+                    &limit.to_string(),
+                ])?;
+            }
         }
         if opts.ack_priority {
             tc(&[

@@ -64,6 +64,52 @@ pub struct VmSpec<'a> {
     pub shares: Vec<(PathBuf, &'a str, bool)>,
     /// The serial console goes to this file.
     pub console: PathBuf,
+    /// How qemu emulates the machine (the soak varies these to tell the emulator from the
+    /// kernel and the product).
+    pub emulation: Emulation,
+}
+
+/// qemu's CPU model, vCPU count and machine type for one VM. The default is what the VM
+/// tier always ran: qemu's default CPU model (qemu64) and machine (pc), one vCPU.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Emulation {
+    pub cpu: Option<String>,
+    pub smp: u32,
+    pub machine: Option<String>,
+}
+
+impl Default for Emulation {
+    fn default() -> Self {
+        Emulation {
+            cpu: None,
+            smp: 1,
+            machine: None,
+        }
+    }
+}
+
+impl Emulation {
+    /// The qemu arguments.
+    pub fn args(&self) -> Vec<String> {
+        let mut a = vec!["-smp".to_string(), self.smp.to_string()];
+        if let Some(cpu) = &self.cpu {
+            a.extend(["-cpu".to_string(), cpu.clone()]);
+        }
+        if let Some(m) = &self.machine {
+            a.extend(["-machine".to_string(), m.clone()]);
+        }
+        a
+    }
+
+    /// A short label for tables: "qemu64/pc/1", "max/q35/2".
+    pub fn label(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.cpu.as_deref().unwrap_or("qemu64"),
+            self.machine.as_deref().unwrap_or("pc"),
+            self.smp
+        )
+    }
 }
 
 pub struct Vm {
@@ -75,7 +121,8 @@ pub struct Vm {
 impl Vm {
     pub fn start(spec: VmSpec<'_>) -> Result<Vm> {
         let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-accel", "tcg", "-smp", "1", "-nodefaults", "-no-reboot"])
+        c.args(["-accel", "tcg", "-nodefaults", "-no-reboot"])
+            .args(spec.emulation.args())
             .args(["-display", "none", "-monitor", "none"])
             .args(["-m", &spec.memory_mb.to_string()])
             .arg("-serial")
@@ -190,6 +237,48 @@ pub fn wait_until(
     }
 }
 
+/// The first line of a kernel crash in a VM's console, if it has one: a panic, an oops, a
+/// BUG, a double fault or general protection fault, a soft lockup.
+pub fn crash_line(console: &str) -> Option<&str> {
+    const SIGNS: &[&str] = &[
+        "Kernel panic",
+        "double fault",
+        "general protection fault",
+        "Oops",
+        "BUG:",
+        "Fatal exception",
+        "soft lockup",
+        "hung_task",
+    ];
+    console
+        .lines()
+        .find(|l| SIGNS.iter().any(|s| l.contains(s)))
+        .map(str::trim)
+}
+
+/// The emulator's own fault, recognised by what no CPU can do: a double fault whose saved
+/// RFLAGS has reserved bits set (22-63 are zero on every x86-64 CPU; qemu 7.2's TCG, which
+/// computes flags lazily, pushed pointer-like values such as `715ada02` and `c15b5a02` in
+/// every such crash seen, with or without the product in the VM). Returns the double fault
+/// line and the flags. Anything else that crashes a kernel is not the emulator's.
+pub fn emulator_fault(console: &str) -> Option<String> {
+    let lines: Vec<&str> = console.lines().collect();
+    let at = lines.iter().position(|l| l.contains("double fault"))?;
+    // The register dump follows within a few dozen lines; the first EFLAGS is the fault's.
+    let flags = lines[at..lines.len().min(at + 40)]
+        .iter()
+        .find_map(|l| l.split("EFLAGS: ").nth(1))?
+        .split_whitespace()
+        .next()?;
+    let v = u64::from_str_radix(flags, 16).ok()?;
+    (v & !0x003f_ffff != 0).then(|| {
+        format!(
+            "{} with RFLAGS {flags} (reserved bits set: no CPU can, the emulator did)",
+            lines[at].trim()
+        )
+    })
+}
+
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -200,7 +289,7 @@ pub fn tail(text: &str, n: usize) -> String {
 /// ones, which is how a site's config reaches an unchanged firmware initramfs here.
 pub fn initramfs_with_overlay(
     base: &Path,
-    files: &[(&str, &str, u32)],
+    files: &[(&str, &[u8], u32)],
     work: &Path,
     out: &Path,
 ) -> Result<()> {
@@ -231,4 +320,30 @@ pub fn initramfs_with_overlay(
     bytes.extend(fs::read(&cpio)?);
     fs::write(out, bytes)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn impossible_flags_in_a_double_fault_are_the_emulators() {
+        // From the soak's server VM (no product code in it).
+        let c = "[   30.775693] traps: PANIC: double fault, error_code: 0x0\n\
+                 [   30.777308] Oops: double fault: 0000 [#1] PREEMPT SMP NOPTI\n\
+                 [   30.778145] RIP: 0010:kmem_cache_alloc_node_noprof+0x70/0x330\n\
+                 [   30.779291] RSP: 0018:ffffcb7f4064b740 EFLAGS: 715ada02\n";
+        let f = emulator_fault(c).expect("recognised");
+        assert!(f.contains("715ada02"), "{f}");
+        assert!(crash_line(c).is_some());
+        // A double fault with flags a CPU can hold (a stack overflow, say) is not.
+        let real = c.replace("715ada02", "00010246");
+        assert_eq!(emulator_fault(&real), None);
+        // Nor is any other crash.
+        assert_eq!(
+            emulator_fault("BUG: kernel NULL pointer dereference\nRSP: 0018:x EFLAGS: 715ada02"),
+            None
+        );
+        assert_eq!(emulator_fault("all quiet"), None);
+    }
 }

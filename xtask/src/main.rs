@@ -43,23 +43,15 @@ enum Cmd {
         /// Build twice in separate folders and compare every output byte for byte.
         #[arg(long)]
         check_reproducible: bool,
+        /// Build with this kernel from images/kernels.lock (into target/images-NAME).
+        #[arg(long)]
+        kernel: Option<String>,
     },
     /// Build the image, then run the VM tier: client, gateway (booting the image) and
     /// server/line VMs under qemu, every line profile with the shaper and with a plain FIFO
     /// gateway; prints the comparison tables and writes them with CDF plots to
     /// target/vm-results.
-    VmTest {
-        /// Seconds of measured traffic per run.
-        #[arg(long, default_value_t = 20)]
-        seconds: u32,
-        /// Profiles to run (default: all): adsl, fttc, efm, adsl-syncdrop.
-        #[arg(long, value_delimiter = ',')]
-        profiles: Vec<String>,
-        /// Fail unless the shaper beat the FIFO gateway on video delay and every transfer
-        /// completed (what the test suite runs).
-        #[arg(long)]
-        assert: bool,
-    },
+    VmTest(VmOpts),
     /// Set up, then run the demo: a simulated FTTC line with and without the shaper.
     Demo {
         /// Seconds of traffic per phase.
@@ -80,6 +72,68 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args, Clone)]
+struct VmOpts {
+    /// Seconds of measured traffic per run.
+    #[arg(long, default_value_t = 20)]
+    seconds: u32,
+    /// Profiles to run (default: all): adsl, fttc, efm, adsl-syncdrop.
+    #[arg(long, value_delimiter = ',')]
+    profiles: Vec<String>,
+    /// Gateway modes to run (default: fifo and shaper, + autorate on adsl-syncdrop; with
+    /// --soak: shaper, fifo, plain-htb-fq_codel): fifo, shaper, autorate, shaper-cake,
+    /// plain-htb, plain-htb-fq_codel.
+    #[arg(long)]
+    modes: Option<String>,
+    /// Fail unless the shaper beat the FIFO gateway on video delay and every transfer
+    /// completed (what the test suite runs).
+    #[arg(long)]
+    assert: bool,
+    /// Soak: run the profiles' modes this many rounds, interleaved, and count kernel
+    /// crashes in every VM (consoles kept in target/vm-soak/soak/). Fails if a gateway
+    /// crashed.
+    #[arg(long, value_name = "ROUNDS")]
+    soak: Option<u32>,
+    /// qemu CPU model of the gateway VM (default: qemu's own, qemu64).
+    #[arg(long)]
+    gateway_cpu: Option<String>,
+    /// vCPUs of the gateway VM.
+    #[arg(long, default_value_t = 1)]
+    gateway_smp: u32,
+    /// qemu machine type of the gateway VM (default: pc).
+    #[arg(long)]
+    gateway_machine: Option<String>,
+    /// Appended to the gateway VM's kernel command line.
+    #[arg(long, default_value = "")]
+    gateway_append: String,
+    /// Also run the crash reproducer `shaper-sockchurn --rate N` in the gateway VM
+    /// (AF_UNIX datagram sockets made and closed N times a second; 0: unbounded).
+    #[arg(long, value_name = "RATE")]
+    gateway_churn: Option<u32>,
+    /// Boot every VM with this kernel from images/kernels.lock (the image built with it);
+    /// results go to a folder named after it (target/vm-results-NAME).
+    #[arg(long)]
+    kernel: Option<String>,
+}
+
+impl VmOpts {
+    fn new(seconds: u32, profiles: &[&str]) -> VmOpts {
+        VmOpts {
+            seconds,
+            profiles: profiles.iter().map(|p| p.to_string()).collect(),
+            modes: None,
+            assert: false,
+            soak: None,
+            gateway_cpu: None,
+            gateway_smp: 1,
+            gateway_machine: None,
+            gateway_append: String::new(),
+            gateway_churn: None,
+            kernel: None,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -89,12 +143,9 @@ fn main() -> ExitCode {
             relock,
             allow_drift,
             check_reproducible,
-        } => setup().and_then(|()| image_cmd(relock, allow_drift, check_reproducible)),
-        Cmd::VmTest {
-            seconds,
-            profiles,
-            assert,
-        } => setup().and_then(|()| vm_test(seconds, &profiles, assert)),
+            kernel,
+        } => setup().and_then(|()| image_cmd(relock, allow_drift, check_reproducible, kernel)),
+        Cmd::VmTest(o) => setup().and_then(|()| vm_test(&o)),
         Cmd::Demo { seconds } => setup().and_then(|()| demo(seconds)),
         Cmd::Bench {
             classifier_only,
@@ -119,12 +170,10 @@ fn main() -> ExitCode {
                 // The same comparison on the VM tier (kernel with fq_codel and cake, netem
                 // line): FIFO, plain tc HTB, the product with fq_codel and with cake leaves.
                 step("download direction on the VM tier (FTTC 40/10)");
-                vm_test_with(
-                    seconds,
-                    &["fttc".to_string()],
-                    Some("fifo,plain-htb,shaper,shaper-cake"),
-                    false,
-                )?;
+                vm_test(&VmOpts {
+                    modes: Some("fifo,plain-htb,shaper,shaper-cake".into()),
+                    ..VmOpts::new(seconds, &["fttc"])
+                })?;
                 both_tiers_table(&ns, &vm)
             } else {
                 bench(classifier_only, seconds)
@@ -443,7 +492,16 @@ fn test(args: &[String]) -> Result<()> {
         return Ok(());
     }
     step("VM tier: the firmware image under qemu, every line profile, shaper vs FIFO");
-    vm_test(15, &[], true)
+    vm_test(&VmOpts {
+        assert: true,
+        ..VmOpts::new(15, &[])
+    })?;
+    step("VM tier on Debian 12's own kernel (6.1: no TCX, the classifier on clsact): EFM 20/20");
+    vm_test(&VmOpts {
+        assert: true,
+        kernel: Some("debian12".into()),
+        ..VmOpts::new(15, &["efm"])
+    })
 }
 
 /// Builds the product and the harness in release and runs one harness binary.
@@ -496,11 +554,26 @@ fn build_release_shaper() -> Result<PathBuf> {
     Ok(shaper_bin(true))
 }
 
-fn image_cmd(relock: bool, allow_drift: bool, check_reproducible: bool) -> Result<()> {
+/// The image's output folder: target/images, or target/images-NAME for another kernel.
+fn image_dir(kernel: Option<&str>) -> PathBuf {
+    workspace().join(match kernel {
+        Some(k) => format!("target/images-{k}"),
+        None => "target/images".to_string(),
+    })
+}
+
+fn image_cmd(
+    relock: bool,
+    allow_drift: bool,
+    check_reproducible: bool,
+    kernel: Option<String>,
+) -> Result<()> {
     let shaper = build_release_shaper()?;
     let opts = image::Options {
         relock,
         allow_drift,
+        out: image_dir(kernel.as_deref()),
+        kernel: kernel.clone(),
         ..Default::default()
     };
     let img = image::build(&opts, &shaper)?;
@@ -508,6 +581,7 @@ fn image_cmd(relock: bool, allow_drift: bool, check_reproducible: bool) -> Resul
         let again = image::Options {
             out: workspace().join("target/images-again"),
             allow_drift,
+            kernel,
             ..Default::default()
         };
         let img2 = image::build(&again, &shaper)?;
@@ -585,25 +659,33 @@ fn both_tiers_table(ns: &Path, vm: &Path) -> Result<()> {
     Ok(())
 }
 
-fn vm_test(seconds: u32, profiles: &[String], assert: bool) -> Result<()> {
-    vm_test_with(seconds, profiles, None, assert)
-}
-
-fn vm_test_with(
-    seconds: u32,
-    profiles: &[String],
-    modes: Option<&str>,
-    assert: bool,
-) -> Result<()> {
+/// The VM tier (`shaper-vm-test`): the comparison tables by default; with `modes`, those
+/// gateways only (the download bench), written to target/vm-bench; with `soak`, the crash
+/// soak, written to target/vm-soak.
+fn vm_test(o: &VmOpts) -> Result<()> {
     let shaper = build_release_shaper()?;
+    let images = image_dir(o.kernel.as_deref());
     let opts = image::Options {
         allow_drift: true,
+        out: images.clone(),
+        kernel: o.kernel.clone(),
         ..Default::default()
     };
     let img = image::build(&opts, &shaper)?;
-    let tester = workspace().join("target/images/tester-initramfs.cpio.gz");
+    let tester = images.join("tester-initramfs.cpio.gz");
     step("tester initramfs for the client and server VMs");
     image::build_tester_initramfs(&img, &tester)?;
+    let mut out = if o.soak.is_some() {
+        "target/vm-soak"
+    } else if o.modes.is_some() {
+        "target/vm-bench"
+    } else {
+        "target/vm-results"
+    }
+    .to_string();
+    if let Some(k) = &o.kernel {
+        out = format!("{out}-{k}");
+    }
     let mut args = vec![
         "--kernel".to_string(),
         img.kernel.display().to_string(),
@@ -612,30 +694,41 @@ fn vm_test_with(
         "--tester-initramfs".into(),
         tester.display().to_string(),
         "--seconds".into(),
-        seconds.to_string(),
+        o.seconds.to_string(),
         "--out".into(),
-        workspace().join("target/vm-results").display().to_string(),
+        workspace().join(out).display().to_string(),
+        "--gateway-smp".into(),
+        o.gateway_smp.to_string(),
     ];
-    if !profiles.is_empty() {
+    if !o.profiles.is_empty() {
         args.push("--profiles".into());
-        args.push(profiles.join(","));
+        args.push(o.profiles.join(","));
     }
-    if modes.is_none() {
+    if o.modes.is_none() && o.soak.is_none() {
         args.push("--disk".into());
-        args.push(
-            workspace()
-                .join("target/images/gateway.img")
-                .display()
-                .to_string(),
-        );
+        args.push(images.join("gateway.img").display().to_string());
     }
-    if let Some(m) = modes {
-        args.push("--modes".into());
-        args.push(m.into());
-        args.push("--out".into());
-        args.push(workspace().join("target/vm-bench").display().to_string());
+    for (flag, v) in [
+        ("--modes", &o.modes),
+        ("--gateway-cpu", &o.gateway_cpu),
+        ("--gateway-machine", &o.gateway_machine),
+    ] {
+        if let Some(v) = v {
+            args.push(flag.into());
+            args.push(v.clone());
+        }
     }
-    if assert {
+    for (flag, v) in [("--soak", o.soak), ("--gateway-churn", o.gateway_churn)] {
+        if let Some(v) = v {
+            args.push(flag.into());
+            args.push(v.to_string());
+        }
+    }
+    if !o.gateway_append.is_empty() {
+        args.push("--gateway-append".into());
+        args.push(o.gateway_append.clone());
+    }
+    if o.assert {
         args.push("--assert".into());
     }
     run_bin("shaper-vm-test", &args)

@@ -229,6 +229,7 @@ fn run_case(
                 ReferenceOptions {
                     ack_priority: true,
                     leaf_queue_ms: Some(20),
+                    ..Default::default()
                 },
             )?;
             for (i, c) in cfg.classes.iter().enumerate() {

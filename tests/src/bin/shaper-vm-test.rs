@@ -70,6 +70,9 @@ enum Mode {
     /// (`shaper_tests::reference`: same rates, classes and ports, bfifo leaves, u32
     /// filters, small TCP packets first), run by the image's init instead of the shaper.
     PlainHtb,
+    /// The same hand-built HTB with fq_codel leaves (what the shaper's tree has on this
+    /// kernel), no BPF at all: the soak's control for the kernel's qdisc path.
+    PlainHtbFqCodel,
 }
 
 impl Mode {
@@ -80,6 +83,7 @@ impl Mode {
             Mode::Autorate => "autorate",
             Mode::Cake => "shaper-cake",
             Mode::PlainHtb => "plain-htb",
+            Mode::PlainHtbFqCodel => "plain-htb-fq_codel",
         }
     }
 
@@ -90,10 +94,15 @@ impl Mode {
             Mode::Autorate,
             Mode::Cake,
             Mode::PlainHtb,
+            Mode::PlainHtbFqCodel,
         ]
         .into_iter()
         .find(|m| m.name() == s)
-        .ok_or_else(|| anyhow!("no mode {s}: fifo, shaper, autorate, shaper-cake, plain-htb"))
+        .ok_or_else(|| {
+            anyhow!(
+                "no mode {s}: fifo, shaper, autorate, shaper-cake, plain-htb, plain-htb-fq_codel"
+            )
+        })
     }
 }
 
@@ -194,6 +203,14 @@ struct Args {
     assert: bool,
     /// The flashable disk image: booted through UEFI firmware first, if given.
     disk: Option<PathBuf>,
+    /// Soak: repeat the profiles' modes this many rounds, counting kernel crashes.
+    soak: Option<u32>,
+    /// How qemu emulates the gateway VM (the testers keep the default).
+    gateway_emulation: vm::Emulation,
+    /// Appended to the gateway's kernel command line.
+    gateway_append: String,
+    /// Also run `shaper-sockchurn --rate N` in the gateway (the crash reproducer).
+    gateway_churn: Option<u32>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -207,6 +224,10 @@ fn parse_args() -> Result<Args> {
         modes: Vec::new(),
         assert: false,
         disk: None,
+        soak: None,
+        gateway_emulation: vm::Emulation::default(),
+        gateway_append: String::new(),
+        gateway_churn: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -222,6 +243,12 @@ fn parse_args() -> Result<Args> {
             }
             "--assert" => a.assert = true,
             "--disk" => a.disk = Some(v()?.into()),
+            "--soak" => a.soak = Some(v()?.parse()?),
+            "--gateway-cpu" => a.gateway_emulation.cpu = Some(v()?),
+            "--gateway-smp" => a.gateway_emulation.smp = v()?.parse()?,
+            "--gateway-machine" => a.gateway_emulation.machine = Some(v()?),
+            "--gateway-append" => a.gateway_append = v()?,
+            "--gateway-churn" => a.gateway_churn = Some(v()?.parse()?),
             "--modes" => {
                 a.modes = v()?.split(',').map(Mode::parse).collect::<Result<_>>()?;
             }
@@ -255,8 +282,30 @@ fn tool(name: &str) -> Result<PathBuf> {
     }
 }
 
+/// The first of the run's VMs (gateway, server, client) whose console `f` finds something
+/// in: the VM's name and what was found.
+fn console_of(dir: &Path, f: impl Fn(&str) -> Option<String>) -> Option<(&'static str, String)> {
+    ["gateway", "server", "client"].into_iter().find_map(|v| {
+        let t = fs::read(dir.join(format!("{v}.console"))).ok()?;
+        f(&String::from_utf8_lossy(&t)).map(|x| (v, x))
+    })
+}
+
+/// What a tester VM reported missing (tools, shares), if anything.
+fn missing_tools(dir: &Path) -> Option<String> {
+    let text: Vec<String> = ["client", "server"]
+        .iter()
+        .filter_map(|r| fs::read_to_string(dir.join(format!("{r}.missing"))).ok())
+        .map(|t| t.trim().replace('\n', "; "))
+        .collect();
+    (!text.is_empty()).then(|| text.join("; "))
+}
+
 fn real_main() -> Result<bool> {
     let args = parse_args()?;
+    for bin in ["shaper-rtp-rx", "shaper-dicom-study"] {
+        tool(bin)?;
+    }
     let t0 = Instant::now();
     for bin in [
         "qemu-system-x86_64",
@@ -303,12 +352,38 @@ fn real_main() -> Result<bool> {
             t.elapsed().as_secs_f64()
         );
         eprint!("{disk_line}");
+        // The same disk, made to panic (an NMI from outside): it must reboot by itself,
+        // shape again with the site's config and show the crash record (shaper_tests::crash).
+        eprintln!("==> vm-test: kernel panic on the disk image, and the way back to shaping");
+        let r = shaper_tests::crash::panic_recovery_with(
+            disk,
+            &out.join("panic-recovery"),
+            &shaper_tests::crash::Options {
+                clean_reboot: true,
+                sysrq: false,
+            },
+        )
+        .context("the panic-recovery run")?;
+        let text = format!("panic recovery: {}\n", r.report());
+        eprint!("{text}");
+        disk_line.push_str(&text);
+        if !r.ok() {
+            bail!(
+                "after a kernel panic the box did not come back as it must (see above; console {})",
+                r.console.display()
+            );
+        }
     }
     let media = out.join("media");
     fs::create_dir_all(&media)?;
+    if let Some(rounds) = args.soak {
+        return soak(&args, &profiles, &out, &media, rounds);
+    }
     let mut report = String::new();
     let mut all_ok = true;
     let mut nruns = 0;
+    let mut emulator_faults = 0;
+    let mut emulator_notes = String::new();
     for p in &profiles {
         let clip = make_clip(&media, p.video_kbit)?;
         let study = make_study(&media, p.dicom_slices)?;
@@ -324,7 +399,37 @@ fn real_main() -> Result<bool> {
             let dir = out.join(p.name).join(mode.name());
             eprintln!("==> vm-test {} / {}", p.name, mode.name());
             let t = Instant::now();
-            let r = run_once(&args, p, mode, &dir, &clip, &study)
+            let mut r = run_once(&args, p, mode, &dir, &clip, &study);
+            if r.is_err() {
+                // The emulator's known fault (see vm::emulator_fault) is kept, counted and
+                // reported, and that run alone is repeated once; any other crash fails.
+                if let Some((v, f)) = console_of(&dir, vm::emulator_fault) {
+                    emulator_faults += 1;
+                    let keep = out.join(format!(
+                        "emulator-fault-{emulator_faults}-{}-{}-{v}.console",
+                        p.name,
+                        mode.name()
+                    ));
+                    let _ = fs::copy(dir.join(format!("{v}.console")), &keep);
+                    let _ = writeln!(
+                        emulator_notes,
+                        "emulator fault in the {v} VM of {}/{}: {f} (console: {}); the run was repeated",
+                        p.name,
+                        mode.name(),
+                        keep.display()
+                    );
+                    eprintln!("    EMULATOR FAULT in the {v} VM: {f}; repeating this run once");
+                    r = run_once(&args, p, mode, &dir, &clip, &study);
+                }
+            }
+            let r = r
+                .map_err(
+                    |e| match console_of(&dir, |c| vm::crash_line(c).map(str::to_string)) {
+                        // A kernel crash in any VM is said first, by its console line.
+                        Some((v, l)) => e.context(format!("the {v} VM's kernel crashed: {l}")),
+                        None => e,
+                    },
+                )
                 .with_context(|| format!("profile {} ({})", p.name, mode.name()))?;
             eprintln!("    {:.0} s wall", t.elapsed().as_secs_f64());
             runs.push(r);
@@ -337,7 +442,7 @@ fn real_main() -> Result<bool> {
         report.push('\n');
     }
     let footer = format!(
-        "VM tier: {} profile(s), {} runs, {:.1} min wall ({} s measured per run, qemu TCG, 1 vCPU per VM)\n",
+        "{emulator_notes}VM tier: {} profile(s), {} runs, {:.1} min wall ({} s measured per run, qemu TCG, 1 vCPU per VM), {emulator_faults} emulator fault(s), no other kernel crash\n",
         profiles.len(),
         nruns,
         t0.elapsed().as_secs_f64() / 60.0,
@@ -353,6 +458,178 @@ fn real_main() -> Result<bool> {
         return Ok(false);
     }
     Ok(true)
+}
+
+/// How one soak run ended.
+enum SoakEnd {
+    /// Traffic ran to the end; no VM's kernel crashed.
+    Clean,
+    /// A VM's kernel crashed: which VM and the first crash line of its console.
+    Crash(&'static str, String),
+    /// The run failed for another reason (the error).
+    Failed(String),
+}
+
+#[derive(Default)]
+struct SoakTally {
+    runs: u32,
+    gateway_crashes: u32,
+    tester_crashes: u32,
+    /// Of the crashes, those vm::emulator_fault recognises.
+    emulator_faults: u32,
+    failed: u32,
+    traffic_s: f64,
+    crash_lines: Vec<String>,
+}
+
+/// `--soak N`: every profile's modes, N rounds, interleaved (round 1 of every mode, then
+/// round 2, ...) so every configuration sees the same machine load. Counts kernel crashes
+/// in the gateway and in the tester VMs (same kernel and emulator, no product: a crash there
+/// points away from the product), keeps every run's consoles in `out/soak/<profile>-<mode>/`,
+/// and prints the table. Exit status: false if any gateway crashed.
+fn soak(args: &Args, profiles: &[&Profile], out: &Path, media: &Path, rounds: u32) -> Result<bool> {
+    let t0 = Instant::now();
+    let root = out.join("soak");
+    if root.exists() {
+        fs::remove_dir_all(&root)?;
+    }
+    let modes: Vec<Mode> = if args.modes.is_empty() {
+        vec![Mode::Shaper, Mode::Fifo, Mode::PlainHtbFqCodel]
+    } else {
+        args.modes.clone()
+    };
+    let mut tally: BTreeMap<(String, &str), SoakTally> = BTreeMap::new();
+    let traffic_s = f64::from(IDLE + WARMUP + args.seconds);
+    for round in 1..=rounds {
+        for p in profiles {
+            let clip = make_clip(media, p.video_kbit)?;
+            let study = make_study(media, p.dicom_slices)?;
+            for &mode in &modes {
+                let label = format!("{}-{}", p.name, mode.name());
+                let keep = root.join(&label);
+                fs::create_dir_all(&keep)?;
+                let dir = out.join(p.name).join(mode.name());
+                let t = Instant::now();
+                let r = run_once(args, p, mode, &dir, &clip, &study);
+                // Seconds of traffic: from the start signal to the end (or the failure).
+                let ran = fs::metadata(dir.join("start"))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .map(|d| d.as_secs_f64().min(traffic_s))
+                    .unwrap_or(0.0);
+                let mut end = match &r {
+                    Ok(_) => SoakEnd::Clean,
+                    Err(e) => {
+                        SoakEnd::Failed(format!("{e:#}").lines().next().unwrap_or("").to_string())
+                    }
+                };
+                for vmname in ["gateway", "client", "server"] {
+                    let console = dir.join(format!("{vmname}.console"));
+                    let text = fs::read(&console)
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default();
+                    let _ = fs::copy(
+                        &console,
+                        keep.join(format!("run-{round:02}.{vmname}.console")),
+                    );
+                    if let Some(line) = vm::crash_line(&text) {
+                        if !matches!(end, SoakEnd::Crash("gateway", _)) {
+                            end = SoakEnd::Crash(
+                                vmname,
+                                vm::emulator_fault(&text).unwrap_or_else(|| line.to_string()),
+                            );
+                        }
+                    }
+                }
+                let e = tally.entry((p.name.to_string(), mode.name())).or_default();
+                e.runs += 1;
+                e.traffic_s += ran;
+                let what = match &end {
+                    SoakEnd::Clean => "clean".to_string(),
+                    SoakEnd::Crash(vmname, line) => {
+                        if line.contains("the emulator did") {
+                            e.emulator_faults += 1;
+                        }
+                        if *vmname == "gateway" {
+                            e.gateway_crashes += 1;
+                        } else {
+                            e.tester_crashes += 1;
+                        }
+                        e.crash_lines.push(format!("run {round}, {vmname}: {line}"));
+                        format!("KERNEL CRASH in the {vmname} VM: {line}")
+                    }
+                    SoakEnd::Failed(err) => {
+                        e.failed += 1;
+                        format!("failed: {err}")
+                    }
+                };
+                eprintln!(
+                    "==> soak round {round}/{rounds} {label}: {what} ({:.0} s wall, {ran:.0} s of traffic)",
+                    t.elapsed().as_secs_f64()
+                );
+                let _ = fs::write(
+                    keep.join(format!("run-{round:02}.txt")),
+                    format!("{what}\n"),
+                );
+                // The per-run initramfs is large and rebuilt each time.
+                let _ = fs::remove_file(dir.join("gateway-initramfs.cpio.gz"));
+            }
+        }
+    }
+    let mut text = format!(
+        "soak: {rounds} round(s), gateway emulation {} (testers qemu64/pc/1), kernel {}{}{}\n",
+        args.gateway_emulation.label(),
+        args.kernel.display(),
+        if args.gateway_append.is_empty() {
+            String::new()
+        } else {
+            format!(", gateway command line + \"{}\"", args.gateway_append)
+        },
+        args.gateway_churn
+            .map(|r| format!(", shaper-sockchurn --rate {r} in the gateway"))
+            .unwrap_or_default()
+    );
+    let rows: Vec<Vec<String>> = tally
+        .iter()
+        .map(|((p, m), t)| {
+            vec![
+                format!("{p}/{m}"),
+                t.runs.to_string(),
+                t.gateway_crashes.to_string(),
+                t.tester_crashes.to_string(),
+                t.emulator_faults.to_string(),
+                t.failed.to_string(),
+                format!("{:.1}", t.traffic_s / 60.0),
+            ]
+        })
+        .collect();
+    text.push_str(&text_table(
+        &[
+            "configuration",
+            "runs",
+            "gateway crashes",
+            "tester crashes",
+            "of which emulator faults",
+            "other failures",
+            "traffic min",
+        ],
+        &rows,
+    ));
+    for ((p, m), t) in &tally {
+        for l in &t.crash_lines {
+            let _ = writeln!(text, "{p}/{m} {l}");
+        }
+    }
+    let _ = writeln!(
+        text,
+        "{:.1} min wall; consoles in {}",
+        t0.elapsed().as_secs_f64() / 60.0,
+        root.display()
+    );
+    println!("{text}");
+    fs::write(root.join("soak.txt"), &text)?;
+    Ok(tally.values().all(|t| t.gateway_crashes == 0))
 }
 
 /// A 20 s H.264 clip at `kbit`, no B-frames (RTP timestamps in send order), made once.
@@ -501,12 +778,44 @@ fn network_conf() -> String {
     )
 }
 
-fn script_head(addr: &str, route: &str) -> String {
+/// Where the tester VMs see the harness's binaries and the run's media (tests/vm/tester-init
+/// mounts these 9p shares there): never the host path, which the VM's own /tmp and /run
+/// may cover.
+const VM_TOOLS: &str = "/run/tools";
+const VM_MEDIA: &str = "/run/media";
+/// What every tester script runs; one missing fails the run at once, by name.
+const VM_TOOLS_NEEDED: &[&str] = &[
+    "shaper-rtp-rx",
+    "shaper-dicom-study",
+    "ffmpeg",
+    "iperf3",
+    "irtt",
+    "storescu",
+    "storescp",
+    "chrt",
+    "timeout",
+    "ss",
+    "tc",
+    "ethtool",
+];
+
+/// The media file `p` (under the host's media folder) as the tester VMs see it.
+fn in_vm_media(p: &Path) -> String {
+    format!(
+        "{VM_MEDIA}/{}",
+        p.file_name().unwrap_or_default().to_string_lossy()
+    )
+}
+
+fn script_head(role: &str, addr: &str, route: &str) -> String {
     format!(
         r#"#!/bin/sh
 D=/run/vmtest
-PATH={path}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+PATH={VM_TOOLS}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
+missing=
+for t in {tools}; do command -v "$t" >/dev/null 2>&1 || missing="$missing $t"; done
+if [ -n "$missing" ]; then echo "not found in the {role} VM:$missing" >> $D/{role}.missing; exit 1; fi
 set -x
 ip link set lo up
 ip link set eth0 up
@@ -515,29 +824,26 @@ ip route add {route}
 sysctl -qw net.core.rmem_max=8388608 net.core.wmem_max=8388608
 wait_start() {{ while [ ! -e $D/start ]; do sleep 0.1; done; }}
 "#,
-        path = std::env::current_exe()
-            .ok()
-            .and_then(|e| e.parent().map(|d| d.display().to_string()))
-            .unwrap_or_default(),
+        tools = VM_TOOLS_NEEDED.join(" "),
     )
 }
 
 fn ffmpeg_send(clip: &Path, secs: u32, dst: &str, local_port: u16) -> String {
     format!(
         "chrt -f 50 ffmpeg -nostdin -hide_banner -loglevel error -stream_loop -1 -re -i {} -t {secs} -c copy -an -f rtp 'rtp://{dst}?localrtpport={local_port}&pkt_size=1200'",
-        clip.display()
+        in_vm_media(clip)
     )
 }
 
 fn storescu(study: &Path, to: &str) -> String {
     format!(
         "s=$(date +%s.%N); timeout 300 storescu -aet SENDER -aec RECEIVER +sd -nh {to} 104 {} > $D/dicom.log 2>&1; rc=$?; e=$(date +%s.%N); echo \"$rc $s $e\" > $D/dicom-time.txt",
-        study.display()
+        in_vm_media(study)
     )
 }
 
 fn client_script(p: &Profile, t: u32, clip: &Path, study: &Path) -> String {
-    let mut s = script_head(CLIENT, &format!("default via {GW_LAN}"));
+    let mut s = script_head("client", CLIENT, &format!("default via {GW_LAN}"));
     let bulk = WARMUP + t + 3;
     let rx_secs = IDLE + WARMUP + t;
     let pre = IDLE + WARMUP;
@@ -587,7 +893,7 @@ PIDS="$PIDS $!"
 }
 
 fn server_script(p: &Profile, t: u32, clip: &Path, study: &Path) -> String {
-    let mut s = script_head(SERVER, &format!("10.10.0.0/24 via {GW_WAN}"));
+    let mut s = script_head("server", SERVER, &format!("10.10.0.0/24 via {GW_WAN}"));
     let _ = write!(
         s,
         r#"# The copper line: download on eth0's egress, upload on its ingress through ifb0.
@@ -700,15 +1006,26 @@ fn run_once(
     fs::write(dir.join("shaper.toml"), &toml)?;
     let gw_initrd = dir.join("gateway-initramfs.cpio.gz");
     let net = network_conf();
-    let mut overlay = vec![
-        ("etc/shaper/shaper.toml", toml.as_str(), 0o644),
-        ("etc/shaper/network.conf", net.as_str(), 0o644),
+    let mut overlay: Vec<(&str, &[u8], u32)> = vec![
+        ("etc/shaper/shaper.toml", toml.as_bytes(), 0o644),
+        ("etc/shaper/network.conf", net.as_bytes(), 0o644),
     ];
     let htb_script;
-    if mode == Mode::PlainHtb {
-        htb_script = plain_htb_script(p)?;
+    if matches!(mode, Mode::PlainHtb | Mode::PlainHtbFqCodel) {
+        htb_script = plain_htb_script(p, mode == Mode::PlainHtbFqCodel)?;
         fs::write(dir.join("plain-htb.sh"), &htb_script)?;
-        overlay.push(("usr/libexec/shaper/daemon", htb_script.as_str(), 0o755));
+        overlay.push(("usr/libexec/shaper/daemon", htb_script.as_bytes(), 0o755));
+    }
+    // The crash reproducer (see shaper-sockchurn): one more program init keeps running.
+    let (churn_bin, inittab);
+    if let Some(rate) = args.gateway_churn {
+        churn_bin = fs::read(tool("shaper-sockchurn")?)?;
+        inittab = format!(
+            "{}::respawn:/usr/bin/shaper-sockchurn --rate {rate}\n",
+            include_str!("../../../images/rootfs/etc/inittab")
+        );
+        overlay.push(("usr/bin/shaper-sockchurn", &churn_bin, 0o755));
+        overlay.push(("etc/inittab", inittab.as_bytes(), 0o644));
     }
     initramfs_with_overlay(&args.gateway_initramfs, &overlay, dir, &gw_initrd)?;
     let base = free_ports(4)?;
@@ -721,6 +1038,10 @@ fn run_once(
     if mode == Mode::Fifo {
         cmdline.push_str(" shaper.disable");
     }
+    if !args.gateway_append.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(&args.gateway_append);
+    }
     let mut gateway = Vm::start(VmSpec {
         name: "gateway",
         kernel: &args.kernel,
@@ -730,7 +1051,16 @@ fn run_once(
         nics: vec![wan_gw, lan_gw],
         shares: vec![],
         console: dir.join("gateway.console"),
+        emulation: args.gateway_emulation.clone(),
     })?;
+    let tools_dir = tool("shaper-rtp-rx")?
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow!("the harness's folder"))?;
+    let media_dir = clip
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow!("the media folder"))?;
     let tester = |role: &'static str, nic| VmSpec {
         name: role,
         kernel: &args.kernel,
@@ -741,14 +1071,17 @@ fn run_once(
         shares: vec![
             (PathBuf::from("/"), "hostroot", true),
             (dir.to_path_buf(), "results", false),
+            (tools_dir.clone(), "tools", true),
+            (media_dir.clone(), "media", true),
         ],
         console: dir.join(format!("{role}.console")),
+        emulation: vm::Emulation::default(),
     };
     let mut server = Vm::start(tester("server", wan_server))?;
     let mut client = Vm::start(tester("client", lan_client))?;
     let marker = match mode {
         Mode::Fifo => "shaper-image: shaping disabled",
-        Mode::PlainHtb => "plain HTB applied",
+        Mode::PlainHtb | Mode::PlainHtbFqCodel => "plain HTB applied",
         _ => "shaper-image: shaping at",
     };
     {
@@ -763,8 +1096,12 @@ fn run_once(
                 c.contains(marker)
                     && d.join("ready-client").exists()
                     && d.join("ready-server").exists()
+                    || missing_tools(&d).is_some()
             },
         )?;
+        if let Some(m) = missing_tools(&d) {
+            bail!("a tester VM cannot run its script: {m}");
+        }
     }
     let boot_to_shaping_s = gateway
         .console_text()
@@ -773,12 +1110,25 @@ fn run_once(
         .and_then(|r| r.trim_end_matches(" s").trim().parse::<f64>().ok());
     fs::write(dir.join("start"), "go\n")?;
     let d = dir.to_path_buf();
+    // A tester VM whose kernel crashed ends the wait at once (it never writes its file).
+    let tester_crashed = |d: &Path| {
+        ["client", "server"].into_iter().find_map(|v| {
+            let t = fs::read(d.join(format!("{v}.console"))).ok()?;
+            vm::crash_line(&String::from_utf8_lossy(&t)).map(|l| format!("{v}: {l}"))
+        })
+    };
     vm::wait_until(
         "the traffic to finish",
         Duration::from_secs(u64::from(IDLE + WARMUP + t) + 180),
         &mut [&mut gateway],
-        || d.join("done-client").exists() && d.join("done-server").exists(),
+        || {
+            d.join("done-client").exists() && d.join("done-server").exists()
+                || tester_crashed(&d).is_some()
+        },
     )?;
+    if let Some(c) = tester_crashed(dir) {
+        bail!("a tester VM's kernel crashed: {c}");
+    }
     client.wait_exit(Duration::from_secs(10));
     server.wait_exit(Duration::from_secs(10));
     if shaped {
@@ -1237,7 +1587,7 @@ fn syncdrop_report(runs: &[RunResult], t: u32, problems: &mut Vec<String>) -> (S
 }
 
 /// The image's daemon script replaced by a plain `tc` HTB set-up (see [`Mode::PlainHtb`]).
-fn plain_htb_script(p: &Profile) -> Result<String> {
+fn plain_htb_script(p: &Profile, fq_codel_leaves: bool) -> Result<String> {
     use shaper_tests::config::{Class, Rule, ShaperConfig};
     use shaper_tests::reference::{commands, ReferenceOptions};
     let class = |name: &str, priority, guaranteed_pct, default| Class {
@@ -1279,6 +1629,7 @@ fn plain_htb_script(p: &Profile) -> Result<String> {
         ReferenceOptions {
             ack_priority: true,
             leaf_queue_ms: Some(20),
+            fq_codel_leaves,
         },
     )?;
     let mut sh = String::from(
