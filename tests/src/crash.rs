@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::vm::{free_ports, tail};
+use crate::vm::{mtools, tail, unconnected_nics};
 
 /// UEFI firmware (Debian's `ovmf`): code read-only, a private copy of the variable store.
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -351,24 +351,6 @@ impl Drop for Console {
 }
 
 /// `mdir`/`mtype` on the disk copy's EFI partition (1 MiB in).
-fn mtools(tool: &str, disk: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(tool)
-        .arg("-i")
-        .arg(format!("{}@@1M", disk.display()))
-        .args(args)
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .output()
-        .with_context(|| format!("running {tool}"))?;
-    if !out.status.success() {
-        bail!(
-            "{tool} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Boots a copy of `disk_image` (target/images/gateway.img) with [`SITE_SHAPER_TOML`] in its
 /// EFI partition, waits for shaping, panics the kernel with an NMI, and waits for the box to
 /// come back and shape again on its own. Files (disk copy, variable store, console log,
@@ -436,16 +418,7 @@ pub fn panic_recovery_with(disk_image: &Path, workdir: &Path, opts: &Options) ->
         .arg("-monitor")
         .arg(format!("unix:{},server=on,wait=off", mon.display()))
         .args(["-nic", "none"]);
-    let base = free_ports(4)?;
-    for (i, port) in [base, base + 2].into_iter().enumerate() {
-        c.arg("-netdev").arg(format!(
-            "dgram,id=n{i},local.type=inet,local.host=127.0.0.1,local.port={port},remote.type=inet,remote.host=127.0.0.1,remote.port={}",
-            port + 1
-        ));
-        c.arg("-device").arg(format!(
-            "virtio-net-pci,netdev=n{i},mac=52:54:00:5e:02:{i:02x}"
-        ));
-    }
+    unconnected_nics(&mut c, 0x02)?;
     c.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

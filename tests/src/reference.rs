@@ -130,32 +130,18 @@ pub fn commands(config: &ShaperConfig, opts: ReferenceOptions) -> Result<Vec<Vec
                 "quantum",
                 "3028",
             ])?;
+            let parent = format!("1:{minor}");
+            let mut leaf = vec!["qdisc", "add", "dev", dev, "parent", &parent];
+            let limit;
             if opts.fq_codel_leaves {
-                tc(&[
-                    "qdisc",
-                    "add",
-                    "dev",
-                    dev,
-                    "parent",
-                    &format!("1:{minor}"),
-                    "fq_codel",
-                ])?;
+                leaf.push("fq_codel");
             } else {
                 // A bounded leaf queue (~100 ms at the ceiling unless set, at least 10 frames).
                 let queue_ms = u64::from(opts.leaf_queue_ms.unwrap_or(100));
-                let limit = (ceil / 8 * queue_ms / 1000).max(15_140);
-                tc(&[
-                    "qdisc",
-                    "add",
-                    "dev",
-                    dev,
-                    "parent",
-                    &format!("1:{minor}"),
-                    "bfifo",
-                    "limit",
-                    &limit.to_string(),
-                ])?;
+                limit = (ceil / 8 * queue_ms / 1000).max(15_140).to_string();
+                leaf.extend(["bfifo", "limit", &limit]);
             }
+            tc(&leaf)?;
         }
         if opts.ack_priority {
             tc(&[

@@ -200,6 +200,43 @@ impl Drop for Vm {
     }
 }
 
+/// Runs an mtools command (`mcopy`, `mdir`, ...) on the EFI partition of a copy of the
+/// flashable disk (`gateway.img`: the partition starts at 1 MiB); its stdout.
+pub fn mtools(tool: &str, disk: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(tool)
+        .arg("-i")
+        .arg(format!("{}@@1M", disk.display()))
+        .args(args)
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .with_context(|| format!("running {tool}"))?;
+    if !out.status.success() {
+        bail!(
+            "{tool} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Gives a disk-booted gateway its two ports (virtio NICs, MACs 52:54:00:5e:`mac5`:00 and
+/// :01) on UDP datagram sockets on 127.0.0.1 with nothing at the other end: the ports exist
+/// and come up, no traffic leaves.
+pub fn unconnected_nics(c: &mut Command, mac5: u8) -> Result<()> {
+    let base = free_ports(4)?;
+    for (i, port) in [base, base + 2].into_iter().enumerate() {
+        c.arg("-netdev").arg(format!(
+            "dgram,id=n{i},local.type=inet,local.host=127.0.0.1,local.port={port},remote.type=inet,remote.host=127.0.0.1,remote.port={}",
+            port + 1
+        ));
+        c.arg("-device").arg(format!(
+            "virtio-net-pci,netdev=n{i},mac=52:54:00:5e:{mac5:02x}:{i:02x}"
+        ));
+    }
+    Ok(())
+}
+
 /// Polls `f` every 100 ms until it is true, the timeout passes (error naming `what`) or a VM
 /// dies (error with the tail of its console).
 pub fn wait_until(

@@ -80,6 +80,26 @@ fn status_classes(shaper: &Shaper) -> Vec<String> {
         .collect()
 }
 
+/// Sends UDP to the video ports from the LAN and checks, in `shaper status`, that the
+/// classifier put it in the video class and HTB's 1:10 sent it (after `shaper apply`
+/// exited: nothing of the shaping may depend on the process).
+fn assert_video_classified(topo: &Topology, shaper: &Shaper, round: &str) {
+    for _ in 0..5 {
+        let _ = probe::udp_echo(&topo.srv, &topo.lan, SRV_V4.into(), 50010);
+    }
+    let st = shaper.status_json().expect("status");
+    let video = &st["directions"][0]["classes"][0];
+    assert_eq!(video["name"], "video");
+    assert!(
+        video["classified_packets"].as_u64().unwrap_or(0) > 0,
+        "{round}: video upload classified: {video}"
+    );
+    assert!(
+        video["packets"].as_u64().unwrap_or(0) > 0,
+        "{round}: HTB 1:10 sent packets: {video}"
+    );
+}
+
 #[test]
 fn apply_reapply_failed_apply_and_remove() {
     skip_unless_ready!(TOPOLOGY_TOOLS);
@@ -105,20 +125,7 @@ fn apply_reapply_failed_apply_and_remove() {
     assert_eq!(tcx_programs(&topo.gw, GW_LAN_IF), 1);
 
     // Traffic through the gateway is classified: UDP to the video ports lands in 1:10.
-    for _ in 0..5 {
-        let _ = probe::udp_echo(&topo.srv, &topo.lan, SRV_V4.into(), 50010);
-    }
-    let st = shaper.status_json().expect("status");
-    let video = &st["directions"][0]["classes"][0];
-    assert_eq!(video["name"], "video");
-    assert!(
-        video["classified_packets"].as_u64().unwrap_or(0) > 0,
-        "video upload classified: {video}"
-    );
-    assert!(
-        video["packets"].as_u64().unwrap_or(0) > 0,
-        "HTB 1:10 sent packets: {video}"
-    );
+    assert_video_classified(&topo, &shaper, "A");
 
     // Re-apply with another class set: images gone, bulk added; nothing stale.
     shaper.apply(&b).expect("apply B");
@@ -248,16 +255,7 @@ fn legacy_clsact_attach_classifies_after_apply_exits() {
             assert!(f[0].contains("direct-action"), "{f:?}");
             assert_eq!(tcx_programs(&topo.gw, dev), 0, "no TCX program on {dev}");
         }
-        for _ in 0..5 {
-            let _ = probe::udp_echo(&topo.srv, &topo.lan, SRV_V4.into(), 50010);
-        }
-        let st = shaper.status_json().expect("status");
-        let video = &st["directions"][0]["classes"][0];
-        assert_eq!(video["name"], "video");
-        assert!(
-            video["classified_packets"].as_u64().unwrap_or(0) > 0,
-            "{round}: video upload classified after apply exited: {video}"
-        );
+        assert_video_classified(&topo, &shaper, round);
     }
     shaper.remove().expect("remove");
     for dev in [GW_WAN_IF, GW_LAN_IF] {

@@ -1666,16 +1666,12 @@ fn disk_boot(disk: &Path, dir: &Path) -> Result<f64> {
         .replace("rate = \"9500kbit\"", "rate = \"5000kbit\"")
         .replace("rate = \"36800kbit\"", "rate = \"20000kbit\"");
     fs::write(&site, &text)?;
-    let st = Command::new("mcopy")
-        .arg("-i")
-        .arg(format!("{}@@1M", copy.display()))
-        .arg(&site)
-        .arg("::/shaper/shaper.toml")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .status()?;
-    if !st.success() {
-        bail!("mcopy could not write the site config into the EFI partition");
-    }
+    vm::mtools(
+        "mcopy",
+        &copy,
+        &[&site.display().to_string(), "::/shaper/shaper.toml"],
+    )
+    .context("writing the site config into the EFI partition")?;
     let console = dir.join("console");
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
@@ -1695,16 +1691,7 @@ fn disk_boot(disk: &Path, dir: &Path) -> Result<f64> {
     .arg("-serial")
     .arg(format!("file:{}", console.display()))
     .args(["-nic", "none"]);
-    let base = free_ports(4)?;
-    for (i, port) in [base, base + 2].into_iter().enumerate() {
-        c.arg("-netdev").arg(format!(
-            "dgram,id=n{i},local.type=inet,local.host=127.0.0.1,local.port={port},remote.type=inet,remote.host=127.0.0.1,remote.port={}",
-            port + 1
-        ));
-        c.arg("-device").arg(format!(
-            "virtio-net-pci,netdev=n{i},mac=52:54:00:5e:01:{i:02x}"
-        ));
-    }
+    vm::unconnected_nics(&mut c, 0x01)?;
     c.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
