@@ -282,13 +282,34 @@ fn tool(name: &str) -> Result<PathBuf> {
     }
 }
 
-/// The first of the run's VMs (gateway, server, client) whose console `f` finds something
-/// in: the VM's name and what was found.
-fn console_of(dir: &Path, f: impl Fn(&str) -> Option<String>) -> Option<(&'static str, String)> {
-    ["gateway", "server", "client"].into_iter().find_map(|v| {
+/// A run's VMs, the gateway first: where two crashed, the gateway's is the one named.
+const VMS: &[&str] = &["gateway", "server", "client"];
+const TESTERS: &[&str] = &["server", "client"];
+
+/// The first of `vms` whose console `f` finds something in: the VM's name and what was
+/// found.
+fn console_of<T>(
+    dir: &Path,
+    vms: &[&'static str],
+    f: impl Fn(&str) -> Option<T>,
+) -> Option<(&'static str, T)> {
+    vms.iter().find_map(|&v| {
         let t = fs::read(dir.join(format!("{v}.console"))).ok()?;
         f(&String::from_utf8_lossy(&t)).map(|x| (v, x))
     })
+}
+
+/// The first kernel crash in the run's consoles: the VM, the crash line (the emulator's
+/// fault described as [`vm::emulator_fault`] does) and whether it was the emulator's.
+fn crash_of(dir: &Path) -> Option<(&'static str, String, bool)> {
+    console_of(dir, VMS, |c| {
+        let line = vm::crash_line(c)?;
+        Some(match vm::emulator_fault(c) {
+            Some(f) => (f, true),
+            None => (line.to_string(), false),
+        })
+    })
+    .map(|(v, (line, emulator))| (v, line, emulator))
 }
 
 /// What a tester VM reported missing (tools, shares), if anything.
@@ -403,7 +424,7 @@ fn real_main() -> Result<bool> {
             if r.is_err() {
                 // The emulator's known fault (see vm::emulator_fault) is kept, counted and
                 // reported, and that run alone is repeated once; any other crash fails.
-                if let Some((v, f)) = console_of(&dir, vm::emulator_fault) {
+                if let Some((v, f)) = console_of(&dir, VMS, vm::emulator_fault) {
                     emulator_faults += 1;
                     let keep = out.join(format!(
                         "emulator-fault-{emulator_faults}-{}-{}-{v}.console",
@@ -423,13 +444,13 @@ fn real_main() -> Result<bool> {
                 }
             }
             let r = r
-                .map_err(
-                    |e| match console_of(&dir, |c| vm::crash_line(c).map(str::to_string)) {
+                .map_err(|e| {
+                    match console_of(&dir, VMS, |c| vm::crash_line(c).map(str::to_string)) {
                         // A kernel crash in any VM is said first, by its console line.
                         Some((v, l)) => e.context(format!("the {v} VM's kernel crashed: {l}")),
                         None => e,
-                    },
-                )
+                    }
+                })
                 .with_context(|| format!("profile {} ({})", p.name, mode.name()))?;
             eprintln!("    {:.0} s wall", t.elapsed().as_secs_f64());
             runs.push(r);
@@ -464,8 +485,9 @@ fn real_main() -> Result<bool> {
 enum SoakEnd {
     /// Traffic ran to the end; no VM's kernel crashed.
     Clean,
-    /// A VM's kernel crashed: which VM and the first crash line of its console.
-    Crash(&'static str, String),
+    /// A VM's kernel crashed: which VM, the first crash line of its console, and whether
+    /// it was the emulator's fault.
+    Crash(&'static str, String, bool),
     /// The run failed for another reason (the error).
     Failed(String),
 }
@@ -518,37 +540,26 @@ fn soak(args: &Args, profiles: &[&Profile], out: &Path, media: &Path, rounds: u3
                     .and_then(|m| m.elapsed().ok())
                     .map(|d| d.as_secs_f64().min(traffic_s))
                     .unwrap_or(0.0);
-                let mut end = match &r {
-                    Ok(_) => SoakEnd::Clean,
-                    Err(e) => {
+                for v in VMS {
+                    let _ = fs::copy(
+                        dir.join(format!("{v}.console")),
+                        keep.join(format!("run-{round:02}.{v}.console")),
+                    );
+                }
+                let end = match (crash_of(&dir), &r) {
+                    (Some((v, line, emulator)), _) => SoakEnd::Crash(v, line, emulator),
+                    (None, Ok(_)) => SoakEnd::Clean,
+                    (None, Err(e)) => {
                         SoakEnd::Failed(format!("{e:#}").lines().next().unwrap_or("").to_string())
                     }
                 };
-                for vmname in ["gateway", "client", "server"] {
-                    let console = dir.join(format!("{vmname}.console"));
-                    let text = fs::read(&console)
-                        .map(|b| String::from_utf8_lossy(&b).into_owned())
-                        .unwrap_or_default();
-                    let _ = fs::copy(
-                        &console,
-                        keep.join(format!("run-{round:02}.{vmname}.console")),
-                    );
-                    if let Some(line) = vm::crash_line(&text) {
-                        if !matches!(end, SoakEnd::Crash("gateway", _)) {
-                            end = SoakEnd::Crash(
-                                vmname,
-                                vm::emulator_fault(&text).unwrap_or_else(|| line.to_string()),
-                            );
-                        }
-                    }
-                }
                 let e = tally.entry((p.name.to_string(), mode.name())).or_default();
                 e.runs += 1;
                 e.traffic_s += ran;
                 let what = match &end {
                     SoakEnd::Clean => "clean".to_string(),
-                    SoakEnd::Crash(vmname, line) => {
-                        if line.contains("the emulator did") {
+                    SoakEnd::Crash(vmname, line, emulator) => {
+                        if *emulator {
                             e.emulator_faults += 1;
                         }
                         if *vmname == "gateway" {
@@ -1112,10 +1123,8 @@ fn run_once(
     let d = dir.to_path_buf();
     // A tester VM whose kernel crashed ends the wait at once (it never writes its file).
     let tester_crashed = |d: &Path| {
-        ["client", "server"].into_iter().find_map(|v| {
-            let t = fs::read(d.join(format!("{v}.console"))).ok()?;
-            vm::crash_line(&String::from_utf8_lossy(&t)).map(|l| format!("{v}: {l}"))
-        })
+        console_of(d, TESTERS, |c| vm::crash_line(c).map(str::to_string))
+            .map(|(v, l)| format!("{v}: {l}"))
     };
     vm::wait_until(
         "the traffic to finish",
