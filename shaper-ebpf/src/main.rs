@@ -71,10 +71,6 @@ static LEARNED6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_LEARNED,
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
@@ -96,7 +92,8 @@ struct Pkt {
     dport: u32,
     /// IPv4 identification / IPv6 fragment id, for fragment tracking.
     frag_id: u32,
-    /// Offset of the IP header (for DSCP re-marking).
+    /// Offset of the IP header, after any VLAN tags and PPPoE header (for
+    /// DSCP re-marking).
     l3: u32,
     v6: u8,
     proto: u8,
@@ -680,6 +677,32 @@ fn parse(ctx: &TcContext, l2: bool, pkt: &mut Pkt) -> u32 {
             off += 4;
             tags += 1;
         }
+        // One PPPoE session header (RFC 2516): VER/TYPE, CODE, SESSION_ID,
+        // LENGTH, then the PPP protocol. Nothing is followed inside it but IP.
+        if proto == ETH_P_PPP_SES {
+            let Some(h) = load::<[u8; PPPOE_SES_HLEN]>(ctx, off) else {
+                return PARSED_MALFORMED;
+            };
+            if h[0] != PPPOE_VER_TYPE || h[1] != PPPOE_CODE_SESSION {
+                return PARSED_MALFORMED;
+            }
+            // Protocol-field compression (RFC 1661 §6.5): an odd first byte
+            // is the whole (one-byte) protocol, and the payload starts a
+            // byte earlier.
+            let compressed = (h[6] & 1) as usize;
+            let ppp = if compressed != 0 {
+                h[6] as u16
+            } else {
+                u16::from_be_bytes([h[6], h[7]])
+            };
+            off += PPPOE_SES_HLEN - compressed;
+            proto = match ppp {
+                PPP_IP => ETH_P_IP,
+                PPP_IPV6 => ETH_P_IPV6,
+                // LCP, IPCP, IPV6CP, ...: not IP.
+                _ => return PARSED_NON_IP,
+            };
+        }
     } else {
         // L3 devices (PPP, tun): the skb's protocol says what follows.
         proto = u16::from_be(ctx.skb.protocol() as u16);
@@ -913,22 +936,32 @@ fn remark(ctx: &TcContext, pkt: &Pkt, class: u32, dir: u32) {
         return;
     }
     let l3 = pkt.l3 as usize;
-    let Some(old) = load::<[u8; 2]>(ctx, l3) else {
-        return;
-    };
-    let new = if pkt.v6 != 0 {
+    if pkt.v6 != 0 {
+        let Some(old) = load::<[u8; 2]>(ctx, l3) else {
+            return;
+        };
         let w = u16::from_be_bytes(old);
-        ((w & !(0x3f << 6)) | ((info.dscp as u16) << 6)).to_be_bytes()
+        let new = ((w & !(0x3f << 6)) | ((info.dscp as u16) << 6)).to_be_bytes();
+        if ctx.store(l3, &new, 0).is_err() {
+            return;
+        }
     } else {
-        [old[0], (info.dscp << 2) | (old[1] & 0x03)]
-    };
-    if ctx.store(l3, &new, 0).is_err() {
-        return;
-    }
-    if pkt.v6 == 0 {
-        let from = u16::from_ne_bytes(old) as u64;
-        let to = u16::from_ne_bytes(new) as u64;
-        if ctx.l3_csum_replace(l3 + 10, from, to, 2).is_err() {
+        // The TOS byte and the header checksum, updated incrementally (RFC 1624
+        // eqn. 3: what the kernel's csum_replace2 computes) and written in one
+        // store, so the header is never left with a stale checksum. Not
+        // bpf_l3_csum_replace: it refuses an odd offset, and after a
+        // compressed PPP protocol (RFC 1661 §6.5) the IP header starts at one.
+        let Some(mut h) = load::<[u8; 12]>(ctx, l3) else {
+            return;
+        };
+        let old = u16::from_be_bytes([h[0], h[1]]);
+        h[1] = (info.dscp << 2) | (h[1] & 0x03);
+        let new = u16::from_be_bytes([h[0], h[1]]);
+        let mut sum = (!u16::from_be_bytes([h[10], h[11]])) as u32 + (!old) as u32 + new as u32;
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        h[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        if ctx.store(l3, &h, 0).is_err() {
             return;
         }
     }

@@ -922,9 +922,9 @@ pub fn parse_protocol(s: &str) -> Result<u8, String> {
 // ---------------------------------------------------------------------------
 // Loading and validation.
 
-struct Ctx<'a> {
-    file: &'a Path,
-    text: &'a str,
+pub(crate) struct Ctx<'a> {
+    pub(crate) file: &'a Path,
+    pub(crate) text: &'a str,
 }
 
 impl Ctx<'_> {
@@ -933,7 +933,7 @@ impl Ctx<'_> {
         self.text[..end].bytes().filter(|&b| b == b'\n').count() + 1
     }
 
-    fn err(
+    pub(crate) fn err(
         &self,
         span: Option<Range<usize>>,
         field: impl Into<String>,
@@ -947,7 +947,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn at<T>(
+    pub(crate) fn at<T>(
         &self,
         v: &Spanned<T>,
         field: impl Into<String>,
@@ -982,7 +982,7 @@ const REQUIRED_TABLES: [&str; 3] = ["interfaces", "upload", "download"];
 /// (serde's unknown-field message lists what is accepted; it is kept), and
 /// for errors about one key (wrong type, unknown, missing or duplicate key)
 /// the key's path, found from where the error points.
-fn toml_error(cx: &Ctx<'_>, e: &toml::de::Error) -> ConfigError {
+pub(crate) fn toml_error(cx: &Ctx<'_>, e: &toml::de::Error) -> ConfigError {
     let message = e
         .message()
         .lines()

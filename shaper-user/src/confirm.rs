@@ -145,9 +145,25 @@ pub fn confirm(paths: &Paths) -> Result<bool> {
     if pending(paths)?.is_none() {
         return Ok(false);
     }
+    // Kept on the boot disk before the rollback is disarmed: a failure to write leaves
+    // the confirmation pending (and says why) rather than a box that reboots into the
+    // old config after it was confirmed.
+    if let Some(s) = State::load(paths)? {
+        keep(paths, &s.config_text)?;
+    }
     fs::remove_file(pending_path(paths))?;
     let _ = fs::remove_file(rollback_path(paths));
     Ok(true)
+}
+
+/// Writes a confirmed config where the box keeps it across reboots (crate::persist).
+pub fn keep(paths: &Paths, text: &str) -> Result<()> {
+    if let Some(p) = crate::persist::save(paths, text)
+        .context("the config is applied but could not be kept on the boot disk")?
+    {
+        log::info!("kept for the next boot: {}", p.display());
+    }
+    Ok(())
 }
 
 /// The watcher: sleep until the deadline; roll back if still unconfirmed. A newer

@@ -2,11 +2,12 @@
 //! HTB class id) it lands in. Packets come from short descriptions
 //! (`up udp 192.168.1.5:50020 -> 52.113.1.1:3478 dscp=EF`) or from a classic
 //! pcap file, parsed here the way the classifier (`shaper-ebpf`) parses them:
-//! Ethernet with up to two VLAN tags, IPv4 with options and fragments, IPv6
-//! with up to eight extension-header steps, TCP/UDP/SCTP/UDP-Lite ports,
-//! pure TCP ACKs. Every decision is taken twice, over the compiled maps
-//! (`compile::map_match`, what the kernel looks up) and over the policy
-//! (`compile::reference_match`); a disagreement is reported loudly.
+//! Ethernet with up to two VLAN tags and a PPPoE session header, IPv4 with
+//! options and fragments, IPv6 with up to eight extension-header steps,
+//! TCP/UDP/SCTP/UDP-Lite ports, pure TCP ACKs. Every decision is taken
+//! twice, over the compiled maps (`compile::map_match`, what the kernel looks
+//! up) and over the policy (`compile::reference_match`); a disagreement is
+//! reported loudly.
 //! Nothing here touches the kernel.
 
 use std::collections::HashMap;
@@ -14,15 +15,14 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::Serialize;
-use shaper_common::{DIR_DOWN, DIR_UP};
+use shaper_common::{
+    DIR_DOWN, DIR_UP, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_PPP_SES,
+    PPPOE_CODE_SESSION, PPPOE_SES_HLEN, PPPOE_VER_TYPE, PPP_IP, PPP_IPV6,
+};
 
 use crate::compile::{self, classid_of, MapPlan, PacketView};
 use crate::config::{self, Cidr, Direction, Policy, Rule};
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
 /// IPv6 extension-header steps the classifier takes (`MAX_V6_EXT` there).
 const MAX_V6_EXT: usize = 8;
 /// Headers ending beyond this offset are not followed (`MAX_HDR_OFF` there).
@@ -61,6 +61,8 @@ pub struct Packet {
     pub pure_ack: Option<bool>,
     /// VLAN ids of the tags the classifier skipped.
     pub vlans: Vec<u16>,
+    /// Session id of the PPPoE header the classifier skipped.
+    pub pppoe: Option<u16>,
     /// IPv6 extension headers walked (next-header values).
     pub v6_ext: Vec<u8>,
     /// The TLS server name the packet carries (a ClientHello in a capture) or
@@ -121,6 +123,9 @@ impl Packet {
             let v: Vec<String> = self.vlans.iter().map(u16::to_string).collect();
             let _ = write!(s, " vlan={}", v.join(","));
         }
+        if let Some(id) = self.pppoe {
+            let _ = write!(s, " pppoe=0x{id:04x}");
+        }
         if !self.v6_ext.is_empty() {
             let v: Vec<&str> = self.v6_ext.iter().map(|&t| ext_name(t)).collect();
             let _ = write!(s, " ext={}", v.join(","));
@@ -133,10 +138,14 @@ impl Packet {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Parsed {
     Ip(Packet),
-    /// Not IPv4/IPv6 (ARP, a third VLAN tag, ...): default class.
+    /// Not IPv4/IPv6 (ARP, a third VLAN tag, a PPPoE frame carrying LCP,
+    /// ...): default class.
     NonIp {
         dir: u32,
         ethertype: u16,
+        /// The PPP protocol of a PPPoE session frame (`ethertype` is then
+        /// 0x8864).
+        ppp: Option<u16>,
     },
     /// Cut short or inconsistent: default class (counted as malformed).
     Malformed {
@@ -194,6 +203,18 @@ pub fn dscp_name(d: u8) -> String {
         Some(n) => format!("{n}({d})"),
         None => d.to_string(),
     }
+}
+
+/// Names of the PPP protocols a PPPoE session commonly carries besides IP.
+fn ppp_name(p: u16) -> Option<&'static str> {
+    Some(match p {
+        0x8021 => "IPCP",
+        0x8057 => "IPV6CP",
+        0xc021 => "LCP",
+        0xc023 => "PAP",
+        0xc223 => "CHAP",
+        _ => return None,
+    })
 }
 
 fn ext_name(t: u8) -> &'static str {
@@ -320,6 +341,7 @@ pub fn parse_description(s: &str) -> Result<Packet, String> {
         frag_id: 0,
         pure_ack: if proto == 6 { None } else { Some(false) },
         vlans: vec![],
+        pppoe: None,
         v6_ext: vec![],
         sni: None,
         sni_in_payload: false,
@@ -416,6 +438,7 @@ pub fn parse_frame(b: &[u8], l2: bool, dir: u32) -> Parsed {
         reason: reason.to_string(),
     };
     let mut vlans = Vec::new();
+    let mut pppoe = None;
     let (off, et) = if l2 {
         let Some(e) = get::<2>(b, 12) else {
             return bad("shorter than an Ethernet header");
@@ -430,6 +453,46 @@ pub fn parse_frame(b: &[u8], l2: bool, dir: u32) -> Parsed {
             et = u16::from_be_bytes([t[2], t[3]]);
             off += 4;
         }
+        // One PPPoE session header; nothing but IP is followed inside it.
+        if et == ETH_P_PPP_SES {
+            // The classifier loads all 8 bytes, even for a compressed protocol.
+            let Some(h) = get::<PPPOE_SES_HLEN>(b, off) else {
+                return bad("cut inside the PPPoE header");
+            };
+            if h[0] != PPPOE_VER_TYPE {
+                return bad(&format!(
+                    "PPPoE header with version/type 0x{:02x} (not 0x{PPPOE_VER_TYPE:02x})",
+                    h[0]
+                ));
+            }
+            if h[1] != PPPOE_CODE_SESSION {
+                return bad(&format!(
+                    "PPPoE session header with code 0x{:02x} (not 0x{PPPOE_CODE_SESSION:02x})",
+                    h[1]
+                ));
+            }
+            // Protocol-field compression (RFC 1661 §6.5): an odd first byte is
+            // the whole protocol.
+            let compressed = usize::from(h[6] & 1);
+            let ppp = if compressed != 0 {
+                u16::from(h[6])
+            } else {
+                u16::from_be_bytes([h[6], h[7]])
+            };
+            off += PPPOE_SES_HLEN - compressed;
+            et = match ppp {
+                PPP_IP => ETH_P_IP,
+                PPP_IPV6 => ETH_P_IPV6,
+                _ => {
+                    return Parsed::NonIp {
+                        dir,
+                        ethertype: et,
+                        ppp: Some(ppp),
+                    }
+                }
+            };
+            pppoe = Some(u16::from_be_bytes([h[2], h[3]]));
+        }
         (off, et)
     } else {
         match b.first().map(|v| v >> 4) {
@@ -442,12 +505,17 @@ pub fn parse_frame(b: &[u8], l2: bool, dir: u32) -> Parsed {
         ETH_P_IP => parse_v4(b, off, dir),
         ETH_P_IPV6 => parse_v6(b, off, dir),
         _ => {
-            return Parsed::NonIp { dir, ethertype: et };
+            return Parsed::NonIp {
+                dir,
+                ethertype: et,
+                ppp: None,
+            };
         }
     };
     match r {
         Ok(mut p) => {
             p.vlans = vlans;
+            p.pppoe = pppoe;
             Parsed::Ip(p)
         }
         Err(reason) => bad(reason),
@@ -528,6 +596,7 @@ fn parse_v4(b: &[u8], off: usize, dir: u32) -> Result<Packet, &'static str> {
         frag_id: u32::from(u16::from_be_bytes([h[4], h[5]])),
         pure_ack: Some(false),
         vlans: vec![],
+        pppoe: None,
         v6_ext: vec![],
         sni: None,
         sni_in_payload: false,
@@ -613,6 +682,7 @@ fn parse_v6(b: &[u8], off: usize, dir: u32) -> Result<Packet, &'static str> {
         frag_id,
         pure_ack: Some(false),
         vlans: vec![],
+        pppoe: None,
         v6_ext: exts,
         sni: None,
         sni_in_payload: false,
@@ -1195,6 +1265,23 @@ impl<'a> Explainer<'a> {
         let mut hit = None;
         let (parsed, pure_ack) = match input {
             Parsed::Ip(p) => (p.describe(), p.pure_ack),
+            Parsed::NonIp {
+                ethertype,
+                ppp: Some(ppp),
+                ..
+            } => {
+                notes.push(format!(
+                    "not IP (a PPPoE session frame, ethertype 0x{ethertype:04x}, carrying PPP protocol 0x{ppp:04x}{}): the classifier sends it to the default class",
+                    ppp_name(*ppp).map_or(String::new(), |n| format!(", {n}"))
+                ));
+                (
+                    format!(
+                        "{} non-IP PPPoE session frame, PPP protocol 0x{ppp:04x}",
+                        dir_name(dir)
+                    ),
+                    Some(false),
+                )
+            }
             Parsed::NonIp { ethertype, .. } => {
                 notes.push(format!(
                     "not IP (ethertype 0x{ethertype:04x}{}): the classifier sends it to the default class",
@@ -1676,6 +1763,17 @@ direction = "upload"
         f
     }
 
+    /// A PPPoE session header (session id, PPP protocol bytes: two, or one
+    /// when compressed) before `l3`, for `eth(.., 0x8864, ..)`.
+    fn pppoe(session: u16, ppp: &[u8], l3: &[u8]) -> Vec<u8> {
+        let mut b = vec![0x11, 0x00];
+        b.extend(session.to_be_bytes());
+        b.extend(((ppp.len() + l3.len()) as u16).to_be_bytes());
+        b.extend(ppp);
+        b.extend(l3);
+        b
+    }
+
     fn tcp(sport: u16, dport: u16, flags: u8, payload: usize) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend(sport.to_be_bytes());
@@ -2062,6 +2160,165 @@ direction = "upload"
         ));
         // Raw IP (no Ethernet header).
         assert!(matches!(parse_frame(&good[14..], false, up), Parsed::Ip(_)));
+    }
+
+    #[test]
+    fn pppoe_frames_parse_as_the_classifier_does() {
+        let up = DIR_UP;
+        let dicom4 = v4(
+            [192, 168, 1, 5],
+            [203, 0, 113, 5],
+            6,
+            0,
+            0,
+            &tcp(40000, 104, 0x18, 10),
+        );
+        let teams6 = v6("2603:1063::7", "fd00::20", &[], 17, &udp(3479, 50000, 100));
+        // IPv4 in PPPoE: IP at 22.
+        let f = eth(&[], 0x8864, &pppoe(0x1234, &[0x00, 0x21], &dicom4));
+        let Parsed::Ip(p) = parse_frame(&f, true, up) else {
+            panic!("ip")
+        };
+        assert_eq!((p.proto, p.sport, p.dport), (6, Some(40000), Some(104)));
+        assert_eq!((p.pppoe, p.vlans.clone()), (Some(0x1234), vec![]));
+        assert!(p.describe().ends_with(" pppoe=0x1234"), "{}", p.describe());
+        // IPv6 in PPPoE, downloaded.
+        let f = eth(&[], 0x8864, &pppoe(7, &[0x00, 0x57], &teams6));
+        let Parsed::Ip(p) = parse_frame(&f, true, DIR_DOWN) else {
+            panic!("ip")
+        };
+        assert_eq!((p.proto, p.sport, p.dport), (17, Some(3479), Some(50000)));
+        assert_eq!(p.src, "2603:1063::7".parse::<IpAddr>().expect("a"));
+        assert_eq!(p.pppoe, Some(7));
+        // PPPoE inside a VLAN tag, and inside QinQ.
+        let f = eth(&[10], 0x8864, &pppoe(0xbeef, &[0x00, 0x21], &dicom4));
+        let Parsed::Ip(p) = parse_frame(&f, true, up) else {
+            panic!("ip")
+        };
+        assert_eq!((p.vlans.clone(), p.pppoe), (vec![10], Some(0xbeef)));
+        assert_eq!(p.describe().matches(" vlan=10 pppoe=0xbeef").count(), 1);
+        let f = eth(&[100, 200], 0x8864, &pppoe(1, &[0x00, 0x57], &teams6));
+        let Parsed::Ip(p) = parse_frame(&f, true, up) else {
+            panic!("ip")
+        };
+        assert_eq!((p.vlans, p.pppoe, p.proto), (vec![100, 200], Some(1), 17));
+        // Protocol-field compression: a one-byte protocol, IP at 21.
+        for (ppp, l3, proto) in [(0x21u8, &dicom4, 6u8), (0x57, &teams6, 17)] {
+            let f = eth(&[], 0x8864, &pppoe(2, &[ppp], l3));
+            let Parsed::Ip(p) = parse_frame(&f, true, up) else {
+                panic!("compressed 0x{ppp:02x}")
+            };
+            assert_eq!((p.proto, p.pppoe), (proto, Some(2)));
+        }
+        // LCP (and IPCP, and a compressed protocol that is not IP): not IP.
+        for ppp in [&[0xc0u8, 0x21][..], &[0x80, 0x21], &[0x23]] {
+            let f = eth(&[], 0x8864, &pppoe(3, ppp, &[1, 1, 0, 4, 0, 0, 0, 0]));
+            let Parsed::NonIp {
+                ethertype: 0x8864,
+                ppp: Some(got),
+                ..
+            } = parse_frame(&f, true, up)
+            else {
+                panic!("{ppp:02x?}: non-IP")
+            };
+            let want = if ppp.len() == 1 {
+                u16::from(ppp[0])
+            } else {
+                u16::from_be_bytes([ppp[0], ppp[1]])
+            };
+            assert_eq!(got, want);
+        }
+        // Bad version/type, a discovery code in a session frame: malformed.
+        let good = eth(&[], 0x8864, &pppoe(0x1234, &[0x00, 0x21], &dicom4));
+        let mut bad = good.clone();
+        bad[14] = 0x21;
+        let Parsed::Malformed { reason, .. } = parse_frame(&bad, true, up) else {
+            panic!("bad version")
+        };
+        assert_eq!(reason, "PPPoE header with version/type 0x21 (not 0x11)");
+        let mut bad = good.clone();
+        bad[15] = 0x09;
+        let Parsed::Malformed { reason, .. } = parse_frame(&bad, true, up) else {
+            panic!("bad code")
+        };
+        assert!(reason.contains("code 0x09 (not 0x00)"), "{reason}");
+        // Cut short: inside the PPPoE header (even a compressed one: the
+        // classifier loads 8 bytes), inside the IP header after it.
+        for cut in [14, 17, 21] {
+            let Parsed::Malformed { reason, .. } = parse_frame(&good[..cut], true, up) else {
+                panic!("cut at {cut}")
+            };
+            assert_eq!(reason, "cut inside the PPPoE header");
+        }
+        let compressed = eth(&[], 0x8864, &pppoe(2, &[0x21], &dicom4));
+        assert!(matches!(
+            parse_frame(&compressed[..21], true, up),
+            Parsed::Malformed { .. }
+        ));
+        let Parsed::Malformed { reason, .. } = parse_frame(&good[..22 + 19], true, up) else {
+            panic!("cut inside IPv4")
+        };
+        assert_eq!(reason, "cut inside the IPv4 header");
+        // Only one PPPoE header: a second one is not followed.
+        let f = eth(
+            &[],
+            0x8864,
+            &pppoe(1, &[0x00, 0x21], &pppoe(2, &[0x00, 0x21], &dicom4)),
+        );
+        assert!(matches!(
+            parse_frame(&f, true, up),
+            Parsed::Malformed { .. }
+        ));
+        // No PPPoE on a bare-IP link.
+        assert!(matches!(
+            parse_frame(&good[14..], false, up),
+            Parsed::NonIp { ppp: None, .. }
+        ));
+    }
+
+    #[test]
+    fn pppoe_frames_are_explained() {
+        let pol = policy();
+        let mut ex = Explainer::new(&pol);
+        let dicom4 = v4(
+            [192, 168, 1, 5],
+            [203, 0, 113, 5],
+            6,
+            0,
+            0,
+            &tcp(40000, 104, 0x18, 10),
+        );
+        let f = eth(&[10], 0x8864, &pppoe(0x1234, &[0x00, 0x21], &dicom4));
+        let e = ex.explain(&parse_frame(&f, true, DIR_UP));
+        assert_eq!(e.rule.as_ref().map(|r| r.name.as_str()), Some("dicom"));
+        assert_eq!(e.class, "images");
+        assert!(e.parsed.ends_with(" vlan=10 pppoe=0x1234"), "{}", e.parsed);
+        let lcp = eth(
+            &[],
+            0x8864,
+            &pppoe(0x1234, &[0xc0, 0x21], &[9, 1, 0, 8, 0, 0, 0, 1]),
+        );
+        let e = ex.explain(&parse_frame(&lcp, true, DIR_UP));
+        assert_eq!((e.outcome, e.class.as_str()), (Outcome::NonIp, "default"));
+        assert!(
+            e.notes.iter().any(|n| n.contains(
+                "a PPPoE session frame, ethertype 0x8864, carrying PPP protocol 0xc021, LCP"
+            )),
+            "{:?}",
+            e.notes
+        );
+        let mut bad = f.clone();
+        bad[18] = 0x12;
+        let e = ex.explain(&parse_frame(&bad, true, DIR_UP));
+        assert_eq!(
+            (e.outcome, e.class.as_str()),
+            (Outcome::Malformed, "default")
+        );
+        assert!(
+            e.notes[0].contains("PPPoE header with version/type 0x12 (not 0x11)"),
+            "{:?}",
+            e.notes
+        );
     }
 
     #[test]

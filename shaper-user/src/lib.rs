@@ -28,6 +28,8 @@ pub mod hosts;
 pub mod ingress;
 pub mod kernel;
 pub mod metrics;
+pub mod persist;
 pub mod quic;
+pub mod site;
 pub mod sni;
 pub mod status;

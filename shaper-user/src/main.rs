@@ -1,6 +1,6 @@
 //! `shaper`: clinical-traffic shaping for copper-line site gateways.
 
-use shaper_user::{apply, catalogue, compile, config, confirm, daemon, explain, status};
+use shaper_user::{apply, catalogue, compile, config, confirm, daemon, explain, site, status};
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -98,6 +98,33 @@ enum Cmd {
         #[arg(long)]
         keep_on_exit: bool,
     },
+    /// How the box sits in the site's network (site.toml: bridge or router, ports,
+    /// management address).
+    Site {
+        #[command(subcommand)]
+        cmd: SiteCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum SiteCmd {
+    /// Validate a site file and say what it sets up. Touches nothing.
+    Check { file: PathBuf },
+    /// Set the network up as the site file says (at boot, before the shaper): names the
+    /// ports, builds the bridge (or routes), gives the box its management address. A file
+    /// that fails validation changes nothing.
+    Up { file: PathBuf },
+    /// Print the device of the partition the box booted from (the boot loader's
+    /// LoaderDevicePartUUID matched against each disk's GPT); exits 3 when the box was not
+    /// booted through systemd-boot or its stub.
+    BootPartition,
+    /// (internal, run by init) The DHCP client the site file asks for, in the foreground;
+    /// sleeps when it asks for none.
+    #[command(hide = true)]
+    Dhcp { file: PathBuf },
+    /// (internal) udhcpc's hook: EVENT with the lease in the environment.
+    #[command(hide = true)]
+    DhcpEvent { event: String },
 }
 
 fn main() -> ExitCode {
@@ -268,8 +295,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     }
                 }
                 _ => {
-                    // A plain apply is a confirmed one: drop any pending rollback.
-                    confirm::confirm(&paths)?;
+                    // A plain apply is a confirmed one: drop any pending rollback, and
+                    // keep it for the next boot.
+                    if !confirm::confirm(&paths)? {
+                        confirm::keep(&paths, &text)?;
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -355,6 +385,85 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let on_first_apply: Option<daemon::OnApplied> =
                 Some(Box::new(move |p| shaper_user::metrics::start(p, &mp)));
             runtime()?.block_on(daemon::run(paths, config, keep_on_exit, on_first_apply))
+        }
+        Cmd::Site { cmd } => site_cmd(cmd),
+    }
+}
+
+/// Where udhcpc finds its hook (a two-line script that runs `shaper site dhcp-event`).
+const UDHCPC_HOOK: &str = "/usr/libexec/shaper/udhcpc-hook";
+
+fn site_cmd(cmd: SiteCmd) -> Result<ExitCode> {
+    match cmd {
+        SiteCmd::Check { file } => {
+            let s = site::load(&file)?;
+            print!("{}", site::describe(&s));
+            println!("{}: OK", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        SiteCmd::Up { file } => {
+            let s = site::load(&file)?;
+            runtime()?.block_on(shaper_user::kernel::net::up(&s))?;
+            print!("{}", site::describe(&s));
+            Ok(ExitCode::SUCCESS)
+        }
+        SiteCmd::BootPartition => {
+            match site::boot_partition(
+                std::path::Path::new("/sys/firmware/efi/efivars"),
+                std::path::Path::new("/sys/block"),
+                std::path::Path::new("/dev"),
+            )
+            .map_err(anyhow::Error::msg)?
+            {
+                Some(p) => {
+                    println!("{}", p.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    eprintln!("the boot loader did not say which partition the box booted from");
+                    Ok(ExitCode::from(3))
+                }
+            }
+        }
+        SiteCmd::Dhcp { file } => {
+            let s = site::load(&file)?;
+            match s.dhcp_devs().as_slice() {
+                [] => {
+                    // Nothing to do; init respawns what exits, so stay.
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(u64::from(u32::MAX)));
+                    }
+                }
+                [dev] => {
+                    use std::os::unix::process::CommandExt as _;
+                    let err = std::process::Command::new("/sbin/udhcpc")
+                        .args([
+                            "-f",
+                            "-i",
+                            dev,
+                            "-s",
+                            UDHCPC_HOOK,
+                            "-t",
+                            "5",
+                            "-T",
+                            "3",
+                            "-A",
+                            "10",
+                        ])
+                        .exec();
+                    Err(anyhow::anyhow!("starting udhcpc: {err}"))
+                }
+                more => Err(anyhow::anyhow!(
+                    "the site file asks for DHCP on {} interfaces; one is supported",
+                    more.len()
+                )),
+            }
+        }
+        SiteCmd::DhcpEvent { event } => {
+            runtime()?.block_on(shaper_user::kernel::net::dhcp_event(&event, |k| {
+                std::env::var(k).ok()
+            }))?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -177,7 +177,7 @@ impl Recovery {
 }
 
 /// Kills qemu however the run ends.
-struct Qemu(Child);
+pub(crate) struct Qemu(Child);
 
 impl Drop for Qemu {
     fn drop(&mut self) {
@@ -187,7 +187,7 @@ impl Drop for Qemu {
 }
 
 impl Qemu {
-    fn check_running(&mut self, console: &Path) -> Result<()> {
+    pub(crate) fn check_running(&mut self, console: &Path) -> Result<()> {
         if let Ok(Some(st)) = self.0.try_wait() {
             let mut err = String::new();
             if let Some(e) = self.0.stderr.as_mut() {
@@ -203,14 +203,14 @@ impl Qemu {
     }
 }
 
-fn read_console(p: &Path) -> String {
+pub(crate) fn read_console(p: &Path) -> String {
     fs::read(p)
         .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
         .unwrap_or_default()
 }
 
 /// Polls the console every 50 ms until `f` finds something in the text from byte `from` on.
-fn wait_for<T>(
+pub(crate) fn wait_for<T>(
     qemu: &mut Qemu,
     console: &Path,
     what: &str,
@@ -236,7 +236,7 @@ fn wait_for<T>(
 }
 
 /// The guest uptime on the first `shaping at` line, and the byte offset after that line.
-fn shaping_at(text: &str) -> Option<(f64, usize)> {
+pub(crate) fn shaping_at(text: &str) -> Option<(f64, usize)> {
     let i = text.find(SHAPING)?;
     let rest = &text[i + SHAPING.len()..];
     let end = rest.find('\n')?;
@@ -285,11 +285,99 @@ fn monitor(sock: &Path, cmd: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// A flashable disk booted under OVMF with a persistent variable store, its serial console
+/// on a socket (logged to `console`, typed on with [`Console::type_line`]) and the qemu
+/// monitor on `monitor`. Files live in `workdir`, emptied first; `prepare` edits the disk
+/// copy (mtools) before qemu starts. qemu is killed when `qemu` drops.
+pub(crate) struct BootedBox {
+    // Declared before qemu: dropped (socket shut, reader joined) before qemu is killed.
+    pub(crate) term: Console,
+    pub(crate) qemu: Qemu,
+    pub(crate) console: PathBuf,
+    pub(crate) monitor: PathBuf,
+    pub(crate) disk: PathBuf,
+}
+
+impl BootedBox {
+    pub(crate) fn start(
+        disk_image: &Path,
+        workdir: &Path,
+        mac5: u8,
+        prepare: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<BootedBox> {
+        for f in [OVMF_CODE, OVMF_VARS] {
+            if !Path::new(f).exists() {
+                bail!("{f} is missing (apt-get install ovmf)");
+            }
+        }
+        if workdir.exists() {
+            fs::remove_dir_all(workdir)
+                .with_context(|| format!("emptying {}", workdir.display()))?;
+        }
+        fs::create_dir_all(workdir)?;
+        let workdir = workdir.canonicalize()?;
+        let mon = workdir.join("monitor.sock");
+        let ser = workdir.join("serial.sock");
+        if ser.as_os_str().len() > 100 {
+            bail!(
+                "{} is too long a path for a unix socket: use a shorter work folder",
+                ser.display()
+            );
+        }
+        let disk = workdir.join("gateway.img");
+        fs::copy(disk_image, &disk).with_context(|| format!("copying {}", disk_image.display()))?;
+        let vars = workdir.join("OVMF_VARS.fd");
+        fs::copy(OVMF_VARS, &vars).context("copying the OVMF variable store")?;
+        prepare(&disk)?;
+        let console = workdir.join("console.log");
+
+        let mut c = Command::new("qemu-system-x86_64");
+        // No -no-reboot: the guest's own reboot after the panic is the point.
+        c.args(["-accel", "tcg", "-smp", "1", "-m", "512", "-nodefaults"])
+            .args(["-display", "none"])
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ))
+            .arg("-drive")
+            .arg(format!("file={},format=raw,if=virtio", disk.display()))
+            // wait=on: the guest starts once the console's reader is connected (nothing lost).
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=ser0,path={},server=on,wait=on",
+                ser.display()
+            ))
+            .args(["-serial", "chardev:ser0"])
+            .arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", mon.display()))
+            .args(["-nic", "none"]);
+        unconnected_nics(&mut c, mac5)?;
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut qemu = Qemu(c.spawn().context("starting qemu-system-x86_64")?);
+        // Declared after qemu: dropped (socket shut, reader joined) before qemu is killed.
+        let term = Console::connect(&ser, &console, &mut qemu)?;
+        Ok(BootedBox {
+            term,
+            qemu,
+            console,
+            monitor: mon,
+            disk,
+        })
+    }
+}
+
 /// The serial console: qemu's end is a unix socket; a thread copies everything the guest
 /// prints into the console file (qemu's own logfile would drop output while no client is
 /// connected), and `type_line` types on it (the first Enter activates busybox's askfirst
 /// shell). Shuts the socket and joins the thread when dropped.
-struct Console {
+pub(crate) struct Console {
     writer: UnixStream,
     reader: Option<std::thread::JoinHandle<()>>,
 }
@@ -334,7 +422,7 @@ impl Console {
         })
     }
 
-    fn type_line(&mut self, line: &str) -> Result<()> {
+    pub(crate) fn type_line(&mut self, line: &str) -> Result<()> {
         self.writer.write_all(format!("{line}\r").as_bytes())?;
         std::thread::sleep(Duration::from_millis(500));
         Ok(())
@@ -361,70 +449,24 @@ pub fn panic_recovery(disk_image: &Path, workdir: &Path) -> Result<Recovery> {
 
 /// [`panic_recovery`], optionally followed by a clean reboot ([`Options`]).
 pub fn panic_recovery_with(disk_image: &Path, workdir: &Path, opts: &Options) -> Result<Recovery> {
-    for f in [OVMF_CODE, OVMF_VARS] {
-        if !Path::new(f).exists() {
-            bail!("{f} is missing (apt-get install ovmf)");
-        }
-    }
-    if workdir.exists() {
-        fs::remove_dir_all(workdir).with_context(|| format!("emptying {}", workdir.display()))?;
-    }
-    fs::create_dir_all(workdir)?;
-    let workdir = workdir.canonicalize()?;
-    let mon = workdir.join("monitor.sock");
-    let ser = workdir.join("serial.sock");
-    if ser.as_os_str().len() > 100 {
-        bail!(
-            "{} is too long a path for a unix socket: use a shorter work folder",
-            ser.display()
-        );
-    }
-    let disk = workdir.join("gateway.img");
-    fs::copy(disk_image, &disk).with_context(|| format!("copying {}", disk_image.display()))?;
-    let vars = workdir.join("OVMF_VARS.fd");
-    fs::copy(OVMF_VARS, &vars).context("copying the OVMF variable store")?;
-    let site = workdir.join("shaper.toml");
-    fs::write(&site, SITE_SHAPER_TOML)?;
-    mtools(
-        "mcopy",
-        &disk,
-        &["-o", &site.display().to_string(), "::/shaper/shaper.toml"],
-    )
-    .context("writing the site config into the EFI partition")?;
-    let console = workdir.join("console.log");
-
-    let mut c = Command::new("qemu-system-x86_64");
-    // No -no-reboot: the guest's own reboot after the panic is the point.
-    c.args(["-accel", "tcg", "-smp", "1", "-m", "512", "-nodefaults"])
-        .args(["-display", "none"])
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
-        ))
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,unit=1,file={}",
-            vars.display()
-        ))
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio", disk.display()))
-        // wait=on: the guest starts once the console's reader is connected (nothing lost).
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=ser0,path={},server=on,wait=on",
-            ser.display()
-        ))
-        .args(["-serial", "chardev:ser0"])
-        .arg("-monitor")
-        .arg(format!("unix:{},server=on,wait=off", mon.display()))
-        .args(["-nic", "none"]);
-    unconnected_nics(&mut c, 0x02)?;
-    c.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut qemu = Qemu(c.spawn().context("starting qemu-system-x86_64")?);
-    // Declared after qemu: dropped (socket shut, reader joined) before qemu is killed.
-    let mut term = Console::connect(&ser, &console, &mut qemu)?;
+    let b = BootedBox::start(disk_image, workdir, 0x02, |disk| {
+        let site = disk.with_file_name("shaper.toml");
+        fs::write(&site, SITE_SHAPER_TOML)?;
+        mtools(
+            "mcopy",
+            disk,
+            &["-o", &site.display().to_string(), "::/shaper/shaper.toml"],
+        )
+        .context("writing the site config into the EFI partition")?;
+        Ok(())
+    })?;
+    let (mut qemu, mut term, console, mon, disk) = (
+        b.qemu,
+        b.term,
+        b.console.clone(),
+        b.monitor.clone(),
+        b.disk.clone(),
+    );
     let t_start = Instant::now();
 
     let boot_timeout = Duration::from_secs(300);

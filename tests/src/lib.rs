@@ -10,6 +10,7 @@
 //! `SKIP: <reason>` and return. Run them serially:
 //! `cargo test -p shaper-tests -- --test-threads=1`.
 
+pub mod appliance;
 pub mod config;
 pub mod crash;
 pub mod dicom;

@@ -4,6 +4,8 @@
 //! reference model (`compile::reference_match`) on random packets, and that
 //! no input makes the program drop.
 
+use aya::maps::PerCpuArray;
+use shaper_common::{DIR_UP, GLOBAL_COUNTERS, G_MALFORMED, G_NON_IP, MAP_GLOBAL_STATS};
 use shaper_tests::packet::{checksum, Pkt};
 use shaper_tests::rig::Rig;
 use shaper_user::{
@@ -79,6 +81,16 @@ fn rig() -> Rig {
     shaper_tests::rig::load(POLICY)
 }
 
+/// A per-direction global counter of the loaded classifier (summed over CPUs).
+fn global(r: &Rig, dir: u32, counter: u32) -> u64 {
+    let m: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(r.obj.map(MAP_GLOBAL_STATS).expect("GLOBAL_STATS")).expect("map");
+    m.get(&(dir * GLOBAL_COUNTERS + counter), 0)
+        .expect("counter")
+        .iter()
+        .sum()
+}
+
 #[test]
 fn packets_land_in_their_classes() {
     if !root_or_skip() {
@@ -118,6 +130,39 @@ fn packets_land_in_their_classes() {
     assert_eq!(r.run(&p.build(), true), images);
     p.vlans = vec![100, 200];
     assert_eq!(r.run(&p.build(), true), images);
+    // PPPoE session frames (RFC 2516): IP after the 8-byte PPPoE + PPP header.
+    // Source ports of their own, so the flow cache does not answer for them.
+    let mut p = Pkt::tcp(lan_host, "203.0.113.5", 40100, 104);
+    p.pppoe = Some(0x1234);
+    assert_eq!(r.run(&p.build(), true), images, "DICOM upload in PPPoE");
+    let mut p = Pkt::udp("2603:1063::7", "fd00::20", 3479, 50100);
+    p.pppoe = Some(0x1234);
+    assert_eq!(r.run(&p.build(), false), video, "IPv6 download in PPPoE");
+    // PPPoE inside a VLAN tag (at tc egress an outer tag is metadata, but a
+    // QinQ inner tag is in the data), and inside QinQ.
+    let mut p = Pkt::tcp(lan_host, "203.0.113.5", 40101, 11112);
+    p.vlans = vec![100];
+    p.pppoe = Some(7);
+    assert_eq!(r.run(&p.build(), true), images, "PPPoE in 802.1Q");
+    let mut p = Pkt::udp("fd00::20", "2603:1063::7", 50101, 3480);
+    p.vlans = vec![100, 200];
+    p.pppoe = Some(7);
+    assert_eq!(r.run(&p.build(), true), video, "IPv6 in PPPoE in QinQ");
+    // Protocol-field compression: a one-byte PPP protocol, IP a byte earlier.
+    let mut p = Pkt::tcp(lan_host, "203.0.113.5", 40102, 104);
+    p.pppoe = Some(0x1234);
+    assert_eq!(
+        r.run(&p.build_compressed_ppp(), true),
+        images,
+        "compressed PPP protocol 0x21"
+    );
+    let mut p = Pkt::udp("fd00::20", "2603:1063::7", 50102, 3481);
+    p.pppoe = Some(0x1234);
+    assert_eq!(
+        r.run(&p.build_compressed_ppp(), true),
+        video,
+        "compressed PPP protocol 0x57"
+    );
     // IPv6 with hop-by-hop, destination options and AH before TCP.
     let mut p = Pkt::tcp("fd00::20", "2001:db8::5", 40000, 104);
     p.v6_ext = vec![(0, 8), (60, 16), (51, 16)];
@@ -211,20 +256,57 @@ fn malformed_packets_go_to_default_and_pass() {
     let v6 = v6.build();
     let mut long_ext = Pkt::tcp("fd00::20", "2001:db8::5", 40000, 104);
     long_ext.v6_ext = vec![(0, 8); 9];
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("ipv4 cut inside ports", good[..14 + 20 + 2].to_vec()),
-        ("ihl 2", bad_ihl),
-        ("version 7", bad_ver),
-        ("arp", arp),
+    // PPPoE: an LCP frame (not IP), a bad VER/TYPE, a discovery code in a
+    // session frame, frames cut inside the PPPoE header (the test run takes
+    // those: 0x8864 is not an IP ethertype) and inside the IP ports after it.
+    let mut pppoe = Pkt::tcp("192.168.7.20", "203.0.113.5", 40000, 104);
+    pppoe.pppoe = Some(0x1234);
+    let pppoe = pppoe.build();
+    let mut lcp = pppoe[..22].to_vec();
+    lcp[20..22].copy_from_slice(&0xc021u16.to_be_bytes());
+    lcp[18..20].copy_from_slice(&10u16.to_be_bytes());
+    lcp.extend([1, 1, 0, 8, 0, 0, 0, 0]);
+    let mut pppoe_ver = pppoe.clone();
+    pppoe_ver[14] = 0x21;
+    let mut pppoe_code = pppoe.clone();
+    pppoe_code[15] = 0x09;
+    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+        (
+            "ipv4 cut inside ports",
+            good[..14 + 20 + 2].to_vec(),
+            G_MALFORMED,
+        ),
+        ("ihl 2", bad_ihl, G_MALFORMED),
+        ("version 7", bad_ver, G_MALFORMED),
+        ("arp", arp, G_NON_IP),
         (
             "ipv6 cut inside an extension header",
             v6[..14 + 40 + 6].to_vec(),
+            G_MALFORMED,
         ),
-        ("ipv6 cut inside the ports", v6[..14 + 40 + 16 + 2].to_vec()),
-        ("nine extension headers", long_ext.build()),
+        (
+            "ipv6 cut inside the ports",
+            v6[..14 + 40 + 16 + 2].to_vec(),
+            G_MALFORMED,
+        ),
+        ("nine extension headers", long_ext.build(), G_MALFORMED),
+        ("pppoe lcp", lcp, G_NON_IP),
+        ("pppoe version/type 0x21", pppoe_ver, G_MALFORMED),
+        ("pppoe code 0x09", pppoe_code, G_MALFORMED),
+        (
+            "pppoe cut inside its header",
+            pppoe[..14 + 7].to_vec(),
+            G_MALFORMED,
+        ),
+        (
+            "ipv4 in pppoe cut inside ports",
+            pppoe[..22 + 20 + 2].to_vec(),
+            G_MALFORMED,
+        ),
     ];
-    for (what, frame) in cases {
+    for (what, frame, counter) in cases {
         let ifindex = r.wan;
+        let before = global(&r, DIR_UP, counter);
         let res = bpf::test_run(&mut r.obj, &frame, ifindex, 1)
             .unwrap_or_else(|e| panic!("{what}: {e:#}"));
         assert_eq!(res.priority, default, "{what}: default class");
@@ -232,6 +314,16 @@ fn malformed_packets_go_to_default_and_pass() {
             res.ret,
             u32::MAX,
             "{what}: TC_ACT_UNSPEC (pass), never a drop"
+        );
+        assert_eq!(
+            global(&r, DIR_UP, counter),
+            before + 1,
+            "{what}: counted as {}",
+            if counter == G_NON_IP {
+                "non-IP"
+            } else {
+                "malformed"
+            }
         );
     }
 }
@@ -259,6 +351,44 @@ fn dscp_is_remarked_on_the_wan_with_a_valid_checksum() {
     );
     let tclass = ((out[14] & 0x0f) << 4) | (out[15] >> 4);
     assert_eq!(tclass >> 2, 10, "AF11 in the IPv6 traffic class");
+    // The same inside PPPoE (and PPPoE in a VLAN tag): the IP header is
+    // re-marked where it is, the headers before it are left alone.
+    for vlans in [vec![], vec![100]] {
+        let mut p = Pkt::tcp("192.168.7.20", "203.0.113.5", 40001, 104);
+        p.vlans = vlans.clone();
+        p.pppoe = Some(0x1234);
+        let l3 = p.l3_offset();
+        let frame = p.build();
+        let (prio, out) = run_out(&mut r, &frame);
+        assert_eq!(prio, r.class_of("images"), "PPPoE, vlans {vlans:?}");
+        assert_eq!(out[..l3], frame[..l3], "Ethernet and PPPoE headers kept");
+        assert_eq!(out[l3 + 1] >> 2, 10, "AF11 written in PPPoE");
+        assert_eq!(
+            checksum(&out[l3..l3 + 20]),
+            0,
+            "IPv4 header checksum in PPPoE still valid"
+        );
+        assert_eq!(out[l3 + 20..], frame[l3 + 20..], "payload untouched");
+        let mut p = Pkt::tcp("fd00::20", "2001:db8::5", 40001, 104);
+        p.vlans = vlans.clone();
+        p.pppoe = Some(0x1234);
+        let (_, out) = run_out(&mut r, &p.build());
+        let tclass = ((out[l3] & 0x0f) << 4) | (out[l3 + 1] >> 4);
+        assert_eq!(tclass >> 2, 10, "AF11 in the IPv6 traffic class in PPPoE");
+    }
+    // A compressed PPP protocol puts the IPv4 header at an odd offset (21).
+    let mut p = Pkt::tcp("192.168.7.20", "203.0.113.5", 40002, 104);
+    p.pppoe = Some(0x1234);
+    let l3 = p.l3_offset() - 1;
+    let frame = p.build_compressed_ppp();
+    let (_, out) = run_out(&mut r, &frame);
+    assert_eq!(out[..l3], frame[..l3], "Ethernet and PPPoE headers kept");
+    assert_eq!(out[l3 + 1] >> 2, 10, "AF11 written at an odd offset");
+    assert_eq!(
+        checksum(&out[l3..l3 + 20]),
+        0,
+        "IPv4 header checksum at an odd offset still valid"
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `shaper explain --pcap` against the kernel: random frames (both directions,
-//! IPv4/IPv6, TCP/UDP/ICMP, VLAN tags, IPv6 extension headers, pure ACKs,
-//! fragments) are written to a pcap per direction, explained by the real
+//! IPv4/IPv6, TCP/UDP/ICMP, VLAN tags, PPPoE session headers (some with a
+//! compressed PPP protocol, some carrying LCP or with a bad version), IPv6
+//! extension headers, pure ACKs, fragments) are written to a pcap per direction, explained by the real
 //! binary, and run through the real classifier with BPF_PROG_TEST_RUN; the
 //! class `explain` names must be the one the kernel writes into
 //! `skb->priority`, for every packet.
@@ -150,6 +151,20 @@ fn frames(rng: &mut Rng, up: bool, n: usize) -> Vec<(Pkt, Vec<u8>)> {
                 p.vlans.push((rng.next() % 4094 + 1) as u16);
             }
         }
+        // PPPoE (after any VLAN tags), a fifth of it with protocol-field
+        // compression.
+        let mut compressed = false;
+        if rng.chance(15) {
+            p.pppoe = Some(rng.next() as u16);
+            compressed = rng.chance(20);
+        }
+        let build = |p: &Pkt| {
+            if compressed {
+                p.build_compressed_ppp()
+            } else {
+                p.build()
+            }
+        };
         if v6 && rng.chance(20) {
             p.v6_ext = (0..rng.next() % 4)
                 .map(|_| {
@@ -170,11 +185,23 @@ fn frames(rng: &mut Rng, up: bool, n: usize) -> Vec<(Pkt, Vec<u8>)> {
             let later_id = if rng.chance(25) { id ^ 0x55 } else { id };
             later.frag = Some((later_id, 26, false));
             later.payload = 40;
-            out.push((p.clone(), p.build()));
-            out.push((later.clone(), later.build()));
+            out.push((p.clone(), build(&p)));
+            out.push((later.clone(), build(&later)));
             continue;
         }
-        out.push((p.clone(), p.build()));
+        let mut f = build(&p);
+        if p.pppoe.is_some() && !compressed && rng.chance(15) {
+            // Not IP inside (LCP, IPCP), or not a session header (a bad
+            // VER/TYPE or CODE): the default class on both sides.
+            let at = p.l3_offset() - 8;
+            match rng.next() % 4 {
+                0 => f[at + 6..at + 8].copy_from_slice(&0xc021u16.to_be_bytes()),
+                1 => f[at + 6..at + 8].copy_from_slice(&0x8021u16.to_be_bytes()),
+                2 => f[at] = 0x12,
+                _ => f[at + 1] = 0x09,
+            }
+        }
+        out.push((p.clone(), f));
     }
     out
 }
@@ -218,6 +245,7 @@ fn explain_names_the_class_the_kernel_picks() {
     let mut checked = 0;
     let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
     let mut acks = 0;
+    let mut pppoe = 0;
     let mut failures = Vec::new();
     for (up, label) in [(true, "up"), (false, "down")] {
         let pkts = frames(&mut rng, up, 110);
@@ -248,10 +276,15 @@ fn explain_names_the_class_the_kernel_picks() {
             if e["ack_class_applied"] == true {
                 acks += 1;
             }
+            if pkt.pppoe.is_some() {
+                pppoe += 1;
+            }
             checked += 1;
         }
     }
-    eprintln!("checked {checked} packets; outcomes {outcomes:?}; pure ACKs to ack_class {acks}");
+    eprintln!(
+        "checked {checked} packets ({pppoe} in PPPoE); outcomes {outcomes:?}; pure ACKs to ack_class {acks}"
+    );
     assert!(
         failures.is_empty(),
         "{} of {checked} packets differ:\n{}",
@@ -267,5 +300,6 @@ fn explain_names_the_class_the_kernel_picks() {
         );
     }
     assert!(acks > 0, "no pure ACK went to ack_class");
+    assert!(pppoe > 0, "no PPPoE frame");
     let _ = &r.policy;
 }

@@ -76,6 +76,11 @@ const MODULES: &[&str] = &[
     "nls_ascii",
     // Crash records kept across the reboot in EFI variables (pstore; rcS, save-crash).
     "efi_pstore",
+    // LoaderDevicePartUUID (which partition the box booted from: the site folder's).
+    "efivarfs",
+    // Bridge mode (site.toml), and a management VLAN on the bridge.
+    "bridge",
+    "8021q",
 ];
 
 pub struct Options {
@@ -778,8 +783,9 @@ fn build_disk(work: &Path, efi: &Path, disk: &Path) -> Result<()> {
     fs::write(
         &readme,
         "Site configuration for the shaper gateway.\r\n\
-         Put shaper.toml (and network.conf for addressing) in this folder;\r\n\
-         they replace the image's defaults at the next boot.\r\n",
+         Put shaper.toml (the shaping) and site.toml (bridge or router, ports,\r\n\
+         management address) in this folder; they replace the image's defaults\r\n\
+         at the next boot. Only this partition (the one the box booted from) is read.\r\n",
     )?;
     run(Command::new("touch")
         .args(["-d", &format!("@{SOURCE_DATE_EPOCH}")])

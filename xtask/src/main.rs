@@ -114,6 +114,10 @@ struct VmOpts {
     /// results go to a folder named after it (target/vm-results-NAME).
     #[arg(long)]
     kernel: Option<String>,
+    /// Profiles also run with the gateway as a transparent bridge (site.toml mode =
+    /// "bridge"): FIFO bridge, then the shaper with its daemon killed mid-call.
+    #[arg(long, value_delimiter = ',')]
+    bridge: Vec<String>,
 }
 
 impl VmOpts {
@@ -130,6 +134,7 @@ impl VmOpts {
             gateway_append: String::new(),
             gateway_churn: None,
             kernel: None,
+            bridge: Vec::new(),
         }
     }
 }
@@ -494,6 +499,7 @@ fn test(args: &[String]) -> Result<()> {
     step("VM tier: the firmware image under qemu, every line profile, shaper vs FIFO");
     vm_test(&VmOpts {
         assert: true,
+        bridge: vec!["fttc".into()],
         ..VmOpts::new(15, &[])
     })?;
     step("VM tier on Debian 12's own kernel (6.1: no TCX, the classifier on clsact): EFM 20/20");
@@ -727,6 +733,10 @@ fn vm_test(o: &VmOpts) -> Result<()> {
     if !o.gateway_append.is_empty() {
         args.push("--gateway-append".into());
         args.push(o.gateway_append.clone());
+    }
+    if !o.bridge.is_empty() {
+        args.push("--bridge-profiles".into());
+        args.push(o.bridge.join(","));
     }
     if o.assert {
         args.push("--assert".into());

@@ -76,6 +76,30 @@ pub const CFG_FLOW_BEHAVIOUR: u32 = 1 << 7;
 /// passes untouched (so a half-filled map set never classifies).
 pub const CFG_READY: u32 = 1 << 31;
 
+/// EtherType of IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
+/// EtherType of IPv6.
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// EtherType (TPID) of an 802.1Q VLAN tag.
+pub const ETH_P_8021Q: u16 = 0x8100;
+/// EtherType (TPID) of an 802.1ad (QinQ service) VLAN tag.
+pub const ETH_P_8021AD: u16 = 0x88a8;
+/// EtherType of a PPPoE session frame (RFC 2516 §4; 0x8863 is discovery).
+pub const ETH_P_PPP_SES: u16 = 0x8864;
+/// PPPoE VER/TYPE byte of every session frame: version 1, type 1.
+pub const PPPOE_VER_TYPE: u8 = 0x11;
+/// PPPoE CODE of a session frame.
+pub const PPPOE_CODE_SESSION: u8 = 0x00;
+/// Bytes of a PPPoE session header: 6 of PPPoE (VER/TYPE, CODE, SESSION_ID,
+/// LENGTH) and the 2-byte PPP protocol (Linux's `PPPOE_SES_HLEN`). With
+/// protocol-field compression (RFC 1661 §6.5) the protocol is 1 byte and
+/// the payload starts one byte earlier.
+pub const PPPOE_SES_HLEN: usize = 8;
+/// PPP protocol number of IPv4.
+pub const PPP_IP: u16 = 0x0021;
+/// PPP protocol number of IPv6.
+pub const PPP_IPV6: u16 = 0x0057;
+
 /// Per-direction global counters (index = dir * GLOBAL_COUNTERS + counter).
 pub const G_PACKETS: u32 = 0;
 pub const G_NON_IP: u32 = 1;

@@ -1,5 +1,6 @@
 //! Everything that talks to the kernel: tc objects over rtnetlink (`tc`) and
 //! the classifier program and maps (`bpf`).
 pub mod bpf;
+pub mod net;
 pub mod tc;
 pub mod tc_encode;

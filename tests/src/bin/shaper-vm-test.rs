@@ -38,6 +38,8 @@ const CLIENT: &str = "10.10.0.2";
 const GW_LAN: &str = "10.10.0.1";
 const SERVER: &str = "192.0.2.1";
 const GW_WAN: &str = "192.0.2.2";
+/// The gateway's management address in bridge mode.
+const GW_MGMT: &str = "10.10.0.3";
 /// Seconds of video on the idle line first: the receivers' baseline (minimum transit), so
 /// a queue that stands through the whole measured window still counts as added delay.
 const IDLE: u32 = 7;
@@ -211,6 +213,9 @@ struct Args {
     gateway_append: String,
     /// Also run `shaper-sockchurn --rate N` in the gateway (the crash reproducer).
     gateway_churn: Option<u32>,
+    /// Profiles also run with the gateway as a transparent bridge (FIFO bridge, then the
+    /// shaper with its daemon killed mid-call).
+    bridge_profiles: Vec<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -228,6 +233,7 @@ fn parse_args() -> Result<Args> {
         gateway_emulation: vm::Emulation::default(),
         gateway_append: String::new(),
         gateway_churn: None,
+        bridge_profiles: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -249,6 +255,9 @@ fn parse_args() -> Result<Args> {
             "--gateway-machine" => a.gateway_emulation.machine = Some(v()?),
             "--gateway-append" => a.gateway_append = v()?,
             "--gateway-churn" => a.gateway_churn = Some(v()?.parse()?),
+            "--bridge-profiles" => {
+                a.bridge_profiles = v()?.split(',').map(str::to_string).collect();
+            }
             "--modes" => {
                 a.modes = v()?.split(',').map(Mode::parse).collect::<Result<_>>()?;
             }
@@ -312,6 +321,12 @@ fn crash_of(dir: &Path) -> Option<(&'static str, String, bool)> {
     .map(|(v, (line, emulator))| (v, line, emulator))
 }
 
+/// The line of `text` that starts with "# " (a config's first line as `head -n 1` showed
+/// it on the console), for the report.
+fn first_line(text: &str) -> &str {
+    text.lines().find(|l| l.starts_with("# ")).unwrap_or("?")
+}
+
 /// What a tester VM reported missing (tools, shares), if anything.
 fn missing_tools(dir: &Path) -> Option<String> {
     let text: Vec<String> = ["client", "server"]
@@ -369,7 +384,7 @@ fn real_main() -> Result<bool> {
         eprintln!("==> vm-test: the flashable disk image through UEFI (OVMF)");
         let secs = disk_boot(disk, &out.join("disk-boot"))?;
         disk_line = format!(
-            "gateway.img: booted through OVMF firmware from its EFI partition, took the site's shaper.toml from it and was shaping {secs:.2} s after the kernel started ({:.0} s wall including firmware)\n",
+            "gateway.img: booted through OVMF firmware from its EFI partition, took the site's shaper.toml and site.toml (a bridge) from it and not from a second disk carrying a hostile shaper/ folder, and was shaping {secs:.2} s after the kernel started ({:.0} s wall including firmware)\n",
             t.elapsed().as_secs_f64()
         );
         eprint!("{disk_line}");
@@ -394,6 +409,26 @@ fn real_main() -> Result<bool> {
                 r.console.display()
             );
         }
+        // Configuration that survives: confirmed applies are kept, unconfirmed ones not.
+        eprintln!("==> vm-test: a confirmed config across a reboot, an unconfirmed one not");
+        let t = Instant::now();
+        let dir = out.join("persistence");
+        let p = shaper_tests::appliance::persistence(disk, &dir).context("the persistence run")?;
+        let text = format!(
+            "persistence: apply --confirm-within + confirm, reboot: shaping with `{}`; apply --confirm-within, reboot before confirming: shaping with `{}`; the boot disk's shaper/ holds {} ({:.0} s wall, three boots)\n",
+            first_line(&p.after_confirmed_reboot),
+            first_line(&p.after_unconfirmed_reboot),
+            p.site_folder.join(", "),
+            t.elapsed().as_secs_f64()
+        );
+        eprint!("{text}");
+        disk_line.push_str(&text);
+        if !p.ok(shaper_tests::appliance::B_FIRST_LINE) {
+            bail!(
+                "the box did not keep the confirmed config (and only it) across reboots: {p:?} (console {})",
+                dir.join("console.log").display()
+            );
+        }
     }
     let media = out.join("media");
     fs::create_dir_all(&media)?;
@@ -405,22 +440,42 @@ fn real_main() -> Result<bool> {
     let mut nruns = 0;
     let mut emulator_faults = 0;
     let mut emulator_notes = String::new();
-    for p in &profiles {
+    let bridged: Vec<&Profile> = args
+        .bridge_profiles
+        .iter()
+        .map(|n| {
+            PROFILES
+                .iter()
+                .find(|p| p.name == n)
+                .ok_or_else(|| anyhow!("no profile {n}"))
+        })
+        .collect::<Result<_>>()?;
+    let plan = profiles
+        .iter()
+        .map(|&p| (p, Net::Router))
+        .chain(bridged.iter().map(|&p| (p, Net::Bridge)));
+    for (p, net) in plan {
         let clip = make_clip(&media, p.video_kbit)?;
         let study = make_study(&media, p.dicom_slices)?;
         let mut runs = Vec::new();
-        let modes: &[Mode] = if !args.modes.is_empty() {
+        let modes: &[Mode] = if net == Net::Bridge {
+            &[Mode::Fifo, Mode::Shaper]
+        } else if !args.modes.is_empty() {
             &args.modes
         } else if p.sync_drop.is_some() {
             &[Mode::Fifo, Mode::Shaper, Mode::Autorate]
         } else {
             &[Mode::Fifo, Mode::Shaper]
         };
+        let name = match net {
+            Net::Router => p.name.to_string(),
+            Net::Bridge => format!("{}-bridge", p.name),
+        };
         for &mode in modes {
-            let dir = out.join(p.name).join(mode.name());
-            eprintln!("==> vm-test {} / {}", p.name, mode.name());
+            let dir = out.join(&name).join(mode.name());
+            eprintln!("==> vm-test {name} / {}", mode.name());
             let t = Instant::now();
-            let mut r = run_once(&args, p, mode, &dir, &clip, &study);
+            let mut r = run_once(&args, p, mode, net, &dir, &clip, &study);
             if r.is_err() {
                 // The emulator's known fault (see vm::emulator_fault) is kept, counted and
                 // reported, and that run alone is repeated once; any other crash fails.
@@ -440,7 +495,7 @@ fn real_main() -> Result<bool> {
                         keep.display()
                     );
                     eprintln!("    EMULATOR FAULT in the {v} VM: {f}; repeating this run once");
-                    r = run_once(&args, p, mode, &dir, &clip, &study);
+                    r = run_once(&args, p, mode, net, &dir, &clip, &study);
                 }
             }
             let r = r
@@ -456,15 +511,23 @@ fn real_main() -> Result<bool> {
             runs.push(r);
             nruns += 1;
         }
-        let (text, ok) = profile_report(p, &runs, &out.join(p.name), args.seconds)?;
+        let (mut text, mut ok) = profile_report(p, &runs, &out.join(&name), args.seconds)?;
+        if net == Net::Bridge {
+            let (t, gaps_ok) = bridge_report(&runs);
+            text = format!(
+                "The same line with the gateway as a transparent bridge (client and the site's router on one subnet, 10.10.0.0/24; the box's management address {GW_MGMT}):\n{text}{t}"
+            );
+            ok &= gaps_ok;
+        }
         all_ok &= ok;
         println!("{text}");
         report.push_str(&text);
         report.push('\n');
     }
     let footer = format!(
-        "{emulator_notes}VM tier: {} profile(s), {} runs, {:.1} min wall ({} s measured per run, qemu TCG, 1 vCPU per VM), {emulator_faults} emulator fault(s), no other kernel crash\n",
+        "{emulator_notes}VM tier: {} profile(s) ({} as a bridge too), {} runs, {:.1} min wall ({} s measured per run, qemu TCG, 1 vCPU per VM), {emulator_faults} emulator fault(s), no other kernel crash\n",
         profiles.len(),
+        bridged.len(),
         nruns,
         t0.elapsed().as_secs_f64() / 60.0,
         args.seconds
@@ -532,7 +595,7 @@ fn soak(args: &Args, profiles: &[&Profile], out: &Path, media: &Path, rounds: u3
                 fs::create_dir_all(&keep)?;
                 let dir = out.join(p.name).join(mode.name());
                 let t = Instant::now();
-                let r = run_once(args, p, mode, &dir, &clip, &study);
+                let r = run_once(args, p, mode, Net::Router, &dir, &clip, &study);
                 // Seconds of traffic: from the start signal to the end (or the failure).
                 let ran = fs::metadata(dir.join("start"))
                     .and_then(|m| m.modified())
@@ -783,11 +846,40 @@ dst_ports = ["2112"]
     )
 }
 
-fn network_conf() -> String {
-    format!(
-        "WAN_DEV=eth0\nLAN_DEV=eth1\nWAN_NAME=wan0\nLAN_NAME=lan0\nWAN_ADDR={GW_WAN}/24\nLAN_ADDR={GW_LAN}/24\nWAN_GATEWAY={SERVER}\nWAN_ADDR6=\nLAN_ADDR6=\n"
-    )
+/// How the gateway sits between the client and the server.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Net {
+    /// Routing between the LAN 10.10.0.0/24 and the WAN 192.0.2.0/24 (the default).
+    Router,
+    /// A transparent bridge: the client and the "ISP router" (the server VM, which also
+    /// has the LAN's gateway address 10.10.0.1) on one subnet, nothing renumbered; the box
+    /// has a management address of its own. In the shaper's run its daemon is killed
+    /// mid-call (SIGKILL, as a crash would) and init restarts it.
+    Bridge,
 }
+
+/// The gateway's site.toml.
+fn site_toml(net: Net) -> String {
+    match net {
+        Net::Router => format!(
+            "mode = \"router\"\n[ports]\nwan = \"eth0\"\nlan = \"eth1\"\n[management]\nipv4 = \"{GW_LAN}/24\"\nipv6 = \"none\"\n[wan]\nipv4 = \"{GW_WAN}/24\"\ngateway = \"{SERVER}\"\nipv6 = \"none\"\n"
+        ),
+        Net::Bridge => format!(
+            "mode = \"bridge\"\n[ports]\nwan = \"eth0\"\nlan = \"eth1\"\n[management]\nipv4 = \"{GW_MGMT}/24\"\ngateway = \"{GW_LAN}\"\nipv6 = \"none\"\n"
+        ),
+    }
+}
+
+/// In the bridge run: kills the shaper daemon with SIGKILL once the bulk downloads have
+/// been running a while (20 MB arrived on wan0 after shaping began), and says when on the
+/// console. init restarts the daemon; the pinned shaping stays meanwhile.
+const KILL_DAEMON: &str = r#"#!/bin/sh
+while [ ! -e /run/shaper/state.json ]; do sleep 0.2; done
+b0=$(cat /sys/class/net/wan0/statistics/rx_bytes)
+while [ $(( $(cat /sys/class/net/wan0/statistics/rx_bytes) - b0 )) -lt 20000000 ]; do sleep 0.2; done
+killall -9 shaper
+echo "vm-test: shaper daemon killed (SIGKILL) at $(cut -d' ' -f1 /proc/uptime) s"
+"#;
 
 /// Where the tester VMs see the harness's binaries and the run's media (tests/vm/tester-init
 /// mounts these 9p shares there): never the host path, which the VM's own /tmp and /run
@@ -818,7 +910,7 @@ fn in_vm_media(p: &Path) -> String {
     )
 }
 
-fn script_head(role: &str, addr: &str, route: &str) -> String {
+fn script_head(role: &str, addr: &str, setup: &str) -> String {
     format!(
         r#"#!/bin/sh
 D=/run/vmtest
@@ -831,7 +923,7 @@ set -x
 ip link set lo up
 ip link set eth0 up
 ip addr add {addr}/24 dev eth0
-ip route add {route}
+{setup}
 sysctl -qw net.core.rmem_max=8388608 net.core.wmem_max=8388608
 wait_start() {{ while [ ! -e $D/start ]; do sleep 0.1; done; }}
 "#,
@@ -854,7 +946,13 @@ fn storescu(study: &Path, to: &str) -> String {
 }
 
 fn client_script(p: &Profile, t: u32, clip: &Path, study: &Path) -> String {
-    let mut s = script_head("client", CLIENT, &format!("default via {GW_LAN}"));
+    // The LAN's gateway is 10.10.0.1: the shaper in router mode, the server VM (the site's
+    // router) when the shaper is a bridge.
+    let mut s = script_head(
+        "client",
+        CLIENT,
+        &format!("ip route add default via {GW_LAN}"),
+    );
     let bulk = WARMUP + t + 3;
     let rx_secs = IDLE + WARMUP + t;
     let pre = IDLE + WARMUP;
@@ -903,8 +1001,13 @@ PIDS="$PIDS $!"
     s
 }
 
-fn server_script(p: &Profile, t: u32, clip: &Path, study: &Path) -> String {
-    let mut s = script_head("server", SERVER, &format!("10.10.0.0/24 via {GW_WAN}"));
+fn server_script(p: &Profile, t: u32, clip: &Path, study: &Path, net: Net) -> String {
+    let setup = match net {
+        Net::Router => format!("ip route add 10.10.0.0/24 via {GW_WAN}"),
+        // The site's router: the LAN's gateway address on the same wire.
+        Net::Bridge => format!("ip addr add {GW_LAN}/24 dev eth0"),
+    };
+    let mut s = script_head("server", SERVER, &setup);
     let _ = write!(
         s,
         r#"# The copper line: download on eth0's egress, upload on its ingress through ifb0.
@@ -994,6 +1097,7 @@ fn run_once(
     args: &Args,
     p: &Profile,
     mode: Mode,
+    net: Net,
     dir: &Path,
     clip: &Path,
     study: &Path,
@@ -1004,7 +1108,7 @@ fn run_once(
     fs::create_dir_all(dir)?;
     let t = args.seconds;
     fs::write(dir.join("client.sh"), client_script(p, t, clip, study))?;
-    fs::write(dir.join("server.sh"), server_script(p, t, clip, study))?;
+    fs::write(dir.join("server.sh"), server_script(p, t, clip, study, net))?;
     let mut toml = shaper_toml(p);
     if mode == Mode::Cake {
         toml = toml.replace("[shaping]\n", "[shaping]\nleaf = \"cake\"\n");
@@ -1016,36 +1120,44 @@ fn run_once(
     }
     fs::write(dir.join("shaper.toml"), &toml)?;
     let gw_initrd = dir.join("gateway-initramfs.cpio.gz");
-    let net = network_conf();
+    let site = site_toml(net);
     let mut overlay: Vec<(&str, &[u8], u32)> = vec![
         ("etc/shaper/shaper.toml", toml.as_bytes(), 0o644),
-        ("etc/shaper/network.conf", net.as_bytes(), 0o644),
+        ("etc/shaper/site.toml", site.as_bytes(), 0o644),
     ];
+    // The shaper itself runs in these modes (the others: a plain router, a tc script).
+    let shaped = matches!(mode, Mode::Shaper | Mode::Autorate | Mode::Cake);
+    let kill_daemon = net == Net::Bridge && shaped;
     let htb_script;
     if matches!(mode, Mode::PlainHtb | Mode::PlainHtbFqCodel) {
         htb_script = plain_htb_script(p, mode == Mode::PlainHtbFqCodel)?;
         fs::write(dir.join("plain-htb.sh"), &htb_script)?;
         overlay.push(("usr/libexec/shaper/daemon", htb_script.as_bytes(), 0o755));
     }
-    // The crash reproducer (see shaper-sockchurn): one more program init keeps running.
-    let (churn_bin, inittab);
+    // More programs for init: the crash reproducer (see shaper-sockchurn), the daemon
+    // killer of the bridge run.
+    let mut inittab = include_str!("../../../images/rootfs/etc/inittab").to_string();
+    let churn_bin;
     if let Some(rate) = args.gateway_churn {
         churn_bin = fs::read(tool("shaper-sockchurn")?)?;
-        inittab = format!(
-            "{}::respawn:/usr/bin/shaper-sockchurn --rate {rate}\n",
-            include_str!("../../../images/rootfs/etc/inittab")
-        );
+        let _ = writeln!(inittab, "::respawn:/usr/bin/shaper-sockchurn --rate {rate}");
         overlay.push(("usr/bin/shaper-sockchurn", &churn_bin, 0o755));
-        overlay.push(("etc/inittab", inittab.as_bytes(), 0o644));
     }
+    if kill_daemon {
+        inittab.push_str("::once:/usr/libexec/shaper/vm-test-kill-daemon\n");
+        overlay.push((
+            "usr/libexec/shaper/vm-test-kill-daemon",
+            KILL_DAEMON.as_bytes(),
+            0o755,
+        ));
+    }
+    overlay.push(("etc/inittab", inittab.as_bytes(), 0o644));
     initramfs_with_overlay(&args.gateway_initramfs, &overlay, dir, &gw_initrd)?;
     let base = free_ports(4)?;
     // client.eth0 <-> gateway.eth1 (LAN); gateway.eth0 <-> server.eth0 (WAN).
     let (lan_client, lan_gw) = vm::link(base, base + 1, 0x02, 0x11);
     let (wan_gw, wan_server) = vm::link(base + 2, base + 3, 0x12, 0x21);
     let mut cmdline = "console=ttyS0 quiet panic=-1 cryptomgr.notests".to_string();
-    // The shaper itself runs in these modes (the others: a plain router, a tc script).
-    let shaped = matches!(mode, Mode::Shaper | Mode::Autorate | Mode::Cake);
     if mode == Mode::Fifo {
         cmdline.push_str(" shaper.disable");
     }
@@ -1143,8 +1255,33 @@ fn run_once(
     if shaped {
         // What the gateway saw is in its console; the status is the shaper's own view.
         let c = gateway.console_text();
-        if c.contains("shaper-image: shaper exited") {
-            bail!("the shaper exited in the gateway VM:\n{}", vm::tail(&c, 30));
+        let killed = c.find("vm-test: shaper daemon killed");
+        match (kill_daemon, killed) {
+            (false, _) if c.contains("shaper-image: shaper exited") => {
+                bail!("the shaper exited in the gateway VM:\n{}", vm::tail(&c, 30));
+            }
+            (true, None) => bail!(
+                "the daemon was never killed in the bridge run (not 20 MB downloaded?):\n{}",
+                vm::tail(&c, 30)
+            ),
+            (true, Some(at)) => {
+                // init restarted it and it took over the pinned shaping.
+                let after = &c[at..];
+                if !after.contains("shaper-image: shaping at") {
+                    bail!(
+                        "the shaper daemon did not come back after it was killed:\n{}",
+                        vm::tail(&c, 30)
+                    );
+                }
+                let exits = c.matches("shaper-image: shaper exited").count();
+                if exits != 1 {
+                    bail!(
+                        "the shaper exited {exits} times (1 expected: the kill):\n{}",
+                        vm::tail(&c, 30)
+                    );
+                }
+            }
+            _ => {}
         }
     }
     drop(gateway);
@@ -1153,6 +1290,43 @@ fn run_once(
         dir: dir.to_path_buf(),
         boot_to_shaping_s,
     })
+}
+
+/// The longest time between two video packets at each receiver (from the timelines), per
+/// run: a forwarding gap shows here. The shaper's bridge run had its daemon killed; the
+/// issue's bound is 1 s.
+fn bridge_report(runs: &[RunResult]) -> (String, bool) {
+    let mut t = String::from("longest gap between two video packets (the shaper's daemon SIGKILLed mid-call and restarted by init):\n");
+    let mut ok = true;
+    for r in runs {
+        for d in ["up", "down"] {
+            let gap = fs::read_to_string(r.dir.join(format!("video-{d}.timeline")))
+                .ok()
+                .and_then(|s| max_gap_s(&s));
+            let _ = writeln!(
+                t,
+                "  {:<8} video {d:<4} {}",
+                r.mode,
+                gap.map_or("no timeline".to_string(), |g| format!("{:.0} ms", g * 1e3))
+            );
+            if r.mode == Mode::Shaper.name() && gap.is_none_or(|g| g >= 1.0) {
+                ok = false;
+                let _ = writeln!(t, "  PROBLEM: the bridge stopped forwarding video {d} for 1 s or more (or no timeline)");
+            }
+        }
+    }
+    (t, ok)
+}
+
+/// Largest difference between consecutive arrival times in a `--timeline` file (first
+/// column: seconds since the first packet).
+fn max_gap_s(timeline: &str) -> Option<f64> {
+    let mut ts: Vec<f64> = timeline
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    ts.sort_by(f64::total_cmp);
+    ts.windows(2).map(|w| w[1] - w[0]).reduce(f64::max)
 }
 
 fn read_json(p: &Path) -> Option<Value> {
@@ -1659,6 +1833,57 @@ fn plain_htb_script(p: &Profile, fq_codel_leaves: bool) -> Result<String> {
     Ok(sh)
 }
 
+/// A second disk as a USB stick someone left in the box might be: a GPT with one FAT
+/// partition carrying a `shaper/` folder whose every value is shell code that would print
+/// HOSTILE on the console if anything ran it (and rates that would show if it were used).
+fn hostile_disk(dir: &Path) -> Result<PathBuf> {
+    let img = dir.join("hostile.img");
+    let f = fs::File::create(&img)?;
+    f.set_len(40 << 20)?;
+    drop(f);
+    let mut c = Command::new("sfdisk");
+    c.arg("--quiet")
+        .arg(&img)
+        .stdin(std::process::Stdio::piped());
+    let mut child = c.spawn().context("sfdisk")?;
+    {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow!("sfdisk stdin"))?
+            .write_all(b"label: gpt\nstart=2048, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\n")?;
+    }
+    if !child.wait()?.success() {
+        bail!("sfdisk could not partition {}", img.display());
+    }
+    vm::mtools("mformat", &img, &["-v", "HOSTILE", "::"])?;
+    vm::mtools("mmd", &img, &["::/shaper"])?;
+    let evil = "$(echo HOSTILE > /dev/console)";
+    let site = format!(
+        "mode = \"bridge\"\n[ports]\nwan = \"{evil}\"\nlan = \"`echo HOSTILE`\"\n[management]\nipv4 = \"{evil}\"\n"
+    );
+    let net =
+        format!("WAN_DEV='{evil}'\nLAN_DEV=\"{evil}\"\nWAN_ADDR=$(echo HOSTILE > /dev/console)\n");
+    for (name, text) in [
+        ("site.toml", site),
+        ("network.conf", net),
+        (
+            "shaper.toml",
+            format!("# {evil}\n{}", shaper_toml(&PROFILES[0])),
+        ),
+    ] {
+        let p = dir.join(format!("hostile-{name}"));
+        fs::write(&p, text)?;
+        vm::mtools(
+            "mcopy",
+            &img,
+            &[&p.display().to_string(), &format!("::/shaper/{name}")],
+        )?;
+    }
+    Ok(img)
+}
+
 /// Boots a copy of the flashable disk image under OVMF with a site config written into its
 /// EFI partition (as a site engineer would), and waits for the shaper to shape with it.
 /// Returns the guest uptime at which shaping started.
@@ -1681,6 +1906,18 @@ fn disk_boot(disk: &Path, dir: &Path) -> Result<f64> {
         &[&site.display().to_string(), "::/shaper/shaper.toml"],
     )
     .context("writing the site config into the EFI partition")?;
+    // The site's network file too: a bridge with a static management address.
+    let site_file = dir.join("site.toml");
+    fs::write(
+        &site_file,
+        format!("[ports]\nwan = \"52:54:00:5e:01:00\"\nlan = \"eth1\"\n[management]\nipv4 = \"{GW_MGMT}/24\"\ngateway = \"{GW_LAN}\"\nipv6 = \"none\"\n"),
+    )?;
+    vm::mtools(
+        "mcopy",
+        &copy,
+        &[&site_file.display().to_string(), "::/shaper/site.toml"],
+    )?;
+    let hostile = hostile_disk(dir)?;
     let console = dir.join("console");
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
@@ -1695,8 +1932,19 @@ fn disk_boot(disk: &Path, dir: &Path) -> Result<f64> {
     ])
     .args(["-display", "none", "-monitor", "none"])
     .args(["-bios", "/usr/share/ovmf/OVMF.fd"])
+    // The hostile disk first on the bus (the kernel's vda), the boot disk second (vdb).
     .arg("-drive")
-    .arg(format!("file={},format=raw,if=virtio", copy.display()))
+    .arg(format!(
+        "file={},format=raw,if=none,id=hostile",
+        hostile.display()
+    ))
+    .args(["-device", "virtio-blk-pci,drive=hostile"])
+    .arg("-drive")
+    .arg(format!(
+        "file={},format=raw,if=none,id=boot",
+        copy.display()
+    ))
+    .args(["-device", "virtio-blk-pci,drive=boot,bootindex=0"])
     .arg("-serial")
     .arg(format!("file:{}", console.display()))
     .args(["-nic", "none"]);
@@ -1713,10 +1961,24 @@ fn disk_boot(disk: &Path, dir: &Path) -> Result<f64> {
             .find_map(|l| l.split("shaper-image: shaping at ").nth(1))
             .and_then(|r| r.trim_end_matches(" s").trim().parse::<f64>().ok())
         {
-            if !text.contains("site shaper.toml from") {
+            // Only the partition it booted from (vdb1) is read, both files from it; the
+            // hostile disk's values never reach a shell.
+            let from_boot = [
+                "site shaper.toml from /dev/vdb1",
+                "site site.toml from /dev/vdb1",
+            ]
+            .iter()
+            .all(|m| text.contains(m));
+            if !from_boot || text.contains("HOSTILE") {
                 break Err(anyhow!(
-                    "the gateway shaped without reading the site config from its EFI partition:\n{}",
-                    vm::tail(&text, 20)
+                    "the gateway did not take its site files from the partition it booted from alone:\n{}",
+                    vm::tail(&text, 30)
+                ));
+            }
+            if !text.contains(&format!("management on br0: {GW_MGMT}/24 via {GW_LAN}")) {
+                break Err(anyhow!(
+                    "the site's site.toml (bridge, {GW_MGMT}) was not applied:\n{}",
+                    vm::tail(&text, 30)
                 ));
             }
             break Ok(v);
