@@ -959,13 +959,24 @@ impl Ctx<'_> {
 
 /// Reads and validates a configuration file. Touches nothing but the file.
 pub fn load(path: &Path) -> Result<Policy, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    parse(path, &read_text(path)?)
+}
+
+/// A config file's text; one that cannot be read or is not UTF-8 is an error naming the
+/// file (and the line and byte offset of the first bad byte).
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+    let err = |line, message| ConfigError {
         file: path.to_path_buf(),
-        line: None,
+        line,
         field: String::new(),
-        message: format!("cannot read: {e}"),
-    })?;
-    parse(path, &text)
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(None, format!("cannot read: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        err(Some(line), format!("not UTF-8 text (byte offset {at})"))
+    })
 }
 
 /// Validates configuration text; `file` is used in error messages.

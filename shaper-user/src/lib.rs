@@ -33,3 +33,4 @@ pub mod quic;
 pub mod site;
 pub mod sni;
 pub mod status;
+pub mod upgrade;

@@ -98,6 +98,21 @@ enum Cmd {
         #[arg(long)]
         keep_on_exit: bool,
     },
+    /// Install a signed firmware image beside the running one (A/B, boot counting): it boots
+    /// at the next reboot and falls back to the running one if it never shapes.
+    Upgrade {
+        /// The signed upgrade file (`cargo xtask image --sign KEY` makes it).
+        #[arg(required_unless_present_any = ["mark_good", "healthy"])]
+        file: Option<PathBuf>,
+        /// (run at boot by boot-assess) Mark the image on trial good (bless-boot's rename).
+        #[arg(long, conflicts_with_all = ["file", "healthy"])]
+        mark_good: bool,
+        /// (run at boot by boot-assess) Exit 0 when the daemon shapes with the site's config.
+        #[arg(long, conflicts_with = "file")]
+        healthy: bool,
+    },
+    /// What image runs, which are installed on the boot disk and which boots next.
+    Version,
     /// How the box sits in the site's network (site.toml: bridge or router, ports,
     /// management address).
     Site {
@@ -118,6 +133,10 @@ enum SiteCmd {
     /// LoaderDevicePartUUID matched against each disk's GPT); exits 3 when the box was not
     /// booted through systemd-boot or its stub.
     BootPartition,
+    /// Check the serial console's password hash (one line, `$6$salt$hash` or `$5$...`,
+    /// e.g. from `mkpasswd -m sha-512`) and print it; the boot script puts it in
+    /// /etc/shadow. Anything else is refused and the console stays locked.
+    PasswordHash { file: PathBuf },
     /// (internal, run by init) The DHCP client the site file asks for, in the foreground;
     /// sleeps when it asks for none.
     #[command(hide = true)]
@@ -270,8 +289,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
             confirm_within,
         } => {
-            let text = std::fs::read_to_string(&config)
-                .with_context(|| format!("reading {}", config.display()))?;
+            let text = config::read_text(&config)?;
             let policy = config::parse(&config, &text)?;
             let rollback = match confirm_within {
                 Some(_) => Some(confirm::prepare(&paths)?),
@@ -386,6 +404,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(Box::new(move |p| shaper_user::metrics::start(p, &mp)));
             runtime()?.block_on(daemon::run(paths, config, keep_on_exit, on_first_apply))
         }
+        Cmd::Upgrade {
+            file,
+            mark_good,
+            healthy,
+        } => {
+            use shaper_user::upgrade;
+            let dev = upgrade::Device::default();
+            if mark_good {
+                println!("shaper: {}", upgrade::mark_good(&dev)?);
+            } else if healthy {
+                if let Err(e) = upgrade::healthy(&dev, &paths) {
+                    println!("not healthy: {e:#}");
+                    return Ok(ExitCode::from(3));
+                }
+                println!("healthy");
+            } else if let Some(f) = file {
+                upgrade::install(&dev, &f)?;
+                print!("{}", upgrade::version_report(&dev));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Version => {
+            print!(
+                "{}",
+                shaper_user::upgrade::version_report(&shaper_user::upgrade::Device::default())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Site { cmd } => site_cmd(cmd),
     }
 }
@@ -405,6 +451,14 @@ fn site_cmd(cmd: SiteCmd) -> Result<ExitCode> {
             let s = site::load(&file)?;
             runtime()?.block_on(shaper_user::kernel::net::up(&s))?;
             print!("{}", site::describe(&s));
+            Ok(ExitCode::SUCCESS)
+        }
+        SiteCmd::PasswordHash { file } => {
+            let text =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let h = site::password_hash(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            println!("{h}");
             Ok(ExitCode::SUCCESS)
         }
         SiteCmd::BootPartition => {

@@ -81,14 +81,24 @@ pub fn replace(dest: &Path, bytes: &[u8]) -> Result<()> {
     drop(f);
     fs::rename(&tmp, dest)
         .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
+    sync_dir(dir)
+}
+
+/// fsync on a folder, then syncfs on its file system.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let d = fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    d.sync_all()
         .with_context(|| format!("syncing {}", dir.display()))?;
+    // SAFETY: a valid, open file descriptor.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("syncfs");
+    }
     Ok(())
 }
 
 /// The boot disk remounted read-write; read-only again when dropped.
-struct Writable {
+pub(crate) struct Writable {
     mount: PathBuf,
 }
 
@@ -116,7 +126,7 @@ fn remount(mount: &Path, flags: libc::c_ulong) -> std::io::Result<()> {
 }
 
 impl Writable {
-    fn remount(mount: &Path) -> Result<Writable> {
+    pub(crate) fn remount(mount: &Path) -> Result<Writable> {
         remount(mount, FLAGS)
             .with_context(|| format!("remounting {} read-write", mount.display()))?;
         Ok(Writable {

@@ -98,7 +98,27 @@ pub struct Site {
     pub vlan: Option<u16>,
     /// Router mode: the WAN port's addressing.
     pub wan_addr: Option<Addressing>,
+    /// Who may reach the box's own services (SSH, metrics) on the management interface.
+    pub allow: Vec<(IpAddr, u8)>,
+    /// The box's TCP ports open to `allow` (SSH and the metrics endpoint).
+    pub ports: Vec<u16>,
 }
+
+/// Sources allowed to the box's services unless the site file says: private and
+/// shared address space, IPv6 unique-local and link-local. Not the internet: in bridge mode
+/// the management address is on the LAN, and a routed IPv6 prefix would otherwise make it
+/// reachable from anywhere.
+pub const DEFAULT_ALLOW: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "fc00::/7",
+    "fe80::/10",
+];
+
+/// SSH and the metrics endpoint's usual port.
+pub const DEFAULT_PORTS: &[u16] = &[22, 9464];
 
 impl Site {
     /// The interface that carries the management address.
@@ -149,27 +169,13 @@ struct RawAddressing {
     ipv6: Option<Spanned<String>>,
     gateway6: Option<Spanned<String>>,
     vlan: Option<Spanned<i64>>,
+    allow: Option<Spanned<Vec<Spanned<String>>>>,
+    ports: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
 /// Reads and validates a site file. Touches nothing but the file.
 pub fn load(path: &Path) -> Result<Site, ConfigError> {
-    let bytes = std::fs::read(path).map_err(|e| ConfigError {
-        file: path.to_path_buf(),
-        line: None,
-        field: String::new(),
-        message: format!("cannot read: {e}"),
-    })?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let at = e.utf8_error().valid_up_to();
-        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
-        ConfigError {
-            file: path.to_path_buf(),
-            line: Some(line),
-            field: String::new(),
-            message: format!("not UTF-8 text (byte offset {at})"),
-        }
-    })?;
-    parse(path, &text)
+    parse(path, &crate::config::read_text(path)?)
 }
 
 /// Validates site-file text; `file` names it in errors.
@@ -268,6 +274,66 @@ pub fn parse(file: &Path, text: &str) -> Result<Site, ConfigError> {
             (a, vlan)
         }
     };
+    let mgmt_raw = raw.management.as_ref().map(Spanned::get_ref);
+    let allow = match mgmt_raw.and_then(|m| m.allow.as_ref()) {
+        None => DEFAULT_ALLOW
+            .iter()
+            .map(|p| prefix_of(p).expect("valid default"))
+            .collect(),
+        Some(list) => list
+            .get_ref()
+            .iter()
+            .map(|v| {
+                prefix_of(v.get_ref().trim())
+                    .filter(|(a, p)| *p <= if a.is_ipv4() { 32 } else { 128 })
+                    .ok_or_else(|| {
+                        cx.at(
+                            v,
+                            "management.allow",
+                            format!(
+                                "`{}` is not an address prefix (10.0.0.0/8, fd00::/8)",
+                                v.get_ref()
+                            ),
+                        )
+                    })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let ports = match mgmt_raw.and_then(|m| m.ports.as_ref()) {
+        None => DEFAULT_PORTS.to_vec(),
+        Some(list) => list
+            .get_ref()
+            .iter()
+            .map(|v| {
+                u16::try_from(*v.get_ref())
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| {
+                        cx.at(
+                            v,
+                            "management.ports",
+                            format!("{} is not a TCP port: 1-65535", v.get_ref()),
+                        )
+                    })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    if let Some(w) = &raw.wan {
+        if let Some(a) = w.get_ref().allow.as_ref() {
+            return Err(cx.at(
+                a,
+                "wan.allow",
+                "nothing on the box is open towards the WAN: `allow` goes in [management]",
+            ));
+        }
+        if let Some(a) = w.get_ref().ports.as_ref() {
+            return Err(cx.at(
+                a,
+                "wan.ports",
+                "nothing on the box is open towards the WAN: `ports` goes in [management]",
+            ));
+        }
+    }
     let wan_addr = match (&raw.wan, mode) {
         (Some(w), Mode::Bridge) => {
             return Err(cx.at(
@@ -298,7 +364,76 @@ pub fn parse(file: &Path, text: &str) -> Result<Site, ConfigError> {
         management,
         vlan,
         wan_addr,
+        allow,
+        ports,
     })
+}
+
+/// The host firewall for the box's own input, as an nft script (one transaction: the old
+/// table, if any, goes in the same step). Stateless, so nothing is tracked: forwarded and
+/// bridged traffic never meets it (no conntrack, no forward chain), and a flood through the
+/// box cannot fill a table. Open: loopback; ICMP errors, echo replies and neighbour
+/// discovery (router advertisements for SLAAC); DHCP replies; and `ports` over TCP plus
+/// echo requests from `allow` on the management interface only. Everything else addressed
+/// to the box, from either side, IPv4 or IPv6, is dropped.
+pub fn firewall(s: &Site) -> String {
+    use std::fmt::Write as _;
+    let dev = s.management_dev();
+    let list = |v6: bool| {
+        s.allow
+            .iter()
+            .filter(|(a, _)| a.is_ipv6() == v6)
+            .map(|(a, p)| format!("{a}/{p}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let ports = s
+        .ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut o = String::from(
+        "table inet shaper_host {}\ndelete table inet shaper_host\ntable inet shaper_host {\n",
+    );
+    let (a4, a6) = (list(false), list(true));
+    if !a4.is_empty() {
+        let _ = writeln!(
+            o,
+            "    set allow4 {{ type ipv4_addr; flags interval; elements = {{ {a4} }} }}"
+        );
+    }
+    if !a6.is_empty() {
+        let _ = writeln!(
+            o,
+            "    set allow6 {{ type ipv6_addr; flags interval; elements = {{ {a6} }} }}"
+        );
+    }
+    o.push_str(
+        "    chain input {\n        type filter hook input priority filter; policy drop;\n        iif \"lo\" accept\n        icmp type { echo-reply, destination-unreachable, time-exceeded, parameter-problem } accept\n        icmpv6 type { echo-reply, destination-unreachable, packet-too-big, time-exceeded, parameter-problem, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert } accept\n        udp sport 67 udp dport 68 accept\n",
+    );
+    for (set, fam, echo) in [("allow4", "ip", "icmp"), ("allow6", "ip6", "icmpv6")] {
+        let present = if fam == "ip" {
+            !a4.is_empty()
+        } else {
+            !a6.is_empty()
+        };
+        if !present {
+            continue;
+        }
+        let _ = writeln!(
+            o,
+            "        iifname \"{dev}\" {fam} saddr @{set} {echo} type echo-request accept"
+        );
+        if !ports.is_empty() {
+            let _ = writeln!(
+                o,
+                "        iifname \"{dev}\" {fam} saddr @{set} tcp dport {{ {ports} }} accept"
+            );
+        }
+    }
+    o.push_str("    }\n}\n");
+    o
 }
 
 fn port_id(cx: &Ctx<'_>, v: &Spanned<String>, field: &str) -> Result<PortId, ConfigError> {
@@ -349,44 +484,60 @@ fn addressing(
     default6: V6,
 ) -> Result<Addressing, ConfigError> {
     let f = |k: &str| format!("{table}.{k}");
-    let ipv4 = match &r.ipv4 {
+    // A static address with its prefix length, of one family.
+    let fixed = |v: &Spanned<String>, key: &str, v6: bool, words: &str, example: &str| {
+        let max = if v6 { 128 } else { 32 };
+        prefix_of(v.get_ref().trim())
+            .filter(|(a, p)| a.is_ipv6() == v6 && (1..=max).contains(p) && !a.is_unspecified())
+            .ok_or_else(|| {
+                cx.at(
+                    v,
+                    f(key),
+                    format!(
+                        "`{}` is not {words} or an IPv{} address with its prefix length ({example})",
+                        v.get_ref().trim(),
+                        if v6 { 6 } else { 4 }
+                    ),
+                )
+            })
+    };
+    let gateway = |g: &Spanned<String>, key: &str, v6: bool| {
+        g.get_ref()
+            .trim()
+            .parse::<IpAddr>()
+            .ok()
+            .filter(|a| a.is_ipv6() == v6)
+            .ok_or_else(|| {
+                cx.at(
+                    g,
+                    f(key),
+                    format!(
+                        "`{}` is not an IPv{} address",
+                        g.get_ref(),
+                        if v6 { 6 } else { 4 }
+                    ),
+                )
+            })
+    };
+    let ipv4 = match r.ipv4.as_ref().map(|v| (v, v.get_ref().trim())) {
         None => default4,
-        Some(v) => match v.get_ref().trim() {
-            "dhcp" => V4::Dhcp,
-            "none" => V4::None,
-            s => {
-                let (addr, prefix) = prefix_of(s)
-                    .and_then(|(a, p)| match a {
-                        IpAddr::V4(a) if (1..=32).contains(&p) && !a.is_unspecified() => {
-                            Some((a, p))
-                        }
-                        _ => None,
-                    })
-                    .ok_or_else(|| {
-                        cx.at(
-                            v,
-                            f("ipv4"),
-                            format!("`{s}` is not \"dhcp\", \"none\" or an IPv4 address with its prefix length (10.10.0.3/24)"),
-                        )
-                    })?;
-                V4::Static {
-                    addr,
-                    prefix,
-                    gateway: None,
-                }
-            }
+        Some((_, "dhcp")) => V4::Dhcp,
+        Some((_, "none")) => V4::None,
+        Some((v, _)) => match fixed(v, "ipv4", false, "\"dhcp\", \"none\"", "10.10.0.3/24")? {
+            (IpAddr::V4(addr), prefix) => V4::Static {
+                addr,
+                prefix,
+                gateway: None,
+            },
+            _ => unreachable!("the family was checked"),
         },
     };
     let ipv4 = match (&r.gateway, ipv4) {
         (None, a) => a,
         (Some(g), V4::Static { addr, prefix, .. }) => {
-            let gw: Ipv4Addr = g.get_ref().trim().parse().map_err(|_| {
-                cx.at(
-                    g,
-                    f("gateway"),
-                    format!("`{}` is not an IPv4 address", g.get_ref()),
-                )
-            })?;
+            let IpAddr::V4(gw) = gateway(g, "gateway", false)? else {
+                unreachable!("the family was checked")
+            };
             let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
             if u32::from(gw) & mask != u32::from(addr) & mask || gw == addr {
                 return Err(cx.at(
@@ -409,44 +560,25 @@ fn addressing(
             ))
         }
     };
-    let ipv6 = match &r.ipv6 {
+    let ipv6 = match r.ipv6.as_ref().map(|v| (v, v.get_ref().trim())) {
         None => default6,
-        Some(v) => match v.get_ref().trim() {
-            "slaac" => V6::Slaac,
-            "none" => V6::None,
-            s => {
-                let (addr, prefix) = prefix_of(s)
-                    .and_then(|(a, p)| match a {
-                        IpAddr::V6(a) if (1..=128).contains(&p) && !a.is_unspecified() => {
-                            Some((a, p))
-                        }
-                        _ => None,
-                    })
-                    .ok_or_else(|| {
-                        cx.at(
-                            v,
-                            f("ipv6"),
-                            format!("`{s}` is not \"slaac\", \"none\" or an IPv6 address with its prefix length (fd00::3/64)"),
-                        )
-                    })?;
-                V6::Static {
-                    addr,
-                    prefix,
-                    gateway: None,
-                }
-            }
+        Some((_, "slaac")) => V6::Slaac,
+        Some((_, "none")) => V6::None,
+        Some((v, _)) => match fixed(v, "ipv6", true, "\"slaac\", \"none\"", "fd00::3/64")? {
+            (IpAddr::V6(addr), prefix) => V6::Static {
+                addr,
+                prefix,
+                gateway: None,
+            },
+            _ => unreachable!("the family was checked"),
         },
     };
     let ipv6 = match (&r.gateway6, ipv6) {
         (None, a) => a,
         (Some(g), V6::Static { addr, prefix, .. }) => {
-            let gw: Ipv6Addr = g.get_ref().trim().parse().map_err(|_| {
-                cx.at(
-                    g,
-                    f("gateway6"),
-                    format!("`{}` is not an IPv6 address", g.get_ref()),
-                )
-            })?;
+            let IpAddr::V6(gw) = gateway(g, "gateway6", true)? else {
+                unreachable!("the family was checked")
+            };
             V6::Static {
                 addr,
                 prefix,
@@ -467,6 +599,52 @@ fn addressing(
 fn prefix_of(s: &str) -> Option<(IpAddr, u8)> {
     let (a, p) = s.split_once('/')?;
     Some((a.trim().parse().ok()?, p.trim().parse().ok()?))
+}
+
+/// The serial console's root password hash from the site folder's `console-password`:
+/// one line holding a SHA-crypt hash (`$6$` SHA-512 or `$5$` SHA-256, optional
+/// `rounds=N$`), which busybox's login checks. Written into /etc/shadow, so nothing but the
+/// hash alphabet may pass (no `:`, newline or shell).
+pub fn password_hash(bytes: &[u8]) -> Result<String, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not text".to_string())?;
+    let line = text.trim_end_matches(['\n', '\r']);
+    if line.contains('\n') {
+        return Err("one line expected (the hash)".into());
+    }
+    let bad = || {
+        "not a SHA-crypt hash: make one with `mkpasswd -m sha-512` (a line starting $6$)"
+            .to_string()
+    };
+    let rest = line
+        .strip_prefix("$6$")
+        .map(|r| (r, 86))
+        .or_else(|| line.strip_prefix("$5$").map(|r| (r, 43)));
+    let Some((rest, hash_len)) = rest else {
+        return Err(bad());
+    };
+    let rest = match rest.strip_prefix("rounds=") {
+        Some(r) => {
+            let (n, r) = r.split_once('$').ok_or_else(bad)?;
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || n.len() > 9 {
+                return Err(bad());
+            }
+            r
+        }
+        None => rest,
+    };
+    let (salt, hash) = rest.split_once('$').ok_or_else(bad)?;
+    let alphabet = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/')
+    };
+    if !(1..=16).contains(&salt.len())
+        || !alphabet(salt)
+        || hash.len() != hash_len
+        || !alphabet(hash)
+    {
+        return Err(bad());
+    }
+    Ok(line.to_string())
 }
 
 /// systemd-boot's (and its stub's) vendor GUID for the Loader* EFI variables.
@@ -654,6 +832,21 @@ pub fn describe(s: &Site) -> String {
         v4(&s.management.ipv4),
         v6(&s.management.ipv6)
     );
+    let _ = writeln!(
+        o,
+        "firewall: TCP {} open on {} to {}; nothing else open on any side",
+        s.ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        s.management_dev(),
+        s.allow
+            .iter()
+            .map(|(a, p)| format!("{a}/{p}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     o
 }
 
@@ -714,6 +907,63 @@ mod tests {
         )
         .unwrap();
         assert!(s.dhcp_devs().is_empty());
+    }
+
+    #[test]
+    fn the_firewall_opens_the_management_ports_to_the_allowed_sources_only() {
+        let s = site("[ports]\nwan = \"eth0\"\nlan = \"eth1\"\n").unwrap();
+        assert_eq!(s.ports, vec![22, 9464]);
+        let f = firewall(&s);
+        assert!(f.contains("policy drop;"), "{f}");
+        assert!(
+            f.contains("elements = { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10 }"),
+            "{f}"
+        );
+        assert!(
+            f.contains("iifname \"br0\" ip saddr @allow4 tcp dport { 22, 9464 } accept"),
+            "{f}"
+        );
+        assert!(
+            f.contains("iifname \"br0\" ip6 saddr @allow6 tcp dport { 22, 9464 } accept"),
+            "{f}"
+        );
+        assert!(!f.contains("ct "), "stateless: nothing tracked");
+        let s = site(
+            "mode = \"router\"\n[ports]\nwan = \"eth0\"\nlan = \"eth1\"\n[management]\nipv4 = \"10.1.0.1/24\"\nallow = [\"10.1.0.0/24\"]\nports = [22]\n",
+        )
+        .unwrap();
+        let f = firewall(&s);
+        assert!(
+            f.contains("iifname \"lan0\" ip saddr @allow4 tcp dport { 22 } accept"),
+            "{f}"
+        );
+        assert!(
+            !f.contains("allow6"),
+            "no IPv6 sources allowed: no IPv6 rule: {f}"
+        );
+        assert!(!f.contains("wan0"), "nothing towards the WAN: {f}");
+    }
+
+    #[test]
+    fn console_password_hashes_are_checked() {
+        let h6 = "$6$abcdefghijkl$A2FKjg5ZPRNV7QBhysg.d3DNXY39//7c7TzCrvehvOkGWYfSgToMxZY3WD1Ka2XXk46HrGqMYkZKjzpSzxQkL0";
+        assert_eq!(password_hash(format!("{h6}\n").as_bytes()).unwrap(), h6);
+        let h5 = "$5$abcdefgh$gruCpC7VkOTspMQTTSAR8mtlO9Upms.fwqE5y16JVM.";
+        assert_eq!(password_hash(h5.as_bytes()).unwrap(), h5);
+        let r = "$6$rounds=5000$abc$A2FKjg5ZPRNV7QBhysg.d3DNXY39//7c7TzCrvehvOkGWYfSgToMxZY3WD1Ka2XXk46HrGqMYkZKjzpSzxQkL0";
+        assert!(password_hash(r.as_bytes()).is_ok());
+        for bad in [
+            "secret".to_string(),
+            String::new(),
+            format!("{h6}:0:0"),
+            format!("{h6}\nroot::0:0"),
+            h6.replace("abcdefghijkl", "abc;reboot"),
+            "$1$abc$defghijklmnopqrstuvwxyz".into(),
+            format!("{h6}x"),
+            "$6$$".into(),
+        ] {
+            assert!(password_hash(bad.as_bytes()).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
@@ -783,6 +1033,11 @@ mod tests {
                 "`management.vlan`",
             ),
             ("mode = \"bridge\"\n".into(), "ports"),
+            (format!("{base}[management]\nallow = [\"10.0.0.0/33\"]\n"), "site.toml:5: `management.allow`"),
+            (format!("{base}[management]\nallow = [\"any\"]\n"), "`management.allow`"),
+            (format!("{base}[management]\nports = [0]\n"), "`management.ports`"),
+            (format!("{base}[management]\nports = [70000]\n"), "`management.ports`"),
+            (format!("mode = \"router\"\n{base}[management]\nipv4 = \"10.0.0.1/24\"\n[wan]\nports = [22]\n"), "`wan.ports`: nothing on the box is open towards the WAN"),
         ] {
             let e = err(&text);
             assert!(e.contains(want), "{text:?}: {e}");

@@ -31,6 +31,16 @@ const EARLIER: &str = "shaper-image: last crash (an earlier boot): ";
 const SITE_CONFIG: &str = "site shaper.toml from";
 /// OVMF prints this on the serial port when it starts the boot loader: the reset happened.
 const FIRMWARE_BOOT: &str = "BdsDxe: starting";
+/// The boot script's first line, once per boot.
+const BOOT_BANNER: &str = "shaper-image: shaper gateway";
+/// busybox init's askfirst, then login's prompt.
+const ACTIVATE: &str = "Please press Enter to activate this console.";
+const PASSWORD_PROMPT: &str = "Password: ";
+/// Root's console password on the test disks, and its hash (`busybox mkpasswd -m sha512`)
+/// as the site folder's `console-password` carries it.
+pub const CONSOLE_PASSWORD: &str = "shaper-lab";
+pub const CONSOLE_PASSWORD_HASH: &str =
+    "$6$labsaltlabsa$rnaACkZsmMCL2B11XPAvcOcr.1xtp/3g/HWEAf2OR.EpslPl0oOgLK.M9AwzJUFoEuKKmWOOb7VINrYApU19B/";
 
 /// A site's config (a small ADSL surgery), different from the image's default so that
 /// shaping with it shows the EFI partition was read after the reboot too.
@@ -177,7 +187,7 @@ impl Recovery {
 }
 
 /// Kills qemu however the run ends.
-pub(crate) struct Qemu(Child);
+pub(crate) struct Qemu(pub(crate) Child);
 
 impl Drop for Qemu {
     fn drop(&mut self) {
@@ -328,6 +338,19 @@ impl BootedBox {
         fs::copy(disk_image, &disk).with_context(|| format!("copying {}", disk_image.display()))?;
         let vars = workdir.join("OVMF_VARS.fd");
         fs::copy(OVMF_VARS, &vars).context("copying the OVMF variable store")?;
+        // The site's console password (without one the console is locked).
+        let pw = workdir.join("console-password");
+        fs::write(&pw, format!("{CONSOLE_PASSWORD_HASH}\n"))?;
+        mtools(
+            "mcopy",
+            &disk,
+            &[
+                "-o",
+                &pw.display().to_string(),
+                "::/shaper/console-password",
+            ],
+        )
+        .context("writing the console password into the EFI partition")?;
         prepare(&disk)?;
         let console = workdir.join("console.log");
 
@@ -379,11 +402,15 @@ impl BootedBox {
 /// shell). Shuts the socket and joins the thread when dropped.
 pub(crate) struct Console {
     writer: UnixStream,
+    /// The console log, read to see when the box asks for its password.
+    log: PathBuf,
+    /// Boots whose console this has logged in on.
+    logins: usize,
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Console {
-    fn connect(sock: &Path, log: &Path, qemu: &mut Qemu) -> Result<Console> {
+    pub(crate) fn connect(sock: &Path, log: &Path, qemu: &mut Qemu) -> Result<Console> {
         let t0 = Instant::now();
         let stream = loop {
             match UnixStream::connect(sock) {
@@ -418,11 +445,46 @@ impl Console {
         });
         Ok(Console {
             writer: stream,
+            log: log.to_path_buf(),
+            logins: 0,
             reader: Some(reader),
         })
     }
 
+    /// Types `line` and Enter. The console asks for root's password at each boot
+    /// ([`CONSOLE_PASSWORD`], put on the disk by [`BootedBox::start`]): the first line typed
+    /// in a boot logs in first.
     pub(crate) fn type_line(&mut self, line: &str) -> Result<()> {
+        let count = |needle: &str| read_console(&self.log).matches(needle).count();
+        let boots = count(BOOT_BANNER);
+        if boots > self.logins {
+            let t0 = Instant::now();
+            while count(ACTIVATE) < boots {
+                if t0.elapsed() > Duration::from_secs(60) {
+                    bail!(
+                        "the console never offered a login; it ends:\n{}",
+                        tail(&read_console(&self.log), 20)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let asked = count(PASSWORD_PROMPT);
+            self.writer.write_all(b"\r")?;
+            let t0 = Instant::now();
+            while count(PASSWORD_PROMPT) <= asked {
+                if t0.elapsed() > Duration::from_secs(30) {
+                    bail!(
+                        "the console did not ask for the password; it ends:\n{}",
+                        tail(&read_console(&self.log), 20)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            self.writer
+                .write_all(format!("{CONSOLE_PASSWORD}\r").as_bytes())?;
+            std::thread::sleep(Duration::from_millis(1500));
+            self.logins = boots;
+        }
         self.writer.write_all(format!("{line}\r").as_bytes())?;
         std::thread::sleep(Duration::from_millis(500));
         Ok(())

@@ -28,6 +28,7 @@ pub mod rtp;
 pub mod scenario;
 pub mod shaper;
 pub mod topology;
+pub mod upgrade;
 pub mod util;
 pub mod verdict;
 pub mod video;

@@ -65,12 +65,35 @@ pub fn skip_reason(tools: &[&str]) -> Option<String> {
     None
 }
 
-/// Prints `SKIP: <reason>` and returns from the test when the environment cannot run it.
+/// Says that the running test skipped and why: `SKIP: <reason>` on stderr (shown with
+/// --nocapture) and a line in the file `SHAPER_SKIP_LOG` names, when set (`cargo xtask
+/// test` sets it and prints how many skipped, and why, after the namespace tests).
+pub fn note_skip(reason: &str) {
+    eprintln!("SKIP: {reason}");
+    if let Some(p) = std::env::var_os("SHAPER_SKIP_LOG") {
+        let test = std::thread::current().name().unwrap_or("?").to_string();
+        let bin = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .map(|s| s.rsplit_once('-').map_or(s.clone(), |(n, _)| n.to_string()))
+            .unwrap_or_default();
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
+            use std::io::Write as _;
+            let _ = writeln!(f, "{bin}::{test}: {reason}");
+        }
+    }
+}
+
+/// Skips (see [`note_skip`]) and returns from the test when the environment cannot run it.
 #[macro_export]
 macro_rules! skip_unless_ready {
     ($tools:expr) => {
         if let Some(reason) = $crate::util::skip_reason($tools) {
-            eprintln!("SKIP: {reason}");
+            $crate::util::note_skip(&reason);
             return;
         }
     };

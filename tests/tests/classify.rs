@@ -65,7 +65,7 @@ direction = "upload"
 fn root_or_skip() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: classifier tests need root (BPF program load)");
+        shaper_tests::util::note_skip("classifier tests need root (BPF program load)");
         return false;
     }
     true

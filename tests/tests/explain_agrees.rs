@@ -228,7 +228,7 @@ fn explain_json(bin: &Path, config: &Path, pcap_path: &Path, dir: &str) -> serde
 fn explain_names_the_class_the_kernel_picks() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: needs root (BPF program load, network namespace)");
+        shaper_tests::util::note_skip("needs root (BPF program load, network namespace)");
         return;
     }
     let bin = Shaper::binary_path();

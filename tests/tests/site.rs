@@ -9,7 +9,7 @@ use shaper_tests::gateway::write_config;
 use shaper_tests::{probe, skip_unless_ready, Netns, Shaper, TempDir};
 
 /// What these tests run besides the shaper.
-const TOOLS: &[&str] = &["ip", "nsenter", "sysctl", "ping"];
+const TOOLS: &[&str] = &["ip", "nsenter", "sysctl", "ping", "nft"];
 
 const RTR: &str = "10.10.0.1";
 const HOST: &str = "10.10.0.2";
@@ -272,4 +272,106 @@ fn router_mode_routes_between_two_subnets() {
         "router mode: no bridge"
     );
     probe::udp_echo(&s.rtr, &s.host, "192.0.2.1".parse().unwrap(), 7005).expect("routed");
+
+    // The host firewall: SSH (22) and metrics (9464) from the LAN side only; nothing on
+    // the box answers from the WAN side, on any address of the box, TCP or UDP.
+    let listeners: Vec<std::net::TcpListener> = [22u16, 9464, 8080]
+        .iter()
+        .map(|&p| {
+            s.gw.within(move || Ok(std::net::TcpListener::bind(("0.0.0.0", p))?))
+                .expect("listen in gw")
+        })
+        .collect();
+    let udp =
+        s.gw.within(|| Ok(std::net::UdpSocket::bind(("0.0.0.0", 5353))?))
+            .unwrap();
+    udp.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
+    let tcp = |from: &Netns, to: &str, port: u16| -> bool {
+        let addr: std::net::SocketAddr = format!("{to}:{port}").parse().unwrap();
+        from.within(move || {
+            Ok(
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(700))
+                    .is_ok(),
+            )
+        })
+        .unwrap()
+    };
+    assert!(tcp(&s.host, RTR, 22), "SSH from the LAN");
+    assert!(tcp(&s.host, RTR, 9464), "metrics from the LAN");
+    assert!(!tcp(&s.host, RTR, 8080), "a port the site did not open");
+    for to in ["192.0.2.2", RTR] {
+        for port in [22, 9464, 8080] {
+            assert!(
+                !tcp(&s.rtr, to, port),
+                "{to}:{port} answers from the WAN side"
+            );
+        }
+    }
+    let sent = |from: &Netns, to: &str| {
+        let to: std::net::SocketAddr = format!("{to}:5353").parse().unwrap();
+        from.within(move || {
+            let c = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+            c.send_to(b"probe", to)?;
+            Ok(())
+        })
+        .unwrap();
+        let mut buf = [0u8; 16];
+        udp.recv_from(&mut buf).is_ok()
+    };
+    assert!(
+        !sent(&s.rtr, "192.0.2.2"),
+        "UDP from the WAN reached the box"
+    );
+    assert!(!sent(&s.host, RTR), "UDP 5353 is not among the open ports");
+    drop(listeners);
+    // Forwarding is untouched by it: still routed both ways.
+    probe::udp_echo(&s.host, &s.rtr, HOST.parse().unwrap(), 7006).expect("routed after");
+    let rules =
+        s.gw.run("nft", &["list", "table", "inet", "shaper_host"])
+            .unwrap();
+    assert!(!rules.contains("forward"), "no forward chain: {rules}");
+}
+
+#[test]
+fn the_management_address_can_live_on_a_vlan_of_the_bridge() {
+    skip_unless_ready!(TOOLS);
+    let s = site();
+    // The site's router reaches the box on VLAN 20; untagged traffic stays the LAN's.
+    if let Err(e) = s.rtr.ip(&[
+        "link", "add", "link", "eth0", "name", "eth0.20", "type", "vlan", "id", "20",
+    ]) {
+        // The product's image carries 8021q; a host kernel without it cannot run this.
+        shaper_tests::util::note_skip(&format!(
+            "this kernel cannot make VLAN devices (no 8021q): {}",
+            format!("{e:#}").lines().last().unwrap_or_default()
+        ));
+        return;
+    }
+    s.rtr
+        .ip(&["addr", "add", "10.20.0.1/24", "dev", "eth0.20"])
+        .unwrap();
+    s.rtr.ip(&["link", "set", "eth0.20", "up"]).unwrap();
+    let dir = TempDir::new("site-vlan").expect("temp dir");
+    let f = dir
+        .write(
+            "site.toml",
+            "[ports]\nwan = \"eth0\"\nlan = \"eth1\"\n[management]\nipv4 = \"10.20.0.3/24\"\nipv6 = \"none\"\nvlan = 20\n",
+        )
+        .unwrap();
+    let out = shaper_site(&s.gw, &["site", "up", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let all = links(&s.gw);
+    let v = link(&all, "br0.20").expect("br0.20");
+    assert_eq!(v["linkinfo"]["info_data"]["id"], 20, "{v}");
+    assert!(addrs(&s.gw, "br0.20").contains("inet 10.20.0.3/24"));
+    assert!(
+        !addrs(&s.gw, "br0").contains("inet "),
+        "the bridge itself has no address"
+    );
+    s.rtr
+        .run("ping", &["-c1", "-W2", "10.20.0.3"])
+        .expect("the router reaches the box on VLAN 20");
+    // The LAN still bridges untagged between router and host.
+    probe::udp_echo(&s.host, &s.rtr, HOST.parse().unwrap(), 7007).expect("untagged LAN");
 }

@@ -6,7 +6,7 @@ use std::process::Command;
 #[test]
 fn systemd_unit_verifies() {
     let Some(analyze) = shaper_tests::util::which("systemd-analyze") else {
-        eprintln!("SKIP: systemd-analyze is not installed");
+        shaper_tests::util::note_skip("systemd-analyze is not installed");
         return;
     };
     let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -7,8 +7,11 @@
 //!
 //! - `vmlinuz` + `initramfs.cpio.gz`: what the VM tier boots (qemu -kernel/-initrd);
 //! - `gateway.efi`: the same kernel, initramfs and command line as one EFI executable;
-//! - `gateway.img`: a raw GPT disk with one EFI system partition holding gateway.efi as
-//!   EFI/BOOT/BOOTX64.EFI and an empty /shaper/ folder for the site's config, to flash;
+//! - `gateway.img`: a raw GPT disk with one EFI system partition holding systemd-boot as
+//!   EFI/BOOT/BOOTX64.EFI, loader/loader.conf, gateway.efi as
+//!   EFI/Linux/shaper-gateway-VERSION.efi (A/B upgrades with boot counting: `shaper
+//!   upgrade`) and an empty /shaper/ folder for the site's config, to flash;
+//! - with `sign`: `shaper-gateway-VERSION.upgrade`, gateway.efi signed (ed25519);
 //! - `SHA256SUMS` and `manifest.txt` (inputs with their hashes).
 //!
 //! Reproducible: every timestamp is SOURCE_DATE_EPOCH (the lock file's commit time is not
@@ -81,6 +84,12 @@ const MODULES: &[&str] = &[
     // Bridge mode (site.toml), and a management VLAN on the bridge.
     "bridge",
     "8021q",
+    // The host firewall on the box's own input (site.toml [management]; stateless rules,
+    // so no conntrack and nothing on the forwarding path).
+    "nf_tables",
+    // nf_tables needs libcrc32c, whose start asks the crypto API for crc32c: a module
+    // here (the kernel's own request for it goes through modprobe by alias).
+    "crc32c_generic",
 ];
 
 pub struct Options {
@@ -95,6 +104,20 @@ pub struct Options {
     pub cache: PathBuf,
     /// Build with this kernel from images/kernels.lock instead of packages.lock's.
     pub kernel: Option<String>,
+    /// The image's version (IMAGE_VERSION in its os-release, which systemd-boot orders by;
+    /// default: the workspace's version).
+    pub version: Option<String>,
+    /// The update key's public half the image trusts (default images/update-key.pub).
+    pub update_key: PathBuf,
+    /// Sign the image with this private key (hex seed file): writes the upgrade file
+    /// `shaper-gateway-VERSION.upgrade` next to gateway.img.
+    pub sign: Option<PathBuf>,
+    /// Appended to the EFI image's kernel command line (the VM tier's upgrade tests
+    /// shorten the boot assessment's times with `shaper.good_after=`/`shaper.bad_after=`).
+    pub extra_cmdline: String,
+    /// Replace `shaper` with a program that exits at once: the VM tier's image "whose
+    /// shaper cannot start", which must be abandoned after its tries.
+    pub break_shaper: bool,
 }
 
 impl Default for Options {
@@ -106,6 +129,11 @@ impl Default for Options {
             cache: workspace().join("target/image-cache"),
             out: t,
             kernel: None,
+            version: None,
+            update_key: workspace().join("images/update-key.pub"),
+            sign: None,
+            extra_cmdline: String::new(),
+            break_shaper: false,
         }
     }
 }
@@ -597,6 +625,14 @@ pub fn build(opts: &Options, shaper: &Path) -> Result<Image> {
         }
     }
     install(shaper, &rootfs.join("usr/sbin/shaper"), 0o755)?;
+    // Remote management (dropbear, key-only) and the host firewall (nft), from Debian.
+    for (from, to) in [
+        ("usr/sbin/dropbear", "usr/sbin/dropbear"),
+        ("usr/bin/dropbearkey", "usr/bin/dropbearkey"),
+        ("usr/sbin/nft", "usr/sbin/nft"),
+    ] {
+        install(&pkgroot.join(from), &rootfs.join(to), 0o755)?;
+    }
     install_libs(
         &pkgroot,
         &rootfs,
@@ -604,13 +640,23 @@ pub fn build(opts: &Options, shaper: &Path) -> Result<Image> {
             rootfs.join("sbin/ip"),
             rootfs.join("sbin/tc"),
             rootfs.join("usr/sbin/shaper"),
+            rootfs.join("usr/sbin/dropbear"),
+            rootfs.join("usr/bin/dropbearkey"),
+            rootfs.join("usr/sbin/nft"),
         ],
     )?;
-    let version = env!("CARGO_PKG_VERSION");
+    let version = opts.version.as_deref().unwrap_or(env!("CARGO_PKG_VERSION"));
+    if version.is_empty()
+        || !version
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b".-~^".contains(&c))
+    {
+        bail!("image version `{version}`: only letters, digits and . - ~ ^");
+    }
     write_text(
         &rootfs.join("etc/os-release"),
         &format!(
-            "NAME=\"shaper gateway\"\nID=shaper-gateway\nVERSION_ID={version}\nPRETTY_NAME=\"shaper gateway {version}\"\n"
+            "NAME=\"shaper gateway\"\nID=shaper-gateway\nVERSION_ID={version}\nPRETTY_NAME=\"shaper gateway {version}\"\nIMAGE_ID={IMAGE_ID}\nIMAGE_VERSION={version}\n"
         ),
         0o644,
     )?;
@@ -620,8 +666,31 @@ pub fn build(opts: &Options, shaper: &Path) -> Result<Image> {
         0o644,
     )?;
     write_text(&rootfs.join("etc/group"), "root:x:0:\n", 0o644)?;
+    // Dropbear lets a user in only with a shell listed here.
+    write_text(&rootfs.join("etc/shells"), "/bin/sh\n", 0o644)?;
+    // Root's password: locked ("!") unless the site folder gives a hash (rcS rewrites it).
+    write_text(
+        &rootfs.join("etc/shadow"),
+        "root:!:20454:0:99999:7:::\n",
+        0o600,
+    )?;
+    fs::set_permissions(rootfs.join("root"), fs::Permissions::from_mode(0o700))?;
     write_text(&rootfs.join("etc/hostname"), "shaper-gateway\n", 0o644)?;
     install_overlay(&workspace().join("images/rootfs"), &rootfs)?;
+    // The public half of the key upgrades must be signed with (`shaper upgrade`).
+    read_update_key(&opts.update_key)?;
+    install(
+        &opts.update_key,
+        &rootfs.join("etc/shaper/update-key.pub"),
+        0o644,
+    )?;
+    if opts.break_shaper {
+        write_text(
+            &rootfs.join("usr/sbin/shaper"),
+            "#!/bin/sh\necho \"shaper: this test image's shaper cannot start\" >&2\nexit 1\n",
+            0o755,
+        )?;
+    }
 
     pr.step(&format!("kernel {kver} and its modules"));
     let nmods = install_modules(&pkgroot, &rootfs, &kver, MODULES)?;
@@ -639,6 +708,11 @@ pub fn build(opts: &Options, shaper: &Path) -> Result<Image> {
 
     pr.step("EFI executable (systemd-boot stub + kernel + initramfs + command line)");
     let efi = opts.out.join("gateway.efi");
+    let cmdline = if opts.extra_cmdline.is_empty() {
+        EFI_CMDLINE.to_string()
+    } else {
+        format!("{EFI_CMDLINE} {}", opts.extra_cmdline)
+    };
     build_uki(
         &pkgroot,
         &work,
@@ -646,11 +720,12 @@ pub fn build(opts: &Options, shaper: &Path) -> Result<Image> {
         &initramfs,
         &efi,
         &rootfs.join("etc/os-release"),
+        &cmdline,
     )?;
 
     pr.step("raw disk image (GPT, EFI system partition)");
     let disk = opts.out.join("gateway.img");
-    build_disk(&work, &efi, &disk)?;
+    build_disk(&pkgroot, &work, &efi, &uki_name(version), &disk)?;
 
     let mut sums = BTreeMap::new();
     for p in [&kernel, &initramfs, &efi, &disk] {
@@ -675,6 +750,15 @@ pub fn build(opts: &Options, shaper: &Path) -> Result<Image> {
         manifest.push_str(&format!("{} {pkg} {ver}\n", sha256(deb)?));
     }
     fs::write(opts.out.join("manifest.txt"), manifest)?;
+    if let Some(key) = &opts.sign {
+        let up = opts.out.join(format!("{IMAGE_ID}-{version}.upgrade"));
+        let signer = sign_upgrade(&efi, version, key, &up)?;
+        eprintln!(
+            "==> signed upgrade file {} (key {signer}; this image trusts {})",
+            up.display(),
+            fs::read_to_string(&opts.update_key)?.trim()
+        );
+    }
     eprintln!(
         "==> image done in {:.1} s: {}\n{text}",
         pr.t0.elapsed().as_secs_f64(),
@@ -698,13 +782,14 @@ fn build_uki(
     initramfs: &Path,
     out: &Path,
     os_release: &Path,
+    cmdline_text: &str,
 ) -> Result<()> {
     let stub = pkgroot.join("usr/lib/systemd/boot/efi/linuxx64.efi.stub");
     if !stub.exists() {
         bail!("systemd-boot-efi has no linuxx64.efi.stub");
     }
     let cmdline = work.join("cmdline.txt");
-    fs::write(&cmdline, format!("{EFI_CMDLINE}\0"))?;
+    fs::write(&cmdline, format!("{cmdline_text}\0"))?;
     let _ = fs::remove_file(out);
     run(Command::new("objcopy")
         // The PE header's TimeDateStamp (and so its checksum) come from this, else from now.
@@ -762,7 +847,13 @@ fn pin_pe_timestamp(pe: &mut [u8], stamp: u32) -> Result<()> {
     Ok(())
 }
 
-fn build_disk(work: &Path, efi: &Path, disk: &Path) -> Result<()> {
+/// The UKI's file name in EFI/Linux/ (no boot counter: the image a disk is made with is
+/// good by definition).
+fn uki_name(version: &str) -> String {
+    format!("{IMAGE_ID}-{version}.efi")
+}
+
+fn build_disk(pkgroot: &Path, work: &Path, efi: &Path, uki: &str, disk: &Path) -> Result<()> {
     let esp = work.join("esp.img");
     let _ = fs::remove_file(&esp);
     run(Command::new("mkfs.fat")
@@ -787,10 +878,27 @@ fn build_disk(work: &Path, efi: &Path, disk: &Path) -> Result<()> {
          management address) in this folder; they replace the image's defaults\r\n\
          at the next boot. Only this partition (the one the box booted from) is read.\r\n",
     )?;
+    // systemd-boot as the removable-media boot loader; it boots the newest UKI in
+    // EFI/Linux/ and counts the tries of one installed by `shaper upgrade`.
+    let sdboot = pkgroot.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
+    if !sdboot.exists() {
+        bail!("systemd-boot-efi has no systemd-bootx64.efi");
+    }
+    let bootx64 = work.join("BOOTX64.EFI");
+    fs::copy(&sdboot, &bootx64)?;
+    // No `default`: the entry id is the file name with its counter, which changes at each
+    // boot of a new image (images/README.md, "Upgrades"); the order alone picks.
+    let loader_conf = work.join("loader.conf");
+    fs::write(
+        &loader_conf,
+        "timeout 0\neditor no\nauto-entries no\nauto-firmware no\n",
+    )?;
     run(Command::new("touch")
         .args(["-d", &format!("@{SOURCE_DATE_EPOCH}")])
         .arg(efi)
-        .arg(&readme))?;
+        .arg(&readme)
+        .arg(&bootx64)
+        .arg(&loader_conf))?;
     let mtools = |args: &[&str]| {
         let mut c = Command::new(args[0]);
         c.args(["-i"]).arg(&esp).args(&args[1..]);
@@ -799,10 +907,23 @@ fn build_disk(work: &Path, efi: &Path, disk: &Path) -> Result<()> {
         c.env("MTOOLS_SKIP_CHECK", "1");
         c
     };
-    run(&mut mtools(&["mmd", "::/EFI", "::/EFI/BOOT", "::/shaper"]))?;
-    let mut c = mtools(&["mcopy", "-m"]);
-    c.arg(efi).arg("::/EFI/BOOT/BOOTX64.EFI");
-    run(&mut c)?;
+    run(&mut mtools(&[
+        "mmd",
+        "::/EFI",
+        "::/EFI/BOOT",
+        "::/EFI/Linux",
+        "::/loader",
+        "::/shaper",
+    ]))?;
+    for (from, to) in [
+        (bootx64.as_path(), "::/EFI/BOOT/BOOTX64.EFI".to_string()),
+        (loader_conf.as_path(), "::/loader/loader.conf".to_string()),
+        (efi, format!("::/EFI/Linux/{uki}")),
+    ] {
+        let mut c = mtools(&["mcopy", "-m"]);
+        c.arg(from).arg(to);
+        run(&mut c)?;
+    }
     let mut c = mtools(&["mcopy", "-m"]);
     c.arg(&readme).arg("::/shaper/README.TXT");
     run(&mut c)?;
@@ -853,6 +974,11 @@ const TESTER_MODULES: &[&str] = &[
     "sch_htb",
     "sch_tbf",
     "sch_cake",
+    // PPPoE across the bridged gateway (pppd + pppoe on the client and the "router").
+    "pppoe",
+    "ppp_generic",
+    // pppd's pty mode (pppd pty 'pppoe ...') puts the tty in the PPP line discipline.
+    "ppp_async",
 ];
 
 /// The initramfs of the VM tier's client and server VMs: busybox, the modules above and
@@ -873,4 +999,91 @@ pub fn build_tester_initramfs(img: &Image, out: &Path) -> Result<()> {
     )?;
     install_modules(&img.pkgroot, &rootfs, &img.kernel_version, TESTER_MODULES)?;
     write_initramfs(&rootfs, out)
+}
+
+/// IMAGE_ID of the product's images: systemd-boot's sort key, and what `shaper upgrade`
+/// requires of a new image.
+pub const IMAGE_ID: &str = "shaper-gateway";
+
+fn read_hex32(path: &Path, what: &str) -> Result<[u8; 32]> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("reading the {what} {}", path.display()))?;
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .unwrap_or_default();
+    let bytes: Option<Vec<u8>> = (line.len() == 64)
+        .then(|| {
+            (0..64)
+                .step_by(2)
+                .map(|i| u8::from_str_radix(line.get(i..i + 2)?, 16).ok())
+                .collect()
+        })
+        .flatten();
+    bytes
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| anyhow!("{}: not 64 hex digits", path.display()))
+}
+
+fn read_update_key(path: &Path) -> Result<ed25519_dalek::VerifyingKey> {
+    let b = read_hex32(path, "update key")?;
+    ed25519_dalek::VerifyingKey::from_bytes(&b)
+        .map_err(|e| anyhow!("{}: not an ed25519 public key: {e}", path.display()))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Writes the upgrade file: a manifest (`shaper-upgrade 1`, image_id, version, size,
+/// sha256 lines), `signature HEX` (ed25519 over the manifest), then the UKI's bytes. The
+/// format is shaper-user/src/upgrade.rs's, which checks it on the box. Returns the
+/// signer's public key (hex).
+pub fn sign_upgrade(uki: &Path, version: &str, key: &Path, out: &Path) -> Result<String> {
+    use ed25519_dalek::Signer as _;
+    use sha2::Digest as _;
+    let seed = read_hex32(key, "signing key")?;
+    let sk = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let image = fs::read(uki)?;
+    let manifest = format!(
+        "shaper-upgrade 1\nimage_id {IMAGE_ID}\nversion {version}\nsize {}\nsha256 {}\n",
+        image.len(),
+        hex(&sha2::Sha256::digest(&image))
+    );
+    let sig = sk.sign(manifest.as_bytes());
+    let mut f = fs::File::create(out)?;
+    f.write_all(manifest.as_bytes())?;
+    f.write_all(format!("signature {}\n", hex(&sig.to_bytes())).as_bytes())?;
+    f.write_all(&image)?;
+    f.sync_all()?;
+    Ok(hex(sk.verifying_key().as_bytes()))
+}
+
+/// A new update key pair: `sec` (the private seed, hex, mode 0600: never commit it) and
+/// `sec`.pub (the public key, hex, what an image is built to trust with --update-key).
+pub fn new_key(sec: &Path) -> Result<PathBuf> {
+    let mut seed = [0u8; 32];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
+        .context("reading /dev/urandom")?;
+    let pk = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
+    if let Some(d) = sec.parent() {
+        fs::create_dir_all(d)?;
+    }
+    write_text(
+        sec,
+        &format!(
+            "# shaper update signing key (private): keep it secret\n{}\n",
+            hex(&seed)
+        ),
+        0o600,
+    )?;
+    let public = PathBuf::from(format!("{}.pub", sec.display()));
+    write_text(
+        &public,
+        &format!("# shaper update key (public)\n{}\n", hex(pk.as_bytes())),
+        0o644,
+    )?;
+    Ok(public)
 }

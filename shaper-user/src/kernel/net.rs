@@ -256,6 +256,8 @@ async fn up_with(n: &Net, site: &Site) -> Result<()> {
                 n.up(ix, name).await?;
             }
             n.up(br, BRIDGE).await?;
+            // Forwarding from here on; the box's own addresses only behind its firewall.
+            firewall(site)?;
             let dev = site.management_dev();
             let mix = match site.vlan {
                 None => br,
@@ -283,10 +285,40 @@ async fn up_with(n: &Net, site: &Site) -> Result<()> {
                 ipv4: V4::Dhcp,
                 ipv6: V6::Slaac,
             });
+            firewall(site)?;
             n.addressing(wan, &site.wan_name, &w, true).await?;
             n.addressing(lan, &site.lan_name, &site.management, true)
                 .await?;
         }
+    }
+    Ok(())
+}
+
+/// Loads the host firewall (crate::site::firewall) with `nft -f -`: one transaction, so a
+/// ruleset nft refuses leaves the previous one in place.
+fn firewall(site: &Site) -> Result<()> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let rules = crate::site::firewall(site);
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting nft for the host firewall")?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow!("nft's stdin"))?
+        .write_all(rules.as_bytes())
+        .context("writing the firewall to nft")?;
+    let out = child.wait_with_output().context("waiting for nft")?;
+    if !out.status.success() {
+        bail!(
+            "nft refused the host firewall: {}\n{rules}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }

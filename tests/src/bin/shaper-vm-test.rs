@@ -38,8 +38,17 @@ const CLIENT: &str = "10.10.0.2";
 const GW_LAN: &str = "10.10.0.1";
 const SERVER: &str = "192.0.2.1";
 const GW_WAN: &str = "192.0.2.2";
-/// The gateway's management address in bridge mode.
+/// IPv6 on the WAN link (router mode): the gateway's and the server's.
+const GW_WAN6: &str = "2001:db8:2::2";
+const SERVER6: &str = "2001:db8:2::1";
+/// The gateway's management address in bridge mode: static on the disk-boot run, from this
+/// DHCP range (the server VM's dnsmasq) in the bridge runs.
 const GW_MGMT: &str = "10.10.0.3";
+const DHCP_FIRST: &str = "10.10.0.100";
+/// The PPPoE session's addresses in the bridge runs (server = the PPPoE "router").
+const PPP_SERVER: &str = "10.30.0.1";
+const PPP_CLIENT: &str = "10.30.0.2";
+const DHCP_LAST: &str = "10.10.0.150";
 /// Seconds of video on the idle line first: the receivers' baseline (minimum transit), so
 /// a queue that stands through the whole measured window still counts as added delay.
 const IDLE: u32 = 7;
@@ -216,6 +225,10 @@ struct Args {
     /// Profiles also run with the gateway as a transparent bridge (FIFO bridge, then the
     /// shaper with its daemon killed mid-call).
     bridge_profiles: Vec<String>,
+    /// The A/B upgrade tests' images (xtask's upgrade_images): run with the disk tests.
+    upgrade_images: Option<PathBuf>,
+    /// Run only the upgrade tests (a developer's shortcut).
+    only_upgrade: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -234,6 +247,8 @@ fn parse_args() -> Result<Args> {
         gateway_append: String::new(),
         gateway_churn: None,
         bridge_profiles: Vec::new(),
+        upgrade_images: None,
+        only_upgrade: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -249,6 +264,8 @@ fn parse_args() -> Result<Args> {
             }
             "--assert" => a.assert = true,
             "--disk" => a.disk = Some(v()?.into()),
+            "--upgrade-images" => a.upgrade_images = Some(v()?.into()),
+            "--only-upgrade" => a.only_upgrade = true,
             "--soak" => a.soak = Some(v()?.parse()?),
             "--gateway-cpu" => a.gateway_emulation.cpu = Some(v()?),
             "--gateway-smp" => a.gateway_emulation.smp = v()?.parse()?,
@@ -359,6 +376,16 @@ fn real_main() -> Result<bool> {
         fs::create_dir_all(&args.out)?;
         std::fs::canonicalize(&args.out)
     })?;
+    if args.only_upgrade {
+        let dir = args
+            .upgrade_images
+            .as_deref()
+            .ok_or_else(|| anyhow!("--only-upgrade needs --upgrade-images"))?;
+        let text = upgrade_run(dir, &out)?;
+        println!("{text}");
+        fs::write(out.join("report.txt"), &text)?;
+        return Ok(true);
+    }
     let profiles: Vec<&Profile> = if args.profiles.is_empty() {
         PROFILES.iter().collect()
     } else {
@@ -428,6 +455,12 @@ fn real_main() -> Result<bool> {
                 "the box did not keep the confirmed config (and only it) across reboots: {p:?} (console {})",
                 dir.join("console.log").display()
             );
+        }
+        // A/B upgrades: refused, interrupted, good, and a bad one that falls back.
+        if let Some(dir) = &args.upgrade_images {
+            let text = upgrade_run(dir, &out)?;
+            disk_line.push_str(&text);
+            disk_line.push('\n');
         }
     }
     let media = out.join("media");
@@ -515,9 +548,14 @@ fn real_main() -> Result<bool> {
         if net == Net::Bridge {
             let (t, gaps_ok) = bridge_report(&runs);
             text = format!(
-                "The same line with the gateway as a transparent bridge (client and the site's router on one subnet, 10.10.0.0/24; the box's management address {GW_MGMT}):\n{text}{t}"
+                "The same line with the gateway as a transparent bridge (client and the site's router on one subnet, 10.10.0.0/24; the box's management address by DHCP from the router):\n{text}{t}"
             );
             ok &= gaps_ok;
+        }
+        for r in &runs {
+            for n in &r.notes {
+                text.push_str(n);
+            }
         }
         all_ok &= ok;
         println!("{text}");
@@ -838,12 +876,24 @@ name = "interactive-probe"
 class = "interactive"
 protocol = "udp"
 dst_ports = ["2112"]
+
+# The bridge runs' PPPoE check: a UDP flow inside a PPPoE session across the bridge.
+[[rule]]
+name = "pppoe-probe"
+class = "interactive"
+protocol = "udp"
+dst_ports = ["2113"]
 "#,
         title = p.title,
         up = p.up_kbit * 95 / 100,
         down = p.down_kbit * 92 / 100,
         preset = p.preset,
     )
+}
+
+/// The shaper itself runs in these modes (the others: a plain router, a tc script).
+fn shaped_mode(mode: Mode) -> bool {
+    matches!(mode, Mode::Shaper | Mode::Autorate | Mode::Cake)
 }
 
 /// How the gateway sits between the client and the server.
@@ -862,11 +912,10 @@ enum Net {
 fn site_toml(net: Net) -> String {
     match net {
         Net::Router => format!(
-            "mode = \"router\"\n[ports]\nwan = \"eth0\"\nlan = \"eth1\"\n[management]\nipv4 = \"{GW_LAN}/24\"\nipv6 = \"none\"\n[wan]\nipv4 = \"{GW_WAN}/24\"\ngateway = \"{SERVER}\"\nipv6 = \"none\"\n"
+            "mode = \"router\"\n[ports]\nwan = \"eth0\"\nlan = \"eth1\"\n[management]\nipv4 = \"{GW_LAN}/24\"\nipv6 = \"none\"\n[wan]\nipv4 = \"{GW_WAN}/24\"\ngateway = \"{SERVER}\"\nipv6 = \"{GW_WAN6}/64\"\n"
         ),
-        Net::Bridge => format!(
-            "mode = \"bridge\"\n[ports]\nwan = \"eth0\"\nlan = \"eth1\"\n[management]\nipv4 = \"{GW_MGMT}/24\"\ngateway = \"{GW_LAN}\"\nipv6 = \"none\"\n"
-        ),
+        // The management address by DHCP from the site's router (dnsmasq on the server).
+        Net::Bridge => "mode = \"bridge\"\n[ports]\nwan = \"eth0\"\nlan = \"eth1\"\n[management]\nipv4 = \"dhcp\"\nipv6 = \"none\"\n".to_string(),
     }
 }
 
@@ -900,6 +949,12 @@ const VM_TOOLS_NEEDED: &[&str] = &[
     "ss",
     "tc",
     "ethtool",
+    "ssh",
+    "shaper-portscan",
+    "dnsmasq",
+    "pppd",
+    "pppoe",
+    "pppoe-server",
 ];
 
 /// The media file `p` (under the host's media folder) as the tester VMs see it.
@@ -945,7 +1000,14 @@ fn storescu(study: &Path, to: &str) -> String {
     )
 }
 
-fn client_script(p: &Profile, t: u32, clip: &Path, study: &Path) -> String {
+fn client_script(
+    p: &Profile,
+    t: u32,
+    clip: &Path,
+    study: &Path,
+    mgmt: bool,
+    pppoe: bool,
+) -> String {
     // The LAN's gateway is 10.10.0.1: the shaper in router mode, the server VM (the site's
     // router) when the shaper is a bridge.
     let mut s = script_head(
@@ -987,6 +1049,26 @@ PIDS="$PIDS $!"
         let _ = writeln!(s, "( {} ) &\nPIDS=\"$PIDS $!\"", storescu(study, SERVER));
     }
     s.push_str("wait $PIDS\n");
+    if pppoe {
+        // PPPoE across the bridge (as between a VDSL modem and a PPPoE router): a session
+        // to the server's pppoe-server, a UDP flow each way inside it, then the box's own
+        // per-rule counters over SSH (its address: the router's DHCP lease).
+        let _ = writeln!(
+            s,
+            "i=0; while [ ! -e $D/ready-pppoe ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n\
+             pppd pty 'pppoe -I eth0' noauth nodefaultroute noipdefault lcp-echo-interval 0 nodetach > $D/pppd-client.log 2>&1 &\n\
+             PPPD=$!\n\
+             i=0; while ! ip -4 addr show ppp0 2>/dev/null | grep -q 'inet ' && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done\n\
+             ip -4 addr show ppp0 > $D/pppoe-client-addr.txt 2>&1\n\
+             timeout 12 iperf3 -c {PPP_SERVER} -p 2113 -u -b 300k -l 1000 -t 2 > $D/pppoe-up.txt 2>&1\n\
+             sleep 1\n\
+             timeout 12 iperf3 -c {PPP_SERVER} -p 2113 -u -b 300k -l 1000 -t 2 -R > $D/pppoe-down.txt 2>&1\n\
+             kill $PPPD\n\
+             GW=$(grep -o 'DHCPACK(eth0) [0-9.]*' $D/dnsmasq.log | tail -n 1 | cut -d' ' -f2)\n\
+             echo \"gateway at $GW\" > $D/pppoe-status.json.log\n\
+             ssh -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no -o BatchMode=yes -o ConnectTimeout=30 -i $D/admin-key root@$GW shaper status --interval 0 --json > $D/pppoe-status.json 2>> $D/pppoe-status.json.log"
+        );
+    }
     if p.dicom == Dir::Down {
         // The server times its C-STORE into the shared folder.
         s.push_str("i=0; while [ ! -e $D/dicom-time.txt ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\n");
@@ -997,15 +1079,39 @@ PIDS="$PIDS $!"
             p.dicom_slices
         );
     }
+    if mgmt {
+        // Remote management from the LAN: the site's key runs `shaper status`; a password
+        // is never accepted (dropbear -s offers public keys only).
+        let _ = writeln!(
+            s,
+            "SSHO='-o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no -o BatchMode=yes -o ConnectTimeout=30'\n\
+             ssh $SSHO -i $D/admin-key root@{GW_LAN} shaper status --interval 0 > $D/ssh-status.txt 2>&1; echo \"rc=$?\" >> $D/ssh-status.txt\n\
+             ssh $SSHO -o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboard-interactive root@{GW_LAN} true > $D/ssh-password.txt 2>&1; echo \"rc=$?\" >> $D/ssh-password.txt"
+        );
+    }
     s.push_str("echo done > $D/done-client\n");
     s
 }
 
-fn server_script(p: &Profile, t: u32, clip: &Path, study: &Path, net: Net) -> String {
+fn server_script(
+    p: &Profile,
+    t: u32,
+    clip: &Path,
+    study: &Path,
+    net: Net,
+    mgmt: bool,
+    pppoe: bool,
+) -> String {
     let setup = match net {
-        Net::Router => format!("ip route add 10.10.0.0/24 via {GW_WAN}"),
-        // The site's router: the LAN's gateway address on the same wire.
-        Net::Bridge => format!("ip addr add {GW_LAN}/24 dev eth0"),
+        Net::Router => format!(
+            "ip route add 10.10.0.0/24 via {GW_WAN}\nip -6 addr add {SERVER6}/64 dev eth0 nodad"
+        ),
+        // The site's router: the LAN's gateway address on the same wire, and its DHCP
+        // server (the box's management address comes from it).
+        Net::Bridge => format!(
+            "ip addr add {GW_LAN}/24 dev eth0\n\
+             dnsmasq --port=0 --interface=eth0 --bind-interfaces --dhcp-range={DHCP_FIRST},{DHCP_LAST},255.255.255.0,1h --dhcp-option=3,{GW_LAN} --no-resolv --leasefile-ro --pid-file=/tmp/dnsmasq.pid --log-dhcp --log-facility=$D/dnsmasq.log"
+        ),
     };
     let mut s = script_head("server", SERVER, &setup);
     let _ = write!(
@@ -1074,6 +1180,17 @@ date +%s.%N > $D/window-end.txt
 wait $RX $DPID
 "#
     );
+    if pppoe {
+        let _ = writeln!(
+            s,
+            "printf 'noauth\\nlcp-echo-interval 0\\n' > /tmp/pppoe-server-options\n\
+             pppoe-server -I eth0 -L {PPP_SERVER} -R {PPP_CLIENT} -N 2 -O /tmp/pppoe-server-options > $D/pppoe-server.log 2>&1\n\
+             ( iperf3 -s -1 -p 2113; iperf3 -s -1 -p 2113 ) > /dev/null 2>&1 &\n\
+             sleep 0.5\n\
+             echo ready > $D/ready-pppoe\n\
+             i=0; while [ ! -e $D/pppoe-status.json ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done"
+        );
+    }
     if p.dicom == Dir::Up {
         // The client times its C-STORE into the shared folder; check once it is over.
         s.push_str("i=0; while [ ! -e $D/dicom-time.txt ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done\n");
@@ -1081,6 +1198,14 @@ wait $RX $DPID
             s,
             "shaper-dicom-study --check /tmp/rx --slices {} > $D/dicom-check.txt 2>&1",
             p.dicom_slices
+        );
+    }
+    if mgmt {
+        // From the WAN side, every address the box has there (and its LAN address, routed
+        // through it): nothing may answer.
+        let _ = writeln!(
+            s,
+            "shaper-portscan {GW_WAN} {GW_LAN} {GW_WAN6} --tcp 1-1024,2222,8080,9464,65535 --udp 53,67,68,69,123,161,500,514,1900,5353,9464,51820 > $D/portscan.txt 2>&1"
         );
     }
     s.push_str("sleep 4\necho done > $D/done-server\n");
@@ -1091,6 +1216,71 @@ struct RunResult {
     mode: &'static str,
     dir: PathBuf,
     boot_to_shaping_s: Option<f64>,
+    /// Lines for the report (the management checks).
+    notes: Vec<String>,
+}
+
+/// The bridge run's PPPoE check: the UDP flows inside the PPPoE session crossed the bridge
+/// and the box's classifier put them under their rule (per-rule counters from `shaper
+/// status --json` over SSH), both ways.
+fn pppoe_checks(dir: &Path) -> Result<String> {
+    let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let status: Value = serde_json::from_str(&read("pppoe-status.json")).map_err(|e| {
+        anyhow!(
+            "no `shaper status --json` from the bridged box over SSH ({e}): {}\nclient pppd: {}\nserver: {}",
+            read("pppoe-status.json.log"),
+            vm::tail(&read("pppd-client.log"), 10),
+            vm::tail(&read("pppoe-server.log"), 10)
+        )
+    })?;
+    let rule = status["rules"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "pppoe-probe"))
+        .ok_or_else(|| anyhow!("no pppoe-probe rule in the status: {status}"))?;
+    let (up, down) = (
+        rule["upload_packets"].as_u64().unwrap_or(0),
+        rule["download_packets"].as_u64().unwrap_or(0),
+    );
+    // iperf3 sends 300 kbit/s of 1000-byte datagrams for 2 s: ~75 each way.
+    if up < 40 || down < 40 {
+        bail!(
+            "the UDP flows inside PPPoE were not classified by their rule (upload {up}, download {down} packets; ~75 each sent):\nup: {}\ndown: {}\nclient ppp0: {}",
+            vm::tail(&read("pppoe-up.txt"), 6),
+            vm::tail(&read("pppoe-down.txt"), 6),
+            read("pppoe-client-addr.txt").trim()
+        );
+    }
+    Ok(format!(
+        "PPPoE across the bridge: a session from the client to the router VM's pppoe-server; UDP to port 2113 inside it classified by rule pppoe-probe: {up} packets up, {down} down (shaper status over SSH to the box's DHCP address)\n"
+    ))
+}
+
+/// The management checks' results: SSH with the site's key ran `shaper status`, a
+/// password was refused, and nothing on the box answered the WAN-side scan.
+fn management_checks(dir: &Path) -> Result<String> {
+    let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let (status, password, scan) = (
+        read("ssh-status.txt"),
+        read("ssh-password.txt"),
+        read("portscan.txt"),
+    );
+    if !status.contains("rc=0") || !status.contains("config: /etc/shaper/shaper.toml") {
+        bail!("SSH with the site's key did not run `shaper status` on the box:\n{status}");
+    }
+    if password.contains("rc=0") || !password.contains("Permission denied (publickey)") {
+        bail!("the box's SSH did not refuse a password login as it must:\n{password}");
+    }
+    let summary = scan
+        .lines()
+        .find(|l| l.starts_with("scanned "))
+        .unwrap_or("");
+    if !summary.ends_with("; 0 answered") {
+        bail!("the box answered from the WAN side:\n{scan}");
+    }
+    Ok(format!(
+        "management: SSH from the LAN with the site's key ran `shaper status`; a password login was refused (`{}`); from the WAN side ({GW_WAN}, {GW_LAN} routed, {GW_WAN6}) the scan found nothing: {summary}\n",
+        password.lines().find(|l| l.contains("Permission denied")).unwrap_or("").trim()
+    ))
 }
 
 fn run_once(
@@ -1107,8 +1297,31 @@ fn run_once(
     }
     fs::create_dir_all(dir)?;
     let t = args.seconds;
-    fs::write(dir.join("client.sh"), client_script(p, t, clip, study))?;
-    fs::write(dir.join("server.sh"), server_script(p, t, clip, study, net))?;
+    // The management checks (SSH from the LAN, a port scan from the WAN) in one run per
+    // tier: the routed shaper on FTTC.
+    let mgmt = net == Net::Router && mode == Mode::Shaper && p.name == "fttc";
+    // PPPoE across the bridge: in the bridged shaper's run.
+    let pppoe = net == Net::Bridge && shaped_mode(mode);
+    fs::write(
+        dir.join("client.sh"),
+        client_script(p, t, clip, study, mgmt, pppoe),
+    )?;
+    fs::write(
+        dir.join("server.sh"),
+        server_script(p, t, clip, study, net, mgmt, pppoe),
+    )?;
+    let admin_pub = if mgmt || pppoe {
+        let key = dir.join("admin-key");
+        shaper_tests::util::run(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", "vm-test admin", "-f"])
+                .arg(&key),
+        )
+        .context("making the admin's SSH key")?;
+        fs::read_to_string(dir.join("admin-key.pub"))?
+    } else {
+        String::new()
+    };
     let mut toml = shaper_toml(p);
     if mode == Mode::Cake {
         toml = toml.replace("[shaping]\n", "[shaping]\nleaf = \"cake\"\n");
@@ -1125,8 +1338,10 @@ fn run_once(
         ("etc/shaper/shaper.toml", toml.as_bytes(), 0o644),
         ("etc/shaper/site.toml", site.as_bytes(), 0o644),
     ];
-    // The shaper itself runs in these modes (the others: a plain router, a tc script).
-    let shaped = matches!(mode, Mode::Shaper | Mode::Autorate | Mode::Cake);
+    if !admin_pub.is_empty() {
+        overlay.push(("etc/shaper/authorized_keys", admin_pub.as_bytes(), 0o600));
+    }
+    let shaped = shaped_mode(mode);
     let kill_daemon = net == Net::Bridge && shaped;
     let htb_script;
     if matches!(mode, Mode::PlainHtb | Mode::PlainHtbFqCodel) {
@@ -1284,11 +1499,30 @@ fn run_once(
             _ => {}
         }
     }
+    if net == Net::Bridge {
+        let c = gateway.console_text();
+        match c.lines().find(|l| l.contains("dhcp bound: ")) {
+            Some(l) if l.contains(&format!(" on {}", "br0")) => {}
+            _ => bail!(
+                "the bridged gateway got no management address by DHCP from the router:\n{}",
+                vm::tail(&c, 30)
+            ),
+        }
+    }
     drop(gateway);
+    let mut notes = if mgmt {
+        vec![management_checks(dir)?]
+    } else {
+        Vec::new()
+    };
+    if pppoe {
+        notes.push(pppoe_checks(dir)?);
+    }
     Ok(RunResult {
         mode: mode.name(),
         dir: dir.to_path_buf(),
         boot_to_shaping_s,
+        notes,
     })
 }
 
@@ -1831,6 +2065,24 @@ fn plain_htb_script(p: &Profile, fq_codel_leaves: bool) -> Result<String> {
         "echo \"plain HTB applied at $(cut -d' ' -f1 /proc/uptime) s\"\nexec sleep 2147483647\n",
     );
     Ok(sh)
+}
+
+/// The A/B upgrade session (shaper_tests::upgrade) on the images in `dir`: its report
+/// line; an error unless everything happened as it must.
+fn upgrade_run(dir: &Path, out: &Path) -> Result<String> {
+    eprintln!("==> vm-test: A/B upgrades (refused, interrupted, good, bad with fallback)");
+    let imgs = shaper_tests::upgrade::Images::from_dir(dir)?;
+    let r =
+        shaper_tests::upgrade::session(&imgs, &out.join("upgrade")).context("the upgrade run")?;
+    let text = format!("upgrades: {}", r.summary());
+    eprintln!("{text}");
+    if !r.ok() {
+        bail!(
+            "A/B upgrades did not behave as they must (see above; console {})",
+            r.console.display()
+        );
+    }
+    Ok(text)
 }
 
 /// A second disk as a USB stick someone left in the box might be: a GPT with one FAT
