@@ -225,7 +225,8 @@ pub struct Applied {
 struct Pinger {
     ident: u16,
     seq: u16,
-    sent: HashMap<u16, (Instant, usize)>,
+    /// Probes in flight by sequence number: when sent, to which reflector (index, address).
+    sent: HashMap<u16, (Instant, usize, Ipv4Addr)>,
 }
 
 /// The Internet checksum (RFC 1071) of `b`, with its checksum field zero.
@@ -300,12 +301,12 @@ impl Pinger {
             )
         };
         if rc >= 0 {
-            self.sent.insert(self.seq, (Instant::now(), reflector));
+            self.sent.insert(self.seq, (Instant::now(), reflector, to));
         }
         // Forget probes that never came back (lost ones are not delay samples).
         let now = Instant::now();
         self.sent
-            .retain(|_, (t, _)| now.duration_since(*t) < Duration::from_secs(2));
+            .retain(|_, (t, _, _)| now.duration_since(*t) < Duration::from_secs(2));
     }
 
     /// Replies available now: (reflector index, upstream and downstream one-way delay in ms,
@@ -326,16 +327,29 @@ impl Pinger {
                 return;
             }
             let now = ms_since_midnight_utc();
-            let Some(r) = parse_timestamp_reply(&buf[..n as usize]) else {
-                continue;
-            };
-            if r.ident != self.ident {
-                continue;
-            }
-            if let Some((_, i)) = self.sent.remove(&r.seq) {
-                out.push((i, ms_diff(r.receive, r.originate), ms_diff(now, r.transmit)));
+            if let Some(r) = parse_timestamp_reply(&buf[..n as usize]) {
+                out.extend(self.answer(&r, now));
             }
         }
+    }
+
+    /// The delays a reply gives, if it answers a probe in flight: our identifier, a
+    /// sequence number still waiting, and from the reflector that probe went to (anyone
+    /// else who guesses an identifier and a sequence number would otherwise steer the rates).
+    fn answer(&mut self, r: &TimestampReply, now_ms: u32) -> Option<(usize, f64, f64)> {
+        if r.ident != self.ident {
+            return None;
+        }
+        let &(_, i, to) = self.sent.get(&r.seq)?;
+        if to != r.source {
+            return None;
+        }
+        self.sent.remove(&r.seq);
+        Some((
+            i,
+            ms_diff(r.receive, r.originate),
+            ms_diff(now_ms, r.transmit),
+        ))
     }
 }
 
@@ -367,8 +381,9 @@ fn timestamp_request(ident: u16, seq: u16, originate: u32) -> Vec<u8> {
     p
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TimestampReply {
+    source: Ipv4Addr,
     ident: u16,
     seq: u16,
     originate: u32,
@@ -379,12 +394,14 @@ struct TimestampReply {
 /// An ICMP timestamp reply (type 14) in an IPv4 packet as a raw socket returns it.
 fn parse_timestamp_reply(b: &[u8]) -> Option<TimestampReply> {
     let ihl = usize::from(*b.first()? & 0x0f) * 4;
+    let src = b.get(12..16)?;
     let m = b.get(ihl..ihl + 20)?;
     if m[0] != 14 || m[1] != 0 {
         return None;
     }
     let u32_at = |o: usize| u32::from_be_bytes([m[o], m[o + 1], m[o + 2], m[o + 3]]);
     Some(TimestampReply {
+        source: Ipv4Addr::new(src[0], src[1], src[2], src[3]),
         ident: u16::from_be_bytes([m[4], m[5]]),
         seq: u16::from_be_bytes([m[6], m[7]]),
         originate: u32_at(8),
@@ -685,6 +702,7 @@ mod tests {
         // A reply as the raw socket returns it: 20-byte IPv4 header, then ICMP type 14.
         let mut pkt = vec![0x45u8];
         pkt.resize(20, 0);
+        pkt[12..16].copy_from_slice(&[192, 0, 2, 1]);
         pkt.extend_from_slice(&[14, 0, 0, 0, 0x12, 0x34, 0, 7]);
         for v in [1000u32, 1040, 1041] {
             pkt.extend_from_slice(&v.to_be_bytes());
@@ -692,6 +710,7 @@ mod tests {
         assert_eq!(
             parse_timestamp_reply(&pkt),
             Some(TimestampReply {
+                source: Ipv4Addr::new(192, 0, 2, 1),
                 ident: 0x1234,
                 seq: 7,
                 originate: 1000,
@@ -699,6 +718,29 @@ mod tests {
                 transmit: 1041
             })
         );
+        // Only the reflector the probe went to, once, with our identifier.
+        let reply = parse_timestamp_reply(&pkt).unwrap();
+        let mut p = Pinger {
+            ident: 0x1234,
+            seq: 7,
+            sent: HashMap::from([(7, (Instant::now(), 0, Ipv4Addr::new(192, 0, 2, 1)))]),
+        };
+        let forged = TimestampReply {
+            source: Ipv4Addr::new(203, 0, 113, 9),
+            ..reply
+        };
+        assert_eq!(
+            p.answer(&forged, 1100),
+            None,
+            "a reply from elsewhere is ignored"
+        );
+        let other = TimestampReply {
+            ident: 0x4321,
+            ..reply
+        };
+        assert_eq!(p.answer(&other, 1100), None);
+        assert_eq!(p.answer(&reply, 1100), Some((0, 40.0, 59.0)));
+        assert_eq!(p.answer(&reply, 1100), None, "each probe is answered once");
         assert_eq!(parse_timestamp_reply(&pkt[..30]), None);
         pkt[20] = 0;
         assert_eq!(parse_timestamp_reply(&pkt), None);

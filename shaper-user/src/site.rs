@@ -410,7 +410,7 @@ pub fn firewall(s: &Site) -> String {
         );
     }
     o.push_str(
-        "    chain input {\n        type filter hook input priority filter; policy drop;\n        iif \"lo\" accept\n        icmp type { echo-reply, destination-unreachable, time-exceeded, parameter-problem } accept\n        icmpv6 type { echo-reply, destination-unreachable, packet-too-big, time-exceeded, parameter-problem, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert } accept\n        udp sport 67 udp dport 68 accept\n",
+        "    chain input {\n        type filter hook input priority filter; policy drop;\n        iif \"lo\" accept\n        icmp type { echo-reply, timestamp-reply, destination-unreachable, time-exceeded, parameter-problem } accept\n        icmpv6 type { echo-reply, destination-unreachable, packet-too-big, time-exceeded, parameter-problem, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert } accept\n        udp sport 67 udp dport 68 accept\n",
     );
     for (set, fam, echo) in [("allow4", "ip", "icmp"), ("allow6", "ip6", "icmpv6")] {
         let present = if fam == "ip" {

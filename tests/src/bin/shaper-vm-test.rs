@@ -1881,8 +1881,8 @@ fn profile_report(p: &Profile, runs: &[RunResult], dir: &Path, t: u32) -> Result
             }
         }
     }
-    if p.sync_drop.is_some() {
-        let (t2, ok2) = syncdrop_report(runs, t, &mut problems);
+    if let Some((sync_down, _)) = p.sync_drop {
+        let (t2, ok2) = syncdrop_report(runs, t, sync_down, &mut problems);
         text.push('\n');
         text.push_str(&t2);
         ok &= ok2;
@@ -1931,7 +1931,12 @@ fn pct(v: &[f64], q: f64) -> f64 {
 
 /// Before/after the line retrains: video delay in each half of the window, and how long
 /// after the retrain the download video's delay stayed above its pre-retrain p99 + 20 ms.
-fn syncdrop_report(runs: &[RunResult], t: u32, problems: &mut Vec<String>) -> (String, bool) {
+fn syncdrop_report(
+    runs: &[RunResult],
+    t: u32,
+    sync_down_kbit: u32,
+    problems: &mut Vec<String>,
+) -> (String, bool) {
     // The receivers' clocks start at their first packet, LEAD after the start signal, as
     // does the server's schedule: the retrain is IDLE + WARMUP + t/2 into the receivers'
     // time.
@@ -1993,6 +1998,34 @@ fn syncdrop_report(runs: &[RunResult], t: u32, problems: &mut Vec<String>) -> (S
         &rows,
     ));
     let mut ok = true;
+    // Autorate's own account of what it did (its cut lines in the gateway's console): it
+    // must have found the queue and cut the download below what the line retrained to.
+    // Without this a silent autorate (no probe answers) could pass the comparison below by
+    // luck of the noise.
+    if let Some(r) = runs.iter().find(|r| r.mode == "autorate") {
+        let console = fs::read_to_string(r.dir.join("gateway.console")).unwrap_or_default();
+        let cuts: Vec<u64> = console
+            .lines()
+            .filter(|l| l.contains("autorate: queue on the line"))
+            .filter_map(|l| {
+                let (_, rest) = l.split_once("download ")?;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .collect();
+        let lowest = cuts.iter().min().copied();
+        text.push_str(&format!(
+            "autorate: {} cut(s) logged by the gateway; lowest download rate set {}\n",
+            cuts.len(),
+            lowest.map_or("-".into(), |k| format!("{k} kbit/s"))
+        ));
+        let line_kbit = sync_down_kbit;
+        if !lowest.is_some_and(|k| k < u64::from(line_kbit)) {
+            problems.push(format!(
+                "autorate never cut the download below the retrained line's {line_kbit} kbit/s (lowest logged: {lowest:?})"
+            ));
+            ok = false;
+        }
+    }
     match (after_p99.get("shaper"), after_p99.get("autorate")) {
         (Some(f), Some(a)) if a < f => {}
         (Some(f), Some(a)) => {
