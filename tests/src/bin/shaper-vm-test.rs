@@ -2019,7 +2019,7 @@ fn syncdrop_report(
             lowest.map_or("-".into(), |k| format!("{k} kbit/s"))
         ));
         let line_kbit = sync_down_kbit;
-        if !lowest.is_some_and(|k| k < u64::from(line_kbit)) {
+        if lowest.is_none_or(|k| k >= u64::from(line_kbit)) {
             problems.push(format!(
                 "autorate never cut the download below the retrained line's {line_kbit} kbit/s (lowest logged: {lowest:?})"
             ));
