@@ -51,6 +51,9 @@ static CLASSES: Array<ClassInfo> = Array::with_max_entries(MAX_CLASSES as u32, 0
 static RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2 * MAX_RULES as u32, 0);
 #[map(name = "CLASS_STATS")]
 static CLASS_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2 * MAX_CLASSES as u32, 0);
+/// Download class counters of what came in from the WAN (see shaper_common).
+#[map(name = "WAN_ARRIVALS")]
+static WAN_ARRIVALS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_CLASSES as u32, 0);
 #[map(name = "GLOBAL_STATS")]
 static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * GLOBAL_COUNTERS, 0);
 #[map(name = "FRAGS")]
@@ -252,7 +255,25 @@ fn classify(ctx: &TcContext) {
             packets,
             bytes,
         );
+        if dir == DIR_DOWN && from_wan(ctx, cfg) {
+            count(&WAN_ARRIVALS, class, packets, bytes);
+        }
     }
+}
+
+/// Did this download packet come in from the WAN (and so cross the line)?
+/// `ingress_ifindex` is the skb's `skb_iif`, set where the packet entered the
+/// stack: the WAN device for routed packets, the WAN port for frames a bridge
+/// forwards (it keeps the port's index); the LAN port for LAN-to-LAN traffic
+/// routed or hairpinned back out of it; 0 for the box's own packets. None of
+/// the latter crossed the line. An unknown WAN (`wan_ifindex` 0) counts every
+/// packet, as this counter's readers did before it existed (all of
+/// CLASS_STATS).
+#[inline(always)]
+fn from_wan(ctx: &TcContext, cfg: &Config) -> bool {
+    // SAFETY: the context pointer is valid for the program's run.
+    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    cfg.wan_ifindex == 0 || iif == cfg.wan_ifindex
 }
 
 #[inline(always)]

@@ -110,6 +110,38 @@ impl State {
         }
     }
 
+    /// As [`State::load`], for the commands that write the state (apply, remove, under the
+    /// lock): a state file that cannot be read (truncated by a power cut on a filesystem
+    /// without ordered writes, hand-edited, or left by another version of shaper) is moved
+    /// aside to `state.json.bad` and treated as absent, with a warning, instead of refusing
+    /// every apply until someone deletes it by hand. What it recorded (the interfaces' original
+    /// root qdiscs) is lost: trees of ours are then replaced, and `remove` leaves the
+    /// kernel's default qdisc.
+    pub fn load_recovering(paths: &Paths) -> Result<Option<State>> {
+        match State::load(paths) {
+            Ok(s) => Ok(s),
+            Err(e) if paths.state().exists() => {
+                let bad = paths.run.join("state.json.bad");
+                fs::rename(paths.state(), &bad).with_context(|| {
+                    format!("moving the unreadable {} aside", paths.state().display())
+                })?;
+                log::warn!(
+                    "{e:#}; kept as {} and started afresh (the original qdiscs it recorded are forgotten)",
+                    bad.display()
+                );
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// When the state file last changed (its modification time and size): the daemon's
+    /// cheap test for an apply made by another process.
+    pub fn stamp(paths: &Paths) -> Option<(SystemTime, u64)> {
+        let m = fs::metadata(paths.state()).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    }
+
     /// Writes the state beside the current one; [`State::commit`] makes it current.
     fn stage(&self, paths: &Paths) -> Result<()> {
         let tmp = paths.state_next();
@@ -419,7 +451,7 @@ pub async fn apply(
     config_text: &str,
 ) -> Result<State> {
     let _lock = lock(paths)?;
-    let prev = State::load(paths)?;
+    let prev = State::load_recovering(paths)?;
     let tc = Tc::connect().await?;
     let wan = iface(&tc, &policy.wan, "WAN").await?;
     let lan = iface(&tc, &policy.lan, "LAN").await?;
@@ -631,7 +663,7 @@ async fn restore_original(tc: &Tc, o: &Original) {
 /// Returns false when nothing was applied.
 pub async fn remove(paths: &Paths) -> Result<bool> {
     let _lock = lock(paths)?;
-    let Some(state) = State::load(paths)? else {
+    let Some(state) = State::load_recovering(paths)? else {
         // Nothing recorded; still clear stray pins from a crashed apply.
         bpf::remove_pins(&paths.pins);
         return Ok(false);

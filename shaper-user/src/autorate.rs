@@ -2,7 +2,9 @@
 //!
 //! The anchor is cake-autorate's published logic: probe reflectors beyond the line with
 //! ICMP timestamp requests (as its `tsping` pinger does), so each probe gives a one-way
-//! delay per direction (offset by the clocks' difference, which the baseline absorbs);
+//! delay per direction (offset by the clocks' difference, which the baseline absorbs; our
+//! side runs on the monotonic clock, and a one-way shift the round trip does not show is
+//! the reflector's clock stepping, not a queue: the baselines are re-seeded);
 //! keep a per-reflector baseline for each direction (fast to fall, slow to rise, never
 //! lifted by a delayed sample); call a sample "bloated" when it exceeds the baseline by
 //! `delay_ms` plus two full frames at the direction's rate (the HTB burst a probe can find
@@ -101,6 +103,18 @@ impl Delays {
         self.window.push_back(delta > threshold_ms);
     }
 
+    /// How far a sample sits above reflector `i`'s baseline (none before the first).
+    fn delta(&self, i: usize, owd_ms: f64) -> Option<f64> {
+        Some(owd_ms - (*self.baselines.get(i)?)?)
+    }
+
+    /// Forgets reflector `i`'s baseline: the next sample seeds it.
+    fn reseed(&mut self, i: usize) {
+        if let Some(b) = self.baselines.get_mut(i) {
+            *b = None;
+        }
+    }
+
     fn bloated(&self) -> bool {
         self.window.iter().filter(|&&b| b).count() >= BLOAT_OF_WINDOW
     }
@@ -114,9 +128,13 @@ pub struct Controller {
     delay_ms: f64,
     up_delays: Delays,
     down_delays: Delays,
+    /// Round trips, timed on our monotonic clock alone: no clock offset in them, so they
+    /// tell a queue (it lengthens the round trip) from a clock step (it does not).
+    rtts: Delays,
     /// Counters for the log and tests.
     pub cuts: u64,
     pub raises: u64,
+    pub clock_steps: u64,
 }
 
 /// Time one full-size frame takes at `bps`, in ms.
@@ -141,8 +159,10 @@ impl Controller {
             delay_ms: f64::from(a.delay_ms),
             up_delays: delays(),
             down_delays: delays(),
+            rtts: delays(),
             cuts: 0,
             raises: 0,
+            clock_steps: 0,
         }
     }
 
@@ -155,9 +175,26 @@ impl Controller {
     }
 
     /// One probe's one-way delays to and from reflector `i`, in ms (each with an unknown
-    /// but constant clock offset: only their changes matter).
-    pub fn on_owd(&mut self, i: usize, up_ms: f64, down_ms: f64) {
+    /// clock offset: only their changes matter), and its round trip on our own clock.
+    ///
+    /// The offset is constant only while neither clock is stepped. Ours cannot be: the
+    /// probes carry our monotonic time. The reflector's can (NTP, a reboot, a hostile
+    /// reflector): a step of X reads as +X in one direction and -X in the other, and the
+    /// baselines (fast to fall, slow to rise) would call the raised side bloated for good,
+    /// cutting it to its floor. A queue lengthens the round trip by what it adds one way,
+    /// so a one-way rise past the threshold that the round trip does not show is a clock
+    /// step: both one-way baselines are re-seeded from this probe.
+    pub fn on_owd(&mut self, i: usize, up_ms: f64, down_ms: f64, rtt_ms: f64) {
         let (tu, td) = (self.threshold(&self.up), self.threshold(&self.down));
+        let rtt_raised = self.rtts.delta(i, rtt_ms).is_some_and(|d| d >= tu.min(td));
+        self.rtts.push(i, rtt_ms, tu.min(td));
+        let up_raised = self.up_delays.delta(i, up_ms).is_some_and(|d| d > tu);
+        let down_raised = self.down_delays.delta(i, down_ms).is_some_and(|d| d > td);
+        if !rtt_raised && (up_raised || down_raised) {
+            self.up_delays.reseed(i);
+            self.down_delays.reseed(i);
+            self.clock_steps += 1;
+        }
         self.up_delays.push(i, up_ms, tu);
         self.down_delays.push(i, down_ms, td);
     }
@@ -225,6 +262,7 @@ pub struct Applied {
 struct Pinger {
     ident: u16,
     seq: u16,
+    clock: ProbeClock,
     /// Probes in flight by sequence number: when sent, to which reflector (index, address).
     sent: HashMap<u16, (Instant, usize, Ipv4Addr)>,
 }
@@ -272,6 +310,7 @@ impl Pinger {
             Pinger {
                 ident: (std::process::id() & 0xffff) as u16,
                 seq: 0,
+                clock: ProbeClock::new(),
                 sent: HashMap::new(),
             },
             fd,
@@ -280,7 +319,7 @@ impl Pinger {
 
     fn send(&mut self, fd: &AsyncFd<OwnedFd>, to: Ipv4Addr, reflector: usize) {
         self.seq = self.seq.wrapping_add(1);
-        let p = timestamp_request(self.ident, self.seq, ms_since_midnight_utc());
+        let p = timestamp_request(self.ident, self.seq, self.clock.now_ms());
         let addr = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
@@ -309,9 +348,8 @@ impl Pinger {
             .retain(|_, (t, _, _)| now.duration_since(*t) < Duration::from_secs(2));
     }
 
-    /// Replies available now: (reflector index, upstream and downstream one-way delay in ms,
-    /// each offset by the clocks' difference).
-    fn drain(&mut self, fd: &AsyncFd<OwnedFd>, out: &mut Vec<(usize, f64, f64)>) {
+    /// Replies available now.
+    fn drain(&mut self, fd: &AsyncFd<OwnedFd>, out: &mut Vec<Sample>) {
         let mut buf = [0u8; 1500];
         loop {
             // SAFETY: recv into a buffer we own.
@@ -326,9 +364,9 @@ impl Pinger {
             if n <= 0 {
                 return;
             }
-            let now = ms_since_midnight_utc();
+            let now = self.clock.now_ms();
             if let Some(r) = parse_timestamp_reply(&buf[..n as usize]) {
-                out.extend(self.answer(&r, now));
+                out.extend(self.answer(&r, now, Instant::now()));
             }
         }
     }
@@ -336,24 +374,59 @@ impl Pinger {
     /// The delays a reply gives, if it answers a probe in flight: our identifier, a
     /// sequence number still waiting, and from the reflector that probe went to (anyone
     /// else who guesses an identifier and a sequence number would otherwise steer the rates).
-    fn answer(&mut self, r: &TimestampReply, now_ms: u32) -> Option<(usize, f64, f64)> {
+    fn answer(&mut self, r: &TimestampReply, now_ms: u32, now: Instant) -> Option<Sample> {
         if r.ident != self.ident {
             return None;
         }
-        let &(_, i, to) = self.sent.get(&r.seq)?;
+        let &(sent, i, to) = self.sent.get(&r.seq)?;
         if to != r.source {
             return None;
         }
         self.sent.remove(&r.seq);
-        Some((
-            i,
-            ms_diff(r.receive, r.originate),
-            ms_diff(now_ms, r.transmit),
-        ))
+        Some(Sample {
+            reflector: i,
+            up_ms: ms_diff(r.receive, r.originate),
+            down_ms: ms_diff(now_ms, r.transmit),
+            rtt_ms: now.duration_since(sent).as_secs_f64() * 1e3,
+        })
     }
 }
 
+/// What one answered probe tells.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Sample {
+    reflector: usize,
+    /// Upstream and downstream one-way delays in ms, each offset by the clocks' difference.
+    up_ms: f64,
+    down_ms: f64,
+    /// The round trip on our monotonic clock.
+    rtt_ms: f64,
+}
+
 const DAY_MS: i64 = 86_400_000;
+
+/// Our side of the timestamps: RFC 792 milliseconds since midnight UT, read once from the
+/// wall clock when autorate starts and advanced by the monotonic clock after that, so a
+/// step of the box's own clock (NTP after boot, an admin's `date`) never moves a delay.
+#[derive(Debug)]
+struct ProbeClock {
+    wall_ms: u32,
+    start: Instant,
+}
+
+impl ProbeClock {
+    fn new() -> Self {
+        ProbeClock {
+            wall_ms: ms_since_midnight_utc(),
+            start: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u32 {
+        let elapsed = self.start.elapsed().as_millis() as i64;
+        ((i64::from(self.wall_ms) + elapsed).rem_euclid(DAY_MS)) as u32
+    }
+}
 
 /// RFC 792 time: milliseconds since midnight UT.
 fn ms_since_midnight_utc() -> u32 {
@@ -513,8 +586,15 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>) {
                         replies.clear();
                         pinger.drain(sock, &mut replies);
                         guard.clear_ready();
-                        for &(i, up, down) in &replies {
-                            ctl.on_owd(i, up, down);
+                        for r in &replies {
+                            let steps = ctl.clock_steps;
+                            ctl.on_owd(r.reflector, r.up_ms, r.down_ms, r.rtt_ms);
+                            if ctl.clock_steps != steps {
+                                log::info!(
+                                    "autorate: {}'s clock moved (its one-way delays shifted, the round trip did not); delays re-based",
+                                    cfg.reflectors[r.reflector]
+                                );
+                            }
                         }
                     }
                 }
@@ -560,6 +640,12 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>) {
 mod tests {
     use super::*;
 
+    /// A probe whose one-way delays sit `du` and `dd` ms above the quiet line's (clocks 5 s
+    /// apart: 5012 up, -4988 down; a 24 ms round trip), its round trip longer by both.
+    fn probe(c: &mut Controller, du: f64, dd: f64) {
+        c.on_owd(0, 5012.0 + du, -4988.0 + dd, 24.0 + du + dd);
+    }
+
     fn controller() -> Controller {
         let a = Autorate {
             reflectors: vec![Ipv4Addr::new(192, 0, 2, 1)],
@@ -589,12 +675,17 @@ mod tests {
                 baselines: vec![None],
                 ..Delays::default()
             },
+            rtts: Delays {
+                baselines: vec![None],
+                ..Delays::default()
+            },
             cuts: 0,
             raises: 0,
+            clock_steps: 0,
         };
         // Clocks 5 s apart: one-way delays read as 5012 up and -4988 down.
         for _ in 0..10 {
-            c.on_owd(0, 5012.0, -4988.0);
+            probe(&mut c, 0.0, 0.0);
         }
         c
     }
@@ -612,7 +703,7 @@ mod tests {
         let mut c = controller();
         let t = Instant::now();
         for d in [30.0, 60.0, 70.0, 80.0] {
-            c.on_owd(0, 5012.0, -4988.0 + d);
+            probe(&mut c, 0.0, d);
         }
         assert_eq!(c.bloated(), (false, true));
         // The line retrained to 8 Mbit/s: that is what the download carries.
@@ -628,7 +719,7 @@ mod tests {
         assert_eq!(c.up.rate_bps, 1_000_000);
         // Within the refractory period nothing more happens, even with bloat.
         for d in [60.0, 70.0, 80.0] {
-            c.on_owd(0, 5012.0, -4988.0 + d);
+            probe(&mut c, 0.0, d);
         }
         assert_eq!(c.tick(t + Duration::from_millis(100), 0.0, 7e6), None);
         // After it, a second cut.
@@ -641,11 +732,11 @@ mod tests {
         // Two full frames at 1 Mbit/s are 24 ms: a probe behind them is not a queue.
         let mut c = controller();
         for _ in 0..6 {
-            c.on_owd(0, 5012.0 + 30.0, -4988.0);
+            probe(&mut c, 30.0, 0.0);
         }
         assert_eq!(c.bloated(), (false, false));
         for _ in 0..6 {
-            c.on_owd(0, 5012.0 + 45.0, -4988.0);
+            probe(&mut c, 45.0, 0.0);
         }
         assert_eq!(c.bloated(), (true, false));
     }
@@ -656,7 +747,7 @@ mod tests {
         let mut t = Instant::now();
         for _ in 0..50 {
             for _ in 0..3 {
-                c.on_owd(0, 5012.0 + 500.0, -4988.0 + 500.0);
+                probe(&mut c, 500.0, 500.0);
             }
             c.tick(t, 1e6, 12e6);
             t += Duration::from_millis(400);
@@ -665,7 +756,7 @@ mod tests {
         assert_eq!(c.up.rate_bps, 250_000);
         // Quiet and busy: climbs back by 1 % of the configured rate per tick, to it.
         for _ in 0..200 {
-            c.on_owd(0, 5012.0, -4988.0);
+            probe(&mut c, 0.0, 0.0);
             c.tick(t, c.up.rate_bps as f64, c.down.rate_bps as f64);
             t += TICK;
         }
@@ -677,10 +768,43 @@ mod tests {
     fn a_standing_queue_does_not_become_the_baseline() {
         let mut c = controller();
         for _ in 0..10_000 {
-            c.on_owd(0, 5012.0, -4988.0 + 300.0);
+            probe(&mut c, 0.0, 300.0);
         }
         assert!(c.down_delays.baselines[0].is_some_and(|b| b < -4987.0));
         assert_eq!(c.bloated(), (false, true));
+    }
+
+    #[test]
+    fn a_reflector_clock_step_is_not_a_queue() {
+        // The reflector's clock jumps back 2 s (up reads -2000, down +2000) and later
+        // forward 5 s; the round trip stays 24 ms: never bloat, never a cut.
+        let mut c = controller();
+        let mut t = Instant::now() + Duration::from_secs(5);
+        for (su, sd) in [(-2000.0, 2000.0), (3000.0, -3000.0)] {
+            for _ in 0..20 {
+                c.on_owd(0, 5012.0 + su, -4988.0 + sd, 24.0);
+                assert_eq!(c.bloated(), (false, false));
+                assert_eq!(c.tick(t, 1e6, 12e6).map(|ch| ch.down), None);
+                t += TICK;
+            }
+        }
+        assert!(c.clock_steps >= 2, "{}", c.clock_steps);
+        assert_eq!((c.up.rate_bps, c.down.rate_bps), (1_000_000, 12_000_000));
+        // After the step a real queue downstream is still found.
+        for _ in 0..6 {
+            c.on_owd(0, 8012.0, -7988.0 + 80.0, 24.0 + 80.0);
+        }
+        assert_eq!(c.bloated(), (false, true));
+    }
+
+    #[test]
+    fn our_probe_clock_is_monotonic_and_within_a_day() {
+        let c = ProbeClock {
+            wall_ms: (DAY_MS - 10) as u32,
+            start: Instant::now() - Duration::from_millis(25),
+        };
+        let n = c.now_ms();
+        assert!((15..1000).contains(&n), "{n}: wrapped past midnight");
     }
 
     #[test]
@@ -720,17 +844,20 @@ mod tests {
         );
         // Only the reflector the probe went to, once, with our identifier.
         let reply = parse_timestamp_reply(&pkt).unwrap();
+        let sent = Instant::now();
         let mut p = Pinger {
             ident: 0x1234,
             seq: 7,
-            sent: HashMap::from([(7, (Instant::now(), 0, Ipv4Addr::new(192, 0, 2, 1)))]),
+            clock: ProbeClock::new(),
+            sent: HashMap::from([(7, (sent, 0, Ipv4Addr::new(192, 0, 2, 1)))]),
         };
+        let at = sent + Duration::from_millis(30);
         let forged = TimestampReply {
             source: Ipv4Addr::new(203, 0, 113, 9),
             ..reply
         };
         assert_eq!(
-            p.answer(&forged, 1100),
+            p.answer(&forged, 1100, at),
             None,
             "a reply from elsewhere is ignored"
         );
@@ -738,9 +865,21 @@ mod tests {
             ident: 0x4321,
             ..reply
         };
-        assert_eq!(p.answer(&other, 1100), None);
-        assert_eq!(p.answer(&reply, 1100), Some((0, 40.0, 59.0)));
-        assert_eq!(p.answer(&reply, 1100), None, "each probe is answered once");
+        assert_eq!(p.answer(&other, 1100, at), None);
+        assert_eq!(
+            p.answer(&reply, 1100, at),
+            Some(Sample {
+                reflector: 0,
+                up_ms: 40.0,
+                down_ms: 59.0,
+                rtt_ms: 30.0
+            })
+        );
+        assert_eq!(
+            p.answer(&reply, 1100, at),
+            None,
+            "each probe is answered once"
+        );
         assert_eq!(parse_timestamp_reply(&pkt[..30]), None);
         pkt[20] = 0;
         assert_eq!(parse_timestamp_reply(&pkt), None);

@@ -229,9 +229,10 @@ fn quantum_for(rate_bps: u64) -> u32 {
 
 fn leaf_for(policy: &Policy, caps: Option<KernelCaps>, ceil_bps: u64) -> LeafPlan {
     let bfifo = || {
-        let bytes = ceil_bps / 8 * policy.queue_ms as u64 / 1000;
+        // Saturates: 35 Gbit/s x 1000 ms is more bytes than the kernel's 32-bit limit.
+        let bytes = ceil_bps / 8 * u64::from(policy.queue_ms) / 1000;
         LeafPlan::Bfifo {
-            limit_bytes: (bytes as u32).max(2 * FRAME),
+            limit_bytes: u32::try_from(bytes).unwrap_or(u32::MAX).max(2 * FRAME),
         }
     };
     let fq_codel = || LeafPlan::FqCodel {
@@ -933,6 +934,22 @@ dscp = ["EF"]
 direction = "upload"
 priority = 200
 "#;
+
+    #[test]
+    fn bfifo_limits_saturate_instead_of_wrapping() {
+        // 100 Gbit/s x 1000 ms = 12.5 GB: past the kernel's 32-bit byte limit.
+        let mut pol = policy("");
+        pol.leaf = LeafChoice::Bfifo;
+        pol.queue_ms = 1000;
+        let LeafPlan::Bfifo { limit_bytes } = leaf_for(&pol, None, 100_000_000_000) else {
+            panic!("a bfifo");
+        };
+        assert_eq!(limit_bytes, u32::MAX);
+        let LeafPlan::Bfifo { limit_bytes } = leaf_for(&pol, None, 8_000_000) else {
+            panic!("a bfifo");
+        };
+        assert_eq!(limit_bytes, 1_000_000);
+    }
 
     #[test]
     fn class_tree() {

@@ -788,6 +788,23 @@ impl MapKernel {
         Self::from(|name| bpf::open_pinned(pins, name))
     }
 
+    /// Empties the learned-address maps. A daemon started over shaping that is already in
+    /// place (a restart keeps the maps) does not know the names and expiries behind what
+    /// the last one learned, so could never expire or evict them: they go, as with a fresh
+    /// apply, and the clients' next lookups refill them. Decided flows (`HOST_FLOWS`, an
+    /// LRU map) stay.
+    pub fn clear_learned(&mut self) -> Result<usize> {
+        let v4: Vec<[u8; 4]> = self.learned4.keys().collect::<Result<_, _>>()?;
+        let v6: Vec<[u8; 16]> = self.learned6.keys().collect::<Result<_, _>>()?;
+        for k in &v4 {
+            let _ = self.learned4.remove(k);
+        }
+        for k in &v6 {
+            let _ = self.learned6.remove(k);
+        }
+        Ok(v4.len() + v6.len())
+    }
+
     /// Takes the maps out of a loaded object (its program keeps its own
     /// references to them).
     pub fn take(obj: &mut aya::Ebpf) -> Result<Self> {
@@ -884,7 +901,7 @@ pub async fn run(mut applied: watch::Receiver<Option<HostsApplied>>, run_dir: Pa
             let fd = unsafe { AsyncFd::register(ring) }.context("registering the event ring")?;
             Ok((k, fd))
         });
-        let (kernel, mut ring) = match opened {
+        let (mut kernel, mut ring) = match opened {
             Ok(x) => x,
             Err(e) => {
                 log::error!("host names off until the next apply: {e:#}");
@@ -894,6 +911,15 @@ pub async fn run(mut applied: watch::Receiver<Option<HostsApplied>>, run_dir: Pa
                 continue;
             }
         };
+        if carried.is_none() {
+            match kernel.clear_learned() {
+                Ok(0) => {}
+                Ok(n) => log::info!(
+                    "{n} learned address(es) left by an earlier daemon dropped (their names and expiries are not known here)"
+                ),
+                Err(e) => log::warn!("clearing the learned addresses: {e:#}"),
+            }
+        }
         let mut engine = Engine::new(&a.plan, kernel);
         if let Some(old) = carried.take() {
             engine.carry_over(Instant::now(), &old);

@@ -1,6 +1,6 @@
 //! `[download] account_arrivals`: everything that reaches the download shaper
-//! counts against the download rate, dropped or not (CAKE's ingress mode, done
-//! over the HTB tree).
+//! from the WAN counts against the download rate, dropped or not (CAKE's ingress
+//! mode, done over the HTB tree).
 //!
 //! The download shaper sits behind the bottleneck: every packet it sees has
 //! already crossed the copper, so dropping it gives the line nothing back unless
@@ -9,11 +9,12 @@
 //! hands the responsive flows its whole rate, the two together exceed the line
 //! and the modem's queue fills, for every class.
 //!
-//! So every 100 ms the task measures what arrived at the shaper over the last
-//! 400 ms (the classifier's per-class byte and packet counters, before any
-//! queue, each packet sized as the HTB root's size table sizes it) and steers the download
-//! rate so that arrivals stay within `rate` (+2 %, the responsive flows' own
-//! drops): while more arrives, the rate comes down by half the excess per tick;
+//! So every 100 ms the task measures what arrived at the shaper from the WAN over
+//! the last 400 ms (the classifier's per-class byte and packet counters of WAN
+//! arrivals, `WAN_ARRIVALS`, before any queue, each packet sized as the HTB
+//! root's size table sizes it) and steers the download rate so that arrivals
+//! stay within `rate` (+2 %, the responsive flows' own drops): while more
+//! arrives, the rate comes down by half the excess per tick;
 //! while less arrives, it climbs back by a tenth of the room per tick, up to the
 //! configured rate. The whole tree is retuned (`apply::retune`), every class
 //! scaled with it, so classes with guarantees cannot keep what the line no
@@ -30,13 +31,28 @@
 //!   keeps only what its own share of the smaller rate gives it. The flood
 //!   costs throughput (which it has taken on the line anyway), not latency.
 //!
+//! Only WAN arrivals count: a download packet is one when its ingress interface
+//! (`skb_iif`) is the WAN interface, the routed WAN device or, in bridge mode, the
+//! WAN port (bridged frames keep the port they came in on). LAN-to-LAN traffic
+//! routed or hairpinned back out of the LAN port, and the box's own traffic to the
+//! LAN, leave through the shaper too (and are shaped with the rest) but never
+//! crossed the line: counted, they would let a LAN host push the download rate to
+//! its floor without touching the line.
+//!
 //! A GSO/GRO packet is counted by the classifier as the segments it leaves as,
 //! each with its own headers (as the qdiscs count it), and each segment is sized
 //! here with the line's overhead (the HTB root's size table adds the overhead
 //! once per GSO packet: it errs the other way).
 //!
-//! Known limit: a flood above the line rate cannot be helped from behind the
-//! modem: the rate then stays at its floor (a tenth).
+//! Known limits:
+//! - A flood above the line rate cannot be helped from behind the modem: the rate
+//!   then stays at its floor (a tenth).
+//! - What reaches the LAN from the WAN through a device stacked on the WAN
+//!   interface has that device as its ingress interface and is not counted: a VLAN
+//!   sub-interface of the WAN port when `[interfaces] wan` names the port (name the
+//!   VLAN device instead), a tunnel ending on the box (WireGuard, IPsec), or a
+//!   proxy or resolver on the box relaying WAN answers (the box's own traffic).
+//!
 //! Not combined with `[autorate]` (both set the download rate).
 
 use std::collections::VecDeque;
@@ -44,7 +60,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use aya::maps::{MapData, PerCpuArray};
-use shaper_common::{Counter, DIR_DOWN, MAP_CLASS_STATS, MAX_CLASSES};
+use shaper_common::{Counter, MAP_WAN_ARRIVALS};
 use tokio::sync::watch;
 
 use crate::{
@@ -134,7 +150,7 @@ pub fn root_len(a: &Accounting, len: u64, l2_header: bool) -> f64 {
     l.max(u64::from(a.mpu)) as f64
 }
 
-/// Per-class arrival counters of the download direction.
+/// Per-class counters of download packets that came in from the WAN.
 struct Arrivals {
     map: PerCpuArray<MapData, Counter>,
     /// Class indices of the download tree.
@@ -147,17 +163,7 @@ impl Arrivals {
     fn read(&self) -> Vec<Counter> {
         self.classes
             .iter()
-            .map(|&k| {
-                self.map
-                    .get(&(DIR_DOWN * MAX_CLASSES as u32 + k), 0)
-                    .map(|v| {
-                        v.iter().fold(Counter::default(), |a, c| Counter {
-                            packets: a.packets + c.packets,
-                            bytes: a.bytes + c.bytes,
-                        })
-                    })
-                    .unwrap_or_default()
-            })
+            .map(|&k| self.map.get(&k, 0).map(bpf::sum_cpus).unwrap_or_default())
             .collect()
     }
 
@@ -189,7 +195,7 @@ async fn open(a: &Applied, pins: &Pins, down: &compile::DirPlan) -> Result<(Tc, 
     let tc = Tc::connect().await?;
     let l2 = tc.link_info(a.lan_ifindex).await?.has_l2_header;
     let map: PerCpuArray<MapData, Counter> =
-        PerCpuArray::try_from(bpf::open_pinned(pins, MAP_CLASS_STATS)?)?;
+        PerCpuArray::try_from(bpf::open_pinned(pins, MAP_WAN_ARRIVALS)?)?;
     let mut arr = Arrivals {
         map,
         classes: down.classes.iter().map(|c| c.index).collect(),

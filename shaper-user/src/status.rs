@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
 
 use anyhow::Result;
 use serde::Serialize;
-use shaper_common::GLOBAL_COUNTER_NAMES;
+use shaper_common::{DIR_DOWN, GLOBAL_COUNTER_NAMES};
 
 use crate::{
     apply::{Paths, State},
@@ -327,11 +327,21 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
         .collect();
     let mut classifier = BTreeMap::new();
     for (di, label) in ["upload", "download"].iter().enumerate() {
-        let m = GLOBAL_COUNTER_NAMES
+        let mut m: BTreeMap<String, u64> = GLOBAL_COUNTER_NAMES
             .iter()
             .zip(&counters.global[di])
             .map(|(n, v)| (n.to_string(), *v))
             .collect();
+        if di == DIR_DOWN as usize && !counters.wan_arrivals.is_empty() {
+            // Of the classified download traffic, what came in from the WAN: what
+            // `[download] account_arrivals` measures.
+            let (p, b) = counters
+                .wan_arrivals
+                .iter()
+                .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+            m.insert("wan_arrival_packets".into(), p);
+            m.insert("wan_arrival_bytes".into(), b);
+        }
         classifier.insert(label.to_string(), m);
     }
     Ok(Some(Report {

@@ -16,6 +16,7 @@ pub mod crash;
 pub mod dicom;
 pub mod flood;
 pub mod gateway;
+pub mod hostlab;
 pub mod iperf;
 pub mod netns;
 pub mod packet;

@@ -269,6 +269,11 @@ impl Daemon {
         Ok(d)
     }
 
+    /// The daemon's process id (nsenter execs shaper: the same process).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What the daemon logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -14,18 +14,24 @@
 //!    stays within 10 ms of the baseline's, nothing of it is lost beyond 1 %, the TCP
 //!    downloads keep at least half of the line minus the flood (what is left of the line),
 //!    and the flood's own class is what pays (less than half of it gets through).
+//!
+//! Also here: only traffic that came in from the WAN counts as arrivals (LAN-to-LAN traffic
+//! through the gateway and the gateway's own do not), and GSO downloads are counted per
+//! segment.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use shaper_tests::flood::{start_flood, with_bulk_class};
+use shaper_tests::flood::{start_flood, with_bulk_class, FLOOD_PAYLOAD};
 use shaper_tests::iperf::{IperfClient, IperfServer};
 use shaper_tests::shaper::Daemon;
-use shaper_tests::topology::{GW_LAN_IF, GW_WAN_IF, SRV_V4};
+use shaper_tests::topology::{GW_LAN_IF, GW_LAN_V4, GW_WAN_IF, LAN_HOST_V4, SRV_V4};
 use shaper_tests::{
-    skip_unless_ready, table, Line, Offloads, Results, Scenario, Shaper, ShaperConfig, TempDir,
-    Topology, TopologyOptions, TRAFFIC_TOOLS,
+    skip_unless_ready, table, Line, Netns, Offloads, Results, Scenario, Shaper, ShaperConfig,
+    TempDir, Topology, TopologyOptions, TOPOLOGY_TOOLS, TRAFFIC_TOOLS,
 };
 
 /// One phase: the daemon with `cfg`, the scenario, and a flood at `flood_bps` (or none).
@@ -285,5 +291,220 @@ fn gso_downloads_are_counted_per_segment_as_the_qdiscs_count_them() {
     assert!(
         near(cls_b, sent_b),
         "classifier bytes {cls_b} vs HTB's {sent_b} (each segment's headers count)"
+    );
+}
+
+/// Paced UDP (datagrams of [`FLOOD_PAYLOAD`] bytes) from `from` in `ns` to `to` at `bps` (IP
+/// bytes) for `len`; the thread returns the datagrams sent (a failed send counts as sent).
+fn paced_udp(ns: &Netns, from: IpAddr, to: SocketAddr, bps: u64, len: Duration) -> JoinHandle<u64> {
+    let sock = ns
+        .within(move || Ok(UdpSocket::bind(SocketAddr::new(from, 0))?))
+        .expect("udp socket");
+    let interval_ns = (FLOOD_PAYLOAD as u64 + 28) * 8 * 1_000_000_000 / bps;
+    std::thread::spawn(move || {
+        let pkt = [0xa5u8; FLOOD_PAYLOAD];
+        let t0 = Instant::now();
+        let mut sent = 0u64;
+        while t0.elapsed() < len {
+            let due = Duration::from_nanos(sent * interval_ns);
+            let now = t0.elapsed();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let _ = sock.send_to(&pkt, to);
+            sent += 1;
+        }
+        sent
+    })
+}
+
+/// The download direction in `shaper status --json --interval 0` (no sampling wait): the
+/// rate class 1:1 has in the kernel, and the classifier's `packets` and
+/// `wan_arrival_packets` counters.
+fn download_now(shaper: &Shaper) -> (Option<u64>, u64, u64) {
+    let out = shaper
+        .command(&["status", "--json", "--interval", "0"])
+        .output()
+        .expect("shaper status");
+    assert!(out.status.success(), "shaper status failed: {out:?}");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let rate = st["directions"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["direction"] == "download"))
+        .and_then(|d| d["kernel_rate_bps"].as_u64());
+    let counter = |name: &str| {
+        st["classifier"]["download"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no classifier.download.{name} in status: {st}"))
+    };
+    (rate, counter("packets"), counter("wan_arrival_packets"))
+}
+
+/// What one burst of traffic did to the download direction.
+#[derive(Debug)]
+struct Seen {
+    /// Datagrams sent.
+    sent: u64,
+    /// The lowest download rate in the kernel from 1 s into the burst to its end.
+    min_rate: Option<u64>,
+    /// Packets the classifier saw leave by the LAN port meanwhile ...
+    classified: u64,
+    /// ... and how many of them it counted as arrivals from the WAN.
+    from_wan: u64,
+}
+
+/// Starts a burst of traffic with `start` and watches the download direction until its
+/// sender ends (arrival accounting reacts within half a second: 100 ms ticks over a 400 ms
+/// window).
+fn watch(shaper: &Shaper, start: impl FnOnce() -> JoinHandle<u64>) -> Seen {
+    let (_, p0, w0) = download_now(shaper);
+    let sender = start();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut min_rate: Option<u64> = None;
+    while !sender.is_finished() {
+        if let (Some(r), _, _) = download_now(shaper) {
+            min_rate = Some(min_rate.map_or(r, |m| m.min(r)));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let sent = sender.join().expect("sender");
+    let (_, p1, w1) = download_now(shaper);
+    Seen {
+        sent,
+        min_rate,
+        classified: p1 - p0,
+        from_wan: w1 - w0,
+    }
+}
+
+/// Only what came in from the WAN counts against the download rate (issue 14): with
+/// `account_arrivals` on and `shaper run` shaping the download to 10 Mbit/s,
+/// 1. a LAN host sends UDP at 3x that rate to another LAN subnet the gateway routes back out
+///    of its LAN port (LAN-to-LAN traffic through the gateway), then
+/// 2. the gateway itself sends UDP at 3x that rate to the LAN host (the box's own traffic):
+///    both leave by the LAN port, through the download shaper, but never crossed the line, so
+///    the download rate stays as configured and the classifier counts none of it as WAN
+///    arrivals;
+/// 3. the control: the same flood from the internet side (srv -> lan) is counted and cuts the
+///    rate (else the first two show nothing).
+#[test]
+fn only_traffic_from_the_wan_counts_against_the_download_rate() {
+    skip_unless_ready!(TOPOLOGY_TOOLS);
+    let topo = Topology::build(None).expect("topology");
+    // A LAN subnet reached through the gateway: it routes it back out of lan0 to the lan
+    // host (which has no such address and drops the traffic, as a LAN host of another
+    // subnet would receive it). No redirects: the lan host should keep sending via the
+    // gateway.
+    let other_lan = Ipv4Addr::new(10, 201, 9, 2);
+    topo.gw
+        .ip(&[
+            "route",
+            "add",
+            "10.201.9.0/24",
+            "via",
+            &LAN_HOST_V4.to_string(),
+            "dev",
+            GW_LAN_IF,
+        ])
+        .expect("route back to the LAN");
+    for conf in ["all", GW_LAN_IF] {
+        topo.gw
+            .sysctl(&format!("net.ipv4.conf.{conf}.send_redirects"), "0")
+            .expect("sysctl");
+    }
+    let dir = TempDir::new("download-wan-only").expect("temp dir");
+    let shaper = Shaper::new(&topo.gw).expect("shaper");
+    let cfg = ShaperConfig {
+        upload_bps: 10_000_000,
+        download_bps: 10_000_000,
+        account_arrivals: Some(true),
+        ..ShaperConfig::gp_surgery(&Line::FTTC_40_10)
+    };
+    let path = cfg.write(dir.path(), "wan-only.toml").expect("config");
+    let daemon = Daemon::start(
+        &shaper,
+        &path,
+        dir.path().join("wan-only.log"),
+        "info,shaper_user::ingress=debug",
+    )
+    .expect("shaper run");
+    std::thread::sleep(Duration::from_secs(1));
+
+    let bps = 3 * cfg.download_bps;
+    let len = Duration::from_secs(4);
+    let port = 5301;
+    let lan_to_lan = watch(&shaper, || {
+        let to = SocketAddr::new(other_lan.into(), port);
+        paced_udp(&topo.lan, LAN_HOST_V4.into(), to, bps, len)
+    });
+    let own = watch(&shaper, || {
+        let to = SocketAddr::new(LAN_HOST_V4.into(), port);
+        paced_udp(&topo.gw, GW_LAN_V4.into(), to, bps, len)
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut receiver = None;
+    let wan = watch(&shaper, || {
+        let (tx, rx, _) = start_flood(&topo, bps, len, stop.clone()).expect("flood");
+        receiver = Some(rx);
+        tx
+    });
+    stop.store(true, Ordering::Relaxed);
+    if let Some(rx) = receiver {
+        rx.join().expect("flood receiver");
+    }
+    let (_, log) = daemon.stop().expect("daemon stops on SIGTERM");
+    let cuts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("download arrival accounting: rate"))
+        .collect();
+    eprintln!(
+        "LAN to LAN: {lan_to_lan:?}\nthe gateway's own: {own:?}\nfrom the WAN: {wan:?}\n\
+         daemon's rate changes: {}, first: {:?}",
+        cuts.len(),
+        cuts.first()
+    );
+
+    let configured = cfg.download_bps;
+    let mut problems = Vec::new();
+    for (what, s) in [
+        ("LAN-to-LAN traffic", &lan_to_lan),
+        ("the gateway's own traffic", &own),
+    ] {
+        // The traffic did leave by the LAN port (else this shows nothing).
+        if s.classified < s.sent / 2 {
+            problems.push(format!(
+                "{what}: the classifier saw {} packets leave by the LAN port of {} sent",
+                s.classified, s.sent
+            ));
+        }
+        if s.from_wan * 100 > s.classified {
+            problems.push(format!(
+                "{what}: {} of its {} packets counted as arrivals from the WAN",
+                s.from_wan, s.classified
+            ));
+        }
+        match s.min_rate {
+            Some(r) if r * 100 >= configured * 98 => {}
+            other => problems.push(format!(
+                "{what} at 3x the download rate moved the kernel's download rate to {other:?} (configured {configured})"
+            )),
+        }
+    }
+    if wan.from_wan < wan.sent / 2 {
+        problems.push(format!(
+            "control: of {} packets sent from the WAN side, {} counted as arrivals from the WAN",
+            wan.sent, wan.from_wan
+        ));
+    }
+    match wan.min_rate {
+        Some(r) if r * 10 < configured * 9 => {}
+        other => problems.push(format!(
+            "control: a flood from the WAN at 3x the download rate left the kernel's rate at {other:?} (configured {configured}; arrival accounting should cut it)"
+        )),
+    }
+    assert!(
+        problems.is_empty(),
+        "only-WAN-arrivals test failed:\n- {}",
+        problems.join("\n- ")
     );
 }

@@ -156,7 +156,16 @@ pub const MAP_DST6: &str = "DST6";
 pub const MAP_RULES: &str = "RULES";
 pub const MAP_CLASSES: &str = "CLASSES";
 pub const MAP_RULE_STATS: &str = "RULE_STATS";
+/// Indexed by direction * MAX_CLASSES + class: everything the classifier
+/// steered into the class.
 pub const MAP_CLASS_STATS: &str = "CLASS_STATS";
+/// Indexed by (download) class: the part of the class's download counters
+/// that came in from the WAN (`__sk_buff.ingress_ifindex` =
+/// [`Config::wan_ifindex`]), i.e. crossed the line: what `[download]
+/// account_arrivals` measures. LAN-to-LAN traffic routed or hairpinned back
+/// out of the LAN port and the box's own traffic (ingress index 0) are not
+/// in it.
+pub const MAP_WAN_ARRIVALS: &str = "WAN_ARRIVALS";
 pub const MAP_GLOBAL_STATS: &str = "GLOBAL_STATS";
 pub const MAP_FRAGS: &str = "FRAGS";
 pub const MAP_FLOWS: &str = "FLOWS";
@@ -174,7 +183,7 @@ pub const PROG_CLASSIFY: &str = "shaper_classify";
 /// An empty program in the same object, for benchmarks.
 pub const PROG_EMPTY: &str = "shaper_empty";
 /// Every map the user side fills or reads.
-pub const ALL_MAPS: [&str; 21] = [
+pub const ALL_MAPS: [&str; 22] = [
     MAP_CONFIG,
     MAP_BITMAPS,
     MAP_PROTO_IDX,
@@ -189,6 +198,7 @@ pub const ALL_MAPS: [&str; 21] = [
     MAP_CLASSES,
     MAP_RULE_STATS,
     MAP_CLASS_STATS,
+    MAP_WAN_ARRIVALS,
     MAP_GLOBAL_STATS,
     MAP_FRAGS,
     MAP_FLOWS,
@@ -204,6 +214,11 @@ pub type Bitmap = [u64; BITMAP_WORDS];
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
+    /// The interface the upload hook is on. It is also the ingress interface
+    /// (`skb_iif`) of what comes in from the WAN: the WAN device when routed,
+    /// the WAN port when bridged (a bridge forwards a frame with the port it
+    /// came in on as its `skb_iif`). 0 (unknown): every download packet counts
+    /// as a WAN arrival.
     pub wan_ifindex: u32,
     pub lan_ifindex: u32,
     /// Words of each bitmap in use: ceil(rules / 64), at least 1.

@@ -488,6 +488,9 @@ pub struct Counters {
     pub classes: [Vec<Counter>; 2],
     /// [dir][GLOBAL_COUNTER_NAMES index]
     pub global: [Vec<u64>; 2],
+    /// [class index]: the download counters' part that came in from the WAN
+    /// (empty when the running classifier predates the map).
+    pub wan_arrivals: Vec<Counter>,
 }
 
 /// Opens one of the running classifier's pinned maps.
@@ -498,13 +501,15 @@ pub fn open_pinned(pins: &Pins, name: &str) -> Result<Map> {
     Ok(Map::from_map_data(data)?)
 }
 
+/// A per-CPU counter summed over the CPUs.
+pub fn sum_cpus(v: aya::maps::PerCpuValues<Counter>) -> Counter {
+    v.iter().fold(Counter::default(), |a, c| Counter {
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
+    })
+}
+
 pub fn read_counters(pins: &Pins, nrules: usize, nclasses: usize) -> Result<Counters> {
-    let sum = |v: aya::maps::PerCpuValues<Counter>| {
-        v.iter().fold(Counter::default(), |a, c| Counter {
-            packets: a.packets + c.packets,
-            bytes: a.bytes + c.bytes,
-        })
-    };
     let rules_map: PerCpuArray<_, Counter> =
         PerCpuArray::try_from(open_pinned(pins, MAP_RULE_STATS)?)?;
     let class_map: PerCpuArray<_, Counter> =
@@ -514,14 +519,23 @@ pub fn read_counters(pins: &Pins, nrules: usize, nclasses: usize) -> Result<Coun
     let mut c = Counters::default();
     for dir in 0..2usize {
         for r in 0..nrules {
-            c.rules[dir].push(sum(rules_map.get(&((dir * MAX_RULES + r) as u32), 0)?));
+            c.rules[dir].push(sum_cpus(rules_map.get(&((dir * MAX_RULES + r) as u32), 0)?));
         }
         for k in 0..nclasses {
-            c.classes[dir].push(sum(class_map.get(&((dir * MAX_CLASSES + k) as u32), 0)?));
+            c.classes[dir].push(sum_cpus(
+                class_map.get(&((dir * MAX_CLASSES + k) as u32), 0)?,
+            ));
         }
         for g in 0..GLOBAL_COUNTERS as usize {
             let v = global_map.get(&((dir * GLOBAL_COUNTERS as usize + g) as u32), 0)?;
             c.global[dir].push(v.iter().sum());
+        }
+    }
+    // Pins left by an older shaper (before its next apply) have no such map.
+    if let Ok(m) = open_pinned(pins, MAP_WAN_ARRIVALS) {
+        let m: PerCpuArray<_, Counter> = PerCpuArray::try_from(m)?;
+        for k in 0..nclasses {
+            c.wan_arrivals.push(sum_cpus(m.get(&(k as u32), 0)?));
         }
     }
     Ok(c)
