@@ -62,6 +62,9 @@ static FRAGS: LruHashMap<FragKey, FragVal> = LruHashMap::with_max_entries(MAX_FR
 /// the cost per packet does not grow with the number of rules.
 #[map(name = "FLOWS")]
 static FLOWS: LruHashMap<FlowKey, FlowVal> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+/// What each class's claimed flows carried in the current window, per direction.
+#[map(name = "CLAIMED")]
+static CLAIMED: Array<ClaimWindow> = Array::with_max_entries(2 * MAX_CLASSES as u32, 0);
 /// Connections whose class user space set from the TLS server name.
 #[map(name = "HOST_FLOWS")]
 static HOST_FLOWS: LruHashMap<HostKey, HostVal> = LruHashMap::with_max_entries(MAX_HOST_FLOWS, 0);
@@ -70,9 +73,17 @@ static HOST_FLOWS: LruHashMap<HostKey, HostVal> = LruHashMap::with_max_entries(M
 static LEARNED4: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_LEARNED, 0);
 #[map(name = "LEARNED6")]
 static LEARNED6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_LEARNED, 0);
-/// DNS answers and ClientHellos for user space.
+/// ClientHellos and QUIC Initials for user space.
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+/// DNS queries and answers for user space: a ring of their own, so a flood of
+/// hellos cannot crowd them out.
+#[map(name = "DNS_EVENTS")]
+static DNS_EVENTS: RingBuf = RingBuf::with_byte_size(DNS_EVENTS_BYTES, 0);
+/// DNS queries that went out from the LAN to the WAN, and when: only an answer
+/// to one of them is handed to user space (see shaper_common).
+#[map(name = "DNS_QUERIES")]
+static DNS_QUERIES: LruHashMap<DnsKey, u64> = LruHashMap::with_max_entries(MAX_DNS_QUERIES, 0);
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
@@ -290,16 +301,30 @@ fn host_key(pkt: &Pkt) -> HostKey {
 }
 
 /// Copies the packet's connection and the start of its L4 payload into the
-/// event ring buffer for user space.
+/// hello ring for user space.
 #[inline(always)]
 fn emit(ctx: &TcContext, kind: u32, dir: u32, pkt: &Pkt) {
-    let Some(mut e) = EVENTS.reserve::<Event>(0) else {
-        count_global(dir, G_EVENTS_LOST);
+    emit_to::<EVENT_DATA>(&EVENTS, G_EVENTS_LOST, ctx, kind, dir, pkt);
+}
+
+/// Copies the packet's connection and up to `N` bytes of its L4 payload into
+/// `ring`; a full ring counts `lost`.
+#[inline(always)]
+fn emit_to<const N: usize>(
+    ring: &RingBuf,
+    lost: u32,
+    ctx: &TcContext,
+    kind: u32,
+    dir: u32,
+    pkt: &Pkt,
+) {
+    let Some(mut e) = ring.reserve::<EventOf<N>>(0) else {
+        count_global(dir, lost);
         return;
     };
     let ev = e.as_mut_ptr();
     let off = pkt.payload_off;
-    // The verifier must see the length's bounds (1 to EVENT_DATA) on the very
+    // The verifier must see the length's bounds (1 to N) on the very
     // register passed to the helper (its size argument may not be 0). Signed
     // 64-bit arithmetic on purpose: `n` may be negative (`off` past the end),
     // so the compiler keeps `n < 1` as a signed compare instead of turning it
@@ -315,11 +340,11 @@ fn emit(ctx: &TcContext, kind: u32, dir: u32, pkt: &Pkt) {
         e.discard(0);
         return;
     }
-    if n > EVENT_DATA as i64 {
-        n = EVENT_DATA as i64;
+    if n > N as i64 {
+        n = N as i64;
     }
-    // SAFETY: `ev` points at a reserved entry of size_of::<Event>() bytes and
-    // at most EVENT_DATA bytes are copied into its `data`.
+    // SAFETY: `ev` points at a reserved entry of size_of::<EventOf<N>>() bytes
+    // and at most N bytes are copied into its `data`.
     let r = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb as *const core::ffi::c_void,
@@ -330,7 +355,7 @@ fn emit(ctx: &TcContext, kind: u32, dir: u32, pkt: &Pkt) {
     };
     if r != 0 {
         e.discard(0);
-        count_global(dir, G_EVENTS_LOST);
+        count_global(dir, lost);
         return;
     }
     // SAFETY: as above; plain stores into the reserved entry.
@@ -345,15 +370,92 @@ fn emit(ctx: &TcContext, kind: u32, dir: u32, pkt: &Pkt) {
     count_global(dir, G_EVENTS);
 }
 
-/// Host names: DNS answers on their way to the LAN, and a TCP 443
-/// connection's ClientHello or a UDP 443 (QUIC) client Initial (or the
-/// connection's next packet when user space asks for it), go to user space;
-/// a connection user space has decided follows its decision in both
+/// The DNS query map's key for a query or answer (from the site's side, so
+/// both give the same key) with message id `id`.
+#[inline(always)]
+fn dns_key(pkt: &Pkt, id: u16) -> DnsKey {
+    DnsKey {
+        client: pkt.src,
+        resolver: pkt.dst,
+        client_port: pkt.sport as u16,
+        id,
+        family: if pkt.v6 != 0 { 6 } else { 4 },
+        _pad: [0; 3],
+    }
+}
+
+/// A DNS query on its way out (UDP to port 53, upload): one that came in from
+/// the LAN is remembered, so its answer will be handed on, and handed to user
+/// space (its question). The box's own queries are not: their answers are for
+/// the box, never on their way to the LAN.
+#[inline(always)]
+fn dns_query(ctx: &TcContext, pkt: &Pkt, dir: u32) {
+    let Some(cfg) = CONFIG.get(0) else { return };
+    // SAFETY: the context pointer is valid for the program's run.
+    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if cfg.lan_ifindex != 0 && iif != cfg.lan_ifindex {
+        return;
+    }
+    // Id, then QR (clear in a query) and the opcode (0: QUERY).
+    let Some(h) = load::<[u8; 3]>(ctx, pkt.payload_off as usize) else {
+        return;
+    };
+    if h[2] & 0xf8 != 0 {
+        return;
+    }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = DNS_QUERIES.insert(&dns_key(pkt, u16::from_be_bytes([h[0], h[1]])), &now, 0);
+    emit_to::<DNS_QUERY_DATA>(&DNS_EVENTS, G_DNS_EVENTS_LOST, ctx, EV_DNS_QUERY, dir, pkt);
+}
+
+/// A DNS answer on its way to the LAN (UDP from port 53, download): handed to
+/// user space only if it came in from the WAN and answers a query remembered
+/// by [`dns_query`] in the last DNS_ANSWER_WITHIN_NS (which it uses up).
+/// Forged answers hairpinned from the LAN, and answers nobody asked for, never
+/// reach the ring.
+#[inline(always)]
+fn dns_answer(ctx: &TcContext, pkt: &Pkt, dir: u32) {
+    let Some(cfg) = CONFIG.get(0) else { return };
+    let h = load::<[u8; 3]>(ctx, pkt.payload_off as usize);
+    let asked = match h {
+        // QR set: a response.
+        Some(h) if h[2] & 0x80 != 0 && from_wan(ctx, cfg) => {
+            let key = dns_key(pkt, u16::from_be_bytes([h[0], h[1]]));
+            // SAFETY: the value is copied out before any other map operation.
+            let sent = unsafe { DNS_QUERIES.get(&key) }.copied();
+            // SAFETY: a helper without arguments.
+            let now = unsafe { bpf_ktime_get_ns() };
+            match sent {
+                Some(t) if now.wrapping_sub(t) <= DNS_ANSWER_WITHIN_NS => {
+                    let _ = DNS_QUERIES.remove(&key);
+                    true
+                }
+                _ => false,
+            }
+        }
+        _ => false,
+    };
+    if asked {
+        emit_to::<EVENT_DATA>(&DNS_EVENTS, G_DNS_EVENTS_LOST, ctx, EV_DNS, dir, pkt);
+    } else {
+        count_global(dir, G_DNS_UNMATCHED);
+    }
+}
+
+/// Host names: DNS queries going out to the WAN and the answers to them, and
+/// a TCP 443 connection's ClientHello or a UDP 443 (QUIC) client Initial (or
+/// the connection's next packet when user space asks for it), go to user
+/// space; a connection user space has decided follows its decision in both
 /// directions.
 #[inline(always)]
 fn hosts(ctx: &TcContext, pkt: &Pkt, dir: u32) -> Option<(u32, u32)> {
-    if pkt.proto == IPPROTO_UDP && pkt.dport == 53 && dir == DIR_DOWN {
-        emit(ctx, EV_DNS, dir, pkt);
+    if pkt.proto == IPPROTO_UDP && pkt.dport == 53 {
+        if dir == DIR_UP {
+            dns_query(ctx, pkt, dir);
+        } else {
+            dns_answer(ctx, pkt, dir);
+        }
         return None;
     }
     if pkt.dport != 443 || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP) {
@@ -396,14 +498,19 @@ fn hosts(ctx: &TcContext, pkt: &Pkt, dir: u32) -> Option<(u32, u32)> {
     None
 }
 
-/// What a flow has carried: demotes a flow that turns bulk, promotes a
-/// default-class UDP flow that looks like media.
+/// What a flow has carried: demotes a flow that turns bulk (by the thresholds of `class`,
+/// the class this packet was decided into), promotes a default-class UDP flow that looks
+/// like media, and demotes a claimed flow (decided by a server name, or promoted) that
+/// finds its class's claimed total for the window used up.
 #[inline(always)]
-fn behave(cfg: &Config, v: &mut FlowVal, pkt: &Pkt, dir: u32, bytes: u64) {
+fn behave(cfg: &Config, v: &mut FlowVal, pkt: &Pkt, dir: u32, bytes: u64, class: u32) {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let age = now.wrapping_sub(v.window_start);
+    // What the flow carried in the window this packet closes (0: none closed).
+    let mut closed = 0;
     if age >= FLOW_WINDOW_NS {
+        closed = v.window_bytes;
         // A window closed. Promotion looks at a whole window that the flow
         // was active in (not one that ended long ago).
         if v.flags == 0
@@ -429,7 +536,13 @@ fn behave(cfg: &Config, v: &mut FlowVal, pkt: &Pkt, dir: u32, bytes: u64) {
     if v.flags & FLOW_DEMOTED != 0 {
         return;
     }
-    let Some(ci) = CLASSES.get(v.class) else {
+    // The class the flow is in for this packet: a promoted flow's own, else this packet's.
+    let class = if v.flags & FLOW_PROMOTED != 0 {
+        v.class
+    } else {
+        class
+    };
+    let Some(ci) = CLASSES.get(class) else {
         return;
     };
     if ci.demote_class != NO_CLASS
@@ -437,6 +550,43 @@ fn behave(cfg: &Config, v: &mut FlowVal, pkt: &Pkt, dir: u32, bytes: u64) {
             || (ci.demote_window_bytes != 0 && v.window_bytes > ci.demote_window_bytes))
     {
         v.class = ci.demote_class;
+        v.flags |= FLOW_DEMOTED;
+        count_global(dir, G_DEMOTED);
+        return;
+    }
+    let cap = if dir == DIR_UP {
+        ci.claimed_window_bytes[0]
+    } else {
+        ci.claimed_window_bytes[1]
+    };
+    if cap == 0 || v.flags & (FLOW_BY_NAME | FLOW_PROMOTED) == 0 {
+        return;
+    }
+    let Some(w) = CLAIMED.get_ptr_mut(dir * MAX_CLASSES as u32 + class) else {
+        return;
+    };
+    // SAFETY: a value of a shared array map, written by every CPU. The updates are plain
+    // (BPF's atomic add has no stable Rust form for this target): two CPUs adding at the
+    // same instant may lose one packet's bytes, so the cap can be exceeded by a few
+    // packets a window, never by a flow's worth.
+    let w = unsafe { &mut *w };
+    if now.wrapping_sub(w.start) >= FLOW_WINDOW_NS {
+        w.start = now;
+        w.prev = w.bytes;
+        w.bytes = 0;
+    }
+    w.bytes += bytes;
+    // Each claimed flow looks once a window, when its own window closes: if the class's
+    // claimed flows carried more than the cap in the last window, this one leaves the
+    // claim and its share is taken off that total, so the flows looking after it see what
+    // is left. Flows are demoted one at a time until the rest fit.
+    if closed != 0 && w.prev > cap {
+        w.prev = w.prev.saturating_sub(closed);
+        v.class = if ci.demote_class != NO_CLASS {
+            ci.demote_class
+        } else {
+            cfg.default_class
+        };
         v.flags |= FLOW_DEMOTED;
         count_global(dir, G_DEMOTED);
     }
@@ -460,19 +610,13 @@ fn decide(ctx: &TcContext, cfg: &Config, pkt: &Pkt, dir: u32, bytes: u64) -> (u3
             }
         };
     }
-    if cfg.flags & CFG_HOSTS != 0 {
-        if let Some(d) = hosts(ctx, pkt, dir) {
-            if pkt.frag == FRAG_FIRST {
-                let key = frag_key(pkt, dir);
-                let v = FragVal {
-                    rule: d.0,
-                    class: d.1,
-                };
-                let _ = FRAGS.insert(&key, &v, 0);
-            }
-            return d;
-        }
-    }
+    // A connection a server name decided (TLS/QUIC) takes that decision, and is measured
+    // like any other flow below: a name buys a class, not immunity from demotion.
+    let host = if cfg.flags & CFG_HOSTS != 0 {
+        hosts(ctx, pkt, dir)
+    } else {
+        None
+    };
     let cache = cfg.flags & CFG_NO_FLOW_CACHE == 0;
     let fkey = FlowKey {
         src: pkt.src,
@@ -480,61 +624,90 @@ fn decide(ctx: &TcContext, cfg: &Config, pkt: &Pkt, dir: u32, bytes: u64) -> (u3
         sport: pkt.sport,
         dport: pkt.dport,
         proto: pkt.proto,
-        dscp: pkt.dscp,
+        _pad: 0,
         dir: dir as u8,
         family: if pkt.v6 != 0 { 6 } else { 4 },
     };
-    if cache {
-        if let Some(v) = FLOWS.get_ptr_mut(&fkey) {
+    let cached = if cache {
+        FLOWS.get_ptr_mut(&fkey)
+    } else {
+        None
+    };
+    // The decision for this packet: a server name's; else the flow's, if it was made with
+    // this DSCP; else the rules', matched afresh (a flow whose DSCP changes is still one
+    // flow, measured and demoted as one).
+    let (rule, class) = match (cached, host) {
+        (_, Some(d)) => d,
+        // SAFETY: a value in the flow map; read before any other map operation.
+        (Some(v), None) if unsafe { (*v).dscp } == pkt.dscp as u32 => unsafe {
+            ((*v).rule, (*v).class)
+        },
+        _ => {
+            let rule = match_rule(cfg, pkt, dir);
+            let class = if rule == NO_RULE {
+                cfg.default_class
+            } else {
+                match RULES.get(rule) {
+                    Some(r) => r.class,
+                    None => cfg.default_class,
+                }
+            };
+            (rule, class)
+        }
+    };
+    let d = match cached {
+        Some(v) => {
             // SAFETY: a value in the flow map; concurrent updates from other
             // CPUs only blur the flow's byte counts.
             let v = unsafe { &mut *v };
             count_global(dir, G_FLOW_CACHE_HIT);
+            if host.is_some() && v.flags & (FLOW_BY_NAME | FLOW_DEMOTED) == 0 {
+                // The name was decided after the connection's first packets: from now on
+                // the flow is in the name's class (what it carried so far still counts).
+                v.rule = rule;
+                v.class = class;
+                v.dscp = pkt.dscp as u32;
+                v.flags = FLOW_BY_NAME;
+            }
             if cfg.flags & CFG_FLOW_BEHAVIOUR != 0 {
-                behave(cfg, v, pkt, dir, bytes);
+                behave(cfg, v, pkt, dir, bytes, class);
             }
-            let d = FragVal {
-                rule: v.rule,
-                class: v.class,
-            };
-            if pkt.frag == FRAG_FIRST {
-                let key = frag_key(pkt, dir);
-                let _ = FRAGS.insert(&key, &d, 0);
+            if v.flags & (FLOW_DEMOTED | FLOW_PROMOTED) != 0 {
+                FragVal {
+                    rule: v.rule,
+                    class: v.class,
+                }
+            } else {
+                FragVal { rule, class }
             }
-            return (d.rule, d.class);
         }
-    }
-    let rule = match_rule(cfg, pkt, dir);
-    let class = if rule == NO_RULE {
-        cfg.default_class
-    } else {
-        match RULES.get(rule) {
-            Some(r) => r.class,
-            None => cfg.default_class,
+        None => {
+            if cache {
+                let mut f = FlowVal {
+                    rule,
+                    class,
+                    window_start: 0,
+                    window_bytes: bytes,
+                    total_bytes: bytes,
+                    window_packets: 1,
+                    flags: if host.is_some() { FLOW_BY_NAME } else { 0 },
+                    dscp: pkt.dscp as u32,
+                    _pad: 0,
+                };
+                if cfg.flags & CFG_FLOW_BEHAVIOUR != 0 {
+                    // SAFETY: a helper without arguments.
+                    f.window_start = unsafe { bpf_ktime_get_ns() };
+                }
+                let _ = FLOWS.insert(&fkey, &f, 0);
+            }
+            FragVal { rule, class }
         }
     };
-    let v = FragVal { rule, class };
-    if cache {
-        let mut f = FlowVal {
-            rule,
-            class,
-            window_start: 0,
-            window_bytes: bytes,
-            total_bytes: bytes,
-            window_packets: 1,
-            flags: 0,
-        };
-        if cfg.flags & CFG_FLOW_BEHAVIOUR != 0 {
-            // SAFETY: a helper without arguments.
-            f.window_start = unsafe { bpf_ktime_get_ns() };
-        }
-        let _ = FLOWS.insert(&fkey, &f, 0);
-    }
     if pkt.frag == FRAG_FIRST {
         let key = frag_key(pkt, dir);
-        let _ = FRAGS.insert(&key, &v, 0);
+        let _ = FRAGS.insert(&key, &d, 0);
     }
-    (rule, class)
+    (d.rule, d.class)
 }
 
 #[inline(always)]

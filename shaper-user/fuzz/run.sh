@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Runs one fuzz target, seeded from the captured fixtures.
-# Usage: shaper-user/fuzz/run.sh <dnswire|sni|quic> [seconds, default 30]
+# Usage: shaper-user/fuzz/run.sh <dnswire|sni|quic|hosts> [seconds, default 30]
 # Needs the nightly toolchain and cargo-fuzz (cargo install cargo-fuzz --locked).
 set -euo pipefail
 cd "$(dirname "$0")"
-target=${1:?usage: run.sh <dnswire|sni|quic> [seconds]}
+target=${1:?usage: run.sh <dnswire|sni|quic|hosts> [seconds]}
 secs=${2:-30}
 case "$target" in
     dnswire) fixtures=../../tests/fixtures/dns ;;
     sni) fixtures=../../tests/fixtures/tls ;;
     quic) fixtures=../../tests/fixtures/quic ;;
-    *) echo "unknown target $target (dnswire, sni, quic)" >&2; exit 2 ;;
+    # Event programs, not captures: seeded with the DNS answers (read as programs
+    # they are a mix of steps) and grown by the fuzzer.
+    hosts) fixtures=../../tests/fixtures/dns ;;
+    *) echo "unknown target $target (dnswire, sni, quic, hosts)" >&2; exit 2 ;;
 esac
 mkdir -p "corpus/$target"
 cp "$fixtures"/*.bin "corpus/$target/"

@@ -221,6 +221,12 @@ fn burst_for(rate_bps: u64) -> u32 {
     per_100us.max(2 * FRAME)
 }
 
+/// Bytes in one flow-measuring window at `bps` (at least 1: 0 means "no limit" in the
+/// kernel's tables).
+fn window_bytes(bps: u64) -> u64 {
+    ((bps as u128 * shaper_common::FLOW_WINDOW_NS as u128 / 8 / 1_000_000_000) as u64).max(1)
+}
+
 /// HTB quantum: one frame up to 100 Mbit/s (fair at copper rates), more above.
 fn quantum_for(rate_bps: u64) -> u32 {
     let n = rate_bps.div_ceil(100_000_000).max(1) as u32;
@@ -542,8 +548,11 @@ pub fn maps(plan: &Plan) -> MapPlan {
             _pad2: 0,
             demote_bytes: c.demote.and_then(|d| d.after_bytes).unwrap_or(0),
             // Bytes in one measuring window at the rate.
-            demote_window_bytes: c.demote.and_then(|d| d.above_bps).map_or(0, |bps| {
-                (bps as u128 * shaper_common::FLOW_WINDOW_NS as u128 / 8 / 1_000_000_000) as u64
+            demote_window_bytes: c.demote.and_then(|d| d.above_bps).map_or(0, window_bytes),
+            claimed_window_bytes: [policy.upload_bps, policy.download_bps].map(|rate| {
+                policy
+                    .claimed_max(i)
+                    .map_or(0, |s| window_bytes(s.of(rate)))
             }),
         })
         .collect();

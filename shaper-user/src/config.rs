@@ -131,9 +131,13 @@ struct RawDns {
     /// Longest time (seconds).
     #[serde(default)]
     max_ttl: Option<Spanned<i64>>,
-    /// Most addresses kept at once (the soonest to expire make room).
+    /// Most addresses kept at once (the client holding the most makes room).
     #[serde(default)]
     max_entries: Option<Spanned<i64>>,
+    /// The DNS servers the site's hosts use: answers from any other server
+    /// teach nothing (empty or absent: any server a query went to).
+    #[serde(default)]
+    resolvers: Option<Spanned<toml::Value>>,
 }
 
 /// `[dscp]`: whose DSCP marks rules may look at, and which marks from the LAN
@@ -210,6 +214,10 @@ struct RawClass {
     /// ... or when it carries more than this rate over a second ("4mbit").
     #[serde(default)]
     demote_above: Option<Spanned<String>>,
+    /// What the flows that claim this class (by a TLS/QUIC server name, or promoted into
+    /// it) may carry together ("30%", "4mbit").
+    #[serde(default)]
+    claimed_max: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -398,16 +406,40 @@ impl Policy {
 
     /// Whether the flow cache measures flows (demotion or promotion configured).
     pub fn measures_flows(&self) -> bool {
-        self.promote.is_some() || self.classes.iter().any(|c| c.demote.is_some())
+        self.promote.is_some()
+            || self
+                .classes
+                .iter()
+                .any(|c| c.demote.is_some() || c.claimed_max.is_some())
+    }
+
+    /// What the flows claiming class `i` (decided into it by a TLS/QUIC server name, or
+    /// promoted into it) may carry together: its `claimed_max`; for the `[promote]` class
+    /// without one, its guarantee (promotion is capped per class, not only per flow: many
+    /// small flows that each look like media cannot take the line). A claimed flow that
+    /// finds the class's total for the second used up is demoted.
+    pub fn claimed_max(&self, i: usize) -> Option<Share> {
+        let c = self.classes.get(i)?;
+        c.claimed_max.or_else(|| {
+            self.promote
+                .as_ref()
+                .filter(|p| p.class == i)
+                .map(|_| c.guaranteed)
+        })
     }
 }
 
-/// `[dns]`: bounds on how long, and how many, DNS-learned addresses are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// `[dns]`: bounds on how long, and how many, DNS-learned addresses are kept,
+/// and whose answers count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DnsSettings {
     pub min_ttl_s: u32,
     pub max_ttl_s: u32,
     pub max_entries: u32,
+    /// Answers count only from these servers (empty: from any server a query
+    /// from the LAN went to).
+    #[serde(default)]
+    pub resolvers: Vec<IpAddr>,
 }
 
 impl Default for DnsSettings {
@@ -416,6 +448,7 @@ impl Default for DnsSettings {
             min_ttl_s: 60,
             max_ttl_s: 86_400,
             max_entries: 4096,
+            resolvers: Vec::new(),
         }
     }
 }
@@ -611,6 +644,10 @@ pub struct Class {
     pub dscp: Option<u8>,
     #[serde(default)]
     pub demote: Option<Demote>,
+    /// `claimed_max`: what flows claiming the class by a server name, or promoted into
+    /// it, may carry together (see [`Policy::claimed_max`]).
+    #[serde(default)]
+    pub claimed_max: Option<Share>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1255,6 +1292,16 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
             None => None,
             Some(d) => Some(dscp_value(d.get_ref()).map_err(|m| cx.at(d, f("dscp"), m))?),
         };
+        let claimed_max = match &c.claimed_max {
+            None => None,
+            Some(v) => {
+                let share = parse_share(v.get_ref()).map_err(|m| cx.at(v, f("claimed_max"), m))?;
+                if share.of(upload_bps.min(download_bps)) < 8_000 {
+                    return Err(cx.at(v, f("claimed_max"), format!("{share} is below 8kbit")));
+                }
+                Some(share)
+            }
+        };
         if let Some(d) = c.default.as_ref().filter(|d| *d.get_ref()) {
             if let Some(prev) = default_class {
                 return Err(cx.at(
@@ -1275,6 +1322,7 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
             ceiling,
             dscp,
             demote: None,
+            claimed_max,
         });
     }
     let Some(default_class) = default_class else {
@@ -1891,6 +1939,20 @@ fn dns_settings(cx: &Ctx<'_>, d: Option<&Spanned<RawDns>>) -> Result<DnsSettings
         }
         out.max_entries = *v.get_ref() as u32;
     }
+    out.resolvers = values(
+        cx,
+        &d.resolvers,
+        "dns.resolvers".into(),
+        "resolver",
+        |v| match v {
+            toml::Value::String(s) => s.trim().parse::<IpAddr>().map_err(|_| {
+                format!("`{s}` is not an IP address (like \"192.0.2.53\" or \"2001:db8::53\")")
+            }),
+            other => Err(format!(
+                "`{other}` is not an address: write it as a string like \"192.0.2.53\""
+            )),
+        },
+    )?;
     Ok(out)
 }
 
@@ -2923,6 +2985,12 @@ protocol = "udp"
             ),
             ("", "[dscp]\nlan = \"maybe\"\n", "dscp.lan"),
             ("", "[dns]\nmin_ttl = 600\nmax_ttl = 60\n", "dns.min_ttl"),
+            (
+                "",
+                "[dns]\nresolvers = [\"192.0.2.53\", \"dns.example\"]\n",
+                "dns.resolvers",
+            ),
+            ("", "[dns]\nresolvers = [53]\n", "dns.resolvers"),
         ] {
             let e = with(class_extra, tail).expect_err(field);
             assert_eq!(e.field, field, "{e}");

@@ -35,7 +35,7 @@ use crate::{
     autorate::{self, Applied},
     compile::ROOT_HANDLE,
     config::{self, Policy},
-    hosts::{self, HostsApplied},
+    hosts_task::{self, HostsApplied},
     kernel::bpf::{AttachMode, Side},
     kernel::tc::Tc,
 };
@@ -317,7 +317,7 @@ pub async fn run(
     let autorate_task = tokio::spawn(autorate::run(autorate_rx));
     // Host names (DNS answers, TLS server names) likewise.
     let (hosts_tx, hosts_rx) = tokio::sync::watch::channel(hosts_applied(&paths, &state));
-    let hosts_task = tokio::spawn(hosts::run(hosts_rx, paths.run.clone()));
+    let hosts_task = tokio::spawn(hosts_task::run(hosts_rx, paths.run.clone()));
 
     let watchdog = std::env::var("WATCHDOG_USEC")
         .ok()

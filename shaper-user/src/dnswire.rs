@@ -422,6 +422,32 @@ fn walk_chain<'a>(msg: &'a DnsAnswer, qname: &str, mut visit: impl FnMut(u32, &'
     }
 }
 
+/// The query a DNS message answers, as a client sends it: the message's id and
+/// first question (read in place: `None` if it is compressed or cut short), flags
+/// RD, no other section. For tests, benchmarks and fuzzing that need the query
+/// before its answer.
+pub fn query_of(msg: &[u8]) -> Option<Vec<u8>> {
+    let header = msg.get(..HEADER_LEN)?;
+    if u16::from_be_bytes([header[4], header[5]]) == 0 {
+        return None;
+    }
+    let mut pos = HEADER_LEN;
+    loop {
+        let len = usize::from(*msg.get(pos)?);
+        if len & 0xc0 != 0 {
+            return None;
+        }
+        pos += 1 + len;
+        if len == 0 {
+            break;
+        }
+    }
+    let question = msg.get(HEADER_LEN..pos + 4)?;
+    let mut q = vec![header[0], header[1], 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    q.extend_from_slice(question);
+    Some(q)
+}
+
 /// Whether `name` matches a rule `pattern`: an exact name, or `*.suffix`, which
 /// matches any name with at least one label before `.suffix` (`*.sfu.whereby.com`
 /// matches `a.sfu.whereby.com` and `a.b.sfu.whereby.com`, not `sfu.whereby.com`).
@@ -484,6 +510,20 @@ mod tests {
     }
 
     // ---- captured fixtures (tests/fixtures/dns/make-fixtures.sh) ----
+
+    #[test]
+    fn the_query_of_an_answer_has_its_id_and_question() {
+        let a = fixture!("dns/media-a.bin");
+        let q = query_of(a).expect("a question in place");
+        let (qm, am) = (
+            parse_udp(&q).expect("parses"),
+            parse_udp(a).expect("parses"),
+        );
+        assert_eq!((qm.id, &qm.question), (am.id, &am.question));
+        assert!(!qm.is_response && qm.answers.is_empty());
+        assert_eq!(query_of(&a[..20]), None);
+        assert_eq!(query_of(&q[..11]), None);
+    }
 
     #[test]
     fn media_a_cname_chain() {

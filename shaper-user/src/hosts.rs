@@ -2,56 +2,71 @@
 //! classify by the names of the servers a site talks to, which have no fixed
 //! addresses (Whereby/accuRx media, Windows Update CDNs, cloud PACS).
 //!
-//! Two ways in, both fed by the classifier through the `EVENTS` ring buffer:
-//! - **DNS answers** on their way to the LAN (UDP from port 53, on LAN
-//!   egress). The answer is parsed ([`crate::dnswire`]), its CNAME chain
-//!   followed, and every address at its end whose chain names a rule's host
+//! Fed by the classifier through two ring buffers (`DNS_EVENTS` for DNS,
+//! `EVENTS` for hellos, so a flood of one cannot crowd out the other):
+//! - **DNS answers to the LAN's queries.** A query (UDP to port 53) that came
+//!   in from the LAN and leaves to the WAN is remembered by the classifier
+//!   (`DNS_QUERIES`) and its question handed here; an answer on its way to the
+//!   LAN is handed here only if it came in from the WAN and carries the id,
+//!   ports and addresses of such a query (from the address the query went to)
+//!   within 5 s, and is learned from only if its question is the query's too
+//!   (and, with `[dns] resolvers`, the query went to one of those). Forged
+//!   answers hairpinned from the LAN, answers nobody asked for (IPv4 or IPv6)
+//!   and answers from anyone but the asked server teach nothing. The answer is
+//!   parsed ([`crate::dnswire`]), its CNAME chain followed, and every address
+//!   at its end (at most [`MAX_ANSWER_ADDRS`]) whose chain names a rule's host
 //!   name is put into the learned-address maps (`LEARNED4`/`LEARNED6`, exact
 //!   addresses the classifier looks up before the WAN-side trie, so the cost
 //!   does not grow with their number) with a bitmap that is the static
-//!   prefixes' bitmap for that address plus the host rules' bits. Entries
-//!   live for the record's TTL, clamped to `[dns] min_ttl..max_ttl`; at most
-//!   `max_entries` addresses are kept (the soonest to expire make room).
-//!   Expired entries are removed (the address falls back to the trie).
+//!   prefixes' bitmap for that address plus the host rules' bits. Entries live
+//!   for the record's TTL, clamped to `[dns] min_ttl..max_ttl`; at most
+//!   `max_entries` addresses are kept. A full table makes room fairly: the LAN
+//!   client holding the most addresses gives up the one it was answered least
+//!   recently, so one host's flood of answers (however long their TTLs) evicts
+//!   its own entries, not the other hosts'. Expired entries are removed (the
+//!   address falls back to the trie). Every table operation is O(log n).
 //! - **TLS server names**: the first segment of a TCP connection to port 443
 //!   that carries a ClientHello (and, when the hello is split, the next ones
 //!   on request). If the server name makes a host rule win over whatever rule
 //!   the connection matches otherwise, the connection's class is written to
-//!   `HOST_FLOWS`, which the classifier follows in both directions.
+//!   `HOST_FLOWS`, which the classifier follows in both directions. Unfinished
+//!   split hellos are bounded per client and in total; a new one makes room by
+//!   giving up the oldest, so a flood of them cannot block real ones.
 //! - **QUIC server names**: a QUIC v1/v2 client Initial to UDP 443 is
 //!   decrypted with the keys its destination connection id gives away
 //!   ([`crate::quic`]) and its CRYPTO frames put together (a post-quantum
 //!   ClientHello spans two Initials, the second sent on request), then as TLS.
 //!
+//! The engine here does the work; [`crate::hosts_task`] runs it in the daemon
+//! on a thread of its own with time budgets, shedding learning work first.
+//!
 //! What is not seen: DNS over TCP, TLS or HTTPS (DoT/DoH: a browser using its
-//! own encrypted resolver; the TLS server name then still works), and TLS or
-//! QUIC with Encrypted Client Hello (only the outer name is seen).
+//! own encrypted resolver; the TLS server name then still works), TLS or QUIC
+//! with Encrypted Client Hello (only the outer name is seen), and answers from
+//! a resolver on the box itself (they did not come in from the WAN).
 //!
 //! Connections already cached by the classifier keep their class when an
 //! address is learned or expires: new connections see the change.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
+    hash::Hash,
     net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use shaper_common::{
-    Bitmap, Event, HostKey, HostVal, BITMAP_WORDS, DIR_UP, EV_DNS, EV_TLS, HOST_DECIDED,
-    HOST_WANT_MORE, MAP_BITMAPS, MAP_EVENTS, MAP_HOST_FLOWS, MAP_LEARNED4, MAP_LEARNED6, NO_RULE,
+    EventOf, HostKey, HostVal, DIR_DOWN, DIR_UP, DNS_ANSWER_WITHIN_NS, DNS_QUERY_DATA, EVENT_DATA,
+    EVENT_HEADER, EV_DNS, EV_DNS_QUERY, EV_TLS, HOST_DECIDED, HOST_WANT_MORE, NO_RULE,
 };
-use tokio::{io::unix::AsyncFd, sync::watch};
 
 use crate::{
     compile::{self, MapPlan, PacketView, Plan},
     config::{DnsSettings, Policy},
-    dnswire,
-    kernel::bpf::{self, Pins},
-    sni,
+    dnswire, sni,
 };
 
 /// The host rules of a policy: (rule rank, lowercase patterns).
@@ -95,18 +110,38 @@ struct Learn {
     name: String,
 }
 
-/// Addresses learned from DNS answers, per host rule.
+/// One learned address.
+#[derive(Debug, Clone)]
+struct Entry {
+    rules: BTreeMap<usize, Learn>,
+    /// The LAN client whose answer taught (or last refreshed) it.
+    client: IpAddr,
+    /// When that was, in the table's order of learning.
+    seq: u64,
+}
+
+/// Addresses learned from DNS answers, per host rule, with the indexes that
+/// keep every operation O(log n): by expiry, and per client by recency.
 #[derive(Debug, Default)]
 pub struct Table {
     settings: DnsSettings,
-    entries: HashMap<IpAddr, BTreeMap<usize, Learn>>,
+    entries: HashMap<IpAddr, Entry>,
+    /// (expiry, address, rule rank) of every rule of every entry.
+    by_expiry: BTreeSet<(Instant, IpAddr, usize)>,
+    /// Per client: its addresses by `seq` (least recently answered first).
+    by_client: HashMap<IpAddr, BTreeMap<u64, IpAddr>>,
+    /// (addresses held, client) of every client holding one.
+    holders: BTreeSet<(usize, IpAddr)>,
+    seq: u64,
+    /// Addresses evicted to make room.
+    pub evicted: u64,
 }
 
 impl Table {
     pub fn new(settings: DnsSettings) -> Self {
         Table {
             settings,
-            entries: HashMap::new(),
+            ..Default::default()
         }
     }
 
@@ -118,12 +153,13 @@ impl Table {
         self.entries.is_empty()
     }
 
-    /// Records that `addr` was answered for `name`, which rule `rank`
-    /// names, with `ttl` seconds. Returns the addresses whose rule set
+    /// Records that `addr` was answered to `client` for `name`, which rule
+    /// `rank` names, with `ttl` seconds. Returns the addresses whose rule set
     /// changed (this one when new, and any evicted to make room).
     pub fn learn(
         &mut self,
         now: Instant,
+        client: IpAddr,
         addr: IpAddr,
         rank: usize,
         name: &str,
@@ -135,45 +171,122 @@ impl Table {
         if !self.entries.contains_key(&addr)
             && self.entries.len() >= self.settings.max_entries as usize
         {
-            // Full: the address that would expire first makes room.
-            let victim = self
-                .entries
-                .iter()
-                .min_by_key(|(_, rules)| rules.values().map(|l| l.expires).max())
-                .map(|(a, _)| *a);
-            if let Some(v) = victim {
-                self.entries.remove(&v);
+            // Full: the client holding the most gives up its least recently
+            // answered address (a flooding client evicts its own).
+            if let Some(v) = self.victim() {
+                self.remove(v);
+                self.evicted += 1;
                 changed.push(v);
             }
         }
-        let rules = self.entries.entry(addr).or_default();
-        let new = !rules.contains_key(&rank);
-        let l = rules.entry(rank).or_insert_with(|| Learn {
-            expires,
-            name: name.to_string(),
-        });
-        // A later answer extends (never shortens) the entry's life.
-        if expires > l.expires {
-            l.expires = expires;
-            l.name = name.to_string();
+        self.seq += 1;
+        let seq = self.seq;
+        let old = self.entries.get(&addr).map(|e| (e.client, e.seq));
+        if let Some((c, s)) = old {
+            self.detach(c, s);
         }
-        if new {
-            changed.push(addr);
+        self.attach(client, seq, addr);
+        let e = self.entries.entry(addr).or_insert_with(|| Entry {
+            rules: BTreeMap::new(),
+            client,
+            seq,
+        });
+        e.client = client;
+        e.seq = seq;
+        match e.rules.get_mut(&rank) {
+            // A later answer extends (never shortens) the entry's life.
+            Some(l) => {
+                if expires > l.expires {
+                    self.by_expiry.remove(&(l.expires, addr, rank));
+                    self.by_expiry.insert((expires, addr, rank));
+                    l.expires = expires;
+                    l.name = name.to_string();
+                }
+            }
+            None => {
+                e.rules.insert(
+                    rank,
+                    Learn {
+                        expires,
+                        name: name.to_string(),
+                    },
+                );
+                self.by_expiry.insert((expires, addr, rank));
+                changed.push(addr);
+            }
         }
         changed
+    }
+
+    /// The address a full table gives up.
+    fn victim(&self) -> Option<IpAddr> {
+        let (_, client) = self.holders.last()?;
+        self.by_client
+            .get(client)?
+            .first_key_value()
+            .map(|(_, a)| *a)
+    }
+
+    fn attach(&mut self, client: IpAddr, seq: u64, addr: IpAddr) {
+        let list = self.by_client.entry(client).or_default();
+        let n = list.len();
+        list.insert(seq, addr);
+        if n > 0 {
+            self.holders.remove(&(n, client));
+        }
+        self.holders.insert((n + 1, client));
+    }
+
+    fn detach(&mut self, client: IpAddr, seq: u64) {
+        let Some(list) = self.by_client.get_mut(&client) else {
+            return;
+        };
+        let n = list.len();
+        if list.remove(&seq).is_none() {
+            return;
+        }
+        self.holders.remove(&(n, client));
+        if n > 1 {
+            self.holders.insert((n - 1, client));
+        } else {
+            self.by_client.remove(&client);
+        }
+    }
+
+    /// Drops `addr` with all its rules.
+    fn remove(&mut self, addr: IpAddr) {
+        if let Some(e) = self.entries.remove(&addr) {
+            for (rank, l) in &e.rules {
+                self.by_expiry.remove(&(l.expires, addr, *rank));
+            }
+            self.detach(e.client, e.seq);
+        }
     }
 
     /// Drops what has expired; returns the addresses whose rule set changed.
     pub fn expire(&mut self, now: Instant) -> Vec<IpAddr> {
         let mut changed = Vec::new();
-        self.entries.retain(|a, rules| {
-            let before = rules.len();
-            rules.retain(|_, l| l.expires > now);
-            if rules.len() != before {
-                changed.push(*a);
+        while let Some(&(t, addr, rank)) = self.by_expiry.first() {
+            if t > now {
+                break;
             }
-            !rules.is_empty()
-        });
+            self.by_expiry.pop_first();
+            let gone = match self.entries.get_mut(&addr) {
+                Some(e) => {
+                    e.rules.remove(&rank);
+                    e.rules.is_empty()
+                }
+                None => false,
+            };
+            if gone {
+                self.remove(addr);
+            }
+            if changed.last() != Some(&addr) {
+                changed.push(addr);
+            }
+        }
+        changed.sort_unstable();
+        changed.dedup();
         changed
     }
 
@@ -181,22 +294,318 @@ impl Table {
     pub fn rules_of(&self, addr: IpAddr) -> Vec<usize> {
         self.entries
             .get(&addr)
-            .map(|r| r.keys().copied().collect())
+            .map(|e| e.rules.keys().copied().collect())
             .unwrap_or_default()
     }
 
     pub fn has(&self, addr: IpAddr, rank: usize) -> bool {
         self.entries
             .get(&addr)
-            .is_some_and(|r| r.contains_key(&rank))
+            .is_some_and(|e| e.rules.contains_key(&rank))
     }
 
-    /// (address, name, expiry) of every entry, for carrying over a reload.
-    fn names(&self) -> Vec<(IpAddr, String, Instant)> {
-        self.entries
+    /// How many addresses `client`'s answers hold.
+    pub fn held_by(&self, client: IpAddr) -> usize {
+        self.by_client.get(&client).map_or(0, BTreeMap::len)
+    }
+
+    /// (address, name, expiry, client) of every entry, for carrying over a reload.
+    fn names(&self) -> Vec<(IpAddr, String, Instant, IpAddr)> {
+        let mut v: Vec<_> = self
+            .entries
             .iter()
-            .flat_map(|(a, rules)| rules.values().map(|l| (*a, l.name.clone(), l.expires)))
-            .collect()
+            .flat_map(|(a, e)| {
+                e.rules
+                    .values()
+                    .map(move |l| (e.seq, *a, l.name.clone(), l.expires, e.client))
+            })
+            .collect();
+        // In the order they were learned, so recency carries over too.
+        v.sort_by_key(|x| x.0);
+        v.into_iter().map(|(_, a, n, t, c)| (a, n, t, c)).collect()
+    }
+
+    /// Checks that the indexes agree with the entries (tests, fuzzing).
+    pub fn check(&self) {
+        assert!(self.entries.len() <= self.settings.max_entries.max(1) as usize);
+        let rules: usize = self.entries.values().map(|e| e.rules.len()).sum();
+        assert_eq!(rules, self.by_expiry.len());
+        for (t, a, r) in &self.by_expiry {
+            assert_eq!(self.entries[a].rules[r].expires, *t);
+        }
+        let listed: usize = self.by_client.values().map(BTreeMap::len).sum();
+        assert_eq!(listed, self.entries.len());
+        assert_eq!(self.holders.len(), self.by_client.len());
+        for (n, c) in &self.holders {
+            assert_eq!(self.by_client[c].len(), *n);
+        }
+        for (a, e) in &self.entries {
+            assert!(!e.rules.is_empty());
+            assert_eq!(self.by_client[&e.client].get(&e.seq), Some(a));
+        }
+    }
+}
+
+/// Items held for LAN clients in the order they came, bounded in total and per
+/// client: a client at its bound gives up its oldest, and when the total is
+/// reached the oldest of all goes. One client's flood pushes out its own.
+/// Every operation is O(log n).
+#[derive(Debug)]
+struct FairMap<K, V> {
+    items: HashMap<K, (u64, IpAddr, Instant, V)>,
+    order: BTreeMap<u64, K>,
+    per_client: HashMap<IpAddr, BTreeMap<u64, K>>,
+    seq: u64,
+    max: usize,
+    per_client_max: usize,
+}
+
+impl<K: Copy + Eq + Hash, V> FairMap<K, V> {
+    fn new(max: usize, per_client_max: usize) -> Self {
+        FairMap {
+            items: HashMap::new(),
+            order: BTreeMap::new(),
+            per_client: HashMap::new(),
+            seq: 0,
+            max: max.max(1),
+            per_client_max: per_client_max.max(1),
+        }
+    }
+
+    /// Holds `v` under `k` for `client` (replacing what `k` held); returns the
+    /// keys given up to make room.
+    fn insert(&mut self, now: Instant, client: IpAddr, k: K, v: V) -> Vec<K> {
+        self.remove(&k);
+        let mut gone = Vec::new();
+        let full_client = self
+            .per_client
+            .get(&client)
+            .is_some_and(|l| l.len() >= self.per_client_max);
+        if full_client {
+            if let Some((_, &old)) = self.per_client[&client].first_key_value() {
+                self.remove(&old);
+                gone.push(old);
+            }
+        }
+        while self.items.len() >= self.max {
+            let Some((_, &old)) = self.order.first_key_value() else {
+                break;
+            };
+            self.remove(&old);
+            gone.push(old);
+        }
+        self.seq += 1;
+        self.order.insert(self.seq, k);
+        self.per_client
+            .entry(client)
+            .or_default()
+            .insert(self.seq, k);
+        self.items.insert(k, (self.seq, client, now, v));
+        gone
+    }
+
+    /// Takes what `k` holds, with when it came.
+    fn remove(&mut self, k: &K) -> Option<(Instant, V)> {
+        let (seq, client, at, v) = self.items.remove(k)?;
+        self.order.remove(&seq);
+        if let Some(l) = self.per_client.get_mut(&client) {
+            l.remove(&seq);
+            if l.is_empty() {
+                self.per_client.remove(&client);
+            }
+        }
+        Some((at, v))
+    }
+
+    /// Gives up what came more than `after` ago (in the order they came).
+    fn expire(&mut self, now: Instant, after: Duration) -> Vec<K> {
+        let mut gone = Vec::new();
+        while let Some((_, &k)) = self.order.first_key_value() {
+            let at = self.items[&k].2;
+            if now.saturating_duration_since(at) <= after {
+                break;
+            }
+            self.remove(&k);
+            gone.push(k);
+        }
+        gone
+    }
+
+    fn check(&self) {
+        assert!(self.items.len() <= self.max);
+        assert_eq!(self.items.len(), self.order.len());
+        let n: usize = self.per_client.values().map(BTreeMap::len).sum();
+        assert_eq!(n, self.items.len());
+        for l in self.per_client.values() {
+            assert!(!l.is_empty() && l.len() <= self.per_client_max);
+        }
+        for (seq, k) in &self.order {
+            assert_eq!(self.items[k].0, *seq);
+        }
+    }
+}
+
+/// A DNS query that went out from the LAN: what an answer must carry to count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct QueryKey {
+    /// The LAN host that asked.
+    pub client: IpAddr,
+    /// The server it asked (the answer must come from it).
+    pub resolver: IpAddr,
+    /// The client's port (the resolver's is 53).
+    pub port: u16,
+    /// The message id.
+    pub id: u16,
+}
+
+/// Events waiting for their turn, queued per LAN client and taken one client
+/// at a time in turn, so a client that floods waits behind its own events while
+/// another's few are taken at once. Bounded per client and in total: a client at
+/// its bound sheds its newest, and when the total is reached the longest queue
+/// sheds its oldest. Every operation is O(log n) (n clients).
+#[derive(Debug)]
+pub struct FairQueue {
+    queues: HashMap<IpAddr, std::collections::VecDeque<Vec<u8>>>,
+    /// Clients with events, in the order they get their next turn.
+    turn: std::collections::VecDeque<IpAddr>,
+    /// (queued events, client) of every client with events.
+    lens: BTreeSet<(usize, IpAddr)>,
+    total: usize,
+    max_total: usize,
+    max_per_client: usize,
+}
+
+impl FairQueue {
+    pub fn new(max_total: usize, max_per_client: usize) -> Self {
+        FairQueue {
+            queues: HashMap::new(),
+            turn: Default::default(),
+            lens: BTreeSet::new(),
+            total: 0,
+            max_total: max_total.max(1),
+            max_per_client: max_per_client.max(1),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    /// Queues `ev` (one event's bytes) for its client (the connection's LAN
+    /// side); returns what was shed to bound the queues (possibly `ev` itself).
+    pub fn push(&mut self, ev: Vec<u8>) -> Option<Vec<u8>> {
+        let Some(client) = read_event(&ev).map(|(e, _)| key_addrs(&e.key).0) else {
+            return Some(ev);
+        };
+        let n = self.queues.get(&client).map_or(0, |q| q.len());
+        if n >= self.max_per_client {
+            return Some(ev);
+        }
+        let shed = if self.total >= self.max_total {
+            // The longest queue gives up its oldest, if it is longer than this
+            // client's would become (and keeps a turn: at least one stays).
+            let &(len, longest) = self.lens.last()?;
+            if len <= n + 1 {
+                return Some(ev);
+            }
+            self.take_front(longest)
+        } else {
+            None
+        };
+        let n = self.queues.get(&client).map_or(0, |q| q.len());
+        if n == 0 {
+            self.turn.push_back(client);
+        } else {
+            self.lens.remove(&(n, client));
+        }
+        self.lens.insert((n + 1, client));
+        self.queues.entry(client).or_default().push_back(ev);
+        self.total += 1;
+        shed
+    }
+
+    /// The next event: the front of the queue of the client whose turn it is.
+    pub fn pop(&mut self) -> Option<Vec<u8>> {
+        let client = self.turn.pop_front()?;
+        let ev = self.take_front(client);
+        if self.queues.contains_key(&client) {
+            self.turn.push_back(client);
+        }
+        ev
+    }
+
+    /// Takes `client`'s oldest event. A client left with none must not be in
+    /// `turn` (`pop` took it out; `push` sheds only from queues of two or more).
+    fn take_front(&mut self, client: IpAddr) -> Option<Vec<u8>> {
+        let q = self.queues.get_mut(&client)?;
+        let n = q.len();
+        let ev = q.pop_front();
+        self.lens.remove(&(n, client));
+        if n > 1 {
+            self.lens.insert((n - 1, client));
+        } else {
+            self.queues.remove(&client);
+        }
+        self.total -= 1;
+        ev
+    }
+
+    /// Checks the queue's bookkeeping (tests, fuzzing).
+    pub fn check(&self) {
+        let n: usize = self.queues.values().map(|q| q.len()).sum();
+        assert_eq!(n, self.total);
+        assert!(self.total <= self.max_total);
+        assert_eq!(self.lens.len(), self.queues.len());
+        assert_eq!(self.turn.len(), self.queues.len());
+        for (len, c) in &self.lens {
+            assert_eq!(self.queues[c].len(), *len);
+            assert!(*len > 0 && *len <= self.max_per_client);
+        }
+    }
+}
+
+/// A time budget per second for one kind of work: once a second's worth is
+/// used, that kind of work waits for the next second (its events are shed).
+#[derive(Debug, Clone)]
+pub struct Budget {
+    limit: Duration,
+    start: Option<Instant>,
+    used: Duration,
+}
+
+impl Budget {
+    pub fn new(limit: Duration) -> Self {
+        Budget {
+            limit,
+            start: None,
+            used: Duration::ZERO,
+        }
+    }
+
+    /// Whether work may be done now.
+    pub fn allows(&mut self, now: Instant) -> bool {
+        match self.start {
+            Some(s) if now.saturating_duration_since(s) < Duration::from_secs(1) => {}
+            _ => {
+                self.start = Some(now);
+                self.used = Duration::ZERO;
+            }
+        }
+        self.used < self.limit
+    }
+
+    /// Counts work done.
+    pub fn charge(&mut self, d: Duration) {
+        self.used += d;
+    }
+
+    /// When the current second ends (work is allowed again then).
+    pub fn reopens(&self) -> Option<Instant> {
+        self.start.map(|s| s + Duration::from_secs(1))
     }
 }
 
@@ -258,37 +667,77 @@ impl Slots {
     }
 }
 
-/// An event's bytes as the classifier writes them to the ring buffer: the
-/// connection `key` (from the site's side) and up to `EVENT_DATA` bytes of
-/// `payload` (for tests, benchmarks and the soak).
+/// An event's bytes as the classifier writes them to its rings: the connection
+/// `key` (from the site's side) and the start of `payload`, as much as the
+/// kind's event holds (`DNS_QUERY_DATA` bytes of a query, `EVENT_DATA` of the
+/// others), for tests, benchmarks, fuzzing and the soak.
 pub fn event_bytes(kind: u32, dir: u32, key: HostKey, payload: &[u8]) -> Vec<u8> {
-    let n = payload.len().min(shaper_common::EVENT_DATA);
-    let mut ev = Event {
-        kind,
-        len: n as u32,
-        dir,
-        dscp: 0,
-        key,
-        data: [0; shaper_common::EVENT_DATA],
-    };
-    ev.data[..n].copy_from_slice(&payload[..n]);
-    // SAFETY: Event is #[repr(C)] plain old data; the slice covers exactly one.
-    unsafe {
-        std::slice::from_raw_parts(
-            &ev as *const Event as *const u8,
-            std::mem::size_of::<Event>(),
-        )
+    fn bytes<const N: usize>(kind: u32, dir: u32, key: HostKey, payload: &[u8]) -> Vec<u8> {
+        let n = payload.len().min(N);
+        let mut ev = EventOf::<N> {
+            kind,
+            len: n as u32,
+            dir,
+            dscp: 0,
+            key,
+            data: [0; N],
+        };
+        ev.data[..n].copy_from_slice(&payload[..n]);
+        // SAFETY: EventOf is #[repr(C)] plain old data; the slice covers exactly one.
+        unsafe {
+            std::slice::from_raw_parts(
+                &ev as *const EventOf<N> as *const u8,
+                std::mem::size_of::<EventOf<N>>(),
+            )
+        }
+        .to_vec()
     }
-    .to_vec()
+    if kind == EV_DNS_QUERY {
+        bytes::<DNS_QUERY_DATA>(kind, dir, key, payload)
+    } else {
+        bytes::<EVENT_DATA>(kind, dir, key, payload)
+    }
+}
+
+/// An event's fixed part and its payload, from a ring's record (`None` if too short).
+fn read_event(bytes: &[u8]) -> Option<(EventOf<0>, &[u8])> {
+    if bytes.len() < EVENT_HEADER {
+        return None;
+    }
+    // SAFETY: EventOf<0> is the plain-old-data fixed part of every event (its size
+    // is EVENT_HEADER), and `bytes` holds at least that much.
+    let ev: EventOf<0> = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const EventOf<0>) };
+    let data = &bytes[EVENT_HEADER..];
+    let n = (ev.len as usize).min(data.len());
+    Some((ev, &data[..n]))
 }
 
 /// Counters of what the host-name path did (shown by `shaper status` through
 /// hosts.json).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HostStats {
+    /// DNS queries from the LAN read (their answers may teach addresses).
+    #[serde(default)]
+    pub dns_queries: u64,
+    /// Queries given up to make room before an answer came (too many at once).
+    #[serde(default)]
+    pub dns_queries_dropped: u64,
     pub dns_answers: u64,
     pub dns_unparsed: u64,
+    /// Answers that matched no query held here (its event was shed or lost, it
+    /// expired, or the question differs): nothing learned from them.
+    #[serde(default)]
+    pub dns_unmatched: u64,
+    /// Answers to queries sent to a server not in `[dns] resolvers`.
+    #[serde(default)]
+    pub dns_other_resolver: u64,
     pub dns_addresses_learned: u64,
+    /// Addresses of an answer beyond the first `MAX_ANSWER_ADDRS`, not learned.
+    #[serde(default)]
+    pub dns_addresses_ignored: u64,
+    /// Learned addresses evicted to make room (the table was full).
+    #[serde(default)]
+    pub dns_evicted: u64,
     pub tls_hellos: u64,
     pub tls_segments_joined: u64,
     /// QUIC client Initials read (first of a connection), and later ones joined.
@@ -296,6 +745,9 @@ pub struct HostStats {
     pub quic_initials: u64,
     #[serde(default)]
     pub quic_initials_joined: u64,
+    /// Unfinished split hellos given up to make room for newer ones.
+    #[serde(default)]
+    pub hellos_given_up: u64,
     pub sni_found: u64,
     pub sni_absent: u64,
     pub sni_unparsed: u64,
@@ -303,6 +755,12 @@ pub struct HostStats {
     /// Addresses not installed: no bitmap slot left.
     pub no_room: u64,
     pub kernel_errors: u64,
+    /// Events read but not worked on: over the second's time budget for DNS work
+    /// or for hellos (learning gives way; see `hosts_task`).
+    #[serde(default)]
+    pub shed_dns: u64,
+    #[serde(default)]
+    pub shed_hellos: u64,
 }
 
 /// One learned address, as written to hosts.json.
@@ -333,14 +791,25 @@ pub struct Snapshot {
     pub sni: Vec<SniEntry>,
 }
 
-/// Most connections whose ClientHello is being put together at once.
+/// Most connections whose ClientHello is being put together at once ...
 const MAX_PENDING: usize = 256;
+/// ... and per LAN client.
+const MAX_PENDING_PER_CLIENT: usize = 32;
 /// Most bytes of one ClientHello kept.
 const MAX_HELLO: usize = 16 * 1024;
 /// A split ClientHello not completed in this time is given up.
 const PENDING_FOR: Duration = Duration::from_secs(5);
 /// SNI decisions listed in hosts.json (the most recent).
 const MAX_SNI_LISTED: usize = 1024;
+/// Most DNS queries waiting for their answer at once ...
+const MAX_QUERIES: usize = 4096;
+/// ... and per LAN client.
+const MAX_QUERIES_PER_CLIENT: usize = 512;
+/// A query's answer counts this long after the query (as in the classifier).
+const QUERY_FOR: Duration = Duration::from_nanos(DNS_ANSWER_WITHIN_NS);
+/// Most addresses one answer teaches (the rest are counted and left): real
+/// answers carry a handful; this bounds the work one packet can cause.
+pub const MAX_ANSWER_ADDRS: usize = 32;
 
 /// The host rule a connection's server name makes win, if any: what user
 /// space writes to HOST_FLOWS (and what `explain` says). `learned(rank)`:
@@ -385,9 +854,12 @@ pub struct Engine<K: Kernel> {
     slots: Slots,
     /// What the kernel holds per address: (static id, rule set).
     installed: HashMap<IpAddr, (u32, Vec<usize>)>,
-    pending: HashMap<HostKey, (Instant, Vec<u8>)>,
+    /// DNS queries from the LAN waiting for their answer.
+    queries: FairMap<QueryKey, dnswire::Question>,
+    /// TCP connections whose ClientHello spans several segments.
+    pending: FairMap<HostKey, Vec<u8>>,
     /// QUIC connections whose ClientHello spans several Initials.
-    quic_pending: HashMap<HostKey, (Instant, crate::quic::HelloAssembler)>,
+    quic_pending: FairMap<HostKey, crate::quic::HelloAssembler>,
     sni: Vec<SniEntry>,
     pub stats: HostStats,
     kernel: K,
@@ -406,12 +878,16 @@ fn key_addrs(k: &HostKey) -> (IpAddr, IpAddr) {
 
 impl<K: Kernel> Engine<K> {
     pub fn new(plan: &Plan, kernel: K) -> Self {
-        let maps = compile::maps(plan);
+        Self::with_maps(plan, compile::maps(plan), kernel)
+    }
+
+    /// [`Engine::new`] with the plan's maps already compiled (`compile::maps(plan)`).
+    pub fn with_maps(plan: &Plan, maps: MapPlan, kernel: K) -> Self {
         let first = maps.bitmaps.len() as u32;
         Engine {
             policy: plan.policy.clone(),
             rules: HostRules::new(&plan.policy),
-            table: Table::new(plan.policy.dns),
+            table: Table::new(plan.policy.dns.clone()),
             slots: Slots {
                 next: first,
                 end: first + maps.spare_bitmaps,
@@ -419,48 +895,90 @@ impl<K: Kernel> Engine<K> {
             },
             maps,
             installed: HashMap::new(),
-            pending: HashMap::new(),
-            quic_pending: HashMap::new(),
+            queries: FairMap::new(MAX_QUERIES, MAX_QUERIES_PER_CLIENT),
+            pending: FairMap::new(MAX_PENDING, MAX_PENDING_PER_CLIENT),
+            quic_pending: FairMap::new(MAX_PENDING, MAX_PENDING_PER_CLIENT),
             sni: Vec::new(),
             stats: HostStats::default(),
             kernel,
         }
     }
 
+    /// How many rules name hosts.
+    pub fn host_rules(&self) -> usize {
+        self.rules.rules.len()
+    }
+
     /// Re-learns what an engine over the previous policy knew (names are
     /// matched against this policy's rules).
     pub fn carry_over(&mut self, now: Instant, old: &Table) {
-        for (addr, name, expires) in old.names() {
+        for (addr, name, expires, client) in old.names() {
             let left = expires.saturating_duration_since(now).as_secs() as u32;
             if left == 0 {
                 continue;
             }
             for rank in self.rules.matching(&name) {
-                self.table.learn(now, addr, rank, &name, left);
+                self.table.learn(now, client, addr, rank, &name, left);
             }
             self.sync(addr);
         }
     }
 
-    /// One event from the ring buffer.
+    /// One event from a ring buffer.
     pub fn on_event(&mut self, now: Instant, bytes: &[u8]) {
-        if bytes.len() < std::mem::size_of::<Event>() {
+        let Some((ev, data)) = read_event(bytes) else {
             return;
-        }
-        // SAFETY: Event is plain old data and `bytes` holds at least one.
-        let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const Event) };
-        let len = (ev.len as usize).min(ev.data.len());
+        };
         match ev.kind {
-            EV_DNS => self.on_dns(now, &ev.data[..len]),
+            EV_DNS_QUERY if ev.dir == DIR_UP => self.on_query(now, ev.key, data),
+            EV_DNS if ev.dir == DIR_DOWN => self.on_dns(now, ev.key, data),
             EV_TLS if ev.dir == DIR_UP && ev.key.proto == 17 => {
-                self.on_quic(now, ev.key, ev.dscp as u8, &ev.data[..len])
+                self.on_quic(now, ev.key, ev.dscp as u8, data)
             }
-            EV_TLS if ev.dir == DIR_UP => self.on_tls(now, ev.key, ev.dscp as u8, &ev.data[..len]),
+            EV_TLS if ev.dir == DIR_UP => self.on_tls(now, ev.key, ev.dscp as u8, data),
             _ => {}
         }
     }
 
-    fn on_dns(&mut self, now: Instant, payload: &[u8]) {
+    /// Counts an event read but not worked on (over its time budget).
+    pub fn shed(&mut self, bytes: &[u8]) {
+        match read_event(bytes).map(|(ev, _)| ev.kind) {
+            Some(EV_DNS | EV_DNS_QUERY) => self.stats.shed_dns += 1,
+            Some(EV_TLS) => self.stats.shed_hellos += 1,
+            _ => {}
+        }
+    }
+
+    /// A query from the LAN on its way to the WAN: held until its answer.
+    fn on_query(&mut self, now: Instant, key: HostKey, payload: &[u8]) {
+        let msg = match dnswire::parse_udp(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.dns_unparsed += 1;
+                log::debug!("DNS query not understood: {e}");
+                return;
+            }
+        };
+        let Some(q) = msg.question else { return };
+        if msg.is_response || msg.opcode != 0 {
+            return;
+        }
+        self.stats.dns_queries += 1;
+        let (client, resolver) = key_addrs(&key);
+        let k = QueryKey {
+            client,
+            resolver,
+            port: key.sport as u16,
+            id: msg.id,
+        };
+        let gone = self.queries.insert(now, client, k, q);
+        self.stats.dns_queries_dropped += gone.len() as u64;
+    }
+
+    /// An answer on its way to the LAN, from the WAN (the classifier checked
+    /// that, and that it answers a query it saw): learned from if it answers a
+    /// query held here, with the same question.
+    fn on_dns(&mut self, now: Instant, key: HostKey, payload: &[u8]) {
         let msg = match dnswire::parse_udp(payload) {
             Ok(m) => m,
             Err(e) => {
@@ -470,6 +988,27 @@ impl<K: Kernel> Engine<K> {
             }
         };
         self.stats.dns_answers += 1;
+        let (client, resolver) = key_addrs(&key);
+        let k = QueryKey {
+            client,
+            resolver,
+            port: key.sport as u16,
+            id: msg.id,
+        };
+        let asked = match self.queries.remove(&k) {
+            Some((sent, q)) if now.saturating_duration_since(sent) <= QUERY_FOR => Some(q),
+            _ => None,
+        };
+        if asked.is_none() || asked != msg.question {
+            self.stats.dns_unmatched += 1;
+            log::debug!("DNS answer from {resolver} to {client} answers no query held");
+            return;
+        }
+        if !self.policy.dns.resolvers.is_empty() && !self.policy.dns.resolvers.contains(&resolver) {
+            self.stats.dns_other_resolver += 1;
+            log::debug!("DNS answer from {resolver}, not one of [dns] resolvers: not learned");
+            return;
+        }
         // Each rule with the first name on the chain it matches (the queried
         // name, or a CNAME target a rule names): that name is kept, so a reload
         // can match it against the new rules.
@@ -482,17 +1021,29 @@ impl<K: Kernel> Engine<K> {
         if by_rank.is_empty() {
             return;
         }
+        let chain = dnswire::resolve_chain(&msg);
+        let over = chain.len().saturating_sub(MAX_ANSWER_ADDRS);
+        self.stats.dns_addresses_ignored += over as u64;
         let mut changed = Vec::new();
-        for (_, addr, ttl) in dnswire::resolve_chain(&msg) {
+        for (_, addr, ttl) in chain.into_iter().take(MAX_ANSWER_ADDRS) {
             for (&rank, name) in &by_rank {
-                changed.extend(self.table.learn(now, addr, rank, name, ttl));
+                changed.extend(self.table.learn(now, client, addr, rank, name, ttl));
             }
             self.stats.dns_addresses_learned += 1;
         }
+        self.stats.dns_evicted = self.table.evicted;
         changed.sort_unstable();
         changed.dedup();
         for a in changed {
             self.sync(a);
+        }
+    }
+
+    /// Stops asking the kernel for more of connections whose hellos were given up.
+    fn give_up(&mut self, keys: Vec<HostKey>) {
+        for k in keys {
+            self.stats.hellos_given_up += 1;
+            let _ = self.kernel.del_host_flow(&k);
         }
     }
 
@@ -517,9 +1068,7 @@ impl<K: Kernel> Engine<K> {
                 self.decide(key, dscp, &name);
                 return;
             }
-            Ok(sni::Sni::NeedMore(_))
-                if bytes.len() < MAX_HELLO && self.pending.len() < MAX_PENDING =>
-            {
+            Ok(sni::Sni::NeedMore(_)) if bytes.len() < MAX_HELLO => {
                 let want = HostVal {
                     rule: NO_RULE,
                     class: 0,
@@ -527,7 +1076,9 @@ impl<K: Kernel> Engine<K> {
                     _pad: 0,
                 };
                 if self.kernel.set_host_flow(&key, want).is_ok() {
-                    self.pending.insert(key, (now, bytes.to_vec()));
+                    let (src, _) = key_addrs(&key);
+                    let gone = self.pending.insert(now, src, key, bytes.to_vec());
+                    self.give_up(gone);
                 } else {
                     self.stats.kernel_errors += 1;
                 }
@@ -573,7 +1124,7 @@ impl<K: Kernel> Engine<K> {
                 self.decide(key, dscp, &name);
                 return;
             }
-            Ok(sni::Sni::NeedMore(_)) if self.quic_pending.len() < MAX_PENDING => {
+            Ok(sni::Sni::NeedMore(_)) => {
                 let want = HostVal {
                     rule: NO_RULE,
                     class: 0,
@@ -581,7 +1132,9 @@ impl<K: Kernel> Engine<K> {
                     _pad: 0,
                 };
                 if self.kernel.set_host_flow(&key, want).is_ok() {
-                    self.quic_pending.insert(key, (now, asm));
+                    let (src, _) = key_addrs(&key);
+                    let gone = self.quic_pending.insert(now, src, key, asm);
+                    self.give_up(gone);
                 } else {
                     self.stats.kernel_errors += 1;
                 }
@@ -598,7 +1151,6 @@ impl<K: Kernel> Engine<K> {
         }
     }
 
-    /// The rule a connection with this server name falls to, if the name is
     /// what decides it.
     pub fn sni_rule(&self, view: &PacketView, name: &str) -> Option<usize> {
         sni_winner(&self.policy, view, name, |rank| {
@@ -658,28 +1210,41 @@ impl<K: Kernel> Engine<K> {
         });
     }
 
-    /// Expires addresses and gives up split ClientHellos that did not complete.
+    /// Expires addresses and queries, and gives up split ClientHellos that did
+    /// not complete.
     pub fn tick(&mut self, now: Instant) {
         for a in self.table.expire(now) {
             self.sync(a);
         }
-        let stale: Vec<HostKey> = self
-            .pending
-            .iter()
-            .filter(|(_, (t, _))| now.duration_since(*t) > PENDING_FOR)
-            .map(|(k, _)| *k)
-            .collect();
-        let stale_quic: Vec<HostKey> = self
-            .quic_pending
-            .iter()
-            .filter(|(_, (t, _))| now.duration_since(*t) > PENDING_FOR)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in stale.into_iter().chain(stale_quic) {
-            self.pending.remove(&k);
-            self.quic_pending.remove(&k);
+        self.queries.expire(now, QUERY_FOR);
+        let mut stale = self.pending.expire(now, PENDING_FOR);
+        stale.extend(self.quic_pending.expire(now, PENDING_FOR));
+        for k in stale {
             let _ = self.kernel.del_host_flow(&k);
         }
+    }
+
+    /// Checks the engine's own bookkeeping (tests, fuzzing): the table's
+    /// indexes, the bounds of what is held, and that the kernel holds exactly
+    /// the learned addresses that had a slot.
+    pub fn check(&self) {
+        self.table.check();
+        self.queries.check();
+        self.pending.check();
+        self.quic_pending.check();
+        for a in self.installed.keys() {
+            assert!(
+                !self.table.rules_of(*a).is_empty(),
+                "{a} installed, not learned"
+            );
+        }
+        // What could not be installed (no slot, a kernel error) keeps the old entry.
+        if self.stats.no_room == 0 && self.stats.kernel_errors == 0 {
+            for (a, (_, rules)) in &self.installed {
+                assert_eq!(&self.table.rules_of(*a), rules);
+            }
+        }
+        assert!(self.sni.len() <= MAX_SNI_LISTED);
     }
 
     /// Puts the table's state for `addr` into the kernel.
@@ -746,8 +1311,8 @@ impl<K: Kernel> Engine<K> {
             .table
             .entries
             .iter()
-            .flat_map(|(a, rules)| {
-                rules.iter().map(move |(rank, l)| LearnedEntry {
+            .flat_map(|(a, e)| {
+                e.rules.iter().map(move |(rank, l)| LearnedEntry {
                     addr: *a,
                     rule: self.policy.rules[*rank].name.clone(),
                     name: l.name.clone(),
@@ -761,57 +1326,6 @@ impl<K: Kernel> Engine<K> {
             learned,
             sni: self.sni.clone(),
         }
-    }
-}
-
-/// The classifier's maps the engine writes: the running one's (pinned), or a
-/// loaded object's (benchmarks, the soak).
-pub struct MapKernel {
-    pub bitmaps: Array<MapData, Bitmap>,
-    pub learned4: BpfHashMap<MapData, [u8; 4], u32>,
-    pub learned6: BpfHashMap<MapData, [u8; 16], u32>,
-    pub host_flows: BpfHashMap<MapData, HostKey, HostVal>,
-}
-
-impl MapKernel {
-    fn from(mut get: impl FnMut(&str) -> Result<aya::maps::Map>) -> Result<Self> {
-        Ok(MapKernel {
-            bitmaps: Array::try_from(get(MAP_BITMAPS)?)?,
-            learned4: BpfHashMap::try_from(get(MAP_LEARNED4)?)?,
-            learned6: BpfHashMap::try_from(get(MAP_LEARNED6)?)?,
-            host_flows: BpfHashMap::try_from(get(MAP_HOST_FLOWS)?)?,
-        })
-    }
-
-    /// The running classifier's maps, from their pins.
-    pub fn open(pins: &Pins) -> Result<Self> {
-        Self::from(|name| bpf::open_pinned(pins, name))
-    }
-
-    /// Empties the learned-address maps. A daemon started over shaping that is already in
-    /// place (a restart keeps the maps) does not know the names and expiries behind what
-    /// the last one learned, so could never expire or evict them: they go, as with a fresh
-    /// apply, and the clients' next lookups refill them. Decided flows (`HOST_FLOWS`, an
-    /// LRU map) stay.
-    pub fn clear_learned(&mut self) -> Result<usize> {
-        let v4: Vec<[u8; 4]> = self.learned4.keys().collect::<Result<_, _>>()?;
-        let v6: Vec<[u8; 16]> = self.learned6.keys().collect::<Result<_, _>>()?;
-        for k in &v4 {
-            let _ = self.learned4.remove(k);
-        }
-        for k in &v6 {
-            let _ = self.learned6.remove(k);
-        }
-        Ok(v4.len() + v6.len())
-    }
-
-    /// Takes the maps out of a loaded object (its program keeps its own
-    /// references to them).
-    pub fn take(obj: &mut aya::Ebpf) -> Result<Self> {
-        Self::from(|name| {
-            obj.take_map(name)
-                .with_context(|| format!("map {name} missing from the object"))
-        })
     }
 }
 
@@ -834,128 +1348,10 @@ impl<K: Kernel> Kernel for std::rc::Rc<std::cell::RefCell<K>> {
     }
 }
 
-impl Kernel for MapKernel {
-    fn write_bitmap(&mut self, slot: u32, words: &[u64]) -> Result<()> {
-        let mut b: Bitmap = [0; BITMAP_WORDS];
-        b[..words.len()].copy_from_slice(words);
-        self.bitmaps
-            .set(slot, b, 0)
-            .context("writing a rule bitmap")
-    }
-    fn set_addr(&mut self, addr: IpAddr, id: u32) -> Result<()> {
-        match addr {
-            IpAddr::V4(a) => self.learned4.insert(a.octets(), id, 0),
-            IpAddr::V6(a) => self.learned6.insert(a.octets(), id, 0),
-        }
-        .context("writing the learned addresses")
-    }
-    fn del_addr(&mut self, addr: IpAddr) -> Result<()> {
-        match addr {
-            IpAddr::V4(a) => self.learned4.remove(&a.octets()),
-            IpAddr::V6(a) => self.learned6.remove(&a.octets()),
-        }
-        .context("removing from the learned addresses")
-    }
-    fn set_host_flow(&mut self, key: &HostKey, val: HostVal) -> Result<()> {
-        self.host_flows
-            .insert(key, val, 0)
-            .context("writing the host-flow map")
-    }
-    fn del_host_flow(&mut self, key: &HostKey) -> Result<()> {
-        self.host_flows
-            .remove(key)
-            .context("removing from the host-flow map")
-    }
-}
-
-/// What the host task needs of an apply.
-#[derive(Debug, Clone)]
-pub struct HostsApplied {
-    pub plan: Plan,
-    pub pins: Pins,
-}
-
 /// Where `shaper run` writes the learned names (for `shaper status` and
 /// `shaper explain`).
 pub fn snapshot_path(run: &Path) -> PathBuf {
     run.join("hosts.json")
-}
-
-/// The daemon's host-name task: reads events while the applied policy has
-/// host rules; every apply sends the new plan (the maps are new: the
-/// learned addresses are installed again).
-pub async fn run(mut applied: watch::Receiver<Option<HostsApplied>>, run_dir: PathBuf) {
-    let mut carried: Option<Table> = None;
-    loop {
-        let current = applied.borrow_and_update().clone();
-        let Some(a) = current.filter(|a| a.plan.policy.uses_hosts()) else {
-            let _ = std::fs::remove_file(snapshot_path(&run_dir));
-            if applied.changed().await.is_err() {
-                return;
-            }
-            continue;
-        };
-        let opened = MapKernel::open(&a.pins).and_then(|k| {
-            let ring = RingBuf::try_from(bpf::open_pinned(&a.pins, MAP_EVENTS)?)?;
-            // SAFETY: the ring buffer's fd stays open as long as the AsyncFd owns it.
-            let fd = unsafe { AsyncFd::register(ring) }.context("registering the event ring")?;
-            Ok((k, fd))
-        });
-        let (mut kernel, mut ring) = match opened {
-            Ok(x) => x,
-            Err(e) => {
-                log::error!("host names off until the next apply: {e:#}");
-                if applied.changed().await.is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
-        if carried.is_none() {
-            match kernel.clear_learned() {
-                Ok(0) => {}
-                Ok(n) => log::info!(
-                    "{n} learned address(es) left by an earlier daemon dropped (their names and expiries are not known here)"
-                ),
-                Err(e) => log::warn!("clearing the learned addresses: {e:#}"),
-            }
-        }
-        let mut engine = Engine::new(&a.plan, kernel);
-        if let Some(old) = carried.take() {
-            engine.carry_over(Instant::now(), &old);
-        }
-        log::info!(
-            "host names on: {} rule(s) watch DNS answers and TLS server names",
-            engine.rules.rules.len()
-        );
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let path = snapshot_path(&run_dir);
-        let stop = loop {
-            tokio::select! {
-                r = ring.readable_mut() => {
-                    let Ok(mut guard) = r else { break false };
-                    let now = Instant::now();
-                    let rb = guard.get_inner_mut();
-                    while let Some(item) = rb.next() {
-                        engine.on_event(now, &item);
-                    }
-                    guard.clear_ready();
-                }
-                _ = tick.tick() => {
-                    let now = Instant::now();
-                    engine.tick(now);
-                    write_snapshot(&path, &engine.snapshot(now));
-                }
-                c = applied.changed() => break c.is_err(),
-            }
-        };
-        carried = Some(std::mem::take(&mut engine.table));
-        if stop {
-            let _ = std::fs::remove_file(&path);
-            return;
-        }
-    }
 }
 
 /// Reads what a running `shaper run` wrote; `None` when it wrote nothing
@@ -965,7 +1361,8 @@ pub fn read_snapshot(run: &Path) -> Option<Snapshot> {
     serde_json::from_slice(&b).ok()
 }
 
-fn write_snapshot(path: &Path, s: &Snapshot) {
+/// Writes `s` to `path` atomically (a rename).
+pub(crate) fn write_snapshot(path: &Path, s: &Snapshot) {
     let tmp = path.with_extension("json.next");
     let r = serde_json::to_vec_pretty(s)
         .map_err(anyhow::Error::from)
@@ -1068,13 +1465,54 @@ default = true
         m
     }
 
-    fn event(kind: u32, data: &[u8]) -> Vec<u8> {
-        event_bytes(
-            kind,
-            if kind == EV_DNS { 1 } else { 0 },
-            HostKey::default(),
-            data,
-        )
+    /// A DNS query for `name` with message id `id`.
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut m = id.to_be_bytes().to_vec();
+        m.extend([0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for l in name.split('.') {
+            m.push(l.len() as u8);
+            m.extend_from_slice(l.as_bytes());
+        }
+        m.extend([0, 0, 1, 0, 1]);
+        m
+    }
+
+    fn v4key(src: [u8; 4], dst: [u8; 4], sport: u32, dport: u32, proto: u8) -> HostKey {
+        let mut k = HostKey {
+            sport,
+            dport,
+            proto,
+            family: 4,
+            ..Default::default()
+        };
+        k.src[..4].copy_from_slice(&src);
+        k.dst[..4].copy_from_slice(&dst);
+        k
+    }
+
+    /// `client` port 40000 asking 192.0.2.53 port 53 (as the classifier keys both
+    /// the query and its answer).
+    fn dns_key(client: [u8; 4]) -> HostKey {
+        v4key(client, [192, 0, 2, 53], 40_000, 53, 17)
+    }
+
+    const CLIENT: [u8; 4] = [192, 168, 1, 10];
+
+    fn ask(e: &mut Engine<impl Kernel>, now: Instant, key: HostKey, id: u16, name: &str) {
+        e.on_event(
+            now,
+            &event_bytes(EV_DNS_QUERY, DIR_UP, key, &query(id, name)),
+        );
+    }
+
+    fn reply(e: &mut Engine<impl Kernel>, now: Instant, key: HostKey, answer: &[u8]) {
+        e.on_event(now, &event_bytes(EV_DNS, DIR_DOWN, key, answer));
+    }
+
+    /// The query for `name` going out from [`CLIENT`], then `answer` coming back.
+    fn asked_and_answered(e: &mut Engine<impl Kernel>, now: Instant, name: &str, answer: &[u8]) {
+        ask(e, now, dns_key(CLIENT), 0x1234, name);
+        reply(e, now, dns_key(CLIENT), answer);
     }
 
     #[test]
@@ -1087,16 +1525,13 @@ default = true
         let mut e = Engine::new(&p, &mut fake);
         let t0 = Instant::now();
         // media.sfu.whereby.com CNAME edge.example.net A 192.0.2.7, TTL 30 s.
-        let ev = event(
-            EV_DNS,
-            &answer(
-                "media.sfu.whereby.com",
-                "edge.example.net",
-                [192, 0, 2, 7],
-                30,
-            ),
+        let ans = answer(
+            "media.sfu.whereby.com",
+            "edge.example.net",
+            [192, 0, 2, 7],
+            30,
         );
-        e.on_event(t0, &ev);
+        asked_and_answered(&mut e, t0, "media.sfu.whereby.com", &ans);
         assert_eq!(e.stats.dns_answers, 1);
         let addr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
         assert!(e.table.has(addr, 0), "learned for rule 0");
@@ -1107,7 +1542,7 @@ default = true
         assert_eq!(words[0] & 0b11, 0b11, "{words:?}");
         // TTL 30 s is raised to min_ttl 60 s; gone after.
         let mut e = Engine::new(&p, &mut fake);
-        e.on_event(t0, &ev);
+        asked_and_answered(&mut e, t0, "media.sfu.whereby.com", &ans);
         e.tick(t0 + Duration::from_secs(59));
         assert!(e.table.has(addr, 0));
         e.tick(t0 + Duration::from_secs(61));
@@ -1124,16 +1559,13 @@ default = true
         let mut fake = Fake::default();
         let mut e = Engine::new(&p, &mut fake);
         let t0 = Instant::now();
-        let ev = event(
-            EV_DNS,
-            &answer(
-                "media.sfu.whereby.com",
-                "edge.example.net",
-                [192, 0, 2, 9],
-                600,
-            ),
+        let ans = answer(
+            "media.sfu.whereby.com",
+            "edge.example.net",
+            [192, 0, 2, 9],
+            600,
         );
-        e.on_event(t0, &ev);
+        asked_and_answered(&mut e, t0, "media.sfu.whereby.com", &ans);
         let addr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 9));
         assert!(e.table.has(addr, 0));
         assert_eq!(e.snapshot(t0).learned[0].name, "edge.example.net");
@@ -1156,36 +1588,259 @@ default = true
         );
         let mut fake = Fake::default();
         let mut e = Engine::new(&p, &mut fake);
-        e.on_event(
+        asked_and_answered(
+            &mut e,
             Instant::now(),
-            &event(
-                EV_DNS,
-                &answer("www.example.com", "x.example.net", [198, 51, 100, 1], 300),
-            ),
+            "www.example.com",
+            &answer("www.example.com", "x.example.net", [198, 51, 100, 1], 300),
         );
+        assert_eq!(e.stats.dns_answers, 1);
         assert!(e.table.is_empty());
         drop(e);
         assert!(fake.addrs.is_empty());
     }
 
     #[test]
-    fn the_table_is_bounded_and_the_soonest_to_expire_makes_room() {
+    fn the_table_is_bounded_and_the_client_holding_most_makes_room() {
         let mut t = Table::new(DnsSettings {
             min_ttl_s: 1,
-            max_ttl_s: 1000,
-            max_entries: 2,
+            max_ttl_s: 100_000,
+            max_entries: 4,
+            ..Default::default()
         });
         let now = Instant::now();
         let a = |n| IpAddr::V4(Ipv4Addr::new(10, 0, 0, n));
-        t.learn(now, a(1), 0, "a", 100);
-        t.learn(now, a(2), 0, "b", 10);
-        let changed = t.learn(now, a(3), 0, "c", 50);
-        assert_eq!(t.len(), 2);
+        let (real, flood) = (a(200), a(201));
+        // The real client's short-lived entries, then a flood of long-lived ones
+        // from another client.
+        t.learn(now, real, a(1), 0, "a", 100);
+        t.learn(now, real, a(2), 0, "b", 10);
+        for n in 10..60 {
+            t.learn(now, flood, a(n), 0, "forged", 86_400);
+            t.check();
+        }
+        assert_eq!(t.len(), 4);
+        assert!(t.has(a(1), 0) && t.has(a(2), 0), "the real entries held");
+        assert_eq!((t.held_by(real), t.held_by(flood)), (2, 2));
+        assert!(t.has(a(59), 0) && t.has(a(58), 0) && !t.has(a(57), 0));
+        // With one client, the least recently answered makes room (not the
+        // soonest to expire), and a new answer refreshes.
+        let mut t = Table::new(DnsSettings {
+            max_entries: 2,
+            min_ttl_s: 1,
+            max_ttl_s: 1000,
+            ..Default::default()
+        });
+        t.learn(now, real, a(1), 0, "a", 100);
+        t.learn(now, real, a(2), 0, "b", 10);
+        t.learn(now, real, a(1), 0, "a", 100);
+        let changed = t.learn(now, real, a(3), 0, "c", 50);
         assert!(
             changed.contains(&a(2)) && changed.contains(&a(3)),
             "{changed:?}"
         );
         assert!(t.has(a(1), 0) && t.has(a(3), 0) && !t.has(a(2), 0));
+        t.check();
+        assert_eq!(t.expire(now + Duration::from_secs(60)), vec![a(3)]);
+        assert_eq!(t.expire(now + Duration::from_secs(100)), vec![a(1)]);
+        assert!(t.is_empty());
+        t.check();
+    }
+
+    #[test]
+    fn answers_count_only_when_they_answer_a_query_that_went_out() {
+        let p = plan(
+            "[[rule]]\nname = \"wb\"\nclass = \"video\"\ndns_names = [\"*.sfu.whereby.com\"]\n",
+        );
+        let mut fake = Fake::default();
+        let mut e = Engine::new(&p, &mut fake);
+        let t0 = Instant::now();
+        let name = "media.sfu.whereby.com";
+        let ans = |n: u8| answer(name, "edge.example.net", [192, 0, 2, n], 300);
+        let has = |e: &Engine<&mut Fake>, n: u8| e.table.has(IpAddr::from([192, 0, 2, n]), 0);
+        // Unsolicited.
+        reply(&mut e, t0, dns_key(CLIENT), &ans(1));
+        assert!(!has(&e, 1));
+        // Asked from another port, or of another server, or another question.
+        ask(
+            &mut e,
+            t0,
+            v4key(CLIENT, [192, 0, 2, 53], 40_001, 53, 17),
+            0x1234,
+            name,
+        );
+        ask(
+            &mut e,
+            t0,
+            v4key(CLIENT, [198, 51, 100, 53], 40_000, 53, 17),
+            0x1234,
+            name,
+        );
+        ask(&mut e, t0, dns_key(CLIENT), 0x1234, "other.sfu.whereby.com");
+        reply(&mut e, t0, dns_key(CLIENT), &ans(2));
+        assert!(!has(&e, 2));
+        // Asked, answered: learned; the same answer again teaches nothing more.
+        ask(&mut e, t0, dns_key(CLIENT), 0x1234, name);
+        reply(&mut e, t0, dns_key(CLIENT), &ans(3));
+        reply(&mut e, t0, dns_key(CLIENT), &ans(4));
+        assert!(has(&e, 3) && !has(&e, 4));
+        // Too late.
+        ask(&mut e, t0, dns_key(CLIENT), 0x1234, name);
+        reply(
+            &mut e,
+            t0 + Duration::from_secs(6),
+            dns_key(CLIENT),
+            &ans(5),
+        );
+        assert!(!has(&e, 5));
+        // Expired by the tick.
+        ask(&mut e, t0, dns_key(CLIENT), 0x1234, name);
+        e.tick(t0 + Duration::from_secs(6));
+        reply(
+            &mut e,
+            t0 + Duration::from_secs(6),
+            dns_key(CLIENT),
+            &ans(6),
+        );
+        assert!(!has(&e, 6));
+        assert_eq!(e.stats.dns_answers, 6);
+        assert_eq!(e.stats.dns_unmatched, 5);
+        e.check();
+    }
+
+    #[test]
+    fn only_the_listed_resolvers_answers_count() {
+        let p = plan(
+            "[dns]\nresolvers = [\"192.0.2.53\"]\n\
+             [[rule]]\nname = \"wb\"\nclass = \"video\"\ndns_names = [\"*.sfu.whereby.com\"]\n",
+        );
+        let mut fake = Fake::default();
+        let mut e = Engine::new(&p, &mut fake);
+        let t0 = Instant::now();
+        let name = "media.sfu.whereby.com";
+        let other = v4key(CLIENT, [198, 51, 100, 53], 40_000, 53, 17);
+        ask(&mut e, t0, other, 0x1234, name);
+        reply(
+            &mut e,
+            t0,
+            other,
+            &answer(name, "x.example.net", [192, 0, 2, 1], 300),
+        );
+        assert_eq!(e.stats.dns_other_resolver, 1);
+        assert!(e.table.is_empty());
+        ask(&mut e, t0, dns_key(CLIENT), 0x1234, name);
+        reply(
+            &mut e,
+            t0,
+            dns_key(CLIENT),
+            &answer(name, "x.example.net", [192, 0, 2, 1], 300),
+        );
+        assert_eq!(e.table.len(), 1);
+    }
+
+    #[test]
+    fn an_answer_teaches_a_bounded_number_of_addresses() {
+        let p = plan(
+            "[[rule]]\nname = \"wb\"\nclass = \"video\"\ndns_names = [\"*.sfu.whereby.com\"]\n",
+        );
+        let mut fake = Fake::default();
+        let mut e = Engine::new(&p, &mut fake);
+        let name = "media.sfu.whereby.com";
+        // 90 A records for the name, compressed.
+        let mut m = query(7, name);
+        m[2] = 0x81;
+        m[3] = 0x80;
+        m[7] = 90;
+        for i in 0..90u8 {
+            m.extend([0xc0, 12, 0, 1, 0, 1, 0, 0, 1, 0, 0, 4, 198, 18, 0, i]);
+        }
+        let now = Instant::now();
+        ask(&mut e, now, dns_key(CLIENT), 7, name);
+        reply(&mut e, now, dns_key(CLIENT), &m);
+        assert_eq!(e.table.len(), MAX_ANSWER_ADDRS);
+        assert_eq!(e.stats.dns_addresses_ignored, 90 - MAX_ANSWER_ADDRS as u64);
+        e.check();
+    }
+
+    #[test]
+    fn a_flood_of_unfinished_hellos_does_not_block_a_real_one() {
+        let p = plan(
+            "[[rule]]\nname = \"pacs\"\nclass = \"video\"\ndns_names = [\"pacs.example.nhs.uk\"]\n",
+        );
+        // A ClientHello for pacs.example.nhs.uk split in two.
+        let hello = fixture!("tls/openssl-default-sni.bin");
+        let (first, second) = hello.split_at(40);
+        let mut fake = Fake::default();
+        let mut e = Engine::new(&p, &mut fake);
+        let now = Instant::now();
+        // Thousands of first halves from one host, and from many.
+        for i in 0..2000u32 {
+            let flood = v4key([192, 168, 1, 66], [203, 0, 113, 9], 10_000 + i, 443, 6);
+            e.on_event(now, &event_bytes(EV_TLS, DIR_UP, flood, first));
+            let many = v4key(
+                [10, 9, (i >> 8) as u8, i as u8],
+                [203, 0, 113, 9],
+                2000,
+                443,
+                6,
+            );
+            e.on_event(now, &event_bytes(EV_TLS, DIR_UP, many, first));
+        }
+        e.check();
+        assert!(e.stats.hellos_given_up >= 3500, "{:?}", e.stats);
+        let real = v4key(CLIENT, [203, 0, 113, 5], 50_000, 443, 6);
+        e.on_event(now, &event_bytes(EV_TLS, DIR_UP, real, first));
+        e.on_event(now, &event_bytes(EV_TLS, DIR_UP, real, second));
+        assert_eq!(e.stats.sni_decided, 1, "{:?}", e.stats);
+        drop(e);
+        assert_eq!(fake.flows[&real].flags, HOST_DECIDED);
+    }
+
+    #[test]
+    fn a_fair_queue_takes_clients_in_turn_and_the_flooder_sheds() {
+        let ev = |client: u8, n: u8| {
+            event_bytes(EV_DNS_QUERY, DIR_UP, dns_key([192, 168, 1, client]), &[n])
+        };
+        let mut q = FairQueue::new(8, 6);
+        // A flood from .66 fills its share; the rest of it is shed.
+        let shed: usize = (0..10).filter_map(|n| q.push(ev(66, n))).count();
+        assert_eq!((q.len(), shed), (6, 4));
+        // Others still get in (the flooder's oldest make room once it is full).
+        assert!(q.push(ev(10, 0)).is_none());
+        assert!(q.push(ev(11, 0)).is_none());
+        let gone = q.push(ev(12, 0)).expect("full: something is shed");
+        assert_eq!(read_event(&gone).map(|(e, _)| e.key.src[3]), Some(66));
+        q.check();
+        // Taken in turn: the flooder's first, then each other client's, then the flooder's.
+        let order: Vec<u8> = std::iter::from_fn(|| q.pop())
+            .map(|e| read_event(&e).expect("event").0.key.src[3])
+            .collect();
+        assert_eq!(order, [66, 10, 11, 12, 66, 66, 66, 66]);
+        assert!(q.is_empty());
+        q.check();
+    }
+
+    #[test]
+    fn a_budget_allows_its_time_per_second() {
+        let mut b = Budget::new(Duration::from_millis(300));
+        let t0 = Instant::now();
+        assert!(b.allows(t0));
+        b.charge(Duration::from_millis(200));
+        assert!(b.allows(t0 + Duration::from_millis(100)));
+        b.charge(Duration::from_millis(100));
+        assert!(!b.allows(t0 + Duration::from_millis(500)));
+        assert!(b.allows(t0 + Duration::from_millis(1000)));
+    }
+
+    #[test]
+    fn an_event_header_is_the_same_for_every_size() {
+        assert_eq!(std::mem::size_of::<EventOf<0>>(), EVENT_HEADER);
+        let q = event_bytes(EV_DNS_QUERY, DIR_UP, dns_key(CLIENT), &query(1, "a.b"));
+        assert_eq!(q.len(), EVENT_HEADER + shaper_common::DNS_QUERY_DATA);
+        let (ev, data) = read_event(&q).expect("event");
+        assert_eq!((ev.kind, ev.key), (EV_DNS_QUERY, dns_key(CLIENT)));
+        assert_eq!(data, query(1, "a.b"));
+        assert!(read_event(&q[..EVENT_HEADER - 1]).is_none());
     }
 
     #[test]

@@ -17,6 +17,7 @@ macro_rules! fixture {
 
 pub mod apply;
 pub mod autorate;
+pub mod caps;
 pub mod catalogue;
 pub mod compile;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod daemon;
 pub mod dnswire;
 pub mod explain;
 pub mod hosts;
+pub mod hosts_task;
 pub mod ingress;
 pub mod kernel;
 pub mod metrics;

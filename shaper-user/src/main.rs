@@ -398,10 +398,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(addr) = policy.metrics_listen {
                 shaper_user::metrics::check_listen(addr, &policy.wan)?;
             }
-            // Started once the first apply succeeded (metrics endpoint and the like).
+            // Once the first apply succeeded: the metrics socket is bound (a port below
+            // 1024 needs CAP_NET_BIND_SERVICE), the capabilities the daemon no longer
+            // needs are dropped, then the metrics thread starts (threads inherit their
+            // creator's capabilities).
             let mp = paths.clone();
-            let on_first_apply: Option<daemon::OnApplied> =
-                Some(Box::new(move |p| shaper_user::metrics::start(p, &mp)));
+            let on_first_apply: Option<daemon::OnApplied> = Some(Box::new(move |p| {
+                let metrics = shaper_user::metrics::bind(p);
+                shaper_user::caps::drop_unneeded(p);
+                if let Some(m) = metrics {
+                    shaper_user::metrics::spawn(m, &mp);
+                }
+            }));
             runtime()?.block_on(daemon::run(paths, config, keep_on_exit, on_first_apply))
         }
         Cmd::Upgrade {

@@ -1,14 +1,32 @@
 //! Prometheus metrics for `shaper run`: the counters of `shaper status` in the
 //! text exposition format 0.0.4, served over plain HTTP/1.x on `GET /metrics`.
 //!
-//! The server is deliberately small: plain tokio, one task per connection, at
-//! most [`MAX_CONNECTIONS`] at once, a request head of at most
-//! [`MAX_REQUEST_BYTES`], [`CONNECTION_TIMEOUT`] for the whole exchange, one
-//! response per connection (`Connection: close`). Counters are read from the
-//! kernel at each scrape (`status::collect` without a sampling interval).
+//! The server is deliberately small (plain tokio, one task per connection, one response
+//! per connection, `Connection: close`), and any host on the LAN may be hostile:
 //!
-//! The endpoint must not be reachable from the internet: [`check_listen`]
-//! refuses the unspecified address and any address of the WAN interface.
+//! - It runs on a thread of its own with its own current-thread runtime ([`spawn`]): a
+//!   scrape, slow or not, never waits for the daemon's loop (watchdog, health checks,
+//!   signals) and the loop never waits for a scrape. A scrape reads what `shaper status`
+//!   reads (the state file, netlink, the pinned maps) and holds nothing the daemon takes.
+//! - The socket is bound to the interface that holds the listen address (SO_BINDTODEVICE,
+//!   [`bind`]): Linux accepts a connection to any of its addresses on any interface (the
+//!   weak host model), so without it a host on the WAN side could reach the LAN address
+//!   through the WAN port. [`check_listen`] refuses the unspecified address and any
+//!   address of the WAN interface. (In bridge mode the management address is on the
+//!   bridge, whose ports include the WAN one: there the site's firewall keeps the WAN
+//!   side out.)
+//! - At most [`MAX_PER_PEER`] connections at once from one peer (an IPv4 address, an IPv6
+//!   /64), more are closed at once, so one host cannot take the places Prometheus needs.
+//!   At most [`MAX_CONNECTIONS`] in all: there the oldest idle connection (not sent its
+//!   request yet, or answered) of the peer holding the most is closed for the new one.
+//! - The request head (at most [`MAX_REQUEST_BYTES`]) must be in within [`HEAD_TIMEOUT`]
+//!   of the accept (a byte a second does not extend it), the answer out within
+//!   [`ANSWER_TIMEOUT`].
+//! - Error bodies are generic ([`INTERNAL_ERROR_BODY`]): which file or map failed goes
+//!   to the log.
+//!
+//! Counters are read from the kernel at each scrape (`status::collect` without a sampling
+//! interval).
 
 use std::{
     collections::BTreeMap,
@@ -16,24 +34,28 @@ use std::{
     fmt::Write as _,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
 use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::Semaphore,
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::Notify,
 };
 
 use crate::{apply::Paths, config::Policy, status};
 
 /// Largest request head (request line and headers) accepted.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// Time allowed for one connection: reading the request, collecting, answering.
-pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once; more are closed straight away.
-pub const MAX_CONNECTIONS: usize = 16;
+/// Time from the accept to the end of the request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time for collecting the counters and writing the answer.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections at once.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Connections at once from one peer address.
+pub const MAX_PER_PEER: usize = 4;
 
 /// The exposition format's content type.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -396,6 +418,15 @@ pub fn check_listen(addr: SocketAddr, wan_ifname: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whose connection this is, for [`MAX_PER_PEER`]: an IPv4 address (IPv4-mapped ones
+/// too), or an IPv6 /64 (one host may take any number of addresses in its /64).
+fn peer_key(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (!0u128 << 64))),
+        v4 => v4,
+    }
+}
+
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -409,6 +440,21 @@ fn canonical(ip: IpAddr) -> IpAddr {
 /// The IPv4 and IPv6 addresses of `ifname` (and its `ifname:label` aliases)
 /// in the current network namespace, by getifaddrs(3).
 pub fn interface_addresses(ifname: &str) -> Result<Vec<IpAddr>> {
+    Ok(all_addresses()?
+        .into_iter()
+        .filter(|(name, _)| {
+            name == ifname
+                || name
+                    .strip_prefix(ifname)
+                    .is_some_and(|rest| rest.starts_with(':'))
+        })
+        .map(|(_, ip)| ip)
+        .collect())
+}
+
+/// Every IPv4 and IPv6 address in the current network namespace with the name it is
+/// listed under (an alias as `lan0:1`), by getifaddrs(3).
+fn all_addresses() -> Result<Vec<(String, IpAddr)>> {
     struct List(*mut libc::ifaddrs);
     impl Drop for List {
         fn drop(&mut self) {
@@ -434,26 +480,22 @@ pub fn interface_addresses(ifname: &str) -> Result<Vec<IpAddr>> {
             continue;
         }
         // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_bytes();
-        let ours = name == ifname.as_bytes()
-            || (name.starts_with(ifname.as_bytes()) && name.get(ifname.len()) == Some(&b':'));
-        if !ours {
-            continue;
-        }
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
         // SAFETY: ifa_addr points to a sockaddr whose family says its real type.
         let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
         match family {
             libc::AF_INET => {
                 // SAFETY: family AF_INET: the sockaddr is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                    sin.sin_addr.s_addr,
-                ))));
+                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                out.push((name, IpAddr::V4(ip)));
             }
             libc::AF_INET6 => {
                 // SAFETY: family AF_INET6: the sockaddr is a sockaddr_in6.
                 let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                out.push((name, IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))));
             }
             _ => {}
         }
@@ -464,50 +506,250 @@ pub fn interface_addresses(ifname: &str) -> Result<Vec<IpAddr>> {
 // ---------------------------------------------------------------------------
 // Serving.
 
-/// The `shaper run` hook, called once the first apply has succeeded: checks
-/// `policy.metrics_listen` against the WAN interface (again: it may have come
-/// up since the daemon started), binds and serves in the background. Never
-/// fails the daemon: a refused or unbindable address is logged and the
-/// shaping goes on without metrics. Must be called inside a tokio runtime.
-pub fn start(policy: &Policy, paths: &Paths) {
-    let Some(addr) = policy.metrics_listen else {
-        return;
-    };
-    let started = check_listen(addr, &policy.wan).and_then(|()| {
-        let std_listener = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("binding the metrics endpoint to {addr}"))?;
-        std_listener.set_nonblocking(true)?;
-        let _rt = tokio::runtime::Handle::try_current()
-            .context("the metrics endpoint needs a tokio runtime")?;
-        Ok(TcpListener::from_std(std_listener)?)
-    });
-    match started {
-        Ok(listener) => {
-            log::info!("serving Prometheus metrics on http://{addr}/metrics");
-            let paths = paths.clone();
-            tokio::spawn(async move {
-                if let Err(e) = serve_on(listener, paths).await {
-                    log::error!("metrics endpoint stopped: {e:#}");
-                }
-            });
+/// A listening metrics socket, bound to its address and its interface, not served yet.
+pub struct Bound {
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+    device: String,
+}
+
+/// The first half of the `shaper run` hook, called once the first apply has succeeded
+/// (and before the daemon drops capabilities: a port below 1024 needs
+/// CAP_NET_BIND_SERVICE): checks `policy.metrics_listen` against the WAN interface
+/// (again: it may have come up since the daemon started), and binds it on the interface
+/// that holds the address. Never fails the daemon: a refused or unbindable address is
+/// logged and the shaping goes on without metrics. Must be called inside a tokio runtime.
+pub fn bind(policy: &Policy) -> Option<Bound> {
+    let addr = policy.metrics_listen?;
+    match bind_on_device(addr, &policy.wan) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            log::error!("metrics endpoint not started, shaping goes on: {e:#}");
+            None
         }
-        Err(e) => log::error!("metrics endpoint not started, shaping goes on: {e:#}"),
     }
 }
 
-/// Binds `addr` and serves `GET /metrics` until the task is dropped. Does not
-/// check the address: see [`check_listen`].
-pub async fn serve(addr: SocketAddr, paths: Paths) -> Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
+/// Binds `addr` with SO_BINDTODEVICE to the interface that holds it: Linux accepts a
+/// connection to any of its addresses on any interface (the weak host model), so an
+/// unbound socket on the LAN address would answer a host on the WAN side that routes
+/// the LAN address through the WAN port.
+fn bind_on_device(addr: SocketAddr, wan_ifname: &str) -> Result<Bound> {
+    check_listen(addr, wan_ifname)?;
+    let device = device_holding(addr)?;
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .context("creating the metrics socket")?;
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind_device(Some(device.as_bytes()))
+        .with_context(|| format!("binding the metrics socket to the interface {device}"))?;
+    socket
+        .bind(addr)
         .with_context(|| format!("binding the metrics endpoint to {addr}"))?;
-    serve_on(listener, paths).await
+    let listener = socket
+        .listen(64)
+        .with_context(|| format!("listening on {addr}"))?
+        .into_std()?;
+    Ok(Bound {
+        listener,
+        addr,
+        device,
+    })
 }
 
-/// Serves `GET /metrics` on a bound listener until the task is dropped.
+/// The interface a listen address belongs to: the scope of a scoped IPv6 address, else
+/// the interface that has the address now (an alias `lan0:1` is its device `lan0`).
+fn device_holding(addr: SocketAddr) -> Result<String> {
+    if let SocketAddr::V6(a) = addr {
+        if a.scope_id() != 0 {
+            let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+            // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes, NUL included.
+            let p = unsafe { libc::if_indextoname(a.scope_id(), name.as_mut_ptr()) };
+            if p.is_null() {
+                bail!(
+                    "telemetry.listen = \"{addr}\": no interface has index {}",
+                    a.scope_id()
+                );
+            }
+            // SAFETY: on success `name` holds a NUL-terminated name.
+            let name = unsafe { CStr::from_ptr(name.as_ptr()) };
+            return Ok(name.to_string_lossy().into_owned());
+        }
+    }
+    let ip = canonical(addr.ip());
+    let all = all_addresses().context("listing the interfaces' addresses")?;
+    let (name, _) = all.into_iter().find(|(_, a)| *a == ip).with_context(|| {
+        format!(
+            "telemetry.listen = \"{addr}\": no interface has the address {ip}; give an address of a LAN interface or of lo"
+        )
+    })?;
+    Ok(match name.split_once(':') {
+        Some((dev, _)) => dev.to_string(),
+        None => name,
+    })
+}
+
+/// The second half of the `shaper run` hook: serves `GET /metrics` on the bound socket
+/// from a thread of its own with its own runtime, so that no scrape ever waits for the
+/// daemon's loop and the loop never waits for a scrape. Called after the daemon dropped
+/// the capabilities it does not need: the thread inherits what its creator holds.
+pub fn spawn(bound: Bound, paths: &Paths) {
+    let Bound {
+        listener,
+        addr,
+        device,
+    } = bound;
+    let paths = paths.clone();
+    let started = std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    log::error!("metrics endpoint stopped: starting its runtime: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let served = match TcpListener::from_std(listener) {
+                    Ok(l) => serve_on(l, paths).await,
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = served {
+                    log::error!("metrics endpoint stopped: {e:#}");
+                }
+            });
+        });
+    match started {
+        Ok(_) => log::info!(
+            "serving Prometheus metrics on http://{addr}/metrics (only to connections arriving on {device})"
+        ),
+        Err(e) => log::error!("metrics endpoint not started, shaping goes on: {e}"),
+    }
+}
+
+/// Where a connection is in its exchange.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    /// Waiting for the request head: may be closed to make room.
+    Head,
+    /// Collecting the counters and writing the answer.
+    Answering,
+    /// Answered, waiting for the client to close: may be closed to make room.
+    Closing,
+}
+
+struct Conn {
+    id: u64,
+    peer: IpAddr,
+    phase: Phase,
+    /// Told when the connection is closed to make room.
+    evict: Arc<Notify>,
+}
+
+/// The connections being served, oldest first: who gets in and who makes room.
+#[derive(Default)]
+struct Admission {
+    next_id: u64,
+    conns: Vec<Conn>,
+}
+
+impl Admission {
+    /// Admits a connection from `peer`, or refuses it (`None`): a peer (an IPv4 address,
+    /// an IPv6 /64) holding [`MAX_PER_PEER`] already is refused. At [`MAX_CONNECTIONS`]
+    /// in all, the oldest connection that is not answering of the peer holding the most
+    /// is closed to make room; if every one is answering, the new one is refused.
+    fn admit(&mut self, peer: IpAddr) -> Option<(u64, Arc<Notify>)> {
+        let peer = peer_key(peer);
+        if self.held_by(peer) >= MAX_PER_PEER {
+            return None;
+        }
+        if self.conns.len() >= MAX_CONNECTIONS && !self.make_room() {
+            return None;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let evict = Arc::new(Notify::new());
+        self.conns.push(Conn {
+            id,
+            peer,
+            phase: Phase::Head,
+            evict: evict.clone(),
+        });
+        Some((id, evict))
+    }
+
+    fn held_by(&self, peer: IpAddr) -> usize {
+        self.conns.iter().filter(|c| c.peer == peer).count()
+    }
+
+    /// Closes the oldest idle connection (waiting for its request, or answered) of the
+    /// peer that holds the most: whoever spreads connections over many addresses pays
+    /// before a peer with one.
+    fn make_room(&mut self) -> bool {
+        let mut victim: Option<(usize, usize)> = None;
+        for (i, c) in self.conns.iter().enumerate() {
+            if c.phase == Phase::Answering {
+                continue;
+            }
+            let held = self.held_by(c.peer);
+            // Oldest first: only a bigger holder displaces the one found.
+            if victim.is_none_or(|(h, _)| held > h) {
+                victim = Some((held, i));
+            }
+        }
+        let Some((_, i)) = victim else {
+            return false;
+        };
+        // notify_one keeps the wake-up for a task that is not waiting yet.
+        self.conns.remove(i).evict.notify_one();
+        true
+    }
+
+    fn set_phase(&mut self, id: u64, phase: Phase) {
+        if let Some(c) = self.conns.iter_mut().find(|c| c.id == id) {
+            c.phase = phase;
+        }
+    }
+
+    fn release(&mut self, id: u64) {
+        self.conns.retain(|c| c.id != id);
+    }
+}
+
+/// One admitted connection's place in the [`Admission`]; given back when dropped.
+struct Slot {
+    admission: Arc<Mutex<Admission>>,
+    id: u64,
+}
+
+impl Slot {
+    fn set_phase(&self, phase: Phase) {
+        lock(&self.admission).set_phase(self.id, phase);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.admission).release(self.id);
+    }
+}
+
+fn lock(a: &Mutex<Admission>) -> std::sync::MutexGuard<'_, Admission> {
+    a.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Serves `GET /metrics` on a bound listener until the task is dropped. Does not check
+/// or bind the address: see [`bind`].
 pub async fn serve_on(listener: TcpListener, paths: Paths) -> Result<()> {
     let paths = Arc::new(paths);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let admission = Arc::new(Mutex::new(Admission::default()));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -518,18 +760,28 @@ pub async fn serve_on(listener: TcpListener, paths: Paths) -> Result<()> {
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            log::debug!("metrics endpoint: too many connections; closing {peer}");
+        let admitted = lock(&admission).admit(peer.ip());
+        let Some((id, evict)) = admitted else {
+            log::debug!("metrics endpoint: too many connections answering; closing {peer}");
             continue;
+        };
+        let slot = Slot {
+            admission: admission.clone(),
+            id,
         };
         let paths = paths.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(CONNECTION_TIMEOUT, handle(&stream, &paths)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => log::debug!("metrics endpoint: {peer}: {e}"),
-                Err(_) => log::debug!("metrics endpoint: {peer}: timed out"),
+            tokio::select! {
+                r = handle(&stream, &paths, &slot) => {
+                    if let Err(e) = r {
+                        log::debug!("metrics endpoint: {peer}: {e}");
+                    }
+                }
+                () = evict.notified() => {
+                    log::debug!("metrics endpoint: {peer}: closed to make room for a newer connection");
+                }
             }
-            drop(permit);
+            drop(slot);
         });
     }
 }
@@ -641,9 +893,50 @@ fn text(status: &str, body: &str) -> Vec<u8> {
     response(status, "text/plain; charset=utf-8", "", body, false)
 }
 
-async fn handle(stream: &TcpStream, paths: &Paths) -> io::Result<()> {
-    let reply = match read_head(stream).await? {
-        Head::Closed => return Ok(()),
+async fn handle(stream: &TcpStream, paths: &Paths, slot: &Slot) -> io::Result<()> {
+    // One deadline for the whole head: a byte a second does not extend it.
+    let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(stream))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no request within {HEAD_TIMEOUT:?}"),
+            )
+        })??;
+    if matches!(head, Head::Closed) {
+        return Ok(());
+    }
+    slot.set_phase(Phase::Answering);
+    let answered = tokio::time::timeout(ANSWER_TIMEOUT, async {
+        let reply = reply(head, paths).await;
+        write_all(stream, &reply).await
+    })
+    .await;
+    match answered {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("not answered within {ANSWER_TIMEOUT:?}"),
+            ))
+        }
+    }
+    slot.set_phase(Phase::Closing);
+    // Half-close, then read what the client still sends (briefly, bounded):
+    // closing with unread input would reset the connection and could lose
+    // the reply on the client's side.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
+    // SAFETY: fd is the stream's open socket; shutdown does not invalidate it.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    let _ = tokio::time::timeout(LINGER, drain(stream)).await;
+    Ok(())
+}
+
+/// The whole response to a request head. Error bodies say what went wrong in general
+/// terms only: which file or map failed is for the log, not for whoever asks.
+async fn reply(head: Head, paths: &Paths) -> Vec<u8> {
+    match head {
+        Head::Closed => Vec::new(),
         Head::TooLarge => text(
             "431 Request Header Fields Too Large",
             "request head too large\n",
@@ -668,24 +961,15 @@ async fn handle(stream: &TcpStream, paths: &Paths) -> io::Result<()> {
                 ),
                 Err(e) => {
                     log::warn!("metrics endpoint: reading the counters: {e:#}");
-                    text(
-                        "500 Internal Server Error",
-                        &format!("reading the counters failed: {e:#}\n"),
-                    )
+                    text("500 Internal Server Error", INTERNAL_ERROR_BODY)
                 }
             },
         },
-    };
-    write_all(stream, &reply).await?;
-    // Half-close, then read what the client still sends (briefly, bounded):
-    // closing with unread input would reset the connection and could lose
-    // the reply on the client's side.
-    let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
-    // SAFETY: fd is the stream's open socket; shutdown does not invalidate it.
-    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
-    let _ = tokio::time::timeout(LINGER, drain(stream)).await;
-    Ok(())
+    }
 }
+
+/// The body of a 500: no path, no OS error, nothing about the box's layout.
+pub const INTERNAL_ERROR_BODY: &str = "reading the counters failed; the daemon's log says why\n";
 
 /// How long a closing connection waits for the client's end.
 const LINGER: Duration = Duration::from_secs(1);
@@ -1142,6 +1426,168 @@ mod tests {
         let mut out = Vec::new();
         let _ = s.read_to_end(&mut out);
         String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn one_peer_gets_at_most_its_share_and_the_biggest_holder_makes_room() {
+        let a: IpAddr = "10.0.0.2".parse().expect("ip");
+        let mapped: IpAddr = "::ffff:10.0.0.2".parse().expect("ip");
+        let mut adm = Admission::default();
+        let held: Vec<_> = (0..MAX_PER_PEER)
+            .map(|_| adm.admit(a).expect("within the share"))
+            .collect();
+        // The same host again, as itself or IPv4-mapped: refused.
+        assert!(adm.admit(a).is_none());
+        assert!(adm.admit(mapped).is_none());
+        // One IPv6 host, many addresses in its /64: one peer.
+        for i in 0..MAX_PER_PEER {
+            let v6 = IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 2, 3, 0, 0, 0, i as u16 + 1));
+            adm.admit(v6).expect("within the /64's share");
+        }
+        let other_in_64: IpAddr = "fd00:1:2:3:dead:beef:0:1".parse().expect("ip");
+        assert!(adm.admit(other_in_64).is_none(), "same /64");
+        // Prometheus elsewhere gets in.
+        let prom: IpAddr = "10.0.0.9".parse().expect("ip");
+        let (prom_id, _) = adm.admit(prom).expect("another peer");
+        // Many single-connection peers fill the rest.
+        let mut n = 0u8;
+        while adm.conns.len() < MAX_CONNECTIONS {
+            adm.admit(IpAddr::V4(Ipv4Addr::new(10, 0, 1, n)))
+                .expect("room");
+            n += 1;
+        }
+        // Full: a newcomer displaces the oldest idle connection of a biggest holder
+        // (10.0.0.2, first in), never Prometheus'.
+        let newcomer: IpAddr = "10.0.9.9".parse().expect("ip");
+        adm.admit(newcomer).expect("room made");
+        assert!(
+            adm.conns.iter().all(|c| c.id != held[0].0),
+            "oldest of the biggest"
+        );
+        assert!(adm.conns.iter().any(|c| c.id == prom_id));
+        assert_eq!(adm.conns.len(), MAX_CONNECTIONS);
+        // Told to close (the permit waits for the task).
+        let woke = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt")
+            .block_on(async {
+                tokio::time::timeout(Duration::from_millis(100), held[0].1.notified())
+                    .await
+                    .is_ok()
+            });
+        assert!(woke, "the displaced connection is told");
+        // Every connection answering: nothing to make room with.
+        let ids: Vec<u64> = adm.conns.iter().map(|c| c.id).collect();
+        for id in &ids {
+            adm.set_phase(*id, Phase::Answering);
+        }
+        assert!(adm.admit("10.0.8.8".parse().expect("ip")).is_none());
+        adm.release(ids[0]);
+        assert_eq!(adm.conns.len(), MAX_CONNECTIONS - 1);
+        adm.admit("10.0.8.8".parse().expect("ip"))
+            .expect("room after a release");
+    }
+
+    fn temp_paths(tag: &str) -> (std::path::PathBuf, Paths) {
+        let dir = std::env::temp_dir().join(format!("shaper-metrics-{tag}-{}", std::process::id()));
+        let paths = Paths {
+            pins: crate::kernel::bpf::Pins::new(dir.join("pins")),
+            run: dir.join("run"),
+        };
+        (dir, paths)
+    }
+
+    #[tokio::test]
+    async fn error_bodies_name_no_file() {
+        let (dir, paths) = temp_paths("500");
+        std::fs::create_dir_all(&paths.run).expect("mkdir");
+        std::fs::write(paths.run.join("state.json"), b"{ not json").expect("write");
+        let r = reply(
+            Head::Complete(b"GET /metrics HTTP/1.1\r\n\r\n".to_vec()),
+            &paths,
+        )
+        .await;
+        let r = String::from_utf8(r).expect("utf-8");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(r.starts_with("HTTP/1.1 500 "), "{r}");
+        let body = r.split_once("\r\n\r\n").expect("body").1;
+        assert_eq!(body, INTERNAL_ERROR_BODY);
+        assert!(!body.contains('/'), "{body}");
+    }
+
+    #[tokio::test]
+    async fn bound_to_the_interface_that_holds_the_address() {
+        use std::os::fd::AsRawFd as _;
+        if !all_addresses()
+            .expect("getifaddrs")
+            .iter()
+            .any(|(n, a)| n == "lo" && *a == IpAddr::V4(Ipv4Addr::LOCALHOST))
+        {
+            eprintln!("SKIP: lo has no 127.0.0.1 here");
+            return;
+        }
+        let b = bind_on_device("127.0.0.1:0".parse().expect("addr"), "nosuch0").expect("bind");
+        assert_eq!(b.device, "lo");
+        let mut name = [0u8; 16];
+        let mut len = name.len() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `name`.
+        let r = unsafe {
+            libc::getsockopt(
+                b.listener.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                name.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        assert_eq!(&name[..2], b"lo");
+        let e = bind_on_device("192.0.2.77:9464".parse().expect("addr"), "nosuch0")
+            .err()
+            .expect("nobody has 192.0.2.77");
+        assert!(
+            format!("{e:#}").contains("no interface has the address 192.0.2.77"),
+            "{e:#}"
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_connections_neither_keep_a_scrape_out_nor_stay() {
+        let (_dir, paths) = temp_paths("idle");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(serve_on(listener, paths));
+        // Sixteen idle connections from one host (127.0.0.2)...
+        let mut idle = Vec::new();
+        for _ in 0..16 {
+            let s = TcpSocket::new_v4().expect("socket");
+            s.bind("127.0.0.2:0".parse().expect("addr")).expect("bind");
+            idle.push(s.connect(addr).await.expect("connect"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // ...keep no scrape from another (127.0.0.1) out.
+        let (reply, took) = tokio::task::spawn_blocking(move || {
+            let t0 = std::time::Instant::now();
+            let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n".to_vec());
+            (r, t0.elapsed())
+        })
+        .await
+        .expect("client");
+        assert!(reply.starts_with("HTTP/1.1 503 "), "{reply:?}");
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        // Those past the host's share were closed at once; the rest once HEAD_TIMEOUT
+        // is over.
+        let closed = |s: &TcpStream| {
+            let mut b = [0u8; 8];
+            matches!(s.try_read(&mut b), Ok(0))
+                || matches!(s.try_read(&mut b), Err(e) if e.kind() != io::ErrorKind::WouldBlock)
+        };
+        assert!(closed(&idle[15]), "past the share: closed at once");
+        assert!(!closed(&idle[0]), "within the share: open for now");
+        tokio::time::sleep(HEAD_TIMEOUT + Duration::from_millis(500)).await;
+        assert!(idle.iter().all(closed), "all closed after HEAD_TIMEOUT");
+        server.abort();
     }
 
     #[tokio::test]

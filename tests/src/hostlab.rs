@@ -259,3 +259,92 @@ pub fn dig(ns: &Netns, server: IpAddr, name: &str, rtype: &str) -> Vec<IpAddr> {
         .unwrap_or_else(|e| panic!("dig {name} {rtype}: {e:#}"));
     out.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
+
+/// A classifier counter (`GLOBAL_COUNTER_NAMES`) in "upload" or "download".
+pub fn global(st: &Value, dir: &str, name: &str) -> u64 {
+    st["classifier"][dir][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no classifier.{dir}.{name} in status"))
+}
+
+pub fn global_both(st: &Value, name: &str) -> u64 {
+    global(st, "upload", name) + global(st, "download", name)
+}
+
+/// Sends `payload`-byte UDP packets from `sock` to `dst` at `pps` for `secs`; returns the
+/// number sent.
+pub fn paced(sock: &UdpSocket, dst: SocketAddr, payload: usize, pps: f64, secs: f64) -> u64 {
+    let data = vec![0x5au8; payload];
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        let el = t0.elapsed().as_secs_f64();
+        if el >= secs {
+            return sent;
+        }
+        let due = (el * pps) as u64 + 1;
+        while sent < due {
+            sock.send_to(&data, dst).expect("send");
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A self-signed P-256 certificate and key in `dir`: (cert, key).
+pub fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=x",
+            "-days",
+            "1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl req");
+    assert!(
+        out.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// `openssl s_server` on TCP 443 in `ns` with a self-signed certificate made in `dir`,
+/// `mode` `-www` (a status page) or `-WWW` (the files of `dir`); returns once it listens.
+pub fn start_tls_server(ns: &Netns, dir: &Path, mode: &str) {
+    let (cert, key) = self_signed(dir);
+    let mut server = ns.cmd(
+        "openssl",
+        &[
+            std::ffi::OsStr::new("s_server"),
+            std::ffi::OsStr::new("-accept"),
+            std::ffi::OsStr::new("443"),
+            std::ffi::OsStr::new("-cert"),
+            cert.as_os_str(),
+            std::ffi::OsStr::new("-key"),
+            key.as_os_str(),
+            std::ffi::OsStr::new(mode),
+            std::ffi::OsStr::new("-quiet"),
+        ],
+    );
+    server
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    ns.spawn_cmd(server).expect("start openssl s_server");
+    crate::iperf::wait_listening(ns, 443, Duration::from_secs(10)).expect("s_server listening");
+}

@@ -14,6 +14,7 @@ pub mod appliance;
 pub mod config;
 pub mod crash;
 pub mod dicom;
+pub mod dns;
 pub mod flood;
 pub mod gateway;
 pub mod hostlab;

@@ -196,3 +196,88 @@ impl Pkt {
 /// (the classifier updates IPv4 checksums incrementally in its own code, apart from this
 /// full computation, so the two check each other).
 pub use shaper_user::autorate::checksum;
+
+/// `p` carrying `payload` (its L4 payload, lengths set to fit) in a frame from `src_mac`
+/// to `dst_mac`: what a host on the link would send.
+pub fn frame_with(p: &Pkt, src_mac: [u8; 6], dst_mac: [u8; 6], payload: &[u8]) -> Vec<u8> {
+    let mut p = p.clone();
+    p.payload = payload.len();
+    let mut f = p.build();
+    let at = f.len() - payload.len();
+    f[at..].copy_from_slice(payload);
+    f[..6].copy_from_slice(&dst_mac);
+    f[6..12].copy_from_slice(&src_mac);
+    f
+}
+
+/// The MAC address of `dev` in `ns`.
+pub fn mac_of(ns: &crate::Netns, dev: &str) -> anyhow::Result<[u8; 6]> {
+    let out = ns.ip(&["-j", "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let s = v[0]["address"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no address for {dev} in {out}"))?;
+    let mut mac = [0u8; 6];
+    for (i, part) in s.split(':').enumerate().take(6) {
+        mac[i] = u8::from_str_radix(part, 16)?;
+    }
+    Ok(mac)
+}
+
+/// A raw (AF_PACKET) socket on one interface of a namespace: frames sent through it
+/// leave the interface as they are, addresses forged at will.
+pub struct RawLink {
+    fd: std::os::fd::OwnedFd,
+    ifindex: i32,
+    /// The interface's own MAC address.
+    pub mac: [u8; 6],
+}
+
+impl RawLink {
+    pub fn open(ns: &crate::Netns, dev: &str) -> anyhow::Result<RawLink> {
+        use std::os::fd::FromRawFd as _;
+        let mac = mac_of(ns, dev)?;
+        let name = std::ffi::CString::new(dev)?;
+        let (fd, ifindex) = ns.within(move || {
+            // SAFETY: plain socket(2); the fd is owned below.
+            let fd =
+                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            // SAFETY: fd is a fresh socket nobody else owns.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            // SAFETY: a NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+            anyhow::ensure!(ifindex != 0, "no interface {name:?}");
+            Ok((fd, ifindex))
+        })?;
+        Ok(RawLink { fd, ifindex, mac })
+    }
+
+    /// Sends one whole frame (Ethernet header included).
+    pub fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: sockaddr_ll is plain old data; zeroed is a valid start.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_ifindex = self.ifindex;
+        sa.sll_halen = 6;
+        sa.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: the buffer and address are valid for the call.
+        let r = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&sa as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}

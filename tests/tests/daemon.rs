@@ -319,3 +319,142 @@ fn top_refreshes_and_logs_carry_journald_priorities() {
     assert!(text.contains("video"), "{text}");
     shaper.remove().expect("remove");
 }
+
+/// One capability set of a task, from /proc/<pid>/task/<tid>/status (`CapEff` etc.).
+fn cap_set(status: &str, key: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+}
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// CapEff, CapPrm, CapBnd and CapAmb of every thread of `pid`, by thread id.
+fn thread_caps(pid: u32) -> Vec<(String, [u64; 4])> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let t = t.expect("task").path();
+        let Ok(status) = std::fs::read_to_string(t.join("status")) else {
+            continue; // the thread has just ended
+        };
+        let sets = ["CapEff", "CapPrm", "CapBnd", "CapAmb"].map(|k| cap_set(&status, k));
+        out.push((t.display().to_string(), sets));
+    }
+    out
+}
+
+/// Once it shapes, `shaper run` holds only what it still needs: CAP_NET_RAW goes without
+/// [autorate] (from every set of every thread) and stays with it; a reload and a repair
+/// still work without it (CAP_SYS_ADMIN stays for the qdisc probe every apply makes).
+#[test]
+fn daemon_drops_the_capabilities_it_no_longer_needs() {
+    skip_unless_ready!(TOPOLOGY_TOOLS);
+    let ns = gateway();
+    let dir = TempDir::new("caps").expect("dir");
+    let cfg = write_config(
+        dir.path(),
+        "site.toml",
+        &config(&[("video", 20), ("default", 20)]),
+    );
+    let shaper = Shaper::new(&ns).expect("shaper");
+    let d = shaper_tests::shaper::Daemon::start(
+        &shaper,
+        &cfg,
+        dir.path().join("run.log"),
+        "info,shaper_user::kernel::tc=debug",
+    )
+    .expect("start `shaper run`");
+    let has = |set: u64, cap: u32| set & (1 << cap) != 0;
+    // The drop follows the first apply at once; `status` may answer a moment before.
+    let t0 = Instant::now();
+    let last = loop {
+        let caps = thread_caps(d.pid());
+        if caps
+            .iter()
+            .all(|(_, s)| s.iter().all(|&set| !has(set, CAP_NET_RAW)))
+        {
+            break caps;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "CAP_NET_RAW still held without [autorate] (CapEff, CapPrm, CapBnd, CapAmb per thread): {caps:x?}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for (task, [eff, ..]) in &last {
+        for cap in [CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF] {
+            assert!(has(*eff, cap), "{task} lost capability {cap}: {eff:x}");
+        }
+    }
+    assert!(
+        d.log().contains("dropped") && d.log().contains("CAP_NET_RAW"),
+        "{}",
+        d.log()
+    );
+
+    // A reload still applies, and its qdisc probe (in a private network namespace: needs
+    // CAP_SYS_ADMIN) still runs: the same leaves as before.
+    let leaves = || {
+        let out = ns.run("tc", &["qdisc", "show", "dev", "wan0"]).expect("tc");
+        let mut kinds: Vec<String> = out
+            .lines()
+            .filter(|l| l.contains(" parent "))
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+            .collect();
+        kinds.sort();
+        kinds
+    };
+    let before = leaves();
+    write_config(
+        dir.path(),
+        "site.toml",
+        &config(&[("video", 30), ("default", 20)]),
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) };
+    wait_for("the reload", Duration::from_secs(5), || {
+        d.log().contains("reloaded")
+    });
+    let log = d.log();
+    assert_eq!(
+        log.matches("tc probe: qdisc kind fq_codel").count(),
+        2,
+        "a probe at start and one at the reload:\n{log}"
+    );
+    assert!(!log.contains("ERROR"), "{log}");
+    assert_eq!(leaves(), before, "{log}");
+    // A deleted root is still put back.
+    ns.run("tc", &["qdisc", "del", "dev", "lan0", "root"])
+        .expect("tc del");
+    wait_for("the root qdisc put back", Duration::from_secs(1), || {
+        shaped(&ns, "lan0")
+    });
+    let (status, log) = d.stop().expect("stop");
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+
+    // With [autorate] CAP_NET_RAW stays (its raw ICMP socket).
+    let cfg = write_config(
+        dir.path(),
+        "autorate.toml",
+        &format!(
+            "{}[autorate]\nreflectors = [\"192.0.2.1\"]\nclass = \"video\"\n",
+            config(&[("video", 20), ("default", 20)])
+        ),
+    );
+    let d = shaper_tests::shaper::Daemon::start(&shaper, &cfg, dir.path().join("ar.log"), "info")
+        .expect("start `shaper run` with autorate");
+    wait_for("autorate on", Duration::from_secs(5), || {
+        d.log().contains("autorate on")
+    });
+    let (_, [eff, ..]) = thread_caps(d.pid()).swap_remove(0);
+    assert!(has(eff, CAP_NET_RAW), "{eff:x}\n{}", d.log());
+    let (status, log) = d.stop().expect("stop");
+    assert!(status.success(), "{log}");
+}

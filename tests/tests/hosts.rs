@@ -10,7 +10,7 @@
 use std::ffi::OsStr;
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use shaper_tests::gateway::write_config;
 use shaper_tests::hostlab::{
-    class_counters, dig, hosts_json, media_exchange, rule, start_daemon, start_dnsmasq, status,
-    stop_daemon, udp_client, wait_v6_path, Echo, DNS_TOOLS, MEDIA_NAME,
+    class_counters, dig, global, global_both, hosts_json, media_exchange, paced, rule,
+    start_daemon, start_dnsmasq, start_tls_server, status, stop_daemon, udp_client, wait_v6_path,
+    Echo, DNS_TOOLS, MEDIA_NAME,
 };
-use shaper_tests::iperf::{wait_listening, IperfServer};
+use shaper_tests::iperf::IperfServer;
 use shaper_tests::shaper::Daemon;
 use shaper_tests::topology::{GW_LAN_IF, GW_WAN_IF, SRV_V4, SRV_V6};
 use shaper_tests::{skip_unless_ready, Netns, Shaper, TempDir, Topology};
@@ -75,17 +76,6 @@ fn class(name: &str, priority: u8, guaranteed_pct: u8, default: bool) -> String 
 // ---------------------------------------------------------------------------------------------
 // The daemon, the status JSON and hosts.json
 
-/// A classifier counter (`GLOBAL_COUNTER_NAMES`) in "upload" or "download".
-fn global(st: &Value, dir: &str, name: &str) -> u64 {
-    st["classifier"][dir][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no classifier.{dir}.{name} in status"))
-}
-
-fn global_both(st: &Value, name: &str) -> u64 {
-    global(st, "upload", name) + global(st, "download", name)
-}
-
 fn hosts_stat(h: &Value, name: &str) -> u64 {
     h["stats"][name].as_u64().unwrap_or(0)
 }
@@ -120,26 +110,6 @@ fn wait_hosts(
 
 // ---------------------------------------------------------------------------------------------
 // UDP traffic written here
-
-/// Sends `payload`-byte UDP packets from `sock` to `dst` at `pps` for `secs`; returns the
-/// number sent.
-fn paced(sock: &UdpSocket, dst: SocketAddr, payload: usize, pps: f64, secs: f64) -> u64 {
-    let data = vec![0x5au8; payload];
-    let t0 = Instant::now();
-    let mut sent = 0u64;
-    loop {
-        let el = t0.elapsed().as_secs_f64();
-        if el >= secs {
-            return sent;
-        }
-        let due = (el * pps) as u64 + 1;
-        while sent < due {
-            sock.send_to(&data, dst).expect("send");
-            sent += 1;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // 1. DNS answers
@@ -303,37 +273,6 @@ fn dns_answers_put_a_host_rules_addresses_in_its_class() {
 // ---------------------------------------------------------------------------------------------
 // 2. TLS server names
 
-/// A self-signed P-256 certificate and key in `dir`: (cert, key).
-fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-subj",
-            "/CN=x",
-            "-days",
-            "1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("run openssl req");
-    assert!(
-        out.status.success(),
-        "openssl req: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert, key)
-}
-
 /// `openssl s_client` from `ns` to `server`:443 naming `sni`, started; it has sent its
 /// ClientHello once the daemon reports it. [`TlsClient::finish`] sends an HTTP request and
 /// returns the response.
@@ -421,30 +360,9 @@ fn tls_server_names_decide_connections_in_both_directions() {
         class("default", 4, 20, true),
     );
     let cfg = write_config(dir.path(), "site.toml", &cfg_text);
-    let (cert, key) = self_signed(dir.path());
     let shaper = Shaper::new(&topo.gw).expect("shaper");
     let daemon = start_daemon(&shaper, &cfg, dir.path().join("daemon.log"));
-    let server = topo.srv.cmd(
-        "openssl",
-        &[
-            OsStr::new("s_server"),
-            OsStr::new("-accept"),
-            OsStr::new("443"),
-            OsStr::new("-cert"),
-            cert.as_os_str(),
-            OsStr::new("-key"),
-            key.as_os_str(),
-            OsStr::new("-www"),
-            OsStr::new("-quiet"),
-        ],
-    );
-    let mut server = server;
-    server
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    topo.srv.spawn_cmd(server).expect("start openssl s_server");
-    wait_listening(&topo.srv, 443, Duration::from_secs(10)).expect("s_server listening");
+    start_tls_server(&topo.srv, dir.path(), "-www");
 
     // The named server, over IPv4 and IPv6: decided by the name, both directions follow.
     for srv in [IpAddr::from(SRV_V4), IpAddr::from(SRV_V6)] {

@@ -3,8 +3,8 @@
 //! traffic; an address on the WAN (or every address) is refused before anything is applied.
 
 use std::ffi::OsStr;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Read;
+use std::net::SocketAddr;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,24 +31,7 @@ fn http_get(
     addr: SocketAddr,
     path: &str,
 ) -> anyhow::Result<(u16, String, String)> {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\n\r\n");
-    let raw = topo.lan.within(move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(request.as_bytes())?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out)?;
-        Ok(String::from_utf8(out)?)
-    })?;
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("no end of head in {raw:?}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no status in {head:?}"))?;
-    Ok((code, head.to_string(), body.to_string()))
+    shaper_tests::gateway::http_get(&topo.lan, addr, path, Duration::from_secs(10))
 }
 
 fn parse(body: &str) -> Scrape {

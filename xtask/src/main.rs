@@ -470,11 +470,11 @@ fn path_with_cargo_bin() -> std::ffi::OsString {
     env::join_paths(paths).unwrap_or(path)
 }
 
-/// A short run of each parser fuzz target (shaper-user/fuzz), seeded from the captured
-/// fixtures; `seconds` each. A crash fails the run and leaves its input in
+/// A short run of each fuzz target (shaper-user/fuzz: the parsers and the host-name
+/// engine), seeded from the captured fixtures; `seconds` each. A crash fails the run and leaves its input in
 /// shaper-user/fuzz/artifacts/.
 fn fuzz(seconds: u32) -> Result<()> {
-    for target in ["dnswire", "sni", "quic"] {
+    for target in ["dnswire", "sni", "quic", "hosts"] {
         step(&format!("fuzzing {target} for {seconds} s"));
         let mut c = Command::new("bash");
         c.arg(workspace().join("shaper-user/fuzz/run.sh"))

@@ -41,6 +41,19 @@ pub const MAX_HOST_FLOWS: u32 = 16384;
 pub const EVENT_DATA: usize = 1500;
 /// Size of the event ring buffer (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// Size of the DNS event ring ([`MAP_DNS_EVENTS`]): queries and answers have a
+/// ring of their own, so a flood of ClientHellos or QUIC Initials (which anyone
+/// on the LAN can send) cannot crowd them out.
+pub const DNS_EVENTS_BYTES: u32 = 256 * 1024;
+/// Bytes of a DNS query's UDP payload copied into its event: the header and the
+/// question (a name is at most 255 bytes on the wire), and the start of what follows.
+pub const DNS_QUERY_DATA: usize = 288;
+/// DNS queries on their way out that the classifier remembers at once
+/// ([`MAP_DNS_QUERIES`], least recently used make room).
+pub const MAX_DNS_QUERIES: u32 = 8192;
+/// An answer is handed to user space only this long after its query went out
+/// (ns, monotonic); user space holds its own copy of the query as long.
+pub const DNS_ANSWER_WITHIN_NS: u64 = 5_000_000_000;
 /// Flow behaviour is measured over windows of this length.
 pub const FLOW_WINDOW_NS: u64 = 1_000_000_000;
 /// Rule index meaning "no rule matched": the packet goes to the default class.
@@ -121,7 +134,13 @@ pub const G_EVENTS_LOST: u32 = 12;
 pub const G_DEMOTED: u32 = 13;
 /// Default-class flows promoted for looking like media.
 pub const G_PROMOTED: u32 = 14;
-pub const GLOBAL_COUNTERS: u32 = 15;
+/// DNS answers (UDP from port 53 on their way to the LAN) not handed to user
+/// space: not from the WAN, or answering no query that went out from the LAN
+/// (same id, ports and addresses) in the last [`DNS_ANSWER_WITHIN_NS`].
+pub const G_DNS_UNMATCHED: u32 = 15;
+/// DNS events (queries, answers) lost: their ring was full.
+pub const G_DNS_EVENTS_LOST: u32 = 16;
+pub const GLOBAL_COUNTERS: u32 = 17;
 /// Names of the global counters, in index order (for status output).
 pub const GLOBAL_COUNTER_NAMES: [&str; GLOBAL_COUNTERS as usize] = [
     "packets",
@@ -139,6 +158,8 @@ pub const GLOBAL_COUNTER_NAMES: [&str; GLOBAL_COUNTERS as usize] = [
     "events_lost",
     "flows_demoted",
     "flows_promoted",
+    "dns_answers_unmatched",
+    "dns_events_lost",
 ];
 
 /// Map names (as in the object file and under the pin directory).
@@ -166,11 +187,20 @@ pub const MAP_CLASS_STATS: &str = "CLASS_STATS";
 /// out of the LAN port and the box's own traffic (ingress index 0) are not
 /// in it.
 pub const MAP_WAN_ARRIVALS: &str = "WAN_ARRIVALS";
+/// Indexed by direction * MAX_CLASSES + class: [`ClaimWindow`].
+pub const MAP_CLAIMED: &str = "CLAIMED";
 pub const MAP_GLOBAL_STATS: &str = "GLOBAL_STATS";
 pub const MAP_FRAGS: &str = "FRAGS";
 pub const MAP_FLOWS: &str = "FLOWS";
-/// Ring buffer of [`Event`]s for user space.
+/// Ring buffer of [`Event`]s for user space: ClientHellos and QUIC Initials.
 pub const MAP_EVENTS: &str = "EVENTS";
+/// Ring buffer of DNS events for user space: queries going out to the WAN
+/// ([`QueryEvent`], [`EV_DNS_QUERY`]) and the answers to them ([`Event`], [`EV_DNS`]).
+pub const MAP_DNS_EVENTS: &str = "DNS_EVENTS";
+/// [`DnsKey`] -> the time (ns, monotonic) a query went out from the LAN to the
+/// WAN: an answer on its way to the LAN is handed to user space only if it
+/// came in from the WAN and answers one of these (which it then removes).
+pub const MAP_DNS_QUERIES: &str = "DNS_QUERIES";
 /// [`HostKey`] -> [`HostVal`]: flows classified by server name.
 pub const MAP_HOST_FLOWS: &str = "HOST_FLOWS";
 /// WAN-side IPv4 / IPv6 address -> bitmap id, for addresses learned from DNS
@@ -183,7 +213,7 @@ pub const PROG_CLASSIFY: &str = "shaper_classify";
 /// An empty program in the same object, for benchmarks.
 pub const PROG_EMPTY: &str = "shaper_empty";
 /// Every map the user side fills or reads.
-pub const ALL_MAPS: [&str; 22] = [
+pub const ALL_MAPS: [&str; 25] = [
     MAP_CONFIG,
     MAP_BITMAPS,
     MAP_PROTO_IDX,
@@ -199,10 +229,13 @@ pub const ALL_MAPS: [&str; 22] = [
     MAP_RULE_STATS,
     MAP_CLASS_STATS,
     MAP_WAN_ARRIVALS,
+    MAP_CLAIMED,
     MAP_GLOBAL_STATS,
     MAP_FRAGS,
     MAP_FLOWS,
     MAP_EVENTS,
+    MAP_DNS_EVENTS,
+    MAP_DNS_QUERIES,
     MAP_HOST_FLOWS,
     MAP_LEARNED4,
     MAP_LEARNED6,
@@ -275,6 +308,11 @@ pub struct ClassInfo {
     /// Demote when the flow carries more than this many bytes in one window
     /// (0: never).
     pub demote_window_bytes: u64,
+    /// Per direction: what the class's claimed flows (decided by a server name, or
+    /// promoted into it) may carry together in one window, in bytes (0: no cap). While
+    /// the last window carried more, each claimed flow closing a window of its own is
+    /// demoted (to `demote_class`, else the default class) until the rest fit.
+    pub claimed_window_bytes: [u64; 2],
 }
 
 /// Per-rule / per-class classifier counter. A GSO/GRO packet counts as the
@@ -309,7 +347,9 @@ pub struct FlowKey {
     pub sport: u32,
     pub dport: u32,
     pub proto: u8,
-    pub dscp: u8,
+    /// Zero. (DSCP is not in the key: a sender changing it on every packet must not
+    /// split its flow into fresh ones that each escape demotion.)
+    pub _pad: u8,
     pub dir: u8,
     pub family: u8,
 }
@@ -326,12 +366,31 @@ pub struct FlowVal {
     pub window_bytes: u64,
     pub total_bytes: u64,
     pub window_packets: u32,
-    /// `FLOW_DEMOTED`, `FLOW_PROMOTED`.
+    /// `FLOW_DEMOTED`, `FLOW_PROMOTED`, `FLOW_BY_NAME`.
     pub flags: u32,
+    /// The DSCP the cached decision was made with: a packet of the flow with another
+    /// DSCP is matched afresh (rules may name DSCP), still counted in this flow.
+    pub dscp: u32,
+    pub _pad: u32,
 }
 
 pub const FLOW_DEMOTED: u32 = 1;
 pub const FLOW_PROMOTED: u32 = 2;
+/// The flow's class was decided by a TLS/QUIC server name.
+pub const FLOW_BY_NAME: u32 = 4;
+
+/// A class's window of what its claimed flows (decided by a server name, or promoted)
+/// carried, per direction ([`MAP_CLAIMED`], shared by the CPUs, updated atomically).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClaimWindow {
+    /// Start of the window (ns, monotonic).
+    pub start: u64,
+    /// Bytes of the claimed flows in this window so far.
+    pub bytes: u64,
+    /// ... in the last window, less what flows demoted since took of it.
+    pub prev: u64,
+}
 
 /// Key of the host-flow map: a connection from the site's side (src = LAN),
 /// the same in both directions.
@@ -365,21 +424,49 @@ pub const HOST_DECIDED: u32 = 1;
 pub const HOST_WANT_MORE: u32 = 2;
 
 /// Event kinds.
+/// A DNS answer ([`Event`], in [`MAP_DNS_EVENTS`]) to a query seen going out.
 pub const EV_DNS: u32 = 1;
+/// A ClientHello's segment or a QUIC Initial ([`Event`], in [`MAP_EVENTS`]).
 pub const EV_TLS: u32 = 2;
+/// A DNS query from the LAN on its way to the WAN ([`QueryEvent`], in
+/// [`MAP_DNS_EVENTS`]).
+pub const EV_DNS_QUERY: u32 = 3;
 
-/// One event in the ring buffer: the packet's connection (from the site's
-/// side) and the first `len` bytes of its L4 payload.
+/// One event in a ring buffer: the packet's connection (from the site's side)
+/// and the first `len` bytes (at most `N`) of its L4 payload. The fields before
+/// `data` are the same for every size, so a reader can tell the kind first.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct Event {
+pub struct EventOf<const N: usize> {
     pub kind: u32,
     pub len: u32,
     pub dir: u32,
     /// DSCP as the rules saw it (0 when the side's DSCP is ignored).
     pub dscp: u32,
     pub key: HostKey,
-    pub data: [u8; EVENT_DATA],
+    pub data: [u8; N],
+}
+
+/// A DNS answer, a ClientHello's segment or a QUIC Initial.
+pub type Event = EventOf<EVENT_DATA>;
+/// A DNS query (its header and question).
+pub type QueryEvent = EventOf<DNS_QUERY_DATA>;
+/// Offset of `data` in every [`EventOf`].
+pub const EVENT_HEADER: usize = core::mem::offset_of!(Event, data);
+
+/// Key of the DNS query map: a query from the site's side (`client`, the LAN
+/// host, asked `resolver` from `client_port`, to port 53) and its id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsKey {
+    pub client: [u8; 16],
+    pub resolver: [u8; 16],
+    pub client_port: u16,
+    /// The DNS message id.
+    pub id: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Value of the first-fragment map.
@@ -403,6 +490,8 @@ mod pod {
     unsafe impl aya::Pod for FragVal {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowVal {}
+    unsafe impl aya::Pod for ClaimWindow {}
     unsafe impl aya::Pod for HostKey {}
     unsafe impl aya::Pod for HostVal {}
+    unsafe impl aya::Pod for DnsKey {}
 }

@@ -558,7 +558,20 @@ pub struct RunResult {
 /// BPF_PROG_TEST_RUN, `repeat` times. `ifindex` selects the direction (the
 /// configured WAN or LAN index; it must exist in the caller's namespace).
 pub fn test_run(bpf: &mut Ebpf, packet: &[u8], ifindex: u32, repeat: u32) -> Result<RunResult> {
-    run_prog(program(bpf)?, packet, ifindex, repeat)
+    run_prog(program(bpf)?, packet, ifindex, 0, repeat)
+}
+
+/// [`test_run`] of a frame that came in on `ingress_ifindex` (the skb's `skb_iif`:
+/// the WAN index for an arrival from the WAN, the LAN index for one from the LAN;
+/// [`test_run`]'s frames have 0, as the box's own packets do).
+pub fn test_run_from(
+    bpf: &mut Ebpf,
+    packet: &[u8],
+    ifindex: u32,
+    ingress_ifindex: u32,
+    repeat: u32,
+) -> Result<RunResult> {
+    run_prog(program(bpf)?, packet, ifindex, ingress_ifindex, repeat)
 }
 
 /// The same test run on the object's empty program: the floor of a run's cost.
@@ -571,17 +584,19 @@ pub fn test_run_empty(packet: &[u8], repeat: u32) -> Result<RunResult> {
         .ok_or_else(|| anyhow!("empty program missing from object"))?
         .try_into()?;
     prog.load()?;
-    run_prog(prog, packet, 1, repeat)
+    run_prog(prog, packet, 1, 0, repeat)
 }
 
 fn run_prog(
     prog: &mut SchedClassifier,
     packet: &[u8],
     ifindex: u32,
+    ingress_ifindex: u32,
     repeat: u32,
 ) -> Result<RunResult> {
-    // struct __sk_buff: priority at offset 32, ifindex at 40.
+    // struct __sk_buff: priority at offset 32, ingress_ifindex at 36, ifindex at 40.
     let mut ctx_in = [0u8; 192];
+    ctx_in[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
     ctx_in[40..44].copy_from_slice(&ifindex.to_ne_bytes());
     let mut ctx_out = [0u8; 192];
     let mut data_out = vec![0u8; packet.len() + 64];

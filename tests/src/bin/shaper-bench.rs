@@ -34,7 +34,8 @@ use shaper_tests::topology::{GW_LAN_IF, GW_WAN_IF, HOST_IF, SRV_V4};
 use shaper_tests::{
     Line, Offloads, Scenario, Shaper, ShaperConfig, TempDir, Topology, TopologyOptions,
 };
-use shaper_user::hosts::{event_bytes, Engine, MapKernel};
+use shaper_user::hosts::{event_bytes, Engine};
+use shaper_user::hosts_task::MapKernel;
 use shaper_user::{compile, config, kernel::bpf};
 
 const REPEAT: u32 = 200_000;
@@ -610,14 +611,24 @@ fn host_rows(floor: Duration) -> anyhow::Result<()> {
     ];
     for (stage, k) in [0usize, 1_000, 10_000].into_iter().enumerate() {
         let events: Vec<Vec<u8>> = (0..k)
-            .map(|i| {
+            .flat_map(|i| {
                 let answer = dns_answer(
                     i as u16,
                     &format!("h{i}.example.test"),
                     scattered(i as u32),
                     3600,
                 );
-                event_bytes(shaper_common::EV_DNS, DIR_DOWN, HostKey::default(), &answer)
+                // The query it answers goes out first: only answers to queries count.
+                let query = shaper_user::dnswire::query_of(&answer).expect("a question");
+                [
+                    event_bytes(
+                        shaper_common::EV_DNS_QUERY,
+                        DIR_UP,
+                        HostKey::default(),
+                        &query,
+                    ),
+                    event_bytes(shaper_common::EV_DNS, DIR_DOWN, HostKey::default(), &answer),
+                ]
             })
             .collect();
         let now = Instant::now();

@@ -42,7 +42,8 @@ use shaper_user::{
     compile::{self, classid_of},
     config,
     explain::{self, Explainer, Frag, Outcome, Parsed},
-    hosts::{Engine, MapKernel},
+    hosts::Engine,
+    hosts_task::MapKernel,
     kernel::bpf,
 };
 
@@ -476,6 +477,9 @@ struct Seeds {
     seconds: Vec<(Pkt, &'static [u8])>,
     /// Flows sent again and again (demotion, promotion): (upload, packet).
     pool: Vec<(bool, Pkt)>,
+    /// The query (a frame from the LAN to the WAN) the DNS answer just made answers:
+    /// sent first, as only answers to queries that went out are handed on.
+    query: Option<Vec<u8>>,
 }
 
 /// One of the 256 (per family) WAN addresses the synthetic DNS answers name.
@@ -609,18 +613,16 @@ fn mutate(rng: &mut Rng, payload: &mut Vec<u8>) {
 
 /// A DNS answer on its way to the LAN: captured, or synthetic for names the host
 /// rules want (and some they do not), naming [`named_addr`]s; then [`mutate`]d.
-fn dns_answer(rng: &mut Rng) -> Vec<u8> {
+fn dns_answer(rng: &mut Rng, st: &mut Seeds) -> Vec<u8> {
     let v6 = rng.chance(30);
     let (lan, resolver) = (lan_addr(rng, v6), wan_addr(rng, v6));
-    let mut p = Pkt::udp(
-        &resolver.to_string(),
-        &lan.to_string(),
-        53,
-        1024 + rng.below(64000) as u16,
-    );
+    let port = 1024 + rng.below(64000) as u16;
+    let mut p = Pkt::udp(&resolver.to_string(), &lan.to_string(), 53, port);
     if rng.chance(10) {
         p.vlans = vec![rng.next() as u16];
     }
+    let mut q = Pkt::udp(&lan.to_string(), &resolver.to_string(), port, 53);
+    q.vlans = p.vlans.clone();
     let mut payload = if rng.chance(25) {
         DNS_FIXTURES[rng.below(DNS_FIXTURES.len() as u64) as usize].to_vec()
     } else {
@@ -640,6 +642,10 @@ fn dns_answer(rng: &mut Rng) -> Vec<u8> {
         let ttl = 30 + rng.below(3600) as u32;
         dns_message(rng.next() as u16, &qname, cname.as_deref(), &addrs, ttl)
     };
+    // Most were asked (before any mutation); some come unasked.
+    st.query = shaper_user::dnswire::query_of(&payload)
+        .filter(|_| rng.chance(90))
+        .map(|query| with_payload(q, &query));
     mutate(rng, &mut payload);
     with_payload(p, &payload)
 }
@@ -815,7 +821,7 @@ fn frame(rng: &mut Rng, up: bool, n: u64, st: &mut Seeds) -> (&'static str, Vec<
             fragment_pair(rng, up, n, &mut st.firsts),
             up,
         ),
-        85..=88 => ("DNS answers", dns_answer(rng), false),
+        85..=88 => ("DNS answers", dns_answer(rng, st), false),
         89..=92 => ("ClientHellos", client_hello_segment(rng, st), true),
         93 | 94 => ("later segments", later_segment(rng, st, up), up),
         95..=97 if !st.pool.is_empty() => {
@@ -912,7 +918,7 @@ fn accounted_for(
         sport: port(view.sport),
         dport: port(view.dport),
         proto: p.proto,
-        dscp: view.dscp,
+        _pad: 0,
         dir: p.dir as u8,
         family,
     };
@@ -1029,6 +1035,7 @@ fn run(frames: u64, seed: u64) -> anyhow::Result<bool> {
             .with_context(|| format!("map {name} missing from the object"))
     };
     let mut ring = RingBuf::try_from(take(MAP_EVENTS)?)?;
+    let mut dns_ring = RingBuf::try_from(take(shaper_common::MAP_DNS_EVENTS)?)?;
     let flows: BpfHashMap<MapData, FlowKey, FlowVal> = BpfHashMap::try_from(take(MAP_FLOWS)?)?;
     let host_maps = Rc::new(RefCell::new(MapKernel::take(&mut obj)?));
     let mut engine = Engine::new(&plan, host_maps.clone());
@@ -1050,6 +1057,7 @@ fn run(frames: u64, seed: u64) -> anyhow::Result<bool> {
     let mut accounted: HashSet<u64> = HashSet::new();
     let mut why: BTreeMap<&str, u64> = BTreeMap::new();
     let mut events = 0u64;
+    let mut queries = 0u64;
     let (mut refused, mut errors, mut drops, mut bad, mut differ, mut not_compared) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     let mut kernel_time = Duration::ZERO;
@@ -1066,8 +1074,17 @@ fn run(frames: u64, seed: u64) -> anyhow::Result<bool> {
             engine.tick(Instant::now());
         }
         *kinds.entry(kind).or_default() += 1;
+        // A DNS answer's query goes out first, from the LAN; the answer comes in from
+        // the WAN (the classifier hands on only answers to queries seen going out).
+        let mut from = 0;
+        if let Some(q) = st.query.take() {
+            if bpf::test_run_from(&mut obj, &q, wan, lan, 1).is_ok() {
+                queries += 1;
+            }
+            from = wan;
+        }
         let ifindex = if up { wan } else { lan };
-        let res = match bpf::test_run(&mut obj, &f, ifindex, 1) {
+        let res = match bpf::test_run_from(&mut obj, &f, ifindex, from, 1) {
             Ok(r) => r,
             Err(e) => {
                 if harness_refuses(&f) {
@@ -1171,6 +1188,10 @@ fn run(frames: u64, seed: u64) -> anyhow::Result<bool> {
         // The events this frame made go through the host-name engine into the maps
         // before the next frame (the daemon reads the ring as it fills).
         let now = Instant::now();
+        while let Some(item) = dns_ring.next() {
+            events += 1;
+            engine.on_event(now, &item);
+        }
         while let Some(item) = ring.next() {
             events += 1;
             engine.on_event(now, &item);
@@ -1230,6 +1251,8 @@ fn run(frames: u64, seed: u64) -> anyhow::Result<bool> {
     for name in [
         "events",
         "events_lost",
+        "dns_answers_unmatched",
+        "dns_events_lost",
         "host_flow_hits",
         "flow_cache_hits",
         "flows_demoted",
@@ -1238,12 +1261,15 @@ fn run(frames: u64, seed: u64) -> anyhow::Result<bool> {
         row(&format!("kernel: {name}"), global(name)?.to_string());
     }
     let h = &engine.stats;
+    row("DNS queries sent before their answers", queries.to_string());
     row(
         "events read and handed to hosts::Engine",
         events.to_string(),
     );
     for (name, v) in [
+        ("dns_queries", h.dns_queries),
         ("dns_answers", h.dns_answers),
+        ("dns_unmatched", h.dns_unmatched),
         ("dns_unparsed", h.dns_unparsed),
         ("dns_addresses_learned", h.dns_addresses_learned),
         ("tls_hellos", h.tls_hellos),
