@@ -318,11 +318,6 @@ fn emit_to<const N: usize>(
     dir: u32,
     pkt: &Pkt,
 ) {
-    let Some(mut e) = ring.reserve::<EventOf<N>>(0) else {
-        count_global(dir, lost);
-        return;
-    };
-    let ev = e.as_mut_ptr();
     let off = pkt.payload_off;
     // The verifier must see the length's bounds (1 to N) on the very
     // register passed to the helper (its size argument may not be 0). Signed
@@ -331,18 +326,31 @@ fn emit_to<const N: usize>(
     // into `n == 0`, and a signed compare is what raises the lower bound to 1
     // on older verifiers (6.1 learns nothing from the false branch of
     // `n == 0`). Same outcome as min(payload_len, len.saturating_sub(off)).
+    // Clamped before the ring is reserved: the reserve call spills `n`, and a
+    // value spilled after its clamp keeps its bounds on 6.1, while one spilled
+    // before it (and clamped in another register) did not (R4 unbounded).
     let avail = ctx.len() as i64 - off as i64;
     let mut n = pkt.payload_len as i64;
     if n > avail {
         n = avail;
     }
     if n < 1 {
-        e.discard(0);
         return;
     }
-    if n > N as i64 {
-        n = N as i64;
-    }
+    // As `m + 1` with `m` in 0..N: the verifier sees the lower bound 1 from the
+    // addition itself (the compiler moved the clamp after the reserve call, where
+    // 6.1 had lost the `n >= 1` it learnt before).
+    let m = (n - 1) as u64;
+    let m = if m > (N - 1) as u64 {
+        (N - 1) as u64
+    } else {
+        m
+    };
+    let Some(mut e) = ring.reserve::<EventOf<N>>(0) else {
+        count_global(dir, lost);
+        return;
+    };
+    let ev = e.as_mut_ptr();
     // SAFETY: `ev` points at a reserved entry of size_of::<EventOf<N>>() bytes
     // and at most N bytes are copied into its `data`.
     let r = unsafe {
@@ -350,7 +358,7 @@ fn emit_to<const N: usize>(
             ctx.skb.skb as *const core::ffi::c_void,
             off,
             (*ev).data.as_mut_ptr() as *mut core::ffi::c_void,
-            n as u32,
+            (m + 1) as u32,
         )
     };
     if r != 0 {
@@ -361,7 +369,7 @@ fn emit_to<const N: usize>(
     // SAFETY: as above; plain stores into the reserved entry.
     unsafe {
         (*ev).kind = kind;
-        (*ev).len = n as u32;
+        (*ev).len = (m + 1) as u32;
         (*ev).dir = dir;
         (*ev).dscp = pkt.dscp as u32;
         (*ev).key = host_key(pkt);
