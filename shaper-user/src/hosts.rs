@@ -865,6 +865,20 @@ pub struct Engine<K: Kernel> {
     kernel: K,
 }
 
+impl QueryKey {
+    /// The query a DNS message with id `id` on connection `key` (from the site's side:
+    /// client, resolver, client port) belongs to: the same for the query and its answer.
+    fn of(key: &HostKey, id: u16) -> QueryKey {
+        let (client, resolver) = key_addrs(key);
+        QueryKey {
+            client,
+            resolver,
+            port: key.sport as u16,
+            id,
+        }
+    }
+}
+
 fn key_addrs(k: &HostKey) -> (IpAddr, IpAddr) {
     let a = |b: &[u8; 16]| -> IpAddr {
         if k.family == 6 {
@@ -964,14 +978,8 @@ impl<K: Kernel> Engine<K> {
             return;
         }
         self.stats.dns_queries += 1;
-        let (client, resolver) = key_addrs(&key);
-        let k = QueryKey {
-            client,
-            resolver,
-            port: key.sport as u16,
-            id: msg.id,
-        };
-        let gone = self.queries.insert(now, client, k, q);
+        let k = QueryKey::of(&key, msg.id);
+        let gone = self.queries.insert(now, k.client, k, q);
         self.stats.dns_queries_dropped += gone.len() as u64;
     }
 
@@ -988,13 +996,8 @@ impl<K: Kernel> Engine<K> {
             }
         };
         self.stats.dns_answers += 1;
-        let (client, resolver) = key_addrs(&key);
-        let k = QueryKey {
-            client,
-            resolver,
-            port: key.sport as u16,
-            id: msg.id,
-        };
+        let k = QueryKey::of(&key, msg.id);
+        let (client, resolver) = (k.client, k.resolver);
         let asked = match self.queries.remove(&k) {
             Some((sent, q)) if now.saturating_duration_since(sent) <= QUERY_FOR => Some(q),
             _ => None,
