@@ -189,6 +189,12 @@ pub struct MapPlan {
     pub spare_bitmaps: u32,
     /// Promotion (class, packets, bytes, packet size per window), if configured.
     pub promote: Option<(u32, u32, u32, u32)>,
+    /// `[download] window_clamp_queue_ms` in microseconds (0 when the clamp is off).
+    pub clamp_queue_us: u32,
+    /// Class index -> the window clamp's first per-flow share (bytes/s): the class's
+    /// download ceiling, as for one flow; `shaper run` refines it (see `wclamp`).
+    /// Empty when the clamp is off.
+    pub clamp_share: Vec<u64>,
 }
 
 /// Bitmap slots kept free for the combinations DNS-learned addresses need
@@ -215,8 +221,15 @@ pub fn classid_of(policy: &Policy, index: usize) -> u32 {
 /// HTB burst: two full frames, or 100 us at the rate where that is more (fast
 /// lines, so HTB's timer keeps up). Measured on the FTTC 40/10 namespace line:
 /// 1 ms bursts let 3-6 ms of queue build in the modem downstream, two frames
-/// 1-2 ms.
+/// 1-2 ms. Where one frame takes a millisecond or more (below ~12 Mbit/s: ADSL,
+/// every ADSL upload) the burst is one frame: at 1 Mbit/s a frame is 12-14 ms
+/// on the copper and two back to back are what a video packet waits behind at
+/// the modem. HTB lets a class send while its tokens are not negative, so a
+/// burst of one frame still passes full frames.
 fn burst_for(rate_bps: u64) -> u32 {
+    if (FRAME as u64) * 8 * 1000 >= rate_bps {
+        return FRAME;
+    }
     let per_100us = (rate_bps / 8 / 10_000) as u32;
     per_100us.max(2 * FRAME)
 }
@@ -569,6 +582,16 @@ pub fn maps(plan: &Plan) -> MapPlan {
     if policy.measures_flows() {
         flags |= shaper_common::CFG_FLOW_BEHAVIOUR;
     }
+    let mut clamp_share = Vec::new();
+    if policy.download_window_clamp.is_some() {
+        flags |= shaper_common::CFG_WINDOW_CLAMP;
+        clamp_share = vec![0; policy.classes.len()];
+        for c in &plan.down.classes {
+            if let Some(s) = clamp_share.get_mut(c.index as usize) {
+                *s = c.ceil_bps / 8;
+            }
+        }
+    }
     let window_s = shaper_common::FLOW_WINDOW_NS as f64 / 1e9;
     let promote = policy.promote.map(|p| {
         (
@@ -603,6 +626,10 @@ pub fn maps(plan: &Plan) -> MapPlan {
             0
         },
         promote,
+        clamp_queue_us: policy
+            .download_window_clamp
+            .map_or(0, |w| w.queue_ms.saturating_mul(1000)),
+        clamp_share,
     }
 }
 
@@ -673,6 +700,13 @@ pub fn describe(plan: &Plan, maps: &MapPlan) -> String {
             s,
             "pure TCP ACKs (both directions): class {}",
             p.classes[a].name
+        );
+    }
+    if let Some(w) = p.download_window_clamp {
+        let _ = writeln!(
+            s,
+            "download window clamp: on; the receive window in LAN hosts' ACKs is clamped to each TCP download's share of its class's rate x (its round trip + {} ms), at least 4 segments, never moving the right edge left",
+            w.queue_ms
         );
     }
     let _ = writeln!(

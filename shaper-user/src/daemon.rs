@@ -14,6 +14,7 @@
 //!   maps) are there; a re-created interface, a root someone deleted or a removed pin is
 //!   put right by re-applying the running config (well within a second), after waiting
 //!   out any apply in progress so as never to re-apply over a newer one.
+//! - With `[download] window_clamp`, refreshes the clamp's per-flow shares (see `wclamp`).
 //! - SIGTERM/SIGINT remove the shaping (or keep it with `--keep-on-exit`) and exit 0.
 //!
 //! Shaping never depends on this process: programs and maps are pinned, so a crash or
@@ -314,6 +315,8 @@ pub async fn run(
     let (autorate_tx, autorate_rx) = tokio::sync::watch::channel(applied(&state));
     // Arrival accounting on the download rate rides on the same notifications.
     let ingress_task = tokio::spawn(crate::ingress::run(autorate_rx.clone(), paths.pins.clone()));
+    // The window clamp's per-flow shares follow the download rates they set.
+    let wclamp_task = tokio::spawn(crate::wclamp::run(autorate_rx.clone(), paths.pins.clone()));
     let autorate_task = tokio::spawn(autorate::run(autorate_rx));
     // Host names (DNS answers, TLS server names) likewise.
     let (hosts_tx, hosts_rx) = tokio::sync::watch::channel(hosts_applied(&paths, &state));
@@ -420,6 +423,7 @@ pub async fn run(
     drop(autorate_tx);
     let _ = autorate_task.await;
     let _ = ingress_task.await;
+    let _ = wclamp_task.await;
     drop(hosts_tx);
     let _ = hosts_task.await;
     if keep_on_exit {

@@ -1392,6 +1392,18 @@ impl<'a> Explainer<'a> {
         } else if pure_ack == Some(true) {
             notes.push("pure TCP ACK, but no ack_class is configured".to_string());
         }
+        if let (Some(w), Parsed::Ip(p)) = (pol.download_window_clamp, input) {
+            if p.proto == 6 && p.frag != Frag::Later {
+                notes.push(if dir == DIR_UP {
+                    format!(
+                        "download window clamp: if this segment carries an ACK of a connection whose handshake the classifier saw, its receive window is lowered to the connection's share of its download class's rate x (its round trip + {} ms), never moving the right edge left; the class above is not affected",
+                        w.queue_ms
+                    )
+                } else {
+                    "download window clamp: this connection's download is held by the receive window in the ACKs the LAN host sends back (when the classifier saw its handshake); the class above is not affected".to_string()
+                });
+            }
+        }
         let (map_rule, reference_rule, agree) = match d.reference_disagrees {
             Some(reference) => (rule_name(d.rule), rule_name(reference), false),
             None => (rule_name(d.rule), rule_name(d.rule), true),
@@ -1832,6 +1844,34 @@ direction = "upload"
 
     fn explain_one(ex: &mut Explainer<'_>, desc: &str) -> Explanation {
         ex.explain(&Parsed::Ip(parse_description(desc).expect("description")))
+    }
+
+    #[test]
+    fn window_clamp_is_noted_on_tcp_only_when_on() {
+        let has = |pol: &Policy, desc: &str| {
+            let mut ex = Explainer::new(pol);
+            explain_one(&mut ex, desc)
+                .notes
+                .iter()
+                .any(|n| n.starts_with("download window clamp"))
+        };
+        let ack = "up tcp 192.168.1.5:40000 -> 203.0.113.9:443 flags=A";
+        assert!(!has(&policy(), ack), "off by default");
+        let text = POLICY.replace(
+            "[download]\n",
+            "[download]\nwindow_clamp = true\nwindow_clamp_queue_ms = 7\n",
+        );
+        let pol = config::parse(Path::new("explain.toml"), &text).expect("policy");
+        assert!(pol.download_window_clamp.is_some(), "{text}");
+        let mut ex = Explainer::new(&pol);
+        let e = explain_one(&mut ex, ack);
+        let note = e
+            .notes
+            .iter()
+            .find(|n| n.starts_with("download window clamp"));
+        assert!(note.is_some_and(|n| n.contains("+ 7 ms")), "{:?}", e.notes);
+        assert!(has(&pol, "down tcp 203.0.113.9:443 -> 192.168.1.5:40000"));
+        assert!(!has(&pol, "up udp 192.168.1.5:40000 -> 203.0.113.9:443"));
     }
 
     #[test]

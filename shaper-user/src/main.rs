@@ -113,11 +113,39 @@ enum Cmd {
     },
     /// What image runs, which are installed on the boot disk and which boots next.
     Version,
+    /// The line itself: `shaper line probe` measures its framing and overhead.
+    Line {
+        #[command(subcommand)]
+        cmd: LineCmd,
+    },
     /// How the box sits in the site's network (site.toml: bridge or router, ports,
     /// management address).
     Site {
         #[command(subcommand)]
         cmd: SiteCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LineCmd {
+    /// Measure through the line whether it is ATM (ADSL) or PTM/Ethernet and the bytes it
+    /// adds to each packet, and print the `line`/`framing`/`overhead` to put in `[upload]`
+    /// and `[download]`. Sends trains of pings of many sizes (about 1-2 minutes on ADSL)
+    /// past the box's own shaper to a host beyond the line that answers them; best on a
+    /// quiet line. Only on an Ethernet WAN port, IPv4.
+    Probe {
+        /// The WAN interface (the Ethernet port towards the modem).
+        #[arg(long)]
+        interface: String,
+        /// An IPv4 host beyond the line that answers pings (the ISP's first hop is best).
+        #[arg(long)]
+        reflector: std::net::Ipv4Addr,
+        /// Trains per probe size (more: slower, steadier on a busy line).
+        #[arg(long, default_value_t = 3)]
+        trains: u32,
+        /// Print the fit and the samples as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -441,7 +469,54 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Site { cmd } => site_cmd(cmd),
+        Cmd::Line {
+            cmd:
+                LineCmd::Probe {
+                    interface,
+                    reflector,
+                    trains,
+                    json,
+                },
+        } => line_probe(&interface, reflector, trains, json),
     }
+}
+
+fn line_probe(
+    interface: &str,
+    reflector: std::net::Ipv4Addr,
+    trains: u32,
+    json: bool,
+) -> Result<ExitCode> {
+    use shaper_user::lineprobe;
+    let opts = lineprobe::ProbeOpts {
+        trains: trains.clamp(1, 50),
+        ..lineprobe::ProbeOpts::new(interface, reflector)
+    };
+    let mut last = std::time::Instant::now();
+    let (samples, fit) = lineprobe::probe_line(&opts, &mut |done, total| {
+        if !json && last.elapsed() > std::time::Duration::from_secs(5) {
+            last = std::time::Instant::now();
+            eprintln!("probing: {done}/{total} trains");
+        }
+    })?;
+    if json {
+        let v = serde_json::json!({
+            "atm": fit.atm,
+            "overhead": fit.overhead,
+            "rate_bps": fit.rate_bps,
+            "atm_vs_linear": fit.atm_vs_linear,
+            "ambiguous": fit.ambiguous,
+            "overhead_estimate": fit.overhead_estimate,
+            "overhead_stderr": fit.overhead_stderr,
+            "config": fit.config_lines(),
+            "samples": samples.iter().map(|(s, t)| serde_json::json!([s, t])).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{interface} towards {reflector}: {}", fit.describe());
+        println!("put in [upload] and [download]:\n{}", fit.config_lines());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Where udhcpc finds its hook (a two-line script that runs `shaper site dhcp-event`).

@@ -18,6 +18,7 @@ fn main() -> anyhow::Result<()> {
     let topo = Topology::build_with(TopologyOptions {
         line: Some(Line::FTTC_40_10),
         offloads,
+        ..Default::default()
     })?;
     for (role, ns) in [
         ("lan", &topo.lan),

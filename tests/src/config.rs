@@ -47,6 +47,9 @@ pub struct ShaperConfig {
     /// `[download] account_arrivals` (done by `shaper run`); `None` leaves the product's
     /// default (on without `[autorate]`).
     pub account_arrivals: Option<bool>,
+    /// `line` preset of both directions (e.g. "adsl2-pppoa"); `None`: no link-layer
+    /// accounting.
+    pub line: Option<String>,
 }
 
 impl ShaperConfig {
@@ -76,6 +79,7 @@ impl ShaperConfig {
             ],
             ack_class: Some("acks".into()),
             account_arrivals: None,
+            line: None,
             rules: vec![
                 Rule {
                     name: "teams-video".into(),
@@ -119,11 +123,17 @@ impl ShaperConfig {
             q(&self.lan)
         );
         let _ = writeln!(t, "[upload]\nrate = {}", q(&format_rate(self.upload_bps)));
+        if let Some(l) = &self.line {
+            let _ = writeln!(t, "line = {}", q(l));
+        }
         let _ = writeln!(
             t,
             "[download]\nrate = {}",
             q(&format_rate(self.download_bps))
         );
+        if let Some(l) = &self.line {
+            let _ = writeln!(t, "line = {}", q(l));
+        }
         if let Some(a) = self.account_arrivals {
             let _ = writeln!(t, "account_arrivals = {a}");
         }

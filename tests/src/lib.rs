@@ -1,8 +1,10 @@
 //! Host-tier integration test harness for the traffic shaper.
 //!
 //! Builds a four-namespace lab (lan host, gateway, modem emulating a copper line with TBF,
-//! internet server), drives real traffic through it (iperf3 bulk and image transfers, a
-//! video-like UDP call written here), and runs the product binary in the gateway namespace.
+//! internet server; with a base RTT, a fifth namespace holding a delay line between the
+//! modem and the server), drives real traffic through it (iperf3 bulk and image transfers,
+//! a video-like UDP call and web-like churn written here), and runs the product binary in
+//! the gateway namespace.
 //! Everything it creates is uniquely named per process and removed by `Drop` guards, also
 //! when a test panics.
 //!
@@ -11,14 +13,17 @@
 //! `cargo test -p shaper-tests -- --test-threads=1`.
 
 pub mod appliance;
+pub mod churn;
 pub mod config;
 pub mod crash;
+pub mod delayline;
 pub mod dicom;
 pub mod dns;
 pub mod flood;
 pub mod gateway;
 pub mod hostlab;
 pub mod iperf;
+pub mod matrix;
 pub mod netns;
 pub mod packet;
 pub mod phases;
@@ -37,10 +42,11 @@ pub mod video;
 pub mod vm;
 
 pub use config::{Class, Rule, ShaperConfig};
+pub use delayline::{DelayConfig, DelayLine, DelayLineStats, DirectionStats};
 pub use netns::Netns;
 pub use scenario::{table, Results, Scenario};
 pub use shaper::{CmdOutput, Shaper};
-pub use topology::{Line, Offloads, Topology, TopologyOptions};
+pub use topology::{Line, Offloads, PathDelay, Topology, TopologyOptions};
 pub use util::TempDir;
 pub use video::{DelayStats, VideoCall};
 

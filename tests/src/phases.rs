@@ -57,7 +57,22 @@ pub fn run(
     scenario: Scenario,
     which: Phases,
 ) -> anyhow::Result<PhaseReport> {
-    let topo = Topology::build(Some(line))?;
+    run_with_path(line, None, config, scenario, which)
+}
+
+/// [`run`] with a base RTT between the modem and the server (the delay line).
+pub fn run_with_path(
+    line: Line,
+    path: Option<crate::topology::PathDelay>,
+    config: ShaperConfig,
+    scenario: Scenario,
+    which: Phases,
+) -> anyhow::Result<PhaseReport> {
+    let topo = Topology::build_with(crate::TopologyOptions {
+        line: Some(line),
+        offloads: crate::Offloads::from_env(),
+        path,
+    })?;
     let dir = TempDir::new("phases")?;
     let config_path = config.write(dir.path(), "shaper.toml")?;
     let mut shaper = Shaper::new(&topo.gw)?;

@@ -45,6 +45,10 @@ pub struct ReferenceOptions {
     pub leaf_queue_ms: Option<u32>,
     /// fq_codel leaves instead of bfifo (kernels that have it: the VM tier's gateway).
     pub fq_codel_leaves: bool,
+    /// ATM line: a size table on each root counting the IP packet plus this many bytes in
+    /// 53-byte cells (`stab linklayer atm overhead N-14`: the frames the qdisc sees carry
+    /// a 14-byte Ethernet header the copper does not).
+    pub atm_overhead: Option<u16>,
 }
 
 /// Installs HTB with one class per config class on `wan` (upload, matching destination
@@ -80,18 +84,14 @@ pub fn commands(config: &ShaperConfig, opts: ReferenceOptions) -> Result<Vec<Vec
             out.push(args.iter().map(|a| a.to_string()).collect());
             Ok(())
         };
-        tc(&[
-            "qdisc",
-            "replace",
-            "dev",
-            dev,
-            "root",
-            "handle",
-            "1:",
-            "htb",
-            "default",
-            &format!("{:x}", 0x10 * default_minor),
-        ])?;
+        let default = format!("{:x}", 0x10 * default_minor);
+        let mut root = vec!["qdisc", "replace", "dev", dev, "root", "handle", "1:"];
+        let overhead = opts.atm_overhead.map(|n| (i32::from(n) - 14).to_string());
+        if let Some(o) = &overhead {
+            root.extend(["stab", "linklayer", "atm", "overhead", o]);
+        }
+        root.extend(["htb", "default", &default]);
+        tc(&root)?;
         tc(&[
             "class",
             "add",

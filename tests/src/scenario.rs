@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::churn::{Churn, ChurnStats};
 use crate::iperf::{IperfClient, IperfServer};
 use crate::topology::Topology;
 use crate::util::fmt_bps;
@@ -45,6 +46,12 @@ pub struct Scenario {
     /// on both ends), e.g. "cubic" or "bbr"; `None` leaves the namespaces' default, which is
     /// inherited from the host (`net.ipv4.tcp_congestion_control`).
     pub congestion: Option<String>,
+    /// Web-like short transfers (downloads) beside the long ones, for the whole busy
+    /// period; `None`: none.
+    pub churn: Option<Churn>,
+    /// Measure the video call alone on the idle line for this long first (the reference
+    /// the busy figures are compared with, in the same run).
+    pub idle: Option<Duration>,
 }
 
 impl Default for Scenario {
@@ -63,6 +70,8 @@ impl Default for Scenario {
             video: VideoCall::default(),
             v6: false,
             congestion: None,
+            churn: None,
+            idle: None,
         }
     }
 }
@@ -83,6 +92,10 @@ pub struct Results {
     /// frames as the line emulation counts them), bits/s.
     pub line_up_bps: f64,
     pub line_down_bps: f64,
+    /// The video alone on the idle line (with [`Scenario::idle`]): (up, down).
+    pub video_idle: Option<(DelayStats, DelayStats)>,
+    /// The churn's transfers (with [`Scenario::churn`]).
+    pub churn: Option<ChurnStats>,
 }
 
 impl Scenario {
@@ -90,6 +103,20 @@ impl Scenario {
     pub fn of_secs(secs: u64) -> Self {
         Scenario {
             duration: Duration::from_secs(secs),
+            ..Default::default()
+        }
+    }
+
+    /// Traffic as the internet has it: autotuned TCP windows (no `-w`), every long
+    /// transfer starting at once, web-like churn beside them, and the video measured on
+    /// the idle line first. Meant for a topology with a base RTT (a delay line).
+    pub fn internet(secs: u64) -> Self {
+        Scenario {
+            duration: Duration::from_secs(secs),
+            stagger: Duration::ZERO,
+            window: None,
+            churn: Some(Churn::default()),
+            idle: Some(Duration::from_secs(3)),
             ..Default::default()
         }
     }
@@ -108,6 +135,17 @@ impl Scenario {
             self.tail
         );
         let srv_ip = topo.srv_addr(self.v6);
+        let mut video = self.video.clone();
+        video.v6 = self.v6;
+        let video_idle = match self.idle {
+            Some(len) => {
+                let call = video
+                    .start(&topo.lan, &topo.srv, len)
+                    .context("starting the idle-line video call")?;
+                Some(call.finish(self.drain.min(Duration::from_millis(500)))?)
+            }
+            None => None,
+        };
 
         let _bulk_up_srv = IperfServer::start(&topo.srv, self.bulk_up_port)?;
         let _bulk_down_srv = IperfServer::start(&topo.srv, self.bulk_down_port)?;
@@ -146,6 +184,16 @@ impl Scenario {
                 }
             }
         };
+        let churn = match &self.churn {
+            Some(c) => {
+                let c = Churn {
+                    cc: c.cc.clone().or_else(|| self.congestion.clone()),
+                    ..c.clone()
+                };
+                Some(c.start(&topo.lan, &topo.srv, srv_ip)?)
+            }
+            None => None,
+        };
         let down_child = spawn(&bulk_down)?;
         std::thread::sleep(self.stagger);
         let up_child = spawn(&bulk_up)?;
@@ -156,8 +204,6 @@ impl Scenario {
 
         std::thread::sleep(self.warmup);
         let video_len = self.duration - self.stagger - self.warmup - self.tail;
-        let mut video = self.video.clone();
-        video.v6 = self.v6;
         let line_before = topo.line_bytes()?;
         let t0 = std::time::Instant::now();
         let call = video
@@ -181,6 +227,7 @@ impl Scenario {
         let line_down_bps = (line_after.1 - line_before.1) as f64 * 8.0 / secs;
 
         // Collect every client before failing on any of them.
+        let churn = churn.map(|c| c.finish(Duration::from_secs(5)));
         let up = bulk_up.finish(up_child);
         let down = bulk_down.finish(down_child);
         let img = match (image, image_child) {
@@ -207,6 +254,8 @@ impl Scenario {
             bulk_down_bps,
             line_up_bps,
             line_down_bps,
+            video_idle,
+            churn: churn.transpose().context("churn")?,
         })
     }
 }

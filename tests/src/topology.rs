@@ -6,12 +6,26 @@
 //!                      modem: in0  10.201.2.2  out0 10.201.3.1   srv: eth0 10.201.3.2
 //!  IPv6: fd00:201:<subnet>::<host>/64 with the same subnet/host numbers.
 //! ```
+//!
+//! With a [`PathDelay`] ([`TopologyOptions::path`]) a fifth namespace, "wire", sits on
+//! the internet side, between the modem's out0 and the server's eth0, and holds every frame
+//! for half the base round trip (plus jitter) each way with a user-space
+//! [`DelayLine`](crate::delayline::DelayLine) (the test kernels have no netem):
+//!
+//! ```text
+//!  modem: out0 <-> w0  wire (no addresses, no forwarding, no IPv6)  w1 <-> eth0 :srv
+//! ```
+//!
+//! The wire is transparent at L2: out0 and the server's eth0 stay one subnet and every
+//! address and route is as without it.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::delayline::{DelayConfig, DelayLine, DelayLineStats};
 use crate::netns::Netns;
 
 pub const LAN_HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 201, 1, 2);
@@ -36,6 +50,10 @@ pub const MODEM_IN_IF: &str = "in0";
 pub const MODEM_OUT_IF: &str = "out0";
 /// Interface name of the lan host and of the server.
 pub const HOST_IF: &str = "eth0";
+/// Interfaces of the wire namespace (with a [`PathDelay`]): w0 faces the modem's out0, w1
+/// the server's eth0.
+pub const WIRE_MODEM_IF: &str = "w0";
+pub const WIRE_SRV_IF: &str = "w1";
 
 static VETH_COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -110,23 +128,59 @@ impl Offloads {
     }
 }
 
+/// The internet path's base delay, emulated by a [`DelayLine`] in the "wire" namespace
+/// between the modem and the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PathDelay {
+    /// Base round trip: each direction holds frames for half of it.
+    pub rtt: Duration,
+    /// Jitter bound per direction: each frame gets a further uniform `[0, jitter]` (never
+    /// reordered; see [`crate::delayline`]).
+    pub jitter: Duration,
+}
+
+impl PathDelay {
+    pub fn new(rtt: Duration, jitter: Duration) -> Self {
+        PathDelay { rtt, jitter }
+    }
+
+    /// A round trip of `ms` milliseconds, no jitter.
+    pub fn rtt_ms(ms: u64) -> Self {
+        PathDelay::new(Duration::from_millis(ms), Duration::ZERO)
+    }
+
+    /// The base delay each way (half the round trip).
+    pub fn one_way(&self) -> Duration {
+        self.rtt / 2
+    }
+}
+
 /// How to build a [`Topology`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TopologyOptions {
     /// The line the modem emulates; `None` leaves the modem unshaped (veth speed).
     pub line: Option<Line>,
     pub offloads: Offloads,
+    /// The internet path's base delay (a fifth namespace with a delay line between the
+    /// modem and the server); `None`: the four-namespace lab.
+    pub path: Option<PathDelay>,
 }
 
-/// The four namespaces, wired and routed. Dropping it deletes all of them (and with them
-/// the veths and any processes the harness started in them).
+/// The four namespaces (five with a [`PathDelay`]), wired and routed. Dropping it stops the
+/// delay line and deletes all of them (and with them the veths and any processes the
+/// harness started in them).
 pub struct Topology {
-    // Field order is drop order: hosts first.
+    // Field order is drop order: the delay line's threads (and its sockets, which keep the
+    // wire namespace alive) first, then the hosts.
+    delay: Option<DelayLine>,
     pub lan: Netns,
     pub srv: Netns,
     pub gw: Netns,
     pub modem: Netns,
+    /// The namespace between modem and server holding the delay line (with a path only).
+    pub wire: Option<Netns>,
     line: Option<Line>,
+    path: Option<PathDelay>,
     veth_names: Vec<String>,
 }
 
@@ -136,18 +190,34 @@ impl Topology {
         Self::build_with(TopologyOptions {
             line,
             offloads: Offloads::from_env(),
+            path: None,
         })
     }
 
+    /// lan <-> gw <-> modem(line) [<-> wire(path delay)] <-> srv.
     pub fn build_with(opts: TopologyOptions) -> Result<Topology> {
+        let path = opts.path;
         let mut topo = Topology {
+            delay: None,
             lan: Netns::new("lan")?,
             srv: Netns::new("srv")?,
             gw: Netns::new("gw")?,
             modem: Netns::new("modem")?,
+            wire: None,
             line: None,
+            path: None,
             veth_names: Vec::new(),
         };
+        if path.is_some() {
+            let wire = Netns::new("wire")?;
+            // Never an end point nor a router itself: no addresses (none are added), no
+            // forwarding, no IPv6 (so no link-local addresses, no ND or MLD). Set before
+            // its veths exist, so they inherit the defaults.
+            wire.sysctl("net.ipv4.ip_forward", "0")?;
+            wire.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+            wire.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+            topo.wire = Some(wire);
+        }
         // No duplicate-address detection on the lab's links: with it, IPv6 is not
         // forwarded for ~2 s after the links come up (the routers' link-local
         // addresses are still tentative), and early v6 traffic stalls.
@@ -159,6 +229,17 @@ impl Topology {
         if let Some(line) = opts.line {
             topo.set_line(line)?;
         }
+        if let (Some(path), Some(wire)) = (path, &topo.wire) {
+            let line = DelayLine::start(
+                wire,
+                WIRE_MODEM_IF,
+                WIRE_SRV_IF,
+                DelayConfig::new(path.one_way(), path.jitter),
+            )
+            .context("starting the delay line")?;
+            topo.delay = Some(line);
+            topo.path = Some(path);
+        }
         Ok(topo)
     }
 
@@ -166,11 +247,17 @@ impl Topology {
         let n = VETH_COUNTER.fetch_add(1, Ordering::Relaxed) & 0xfff;
         // Unique per run and per topology: "s<pid hex><n hex><pair><end>", <= 13 chars.
         let prefix = format!("s{:x}{:x}", std::process::id(), n);
-        let links: [(&Netns, &str, &Netns, &str); 3] = [
+        let mut links: Vec<(&Netns, &str, &Netns, &str)> = vec![
             (&self.lan, HOST_IF, &self.gw, GW_LAN_IF),
             (&self.gw, GW_WAN_IF, &self.modem, MODEM_IN_IF),
-            (&self.modem, MODEM_OUT_IF, &self.srv, HOST_IF),
         ];
+        match &self.wire {
+            None => links.push((&self.modem, MODEM_OUT_IF, &self.srv, HOST_IF)),
+            Some(wire) => {
+                links.push((&self.modem, MODEM_OUT_IF, wire, WIRE_MODEM_IF));
+                links.push((wire, WIRE_SRV_IF, &self.srv, HOST_IF));
+            }
+        }
         let mut names = Vec::new();
         for (i, (a_ns, a_if, b_ns, b_if)) in links.into_iter().enumerate() {
             let a_tmp = format!("{prefix}{i}a");
@@ -296,10 +383,39 @@ impl Topology {
         self.line
     }
 
-    /// Names of the four namespaces (for checking cleanup).
+    /// The internet path's delay, when the topology was built with one.
+    pub fn path(&self) -> Option<PathDelay> {
+        self.path
+    }
+
+    /// Changes the path's round trip and jitter on the fly (for frames arriving from now
+    /// on). Fails when the topology was built without a path (there is no wire namespace).
+    pub fn set_path(&mut self, path: PathDelay) -> Result<()> {
+        let line = self
+            .delay
+            .as_ref()
+            .context("the topology was built without a path delay")?;
+        line.set_delay(path.one_way(), path.jitter);
+        self.path = Some(path);
+        Ok(())
+    }
+
+    /// The delay line's counters: `[towards srv (w0 -> w1), towards the site (w1 -> w0)]`;
+    /// `None` without a path.
+    pub fn delay_stats(&self) -> Option<DelayLineStats> {
+        self.delay.as_ref().map(DelayLine::stats)
+    }
+
+    /// The delay line itself (without a path: `None`).
+    pub fn delay_line(&self) -> Option<&DelayLine> {
+        self.delay.as_ref()
+    }
+
+    /// Names of the four namespaces, and the wire's with a path (for checking cleanup).
     pub fn namespace_names(&self) -> Vec<String> {
         [&self.lan, &self.gw, &self.modem, &self.srv]
-            .iter()
+            .into_iter()
+            .chain(self.wire.as_ref())
             .map(|n| n.name().to_string())
             .collect()
     }

@@ -233,3 +233,124 @@ fn atm_accounting_keeps_the_modem_queue_empty() {
         problems.join("\n- ")
     );
 }
+
+/// `shaper line probe` run in the gateway towards the server, with the modem's upload set
+/// to each framing in turn (a size table on its TBF: ATM cells or bytes, plus the
+/// overhead), while the product shapes the WAN (the probe goes past it): it names the
+/// framing and the overhead the modem uses (ATM exactly; PTM never low)
+/// and the modem's rate within 10 %. PTM reads are a few bytes off either way from run to
+/// run here (a byte is 0.8 us at 10 Mbit/s); the probe adds a margin and may be up to 12
+/// bytes high, never low.
+#[test]
+fn line_probe_finds_the_modems_framing() {
+    skip_unless_ready!(TOPOLOGY_TOOLS);
+    let t0 = Instant::now();
+    let topo = Topology::build(Some(ADSL2_PPPOA)).expect("topology");
+    let dir = TempDir::new("lineprobe").expect("tempdir");
+    let mut shaper = Shaper::new(&topo.gw).expect("shaper binary");
+    let cfg = dir.path().join("plain.toml");
+    std::fs::write(&cfg, config_toml(None)).expect("config");
+    shaper.apply(&cfg).expect("apply");
+    let mut problems = Vec::new();
+    for (atm, overhead, up_bps) in [
+        (false, 30, 10_000_000u64),
+        (false, 22, 10_000_000),
+        (true, 10, 1_000_000),
+        (true, 32, 1_000_000),
+        (true, 40, 1_000_000),
+        (true, 44, 1_000_000),
+    ] {
+        let (rate, limit) = (
+            format!("{up_bps}bit"),
+            (up_bps / 8 * 600 / 1000).to_string(),
+        );
+        let o = (overhead - 14).to_string();
+        let link = if atm { "atm" } else { "ethernet" };
+        topo.modem
+            .run(
+                "tc",
+                &[
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    "out0",
+                    "root",
+                    "stab",
+                    "linklayer",
+                    link,
+                    "overhead",
+                    &o,
+                    "tbf",
+                    "rate",
+                    &rate,
+                    "burst",
+                    "3028",
+                    "limit",
+                    &limit,
+                ],
+            )
+            .expect("modem framing");
+        let started = Instant::now();
+        let out = shaper
+            .command(&[
+                "line",
+                "probe",
+                "--interface",
+                GW_WAN_IF,
+                "--reflector",
+                &SRV_V4.to_string(),
+                "--trains",
+                "1",
+                "--json",
+            ])
+            .output()
+            .expect("running shaper line probe");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = match serde_json::from_str(&text) {
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(format!(
+                    "{link} {overhead}: no JSON ({e}); stderr: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+                continue;
+            }
+        };
+        let (got_atm, got_o, got_rate) = (
+            v["atm"].as_bool().unwrap_or(!atm),
+            v["overhead"].as_i64().unwrap_or(-999),
+            v["rate_bps"].as_f64().unwrap_or(0.0),
+        );
+        eprintln!(
+            "modem {link} overhead {overhead} at {up_bps} bit/s: probe says atm={got_atm} overhead={got_o} (measured {:.1} +- {:.1}) rate={:.0} (staircase/linear {:.3}) in {:.1} s; config:\n{}",
+            v["overhead_estimate"].as_f64().unwrap_or(f64::NAN),
+            v["overhead_stderr"].as_f64().unwrap_or(f64::NAN),
+            got_rate,
+            v["atm_vs_linear"].as_f64().unwrap_or(f64::NAN),
+            started.elapsed().as_secs_f64(),
+            v["config"].as_str().unwrap_or("")
+        );
+        let o_ok = if atm {
+            got_o == overhead
+        } else {
+            (overhead..=overhead + 12).contains(&got_o)
+        };
+        if got_atm != atm || !o_ok {
+            problems.push(format!(
+                "modem {link} overhead {overhead}: probe said atm={got_atm} overhead {got_o}"
+            ));
+        }
+        if (got_rate / up_bps as f64 - 1.0).abs() > 0.10 {
+            problems.push(format!(
+                "modem {link} overhead {overhead}: rate {got_rate:.0} bit/s, modem {up_bps}"
+            ));
+        }
+    }
+    shaper.remove().expect("remove");
+    eprintln!("line probe test took {:.1} s", t0.elapsed().as_secs_f64());
+    assert!(
+        problems.is_empty(),
+        "line probe:\n- {}",
+        problems.join("\n- ")
+    );
+}

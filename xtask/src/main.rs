@@ -65,12 +65,34 @@ enum Cmd {
         /// Only the classifier micro-benchmark.
         #[arg(long)]
         classifier_only: bool,
-        /// The download-direction comparison instead (FIFO, plain HTB, the product's
-        /// modes, CUBIC and BBR, an unresponsive UDP flood); about 2.5 minutes.
+        /// The download-direction benchmarks instead: the matrix with a base RTT
+        /// (delay line; FTTC 40/10 and ADSL2+ 12/1, 20 and 40 ms, CUBIC and BBR, with and
+        /// without churn, the product beside plain HTB at 85 and 95 %, `--runs` runs per
+        /// row: about 1 hour at 10 runs), then the zero-delay comparison (FIFO, plain HTB,
+        /// the product's modes, an unresponsive UDP flood) on both tiers.
         #[arg(long)]
         download: bool,
-        #[arg(long, default_value_t = 20)]
-        seconds: u32,
+        /// Seconds per configuration (the matrix uses at most 12 unless set here).
+        #[arg(long)]
+        seconds: Option<u32>,
+        /// Runs per row of the download matrix.
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+        /// Matrix rows: lines (fttc,adsl12,adsl8), base RTTs in ms, congestion controls,
+        /// churn (off,on), ECN (off,on).
+        #[arg(long)]
+        lines: Option<String>,
+        #[arg(long)]
+        rtts: Option<String>,
+        #[arg(long)]
+        cc: Option<String>,
+        #[arg(long)]
+        churn: Option<String>,
+        #[arg(long)]
+        ecn: Option<String>,
+        /// Only the matrix (skip the zero-delay comparison and the VM tier).
+        #[arg(long)]
+        matrix_only: bool,
     },
 }
 
@@ -195,8 +217,39 @@ fn main() -> ExitCode {
             classifier_only,
             download,
             seconds,
+            runs,
+            lines,
+            rtts,
+            cc,
+            churn,
+            ecn,
+            matrix_only,
         } => setup().and_then(|()| {
             if download {
+                step("download matrix: namespace tier with a base RTT (delay line)");
+                let mut margs = vec![
+                    "--runs".to_string(),
+                    runs.to_string(),
+                    "--seconds".into(),
+                    seconds.unwrap_or(12).to_string(),
+                ];
+                for (flag, v) in [
+                    ("--lines", &lines),
+                    ("--rtts", &rtts),
+                    ("--cc", &cc),
+                    ("--churn", &churn),
+                    ("--ecn", &ecn),
+                ] {
+                    if let Some(v) = v {
+                        margs.extend([flag.to_string(), v.clone()]);
+                    }
+                }
+                run_bin("shaper-download-matrix", &margs)?;
+                if matrix_only {
+                    return Ok(());
+                }
+                let seconds = seconds.unwrap_or(20);
+                step("download direction without base RTT (FIFO, modes, UDP flood)");
                 let ns = workspace().join("target/download-bench-namespaces.json");
                 let vm = workspace().join("target/vm-bench/fttc/summary.json");
                 for f in [&ns, &vm] {
@@ -220,7 +273,7 @@ fn main() -> ExitCode {
                 })?;
                 both_tiers_table(&ns, &vm)
             } else {
-                bench(classifier_only, seconds)
+                bench(classifier_only, seconds.unwrap_or(20))
             }
         }),
     };

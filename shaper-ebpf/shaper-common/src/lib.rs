@@ -85,6 +85,10 @@ pub const CFG_IGNORE_DSCP_DOWN: u32 = 1 << 6;
 /// `Config::flags`: some class demotes flows, or promotion is configured:
 /// the flow cache measures each flow.
 pub const CFG_FLOW_BEHAVIOUR: u32 = 1 << 7;
+/// `Config::flags`: `[download] window_clamp`: the receive window in the ACKs LAN
+/// hosts send to the WAN is clamped to each download flow's share of its class's
+/// rate times (round trip + `Config::clamp_queue_us`) (see [`clamp_window`]).
+pub const CFG_WINDOW_CLAMP: u32 = 1 << 8;
 /// `Config::flags`: the configuration is complete; until set, every packet
 /// passes untouched (so a half-filled map set never classifies).
 pub const CFG_READY: u32 = 1 << 31;
@@ -140,7 +144,16 @@ pub const G_PROMOTED: u32 = 14;
 pub const G_DNS_UNMATCHED: u32 = 15;
 /// DNS events (queries, answers) lost: their ring was full.
 pub const G_DNS_EVENTS_LOST: u32 = 16;
-pub const GLOBAL_COUNTERS: u32 = 17;
+/// `[download] window_clamp` (counted in the download slots, whichever hook saw the
+/// packet): ACKs from the LAN whose receive window was lowered.
+pub const G_ACKS_CLAMPED: u32 = 17;
+/// TCP connections whose handshake (both SYNs, and a WAN round-trip sample) was
+/// seen, so their windows are clamped.
+pub const G_FLOWS_TRACKED: u32 = 18;
+/// Window rewrites given up (the store or checksum helper failed, or the TCP header
+/// sits at an odd offset the checksum helper refuses): the ACK left as it was.
+pub const G_CLAMP_FAILED: u32 = 19;
+pub const GLOBAL_COUNTERS: u32 = 20;
 /// Names of the global counters, in index order (for status output).
 pub const GLOBAL_COUNTER_NAMES: [&str; GLOBAL_COUNTERS as usize] = [
     "packets",
@@ -160,6 +173,9 @@ pub const GLOBAL_COUNTER_NAMES: [&str; GLOBAL_COUNTERS as usize] = [
     "flows_promoted",
     "dns_answers_unmatched",
     "dns_events_lost",
+    "acks_clamped",
+    "flows_tracked",
+    "clamp_failed",
 ];
 
 /// Map names (as in the object file and under the pin directory).
@@ -208,12 +224,23 @@ pub const MAP_HOST_FLOWS: &str = "HOST_FLOWS";
 /// there are (host entries in the trie deepen it for every lookup near them).
 pub const MAP_LEARNED4: &str = "LEARNED4";
 pub const MAP_LEARNED6: &str = "LEARNED6";
+/// [`ClampKey`] -> [`ClampVal`]: TCP connections followed for `[download]
+/// window_clamp` (least recently used make room).
+pub const MAP_CLAMP_FLOWS: &str = "CLAMP_FLOWS";
+/// Indexed by download class: the window clamp's per-flow share of the class's
+/// rate, in bytes per second (u64; 0: leave the class's flows alone). Written by
+/// user space: at load, the class's ceiling (one flow); then by `shaper run`
+/// every [`CLAMP_TICK_MS`] from the class's rate in the kernel and its active flows.
+pub const MAP_CLAMP_SHARE: &str = "CLAMP_SHARE";
+/// Indexed by download class: [`ActiveWindow`], the clamped flows that carried
+/// [`CLAMP_ACTIVE_BYTES`] of download data in the current and the last epoch (2^30 ns).
+pub const MAP_CLAMP_ACTIVE: &str = "CLAMP_ACTIVE";
 /// The classifier program's name in the object file.
 pub const PROG_CLASSIFY: &str = "shaper_classify";
 /// An empty program in the same object, for benchmarks.
 pub const PROG_EMPTY: &str = "shaper_empty";
 /// Every map the user side fills or reads.
-pub const ALL_MAPS: [&str; 25] = [
+pub const ALL_MAPS: [&str; 28] = [
     MAP_CONFIG,
     MAP_BITMAPS,
     MAP_PROTO_IDX,
@@ -239,6 +266,9 @@ pub const ALL_MAPS: [&str; 25] = [
     MAP_HOST_FLOWS,
     MAP_LEARNED4,
     MAP_LEARNED6,
+    MAP_CLAMP_FLOWS,
+    MAP_CLAMP_SHARE,
+    MAP_CLAMP_ACTIVE,
 ];
 
 /// One rule bitmap.
@@ -280,6 +310,9 @@ pub struct Config {
     pub promote_max_bytes: u32,
     /// ... and packets of at most this size on average.
     pub promote_max_packet: u32,
+    /// `[download] window_clamp_queue_ms` in microseconds: the queue each clamped
+    /// flow may keep in the modem, on top of its round trip.
+    pub clamp_queue_us: u32,
 }
 
 /// `Config::ack_class` value: pure ACKs are classified like any packet.
@@ -478,6 +511,284 @@ pub struct FragVal {
     pub class: u32,
 }
 
+// ---------------------------------------------------------------------------
+// `[download] window_clamp`: receive-window clamping ("TCP rate control").
+
+/// TCP connections the window clamp follows at once.
+pub const MAX_CLAMP_FLOWS: u32 = 16384;
+/// Active flows are counted per epoch of 2^CLAMP_EPOCH_SHIFT ns (about 1.07 s).
+pub const CLAMP_EPOCH_SHIFT: u32 = 30;
+/// How often `shaper run` refreshes [`MAP_CLAMP_SHARE`] (ms).
+pub const CLAMP_TICK_MS: u64 = 200;
+/// The segment size assumed when neither SYN carried an MSS option.
+pub const CLAMP_DEFAULT_MSS: u16 = 1460;
+/// The smallest window the clamp leaves, in segments: fast retransmit needs three
+/// duplicate ACKs, and receivers ACK every second segment.
+pub const CLAMP_MIN_SEGMENTS: u64 = 4;
+/// Largest window-scale shift (RFC 7323 §2.3: larger values are used as 14).
+pub const TCP_MAX_WSCALE: u8 = 14;
+
+/// Key of [`MAP_CLAMP_FLOWS`]: the WAN peer's address and port, the LAN-side
+/// port and the family. Not the LAN-side address: on a masquerading gateway the
+/// WAN egress hook sees the public (post-NAT) source and the LAN egress hook the
+/// private destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClampKey {
+    pub peer: [u8; 16],
+    pub peer_port: u16,
+    pub lan_port: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`MAP_CLAMP_FLOWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClampVal {
+    /// When the LAN host's SYN (or SYN-ACK) left for the WAN (ns, monotonic).
+    pub syn_ns: u64,
+    /// The WAN round trip measured on the handshake (ns); 0 until measured.
+    pub rtt_ns: u32,
+    /// The highest right edge (ACK + window) advertised to the peer so far, valid
+    /// with [`CL_EDGE`].
+    pub right_edge: u32,
+    /// The connection's download class (from the peer's SYN or data), or [`NO_CLASS`].
+    pub class: u32,
+    /// The last epoch the flow was counted active in [`MAP_CLAMP_ACTIVE`].
+    pub epoch: u32,
+    /// Segment size: the smaller of the two SYNs' MSS options (0: none seen).
+    pub mss: u16,
+    /// The window of the LAN host's SYN (unscaled, as SYN windows are).
+    pub lan_win: u16,
+    /// The LAN host's window-scale shift (0..=14).
+    pub shift: u8,
+    /// `CL_*`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// Download payload bytes the flow carried in `epoch`.
+    pub epoch_bytes: u32,
+    pub _pad2: u32,
+}
+
+/// The LAN host sent the SYN (it initiated).
+pub const CL_LAN_SYN: u8 = 1;
+/// The peer sent the SYN (it initiated).
+pub const CL_PEER_SYN: u8 = 2;
+/// The LAN host's SYN or SYN-ACK carried the window-scale option.
+pub const CL_LAN_WS: u8 = 4;
+/// The peer's SYN or SYN-ACK carried the window-scale option.
+pub const CL_PEER_WS: u8 = 8;
+/// `right_edge` is valid.
+pub const CL_EDGE: u8 = 16;
+/// The LAN host's SYN-ACK was seen (peer-initiated connections).
+pub const CL_LAN_SYNACK: u8 = 32;
+/// Both SYNs and a round-trip sample were seen: the flow's ACKs are clamped.
+pub const CL_READY: u8 = 64;
+
+/// A flow counts as active in [`MAP_CLAMP_ACTIVE`] once it carried this many download
+/// payload bytes in an epoch (about 11 full segments, ~120 kbit/s): bulk flows share
+/// the class's rate; a flow that only trickles (a keep-alive, a control connection)
+/// does not halve their windows.
+pub const CLAMP_ACTIVE_BYTES: u32 = 16 * 1024;
+
+/// Per download class ([`MAP_CLAMP_ACTIVE`]): how many clamped flows carried
+/// [`CLAMP_ACTIVE_BYTES`] or more in an epoch. Shared by the CPUs, updated without atomics (an estimate).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActiveWindow {
+    /// The epoch `count` is for (monotonic ns >> [`CLAMP_EPOCH_SHIFT`]).
+    pub epoch: u64,
+    /// Flows active in `epoch` so far.
+    pub count: u64,
+    /// Flows active in the epoch before (0 if that epoch saw none).
+    pub prev: u64,
+}
+
+impl ActiveWindow {
+    /// Active flows as of epoch `now`: the busier of the current and the last epoch.
+    pub fn active(&self, now: u64) -> u64 {
+        if self.epoch == now {
+            if self.count > self.prev {
+                self.count
+            } else {
+                self.prev
+            }
+        } else if self.epoch.wrapping_add(1) == now {
+            self.count
+        } else {
+            0
+        }
+    }
+}
+
+/// The target window in bytes: `share_bps` (bytes per second) times
+/// `rtt_ns + queue_ns`, at least [`CLAMP_MIN_SEGMENTS`] segments of `mss`.
+#[inline(always)]
+pub fn clamp_target(share_bps: u64, rtt_ns: u64, queue_ns: u64, mss: u16) -> u64 {
+    let share = if share_bps > u32::MAX as u64 {
+        u32::MAX as u64
+    } else {
+        share_bps
+    };
+    let mut t = rtt_ns.saturating_add(queue_ns);
+    if t > u32::MAX as u64 {
+        t = u32::MAX as u64;
+    }
+    // Both factors below 2^32: no overflow.
+    let w = share * t / 1_000_000_000;
+    let mss = if mss == 0 { CLAMP_DEFAULT_MSS } else { mss } as u64;
+    let floor = CLAMP_MIN_SEGMENTS * mss;
+    if w < floor {
+        floor
+    } else {
+        w
+    }
+}
+
+/// The window field to send instead of `win` (scaled by `shift`) in an ACK of
+/// `ack`, for a target of `target` bytes, and the flow's right edge after it.
+///
+/// `win' = min(win, max(min(win, ceil(target / 2^shift)), ceil((R - ack) / 2^shift)))`,
+/// where `R` (`edge`, if `have_edge`) is the highest right edge advertised before:
+/// the clamp never moves the right edge left (RFC 9293 SHLD-14), since the window
+/// it cuts takes effect only as ACKs advance. It never offers more than the host
+/// did (`win`): a host that shrinks its own window is passed on as it is. The
+/// target is rounded up to the scale's unit and is at least one unit. `target =
+/// u64::MAX` only tracks the edge.
+#[inline(always)]
+pub fn clamp_window(
+    win: u16,
+    shift: u8,
+    ack: u32,
+    edge: u32,
+    have_edge: bool,
+    target: u64,
+) -> (u16, u32) {
+    let shift = if shift > TCP_MAX_WSCALE {
+        TCP_MAX_WSCALE
+    } else {
+        shift
+    } as u32;
+    let unit = 1u64 << shift;
+    let orig = win as u64;
+    let mut w = orig;
+    if target != u64::MAX {
+        let mut t = (target + (unit - 1)) >> shift;
+        if t == 0 {
+            t = 1;
+        }
+        if t < w {
+            w = t;
+        }
+        if have_edge {
+            let d = edge.wrapping_sub(ack) as i32;
+            if d > 0 {
+                let need = ((d as u64) + (unit - 1)) >> shift;
+                if need > w {
+                    w = need;
+                }
+            }
+        }
+        if w > orig {
+            w = orig;
+        }
+    }
+    let new_edge = ack.wrapping_add((w as u32) << shift);
+    let edge = if !have_edge || (new_edge.wrapping_sub(edge) as i32) > 0 {
+        new_edge
+    } else {
+        edge
+    };
+    (w as u16, edge)
+}
+
+/// What a SYN's options said ([`tcp_opt_step`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpOpts {
+    /// Offset of the next option within the options.
+    pub pos: u32,
+    /// Bytes of options (TCP header length - 20, at most 40).
+    pub len: u32,
+    /// MSS option value (0: none).
+    pub mss: u32,
+    /// Window-scale shift (valid with `has_ws`), capped at 14.
+    pub ws: u32,
+    pub has_ws: u32,
+    /// 1 once parsing stopped (end of options, EOL, or a malformed option).
+    pub done: u32,
+}
+
+/// Maximum bytes of TCP options.
+pub const TCP_MAX_OPTS: u32 = 40;
+
+/// One option of a TCP header's options (`st.pos` moves past it): call at most
+/// [`TCP_MAX_OPTS`] times, until it returns false. `byte(i)` reads the options'
+/// byte `i` (None past the packet). EOL ends the options; NOP is one byte; every
+/// other option has a length byte of at least 2 that must fit in the options;
+/// MSS (kind 2) has length 4, window scale (kind 3) length 3 (RFC 9293 §3.1,
+/// RFC 7323 §2.2; other lengths: the option is skipped). Anything malformed
+/// stops the parse with what was found before it.
+#[inline(always)]
+pub fn tcp_opt_step<F: Fn(u32) -> Option<u8>>(st: &mut TcpOpts, byte: F) -> bool {
+    let pos = st.pos;
+    let len = if st.len > TCP_MAX_OPTS {
+        TCP_MAX_OPTS
+    } else {
+        st.len
+    };
+    if st.done != 0 || pos >= len {
+        st.done = 1;
+        return false;
+    }
+    let Some(kind) = byte(pos) else {
+        st.done = 1;
+        return false;
+    };
+    match kind {
+        0 => {
+            st.done = 1;
+            return false;
+        }
+        1 => {
+            st.pos = pos + 1;
+            return true;
+        }
+        _ => {}
+    }
+    if pos + 1 >= len {
+        st.done = 1;
+        return false;
+    }
+    let Some(olen) = byte(pos + 1) else {
+        st.done = 1;
+        return false;
+    };
+    let olen = olen as u32;
+    if olen < 2 || pos + olen > len {
+        st.done = 1;
+        return false;
+    }
+    if kind == 2 && olen == 4 {
+        if let (Some(a), Some(b)) = (byte(pos + 2), byte(pos + 3)) {
+            st.mss = u16::from_be_bytes([a, b]) as u32;
+        }
+    } else if kind == 3 && olen == 3 {
+        if let Some(s) = byte(pos + 2) {
+            st.ws = if s > TCP_MAX_WSCALE {
+                TCP_MAX_WSCALE as u32
+            } else {
+                s as u32
+            };
+            st.has_ws = 1;
+        }
+    }
+    st.pos = pos + olen;
+    true
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -494,4 +805,7 @@ mod pod {
     unsafe impl aya::Pod for HostKey {}
     unsafe impl aya::Pod for HostVal {}
     unsafe impl aya::Pod for DnsKey {}
+    unsafe impl aya::Pod for ClampKey {}
+    unsafe impl aya::Pod for ClampVal {}
+    unsafe impl aya::Pod for ActiveWindow {}
 }

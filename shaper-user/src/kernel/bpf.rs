@@ -256,7 +256,14 @@ fn fill(bpf: &mut Ebpf, m: &MapPlan, wan_ifindex: u32, lan_ifindex: u32, flags: 
         promote_min_packets: m.promote.map_or(0, |p| p.1),
         promote_max_bytes: m.promote.map_or(0, |p| p.2),
         promote_max_packet: m.promote.map_or(0, |p| p.3),
+        clamp_queue_us: m.clamp_queue_us,
     };
+    if !m.clamp_share.is_empty() {
+        let mut a: Array<_, u64> = Array::try_from(map_mut(bpf, MAP_CLAMP_SHARE)?)?;
+        for (i, share) in m.clamp_share.iter().enumerate().take(MAX_CLASSES) {
+            a.set(i as u32, *share, 0).context("filling CLAMP_SHARE")?;
+        }
+    }
     let mut a: Array<_, Config> = Array::try_from(map_mut(bpf, MAP_CONFIG)?)?;
     a.set(0, cfg, 0).context("writing CONFIG")?;
     Ok(())

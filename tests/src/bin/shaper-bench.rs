@@ -747,6 +747,7 @@ fn lab() -> anyhow::Result<Topology> {
     Topology::build_with(TopologyOptions {
         line: None,
         offloads: Offloads::Off,
+        ..Default::default()
     })
 }
 

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use shaper_tests::phases::{self, Phases};
+use shaper_tests::topology::PathDelay;
 use shaper_tests::{Line, Scenario, ShaperConfig};
 
 fn main() -> anyhow::Result<()> {
@@ -15,19 +16,26 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(20);
     let line = Line::FTTC_40_10;
     let config = ShaperConfig::gp_surgery(&line);
-    println!("Simulated line: FTTC {}/{} Mbit/s with a {} ms modem buffer (namespaces lan <-> gateway <-> modem <-> internet).",
+    println!("Simulated line: FTTC {}/{} Mbit/s with a {} ms modem buffer and 20 ms to the internet server and back",
         line.down_bps / 1_000_000, line.up_bps / 1_000_000, line.buffer_ms);
-    println!("Traffic in each phase ({secs} s): 4 bulk downloads, 4 bulk uploads, one image upload to TCP 104,");
-    println!("and a video call (1000-byte UDP packets, 50 per second each way, ports 50020) measured for one-way delay.\n");
+    println!("(namespaces lan <-> gateway <-> modem <-> delay line <-> internet).");
+    println!("Traffic in each phase ({secs} s, all starting together, TCP as the kernel tunes it): 4 bulk downloads,");
+    println!(
+        "4 bulk uploads, one image upload to TCP 104, web browsing (short downloads, 5 a second),"
+    );
+    println!("and a video call (1000-byte UDP packets, 50 per second each way, ports 50020) measured for one-way delay");
+    println!("(the 10 ms each way of the path included).\n");
     println!(
         "Shaper config applied on the gateway:\n{}",
         config.to_toml()
     );
     let scenario = Scenario {
-        duration: Duration::from_secs(secs),
-        ..Default::default()
+        idle: None,
+        ..Scenario::internet(secs)
     };
-    let report = phases::run(line, config, scenario, Phases::CompareAndRemove)?;
+    let path = PathDelay::new(Duration::from_millis(20), Duration::ZERO);
+    let report =
+        phases::run_with_path(line, Some(path), config, scenario, Phases::CompareAndRemove)?;
     if let Some(s) = &report.status_after_shaped {
         println!("`shaper status` after the shaped phase:\n{s}");
     }

@@ -2076,6 +2076,7 @@ fn plain_htb_script(p: &Profile, fq_codel_leaves: bool) -> Result<String> {
             rule("interactive-probe", "interactive", "udp", "2112"),
         ],
         ack_class: None,
+        line: None,
     };
     let cmds = commands(
         &cfg,
@@ -2083,6 +2084,7 @@ fn plain_htb_script(p: &Profile, fq_codel_leaves: bool) -> Result<String> {
             ack_priority: true,
             leaf_queue_ms: Some(20),
             fq_codel_leaves,
+            atm_overhead: None,
         },
     )?;
     let mut sh = String::from(
