@@ -79,18 +79,6 @@ pub struct ChurnStats {
     pub large_fct_ms: Vec<f64>,
 }
 
-impl ChurnStats {
-    /// Nearest-rank percentile of `v` (NaN when empty).
-    pub fn pct(v: &[f64], q: f64) -> f64 {
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        let mut s = v.to_vec();
-        s.sort_by(|a, b| a.total_cmp(b));
-        s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
-    }
-}
-
 /// xorshift64*: small, seeded, good enough for traffic shapes.
 #[derive(Clone, Debug)]
 pub struct Rng(u64);

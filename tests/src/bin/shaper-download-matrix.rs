@@ -30,7 +30,9 @@ use anyhow::{bail, Context as _, Result};
 use shaper_tests::matrix::{run_case, CaseOut, Gw, LineProfile, ADSL12, ADSL8, FTTC};
 use shaper_tests::topology::PathDelay;
 use shaper_tests::util::arg_value;
-use shaper_tests::{Offloads, Results, Scenario, Shaper, TempDir, Topology, TopologyOptions};
+use shaper_tests::{
+    DelayStats, Offloads, Results, Scenario, Shaper, TempDir, Topology, TopologyOptions,
+};
 
 fn list<'a>(args: &'a [String], name: &str, default: &'a str) -> Vec<&'a str> {
     arg_value(args, name)
@@ -45,13 +47,11 @@ fn median(v: &[f64]) -> f64 {
     pct(v, 0.5)
 }
 
+/// Nearest-rank percentile (`q` in 0..=1) of the finite values of `v`; NaN when none.
 fn pct(v: &[f64], q: f64) -> f64 {
     let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    if s.is_empty() {
-        return f64::NAN;
-    }
     s.sort_by(|a, b| a.total_cmp(b));
-    s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
+    shaper_tests::report::nearest_rank(&s, q * 100.0).unwrap_or(f64::NAN)
 }
 
 fn worst(v: &[f64]) -> f64 {
@@ -229,6 +229,41 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// One direction's video cells of a row: the idle line's median p99, the target (idle +
+/// one framed MTU + 2 ms), the product's p99s (median / worst), the product's runs that met
+/// the target, and plain HTB's at 85 and 95 %. `pick` chooses the direction of a busy run,
+/// `idle` the same direction of the run's idle-line call.
+fn latency_cells<'a>(
+    prod: &[&'a Results],
+    of: &dyn Fn(Gw) -> Vec<&'a Results>,
+    mtu_ms: f64,
+    pick: fn(&Results) -> &DelayStats,
+    idle: fn(&(DelayStats, DelayStats)) -> &DelayStats,
+) -> Vec<String> {
+    let idle_p99: Vec<f64> = prod
+        .iter()
+        .filter_map(|r| r.video_idle.as_ref().map(|i| idle(i).p99_ms))
+        .collect();
+    let p99s = |rs: &[&Results]| -> Vec<f64> { rs.iter().map(|r| pick(r).p99_ms).collect() };
+    let mw = |v: &[f64]| format!("{:.1} / {:.1}", median(v), worst(v));
+    let ok = prod
+        .iter()
+        .filter(|r| {
+            r.video_idle
+                .as_ref()
+                .is_some_and(|i| pick(r).p99_ms <= idle(i).p99_ms + mtu_ms + 2.0)
+        })
+        .count();
+    vec![
+        format!("{:.1}", median(&idle_p99)),
+        format!("{:.1}", median(&idle_p99) + mtu_ms + 2.0),
+        mw(&p99s(prod)),
+        format!("{ok}/{}", prod.len()),
+        mw(&p99s(&of(Gw::Htb(85)))),
+        mw(&p99s(&of(Gw::Htb(95)))),
+    ]
+}
+
 /// Goodput of a case as a share of what the framing allows: iperf3 download goodput +
 /// video payload + churn bytes, over the line's payload capacity.
 fn goodput_pct(profile: &LineProfile, r: &Results, secs: u64) -> f64 {
@@ -291,26 +326,8 @@ fn print_tables(
                 .collect()
         };
         let prod = of(Gw::Product);
-        let idle_dn: Vec<f64> = prod
-            .iter()
-            .filter_map(|r| r.video_idle.as_ref().map(|(_, d)| d.p99_ms))
-            .collect();
-        let idle_up: Vec<f64> = prod
-            .iter()
-            .filter_map(|r| r.video_idle.as_ref().map(|(u, _)| u.p99_ms))
-            .collect();
         let mtu_dn = row.profile.mtu_ms(row.profile.line.down_bps);
         let mtu_up = row.profile.mtu_ms(row.profile.line.up_bps);
-        let dn = |rs: &[&Results]| -> Vec<f64> { rs.iter().map(|r| r.video_down.p99_ms).collect() };
-        let mw = |v: &[f64]| format!("{:.1} / {:.1}", median(v), worst(v));
-        let ok_dn = prod
-            .iter()
-            .filter(|r| {
-                r.video_idle
-                    .as_ref()
-                    .is_some_and(|(_, d)| r.video_down.p99_ms <= d.p99_ms + mtu_dn + 2.0)
-            })
-            .count();
         let gp = |rs: &[&Results]| -> Vec<f64> {
             rs.iter()
                 .map(|r| goodput_pct(&row.profile, r, secs))
@@ -319,31 +336,6 @@ fn print_tables(
         let gp_prod = gp(&prod);
         let ok_gp = gp_prod.iter().filter(|&&g| g >= 90.0).count();
         let mp = |v: &[f64]| format!("{:.1} %", median(v));
-        table.push(vec![
-            row.profile.name.to_string(),
-            format!("{} ms", row.rtt_ms),
-            format!("{}{}", row.cc, if row.ecn { "+ecn" } else { "" }),
-            if row.churn { "yes" } else { "no" }.into(),
-            format!("{:.1}", median(&idle_dn)),
-            format!("{:.1}", median(&idle_dn) + mtu_dn + 2.0),
-            mw(&dn(&prod)),
-            format!("{ok_dn}/{}", prod.len()),
-            mw(&dn(&of(Gw::Htb(85)))),
-            mw(&dn(&of(Gw::Htb(95)))),
-            mp(&gp_prod),
-            format!("{ok_gp}/{}", prod.len()),
-            mp(&gp(&of(Gw::Htb(85)))),
-            mp(&gp(&of(Gw::Htb(95)))),
-        ]);
-        let up = |rs: &[&Results]| -> Vec<f64> { rs.iter().map(|r| r.video_up.p99_ms).collect() };
-        let ok_up = prod
-            .iter()
-            .filter(|r| {
-                r.video_idle
-                    .as_ref()
-                    .is_some_and(|(u, _)| r.video_up.p99_ms <= u.p99_ms + mtu_up + 2.0)
-            })
-            .count();
         let churn_fct = |rs: &[&Results]| -> String {
             let v: Vec<f64> = rs
                 .iter()
@@ -356,20 +348,31 @@ fn print_tables(
                 format!("{:.0} / {:.0}", median(&v), pct(&v, 0.95))
             }
         };
-        up_table.push(vec![
+        let label = vec![
             row.profile.name.to_string(),
             format!("{} ms", row.rtt_ms),
             format!("{}{}", row.cc, if row.ecn { "+ecn" } else { "" }),
             if row.churn { "yes" } else { "no" }.into(),
-            format!("{:.1}", median(&idle_up)),
-            format!("{:.1}", median(&idle_up) + mtu_up + 2.0),
-            mw(&up(&prod)),
-            format!("{ok_up}/{}", prod.len()),
-            mw(&up(&of(Gw::Htb(85)))),
-            mw(&up(&of(Gw::Htb(95)))),
-            churn_fct(&prod),
-            churn_fct(&of(Gw::Htb(95))),
+        ];
+        let mut down = label.clone();
+        down.extend(latency_cells(
+            &prod,
+            &of,
+            mtu_dn,
+            |r| &r.video_down,
+            |i| &i.1,
+        ));
+        down.extend([
+            mp(&gp_prod),
+            format!("{ok_gp}/{}", prod.len()),
+            mp(&gp(&of(Gw::Htb(85)))),
+            mp(&gp(&of(Gw::Htb(95)))),
         ]);
+        table.push(down);
+        let mut up = label;
+        up.extend(latency_cells(&prod, &of, mtu_up, |r| &r.video_up, |i| &i.0));
+        up.extend([churn_fct(&prod), churn_fct(&of(Gw::Htb(95)))]);
+        up_table.push(up);
     }
     print_table(&header, &table);
     println!(
