@@ -238,9 +238,8 @@ fn atm_accounting_keeps_the_modem_queue_empty() {
 /// to each framing in turn (a size table on its TBF: ATM cells or bytes, plus the
 /// overhead), while the product shapes the WAN (the probe goes past it): it names the
 /// framing and the overhead the modem uses (ATM exactly; PTM never low)
-/// and the modem's rate within 10 %. PTM reads scatter here (a byte is 0.8 us at 10
-/// Mbit/s): a modem at 30 read 29-31, one at 22 read 25-35; the probe adds a margin, so the
-/// test asks for never low and at most 24 bytes high (41 printed for 22 in one CI run).
+/// and the modem's rate within 10 %. A PTM line gets the conservative `vdsl2` overhead:
+/// its timing estimate scattered from 25 to 69 bytes for a modem at 22 in this lab.
 #[test]
 fn line_probe_finds_the_modems_framing() {
     skip_unless_ready!(TOPOLOGY_TOOLS);
@@ -330,10 +329,12 @@ fn line_probe_finds_the_modems_framing() {
             started.elapsed().as_secs_f64(),
             v["config"].as_str().unwrap_or("")
         );
+        // ATM: the modem's overhead exactly. PTM: the conservative `vdsl2` overhead (34),
+        // above both modems' (the probe shows its estimate but does not use it).
         let o_ok = if atm {
             got_o == overhead
         } else {
-            (overhead..=overhead + 24).contains(&got_o)
+            got_o == 34 && got_o >= overhead
         };
         if got_atm != atm || !o_ok {
             problems.push(format!(
