@@ -135,8 +135,9 @@ struct Pkt {
     dscp: u8,
     /// FRAG_NONE, FRAG_FIRST or FRAG_LATER.
     frag: u8,
-    /// A TCP segment with ACK set, no SYN/FIN/RST and no payload.
-    pure_ack: u8,
+    /// A TCP segment that carries no data: BARE_ACK (ACK set, no SYN/FIN/RST),
+    /// BARE_CONTROL (a SYN, SYN-ACK, FIN or RST) or BARE_NONE.
+    bare: u8,
     _pad: [u8; 3],
     /// Bytes of L4 header + payload the IP header announces.
     l4_len: u32,
@@ -151,6 +152,10 @@ struct Pkt {
 const FRAG_NONE: u8 = 0;
 const FRAG_FIRST: u8 = 1;
 const FRAG_LATER: u8 = 2;
+
+const BARE_NONE: u8 = 0;
+const BARE_ACK: u8 = 1;
+const BARE_CONTROL: u8 = 2;
 
 /// Parse outcomes.
 const PARSED_IP: u32 = 0;
@@ -244,10 +249,14 @@ fn classify(ctx: &TcContext) {
             }
             let (rule, mut class) = decide(ctx, cfg, pkt, dir, bytes);
             pkt.dscp = dscp;
-            if pkt.pure_ack != 0 {
+            if pkt.bare == BARE_ACK {
                 count_global(dir, G_PURE_ACK);
-                // ACKs clock the opposite direction's transfers: keep them
-                // out of the bulk queues on an asymmetric line.
+            }
+            if pkt.bare != BARE_NONE {
+                // ACKs clock the opposite direction's transfers, and a
+                // handshake or close waiting behind bulk data costs a short
+                // transfer a queue's delay per round trip: keep segments
+                // without data out of the bulk queues.
                 if cfg.ack_class != NO_CLASS {
                     class = cfg.ack_class;
                 }
@@ -1327,9 +1336,14 @@ fn ports(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> bool {
                 if let Some(t) = load::<[u8; 2]>(ctx, off + 12) {
                     let doff = ((t[0] >> 4) as u32) * 4;
                     let flags = t[1];
-                    // ACK set; SYN, FIN, RST clear; header is all there is.
-                    if flags & 0x10 != 0 && flags & 0x07 == 0 && doff >= 20 && pkt.l4_len == doff {
-                        pkt.pure_ack = 1;
+                    // The header is all there is: a pure ACK (SYN, FIN,
+                    // RST clear) or a SYN, SYN-ACK, FIN or RST.
+                    if doff >= 20 && pkt.l4_len == doff {
+                        if flags & 0x10 != 0 && flags & 0x07 == 0 {
+                            pkt.bare = BARE_ACK;
+                        } else if flags & 0x07 != 0 {
+                            pkt.bare = BARE_CONTROL;
+                        }
                     }
                     pkt.payload_off = off as u32 + doff;
                     pkt.payload_len = pkt.l4_len.saturating_sub(doff);
@@ -1368,7 +1382,7 @@ fn parse_v4(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> u32 {
         FRAG_NONE
     };
     pkt.v6 = 0;
-    pkt.pure_ack = 0;
+    pkt.bare = BARE_NONE;
     pkt.l4_len = (u16::from_be_bytes([h[2], h[3]]) as u32).wrapping_sub(ihl as u32);
     pkt.proto = h[9];
     pkt.dscp = h[1] >> 2;
@@ -1478,7 +1492,7 @@ fn parse_v6(ctx: &TcContext, off: usize, pkt: &mut Pkt) -> u32 {
     }
     let tclass = ((h[0] & 0x0f) << 4) | (h[1] >> 4);
     pkt.v6 = 1;
-    pkt.pure_ack = 0;
+    pkt.bare = BARE_NONE;
     pkt.dscp = tclass >> 2;
     pkt.l3 = off as u32;
     pkt.src.copy_from_slice(&h[8..24]);

@@ -16,8 +16,8 @@
 //! 100 ms tick, after a 1 s pause following a cut. Idle directions keep their rate (no
 //! information). The rates stay between `min_rate` and the configured `rate`.
 //!
-//! The rates change in place in the HTB trees (`apply::retune`), never the classifier or
-//! the leaves. The probes leave through the shaper: the policy puts them first, into the
+//! The rates change in place in the HTB trees (`apply::retune`, written by `rates`, which
+//! runs this controller beside arrival accounting), never the classifier or the leaves. The probes leave through the shaper: the policy puts them first, into the
 //! autorate class (rule `autorate-probes`), so they measure the line, not the site's bulk
 //! queue. Reflectors must answer ICMP timestamp requests (Linux does; some routers filter
 //! them): IPv4 only.
@@ -27,19 +27,11 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::watch;
 
-use crate::{
-    apply,
-    compile::{self, KernelCaps, PARENT_CLASSID},
-    config::{Autorate, Policy},
-    kernel::tc::Tc,
-};
+use crate::config::{Autorate, Policy};
 
-/// How often loads are measured and rates decided.
-pub const TICK: Duration = Duration::from_millis(100);
 const WINDOW: usize = 6;
 const BLOAT_OF_WINDOW: usize = 3;
 const REFRACTORY_CUT: Duration = Duration::from_millis(300);
@@ -249,17 +241,8 @@ impl Controller {
     }
 }
 
-/// What the daemon hands the autorate task after every apply.
-#[derive(Clone)]
-pub struct Applied {
-    pub policy: Policy,
-    pub caps: KernelCaps,
-    pub wan_ifindex: u32,
-    pub lan_ifindex: u32,
-}
-
 /// ICMP echo over a raw IPv4 socket (the socket is kept beside it, for `select!`).
-struct Pinger {
+pub(crate) struct Pinger {
     ident: u16,
     seq: u16,
     clock: ProbeClock,
@@ -285,7 +268,7 @@ pub fn checksum(b: &[u8]) -> u16 {
 }
 
 impl Pinger {
-    fn new() -> Result<(Self, AsyncFd<OwnedFd>)> {
+    pub(crate) fn new() -> Result<(Self, AsyncFd<OwnedFd>)> {
         // SAFETY: plain socket(2); the fd is owned below.
         let fd = unsafe {
             libc::socket(
@@ -317,7 +300,7 @@ impl Pinger {
         ))
     }
 
-    fn send(&mut self, fd: &AsyncFd<OwnedFd>, to: Ipv4Addr, reflector: usize) {
+    pub(crate) fn send(&mut self, fd: &AsyncFd<OwnedFd>, to: Ipv4Addr, reflector: usize) {
         self.seq = self.seq.wrapping_add(1);
         let p = timestamp_request(self.ident, self.seq, self.clock.now_ms());
         let addr = libc::sockaddr_in {
@@ -349,7 +332,7 @@ impl Pinger {
     }
 
     /// Replies available now.
-    fn drain(&mut self, fd: &AsyncFd<OwnedFd>, out: &mut Vec<Sample>) {
+    pub(crate) fn drain(&mut self, fd: &AsyncFd<OwnedFd>, out: &mut Vec<Sample>) {
         let mut buf = [0u8; 1500];
         loop {
             // SAFETY: recv into a buffer we own.
@@ -394,13 +377,13 @@ impl Pinger {
 
 /// What one answered probe tells.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Sample {
-    reflector: usize,
+pub(crate) struct Sample {
+    pub(crate) reflector: usize,
     /// Upstream and downstream one-way delays in ms, each offset by the clocks' difference.
-    up_ms: f64,
-    down_ms: f64,
+    pub(crate) up_ms: f64,
+    pub(crate) down_ms: f64,
     /// The round trip on our monotonic clock.
-    rtt_ms: f64,
+    pub(crate) rtt_ms: f64,
 }
 
 const DAY_MS: i64 = 86_400_000;
@@ -483,162 +466,10 @@ fn parse_timestamp_reply(b: &[u8]) -> Option<TimestampReply> {
     })
 }
 
-/// Bytes sent by class 1:1 on an interface (the whole direction).
-async fn parent_bytes(tc: &Tc, ifindex: u32) -> Option<u64> {
-    let classes = tc.classes(ifindex).await.ok()?;
-    classes
-        .iter()
-        .find(|c| c.classid == PARENT_CLASSID)
-        .map(|c| c.stats.bytes)
-}
-
-async fn set_rates(tc: &Tc, a: &Applied, c: &Controller, change: Change) -> Result<()> {
-    let mut p = a.policy.clone();
-    p.upload_bps = c.up.rate_bps;
-    p.download_bps = c.down.rate_bps;
-    let plan = compile::plan(&p, Some(a.caps));
-    let (up, down) = (change.up.is_some(), change.down.is_some());
-    if up {
-        apply::retune(tc, a.wan_ifindex, &plan.up).await?;
-    }
-    if down {
-        apply::retune(tc, a.lan_ifindex, &plan.down).await?;
-    }
-    Ok(())
-}
-
-/// The autorate task: runs until the sender side of `applied` is dropped. Each new value
-/// (an apply or reload put the configured rates back) restarts the controller.
-pub async fn run(mut applied: watch::Receiver<Option<Applied>>) {
-    // Opened on first use: a policy without [autorate] needs no raw socket (nor CAP_NET_RAW).
-    let mut io: Option<(Pinger, AsyncFd<OwnedFd>, Tc)> = None;
-    'outer: loop {
-        let current = applied.borrow_and_update().clone();
-        let configured = current.and_then(|a| a.policy.autorate.clone().map(|c| (a, c)));
-        let Some((a, cfg)) = configured else {
-            if applied.changed().await.is_err() {
-                return;
-            }
-            continue;
-        };
-        if io.is_none() {
-            let opened = match Pinger::new() {
-                Ok((p, sock)) => Tc::connect()
-                    .await
-                    .context("netlink")
-                    .map(|tc| (p, sock, tc)),
-                Err(e) => Err(e),
-            };
-            match opened {
-                Ok(x) => io = Some(x),
-                Err(e) => {
-                    log::error!("autorate off until the next reload: {e:#}");
-                    if applied.changed().await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-            }
-        }
-        let Some((pinger, sock, tc)) = io.as_mut() else {
-            continue;
-        };
-        let tc = &*tc;
-        let mut ctl = Controller::new(&cfg, &a.policy);
-        log::info!(
-            "autorate on: reflectors {}, upload {}-{} kbit/s, download {}-{} kbit/s, bloat at +{} ms",
-            cfg.reflectors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-            ctl.up.min_bps / 1000,
-            ctl.up.max_bps / 1000,
-            ctl.down.min_bps / 1000,
-            ctl.down.max_bps / 1000,
-            cfg.delay_ms
-        );
-        let mut probe = tokio::time::interval(Duration::from_millis(u64::from(cfg.interval_ms)));
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut next_reflector = 0usize;
-        let mut last = (
-            Instant::now(),
-            parent_bytes(tc, a.wan_ifindex).await,
-            parent_bytes(tc, a.lan_ifindex).await,
-        );
-        let mut replies = Vec::new();
-        loop {
-            tokio::select! {
-                ch = applied.changed() => {
-                    if ch.is_err() {
-                        return;
-                    }
-                    continue 'outer;
-                }
-                _ = probe.tick() => {
-                    let i = next_reflector % cfg.reflectors.len();
-                    pinger.send(sock, cfg.reflectors[i], i);
-                    next_reflector = next_reflector.wrapping_add(1);
-                }
-                r = sock.readable() => {
-                    if let Ok(mut guard) = r {
-                        replies.clear();
-                        pinger.drain(sock, &mut replies);
-                        guard.clear_ready();
-                        for r in &replies {
-                            let steps = ctl.clock_steps;
-                            ctl.on_owd(r.reflector, r.up_ms, r.down_ms, r.rtt_ms);
-                            if ctl.clock_steps != steps {
-                                log::info!(
-                                    "autorate: {}'s clock moved (its one-way delays shifted, the round trip did not); delays re-based",
-                                    cfg.reflectors[r.reflector]
-                                );
-                            }
-                        }
-                    }
-                }
-                _ = tick.tick() => {
-                    let now = Instant::now();
-                    let up = parent_bytes(tc, a.wan_ifindex).await;
-                    let down = parent_bytes(tc, a.lan_ifindex).await;
-                    let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
-                    let rate = |new: Option<u64>, old: Option<u64>| match (new, old) {
-                        (Some(n), Some(o)) if n >= o => (n - o) as f64 * 8.0 / secs,
-                        _ => 0.0,
-                    };
-                    let (au, ad) = (rate(up, last.1), rate(down, last.2));
-                    last = (now, up, down);
-                    let Some(change) = ctl.tick(now, au, ad) else { continue };
-                    if let Err(e) = set_rates(tc, &a, &ctl, change).await {
-                        log::warn!("autorate: {e:#}");
-                        continue;
-                    }
-                    let (du, dd) = ctl.last_deltas_ms();
-                    if change.up == Some(Step::Cut) || change.down == Some(Step::Cut) {
-                        log::info!(
-                            "autorate: queue on the line (one-way delay +{du:.0} ms up, +{dd:.0} ms down); upload {} kbit/s, download {} kbit/s (carried {:.0}/{:.0})",
-                            ctl.up.rate_bps / 1000,
-                            ctl.down.rate_bps / 1000,
-                            au / 1e3,
-                            ad / 1e3
-                        );
-                    } else {
-                        log::debug!(
-                            "autorate: line busy and quiet; upload {} kbit/s, download {} kbit/s",
-                            ctl.up.rate_bps / 1000,
-                            ctl.down.rate_bps / 1000
-                        );
-                    }
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rates::TICK;
 
     /// A probe whose one-way delays sit `du` and `dd` ms above the quiet line's (clocks 5 s
     /// apart: 5012 up, -4988 down; a 24 ms round trip), its round trip longer by both.

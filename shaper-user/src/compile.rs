@@ -180,7 +180,7 @@ pub struct MapPlan {
     pub rule_class: Vec<u32>,
     pub classes: Vec<ClassInfo>,
     pub default_class: u32,
-    /// Class index for pure TCP ACKs.
+    /// Class index for TCP segments without data (pure ACKs, SYN, FIN, RST).
     pub ack_class: Option<u32>,
     /// `CFG_*` flags the policy sets (host names, DSCP trust, flow behaviour);
     /// the loader adds the interfaces' own.
@@ -698,7 +698,7 @@ pub fn describe(plan: &Plan, maps: &MapPlan) -> String {
     if let Some(a) = p.ack_class {
         let _ = writeln!(
             s,
-            "pure TCP ACKs (both directions): class {}",
+            "TCP segments without data (ACKs, SYNs, FINs; both directions): class {}",
             p.classes[a].name
         );
     }

@@ -189,7 +189,8 @@ struct RawShaping {
     queue_ms: Option<Spanned<u32>>,
     /// Re-mark DSCP on WAN egress per class (default true).
     remark_dscp: Option<bool>,
-    /// Class for pure TCP ACKs (default: classified like other packets).
+    /// Class for TCP segments without data: pure ACKs, SYNs, SYN-ACKs, FINs,
+    /// RSTs (default: classified like other packets).
     ack_class: Option<Spanned<String>>,
 }
 
@@ -364,7 +365,7 @@ pub struct Policy {
     pub default_class: usize,
     /// Rules sorted by priority (stable: file order breaks ties).
     pub rules: Vec<Rule>,
-    /// Index into `classes` for pure TCP ACKs, if set.
+    /// Index into `classes` for TCP segments without data, if set.
     pub ack_class: Option<usize>,
     /// Where `shaper run` serves Prometheus metrics, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -1640,19 +1641,13 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
             "only the download direction accounts arrivals: upload packets are shaped before the line, not after it",
         ));
     }
-    let download_account_arrivals = match &raw.download.account_arrivals {
-        Some(a) if *a.get_ref() && autorate.is_some() => {
-            return Err(cx.at(
-                a,
-                "download.account_arrivals",
-                "cannot be combined with [autorate] (both set the download rate); choose one",
-            ))
-        }
-        Some(a) => *a.get_ref(),
-        // On unless [autorate] sets the download rate (it reacts to the same queue by
-        // its delay).
-        None => autorate.is_none(),
-    };
+    // On by default, with [autorate] too: autorate follows the line, arrival accounting
+    // keeps a flood from taking it; `rates` writes the lower of the two.
+    let download_account_arrivals = raw
+        .download
+        .account_arrivals
+        .as_ref()
+        .is_none_or(|a| *a.get_ref());
     let download_window_clamp = window_clamp(cx, &raw.upload, &raw.download)?;
     // Lower priority value first; file order breaks ties (sort is stable).
     rules.sort_by_key(|r| r.priority);
@@ -2527,6 +2522,24 @@ dst_cidrs = ["52.112.0.0/14", "2603:1063::/38"]
         assert_eq!(pol.rules[0].dst_ports, vec![(3478, 3481), (50020, 50020)]);
         assert_eq!(pol.rules[0].protocols, vec![17]);
         assert_eq!(pol.rules[0].dst_cidrs.len(), 2);
+    }
+
+    #[test]
+    fn arrival_accounting_is_on_by_default_and_with_autorate() {
+        assert!(p(GOOD).expect("valid").download_account_arrivals);
+        let auto = format!("{GOOD}[autorate]\nreflectors = [\"192.0.2.1\"]\n");
+        let pol = p(&auto).expect("autorate alone");
+        assert!(pol.autorate.is_some() && pol.download_account_arrivals);
+        let both = auto.replace(
+            "rate = \"36mbit\"\n",
+            "rate = \"36mbit\"\naccount_arrivals = true\n",
+        );
+        assert!(p(&both).expect("both asked for").download_account_arrivals);
+        let off = auto.replace(
+            "rate = \"36mbit\"\n",
+            "rate = \"36mbit\"\naccount_arrivals = false\n",
+        );
+        assert!(!p(&off).expect("turned off").download_account_arrivals);
     }
 
     #[test]

@@ -33,12 +33,12 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     apply::{self, Paths, State},
-    autorate::{self, Applied},
     compile::ROOT_HANDLE,
     config::{self, Policy},
     hosts_task::{self, HostsApplied},
     kernel::bpf::{AttachMode, Side},
     kernel::tc::Tc,
+    rates::{self, Applied},
 };
 use shaper_common::ALL_MAPS;
 
@@ -197,7 +197,7 @@ async fn reset_rates(tc: &Tc, s: &State) -> Result<()> {
     Ok(())
 }
 
-/// What the autorate task needs to know of an apply.
+/// What the rate controller and the window clamp need to know of an apply.
 fn applied(state: &State) -> Option<Applied> {
     let ifindex = |side: Side| {
         state
@@ -310,14 +310,13 @@ pub async fn run(
     }
     sd_notify("READY=1");
     sd_notify("STATUS=shaping");
-    // Rate adaptation runs beside the loop below; every apply tells it the new policy
-    // (and that the configured rates are back in the kernel).
-    let (autorate_tx, autorate_rx) = tokio::sync::watch::channel(applied(&state));
-    // Arrival accounting on the download rate rides on the same notifications.
-    let ingress_task = tokio::spawn(crate::ingress::run(autorate_rx.clone(), paths.pins.clone()));
-    // The window clamp's per-flow shares follow the download rates they set.
-    let wclamp_task = tokio::spawn(crate::wclamp::run(autorate_rx.clone(), paths.pins.clone()));
-    let autorate_task = tokio::spawn(autorate::run(autorate_rx));
+    // The rate controller (autorate, arrival accounting) runs beside the loop below;
+    // every apply tells it the new policy (and that the configured rates are back in
+    // the kernel).
+    let (applied_tx, applied_rx) = tokio::sync::watch::channel(applied(&state));
+    let rates_task = tokio::spawn(rates::run(applied_rx.clone(), paths.pins.clone()));
+    // The window clamp's per-flow shares follow the download rates it writes.
+    let wclamp_task = tokio::spawn(crate::wclamp::run(applied_rx, paths.pins.clone()));
     // Host names (DNS answers, TLS server names) likewise.
     let (hosts_tx, hosts_rx) = tokio::sync::watch::channel(hosts_applied(&paths, &state));
     let hosts_task = tokio::spawn(hosts_task::run(hosts_rx, paths.run.clone()));
@@ -350,7 +349,7 @@ pub async fn run(
                             state = s;
                             policy = p;
                             stamp = State::stamp(&paths);
-                            let _ = autorate_tx.send(applied(&state));
+                            let _ = applied_tx.send(applied(&state));
                             let _ = hosts_tx.send(hosts_applied(&paths, &state));
                         }
                         Err(e) => log::error!("reload failed, previous shaping kept: {e:#}"),
@@ -385,7 +384,7 @@ pub async fn run(
                         );
                         policy = s.plan.policy.clone();
                         state = s;
-                        let _ = autorate_tx.send(applied(&state));
+                        let _ = applied_tx.send(applied(&state));
                         let _ = hosts_tx.send(hosts_applied(&paths, &state));
                     }
                     h = health(&tc, &paths, &state).await;
@@ -407,7 +406,7 @@ pub async fn run(
                                 state = s;
                                 stamp = State::stamp(&paths);
                                 waiting_for = None;
-                                let _ = autorate_tx.send(applied(&state));
+                                let _ = applied_tx.send(applied(&state));
                                 let _ = hosts_tx.send(hosts_applied(&paths, &state));
                             }
                             Err(e) => log::error!("{why}; restoring failed (will retry): {e:#}"),
@@ -420,9 +419,8 @@ pub async fn run(
         }
     }
     sd_notify("STOPPING=1");
-    drop(autorate_tx);
-    let _ = autorate_task.await;
-    let _ = ingress_task.await;
+    drop(applied_tx);
+    let _ = rates_task.await;
     let _ = wclamp_task.await;
     drop(hosts_tx);
     let _ = hosts_task.await;

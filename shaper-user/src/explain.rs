@@ -41,6 +41,33 @@ pub enum Frag {
     Later,
 }
 
+/// What a TCP segment without data is to the classifier (`ack_class` takes
+/// both kinds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bare {
+    /// Not TCP, or a segment that carries data.
+    No,
+    /// ACK set, SYN/FIN/RST clear, no data.
+    Ack,
+    /// A SYN, SYN-ACK, FIN or RST without data.
+    Control,
+}
+
+impl Bare {
+    /// From the TCP flags and whether the header is all the segment holds.
+    pub fn of(flags: u8, header_only: bool) -> Bare {
+        if !header_only {
+            Bare::No
+        } else if flags & 0x10 != 0 && flags & 0x07 == 0 {
+            Bare::Ack
+        } else if flags & 0x07 != 0 {
+            Bare::Control
+        } else {
+            Bare::No
+        }
+    }
+}
+
 /// An IP packet as the classifier sees it. Addresses and ports are in wire
 /// order (source, destination); `view()` turns them to the site's side.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,9 +83,9 @@ pub struct Packet {
     pub frag: Frag,
     /// IPv4 identification or IPv6 fragment id.
     pub frag_id: u32,
-    /// A TCP segment with ACK, no SYN/FIN/RST and no payload. `None`: not
-    /// known (a TCP description without `flags=`).
-    pub pure_ack: Option<bool>,
+    /// Whether this is a TCP segment without data, as the classifier tells
+    /// them apart. `None`: not known (a TCP description without `flags=`).
+    pub bare: Option<Bare>,
     /// VLAN ids of the tags the classifier skipped.
     pub vlans: Vec<u16>,
     /// Session id of the PPPoE header the classifier skipped.
@@ -116,8 +143,10 @@ impl Packet {
                 let _ = write!(s, " frag=later id={}", self.frag_id);
             }
         }
-        if self.pure_ack == Some(true) {
-            s.push_str(" (pure ACK)");
+        match self.bare {
+            Some(Bare::Ack) => s.push_str(" (pure ACK)"),
+            Some(Bare::Control) => s.push_str(" (no data)"),
+            _ => {}
         }
         if !self.vlans.is_empty() {
             let v: Vec<String> = self.vlans.iter().map(u16::to_string).collect();
@@ -339,7 +368,7 @@ pub fn parse_description(s: &str) -> Result<Packet, String> {
         dport,
         frag: Frag::None,
         frag_id: 0,
-        pure_ack: if proto == 6 { None } else { Some(false) },
+        bare: if proto == 6 { None } else { Some(Bare::No) },
         vlans: vec![],
         pppoe: None,
         v6_ext: vec![],
@@ -411,13 +440,13 @@ pub fn parse_description(s: &str) -> Result<Packet, String> {
         if proto != 6 {
             return Err(ctx("TCP flags on a packet that is not TCP".into()));
         }
-        p.pure_ack = Some(f & 0x10 != 0 && f & 0x07 == 0 && payload == 0);
+        p.bare = Some(Bare::of(f, payload == 0));
     }
     if p.frag == Frag::Later {
         // The classifier sees no ports on a later fragment.
         p.sport = None;
         p.dport = None;
-        p.pure_ack = Some(false);
+        p.bare = Some(Bare::No);
     }
     Ok(p)
 }
@@ -524,7 +553,7 @@ pub fn parse_frame(b: &[u8], l2: bool, dir: u32) -> Parsed {
 
 /// Ports (and the pure-ACK test) at `l4`, as the classifier reads them.
 fn l4_ports(b: &[u8], l4: usize, l4_len: u32, p: &mut Packet) -> Result<(), &'static str> {
-    p.pure_ack = Some(false);
+    p.bare = Some(Bare::No);
     if !has_ports(p.proto) {
         return Ok(());
     }
@@ -537,8 +566,7 @@ fn l4_ports(b: &[u8], l4: usize, l4_len: u32, p: &mut Packet) -> Result<(), &'st
         if let Some(t) = get::<2>(b, l4 + 12) {
             let doff = u32::from(t[0] >> 4) * 4;
             let flags = t[1];
-            p.pure_ack =
-                Some(flags & 0x10 != 0 && flags & 0x07 == 0 && doff >= 20 && l4_len == doff);
+            p.bare = Some(Bare::of(flags, doff >= 20 && l4_len == doff));
             // A ClientHello to port 443 (upload), as the classifier hands it over:
             // the payload the IP header announces, not what trails the frame.
             let start = l4 + doff as usize;
@@ -594,7 +622,7 @@ fn parse_v4(b: &[u8], off: usize, dir: u32) -> Result<Packet, &'static str> {
         dport: None,
         frag,
         frag_id: u32::from(u16::from_be_bytes([h[4], h[5]])),
-        pure_ack: Some(false),
+        bare: Some(Bare::No),
         vlans: vec![],
         pppoe: None,
         v6_ext: vec![],
@@ -680,7 +708,7 @@ fn parse_v6(b: &[u8], off: usize, dir: u32) -> Result<Packet, &'static str> {
         dport: None,
         frag,
         frag_id,
-        pure_ack: Some(false),
+        bare: Some(Bare::No),
         vlans: vec![],
         pppoe: None,
         v6_ext: exts,
@@ -900,8 +928,11 @@ pub struct Explanation {
     pub classid: u32,
     /// The same as `1:10`.
     pub handle: String,
-    /// `None`: not known (a TCP description without flags).
+    /// A pure TCP ACK. `None`: not known (a TCP description without flags).
     pub pure_ack: Option<bool>,
+    /// A TCP segment without data (a pure ACK, SYN, SYN-ACK, FIN or RST):
+    /// what `ack_class` takes. `None`: not known.
+    pub no_data: Option<bool>,
     pub ack_class_applied: bool,
     /// Rule picked over the compiled maps (what the kernel looks up).
     pub map_rule: Option<String>,
@@ -1239,7 +1270,7 @@ impl<'a> Explainer<'a> {
                 first_fragment: None,
             }
         };
-        if p.pure_ack == Some(true) {
+        if matches!(p.bare, Some(Bare::Ack | Bare::Control)) {
             if let Some(a) = self.policy.ack_class {
                 d.ack_override = true;
                 d.class = a;
@@ -1263,8 +1294,8 @@ impl<'a> Explainer<'a> {
         let mut notes = Vec::new();
         let mut near_misses = Vec::new();
         let mut hit = None;
-        let (parsed, pure_ack) = match input {
-            Parsed::Ip(p) => (p.describe(), p.pure_ack),
+        let (parsed, bare) = match input {
+            Parsed::Ip(p) => (p.describe(), p.bare),
             Parsed::NonIp {
                 ethertype,
                 ppp: Some(ppp),
@@ -1279,7 +1310,7 @@ impl<'a> Explainer<'a> {
                         "{} non-IP PPPoE session frame, PPP protocol 0x{ppp:04x}",
                         dir_name(dir)
                     ),
-                    Some(false),
+                    Some(Bare::No),
                 )
             }
             Parsed::NonIp { ethertype, .. } => {
@@ -1293,7 +1324,7 @@ impl<'a> Explainer<'a> {
                 ));
                 (
                     format!("{} non-IP ethertype 0x{ethertype:04x}", dir_name(dir)),
-                    Some(false),
+                    Some(Bare::No),
                 )
             }
             Parsed::Malformed { reason, .. } => {
@@ -1302,7 +1333,7 @@ impl<'a> Explainer<'a> {
                 ));
                 (
                     format!("{} malformed: {reason}", dir_name(dir)),
-                    Some(false),
+                    Some(Bare::No),
                 )
             }
         };
@@ -1375,9 +1406,9 @@ impl<'a> Explainer<'a> {
                     view.dst
                 ));
             }
-            if p.pure_ack.is_none() {
+            if p.bare.is_none() {
                 notes.push(
-                    "TCP flags not given: not treated as a pure ACK (add flags=A, or `ack`)"
+                    "TCP flags not given: not treated as a segment without data (add flags=A, flags=S, ..., or `ack`)"
                         .to_string(),
                 );
             }
@@ -1385,12 +1416,17 @@ impl<'a> Explainer<'a> {
         let class_name = |c: usize| pol.classes[c].name.clone();
         if d.ack_override {
             notes.push(format!(
-                "pure TCP ACK: goes to ack_class `{}` instead of `{}`",
+                "TCP segment without data ({}): goes to ack_class `{}` instead of `{}`",
+                if bare == Some(Bare::Ack) {
+                    "pure ACK"
+                } else {
+                    "SYN, SYN-ACK, FIN or RST"
+                },
                 class_name(d.class),
                 class_name(d.rule_class)
             ));
-        } else if pure_ack == Some(true) {
-            notes.push("pure TCP ACK, but no ack_class is configured".to_string());
+        } else if matches!(bare, Some(Bare::Ack | Bare::Control)) {
+            notes.push("TCP segment without data, but no ack_class is configured".to_string());
         }
         if let (Some(w), Parsed::Ip(p)) = (pol.download_window_clamp, input) {
             if p.proto == 6 && p.frag != Frag::Later {
@@ -1422,7 +1458,8 @@ impl<'a> Explainer<'a> {
             class: class_name(d.class),
             classid,
             handle: format!("{:x}:{:x}", classid >> 16, classid & 0xffff),
-            pure_ack,
+            pure_ack: bare.map(|b| b == Bare::Ack),
+            no_data: bare.map(|b| b != Bare::No),
             ack_class_applied: d.ack_override,
             map_rule,
             reference_rule,
@@ -1493,12 +1530,13 @@ pub fn render(e: &Explanation) -> String {
     );
     let _ = writeln!(
         s,
-        "  pure TCP ACK: {}",
-        match (e.pure_ack, e.ack_class_applied) {
-            (Some(true), true) => "yes -> ack_class",
-            (Some(true), false) => "yes (no ack_class configured)",
-            (Some(false), _) => "no",
-            (None, _) => "unknown (no flags given)",
+        "  TCP without data: {}",
+        match (e.pure_ack, e.no_data, e.ack_class_applied) {
+            (Some(true), _, true) => "pure ACK -> ack_class",
+            (_, Some(true), true) => "SYN/FIN/RST -> ack_class",
+            (_, Some(true), false) => "yes (no ack_class configured)",
+            (_, Some(false), _) => "no",
+            _ => "unknown (no flags given)",
         }
     );
     for n in &e.notes {
@@ -1883,12 +1921,12 @@ direction = "upload"
         assert_eq!(p.dscp, 46);
         assert_eq!(p.src, "192.168.1.5".parse::<IpAddr>().expect("a"));
         assert_eq!((p.sport, p.dport), (Some(50020), Some(3478)));
-        assert_eq!(p.pure_ack, Some(false));
+        assert_eq!(p.bare, Some(Bare::No));
 
         let p =
             parse_description("down tcp 203.0.113.5:104 -> 192.168.1.20:40000").expect("parses");
         assert_eq!(p.dir, DIR_DOWN);
-        assert_eq!(p.pure_ack, None, "TCP without flags: unknown");
+        assert_eq!(p.bare, None, "TCP without flags: unknown");
         let v = p.view();
         assert_eq!(v.src, "192.168.1.20".parse::<IpAddr>().expect("a"));
         assert_eq!((v.sport, v.dport), (Some(40000), Some(104)));
@@ -1896,12 +1934,15 @@ direction = "upload"
         let p = parse_description("up 6 [fd00::20]:40000->[2001:db8::5]:104 dscp=34 flags=A")
             .expect("v6 with ports, arrow without spaces");
         assert!(p.src.is_ipv6());
-        assert_eq!((p.proto, p.dscp, p.pure_ack), (6, 34, Some(true)));
+        assert_eq!((p.proto, p.dscp, p.bare), (6, 34, Some(Bare::Ack)));
         let p = parse_description("up tcp 10.0.0.1:1 -> 10.0.0.2:2 flags=A payload=10")
             .expect("parses");
-        assert_eq!(p.pure_ack, Some(false), "payload: not a pure ACK");
+        assert_eq!(p.bare, Some(Bare::No), "payload: carries data");
         let p = parse_description("up tcp 10.0.0.1:1 -> 10.0.0.2:2 flags=SA").expect("parses");
-        assert_eq!(p.pure_ack, Some(false), "SYN-ACK is not a pure ACK");
+        assert_eq!(p.bare, Some(Bare::Control), "SYN-ACK without data");
+        let p = parse_description("up tcp 10.0.0.1:1 -> 10.0.0.2:2 flags=FA payload=3")
+            .expect("parses");
+        assert_eq!(p.bare, Some(Bare::No), "FIN with data");
         let p = parse_description("upload icmpv6 fd00::1 -> 2001:db8::1 dscp=af41")
             .expect("bare v6 without port");
         assert_eq!((p.proto, p.dscp, p.sport), (58, 34, None));
@@ -2010,7 +2051,18 @@ direction = "upload"
         assert_eq!(e.rule.as_ref().map(|r| r.name.as_str()), Some("dicom"));
         assert!(e.ack_class_applied);
         assert_eq!(e.class, "interactive");
-        assert!(render(&e).contains("pure TCP ACK: yes -> ack_class"));
+        assert!(render(&e).contains("TCP without data: pure ACK -> ack_class"));
+        // The SYN that opens one: ack_class too, so a handshake never waits
+        // behind bulk data.
+        let e = explain_one(
+            &mut ex,
+            "up tcp 192.168.1.20:40000 -> 203.0.113.5:104 flags=S",
+        );
+        assert_eq!(e.rule.as_ref().map(|r| r.name.as_str()), Some("dicom"));
+        assert!(e.ack_class_applied);
+        assert_eq!((e.pure_ack, e.no_data), (Some(false), Some(true)));
+        assert_eq!(e.class, "interactive");
+        assert!(render(&e).contains("TCP without data: SYN/FIN/RST -> ack_class"));
 
         // Later fragment without its first: default, with the kernel's rule.
         let e = explain_one(
@@ -2082,7 +2134,7 @@ direction = "upload"
             panic!("ip")
         };
         assert_eq!(p.vlans, vec![100, 200]);
-        assert_eq!(p.pure_ack, Some(true));
+        assert_eq!(p.bare, Some(Bare::Ack));
         let f = eth(
             &[1, 2, 3],
             0x0800,
@@ -2095,8 +2147,14 @@ direction = "upload"
                 ..
             }
         ));
-        // TCP with payload, SYN-ACK: not pure ACKs.
-        for (flags, payload) in [(0x10, 1), (0x12, 0)] {
+        // TCP with payload carries data; a SYN-ACK or FIN without is bare.
+        for (flags, payload, bare) in [
+            (0x10, 1, Bare::No),
+            (0x12, 1, Bare::No),
+            (0x12, 0, Bare::Control),
+            (0x11, 0, Bare::Control),
+            (0x00, 0, Bare::No),
+        ] {
             let f = eth(
                 &[],
                 0x0800,
@@ -2112,7 +2170,7 @@ direction = "upload"
             let Parsed::Ip(p) = parse_frame(&f, true, up) else {
                 panic!("ip")
             };
-            assert_eq!(p.pure_ack, Some(false));
+            assert_eq!(p.bare, Some(bare), "flags {flags:#x} payload {payload}");
         }
         // Fragments: first (MF), later (offset).
         let f = eth(

@@ -9,9 +9,10 @@
 //! hands the responsive flows its whole rate, the two together exceed the line
 //! and the modem's queue fills, for every class.
 //!
-//! So every 100 ms the task measures what arrived at the shaper from the WAN over
-//! the last 400 ms (the classifier's per-class byte and packet counters of WAN
-//! arrivals, `WAN_ARRIVALS`, before any queue, each packet sized as the HTB
+//! So every 100 ms (in `rates`, which runs it beside autorate) the controller
+//! measures what arrived at the shaper from the WAN over the last 400 ms (the
+//! classifier's per-class byte and packet counters of WAN arrivals,
+//! `WAN_ARRIVALS`, before any queue, each packet sized as the HTB
 //! root's size table sizes it) and steers the download rate so that arrivals
 //! stay within `rate` (+2 %, the responsive flows' own drops): while more
 //! arrives, the rate comes down by half the excess per tick;
@@ -53,26 +54,24 @@
 //!   VLAN device instead), a tunnel ending on the box (WireGuard, IPsec), or a
 //!   proxy or resolver on the box relaying WAN answers (the box's own traffic).
 //!
-//! Not combined with `[autorate]` (both set the download rate).
+//! With `[autorate]` too, arrivals are held to the line rate autorate has found when
+//! that is below the configured one, and the lower of the two rates is written
+//! (`rates`).
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use aya::maps::{MapData, PerCpuArray};
 use shaper_common::{Counter, MAP_WAN_ARRIVALS};
-use tokio::sync::watch;
 
 use crate::{
-    apply,
-    autorate::Applied,
     compile::{self, Accounting},
-    config::format_rate,
     kernel::bpf::{self, Pins},
     kernel::tc::Tc,
+    rates::Applied,
 };
 
-pub const TICK: Duration = Duration::from_millis(100);
 /// Arrivals are measured over this many ticks: TCP's bursts make 100 ms readings swing
 /// by a fifth either way (seen on the VM tier's ADSL line), a queue standing in the modem
 /// shows in every reading.
@@ -114,6 +113,25 @@ impl Governor {
         self.rate as u64
     }
 
+    /// The rate as a share of the base (1 while arrivals are within it).
+    pub fn factor(&self) -> f64 {
+        if self.base > 0.0 {
+            (self.rate / self.base).clamp(0.0, 1.0)
+        } else {
+            1.0
+        }
+    }
+
+    /// The line's rate moved (autorate found it lower, or higher again): arrivals are
+    /// held to the new base, the rate keeps its share of it (and counts as applied: the
+    /// caller writes the tree at the new base).
+    pub fn set_base(&mut self, base_bps: u64) {
+        let k = self.factor();
+        self.base = base_bps as f64;
+        self.rate = k * self.base;
+        self.applied = self.rate;
+    }
+
     /// One tick's arrivals (bits per second, as the root counts them). Returns the
     /// rate to apply when it should change.
     pub fn update(&mut self, arrived_bps: f64) -> Option<u64> {
@@ -151,7 +169,7 @@ pub fn root_len(a: &Accounting, len: u64, l2_header: bool) -> f64 {
 }
 
 /// Per-class counters of download packets that came in from the WAN.
-struct Arrivals {
+pub(crate) struct Arrivals {
     map: PerCpuArray<MapData, Counter>,
     /// Class indices of the download tree.
     classes: Vec<u32>,
@@ -168,7 +186,7 @@ impl Arrivals {
     }
 
     /// Bits per second (root units) over the last WINDOW ticks.
-    fn rate(&mut self, acc: &Accounting, l2: bool) -> f64 {
+    pub(crate) fn rate(&mut self, acc: &Accounting, l2: bool) -> f64 {
         self.seen.push_back((Instant::now(), self.read()));
         while self.seen.len() > WINDOW + 1 {
             self.seen.pop_front();
@@ -191,8 +209,14 @@ impl Arrivals {
     }
 }
 
-async fn open(a: &Applied, pins: &Pins, down: &compile::DirPlan) -> Result<(Tc, Arrivals, bool)> {
-    let tc = Tc::connect().await?;
+/// Opens the per-class arrival counters of the download tree; also whether the LAN
+/// interface's packets carry a link-layer header (how they are sized).
+pub(crate) async fn open(
+    a: &Applied,
+    tc: &Tc,
+    pins: &Pins,
+    down: &compile::DirPlan,
+) -> Result<(Arrivals, bool)> {
     let l2 = tc.link_info(a.lan_ifindex).await?.has_l2_header;
     let map: PerCpuArray<MapData, Counter> =
         PerCpuArray::try_from(bpf::open_pinned(pins, MAP_WAN_ARRIVALS)?)?;
@@ -202,77 +226,7 @@ async fn open(a: &Applied, pins: &Pins, down: &compile::DirPlan) -> Result<(Tc, 
         seen: VecDeque::new(),
     };
     arr.seen.push_back((Instant::now(), arr.read()));
-    Ok((tc, arr, l2))
-}
-
-/// The daemon's task: runs while the applied policy asks for it; every apply
-/// (the configured rate is back in the kernel) starts it again.
-pub async fn run(mut applied: watch::Receiver<Option<Applied>>, pins: Pins) {
-    loop {
-        let current = applied.borrow_and_update().clone();
-        let Some(a) = current.filter(|a| a.policy.download_account_arrivals) else {
-            if applied.changed().await.is_err() {
-                return;
-            }
-            continue;
-        };
-        let plan = compile::plan(&a.policy, Some(a.caps));
-        let (tc, mut arrivals, l2) = match open(&a, &pins, &plan.down).await {
-            Ok(x) => x,
-            Err(e) => {
-                log::error!("download arrival accounting off until the next apply: {e:#}");
-                if applied.changed().await.is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
-        let acc = plan.down.accounting.clone();
-        let base_htb = plan.down.rate_bps;
-        let mut gov = Governor::new(base_htb);
-        log::info!(
-            "download arrival accounting on: what reaches the shaper is held to {} (+{} %)",
-            format_rate(a.policy.download_bps),
-            MARGIN * 100.0
-        );
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut reduced = false;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                c = applied.changed() => {
-                    if c.is_err() {
-                        return;
-                    }
-                    break;
-                }
-            }
-            let arrived = arrivals.rate(&acc, l2);
-            let Some(rate) = gov.update(arrived) else {
-                continue;
-            };
-            let down = scaled(&plan.down, rate as f64 / base_htb.max(1) as f64);
-            if let Err(e) = apply::retune(&tc, a.lan_ifindex, &down).await {
-                log::warn!("download arrival accounting: setting the rate: {e:#}");
-                continue;
-            }
-            // In configured units (the plan derates PTM).
-            let per_root = a.policy.download_bps as f64 / base_htb.max(1) as f64;
-            let now_reduced = rate < base_htb;
-            let msg = format!(
-                "download arrival accounting: rate {} ({} arrived)",
-                format_rate((rate as f64 * per_root) as u64),
-                format_rate((arrived * per_root) as u64)
-            );
-            if now_reduced != reduced {
-                log::info!("{msg}");
-                reduced = now_reduced;
-            } else {
-                log::debug!("{msg}");
-            }
-        }
-    }
+    Ok((arr, l2))
 }
 
 /// The applied tree with every rate and ceiling times `k` (<= 1): classes given an
@@ -354,6 +308,36 @@ mod tests {
             assert_eq!(g.update(36_000_000.0 * 1.01), None);
         }
         assert_eq!(g.rate_bps(), 36_000_000);
+    }
+
+    #[test]
+    fn a_new_line_rate_keeps_the_share_and_the_limit_follows_it() {
+        // A flood held the rate at half; autorate then finds the line at 24 of 36.
+        let mut g = Governor::new(36_000_000);
+        g.update(0.0);
+        for _ in 0..200 {
+            if g.factor() <= 0.5 {
+                break;
+            }
+            g.update(40_000_000.0);
+        }
+        let k = g.factor();
+        assert!(k < 0.6, "{k}");
+        g.set_base(24_000_000);
+        assert!((g.factor() - k).abs() < 1e-9);
+        assert_eq!(g.rate_bps(), (k * 24e6) as u64);
+        // Arrivals are now held to the new line rate: 26 Mbit/s is above it, and cut.
+        let before = g.rate_bps();
+        assert!(g.update(26_000_000.0).expect("cut") < before);
+        // Quiet again: back to the whole of the new base, never above it.
+        for _ in 0..300 {
+            g.update(1_000_000.0);
+        }
+        assert_eq!(g.rate_bps(), 24_000_000);
+        assert_eq!(g.factor(), 1.0);
+        // The line comes back: a governor at its whole share follows at once.
+        g.set_base(36_000_000);
+        assert_eq!((g.rate_bps(), g.factor()), (36_000_000, 1.0));
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub mod lineprobe;
 pub mod metrics;
 pub mod persist;
 pub mod quic;
+pub mod rates;
 pub mod site;
 pub mod sni;
 pub mod status;

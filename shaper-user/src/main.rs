@@ -249,10 +249,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if policy.download_account_arrivals {
                 println!(
-                    "download arrival accounting: `shaper run` holds what reaches the shaper (dropped or not) within {} +{} %, lowering the download rate (to {} at least) while more arrives: an unresponsive flood costs throughput, not the modem's queue",
+                    "download arrival accounting: `shaper run` holds what reaches the shaper (dropped or not) within {}{} +{} %, lowering the download rate (to {} of it at least) while more arrives: an unresponsive flood costs throughput, not the modem's queue",
                     config::format_rate(policy.download_bps),
+                    if policy.autorate.is_some() {
+                        " (or the lower line rate autorate finds; the lower of the two rates is set)"
+                    } else {
+                        ""
+                    },
                     shaper_user::ingress::MARGIN * 100.0,
-                    config::format_rate((policy.download_bps as f64 * shaper_user::ingress::FLOOR) as u64)
+                    format!("{:.0} %", shaper_user::ingress::FLOOR * 100.0)
                 );
             }
             for n in &policy.notes {

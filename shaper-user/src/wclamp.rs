@@ -44,10 +44,10 @@ use shaper_common::{
 use tokio::sync::watch;
 
 use crate::{
-    autorate::Applied,
     compile::{self, PARENT_CLASSID},
     kernel::bpf::{self, Pins},
     kernel::tc::Tc,
+    rates::Applied,
 };
 
 /// One download class as the share computation sees it.

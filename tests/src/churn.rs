@@ -238,6 +238,11 @@ impl Churn {
     }
 }
 
+/// A request the size of an HTTP GET or a TLS ClientHello (the size in its first 8
+/// bytes): a tiny request would ride any filter that favours small packets, which real
+/// browsers' requests do not.
+const REQUEST_BYTES: usize = 400;
+
 /// One transfer: asks for `size` bytes and reads until the server closes.
 fn fetch(to: SocketAddr, size: u64, cc: Option<&str>) -> Result<u64> {
     let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
@@ -246,7 +251,9 @@ fn fetch(to: SocketAddr, size: u64, cc: Option<&str>) -> Result<u64> {
     }
     // A transfer that has not finished within the run's end is cut by its deadline.
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    s.write_all(&size.to_be_bytes())?;
+    let mut req = [0x47u8; REQUEST_BYTES];
+    req[..8].copy_from_slice(&size.to_be_bytes());
+    s.write_all(&req)?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut got = 0u64;
     loop {
@@ -271,8 +278,10 @@ fn serve(listener: TcpListener, cc: Option<String>, stop: &AtomicBool) -> Result
                         }
                         s.set_read_timeout(Some(Duration::from_secs(5)))?;
                         s.set_write_timeout(Some(Duration::from_secs(20)))?;
+                        let mut req = [0u8; REQUEST_BYTES];
+                        s.read_exact(&mut req)?;
                         let mut len = [0u8; 8];
-                        s.read_exact(&mut len)?;
+                        len.copy_from_slice(&req[..8]);
                         let mut left = u64::from_be_bytes(len).min(64 << 20);
                         let chunk = vec![0x5au8; 64 * 1024];
                         while left > 0 {

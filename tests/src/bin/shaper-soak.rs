@@ -41,7 +41,7 @@ use shaper_tests::packet::Pkt;
 use shaper_user::{
     compile::{self, classid_of},
     config,
-    explain::{self, Explainer, Frag, Outcome, Parsed},
+    explain::{self, Bare, Explainer, Frag, Outcome, Parsed},
     hosts::Engine,
     hosts_task::MapKernel,
     kernel::bpf,
@@ -883,11 +883,11 @@ fn accounted_for(
     engine: &Engine<Rc<RefCell<MapKernel>>>,
 ) -> Option<&'static str> {
     let view = p.view();
-    // A pure ACK goes to the ACK class whatever decided it.
+    // A TCP segment without data goes to the ACK class whatever decided it.
     let class_id = |class: u32| {
         let class = policy
             .ack_class
-            .filter(|_| p.pure_ack == Some(true))
+            .filter(|_| matches!(p.bare, Some(Bare::Ack | Bare::Control)))
             .unwrap_or(class as usize);
         classid_of(policy, class)
     };

@@ -142,8 +142,22 @@ struct Profile {
     video_kbit: u32,
     dicom: Dir,
     dicom_slices: u32,
-    /// Halfway through the measured window the line retrains at these rates.
+    /// Halfway through the measured window the line retrains at these rates; three
+    /// quarters through, an unresponsive UDP download ([`FLOOD_KBIT`]) starts and runs to
+    /// the end: autorate must follow the line and arrival accounting must hold the flood.
     sync_drop: Option<(u32, u32)>,
+}
+
+/// The sync-drop profile's UDP flood (download, kbit/s, 1000-byte datagrams, to a port
+/// no rule names: the default class, with the bulk downloads): more than that class gets
+/// on the retrained line, so the shaper drops some of it after it crossed the line.
+const FLOOD_KBIT: u32 = 3000;
+/// The flood's iperf3 port on the server VM.
+const FLOOD_PORT: u16 = 5209;
+
+/// When the sync-drop profile's flood starts, in seconds into the measured window of `t`.
+fn flood_start(t: u32) -> u32 {
+    t * 3 / 4
 }
 
 /// ADSL2+ as UK exchanges sell it; the sync-drop profile is the same line retraining.
@@ -1051,6 +1065,15 @@ PIDS="$PIDS $!"
     if p.dicom == Dir::Up {
         let _ = writeln!(s, "( {} ) &\nPIDS=\"$PIDS $!\"", storescu(study, SERVER));
     }
+    if p.sync_drop.is_some() {
+        // The flood: the server sends (-R), unresponsive UDP, until the window's end.
+        let (at, secs) = (flood_start(t), t - flood_start(t));
+        let _ = writeln!(
+            s,
+            "( sleep {at}; timeout -s KILL {deadline} iperf3 -c {SERVER} -p {FLOOD_PORT} -u -b {FLOOD_KBIT}k -l 1000 -t {secs} -R > $D/flood.txt 2>&1 ) &\nPIDS=\"$PIDS $!\"",
+            deadline = secs + 20
+        );
+    }
     s.push_str("wait $PIDS\n");
     if pppoe {
         // PPPoE across the bridge (as between a VDSL modem and a PPPoE router): a session
@@ -1129,7 +1152,7 @@ tc qdisc add dev eth0 handle ffff: ingress
 tc filter add dev eth0 parent ffff: matchall action mirred egress redirect dev ifb0
 {up}
 tc qdisc show
-for port in 5201 5202 5203 5204 5205 5206 5207 5208; do iperf3 -s -1 -p $port > /dev/null 2>&1 & done
+for port in 5201 5202 5203 5204 5205 5206 5207 5208 {FLOOD_PORT}; do iperf3 -s -1 -p $port > /dev/null 2>&1 & done
 chrt -f 50 irtt server -b {SERVER}:2112 > /dev/null 2>&1 &
 "#,
         down = netem("eth0", p.down_kbit, p, "add"),
@@ -1941,6 +1964,7 @@ fn syncdrop_report(
     // does the server's schedule: the retrain is IDLE + WARMUP + t/2 into the receivers'
     // time.
     let retrain = f64::from(IDLE + WARMUP) + f64::from(t / 2);
+    let flood = f64::from(IDLE + WARMUP) + f64::from(flood_start(t));
     let end = f64::from(IDLE + WARMUP + t);
     let mut rows = Vec::new();
     let mut after_p99 = BTreeMap::new();
@@ -1958,11 +1982,18 @@ fn syncdrop_report(
                 .filter(|(x, _)| *x >= retrain)
                 .map(|p| p.1)
                 .collect();
+            let flooded: Vec<f64> = tl
+                .iter()
+                .filter(|(x, _)| *x >= flood)
+                .map(|p| p.1)
+                .collect();
             let (b50, b99) = (pct(&before, 50.0), pct(&before, 99.0));
             let (a50, a99) = (pct(&after, 50.0), pct(&after, 99.0));
             cells.push(format!("{} / {}", f1(b50), f1(b99)));
             cells.push(format!("{} / {}", f1(a50), f1(a99)));
             if dirn == "down" {
+                let (f50, f99) = (pct(&flooded, 50.0), pct(&flooded, 99.0));
+                cells.push(format!("{} / {}", f1(f50), f1(f99)));
                 after_p99.insert(r.mode, a99);
                 let thr = b99 + 20.0;
                 let last_high = tl
@@ -1982,14 +2013,16 @@ fn syncdrop_report(
         rows.push(cells);
     }
     let mut text = format!(
-        "The line retrains {:.0} s into the measured window (download video, ms: before / after):\n",
-        f64::from(t / 2)
+        "The line retrains {:.0} s into the measured window; a {FLOOD_KBIT} kbit/s UDP download flood runs from {} s to the end (video, ms: before / after the retrain, and in the flood):\n",
+        f64::from(t / 2),
+        flood_start(t)
     );
     text.push_str(&text_table(
         &[
             "gateway",
             "down before p50/p99",
             "down after p50/p99",
+            "down in flood p50/p99",
             "down back to normal after s",
             "up before p50/p99",
             "up after p50/p99",
@@ -2022,6 +2055,31 @@ fn syncdrop_report(
         if lowest.is_none_or(|k| k >= u64::from(line_kbit)) {
             problems.push(format!(
                 "autorate never cut the download below the retrained line's {line_kbit} kbit/s (lowest logged: {lowest:?})"
+            ));
+            ok = false;
+        }
+        // Arrival accounting runs beside autorate (one rate writer, the lower wins): its
+        // own lines say it was on and held the download rate down at least once (the
+        // flood's drops, or a queue autorate found before the modem drained).
+        let on = console
+            .lines()
+            .any(|l| l.contains("download arrival accounting on"));
+        let held: Vec<&str> = console
+            .lines()
+            .filter(|l| l.contains("download arrival accounting: rate"))
+            .filter_map(|l| l.split_once("download arrival accounting: ").map(|x| x.1))
+            .collect();
+        text.push_str(&format!(
+            "arrival accounting beside autorate: {}; {} rate change(s) logged at info{}\n",
+            if on { "on" } else { "NOT on" },
+            held.len(),
+            held.last()
+                .map_or(String::new(), |l| format!(", last: {l}"))
+        ));
+        if !on || held.is_empty() {
+            problems.push(format!(
+                "arrival accounting did not run beside autorate (on: {on}, rate changes logged: {})",
+                held.len()
             ));
             ok = false;
         }
