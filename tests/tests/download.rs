@@ -53,7 +53,7 @@ fn phase(
         shaper,
         &path,
         dir.path().join(format!("{name}.log")),
-        "info,shaper_user::ingress=debug",
+        "info,shaper_user::rates=debug",
     )
     .expect("shaper run");
     let stop = Arc::new(AtomicBool::new(false));
@@ -426,7 +426,7 @@ fn only_traffic_from_the_wan_counts_against_the_download_rate() {
         &shaper,
         &path,
         dir.path().join("wan-only.log"),
-        "info,shaper_user::ingress=debug",
+        "info,shaper_user::rates=debug",
     )
     .expect("shaper run");
     std::thread::sleep(Duration::from_secs(1));
