@@ -17,7 +17,6 @@
 use std::{
     fs,
     io::Write as _,
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -172,14 +171,9 @@ pub fn lock(paths: &Paths) -> Result<Lock> {
         .truncate(false)
         .write(true)
         .open(paths.lock())?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        bail!(
-            "locking {}: {}",
-            paths.lock().display(),
-            std::io::Error::last_os_error()
-        );
-    }
+    // std's File::lock is flock(2) with LOCK_EX on Linux, as every holder of this lock uses.
+    f.lock()
+        .with_context(|| format!("locking {}", paths.lock().display()))?;
     Ok(Lock { _file: f })
 }
 

@@ -90,7 +90,6 @@ struct DaemonLock {
 
 fn daemon_lock(paths: &Paths) -> Result<DaemonLock> {
     use std::io::{Read as _, Seek as _, Write as _};
-    use std::os::fd::AsRawFd as _;
     std::fs::create_dir_all(&paths.run)
         .with_context(|| format!("creating {}", paths.run.display()))?;
     let path = paths.run.join("daemon.lock");
@@ -101,10 +100,10 @@ fn daemon_lock(paths: &Paths) -> Result<DaemonLock> {
         .write(true)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+    // std's File::try_lock is flock(2) with LOCK_EX | LOCK_NB on Linux.
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
             let mut pid = String::new();
             let _ = f.read_to_string(&mut pid);
             anyhow::bail!(
@@ -112,7 +111,9 @@ fn daemon_lock(paths: &Paths) -> Result<DaemonLock> {
                 pid.trim()
             );
         }
-        return Err(e).with_context(|| format!("locking {}", path.display()));
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
     }
     f.set_len(0)?;
     f.rewind()?;

@@ -124,6 +124,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SiteCmd,
     },
+    /// Print the shell completion script for bash, zsh or fish (the image and the
+    /// Debian package install them).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages into DIR: shaper.8 and one page per command (shaper-check.8,
+    /// shaper-site-up.8, ...), generated from these definitions.
+    Man { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -207,6 +213,40 @@ fn init_logging() {
         b.format_timestamp(None);
     }
     b.init();
+}
+
+/// One roff page per command, section 8 (system administration): `shaper.8` for the
+/// whole tool and `shaper-check.8`, `shaper-site-up.8`, ... for each command, hidden
+/// (internal) ones left out. Returns how many were written.
+fn write_man_pages(cmd: clap::Command, dir: &std::path::Path) -> Result<usize> {
+    fn walk(cmd: &clap::Command, name: &str, dir: &std::path::Path, n: &mut usize) -> Result<()> {
+        let page = cmd
+            .clone()
+            .name(name.to_string())
+            .bin_name(name.replace('-', " "));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page)
+            .section("8")
+            .manual("shaper")
+            .render(&mut out)
+            .context("rendering a man page")?;
+        let path = dir.join(format!("{name}.8"));
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+        *n += 1;
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            if sub.get_name() == "help" {
+                continue;
+            }
+            walk(sub, &format!("{name}-{}", sub.get_name()), dir, n)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cmd = cmd;
+    cmd.build();
+    let mut n = 0;
+    walk(&cmd, "shaper", dir, &mut n)?;
+    Ok(n)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -464,6 +504,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 upgrade::install(&dev, &f)?;
                 print!("{}", upgrade::version_report(&dev));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "shaper", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { dir } => {
+            let n = write_man_pages(<Cli as clap::CommandFactory>::command(), &dir)?;
+            println!("{n} man pages in {}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Version => {

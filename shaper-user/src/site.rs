@@ -1113,4 +1113,13 @@ mod tests {
         assert!(twice.unwrap_err().contains("on more than one disk"));
         assert!(missing.unwrap_err().contains("no disk has it"));
     }
+
+    #[test]
+    fn image_site_config_validates() {
+        // The firmware image's default site.toml (a bridge, management by DHCP and SLAAC).
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/rootfs/etc/shaper/site.toml");
+        let site = load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(site.mode, Mode::Bridge);
+    }
 }

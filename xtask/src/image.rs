@@ -326,7 +326,7 @@ fn reset_dir(p: &Path) -> Result<()> {
 }
 
 /// Copies a file's content (following symlinks) and sets its mode.
-fn install(src: &Path, dst: &Path, mode: u32) -> Result<()> {
+pub(crate) fn install(src: &Path, dst: &Path, mode: u32) -> Result<()> {
     if let Some(d) = dst.parent() {
         fs::create_dir_all(d)?;
     }
@@ -547,7 +547,7 @@ pub fn build(opts: &Options, shaper: &Path) -> Result<Image> {
         "dpkg-deb", "depmod", "cpio", "xz", "gzip", "objcopy", "mkfs.fat", "mcopy", "sfdisk",
         "readelf",
     ] {
-        if !crate::have(tool) {
+        if !crate::setup::have(tool) {
             bail!("{tool} is missing: run `cargo xtask setup`");
         }
     }
@@ -677,6 +677,17 @@ pub fn build(opts: &Options, shaper: &Path) -> Result<Image> {
     fs::set_permissions(rootfs.join("root"), fs::Permissions::from_mode(0o700))?;
     write_text(&rootfs.join("etc/hostname"), "shaper-gateway\n", 0o644)?;
     install_overlay(&workspace().join("images/rootfs"), &rootfs)?;
+    // The image's default config is the shipped example itself (one file, validated by
+    // config::tests::shipped_example_config_validates), not a copy that drifts.
+    install(
+        &workspace().join(crate::EXAMPLE_CONFIG),
+        &rootfs.join("etc/shaper/shaper.toml"),
+        0o644,
+    )?;
+    // Completions and man pages generated from the binary's clap definitions (as in the
+    // Debian package). busybox's shell completes no arguments and the image has no `man`:
+    // they are there for `shaper man`'s readers who copy them off, and cost ~40 KiB.
+    crate::deb::install_generated(shaper, &rootfs)?;
     // The public half of the key upgrades must be signed with (`shaper upgrade`).
     read_update_key(&opts.update_key)?;
     install(

@@ -1,13 +1,9 @@
-//! Fuzzes shaper-user's DNS parser (src/dnswire.rs, compiled in directly: it is
-//! std-only, so the fuzz build does not need the rest of shaper-user) and checks the
-//! invariants callers rely on.
+//! Fuzzes the DNS parser (shaper-core's `dnswire`) and checks the invariants callers
+//! rely on.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-
-#[allow(dead_code)]
-#[path = "../../src/dnswire.rs"]
-mod dnswire;
+use shaper_core::dnswire;
 
 use dnswire::{DnsAnswer, RData};
 

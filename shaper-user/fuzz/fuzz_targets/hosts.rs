@@ -1,5 +1,5 @@
-//! Fuzzes the daemon's host-name engine (src/hosts.rs, with the policy, compile, DNS,
-//! TLS and QUIC modules it uses compiled in directly) over sequences of events: DNS
+//! Fuzzes the daemon's host-name engine (shaper-core's `hosts`, with the policy,
+//! compile, DNS, TLS and QUIC modules it uses) over sequences of events: DNS
 //! queries going out and answers coming back (built from the input, or the input's
 //! bytes as the payload), whole events of any kind, ClientHello segments and QUIC
 //! Initials, the clock moving on and ticks, events shed over budget, and events of a
@@ -22,34 +22,13 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
+use shaper_core::{compile, config, dnswire, hosts};
 use shaper_common::{
     HostKey, HostVal, DIR_DOWN, DIR_UP, EVENT_HEADER, EV_DNS, EV_DNS_QUERY, EV_TLS,
 };
 
 /// Offset of the key's `src` (the client) in an event: after kind, len, dir, dscp.
 const EVENT_HEADER_SRC: usize = 16;
-
-#[allow(dead_code)]
-#[path = "../../src/catalogue.rs"]
-mod catalogue;
-#[allow(dead_code)]
-#[path = "../../src/compile.rs"]
-mod compile;
-#[allow(dead_code)]
-#[path = "../../src/config.rs"]
-mod config;
-#[allow(dead_code)]
-#[path = "../../src/dnswire.rs"]
-mod dnswire;
-#[allow(dead_code)]
-#[path = "../../src/hosts.rs"]
-mod hosts;
-#[allow(dead_code)]
-#[path = "../../src/quic.rs"]
-mod quic;
-#[allow(dead_code)]
-#[path = "../../src/sni.rs"]
-mod sni;
 
 use hosts::{event_bytes, Engine, Kernel};
 

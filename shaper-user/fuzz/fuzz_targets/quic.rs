@@ -1,6 +1,5 @@
-//! Fuzzes shaper-user's QUIC Initial decryption and ClientHello reassembly
-//! (src/quic.rs, with src/sni.rs under it, compiled in directly) and checks the
-//! invariants callers rely on.
+//! Fuzzes the QUIC Initial decryption and ClientHello reassembly (shaper-core's
+//! `quic`, with `sni` under it) and checks the invariants callers rely on.
 //!
 //! The input is used twice. First as a UDP datagram (which gets past the AEAD only
 //! for the seed captures). Then, to reach what lies behind the AEAD, as plaintext
@@ -14,14 +13,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-
-#[allow(dead_code)]
-#[path = "../../src/sni.rs"]
-mod sni;
-
-#[allow(dead_code)]
-#[path = "../../src/quic.rs"]
-mod quic;
+use shaper_core::{quic, sni};
 
 use quic::{HelloAssembler, InitialCrypto, QuicSniError};
 use sni::Sni;

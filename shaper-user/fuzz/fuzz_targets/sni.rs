@@ -1,12 +1,9 @@
-//! Fuzzes shaper-user's TLS SNI and QUIC Initial parsers (src/sni.rs, compiled in
-//! directly: it is std-only) and checks the invariants callers rely on.
+//! Fuzzes the TLS SNI and QUIC Initial parsers (shaper-core's `sni`) and checks the
+//! invariants callers rely on.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-
-#[allow(dead_code)]
-#[path = "../../src/sni.rs"]
-mod sni;
+use shaper_core::sni;
 
 use sni::Sni;
 

@@ -37,7 +37,7 @@
 //!   ([`crate::quic`]) and its CRYPTO frames put together (a post-quantum
 //!   ClientHello spans two Initials, the second sent on request), then as TLS.
 //!
-//! The engine here does the work; [`crate::hosts_task`] runs it in the daemon
+//! The engine here does the work; `shaper_user::hosts_task` runs it in the daemon
 //! on a thread of its own with time budgets, shedding learning work first.
 //!
 //! What is not seen: DNS over TCP, TLS or HTTPS (DoT/DoH: a browser using its
@@ -1365,7 +1365,7 @@ pub fn read_snapshot(run: &Path) -> Option<Snapshot> {
 }
 
 /// Writes `s` to `path` atomically (a rename).
-pub(crate) fn write_snapshot(path: &Path, s: &Snapshot) {
+pub fn write_snapshot(path: &Path, s: &Snapshot) {
     let tmp = path.with_extension("json.next");
     let r = serde_json::to_vec_pretty(s)
         .map_err(anyhow::Error::from)

@@ -482,7 +482,7 @@ pub fn quic_initial(udp_payload: &[u8]) -> Result<QuicInitial, QuicError> {
 }
 
 /// A QUIC variable-length integer (RFC 9000 §16).
-pub(crate) fn varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
+pub fn varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
     let first = *buf.get(*pos)?;
     let len = 1usize << (first >> 6);
     let bytes = buf.get(*pos..*pos + len)?;
@@ -495,13 +495,13 @@ pub(crate) fn varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+pub mod tests {
     use super::*;
 
     /// The server name in the captured hellos (QUIC's tests use it too).
-    pub(crate) const SNI: &str = "pacs.example.nhs.uk";
+    pub const SNI: &str = "pacs.example.nhs.uk";
 
-    pub(crate) fn found(name: &str) -> Sni {
+    pub fn found(name: &str) -> Sni {
         Sni::Found {
             name: name.into(),
             ech: false,

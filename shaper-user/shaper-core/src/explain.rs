@@ -725,6 +725,15 @@ fn parse_v6(b: &[u8], off: usize, dir: u32) -> Result<Packet, &'static str> {
 // Classic pcap files.
 
 pub mod pcap {
+    //! Classic pcap files through the `pcap-file` crate's slice parser. Its raw packets
+    //! are used, not its checked ones: the checked reader refuses a packet whose wire
+    //! length exceeds the file's snaplen, which every capture taken with `tcpdump -s N`
+    //! has (here such packets are explained as captured, with a note).
+    use pcap_file::{
+        pcap::{PcapHeader, PcapParser, PcapWriter, RawPcapPacket},
+        DataLink, PcapError, TsResolution,
+    };
+
     /// LINKTYPE_ETHERNET.
     pub const LINKTYPE_ETHERNET: u32 = 1;
     /// LINKTYPE_RAW: bare IPv4/IPv6 packets.
@@ -753,94 +762,86 @@ pub mod pcap {
     /// Reads a classic (libpcap) capture: either byte order, micro- or
     /// nanosecond timestamps. pcapng is recognised and refused.
     pub fn read(b: &[u8]) -> Result<Capture, String> {
-        if b.len() < 24 {
-            return Err(format!(
+        if b.starts_with(&[0x0a, 0x0d, 0x0d, 0x0a]) {
+            return Err(
+                "this is a pcapng file; write a classic pcap instead (`tcpdump -w`, `editcap -F pcap in.pcapng out.pcap`)"
+                    .into(),
+            );
+        }
+        let (mut rest, parser) = PcapParser::new(b).map_err(|e| match e {
+            PcapError::IncompleteBuffer => format!(
                 "not a pcap file: {} bytes, shorter than the 24-byte file header",
                 b.len()
-            ));
-        }
-        let magic = [b[0], b[1], b[2], b[3]];
-        let (le, nanos) = match magic {
-            [0xd4, 0xc3, 0xb2, 0xa1] => (true, false),
-            [0xa1, 0xb2, 0xc3, 0xd4] => (false, false),
-            [0x4d, 0x3c, 0xb2, 0xa1] => (true, true),
-            [0xa1, 0xb2, 0x3c, 0x4d] => (false, true),
-            [0x0a, 0x0d, 0x0d, 0x0a] => {
-                return Err(
-                    "this is a pcapng file; write a classic pcap instead (`tcpdump -w`, `editcap -F pcap in.pcapng out.pcap`)"
-                        .into(),
-                )
-            }
-            m => return Err(format!("not a pcap file (magic {m:02x?})")),
-        };
-        let u32_at = |o: usize| {
-            let w = [b[o], b[o + 1], b[o + 2], b[o + 3]];
-            if le {
-                u32::from_le_bytes(w)
-            } else {
-                u32::from_be_bytes(w)
-            }
-        };
-        let snaplen = u32_at(16);
+            ),
+            _ => format!("not a pcap file (magic {:02x?})", &b[..4]),
+        })?;
+        let h = parser.header();
         // The top bits of the link-type word may carry FCS information.
-        let linktype = u32_at(20) & 0x0fff_ffff;
+        let linktype = u32::from(h.datalink) & 0x0fff_ffff;
         let mut records = Vec::new();
-        let mut o = 24;
-        while o < b.len() {
+        while !rest.is_empty() {
             let n = records.len() + 1;
-            if b.len() - o < 16 {
-                return Err(format!(
-                    "record {n}: the file ends inside its header (truncated capture?)"
-                ));
+            if rest.len() >= 16 {
+                // incl_len, in the file's byte order, before the parser trusts it.
+                let w = [rest[8], rest[9], rest[10], rest[11]];
+                let incl = match h.endianness {
+                    pcap_file::Endianness::Big => u32::from_be_bytes(w),
+                    pcap_file::Endianness::Little => u32::from_le_bytes(w),
+                };
+                if incl > 262_144 {
+                    return Err(format!(
+                        "record {n}: captured length {incl} is not plausible (corrupt file?)"
+                    ));
+                }
             }
-            let incl = u32_at(o + 8) as usize;
-            let orig_len = u32_at(o + 12);
-            if incl > 262_144 {
-                return Err(format!(
-                    "record {n}: captured length {incl} is not plausible (corrupt file?)"
-                ));
-            }
-            let start = o + 16;
-            let Some(data) = b.get(start..start + incl) else {
-                return Err(format!(
-                    "record {n}: the file ends inside its {incl} bytes of data (truncated capture?)"
-                ));
-            };
+            let (r, p): (&[u8], RawPcapPacket) =
+                parser.next_raw_packet(rest).map_err(|e| match e {
+                    PcapError::IncompleteBuffer if rest.len() < 16 => {
+                        format!("record {n}: the file ends inside its header (truncated capture?)")
+                    }
+                    PcapError::IncompleteBuffer => {
+                        format!("record {n}: the file ends inside its data (truncated capture?)")
+                    }
+                    e => format!("record {n}: {e}"),
+                })?;
             records.push(Record {
-                ts_sec: u32_at(o),
-                ts_frac: u32_at(o + 4),
-                orig_len,
-                data: data.to_vec(),
+                ts_sec: p.ts_sec,
+                ts_frac: p.ts_frac,
+                orig_len: p.orig_len,
+                data: p.data.into_owned(),
             });
-            o = start + incl;
+            rest = r;
         }
         Ok(Capture {
             linktype,
-            snaplen,
-            nanos,
+            snaplen: h.snaplen,
+            nanos: h.ts_resolution == TsResolution::NanoSecond,
             records,
         })
     }
 
     /// Writes a classic little-endian microsecond pcap (timestamps 1 ms apart).
     pub fn write(linktype: u32, frames: &[Vec<u8>]) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend(0xa1b2_c3d4u32.to_le_bytes());
-        out.extend(2u16.to_le_bytes());
-        out.extend(4u16.to_le_bytes());
-        out.extend(0i32.to_le_bytes());
-        out.extend(0u32.to_le_bytes());
-        out.extend(262_144u32.to_le_bytes());
-        out.extend(linktype.to_le_bytes());
+        let header = PcapHeader {
+            snaplen: 262_144,
+            datalink: DataLink::from(linktype),
+            endianness: pcap_file::Endianness::Little,
+            ..PcapHeader::default()
+        };
+        let mut w = PcapWriter::with_header(Vec::new(), header).expect("writing to memory");
         for (i, f) in frames.iter().enumerate() {
             let ms = i as u32;
-            out.extend((ms / 1000).to_le_bytes());
-            out.extend(((ms % 1000) * 1000).to_le_bytes());
-            out.extend((f.len() as u32).to_le_bytes());
-            out.extend((f.len() as u32).to_le_bytes());
-            out.extend(f);
+            let len = f.len() as u32;
+            w.write_raw_packet(&RawPcapPacket {
+                ts_sec: ms / 1000,
+                ts_frac: (ms % 1000) * 1000,
+                incl_len: len,
+                orig_len: len,
+                data: f.as_slice().into(),
+            })
+            .expect("writing to memory");
         }
-        out
+        w.into_writer()
     }
 }
 

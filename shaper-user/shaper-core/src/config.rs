@@ -998,9 +998,9 @@ pub fn parse_protocol(s: &str) -> Result<u8, String> {
 // ---------------------------------------------------------------------------
 // Loading and validation.
 
-pub(crate) struct Ctx<'a> {
-    pub(crate) file: &'a Path,
-    pub(crate) text: &'a str,
+pub struct Ctx<'a> {
+    pub file: &'a Path,
+    pub text: &'a str,
 }
 
 impl Ctx<'_> {
@@ -1009,7 +1009,7 @@ impl Ctx<'_> {
         self.text[..end].bytes().filter(|&b| b == b'\n').count() + 1
     }
 
-    pub(crate) fn err(
+    pub fn err(
         &self,
         span: Option<Range<usize>>,
         field: impl Into<String>,
@@ -1023,7 +1023,7 @@ impl Ctx<'_> {
         }
     }
 
-    pub(crate) fn at<T>(
+    pub fn at<T>(
         &self,
         v: &Spanned<T>,
         field: impl Into<String>,
@@ -1069,7 +1069,7 @@ const REQUIRED_TABLES: [&str; 3] = ["interfaces", "upload", "download"];
 /// (serde's unknown-field message lists what is accepted; it is kept), and
 /// for errors about one key (wrong type, unknown, missing or duplicate key)
 /// the key's path, found from where the error points.
-pub(crate) fn toml_error(cx: &Ctx<'_>, e: &toml::de::Error) -> ConfigError {
+pub fn toml_error(cx: &Ctx<'_>, e: &toml::de::Error) -> ConfigError {
     let message = e
         .message()
         .lines()
@@ -2308,7 +2308,7 @@ fn app(cx: &Ctx<'_>, a: &RawApp, at: &str, origin: String) -> Result<App, Config
 
 /// Parses and validates a catalogue file (the built-in one: `version` and
 /// `[[app]]` tables).
-pub(crate) fn parse_catalogue(file: &Path, text: &str) -> Result<Catalogue, ConfigError> {
+pub fn parse_catalogue(file: &Path, text: &str) -> Result<Catalogue, ConfigError> {
     let cx = Ctx { file, text };
     let raw: RawCatalogue = toml::from_str(text).map_err(|e| toml_error(&cx, &e))?;
     let version = raw.version.get_ref().trim().to_string();
@@ -2847,7 +2847,8 @@ dst_cidrs = ["52.112.0.0/14", "2603:1063::/38"]
 
     #[test]
     fn shipped_example_config_validates() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gp-surgery-fttc-40-10.toml");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/gp-surgery-fttc-40-10.toml");
         let pol = load(&path).unwrap_or_else(|e| panic!("{e}"));
         let names: Vec<_> = pol.classes.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
@@ -2991,7 +2992,12 @@ protocol = "udp"
         assert_eq!(names(&pol), ["v/accurx-video#dns", "v/zoom#1"]);
         assert_eq!(
             pol.rules[0].dns_names,
-            ["*.sfu.whereby.com", "*.turn.whereby.com"]
+            [
+                "*.sfu.whereby.com",
+                "*.turn.whereby.com",
+                "*.sfu.svc.whereby.com",
+                "*.turn.svc.whereby.com"
+            ]
         );
         assert!(pol.uses_hosts());
         assert_eq!(pol.notes.len(), 1, "{:?}", pol.notes);

@@ -14,9 +14,9 @@
 //! recognised by ports and addresses today has no match entries: it matches
 //! nothing rather than something wrong.
 //!
-//! Figures are as published by the vendors (see each app's `source`) and in the
-//! project's CLINICAL-TRAFFIC.md; check them against current documentation when
-//! bumping [`VERSION`].
+//! Figures are as published by the vendors: each app's `source` names the public
+//! page (title and address) or says that there is none; check them against the
+//! current pages when bumping [`VERSION`].
 
 use std::{fmt, path::Path, sync::OnceLock};
 
@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Cidr, Direction, Rule};
 
 /// Version of the built-in catalogue; bump it whenever an entry changes.
-pub const VERSION: &str = "2026.11.2";
+pub const VERSION: &str = "2026.12.1";
 
 /// What a built-in catalogue error names as its file.
 pub const BUILTIN_FILE: &str = "<built-in catalogue>";
@@ -33,7 +33,7 @@ pub const BUILTIN_FILE: &str = "<built-in catalogue>";
 /// The built-in catalogue, in the `[[app]]` format of a config. Each app is
 /// either flat match fields (one match entry) or `[[app.match]]` tables.
 pub const BUILTIN: &str = r#"
-version = "2026.11.2"
+version = "2026.12.1"
 
 # --- Video consultations -------------------------------------------------
 
@@ -43,7 +43,7 @@ protocol = "udp"
 src_ports = ["50000-50019"]
 dst_ports = ["3478-3481"]
 dst_cidrs = ["13.107.64.0/18", "52.112.0.0/14", "52.122.0.0/15", "2603:1063::/38"]
-source = "Microsoft 365 URLs and IP address ranges (Teams media: UDP 3478-3481 to 13.107.64.0/18, 52.112.0.0/14, 52.122.0.0/15, 2603:1063::/38); Microsoft Teams QoS guidance (client source ports: audio 50000-50019, DSCP EF 46); CLINICAL-TRAFFIC.md"
+source = "Microsoft 365 URLs and IP address ranges, learn.microsoft.com/microsoft-365/enterprise/urls-and-ip-address-ranges (Teams media: UDP 3478-3481 to 13.107.64.0/18, 52.112.0.0/14, 52.122.0.0/15, 2603:1063::/38); Implement QoS in Microsoft Teams, learn.microsoft.com/microsoftteams/qos-in-teams (client source ports: audio 50000-50019, DSCP EF 46)"
 notes = "Matches only when the Teams client media port ranges are configured (Teams admin meeting settings) and media goes through Microsoft's relays; peer-to-peer media and the TCP 443 fallback are not recognised. Clients mark EF only where a QoS policy sets it."
 
 [[app]]
@@ -52,7 +52,7 @@ protocol = "udp"
 src_ports = ["50020-50039"]
 dst_ports = ["3478-3481"]
 dst_cidrs = ["13.107.64.0/18", "52.112.0.0/14", "52.122.0.0/15", "2603:1063::/38"]
-source = "Microsoft 365 URLs and IP address ranges (Teams media: UDP 3478-3481 to its ranges); Microsoft Teams QoS guidance (client source ports: video 50020-50039, DSCP AF41 34); CLINICAL-TRAFFIC.md"
+source = "Microsoft 365 URLs and IP address ranges, learn.microsoft.com/microsoft-365/enterprise/urls-and-ip-address-ranges (Teams media: UDP 3478-3481 to its ranges); Implement QoS in Microsoft Teams, learn.microsoft.com/microsoftteams/qos-in-teams (client source ports: video 50020-50039, DSCP AF41 34)"
 notes = "As teams-audio: needs the client media port ranges configured; peer-to-peer and TCP 443 fallback media are not recognised."
 
 [[app]]
@@ -61,7 +61,7 @@ protocol = "udp"
 src_ports = ["50040-50059"]
 dst_ports = ["3478-3481"]
 dst_cidrs = ["13.107.64.0/18", "52.112.0.0/14", "52.122.0.0/15", "2603:1063::/38"]
-source = "Microsoft 365 URLs and IP address ranges (Teams media: UDP 3478-3481 to its ranges); Microsoft Teams QoS guidance (client source ports: screen sharing 50040-50059, DSCP AF21 18); CLINICAL-TRAFFIC.md"
+source = "Microsoft 365 URLs and IP address ranges, learn.microsoft.com/microsoft-365/enterprise/urls-and-ip-address-ranges (Teams media: UDP 3478-3481 to its ranges); Implement QoS in Microsoft Teams, learn.microsoft.com/microsoftteams/qos-in-teams (client source ports: screen sharing 50040-50059, DSCP AF21 18)"
 notes = "As teams-audio: needs the client media port ranges configured; peer-to-peer and TCP 443 fallback media are not recognised."
 
 [[app]]
@@ -69,14 +69,14 @@ name = "teams-media"
 protocol = "udp"
 dst_ports = ["3478-3481"]
 dst_cidrs = ["13.107.64.0/18", "52.112.0.0/14", "52.122.0.0/15", "2603:1063::/38"]
-source = "Microsoft 365 URLs and IP address ranges (Teams media: UDP 3478-3481 to 13.107.64.0/18, 52.112.0.0/14, 52.122.0.0/15, 2603:1063::/38); CLINICAL-TRAFFIC.md"
+source = "Microsoft 365 URLs and IP address ranges, learn.microsoft.com/microsoft-365/enterprise/urls-and-ip-address-ranges (Teams media: UDP 3478-3481 to 13.107.64.0/18, 52.112.0.0/14, 52.122.0.0/15, 2603:1063::/38)"
 notes = "All Teams media (audio, video, screen sharing) through Microsoft's relays, whatever the client's source port. The TCP 443 fallback (UDP blocked) is not recognised."
 
 [[app]]
 name = "zoom"
 protocol = "udp"
 dst_ports = ["8801-8810"]
-source = "Zoom network firewall or proxy server settings (meeting media: UDP 8801-8810); CLINICAL-TRAFFIC.md"
+source = "Zoom network firewall or proxy server settings, support.zoom.com (meeting client media: UDP 8801-8810)"
 notes = "Any destination: Zoom's published IP ranges are long and change often, and are not included. Zoom can mark audio DSCP 56 and video 40 when enabled in its settings; not required here."
 
 [[app]]
@@ -84,20 +84,20 @@ name = "near-me"
 protocol = "udp"
 dst_ports = [3478]
 needs = ["dns"]
-source = "Attend Anywhere / NHS Near Me network requirements (WebRTC; TURN on UDP 3478 and TCP 443); CLINICAL-TRAFFIC.md"
+source = "STUN/TURN's registered port (IANA service names stun and turn, www.iana.org/assignments/service-names-port-numbers; RFC 8656): UDP 3478. Attend Anywhere / Near Me run in the browser (WebRTC); we found no public network page of the service itself"
 notes = "Only the port part is matched: UDP 3478 (STUN/TURN) to any destination, which other WebRTC services use as well. The TCP 443 TURN fallback is not matched: TCP 443 to anywhere is all web traffic. The service's TURN server names are not listed in our sources: add them as dns_names in a config [[app]] named near-me (matched from DNS answers and TLS server names). Chromium sends no DSCP."
 
 [[app]]
 name = "accurx-video"
-dns_names = ["*.sfu.whereby.com", "*.turn.whereby.com"]
-source = "Whereby network requirements (media to *.sfu.whereby.com and *.turn.whereby.com; no static IP ranges); CLINICAL-TRAFFIC.md"
+dns_names = ["*.sfu.whereby.com", "*.turn.whereby.com", "*.sfu.svc.whereby.com", "*.turn.svc.whereby.com"]
+source = "Whereby firewall and security (accuRx video runs on Whereby), docs.whereby.com/further-resources/faq-and-troubleshooting/firewall-and-security (media servers *.sfu.whereby.com, *.turn.whereby.com, *.sfu.svc.whereby.com, *.turn.svc.whereby.com; no static IP ranges)"
 notes = "accuRx video consultations run on Whereby, which publishes no static ranges: the media servers are recognised by name, from the DNS answers clients receive through the gateway (any protocol to the answered addresses) and from TLS server names (TURN over TCP 443). A client using its own encrypted DNS (DoH) is recognised by TLS server name only."
 
 # --- Image transfers -----------------------------------------------------
 
 [[app]]
 name = "dicom"
-source = "DICOM PS3.8 / IANA service names (dicom: TCP 104 and 11112); CLINICAL-TRAFFIC.md"
+source = "DICOM PS3.8 network communication, dicom.nema.org/medical/dicom/current/output/html/part08.html; IANA service names, www.iana.org/assignments/service-names-port-numbers (TCP 104 acr-nema, TCP 11112 dicom)"
 notes = "C-STORE and other DICOM associations in both directions: the site's modality or PACS connecting out (dst port) and a remote archive or the Image Exchange Portal connecting in (src port, the site's side). DICOM over TLS/VPN (IEP, cloud PACS) needs the tunnel's peer address in a rule of its own."
 
 [[app.match]]
@@ -115,19 +115,19 @@ name = "emis-web"
 protocol = "tcp"
 dst_ports = ["33962-33969"]
 dst_cidrs = ["10.207.112.0/22", "10.207.116.0/22"]
-source = "CLINICAL-TRAFFIC.md (EMIS Web over HSCN: 10.207.112.0/22 and 10.207.116.0/22, TCP 33962-33969)"
+source = "No public source: the HSCN ranges 10.207.112.0/22 and 10.207.116.0/22 and TCP 33962-33969 are not on a public page we can cite; confirm them with EMIS or the ICB's network team before relying on this app"
 notes = "HSCN private addressing: only meaningful where the gateway carries the site's HSCN traffic."
 
 [[app]]
 name = "systmone"
-source = "CLINICAL-TRAFFIC.md (SystmOne over TLS 443 to its HSCN endpoints)"
+source = "No public source: we found no public page listing SystmOne's HSCN endpoints"
 notes = "SystmOne uses TLS on TCP 443 to TPP's HSCN endpoints, whose addresses are not in our sources: TCP 443 alone is all web traffic, so this app matches nothing yet. Add the endpoints in a config [[app]] named systmone (dst_cidrs + dst_ports = [443]) to recognise it."
 
 # --- Background ----------------------------------------------------------
 
 [[app]]
 name = "delivery-optimization"
-source = "Microsoft Learn, Delivery Optimization (peer traffic on TCP/UDP 7680); CLINICAL-TRAFFIC.md"
+source = "Delivery Optimization FAQ, learn.microsoft.com/windows/deployment/do/waas-delivery-optimization-faq (peers on port 7680)"
 notes = "Peer-to-peer Windows/Office update traffic with peers across the internet (the site's PC as client, dst port, or as server, src port). Peers on the same LAN never cross the gateway. The HTTP downloads from Microsoft's CDN are in windows-update (DNS names)."
 
 [[app.match]]
@@ -141,7 +141,7 @@ src_ports = [7680]
 [[app]]
 name = "windows-update"
 dns_names = ["*.dl.delivery.mp.microsoft.com", "*.delivery.mp.microsoft.com", "*.windowsupdate.com", "*.update.microsoft.com"]
-source = "Microsoft Learn, Delivery Optimization and Windows Update endpoints (peer TCP/UDP 7680; downloads from *.dl.delivery.mp.microsoft.com, *.windowsupdate.com); CLINICAL-TRAFFIC.md"
+source = "Delivery Optimization FAQ, learn.microsoft.com/windows/deployment/do/waas-delivery-optimization-faq (peers on port 7680); Delivery Optimization endpoints, learn.microsoft.com/windows/deployment/do/delivery-optimization-endpoints (downloads from *.dl.delivery.mp.microsoft.com, *.windowsupdate.com)"
 notes = "The Delivery Optimization peer part (TCP/UDP 7680) by port; the downloads from Microsoft's CDNs (TCP 80/443) by name, from DNS answers through CNAME chains and from TLS server names. A CDN address shared with other sites' content is classed with it while the answer's TTL lasts."
 
 [[app.match]]
@@ -155,7 +155,7 @@ src_ports = [7680]
 [[app]]
 name = "backup-sync"
 dns_names = ["*.sharepoint.com"]
-source = "CLINICAL-TRAFFIC.md (backups and file sync; OneDrive *.sharepoint.com)"
+source = "Microsoft 365 URLs and IP address ranges, learn.microsoft.com/microsoft-365/enterprise/urls-and-ip-address-ranges (OneDrive and SharePoint: *.sharepoint.com); no port or address identifies backup products in general"
 notes = "No ports identify backup or sync traffic: OneDrive/SharePoint and most cloud backup products use HTTPS (TCP 443), recognised here by name (DNS answers and TLS server names). *.sharepoint.com also carries interactive SharePoint and Teams file use. A backup product with its own port, target range or names can be added as a config [[app]]."
 "#;
 
@@ -477,6 +477,19 @@ mod tests {
         );
         for a in &c.apps {
             assert!(!a.source.is_empty(), "{}: no source", a.name);
+            // A page a site can open, or a plain statement that there is none; never a
+            // file of ours the user does not have.
+            assert!(
+                !a.source.contains(".md")
+                    && (a.source.starts_with("No public source")
+                        || [".com/", ".org/", ".gov/"]
+                            .iter()
+                            .any(|d| a.source.contains(d))
+                        || a.source.contains("support.zoom.com")),
+                "{}: {}",
+                a.name,
+                a.source
+            );
             assert!(!a.notes.is_empty(), "{}: no notes", a.name);
             assert!(a.origin.contains(VERSION), "{}: {}", a.name, a.origin);
             // Never a match entry that matches everything.
@@ -530,7 +543,12 @@ mod tests {
         assert_eq!(accurx.needs, ["dns"]);
         assert_eq!(
             accurx.dns_names,
-            ["*.sfu.whereby.com", "*.turn.whereby.com"]
+            [
+                "*.sfu.whereby.com",
+                "*.turn.whereby.com",
+                "*.sfu.svc.whereby.com",
+                "*.turn.svc.whereby.com"
+            ]
         );
         assert!(m("systmone").is_empty());
         let wu = c.get("windows-update").expect("wu");
