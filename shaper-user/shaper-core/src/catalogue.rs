@@ -3,7 +3,7 @@
 //! config's rules refer to by name (`apps = ["teams-media", "dicom"]`).
 //!
 //! The catalogue is written in the same TOML a config's `[[app]]` tables use
-//! and validated by the same code ([`crate::config`]), so a built-in entry can
+//! and validated by the same code (`app` below, used by [`crate::config`] too), so a built-in entry can
 //! be copied into a config and edited there: an `[[app]]` with a built-in name
 //! replaces it, a new name adds one.
 //!
@@ -18,11 +18,16 @@
 //! page (title and address) or says that there is none; check them against the
 //! current pages when bumping [`VERSION`].
 
-use std::{fmt, path::Path, sync::OnceLock};
+use std::{path::Path, sync::OnceLock};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Cidr, Direction, Rule};
+use toml::Spanned;
+
+use crate::diag::{toml_error, ConfigError, Ctx};
+pub use crate::rule::AppMatch;
+use crate::rule::{dns_name_value, match_fields, values, Direction, MatchFields, Rule};
+use crate::units::{port_range, protocol_name};
 
 /// Version of the built-in catalogue; bump it whenever an entry changes.
 pub const VERSION: &str = "2026.12.1";
@@ -159,20 +164,6 @@ source = "Microsoft 365 URLs and IP address ranges, learn.microsoft.com/microsof
 notes = "No ports identify backup or sync traffic: OneDrive/SharePoint and most cloud backup products use HTTPS (TCP 443), recognised here by name (DNS answers and TLS server names). *.sharepoint.com also carries interactive SharePoint and Teams file use. A backup product with its own port, target range or names can be added as a config [[app]]."
 "#;
 
-/// One way an app shows on the wire; all present fields must match (as in a
-/// rule). Becomes one [`Rule`] when expanded.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct AppMatch {
-    /// Empty = any protocol.
-    pub protocols: Vec<u8>,
-    /// Inclusive ranges; empty = any. `src` is the site's (LAN) side.
-    pub src_ports: Vec<(u16, u16)>,
-    pub dst_ports: Vec<(u16, u16)>,
-    pub src_cidrs: Vec<Cidr>,
-    pub dst_cidrs: Vec<Cidr>,
-    pub dscp: Vec<u8>,
-}
-
 /// A named application.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct App {
@@ -207,7 +198,7 @@ impl Catalogue {
         static PARSED: OnceLock<Catalogue> = OnceLock::new();
         PARSED
             .get_or_init(|| {
-                crate::config::parse_catalogue(Path::new(BUILTIN_FILE), BUILTIN)
+                parse_catalogue(Path::new(BUILTIN_FILE), BUILTIN)
                     .unwrap_or_else(|e| panic!("the built-in catalogue is invalid: {e}"))
             })
             .clone()
@@ -284,7 +275,7 @@ impl Catalogue {
                     .iter()
                     .map(|m| {
                         json!({
-                            "protocols": m.protocols.iter().map(|&p| crate::config::protocol_name(p)).collect::<Vec<_>>(),
+                            "protocols": m.protocols.iter().map(|&p| protocol_name(p)).collect::<Vec<_>>(),
                             "src_ports": m.src_ports.iter().map(|&r| port_range(r)).collect::<Vec<_>>(),
                             "dst_ports": m.dst_ports.iter().map(|&r| port_range(r)).collect::<Vec<_>>(),
                             "src_cidrs": m.src_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
@@ -393,60 +384,187 @@ impl App {
     }
 }
 
-fn port_range((lo, hi): (u16, u16)) -> String {
-    if lo == hi {
-        lo.to_string()
-    } else {
-        format!("{lo}-{hi}")
-    }
+// ---------------------------------------------------------------------------
+// The `[[app]]` format (a config's tables and the built-in catalogue's).
+
+/// The built-in catalogue's file ([`crate::catalogue::BUILTIN`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCatalogue {
+    pub version: Spanned<String>,
+    #[serde(default, rename = "app")]
+    pub apps: Vec<Spanned<RawApp>>,
 }
 
-impl fmt::Display for AppMatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let join = |v: Vec<String>| v.join(",");
-        let mut parts = Vec::new();
-        parts.push(if self.protocols.is_empty() {
-            "any protocol".to_string()
-        } else {
-            join(
-                self.protocols
-                    .iter()
-                    .map(|&p| crate::config::protocol_name(p))
-                    .collect(),
-            )
-        });
-        if !self.src_ports.is_empty() {
-            parts.push(format!(
-                "src port {}",
-                join(self.src_ports.iter().map(|&r| port_range(r)).collect())
-            ));
-        }
-        if !self.dst_ports.is_empty() {
-            parts.push(format!(
-                "dst port {}",
-                join(self.dst_ports.iter().map(|&r| port_range(r)).collect())
-            ));
-        }
-        if !self.src_cidrs.is_empty() {
-            parts.push(format!(
-                "src {}",
-                join(self.src_cidrs.iter().map(|c| c.to_string()).collect())
-            ));
-        }
-        if !self.dst_cidrs.is_empty() {
-            parts.push(format!(
-                "dst {}",
-                join(self.dst_cidrs.iter().map(|c| c.to_string()).collect())
-            ));
-        }
-        if !self.dscp.is_empty() {
-            parts.push(format!(
-                "dscp {}",
-                join(self.dscp.iter().map(|d| d.to_string()).collect())
-            ));
-        }
-        f.write_str(&parts.join(" "))
+/// An `[[app]]` table: one match entry as flat fields, or several as
+/// `[[app.match]]` tables.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApp {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub protocol: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub src_ports: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub dst_ports: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub src_cidrs: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub dst_cidrs: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub dscp: Option<Spanned<toml::Value>>,
+    #[serde(default, rename = "match")]
+    pub matches: Option<Spanned<Vec<RawMatch>>>,
+    #[serde(default)]
+    pub dns_names: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub needs: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub source: Option<Spanned<String>>,
+    #[serde(default)]
+    pub notes: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    #[serde(default)]
+    pub protocol: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub src_ports: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub dst_ports: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub src_cidrs: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub dst_cidrs: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub dscp: Option<Spanned<toml::Value>>,
+}
+
+/// Validates one `[[app]]` table (of a config, or of the built-in catalogue);
+/// `at` names it in errors ("app[2]").
+pub fn app(cx: &Ctx<'_>, a: &RawApp, at: &str, origin: String) -> Result<App, ConfigError> {
+    let f = |k: &str| format!("{at}.{k}");
+    let name = a.name.get_ref().trim().to_string();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+    {
+        return Err(cx.at(&a.name, f("name"), "use letters, digits, '-' and '_'"));
     }
+    let flat = MatchFields {
+        protocol: &a.protocol,
+        src_ports: &a.src_ports,
+        dst_ports: &a.dst_ports,
+        src_cidrs: &a.src_cidrs,
+        dst_cidrs: &a.dst_cidrs,
+        dscp: &a.dscp,
+    };
+    let mut matches = Vec::new();
+    match &a.matches {
+        None => {
+            if !flat.present().is_empty() {
+                matches.push(match_fields(cx, &flat, &f)?);
+            }
+        }
+        Some(list) => {
+            if let Some((k, v)) = flat.present().first() {
+                return Err(cx.at(
+                    v,
+                    f(k),
+                    format!(
+                        "`{k}` cannot be combined with [[app.match]] tables: put it in each [[app.match]]"
+                    ),
+                ));
+            }
+            if list.get_ref().is_empty() {
+                return Err(cx.at(
+                    list,
+                    f("match"),
+                    "an empty list matches nothing; leave `match` out if the app has no match",
+                ));
+            }
+            for (j, m) in list.get_ref().iter().enumerate() {
+                let fm = |k: &str| format!("{at}.match[{j}].{k}");
+                let fields = MatchFields {
+                    protocol: &m.protocol,
+                    src_ports: &m.src_ports,
+                    dst_ports: &m.dst_ports,
+                    src_cidrs: &m.src_cidrs,
+                    dst_cidrs: &m.dst_cidrs,
+                    dscp: &m.dscp,
+                };
+                if fields.present().is_empty() {
+                    return Err(cx.at(
+                        list,
+                        format!("{at}.match[{j}]"),
+                        "a match with no fields would match all traffic; give it protocol, ports, CIDRs or dscp",
+                    ));
+                }
+                matches.push(match_fields(cx, &fields, &fm)?);
+            }
+        }
+    }
+    let dns_names = values(cx, &a.dns_names, f("dns_names"), "name", dns_name_value)?;
+    let mut needs = values(cx, &a.needs, f("needs"), "need", |v| match v {
+        toml::Value::String(s) if s.trim() == "dns" => Ok("dns".to_string()),
+        other => Err(format!(
+            "`{other}`: the only need known is \"dns\" (DNS-name matching)"
+        )),
+    })?;
+    needs.dedup();
+    if !dns_names.is_empty() && !needs.iter().any(|n| n == "dns") {
+        needs.push("dns".to_string());
+    }
+    Ok(App {
+        name,
+        matches,
+        dns_names,
+        needs,
+        source: a
+            .source
+            .as_ref()
+            .map(|s| s.get_ref().trim().to_string())
+            .unwrap_or_default(),
+        notes: a
+            .notes
+            .as_ref()
+            .map(|s| s.get_ref().trim().to_string())
+            .unwrap_or_default(),
+        origin,
+    })
+}
+
+/// Parses and validates a catalogue file (the built-in one: `version` and
+/// `[[app]]` tables).
+pub fn parse_catalogue(file: &Path, text: &str) -> Result<Catalogue, ConfigError> {
+    let cx = Ctx { file, text };
+    let raw: RawCatalogue = toml::from_str(text).map_err(|e| toml_error(&cx, &e))?;
+    let version = raw.version.get_ref().trim().to_string();
+    let mut catalogue = Catalogue {
+        version: version.clone(),
+        apps: Vec::new(),
+    };
+    for (i, sa) in raw.apps.iter().enumerate() {
+        let app = app(
+            &cx,
+            sa.get_ref(),
+            &format!("app[{i}]"),
+            format!("built-in catalogue {version}"),
+        )?;
+        if catalogue.get(&app.name).is_some() {
+            return Err(cx.at(
+                &sa.get_ref().name,
+                format!("app[{i}].name"),
+                format!("app `{}` is defined twice", app.name),
+            ));
+        }
+        catalogue.apps.push(app);
+    }
+    Ok(catalogue)
 }
 
 #[cfg(test)]

@@ -3,8 +3,11 @@
 //! kernel): the `shaper-user` crate applies what this compiles, and the fuzz targets
 //! (`shaper-user/fuzz`) and the lab link this crate without building the eBPF object.
 //!
-//! - [`config`]: the config file, its validation and units; [`catalogue`]: the built-in
-//!   clinical application catalogue.
+//! - [`units`], [`diag`], [`rule`]: the leaves: values (rates, DSCP, ports, prefixes),
+//!   errors naming file, line and field, rules and their match fields.
+//! - [`catalogue`]: the built-in clinical application catalogue and the `[[app]]`
+//!   format; [`config`]: the config file and its validation (uses the catalogue; the
+//!   catalogue never uses it).
 //! - [`compile`]: policy to class trees, classifier maps and the reference matcher.
 //! - [`dnswire`], [`sni`], [`quic`]: DNS messages, TLS ClientHellos, QUIC Initials.
 //! - [`hosts`]: the host-name engine (what `shaper run` learns from DNS, TLS and QUIC),
@@ -27,11 +30,14 @@ macro_rules! fixture {
 pub mod catalogue;
 pub mod compile;
 pub mod config;
+pub mod diag;
 pub mod dnswire;
 pub mod explain;
 pub mod hosts;
 pub mod quic;
+pub mod rule;
 pub mod sni;
+pub mod units;
 
 #[cfg(test)]
 mod tests {
