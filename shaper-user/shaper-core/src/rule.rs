@@ -158,12 +158,7 @@ impl fmt::Display for AppMatch {
         parts.push(if self.protocols.is_empty() {
             "any protocol".to_string()
         } else {
-            join(
-                self.protocols
-                    .iter()
-                    .map(|&p| protocol_name(p))
-                    .collect(),
-            )
+            join(self.protocols.iter().map(|&p| protocol_name(p)).collect())
         });
         if !self.src_ports.is_empty() {
             parts.push(format!(
