@@ -79,8 +79,12 @@ pub fn install_generated(shaper: &Path, root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A fresh folder under target/ of this call's own: the upgrade tests' three images are
+/// built at once, each making its man pages.
 fn tempdir(what: &str) -> Result<PathBuf> {
-    let d = workspace().join(format!("target/deb-{what}-{}", std::process::id()));
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = workspace().join(format!("target/deb-{what}-{}-{n}", std::process::id()));
     if d.exists() {
         fs::remove_dir_all(&d)?;
     }
