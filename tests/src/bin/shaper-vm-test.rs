@@ -545,6 +545,22 @@ fn real_main() -> Result<bool> {
                     r = run_once(&args, p, mode, net, &dir, &clip, &study);
                 }
             }
+            // A run whose idle line (measured before any load) already shows a video p99
+            // far above any healthy one is an emulator stall, not the gateway: it says
+            // nothing about shaping, so it is reported and that run is repeated once.
+            if let Ok(run) = &r {
+                if let Some(stall) = idle_stall(&run.dir) {
+                    emulator_faults += 1;
+                    let _ = writeln!(
+                        emulator_notes,
+                        "emulator stall in {}/{}: {stall}; the run was repeated",
+                        p.name,
+                        mode.name()
+                    );
+                    eprintln!("    EMULATOR STALL: {stall}; repeating this run once");
+                    r = run_once(&args, p, mode, net, &dir, &clip, &study);
+                }
+            }
             let r = r
                 .map_err(|e| {
                     match console_of(&dir, VMS, |c| vm::crash_line(c).map(str::to_string)) {
@@ -1933,6 +1949,24 @@ fn profile_report(p: &Profile, runs: &[RunResult], dir: &Path, t: u32) -> Result
         fs::write(dir.join(format!("{name}-cdf.svg")), svg)?;
     }
     Ok((text, ok))
+}
+
+/// Highest idle-line video p99 a healthy run shows here (ADSL's 1 Mbit/s upload, the
+/// slowest line, measured 54-73 ms under TCG); several times it means the emulator stalled.
+const IDLE_STALL_P99_MS: f64 = 250.0;
+
+/// Why a finished run's idle-line measurement (before the load started) shows an emulator
+/// stall, if it does: a video p99 over [`IDLE_STALL_P99_MS`] in either direction.
+fn idle_stall(dir: &Path) -> Option<String> {
+    ["up", "down"].into_iter().find_map(|d| {
+        let v = read_json(&dir.join(format!("video-{d}.json")))?;
+        let idle = num(&v, "idle_p99_ms");
+        (idle > IDLE_STALL_P99_MS).then(|| {
+            format!(
+                "the idle line's video {d} p99 was {idle:.1} ms before any load (healthy runs: under {IDLE_STALL_P99_MS:.0} ms)"
+            )
+        })
+    })
 }
 
 fn timeline(p: &Path) -> Vec<(f64, f64)> {
