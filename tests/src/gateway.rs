@@ -8,6 +8,23 @@ use aya::programs::{tc::TcAttachType, SchedClassifier};
 
 use crate::Netns;
 
+/// A veth pair `a`/`b`, both ends in `ns` and up.
+pub fn add_veth(ns: &Netns, a: &str, b: &str) {
+    ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])
+        .expect("veth");
+    ns.ip(&["link", "set", a, "up"]).expect("up");
+    ns.ip(&["link", "set", b, "up"]).expect("up");
+}
+
+/// A gateway namespace (`role` names it) with two veth pairs whose gateway ends are wan0
+/// and lan0: what `shaper run` with a config for wan0/lan0 needs, no traffic.
+pub fn wan_lan_gateway(role: &str) -> Netns {
+    let ns = Netns::new(role).expect("netns");
+    add_veth(&ns, "wan0", "wanp");
+    add_veth(&ns, "lan0", "lanp");
+    ns
+}
+
 /// Writes `text` to `dir/name` and returns the path.
 pub fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use shaper_tests::gateway::{wait_for, write_config};
+use shaper_tests::gateway::{add_veth, wait_for, wan_lan_gateway, write_config};
 use shaper_tests::{skip_unless_ready, Netns, Shaper, TempDir, TOPOLOGY_TOOLS};
 
 fn config(classes: &[(&str, u32)]) -> String {
@@ -24,19 +24,8 @@ fn config(classes: &[(&str, u32)]) -> String {
     t
 }
 
-/// A gateway namespace with two veth pairs whose gateway ends are wan0 and lan0.
 fn gateway() -> Netns {
-    let ns = Netns::new("gwd").expect("netns");
-    add_veth(&ns, "wan0", "wanp");
-    add_veth(&ns, "lan0", "lanp");
-    ns
-}
-
-fn add_veth(ns: &Netns, a: &str, b: &str) {
-    ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])
-        .expect("veth");
-    ns.ip(&["link", "set", a, "up"]).expect("up");
-    ns.ip(&["link", "set", b, "up"]).expect("up");
+    wan_lan_gateway("gwd")
 }
 
 fn shaped(ns: &Netns, dev: &str) -> bool {

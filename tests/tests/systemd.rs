@@ -105,7 +105,7 @@ fn systemd_unit_exposure_is_low() {
 /// machine, so it cannot start the unit itself), shaping checked, stopped, purged.
 #[test]
 fn debian_package_installs_starts_and_purges() {
-    use shaper_tests::{skip_unless_ready, Netns, TOPOLOGY_TOOLS};
+    use shaper_tests::{skip_unless_ready, TOPOLOGY_TOOLS};
     use std::process::Stdio;
     use std::time::{Duration, Instant};
 
@@ -234,13 +234,7 @@ fn debian_package_installs_starts_and_purges() {
     assert_eq!(pre[0], "/usr/sbin/shaper");
     assert_eq!(start[0], "/usr/sbin/shaper");
 
-    let ns = Netns::new("deb").expect("netns");
-    for (a, b) in [("wan0", "wanp"), ("lan0", "lanp")] {
-        ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])
-            .expect("veth");
-        ns.ip(&["link", "set", a, "up"]).expect("up");
-        ns.ip(&["link", "set", b, "up"]).expect("up");
-    }
+    let ns = shaper_tests::gateway::wan_lan_gateway("deb");
     let dir = shaper_tests::TempDir::new("deb").expect("dir");
     // The pins and run directory of this test's own (the unit's are /sys/fs/bpf/shaper and
     // /run/shaper, which another shaper on this machine may use).

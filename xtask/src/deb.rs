@@ -22,7 +22,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    image::{install, SOURCE_DATE_EPOCH},
+    image::{install, reset_dir, write_text, SOURCE_DATE_EPOCH},
     output, run,
     setup::have,
     workspace, EXAMPLE_CONFIG,
@@ -40,10 +40,7 @@ pub fn install_generated(shaper: &Path, root: &Path) -> Result<()> {
         if text.trim().is_empty() {
             bail!("`shaper completions {shell}` printed nothing");
         }
-        let dst = root.join(path);
-        fs::create_dir_all(dst.parent().expect("a parent"))?;
-        fs::write(&dst, text)?;
-        fs::set_permissions(&dst, fs::Permissions::from_mode(0o644))?;
+        write_text(&root.join(path), &text, 0o644)?;
     }
     let man = root.join("usr/share/man/man8");
     fs::create_dir_all(&man)?;
@@ -85,18 +82,8 @@ fn tempdir(what: &str) -> Result<PathBuf> {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let d = workspace().join(format!("target/deb-{what}-{}-{n}", std::process::id()));
-    if d.exists() {
-        fs::remove_dir_all(&d)?;
-    }
-    fs::create_dir_all(&d)?;
+    reset_dir(&d)?;
     Ok(d)
-}
-
-fn write(path: &Path, text: &str, mode: u32) -> Result<()> {
-    fs::create_dir_all(path.parent().expect("a parent"))?;
-    fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
-    Ok(())
 }
 
 /// `shaper --version` prints `shaper X.Y.Z`: the package's version is the binary's.
@@ -116,7 +103,7 @@ fn binary_version(shaper: &Path) -> Result<String> {
 /// `Depends:` for the binary, from dpkg-shlibdeps (which needs a debian/control beside it).
 fn shlib_depends(shaper: &Path) -> Result<String> {
     let dir = tempdir("shlibdeps")?;
-    write(
+    write_text(
         &dir.join("debian/control"),
         "Source: shaper\n\nPackage: shaper\nArchitecture: any\n",
         0o644,
@@ -196,10 +183,7 @@ pub fn build(shaper: &Path) -> Result<PathBuf> {
         .to_string();
     let out_dir = workspace().join("target/deb");
     let root = out_dir.join("root");
-    if root.exists() {
-        fs::remove_dir_all(&root)?;
-    }
-    fs::create_dir_all(&root)?;
+    reset_dir(&root)?;
     let ws = workspace();
     install(shaper, &root.join("usr/sbin/shaper"), 0o755)?;
     install(
@@ -215,7 +199,7 @@ pub fn build(shaper: &Path) -> Result<PathBuf> {
             .join(Path::new(EXAMPLE_CONFIG).file_name().expect("a file name")),
         0o644,
     )?;
-    write(
+    write_text(
         &doc.join("copyright"),
         "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\
          Upstream-Name: shaper\n\n\
@@ -231,7 +215,7 @@ pub fn build(shaper: &Path) -> Result<PathBuf> {
     let depends = shlib_depends(shaper)?;
     let installed_kb = du_kb(&root)?;
     let debian = root.join("DEBIAN");
-    write(
+    write_text(
         &debian.join("control"),
         &format!(
             "Package: shaper\n\
@@ -253,9 +237,9 @@ pub fn build(shaper: &Path) -> Result<PathBuf> {
         ),
         0o644,
     )?;
-    write(&debian.join("postinst"), POSTINST, 0o755)?;
-    write(&debian.join("prerm"), PRERM, 0o755)?;
-    write(&debian.join("postrm"), POSTRM, 0o755)?;
+    write_text(&debian.join("postinst"), POSTINST, 0o755)?;
+    write_text(&debian.join("prerm"), PRERM, 0o755)?;
+    write_text(&debian.join("postrm"), POSTRM, 0o755)?;
     // md5sums of every installed file, relative paths, sorted.
     let mut files = Vec::new();
     walk_files(&root, &root, &mut files)?;
@@ -266,7 +250,7 @@ pub fn build(shaper: &Path) -> Result<PathBuf> {
         let line = output(Command::new("md5sum").arg(f).current_dir(&root))?;
         sums.push_str(&line);
     }
-    write(&debian.join("md5sums"), &sums, 0o644)?;
+    write_text(&debian.join("md5sums"), &sums, 0o644)?;
     // Same inputs, same bytes: one time on every file (dpkg-deb clamps to SOURCE_DATE_EPOCH
     // only what is newer).
     run(Command::new("find").arg(&root).args([

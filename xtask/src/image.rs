@@ -317,7 +317,7 @@ fn sha256(path: &Path) -> Result<String> {
         .to_string())
 }
 
-fn reset_dir(p: &Path) -> Result<()> {
+pub(crate) fn reset_dir(p: &Path) -> Result<()> {
     if p.exists() {
         fs::remove_dir_all(p).with_context(|| format!("removing {}", p.display()))?;
     }
@@ -505,11 +505,11 @@ fn kernel_version(pkgroot: &Path) -> Result<String> {
     v.pop().ok_or_else(|| anyhow!("no kernel in the packages"))
 }
 
-fn write_text(path: &Path, text: &str, mode: u32) -> Result<()> {
+pub(crate) fn write_text(path: &Path, text: &str, mode: u32) -> Result<()> {
     if let Some(d) = path.parent() {
         fs::create_dir_all(d)?;
     }
-    fs::write(path, text)?;
+    fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
     Ok(())
 }
