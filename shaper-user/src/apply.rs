@@ -16,7 +16,6 @@
 
 use std::{
     fs,
-    io::Write as _,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -25,16 +24,17 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use shaper_common::{CFG_LAN_L2, CFG_REMARK_WAN, CFG_WAN_L2};
 
+use crate::dir::{Dir, PerDir};
 use crate::{
     compile::{self, ClassPlan, DirPlan, KernelCaps, LeafPlan, Plan, PARENT_CLASSID, ROOT_HANDLE},
     config::Policy,
     kernel::{
-        bpf::{self, Attachment, Pins, Side},
+        bpf::{self, Attachment, Pins},
         tc::{self, HtbClassParams, LinkLayer, QdiscInfo, Stab, Tc},
     },
 };
 
-const STATE_VERSION: u32 = 1;
+use crate::rundir::{self, RunDir, STATE_VERSION};
 
 /// Where state and pins live; overridable for tests (`SHAPER_BPFFS`, `SHAPER_RUN`).
 #[derive(Debug, Clone)]
@@ -54,14 +54,15 @@ impl Paths {
             run,
         }
     }
-    fn state(&self) -> PathBuf {
-        self.run.join("state.json")
+    /// The files of the run directory (see [`rundir`]).
+    pub fn files(&self) -> RunDir<'_> {
+        RunDir(&self.run)
     }
-    fn state_next(&self) -> PathBuf {
-        self.run.join("state.json.next")
+    fn state(&self) -> PathBuf {
+        self.files().state()
     }
     fn lock(&self) -> PathBuf {
-        self.run.join("lock")
+        self.files().lock()
     }
 }
 
@@ -73,39 +74,83 @@ pub struct Original {
     pub root: Option<QdiscInfo>,
 }
 
-/// What is applied now (kept in `<run>/state.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What is applied now. `<run>/state.json` keeps the config text, not a serialized
+/// policy or plan: the policy and plan are compiled from the text again when the state is
+/// read (`compile::plan` is a pure function of the text and the kernel's leaf qdiscs), so
+/// a new config field never needs a `serde(default)` here.
+#[derive(Debug, Clone)]
 pub struct State {
-    pub version: u32,
     pub config: PathBuf,
     /// The config text as applied (what a commit-confirmed rollback restores).
-    #[serde(default)]
     pub config_text: String,
+    /// The shaper version that applied it.
+    pub written_by: String,
     pub applied_at: u64,
     pub caps: KernelCaps,
+    /// Compiled from `config_text` and `caps`.
     pub plan: Plan,
     pub attachments: Vec<Attachment>,
     pub originals: Vec<Original>,
 }
 
+/// `state.json` as written.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record {
+    version: u32,
+    written_by: String,
+    config: PathBuf,
+    config_text: String,
+    applied_at: u64,
+    caps: KernelCaps,
+    attachments: Vec<Attachment>,
+    originals: Vec<Original>,
+}
+
+/// This shaper's version, as state files record it.
+const WRITER: &str = env!("CARGO_PKG_VERSION");
+
 impl State {
     pub fn load(paths: &Paths) -> Result<Option<State>> {
         let p = paths.state();
-        match fs::read(&p) {
-            Ok(b) => {
-                let s: State = serde_json::from_slice(&b)
-                    .with_context(|| format!("reading {}", p.display()))?;
-                if s.version != STATE_VERSION {
-                    bail!(
-                        "{} was written by another version of shaper (state version {})",
-                        p.display(),
-                        s.version
-                    );
-                }
-                Ok(Some(s))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(anyhow!("reading {}: {e}", p.display())),
+        let Some(r) = rundir::read_versioned::<Record>(&p, STATE_VERSION)? else {
+            return Ok(None);
+        };
+        let policy = crate::config::parse(&r.config, &r.config_text).map_err(|e| {
+            anyhow!(
+                "{}: the applied config no longer validates (written by shaper {}): {e}",
+                p.display(),
+                r.written_by
+            )
+        })?;
+        Ok(Some(State {
+            plan: compile::plan(&policy, Some(r.caps)),
+            config: r.config,
+            config_text: r.config_text,
+            written_by: r.written_by,
+            applied_at: r.applied_at,
+            caps: r.caps,
+            attachments: r.attachments,
+            originals: r.originals,
+        }))
+    }
+
+    /// Whether this shaper wrote the state: only then is the recompiled plan certainly
+    /// the one in the kernel (another version may compile the same text differently).
+    pub fn ours(&self) -> bool {
+        self.written_by == WRITER
+    }
+
+    fn record(&self) -> Record {
+        Record {
+            version: STATE_VERSION,
+            written_by: self.written_by.clone(),
+            config: self.config.clone(),
+            config_text: self.config_text.clone(),
+            applied_at: self.applied_at,
+            caps: self.caps,
+            attachments: self.attachments.clone(),
+            originals: self.originals.clone(),
         }
     }
 
@@ -120,7 +165,7 @@ impl State {
         match State::load(paths) {
             Ok(s) => Ok(s),
             Err(e) if paths.state().exists() => {
-                let bad = paths.run.join("state.json.bad");
+                let bad = paths.files().state_bad();
                 fs::rename(paths.state(), &bad).with_context(|| {
                     format!("moving the unreadable {} aside", paths.state().display())
                 })?;
@@ -143,19 +188,48 @@ impl State {
 
     /// Writes the state beside the current one; [`State::commit`] makes it current.
     fn stage(&self, paths: &Paths) -> Result<()> {
-        let tmp = paths.state_next();
-        let write = || -> std::io::Result<()> {
-            fs::create_dir_all(&paths.run)?;
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec_pretty(self)?)?;
-            f.sync_all()
-        };
-        write().with_context(|| format!("writing {}", tmp.display()))
+        rundir::stage_json(&paths.files().state_next(), &self.record())
     }
 
     fn commit(paths: &Paths) -> Result<()> {
-        fs::rename(paths.state_next(), paths.state())
+        fs::rename(paths.files().state_next(), paths.state())
             .with_context(|| format!("writing {}", paths.state().display()))
+    }
+}
+
+/// What `shaper run`'s tasks (the rate controller, the window clamp, the host-name
+/// engine) know of the applied state: one value, sent to all of them on one watch
+/// channel after every apply.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The plan applied (its policy inside), as configured: before any rate change.
+    pub plan: Plan,
+    pub caps: KernelCaps,
+    /// Each direction's shaped interface (upload: the WAN, download: the LAN).
+    pub ifindex: PerDir<u32>,
+    pub pins: Pins,
+}
+
+impl Applied {
+    /// None when the state lacks an attachment (a half-written state never is).
+    pub fn of(state: &State, pins: &Pins) -> Option<Applied> {
+        let ifindex = |d: Dir| {
+            state
+                .attachments
+                .iter()
+                .find(|a| a.side == d)
+                .map(|a| a.ifindex)
+        };
+        Some(Applied {
+            plan: state.plan.clone(),
+            caps: state.caps,
+            ifindex: PerDir::new(ifindex(Dir::Up)?, ifindex(Dir::Down)?),
+            pins: pins.clone(),
+        })
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.plan.policy
     }
 }
 
@@ -444,6 +518,11 @@ pub async fn apply(
     config: &Path,
     config_text: &str,
 ) -> Result<State> {
+    // The state keeps the text and compiles it again when read: it must say what is
+    // applied.
+    if crate::config::parse(config, config_text).ok().as_ref() != Some(policy) {
+        bail!("internal error: the policy to apply is not the one its config text gives; nothing was changed");
+    }
     let _lock = lock(paths)?;
     let prev = State::load_recovering(paths)?;
     let tc = Tc::connect().await?;
@@ -495,14 +574,15 @@ pub async fn apply(
         originals.push(o);
     }
 
-    let sides = [(Side::Wan, &wan, &plan.up), (Side::Lan, &lan, &plan.down)];
-    let prev_dir = |side: Side, i: &Iface| -> Option<DirPlan> {
-        let s = prev.as_ref()?;
-        let d = if side == Side::Wan {
-            &s.plan.up
-        } else {
-            &s.plan.down
-        };
+    let sides = [
+        (Dir::Up, &wan, &plan.dirs[Dir::Up]),
+        (Dir::Down, &lan, &plan.dirs[Dir::Down]),
+    ];
+    // The previous tree, where this shaper applied it (another version may have compiled
+    // the same text to other classes: its trees are rebuilt, not changed in place).
+    let prev_dir = |side: Dir, i: &Iface| -> Option<DirPlan> {
+        let s = prev.as_ref().filter(|s| s.ours())?;
+        let d = &s.plan.dirs[side];
         let a = s.attachments.iter().find(|a| a.side == side)?;
         (a.ifindex == i.index && d.ifname == i.name).then(|| d.clone())
     };
@@ -531,9 +611,9 @@ pub async fn apply(
             )?);
         }
         let state = State {
-            version: STATE_VERSION,
             config: config.to_path_buf(),
             config_text: config_text.to_string(),
+            written_by: WRITER.to_string(),
             applied_at: now(),
             caps,
             plan: plan.clone(),
@@ -597,7 +677,7 @@ fn looks_like_ours(q: &QdiscInfo) -> bool {
 }
 
 fn check_leaves(plan: &Plan, caps: KernelCaps) -> Result<()> {
-    for c in plan.up.classes.iter().chain(&plan.down.classes) {
+    for c in plan.dirs.values().flat_map(|d| &d.classes) {
         match c.leaf {
             LeafPlan::FqCodel { .. } if !caps.fq_codel => {
                 bail!("`shaping.leaf = \"fq_codel\"` but this kernel has no fq_codel qdisc; use \"auto\" or \"bfifo\". Nothing was changed")
@@ -612,15 +692,10 @@ fn check_leaves(plan: &Plan, caps: KernelCaps) -> Result<()> {
 }
 
 async fn rollback(tc: &Tc, prev: Option<&State>, originals: &[Original], ifaces: [&Iface; 2]) {
-    for (i, side) in ifaces.iter().zip([Side::Wan, Side::Lan]) {
+    for (i, side) in ifaces.iter().zip([Dir::Up, Dir::Down]) {
         let prev_plan = prev.and_then(|s| {
             let a = s.attachments.iter().find(|a| a.side == side)?;
-            let d = if side == Side::Wan {
-                &s.plan.up
-            } else {
-                &s.plan.down
-            };
-            (a.ifindex == i.index).then_some(d)
+            (a.ifindex == i.index).then_some(&s.plan.dirs[side])
         });
         match prev_plan {
             // Rebuild from scratch: the failed step may have left anything.
@@ -691,6 +766,76 @@ pub async fn remove(paths: &Paths) -> Result<bool> {
 mod tests {
     use super::*;
     use crate::config::{Framing, LinkAccounting};
+
+    /// The state file keeps the text and the kernel facts; what it reads back is the
+    /// policy and plan compiled from them again.
+    #[test]
+    fn state_keeps_the_text_and_compiles_it_again() {
+        let root = std::env::temp_dir().join(format!("shaper-state-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let paths = Paths {
+            pins: Pins::new(root.join("bpffs")),
+            run: root.join("run"),
+        };
+        let config = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/gp-surgery-fttc-40-10.toml"
+        ));
+        let text = fs::read_to_string(config).expect("example config");
+        let policy = crate::config::parse(config, &text).expect("valid");
+        let caps = KernelCaps {
+            fq_codel: true,
+            cake: false,
+        };
+        let state = State {
+            config: config.to_path_buf(),
+            config_text: text.clone(),
+            written_by: WRITER.to_string(),
+            applied_at: 1,
+            caps,
+            plan: compile::plan(&policy, Some(caps)),
+            attachments: vec![Attachment {
+                side: Dir::Up,
+                ifname: "wan0".into(),
+                ifindex: 7,
+                mode: bpf::AttachMode::Tcx,
+                created_clsact: false,
+            }],
+            originals: vec![],
+        };
+        state.stage(&paths).expect("stage");
+        State::commit(&paths).expect("commit");
+        let json: serde_json::Value =
+            serde_json::from_slice(&fs::read(paths.state()).expect("written")).expect("json");
+        assert_eq!(json["version"], STATE_VERSION);
+        assert!(json.get("plan").is_none(), "no serialized plan: {json}");
+        assert_eq!(json["attachments"][0]["side"], "up");
+        let back = State::load(&paths).expect("reads").expect("present");
+        assert_eq!(back.plan, state.plan);
+        assert_eq!(back.config_text, text);
+        assert!(back.ours());
+        let applied = Applied::of(&back, &paths.pins);
+        assert!(
+            applied.is_none(),
+            "no download attachment: no applied state"
+        );
+
+        // A text that no longer validates (or a file of another version) is an error,
+        // which the writing commands move aside.
+        let mut spoiled = json.clone();
+        spoiled["config_text"] = "[interfaces]\nwan = 3\n".into();
+        fs::write(paths.state(), spoiled.to_string()).expect("write");
+        let e = State::load(&paths).expect_err("does not validate");
+        assert!(format!("{e:#}").contains("no longer validates"), "{e:#}");
+        let mut old = json;
+        old["version"] = 1.into();
+        fs::write(paths.state(), old.to_string()).expect("write");
+        let e = State::load(&paths).expect_err("another version");
+        assert!(format!("{e:#}").contains("format version 1"), "{e:#}");
+        assert!(State::load_recovering(&paths).expect("recovers").is_none());
+        assert!(paths.files().state_bad().exists());
+        fs::remove_dir_all(&root).expect("clean up");
+    }
 
     #[test]
     fn root_stab_per_line() {

@@ -23,14 +23,18 @@
 //! them): IPv4 only.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+use nix::sys::socket::{
+    recv, sendto, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn,
+};
 use tokio::io::unix::AsyncFd;
 
 use crate::config::{Autorate, Policy};
+use crate::dir::{Dir, PerDir};
 
 const WINDOW: usize = 6;
 const BLOAT_OF_WINDOW: usize = 3;
@@ -60,11 +64,7 @@ pub enum Step {
 }
 
 /// What the controller decided on a tick, per direction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Change {
-    pub up: Option<Step>,
-    pub down: Option<Step>,
-}
+pub type Change = PerDir<Option<Step>>;
 
 /// Delay samples of one direction.
 #[derive(Debug, Default)]
@@ -115,11 +115,10 @@ impl Delays {
 /// The decision logic, without sockets or netlink (unit-tested below).
 #[derive(Debug)]
 pub struct Controller {
-    pub up: DirState,
-    pub down: DirState,
+    pub dirs: PerDir<DirState>,
     delay_ms: f64,
-    up_delays: Delays,
-    down_delays: Delays,
+    /// One-way delays, per direction.
+    delays: PerDir<Delays>,
     /// Round trips, timed on our monotonic clock alone: no clock offset in them, so they
     /// tell a queue (it lengthens the round trip) from a clock step (it does not).
     rtts: Delays,
@@ -146,11 +145,9 @@ impl Controller {
             ..Delays::default()
         };
         Controller {
-            up: d(policy.upload_bps, a.upload_min_bps),
-            down: d(policy.download_bps, a.download_min_bps),
+            dirs: PerDir::from_fn(|dir| d(policy.dirs[dir].rate_bps, a.min_bps[dir])),
             delay_ms: f64::from(a.delay_ms),
-            up_delays: delays(),
-            down_delays: delays(),
+            delays: PerDir::from_fn(|_| delays()),
             rtts: delays(),
             cuts: 0,
             raises: 0,
@@ -166,7 +163,8 @@ impl Controller {
         self.delay_ms + 2.0 * frame_ms(d.rate_bps)
     }
 
-    /// One probe's one-way delays to and from reflector `i`, in ms (each with an unknown
+    /// One probe's one-way delays (`owd`: to the reflector, upload; from it, download) of
+    /// reflector `i`, in ms (each with an unknown
     /// clock offset: only their changes matter), and its round trip on our own clock.
     ///
     /// The offset is constant only while neither clock is stepped. Ours cannot be: the
@@ -176,40 +174,51 @@ impl Controller {
     /// cutting it to its floor. A queue lengthens the round trip by what it adds one way,
     /// so a one-way rise past the threshold that the round trip does not show is a clock
     /// step: both one-way baselines are re-seeded from this probe.
-    pub fn on_owd(&mut self, i: usize, up_ms: f64, down_ms: f64, rtt_ms: f64) {
-        let (tu, td) = (self.threshold(&self.up), self.threshold(&self.down));
-        let rtt_raised = self.rtts.delta(i, rtt_ms).is_some_and(|d| d >= tu.min(td));
-        self.rtts.push(i, rtt_ms, tu.min(td));
-        let up_raised = self.up_delays.delta(i, up_ms).is_some_and(|d| d > tu);
-        let down_raised = self.down_delays.delta(i, down_ms).is_some_and(|d| d > td);
-        if !rtt_raised && (up_raised || down_raised) {
-            self.up_delays.reseed(i);
-            self.down_delays.reseed(i);
+    pub fn on_owd(&mut self, i: usize, owd: PerDir<f64>, rtt_ms: f64) {
+        let t = self.dirs.as_ref().map(|_, d| self.threshold(d));
+        let least = t[Dir::Up].min(t[Dir::Down]);
+        let rtt_raised = self.rtts.delta(i, rtt_ms).is_some_and(|d| d >= least);
+        self.rtts.push(i, rtt_ms, least);
+        let raised = Dir::ALL
+            .into_iter()
+            .any(|d| self.delays[d].delta(i, owd[d]).is_some_and(|x| x > t[d]));
+        if !rtt_raised && raised {
+            for q in self.delays.0.iter_mut() {
+                q.reseed(i);
+            }
             self.clock_steps += 1;
         }
-        self.up_delays.push(i, up_ms, tu);
-        self.down_delays.push(i, down_ms, td);
+        for (d, q) in self.delays.iter_mut() {
+            q.push(i, owd[d], t[d]);
+        }
     }
 
-    pub fn bloated(&self) -> (bool, bool) {
-        (self.up_delays.bloated(), self.down_delays.bloated())
+    pub fn bloated(&self) -> PerDir<bool> {
+        self.delays.as_ref().map(|_, q| q.bloated())
     }
 
-    pub fn last_deltas_ms(&self) -> (f64, f64) {
-        (self.up_delays.last_delta_ms, self.down_delays.last_delta_ms)
+    pub fn last_deltas_ms(&self) -> PerDir<f64> {
+        self.delays.as_ref().map(|_, q| q.last_delta_ms)
+    }
+
+    /// Each direction's rate now.
+    pub fn rates(&self) -> PerDir<u64> {
+        self.dirs.map(|_, d| d.rate_bps)
     }
 
     /// Decides with the rates each direction achieved over the last tick.
-    pub fn tick(&mut self, now: Instant, achieved_up: f64, achieved_down: f64) -> Option<Change> {
-        let up = Self::decide(now, &mut self.up, &mut self.up_delays, achieved_up);
-        let down = Self::decide(now, &mut self.down, &mut self.down_delays, achieved_down);
-        for s in [up, down].into_iter().flatten() {
+    pub fn tick(&mut self, now: Instant, achieved: PerDir<f64>) -> Option<Change> {
+        let change = PerDir::from_fn(|d| {
+            Self::decide(now, &mut self.dirs[d], &mut self.delays[d], achieved[d])
+        });
+        for s in change.values().flatten() {
             match s {
                 Step::Cut => self.cuts += 1,
                 Step::Raise => self.raises += 1,
             }
         }
-        (up.is_some() || down.is_some()).then_some(Change { up, down })
+        let moved = change.values().any(Option::is_some);
+        moved.then_some(change)
     }
 
     fn decide(now: Instant, d: &mut DirState, q: &mut Delays, achieved: f64) -> Option<Step> {
@@ -269,22 +278,18 @@ pub fn checksum(b: &[u8]) -> u16 {
 
 impl Pinger {
     pub(crate) fn new() -> Result<(Self, AsyncFd<OwnedFd>)> {
-        // SAFETY: plain socket(2); the fd is owned below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_ICMP,
-            )
-        };
-        if fd < 0 {
-            bail!(
+        let owned = socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            SockProtocol::Icmp,
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
                 "opening a raw ICMP socket for autorate (needs CAP_NET_RAW): {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        // SAFETY: fd is a fresh socket we own.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                std::io::Error::from(e)
+            )
+        })?;
         // SAFETY: `owned` is a valid open socket and moves into the AsyncFd, which keeps it
         // open until it is dropped (the I/O-safety condition of `register`).
         let fd = unsafe { AsyncFd::register(owned) }
@@ -303,26 +308,9 @@ impl Pinger {
     pub(crate) fn send(&mut self, fd: &AsyncFd<OwnedFd>, to: Ipv4Addr, reflector: usize) {
         self.seq = self.seq.wrapping_add(1);
         let p = timestamp_request(self.ident, self.seq, self.clock.now_ms());
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(to.octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: sendto with a buffer and address we own.
-        let rc = unsafe {
-            libc::sendto(
-                fd.get_ref().as_raw_fd(),
-                p.as_ptr() as *const libc::c_void,
-                p.len(),
-                0,
-                &addr as *const libc::sockaddr_in as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if rc >= 0 {
+        let addr = SockaddrIn::from(SocketAddrV4::new(to, 0));
+        let sent = sendto(fd.get_ref().as_raw_fd(), &p, &addr, MsgFlags::empty());
+        if sent.is_ok() {
             self.sent.insert(self.seq, (Instant::now(), reflector, to));
         }
         // Forget probes that never came back (lost ones are not delay samples).
@@ -335,20 +323,12 @@ impl Pinger {
     pub(crate) fn drain(&mut self, fd: &AsyncFd<OwnedFd>, out: &mut Vec<Sample>) {
         let mut buf = [0u8; 1500];
         loop {
-            // SAFETY: recv into a buffer we own.
-            let n = unsafe {
-                libc::recv(
-                    fd.get_ref().as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
+            let n = match recv(fd.get_ref().as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) if n > 0 => n,
+                _ => return,
             };
-            if n <= 0 {
-                return;
-            }
             let now = self.clock.now_ms();
-            if let Some(r) = parse_timestamp_reply(&buf[..n as usize]) {
+            if let Some(r) = parse_timestamp_reply(&buf[..n]) {
                 out.extend(self.answer(&r, now, Instant::now()));
             }
         }
@@ -474,7 +454,7 @@ mod tests {
     /// A probe whose one-way delays sit `du` and `dd` ms above the quiet line's (clocks 5 s
     /// apart: 5012 up, -4988 down; a 24 ms round trip), its round trip longer by both.
     fn probe(c: &mut Controller, du: f64, dd: f64) {
-        c.on_owd(0, 5012.0 + du, -4988.0 + dd, 24.0 + du + dd);
+        c.on_owd(0, PerDir::new(5012.0 + du, -4988.0 + dd), 24.0 + du + dd);
     }
 
     fn controller() -> Controller {
@@ -483,29 +463,26 @@ mod tests {
             class: 0,
             delay_ms: 15,
             interval_ms: 50,
-            upload_min_bps: 250_000,
-            download_min_bps: 3_000_000,
+            min_bps: PerDir::new(250_000, 3_000_000),
         };
         let mut c = Controller {
-            up: DirState {
-                max_bps: 1_000_000,
-                min_bps: a.upload_min_bps,
-                rate_bps: 1_000_000,
-            },
-            down: DirState {
-                max_bps: 12_000_000,
-                min_bps: a.download_min_bps,
-                rate_bps: 12_000_000,
-            },
+            dirs: PerDir::new(
+                DirState {
+                    max_bps: 1_000_000,
+                    min_bps: a.min_bps[Dir::Up],
+                    rate_bps: 1_000_000,
+                },
+                DirState {
+                    max_bps: 12_000_000,
+                    min_bps: a.min_bps[Dir::Down],
+                    rate_bps: 12_000_000,
+                },
+            ),
             delay_ms: 15.0,
-            up_delays: Delays {
+            delays: PerDir::from_fn(|_| Delays {
                 baselines: vec![None],
                 ..Delays::default()
-            },
-            down_delays: Delays {
-                baselines: vec![None],
-                ..Delays::default()
-            },
+            }),
             rtts: Delays {
                 baselines: vec![None],
                 ..Delays::default()
@@ -525,8 +502,8 @@ mod tests {
     fn quiet_line_keeps_rates() {
         let mut c = controller();
         let t = Instant::now();
-        assert_eq!(c.tick(t, 900_000.0, 11_500_000.0), None);
-        assert_eq!(c.down.rate_bps, 12_000_000);
+        assert_eq!(c.tick(t, PerDir::new(900_000.0, 11_500_000.0)), None);
+        assert_eq!(c.dirs[Dir::Down].rate_bps, 12_000_000);
     }
 
     #[test]
@@ -536,26 +513,25 @@ mod tests {
         for d in [30.0, 60.0, 70.0, 80.0] {
             probe(&mut c, 0.0, d);
         }
-        assert_eq!(c.bloated(), (false, true));
+        assert_eq!(c.bloated(), PerDir::new(false, true));
         // The line retrained to 8 Mbit/s: that is what the download carries.
-        let ch = c.tick(t, 1_000_000.0, 8_000_000.0);
-        assert_eq!(
-            ch,
-            Some(Change {
-                up: None,
-                down: Some(Step::Cut)
-            })
-        );
-        assert_eq!(c.down.rate_bps, 7_200_000);
-        assert_eq!(c.up.rate_bps, 1_000_000);
+        let ch = c.tick(t, PerDir::new(1_000_000.0, 8_000_000.0));
+        assert_eq!(ch, Some(PerDir::new(None, Some(Step::Cut))));
+        assert_eq!(c.dirs[Dir::Down].rate_bps, 7_200_000);
+        assert_eq!(c.dirs[Dir::Up].rate_bps, 1_000_000);
         // Within the refractory period nothing more happens, even with bloat.
         for d in [60.0, 70.0, 80.0] {
             probe(&mut c, 0.0, d);
         }
-        assert_eq!(c.tick(t + Duration::from_millis(100), 0.0, 7e6), None);
+        assert_eq!(
+            c.tick(t + Duration::from_millis(100), PerDir::new(0.0, 7e6)),
+            None
+        );
         // After it, a second cut.
-        assert!(c.tick(t + Duration::from_millis(400), 0.0, 7e6).is_some());
-        assert_eq!(c.down.rate_bps, 6_300_000);
+        assert!(c
+            .tick(t + Duration::from_millis(400), PerDir::new(0.0, 7e6))
+            .is_some());
+        assert_eq!(c.dirs[Dir::Down].rate_bps, 6_300_000);
     }
 
     #[test]
@@ -565,11 +541,11 @@ mod tests {
         for _ in 0..6 {
             probe(&mut c, 30.0, 0.0);
         }
-        assert_eq!(c.bloated(), (false, false));
+        assert_eq!(c.bloated(), PerDir::new(false, false));
         for _ in 0..6 {
             probe(&mut c, 45.0, 0.0);
         }
-        assert_eq!(c.bloated(), (true, false));
+        assert_eq!(c.bloated(), PerDir::new(true, false));
     }
 
     #[test]
@@ -580,19 +556,25 @@ mod tests {
             for _ in 0..3 {
                 probe(&mut c, 500.0, 500.0);
             }
-            c.tick(t, 1e6, 12e6);
+            c.tick(t, PerDir::new(1e6, 12e6));
             t += Duration::from_millis(400);
         }
-        assert_eq!(c.down.rate_bps, 3_000_000);
-        assert_eq!(c.up.rate_bps, 250_000);
+        assert_eq!(c.dirs[Dir::Down].rate_bps, 3_000_000);
+        assert_eq!(c.dirs[Dir::Up].rate_bps, 250_000);
         // Quiet and busy: climbs back by 1 % of the configured rate per tick, to it.
         for _ in 0..200 {
             probe(&mut c, 0.0, 0.0);
-            c.tick(t, c.up.rate_bps as f64, c.down.rate_bps as f64);
+            c.tick(
+                t,
+                PerDir::new(
+                    c.dirs[Dir::Up].rate_bps as f64,
+                    c.dirs[Dir::Down].rate_bps as f64,
+                ),
+            );
             t += TICK;
         }
-        assert_eq!(c.down.rate_bps, 12_000_000);
-        assert_eq!(c.up.rate_bps, 1_000_000);
+        assert_eq!(c.dirs[Dir::Down].rate_bps, 12_000_000);
+        assert_eq!(c.dirs[Dir::Up].rate_bps, 1_000_000);
     }
 
     #[test]
@@ -601,8 +583,8 @@ mod tests {
         for _ in 0..10_000 {
             probe(&mut c, 0.0, 300.0);
         }
-        assert!(c.down_delays.baselines[0].is_some_and(|b| b < -4987.0));
-        assert_eq!(c.bloated(), (false, true));
+        assert!(c.delays[Dir::Down].baselines[0].is_some_and(|b| b < -4987.0));
+        assert_eq!(c.bloated(), PerDir::new(false, true));
     }
 
     #[test]
@@ -613,19 +595,25 @@ mod tests {
         let mut t = Instant::now() + Duration::from_secs(5);
         for (su, sd) in [(-2000.0, 2000.0), (3000.0, -3000.0)] {
             for _ in 0..20 {
-                c.on_owd(0, 5012.0 + su, -4988.0 + sd, 24.0);
-                assert_eq!(c.bloated(), (false, false));
-                assert_eq!(c.tick(t, 1e6, 12e6).map(|ch| ch.down), None);
+                c.on_owd(0, PerDir::new(5012.0 + su, -4988.0 + sd), 24.0);
+                assert_eq!(c.bloated(), PerDir::new(false, false));
+                assert_eq!(
+                    c.tick(t, PerDir::new(1e6, 12e6)).map(|ch| ch[Dir::Down]),
+                    None
+                );
                 t += TICK;
             }
         }
         assert!(c.clock_steps >= 2, "{}", c.clock_steps);
-        assert_eq!((c.up.rate_bps, c.down.rate_bps), (1_000_000, 12_000_000));
+        assert_eq!(
+            (c.dirs[Dir::Up].rate_bps, c.dirs[Dir::Down].rate_bps),
+            (1_000_000, 12_000_000)
+        );
         // After the step a real queue downstream is still found.
         for _ in 0..6 {
-            c.on_owd(0, 8012.0, -7988.0 + 80.0, 24.0 + 80.0);
+            c.on_owd(0, PerDir::new(8012.0, -7988.0 + 80.0), 24.0 + 80.0);
         }
-        assert_eq!(c.bloated(), (false, true));
+        assert_eq!(c.bloated(), PerDir::new(false, true));
     }
 
     #[test]
@@ -641,10 +629,10 @@ mod tests {
     #[test]
     fn idle_directions_are_not_raised() {
         let mut c = controller();
-        c.down.rate_bps = 6_000_000;
+        c.dirs[Dir::Down].rate_bps = 6_000_000;
         let t = Instant::now() + Duration::from_secs(5);
-        assert_eq!(c.tick(t, 0.0, 1_000_000.0), None);
-        assert_eq!(c.down.rate_bps, 6_000_000);
+        assert_eq!(c.tick(t, PerDir::new(0.0, 1_000_000.0)), None);
+        assert_eq!(c.dirs[Dir::Down].rate_bps, 6_000_000);
     }
 
     #[test]

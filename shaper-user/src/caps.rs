@@ -25,6 +25,9 @@
 
 use std::io;
 
+use caps::errors::CapsError;
+use caps::{CapSet, Capability, CapsHashSet};
+
 use crate::config::Policy;
 
 const CAP_SETPCAP: u32 = 8;
@@ -141,22 +144,6 @@ impl Sets {
     }
 }
 
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: libc::c_int,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
 /// The highest capability this kernel knows.
 fn last_cap() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
@@ -166,89 +153,68 @@ fn last_cap() -> u32 {
         .min(63)
 }
 
-fn prctl(option: libc::c_int, arg: u32) -> io::Result<libc::c_int> {
-    // SAFETY: the capability prctls take integer arguments only.
-    let r = unsafe {
-        libc::prctl(
-            option,
-            libc::c_ulong::from(arg),
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
+/// The `caps` crate's error (a message without the errno) as an I/O error.
+fn io_err(e: CapsError) -> io::Error {
+    io::Error::other(e)
 }
 
-fn ambient_prctl(op: libc::c_int, cap: u32) -> io::Result<libc::c_int> {
-    // SAFETY: PR_CAP_AMBIENT takes integer arguments only.
-    let r = unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            op as libc::c_ulong,
-            libc::c_ulong::from(cap),
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
+/// The capabilities the `caps` crate knows (capabilities(7) up to this kernel's last),
+/// lowest first.
+fn known() -> Vec<Capability> {
+    let last = last_cap();
+    let mut all = sorted(Caps(u64::MAX));
+    all.retain(|c| u32::from(c.index()) <= last);
+    all
+}
+
+fn from_set(set: &CapsHashSet) -> Caps {
+    Caps(set.iter().fold(0, |m, c| m | c.bitmask()))
+}
+
+fn to_set(c: Caps) -> CapsHashSet {
+    caps::all()
+        .into_iter()
+        .filter(|k| c.has(u32::from(k.index())))
+        .collect()
+}
+
+/// The capabilities in `c`, lowest first.
+fn sorted(c: Caps) -> Vec<Capability> {
+    let mut v: Vec<Capability> = to_set(c).into_iter().collect();
+    v.sort_by_key(Capability::index);
+    v
 }
 
 /// The calling thread's capability sets.
 pub fn current() -> io::Result<Sets> {
-    let mut header = CapHeader {
-        version: CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: capget fills two CapData for version 3, as the kernel ABI says.
-    let r = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let join = |f: fn(&CapData) -> u32| Caps(u64::from(f(&data[0])) | u64::from(f(&data[1])) << 32);
+    let read = |set| caps::read(None, set).map(|s| from_set(&s)).map_err(io_err);
     let mut sets = Sets {
-        effective: join(|d| d.effective),
-        permitted: join(|d| d.permitted),
-        inheritable: join(|d| d.inheritable),
+        effective: read(CapSet::Effective)?,
+        permitted: read(CapSet::Permitted)?,
+        inheritable: read(CapSet::Inheritable)?,
         ..Sets::default()
     };
-    for cap in 0..=last_cap() {
-        if prctl(libc::PR_CAPBSET_READ, cap)? == 1 {
-            sets.bounding.0 |= 1 << cap;
+    for cap in known() {
+        if caps::has_cap(None, CapSet::Bounding, cap).map_err(io_err)? {
+            sets.bounding.0 |= cap.bitmask();
         }
         // Kernels without ambient capabilities (< 4.3) answer EINVAL: none.
-        if ambient_prctl(libc::PR_CAP_AMBIENT_IS_SET, cap).unwrap_or(0) == 1 {
-            sets.ambient.0 |= 1 << cap;
+        if caps::has_cap(None, CapSet::Ambient, cap).unwrap_or(false) {
+            sets.ambient.0 |= cap.bitmask();
         }
     }
     Ok(sets)
 }
 
+/// Sets the thread's effective, permitted and inheritable sets, each no larger than it
+/// was: the effective set first, as it must stay within the permitted set at every step.
 fn capset(effective: Caps, permitted: Caps, inheritable: Caps) -> io::Result<()> {
-    let mut header = CapHeader {
-        version: CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let split = |c: Caps| [c.0 as u32, (c.0 >> 32) as u32];
-    let (e, p, i) = (split(effective), split(permitted), split(inheritable));
-    let data = [0, 1].map(|k| CapData {
-        effective: e[k],
-        permitted: p[k],
-        inheritable: i[k],
-    });
-    // SAFETY: capset reads two CapData for version 3, as the kernel ABI says.
-    let r = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
+    for (set, c) in [
+        (CapSet::Effective, effective),
+        (CapSet::Permitted, permitted),
+        (CapSet::Inheritable, inheritable),
+    ] {
+        caps::set(None, set, &to_set(c)).map_err(io_err)?;
     }
     Ok(())
 }
@@ -269,14 +235,14 @@ pub struct Dropped {
 pub fn keep_only(keep: Caps) -> io::Result<Dropped> {
     let before = current()?;
     let unwanted = Caps(before.any().0 & !keep.0);
-    for cap in (0..64).filter(|&c| before.ambient.has(c) && !keep.has(c)) {
-        ambient_prctl(libc::PR_CAP_AMBIENT_LOWER, cap)?;
+    for cap in sorted(Caps(before.ambient.0 & !keep.0)) {
+        caps::drop(None, CapSet::Ambient, cap).map_err(io_err)?;
     }
     // The bounding set first: it needs CAP_SETPCAP, which goes with the rest below.
     let bounding_lowered = before.effective.has(CAP_SETPCAP);
     if bounding_lowered {
-        for cap in (0..64).filter(|&c| before.bounding.has(c) && !keep.has(c)) {
-            prctl(libc::PR_CAPBSET_DROP, cap)?;
+        for cap in sorted(Caps(before.bounding.0 & !keep.0)) {
+            caps::drop(None, CapSet::Bounding, cap).map_err(io_err)?;
         }
     }
     capset(
@@ -403,12 +369,14 @@ mod tests {
     }
 
     fn raw_socket_allowed() -> bool {
-        // SAFETY: plain socket(2); closed at once.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
-        if fd >= 0 {
-            // SAFETY: fd is ours.
-            unsafe { libc::close(fd) };
-        }
-        fd >= 0
+        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockProtocol, SockType};
+        // Closed at once (the OwnedFd is dropped).
+        socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            SockFlag::empty(),
+            SockProtocol::Icmp,
+        )
+        .is_ok()
     }
 }

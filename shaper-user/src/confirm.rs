@@ -22,10 +22,14 @@ use serde::{Deserialize, Serialize};
 use crate::{
     apply::{self, Paths, State},
     config,
+    rundir::{self, PENDING_VERSION},
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Pending {
+    /// [`PENDING_VERSION`].
+    pub version: u32,
     /// Unix time (seconds) after which the rollback happens.
     pub deadline: u64,
     /// The unconfirmed config (for messages).
@@ -33,16 +37,15 @@ pub struct Pending {
     /// Whether there is a confirmed config to go back to (else: remove).
     pub has_rollback: bool,
     /// Where the confirmed config was read from (its text is in rollback.toml).
-    #[serde(default)]
     pub rollback_config: PathBuf,
 }
 
 fn pending_path(paths: &Paths) -> PathBuf {
-    paths.run.join("pending.json")
+    paths.files().pending()
 }
 
 fn rollback_path(paths: &Paths) -> PathBuf {
-    paths.run.join("rollback.toml")
+    paths.files().rollback()
 }
 
 fn now() -> u64 {
@@ -77,13 +80,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn pending(paths: &Paths) -> Result<Option<Pending>> {
-    match fs::read(pending_path(paths)) {
-        Ok(b) => Ok(Some(
-            serde_json::from_slice(&b).context("reading pending.json")?,
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    rundir::read_versioned(&pending_path(paths), PENDING_VERSION)
 }
 
 /// Before an unconfirmed apply: remember what to go back to, unless an earlier
@@ -114,12 +111,13 @@ pub fn arm(
     rollback: Option<PathBuf>,
 ) -> Result<()> {
     let p = Pending {
+        version: PENDING_VERSION,
         deadline: now() + within.as_secs().max(1),
         config: config.to_path_buf(),
         has_rollback: rollback.is_some(),
         rollback_config: rollback.unwrap_or_default(),
     };
-    fs::write(pending_path(paths), serde_json::to_vec_pretty(&p)?)?;
+    rundir::write_json(&pending_path(paths), &p)?;
     let exe = std::env::current_exe().context("locating the shaper binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("confirm-watch")
@@ -128,10 +126,13 @@ pub fn arm(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: setsid in the child before exec, so the watcher outlives this session.
+    // SAFETY: pre_exec runs in the forked child before exec; setsid(2) is
+    // async-signal-safe and allocates nothing, so the watcher outlives this session. (std's
+    // `CommandExt::setsid` is not stable yet; `process_group` would keep the session.)
     unsafe {
         cmd.pre_exec(|| {
-            libc::setsid();
+            // Ignored as before: a fresh child is never a group leader, so it cannot fail.
+            let _ = nix::unistd::setsid();
             Ok(())
         });
     }

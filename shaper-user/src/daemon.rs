@@ -21,7 +21,6 @@
 //! `kill -9` leaves the site shaped.
 
 use std::{
-    ffi::CString,
     os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
     process::ExitCode,
@@ -32,13 +31,13 @@ use anyhow::{Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    apply::{self, Paths, State},
+    apply::{self, Applied, Paths, State},
     compile::ROOT_HANDLE,
     config::{self, Policy},
-    hosts_task::{self, HostsApplied},
-    kernel::bpf::{AttachMode, Side},
+    hosts_task,
+    kernel::bpf::AttachMode,
     kernel::tc::Tc,
-    rates::{self, Applied},
+    rates,
 };
 use shaper_common::ALL_MAPS;
 
@@ -65,10 +64,8 @@ pub fn sd_notify(msg: &str) {
 }
 
 fn ifindex(name: &str) -> Option<u32> {
-    let c = CString::new(name).ok()?;
-    // SAFETY: if_nametoindex reads a NUL-terminated string.
-    let ix = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (ix != 0).then_some(ix)
+    // An error for no such interface (index 0) and for a name with a NUL byte.
+    nix::net::if_::if_nametoindex(name).ok()
 }
 
 /// Reads the config whole (one read of the file; what is parsed is what is kept as the
@@ -92,7 +89,7 @@ fn daemon_lock(paths: &Paths) -> Result<DaemonLock> {
     use std::io::{Read as _, Seek as _, Write as _};
     std::fs::create_dir_all(&paths.run)
         .with_context(|| format!("creating {}", paths.run.display()))?;
-    let path = paths.run.join("daemon.lock");
+    let path = paths.files().daemon_lock();
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -188,39 +185,9 @@ fn foreign_apply(paths: &Paths, stamp: &mut Option<(std::time::SystemTime, u64)>
 /// Puts each direction's rates back to the state's plan, in place.
 async fn reset_rates(tc: &Tc, s: &State) -> Result<()> {
     for a in &s.attachments {
-        let want = if a.side == Side::Wan {
-            &s.plan.up
-        } else {
-            &s.plan.down
-        };
-        apply::retune(tc, a.ifindex, want).await?;
+        apply::retune(tc, a.ifindex, &s.plan.dirs[a.side]).await?;
     }
     Ok(())
-}
-
-/// What the rate controller and the window clamp need to know of an apply.
-fn applied(state: &State) -> Option<Applied> {
-    let ifindex = |side: Side| {
-        state
-            .attachments
-            .iter()
-            .find(|a| a.side == side)
-            .map(|a| a.ifindex)
-    };
-    Some(Applied {
-        policy: state.plan.policy.clone(),
-        caps: state.caps,
-        wan_ifindex: ifindex(Side::Wan)?,
-        lan_ifindex: ifindex(Side::Lan)?,
-    })
-}
-
-/// What the host-name task needs to know of an apply.
-fn hosts_applied(paths: &Paths, state: &State) -> Option<HostsApplied> {
-    Some(HostsApplied {
-        plan: state.plan.clone(),
-        pins: paths.pins.clone(),
-    })
 }
 
 /// The daemon's hooks for things that live elsewhere (metrics).
@@ -311,16 +278,15 @@ pub async fn run(
     }
     sd_notify("READY=1");
     sd_notify("STATUS=shaping");
-    // The rate controller (autorate, arrival accounting) runs beside the loop below;
-    // every apply tells it the new policy (and that the configured rates are back in
-    // the kernel).
+    // The rate controller (autorate, arrival accounting), the window clamp (whose
+    // per-flow shares follow the download rates) and the host-name engine run beside the
+    // loop below; every apply sends them the one applied state (and tells the rate
+    // controller that the configured rates are back in the kernel).
+    let applied = |s: &State| Applied::of(s, &paths.pins);
     let (applied_tx, applied_rx) = tokio::sync::watch::channel(applied(&state));
     let rates_task = tokio::spawn(rates::run(applied_rx.clone(), paths.pins.clone()));
-    // The window clamp's per-flow shares follow the download rates it writes.
-    let wclamp_task = tokio::spawn(crate::wclamp::run(applied_rx, paths.pins.clone()));
-    // Host names (DNS answers, TLS server names) likewise.
-    let (hosts_tx, hosts_rx) = tokio::sync::watch::channel(hosts_applied(&paths, &state));
-    let hosts_task = tokio::spawn(hosts_task::run(hosts_rx, paths.run.clone()));
+    let wclamp_task = tokio::spawn(crate::wclamp::run(applied_rx.clone(), paths.pins.clone()));
+    let hosts_task = tokio::spawn(hosts_task::run(applied_rx, paths.run.clone()));
 
     let watchdog = std::env::var("WATCHDOG_USEC")
         .ok()
@@ -351,7 +317,6 @@ pub async fn run(
                             policy = p;
                             stamp = State::stamp(&paths);
                             let _ = applied_tx.send(applied(&state));
-                            let _ = hosts_tx.send(hosts_applied(&paths, &state));
                         }
                         Err(e) => log::error!("reload failed, previous shaping kept: {e:#}"),
                     },
@@ -386,7 +351,6 @@ pub async fn run(
                         policy = s.plan.policy.clone();
                         state = s;
                         let _ = applied_tx.send(applied(&state));
-                        let _ = hosts_tx.send(hosts_applied(&paths, &state));
                     }
                     h = health(&tc, &paths, &state).await;
                 }
@@ -408,7 +372,6 @@ pub async fn run(
                                 stamp = State::stamp(&paths);
                                 waiting_for = None;
                                 let _ = applied_tx.send(applied(&state));
-                                let _ = hosts_tx.send(hosts_applied(&paths, &state));
                             }
                             Err(e) => log::error!("{why}; restoring failed (will retry): {e:#}"),
                         }
@@ -423,7 +386,6 @@ pub async fn run(
     drop(applied_tx);
     let _ = rates_task.await;
     let _ = wclamp_task.await;
-    drop(hosts_tx);
     let _ = hosts_task.await;
     if keep_on_exit {
         log::info!("stopping; shaping left in place");

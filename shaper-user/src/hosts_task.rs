@@ -38,7 +38,7 @@ use shaper_common::{
 use tokio::{io::unix::AsyncFd, sync::watch};
 
 use crate::{
-    compile::Plan,
+    apply::Applied,
     hosts::{self, Budget, Engine, FairQueue, Kernel, Table},
     kernel::bpf::{self, Pins},
 };
@@ -143,17 +143,10 @@ impl Kernel for MapKernel {
     }
 }
 
-/// What the host task needs of an apply.
-#[derive(Debug, Clone)]
-pub struct HostsApplied {
-    pub plan: Plan,
-    pub pins: Pins,
-}
-
 /// The daemon's host-name task: runs the engine on a thread of its own (see the
 /// module's text) until `applied`'s sender is dropped; returns when that thread has
 /// finished (hosts.json removed).
-pub async fn run(applied: watch::Receiver<Option<HostsApplied>>, run_dir: PathBuf) {
+pub async fn run(applied: watch::Receiver<Option<Applied>>, run_dir: PathBuf) {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let spawned = std::thread::Builder::new()
         .name("shaper-hosts".into())
@@ -182,7 +175,7 @@ struct Rings {
     hello: AsyncFd<RingBuf<MapData>>,
 }
 
-fn open(a: &HostsApplied) -> Result<(MapKernel, Rings)> {
+fn open(a: &Applied) -> Result<(MapKernel, Rings)> {
     let k = MapKernel::open(&a.pins)?;
     let ring = |name: &str| -> Result<AsyncFd<RingBuf<MapData>>> {
         let r = RingBuf::try_from(bpf::open_pinned(&a.pins, name)?)?;
@@ -236,7 +229,7 @@ fn work<K: Kernel>(engine: &mut Engine<K>, queue: &mut FairQueue, budget: &mut B
 
 /// Reads events while the applied policy has host rules; every apply sends the new
 /// plan (the maps are new: the learned addresses are installed again).
-async fn engine_loop(mut applied: watch::Receiver<Option<HostsApplied>>, run_dir: PathBuf) {
+async fn engine_loop(mut applied: watch::Receiver<Option<Applied>>, run_dir: PathBuf) {
     let mut carried: Option<Table> = None;
     let path = hosts::snapshot_path(&run_dir);
     loop {

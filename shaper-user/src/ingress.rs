@@ -65,11 +65,12 @@ use anyhow::Result;
 use aya::maps::{MapData, PerCpuArray};
 use shaper_common::{Counter, MAP_WAN_ARRIVALS};
 
+use crate::dir::Dir;
 use crate::{
+    apply::Applied,
     compile::{self, Accounting},
     kernel::bpf::{self, Pins},
     kernel::tc::Tc,
-    rates::Applied,
 };
 
 /// Arrivals are measured over this many ticks: TCP's bursts make 100 ms readings swing
@@ -217,7 +218,7 @@ pub(crate) async fn open(
     pins: &Pins,
     down: &compile::DirPlan,
 ) -> Result<(Arrivals, bool)> {
-    let l2 = tc.link_info(a.lan_ifindex).await?.has_l2_header;
+    let l2 = tc.link_info(a.ifindex[Dir::Down]).await?.has_l2_header;
     let map: PerCpuArray<MapData, Counter> =
         PerCpuArray::try_from(bpf::open_pinned(pins, MAP_WAN_ARRIVALS)?)?;
     let mut arr = Arrivals {
@@ -281,7 +282,7 @@ mod tests {
             [[class]]\nname = \"default\"\npriority = 3\nguaranteed = \"50%\"\nceiling = \"50%\"\ndefault = true\n";
         let policy = crate::config::parse(std::path::Path::new("t.toml"), text).expect("config");
         let plan = compile::plan(&policy, None);
-        let half = scaled(&plan.down, 0.5);
+        let half = scaled(&plan.dirs[Dir::Down], 0.5);
         assert_eq!(half.rate_bps, 20_000_000);
         let class = |n: &str| half.classes.iter().find(|c| c.name == n).expect("class");
         let (video, default) = (class("video"), class("default"));
@@ -290,14 +291,14 @@ mod tests {
             (default.rate_bps, default.ceil_bps),
             (10_000_000, 10_000_000)
         );
-        assert_eq!(half.classes.len(), plan.down.classes.len());
+        assert_eq!(half.classes.len(), plan.dirs[Dir::Down].classes.len());
         // Nothing is ever raised, nor set below HTB's floor.
-        let tiny = scaled(&plan.down, 0.0);
+        let tiny = scaled(&plan.dirs[Dir::Down], 0.0);
         assert!(tiny
             .classes
             .iter()
             .all(|c| c.rate_bps == 8_000 && c.ceil_bps >= c.rate_bps));
-        assert_eq!(scaled(&plan.down, 2.0), plan.down);
+        assert_eq!(scaled(&plan.dirs[Dir::Down], 2.0), plan.dirs[Dir::Down]);
     }
 
     #[test]

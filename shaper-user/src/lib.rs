@@ -4,7 +4,9 @@
 
 // The pure policy core (config, catalogue, compile, parsers, host-name engine, explain),
 // re-exported so `shaper_user::config` and `crate::config` keep naming it.
-pub use shaper_core::{catalogue, compile, config, dnswire, explain, hosts, quic, sni};
+pub use shaper_core::{
+    catalogue, compile, config, dir, dnswire, explain, hosts, quic, rundir, sni,
+};
 
 pub mod apply;
 pub mod autorate;

@@ -28,13 +28,23 @@
 //! box's own shaper (HTB on the WAN interface) does not pace them: the probe can run while
 //! the site is being shaped. Only Ethernet WAN interfaces and IPv4 reflectors.
 
+use std::ffi::OsString;
 use std::fs::File;
-use std::io::Read;
+use std::io::{IoSliceMut, Read};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::ifaddrs::getifaddrs;
+use nix::net::if_::if_nametoindex;
+use nix::poll::{poll, PollFd, PollFlags};
+use nix::sys::socket::{
+    bind, recvmsg, send, setsockopt, socket, sockopt, AddressFamily, ControlMessageOwned, LinkAddr,
+    MsgFlags, SetSockOpt, SockFlag, SockProtocol, SockType,
+};
+use nix::sys::time::TimeSpec;
+use nix::{cmsg_space, setsockopt_impl, sockopt_impl};
 
 /// One IP size and the per-packet time the line gave it (median over its trains), s.
 pub type Sample = (u32, f64);
@@ -416,57 +426,53 @@ fn neighbour_mac(iface: &str, ip: Ipv4Addr) -> Result<Option<[u8; 6]>> {
     Ok(None)
 }
 
-/// (ARPHRD type, MAC address) of `iface`.
-fn hw_addr(iface: &str) -> Result<(u16, [u8; 6])> {
-    let fd = sock(libc::AF_INET, libc::SOCK_DGRAM, 0)?;
-    // SAFETY: zeroed ifreq with the name copied in (NUL-terminated, within IFNAMSIZ).
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    if iface.len() >= req.ifr_name.len() {
-        bail!("interface name {iface} too long");
+/// (ARPHRD type, MAC address, link-layer address to bind a packet socket to) of `iface`,
+/// from the kernel's link list of this network namespace (getifaddrs, over netlink: /sys
+/// may show another namespace's devices).
+fn link(iface: &str) -> Result<(u16, [u8; 6], LinkAddr)> {
+    let found = getifaddrs()
+        .map_err(std::io::Error::from)
+        .context("listing interfaces")?
+        .filter(|a| a.interface_name == iface)
+        .find_map(|a| a.address.and_then(|s| s.as_link_addr().copied()));
+    match (found, if_nametoindex(iface)) {
+        (Some(l), _) => Ok((l.hatype(), l.addr().unwrap_or_default(), l)),
+        // A link with no hardware address (tun, WireGuard) is listed without one.
+        (None, Ok(_)) => {
+            bail!("{iface} is not an Ethernet interface (no hardware address): {NOT_ETHERNET}")
+        }
+        (None, Err(e)) => {
+            Err(std::io::Error::from(e)).with_context(|| format!("no interface {iface}"))
+        }
     }
-    for (d, s) in req.ifr_name.iter_mut().zip(iface.bytes()) {
-        *d = s as libc::c_char;
-    }
-    // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of a valid ifreq.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("no interface {iface}"));
-    }
-    // SAFETY: the union member SIOCGIFHWADDR wrote.
-    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
-    let mut mac = [0u8; 6];
-    for (m, b) in mac.iter_mut().zip(sa.sa_data.iter()) {
-        *m = *b as u8;
-    }
-    Ok((sa.sa_family, mac))
 }
 
-fn sock(domain: i32, ty: i32, proto: i32) -> Result<OwnedFd> {
-    // SAFETY: plain socket(2); the fd is owned from here on.
-    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, proto) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("socket");
-    }
-    // SAFETY: fd is a new, valid descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// Why a non-Ethernet interface is refused.
+const NOT_ETHERNET: &str = "the probe sends Ethernet frames past the shaper; run it on the Ethernet port towards the modem";
+
+/// A socket (close-on-exec, as every socket here), its errors as the kernel's errno.
+fn sock(domain: AddressFamily, ty: SockType, proto: Option<SockProtocol>) -> Result<OwnedFd> {
+    socket(domain, ty, SockFlag::SOCK_CLOEXEC, proto)
+        .map_err(std::io::Error::from)
+        .context("socket")
 }
 
-fn setopt<T>(fd: &OwnedFd, level: i32, name: i32, v: &T, what: &str) -> Result<()> {
-    // SAFETY: v points at a live T of the length given.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (v as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("setsockopt {what}"));
-    }
-    Ok(())
+fn setopt<O: SetSockOpt>(fd: &OwnedFd, opt: O, v: &O::Val, what: &str) -> Result<()> {
+    setsockopt(fd, opt, v)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("setsockopt {what}"))
 }
+
+// PACKET_QDISC_BYPASS, which nix does not name: its documented macro for the options it
+// lacks (an int set to 1 for true, as setsockopt(2) takes it).
+sockopt_impl!(
+    /// `PACKET_QDISC_BYPASS`: a packet socket's frames skip the interface's qdisc.
+    PacketQdiscBypass,
+    SetOnly,
+    libc::SOL_PACKET,
+    libc::PACKET_QDISC_BYPASS,
+    bool
+);
 
 /// Reply arrival time (CLOCK_REALTIME from SO_TIMESTAMPNS, ns) and ICMP seq of each echo
 /// reply with our identifier from `from`, until `want` arrived or `deadline`.
@@ -480,53 +486,40 @@ fn collect(
 ) -> Vec<(u16, i128)> {
     let mut got = Vec::new();
     let mut buf = [0u8; 2048];
-    let mut cbuf = [0u64; 16];
+    // Room for the one control message the socket asks for (SO_TIMESTAMPNS).
+    let mut cbuf = cmsg_space!(TimeSpec);
     while got.len() < want {
         let now = Instant::now();
         if now >= deadline {
             break;
         }
-        let ms = (deadline - now).as_millis().clamp(1, 1000) as i32;
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+        let ms = (deadline - now).as_millis().clamp(1, 1000) as u16;
+        let mut pfd = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        if !matches!(poll(&mut pfd, ms), Ok(n) if n > 0) {
             continue;
         }
         loop {
-            let mut iov = libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let Ok(msg) = recvmsg::<()>(
+                fd.as_raw_fd(),
+                &mut iov,
+                Some(&mut cbuf),
+                MsgFlags::MSG_DONTWAIT,
+            ) else {
+                break;
             };
-            // SAFETY: msghdr points at live buffers for the call.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = cbuf.as_mut_ptr().cast();
-            msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-            // SAFETY: as above.
-            let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
-            if n <= 0 {
+            let n = msg.bytes;
+            if n == 0 {
                 break;
             }
-            let n = n as usize;
-            let mut ts: Option<i128> = None;
-            // SAFETY: walking the control messages the kernel wrote into cbuf.
-            unsafe {
-                let mut c = libc::CMSG_FIRSTHDR(&msg);
-                while !c.is_null() {
-                    if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_TIMESTAMPNS
-                    {
-                        let t =
-                            std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
-                        ts = Some(t.tv_sec as i128 * 1_000_000_000 + t.tv_nsec as i128);
+            let ts = msg.cmsgs().ok().and_then(|mut c| {
+                c.find_map(|m| match m {
+                    ControlMessageOwned::ScmTimestampns(t) => {
+                        Some(i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
                     }
-                    c = libc::CMSG_NXTHDR(&msg, c);
-                }
-            }
+                    _ => None,
+                })
+            });
             let Some(ts) = ts else { continue };
             // IPv4 header + ICMP echo reply.
             if n < 28 || buf[0] >> 4 != 4 {
@@ -617,33 +610,16 @@ pub fn probe(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<(u32, Vec<f64>)>> {
     let iface = opts.interface.as_str();
-    // The link type and MAC address from the kernel (SIOCGIFHWADDR; /sys may show
-    // another network namespace's devices).
-    let (kind, src_mac) = hw_addr(iface)?;
+    // The link type, MAC address and index from the kernel (see `link`).
+    let (kind, src_mac, link) = link(iface)?;
     if kind != libc::ARPHRD_ETHER {
-        bail!("{iface} is not an Ethernet interface (ARPHRD {kind}): the probe sends Ethernet frames past the shaper; run it on the Ethernet port towards the modem");
-    }
-    let cname = std::ffi::CString::new(iface)?;
-    // SAFETY: a valid C string.
-    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-    if ifindex == 0 {
-        bail!("no interface {iface}");
+        bail!("{iface} is not an Ethernet interface (ARPHRD {kind}): {NOT_ETHERNET}");
     }
     // The source address the kernel would use towards the reflector from this interface.
     let udp = UdpSocket::bind("0.0.0.0:0")?;
-    // SAFETY: the name buffer is live for the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            udp.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            cname.as_ptr().cast(),
-            iface.len() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("SO_BINDTODEVICE");
-    }
+    setsockopt(&udp, sockopt::BindToDevice, &OsString::from(iface))
+        .map_err(std::io::Error::from)
+        .context("SO_BINDTODEVICE")?;
     udp.connect(SocketAddr::from((opts.reflector, 9)))
         .with_context(|| format!("no route to {} from {iface}", opts.reflector))?;
     let src = match udp.local_addr()?.ip() {
@@ -652,21 +628,9 @@ pub fn probe(
     };
     let hop = next_hop(iface, opts.reflector)?;
     // Receive side first: the replies, kernel-timestamped on arrival.
-    let rx = sock(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP)?;
-    setopt(
-        &rx,
-        libc::SOL_SOCKET,
-        libc::SO_TIMESTAMPNS,
-        &1i32,
-        "SO_TIMESTAMPNS",
-    )?;
-    setopt(
-        &rx,
-        libc::SOL_SOCKET,
-        libc::SO_RCVBUF,
-        &(4i32 << 20),
-        "SO_RCVBUF",
-    )?;
+    let rx = sock(AddressFamily::Inet, SockType::Raw, Some(SockProtocol::Icmp))?;
+    setopt(&rx, sockopt::ReceiveTimestampns, &true, "SO_TIMESTAMPNS")?;
+    setopt(&rx, sockopt::RcvBuf, &(4 << 20), "SO_RCVBUF")?;
     let ident = (std::process::id() & 0xffff) as u16;
     // The next hop's MAC: ask the kernel to resolve it with one ordinary echo request.
     let mut dst_mac = neighbour_mac(iface, hop)?;
@@ -680,29 +644,14 @@ pub fn probe(
     }
     let dst_mac = dst_mac
         .with_context(|| format!("the next hop {hop} on {iface} has no resolved MAC address"))?;
-    let tx = sock(libc::AF_PACKET, libc::SOCK_RAW, 0)?;
-    // SAFETY: zeroed sockaddr_ll, then the fields bind needs.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_ifindex = ifindex as i32;
-    // SAFETY: sll is a valid sockaddr_ll for the call.
-    let rc = unsafe {
-        libc::bind(
-            tx.as_raw_fd(),
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("binding the packet socket");
-    }
-    setopt(
-        &tx,
-        libc::SOL_PACKET,
-        libc::PACKET_QDISC_BYPASS,
-        &1i32,
-        "PACKET_QDISC_BYPASS",
-    )?;
+    // Protocol 0: a packet socket that only sends.
+    let tx = sock(AddressFamily::Packet, SockType::Raw, None)?;
+    // The interface's link-layer address as the kernel listed it: family AF_PACKET, its
+    // index and protocol 0, all that bind(2) reads of a sockaddr_ll.
+    bind(tx.as_raw_fd(), &link)
+        .map_err(std::io::Error::from)
+        .context("binding the packet socket")?;
+    setopt(&tx, PacketQdiscBypass, &true, "PACKET_QDISC_BYPASS")?;
 
     let total = opts.sizes.len() * opts.trains as usize;
     let mut done = 0;
@@ -727,8 +676,8 @@ pub fn probe(
                 })
                 .collect();
             for f in &frames {
-                // SAFETY: f is a live buffer of the given length.
-                unsafe { libc::send(tx.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+                // Unchecked, as ever: a frame the kernel refuses is a reply that never comes.
+                let _ = send(tx.as_raw_fd(), f, MsgFlags::empty());
             }
             let replies = collect(
                 &rx,

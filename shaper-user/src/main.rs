@@ -1,5 +1,6 @@
 //! `shaper`: clinical-traffic shaping for copper-line site gateways.
 
+use shaper_user::dir::Dir;
 use shaper_user::{apply, catalogue, compile, config, confirm, daemon, explain, site, status};
 
 use std::{path::PathBuf, process::ExitCode};
@@ -280,24 +281,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     a.reflectors.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
                     a.interval_ms,
                     policy.classes[a.class].name,
-                    a.upload_min_bps / 1000,
-                    policy.upload_bps / 1000,
-                    a.download_min_bps / 1000,
-                    policy.download_bps / 1000,
+                    a.min_bps[Dir::Up] / 1000,
+                    policy.dirs[Dir::Up].rate_bps / 1000,
+                    a.min_bps[Dir::Down] / 1000,
+                    policy.dirs[Dir::Down].rate_bps / 1000,
                     a.delay_ms
                 );
             }
-            if policy.download_account_arrivals {
+            if policy.dirs[Dir::Down].account_arrivals {
                 println!(
-                    "download arrival accounting: `shaper run` holds what reaches the shaper (dropped or not) within {}{} +{} %, lowering the download rate (to {} of it at least) while more arrives: an unresponsive flood costs throughput, not the modem's queue",
-                    config::format_rate(policy.download_bps),
+                    "download arrival accounting: `shaper run` holds what reaches the shaper (dropped or not) within {}{} +{} %, lowering the download rate (to {:.0} % of it at least) while more arrives: an unresponsive flood costs throughput, not the modem's queue",
+                    config::format_rate(policy.dirs[Dir::Down].rate_bps),
                     if policy.autorate.is_some() {
                         " (or the lower line rate autorate finds; the lower of the two rates is set)"
                     } else {
                         ""
                     },
                     shaper_user::ingress::MARGIN * 100.0,
-                    format!("{:.0} %", shaper_user::ingress::FLOOR * 100.0)
+                    shaper_user::ingress::FLOOR * 100.0
                 );
             }
             for n in &policy.notes {
@@ -329,14 +330,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let policy = load_policy(&config)?;
             let hosts = match hosts {
                 Some(p) if p.as_os_str() == "none" => None,
-                Some(p) => {
-                    let b =
-                        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-                    Some(
-                        serde_json::from_slice(&b)
-                            .with_context(|| format!("{} is not a hosts.json", p.display()))?,
-                    )
-                }
+                Some(p) => Some(
+                    shaper_user::rundir::read_versioned(&p, shaper_user::rundir::HOSTS_VERSION)
+                        .with_context(|| format!("{} is not a hosts.json", p.display()))?
+                        .with_context(|| format!("{} does not exist", p.display()))?,
+                ),
                 None => shaper_user::hosts::read_snapshot(&paths.run),
             };
             let r = explain::run(

@@ -11,10 +11,10 @@
 
 use std::fs;
 use std::io::Write as _;
-use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
+use nix::mount::MsFlags;
 use serde::Deserialize;
 
 use crate::apply::Paths;
@@ -37,7 +37,7 @@ pub struct Target {
 pub const FILE: &str = "shaper.toml";
 
 pub fn target(paths: &Paths) -> Result<Option<Target>> {
-    let p = paths.run.join("persist.json");
+    let p = paths.files().persist();
     match fs::read(&p) {
         Ok(b) => Ok(Some(
             serde_json::from_slice(&b).with_context(|| format!("reading {}", p.display()))?,
@@ -86,15 +86,12 @@ pub fn replace(dest: &Path, bytes: &[u8]) -> Result<()> {
 
 /// fsync on a folder, then syncfs on its file system.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd as _;
     let d = fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
     d.sync_all()
         .with_context(|| format!("syncing {}", dir.display()))?;
-    // SAFETY: a valid, open file descriptor.
-    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("syncfs");
-    }
-    Ok(())
+    nix::unistd::syncfs(&d)
+        .map_err(std::io::Error::from)
+        .context("syncfs")
 }
 
 /// The boot disk remounted read-write; read-only again when dropped.
@@ -103,26 +100,20 @@ pub(crate) struct Writable {
 }
 
 /// The flags the boot script mounts the EFI partition with.
-const FLAGS: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+const FLAGS: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
 
-fn remount(mount: &Path, flags: libc::c_ulong) -> std::io::Result<()> {
-    let target = std::ffi::CString::new(mount.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: a NUL-terminated path; null source, type and data are allowed for a remount.
-    let r = unsafe {
-        libc::mount(
-            std::ptr::null(),
-            target.as_ptr(),
-            std::ptr::null(),
-            libc::MS_REMOUNT | flags,
-            std::ptr::null(),
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+fn remount(mount: &Path, flags: MsFlags) -> std::io::Result<()> {
+    // No source, type or data: a remount keeps them.
+    nix::mount::mount(
+        None::<&Path>,
+        mount,
+        None::<&Path>,
+        MsFlags::MS_REMOUNT | flags,
+        None::<&Path>,
+    )
+    .map_err(std::io::Error::from)
 }
 
 impl Writable {
@@ -137,7 +128,7 @@ impl Writable {
 
 impl Drop for Writable {
     fn drop(&mut self) {
-        if let Err(e) = remount(&self.mount, FLAGS | libc::MS_RDONLY) {
+        if let Err(e) = remount(&self.mount, FLAGS | MsFlags::MS_RDONLY) {
             log::warn!("{} stays read-write: {e}", self.mount.display());
         }
     }

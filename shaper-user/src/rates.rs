@@ -30,11 +30,12 @@ use anyhow::Result;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
+use crate::dir::{Dir, PerDir};
 use crate::{
-    apply,
+    apply::{self, Applied},
     autorate::{Controller, Pinger, Step},
-    compile::{self, KernelCaps, Plan, PARENT_CLASSID},
-    config::{format_rate, Policy},
+    compile::{self, Plan, PARENT_CLASSID},
+    config::format_rate,
     ingress::{self, Arrivals, Governor},
     kernel::bpf::Pins,
     kernel::tc::Tc,
@@ -43,20 +44,12 @@ use crate::{
 /// How often loads are measured and rates decided (both controllers).
 pub const TICK: Duration = Duration::from_millis(100);
 
-/// What the daemon hands the rate controller (and the window clamp) after every apply.
-#[derive(Clone)]
-pub struct Applied {
-    pub policy: Policy,
-    pub caps: KernelCaps,
-    pub wan_ifindex: u32,
-    pub lan_ifindex: u32,
-}
-
 /// The trees at the line rates autorate asks for (the configured ones without it).
-fn plan_at(a: &Applied, up_bps: u64, down_bps: u64) -> Plan {
-    let mut p = a.policy.clone();
-    p.upload_bps = up_bps;
-    p.download_bps = down_bps;
+fn plan_at(a: &Applied, rates: PerDir<u64>) -> Plan {
+    let mut p = a.plan.policy.clone();
+    for (d, dp) in p.dirs.iter_mut() {
+        dp.rate_bps = rates[d];
+    }
     compile::plan(&p, Some(a.caps))
 }
 
@@ -86,8 +79,8 @@ struct Autorate {
     cfg: crate::config::Autorate,
     ctl: Controller,
     next_reflector: usize,
-    /// When the parents' byte counters were last read, and what they said.
-    last: (Instant, Option<u64>, Option<u64>),
+    /// When the parents' byte counters were last read, and what each said.
+    last: (Instant, PerDir<Option<u64>>),
 }
 
 /// The rate task: runs until the sender side of `applied` is dropped. Each new value (an
@@ -99,8 +92,9 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, pins: Pins) {
     let mut probe_io: Option<(Pinger, AsyncFd<OwnedFd>)> = None;
     loop {
         let current = applied.borrow_and_update().clone();
-        let wanted =
-            current.filter(|a| a.policy.autorate.is_some() || a.policy.download_account_arrivals);
+        let wanted = current.filter(|a| {
+            a.plan.policy.autorate.is_some() || a.plan.policy.dirs[Dir::Down].account_arrivals
+        });
         if let Some(a) = wanted {
             if tc.is_none() {
                 match Tc::connect().await {
@@ -132,9 +126,9 @@ async fn control(
     probe_io: &mut Option<(Pinger, AsyncFd<OwnedFd>)>,
     applied: &mut watch::Receiver<Option<Applied>>,
 ) -> bool {
-    let configured = plan_at(a, a.policy.upload_bps, a.policy.download_bps);
+    let configured = plan_at(a, a.plan.policy.dirs.as_ref().map(|_, d| d.rate_bps));
     let mut auto = None;
-    if let Some(cfg) = a.policy.autorate.clone() {
+    if let Some(cfg) = a.plan.policy.autorate.clone() {
         if probe_io.is_none() {
             match Pinger::new() {
                 Ok(x) => *probe_io = Some(x),
@@ -142,7 +136,7 @@ async fn control(
             }
         }
         if probe_io.is_some() {
-            let ctl = Controller::new(&cfg, &a.policy);
+            let ctl = Controller::new(&cfg, &a.plan.policy);
             log::info!(
                 "autorate on: reflectors {}, upload {}-{} kbit/s, download {}-{} kbit/s, bloat at +{} ms",
                 cfg.reflectors
@@ -150,16 +144,18 @@ async fn control(
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(", "),
-                ctl.up.min_bps / 1000,
-                ctl.up.max_bps / 1000,
-                ctl.down.min_bps / 1000,
-                ctl.down.max_bps / 1000,
+                ctl.dirs[Dir::Up].min_bps / 1000,
+                ctl.dirs[Dir::Up].max_bps / 1000,
+                ctl.dirs[Dir::Down].min_bps / 1000,
+                ctl.dirs[Dir::Down].max_bps / 1000,
                 cfg.delay_ms
             );
             let last = (
                 Instant::now(),
-                parent_bytes(tc, a.wan_ifindex).await,
-                parent_bytes(tc, a.lan_ifindex).await,
+                PerDir::new(
+                    parent_bytes(tc, a.ifindex[Dir::Up]).await,
+                    parent_bytes(tc, a.ifindex[Dir::Down]).await,
+                ),
             );
             auto = Some(Autorate {
                 cfg,
@@ -170,12 +166,12 @@ async fn control(
         }
     }
     let mut accounting = None;
-    if a.policy.download_account_arrivals {
-        match ingress::open(a, tc, pins, &configured.down).await {
+    if a.plan.policy.dirs[Dir::Down].account_arrivals {
+        match ingress::open(a, tc, pins, &configured.dirs[Dir::Down]).await {
             Ok((arrivals, l2)) => {
                 log::info!(
                     "download arrival accounting on: what reaches the shaper is held to {} (+{} %){}",
-                    format_rate(a.policy.download_bps),
+                    format_rate(a.plan.policy.dirs[Dir::Down].rate_bps),
                     ingress::MARGIN * 100.0,
                     if auto.is_some() {
                         ", or to the line rate autorate finds where that is lower"
@@ -185,10 +181,11 @@ async fn control(
                 );
                 accounting = Some(Accounting {
                     arrivals,
-                    gov: Governor::new(configured.down.rate_bps),
-                    acc: configured.down.accounting.clone(),
+                    gov: Governor::new(configured.dirs[Dir::Down].rate_bps),
+                    acc: configured.dirs[Dir::Down].accounting.clone(),
                     l2,
-                    per_root: a.policy.download_bps as f64 / configured.down.rate_bps.max(1) as f64,
+                    per_root: a.plan.policy.dirs[Dir::Down].rate_bps as f64
+                        / configured.dirs[Dir::Down].rate_bps.max(1) as f64,
                     reduced: false,
                 });
             }
@@ -234,7 +231,7 @@ async fn control(
                     guard.clear_ready();
                     for r in &replies {
                         let steps = x.ctl.clock_steps;
-                        x.ctl.on_owd(r.reflector, r.up_ms, r.down_ms, r.rtt_ms);
+                        x.ctl.on_owd(r.reflector, PerDir::new(r.up_ms, r.down_ms), r.rtt_ms);
                         if x.ctl.clock_steps != steps {
                             log::info!(
                                 "autorate: {}'s clock moved (its one-way delays shifted, the round trip did not); delays re-based",
@@ -261,15 +258,17 @@ async fn step(
     auto: Option<&mut Autorate>,
     mut accounting: Option<&mut Accounting>,
 ) -> Result<()> {
-    let (mut up_moved, mut down_moved) = (false, false);
+    let mut moved = PerDir::new(false, false);
     let arrived = accounting
         .as_deref_mut()
         .map(|g| g.arrivals.rate(&g.acc, g.l2));
     let mut auto_log = None;
     if let Some(x) = auto {
         let now = Instant::now();
-        let up = parent_bytes(tc, a.wan_ifindex).await;
-        let down = parent_bytes(tc, a.lan_ifindex).await;
+        let sent = PerDir::new(
+            parent_bytes(tc, a.ifindex[Dir::Up]).await,
+            parent_bytes(tc, a.ifindex[Dir::Down]).await,
+        );
         let secs = now.duration_since(x.last.0).as_secs_f64().max(1e-3);
         let rate = |new: Option<u64>, old: Option<u64>| match (new, old) {
             (Some(n), Some(o)) if n >= o => (n - o) as f64 * 8.0 / secs,
@@ -281,48 +280,47 @@ async fn step(
         // from it lowers arrival accounting's limit, whose cut lowers what the shaper
         // lets through, down to both floors (seen in the VM tier), and the direction
         // would never look busy enough to climb back.
-        let (au, ad) = (
-            rate(up, x.last.1),
-            arrived.unwrap_or_else(|| rate(down, x.last.2)),
+        let carried = PerDir::new(
+            rate(sent[Dir::Up], x.last.1[Dir::Up]),
+            arrived.unwrap_or_else(|| rate(sent[Dir::Down], x.last.1[Dir::Down])),
         );
-        x.last = (now, up, down);
-        if let Some(change) = x.ctl.tick(now, au, ad) {
-            *plan = plan_at(a, x.ctl.up.rate_bps, x.ctl.down.rate_bps);
-            up_moved = change.up.is_some();
-            down_moved = change.down.is_some();
-            let (du, dd) = x.ctl.last_deltas_ms();
-            auto_log = Some(
-                if change.up == Some(Step::Cut) || change.down == Some(Step::Cut) {
-                    (log::Level::Info, format!(
+        let (au, ad) = (carried[Dir::Up], carried[Dir::Down]);
+        x.last = (now, sent);
+        if let Some(change) = x.ctl.tick(now, carried) {
+            *plan = plan_at(a, x.ctl.rates());
+            moved = change.map(|_, s| s.is_some());
+            let deltas = x.ctl.last_deltas_ms();
+            let (du, dd) = (deltas[Dir::Up], deltas[Dir::Down]);
+            auto_log = Some(if change.values().any(|s| *s == Some(Step::Cut)) {
+                (log::Level::Info, format!(
                     "autorate: queue on the line (one-way delay +{du:.0} ms up, +{dd:.0} ms down); upload {} kbit/s, download {} kbit/s (carried {:.0}/{:.0})",
-                    x.ctl.up.rate_bps / 1000,
-                    x.ctl.down.rate_bps / 1000,
+                    x.ctl.dirs[Dir::Up].rate_bps / 1000,
+                    x.ctl.dirs[Dir::Down].rate_bps / 1000,
                     au / 1e3,
                     ad / 1e3
                 ))
-                } else {
-                    (
-                        log::Level::Debug,
-                        format!(
-                            "autorate: line busy and quiet; upload {} kbit/s, download {} kbit/s",
-                            x.ctl.up.rate_bps / 1000,
-                            x.ctl.down.rate_bps / 1000
-                        ),
-                    )
-                },
-            );
+            } else {
+                (
+                    log::Level::Debug,
+                    format!(
+                        "autorate: line busy and quiet; upload {} kbit/s, download {} kbit/s",
+                        x.ctl.dirs[Dir::Up].rate_bps / 1000,
+                        x.ctl.dirs[Dir::Down].rate_bps / 1000
+                    ),
+                )
+            });
         }
     }
     let mut share = 1.0;
     let mut acc_log = None;
     if let Some(g) = accounting {
         // Arrivals are held to the line autorate found, when it found it lower.
-        if down_moved {
-            g.gov.set_base(plan.down.rate_bps);
+        if moved[Dir::Down] {
+            g.gov.set_base(plan.dirs[Dir::Down].rate_bps);
         }
         let arrived = arrived.unwrap_or_default();
         if let Some(rate) = g.gov.update(arrived) {
-            down_moved = true;
+            moved[Dir::Down] = true;
             let per_root = g.per_root;
             let reduced = g.gov.factor() < 1.0;
             let msg = format!(
@@ -342,11 +340,16 @@ async fn step(
         }
         share = g.gov.factor();
     }
-    if up_moved {
-        apply::retune(tc, a.wan_ifindex, &plan.up).await?;
+    if moved[Dir::Up] {
+        apply::retune(tc, a.ifindex[Dir::Up], &plan.dirs[Dir::Up]).await?;
     }
-    if down_moved {
-        apply::retune(tc, a.lan_ifindex, &ingress::scaled(&plan.down, share)).await?;
+    if moved[Dir::Down] {
+        apply::retune(
+            tc,
+            a.ifindex[Dir::Down],
+            &ingress::scaled(&plan.dirs[Dir::Down], share),
+        )
+        .await?;
     }
     // Logged once written: the log says what the kernel has.
     for (level, msg) in [auto_log, acc_log].into_iter().flatten() {

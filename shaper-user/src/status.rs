@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
 
 use anyhow::Result;
 use serde::Serialize;
-use shaper_common::{DIR_DOWN, GLOBAL_COUNTER_NAMES};
+use shaper_common::{Dir, GLOBAL_COUNTER_NAMES};
 
 use crate::{
     apply::{Paths, State},
@@ -33,10 +33,6 @@ pub struct Report {
     /// The last kernel crash the gateway image kept (null: none recorded).
     pub last_crash: Option<LastCrash>,
 }
-
-/// File in the run directory where the gateway image's boot script
-/// (images/rootfs/usr/libexec/shaper/save-crash) summarises the last kernel crash.
-pub const LAST_CRASH_FILE: &str = "last-crash";
 
 /// The last kernel crash, as the image's boot script summarised it from the
 /// pstore record the crashed kernel left in EFI variables.
@@ -67,10 +63,11 @@ pub struct CrashRecord {
     pub boot: Option<String>,
 }
 
-/// Reads `<run>/last-crash`. A missing file is no crash (None); anything that
+/// Reads `<run>/last-crash`, where the gateway image's boot script
+/// (images/rootfs/usr/libexec/shaper/save-crash) summarises the last kernel crash. A missing file is no crash (None); anything that
 /// cannot be read or understood is `Unreadable`, never an error of status.
 pub fn read_last_crash(run: &Path) -> Option<LastCrash> {
-    let path = run.join(LAST_CRASH_FILE);
+    let path = crate::rundir::RunDir(run).last_crash();
     match std::fs::read(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => Some(LastCrash::Unreadable {
@@ -232,7 +229,7 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
     };
     let tc = Tc::connect().await?;
     let plan = &state.plan;
-    let dirs = [("upload", &plan.up), ("download", &plan.down)];
+    let dirs: Vec<_> = plan.dirs.iter().map(|(d, p)| (d.name(), p)).collect();
     let ifindex = |name: &str| {
         state
             .attachments
@@ -326,13 +323,13 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
         })
         .collect();
     let mut classifier = BTreeMap::new();
-    for (di, label) in ["upload", "download"].iter().enumerate() {
+    for d in Dir::ALL {
         let mut m: BTreeMap<String, u64> = GLOBAL_COUNTER_NAMES
             .iter()
-            .zip(&counters.global[di])
+            .zip(&counters.global[d.index()])
             .map(|(n, v)| (n.to_string(), *v))
             .collect();
-        if di == DIR_DOWN as usize && !counters.wan_arrivals.is_empty() {
+        if d == Dir::Down && !counters.wan_arrivals.is_empty() {
             // Of the classified download traffic, what came in from the WAN: what
             // `[download] account_arrivals` measures.
             let (p, b) = counters
@@ -342,7 +339,7 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
             m.insert("wan_arrival_packets".into(), p);
             m.insert("wan_arrival_bytes".into(), b);
         }
-        classifier.insert(label.to_string(), m);
+        classifier.insert(d.name().to_string(), m);
     }
     Ok(Some(Report {
         config: state.config.display().to_string(),
@@ -566,7 +563,11 @@ mod tests {
         }
         assert!(parse_last_crash(&vec![b'a'; 100_000]).is_err());
         let d = dir("garbage");
-        std::fs::write(d.join(LAST_CRASH_FILE), b"\x00\x01 not a summary").expect("write");
+        std::fs::write(
+            crate::rundir::RunDir(&d).last_crash(),
+            b"\x00\x01 not a summary",
+        )
+        .expect("write");
         let c = read_last_crash(&d).expect("a file is there");
         assert!(matches!(c, LastCrash::Unreadable { .. }), "{c:?}");
         let text = render_last_crash(&c);
@@ -589,7 +590,7 @@ mod tests {
     #[test]
     fn reads_the_file_and_serialises_it() {
         let d = dir("read");
-        std::fs::write(d.join(LAST_CRASH_FILE), FILE).expect("write");
+        std::fs::write(crate::rundir::RunDir(&d).last_crash(), FILE).expect("write");
         let c = read_last_crash(&d).expect("recorded");
         let json = serde_json::to_value(&c).expect("json");
         assert_eq!(json["state"], "recorded");

@@ -43,11 +43,12 @@ use shaper_common::{
 };
 use tokio::sync::watch;
 
+use crate::dir::Dir;
 use crate::{
+    apply::Applied,
     compile::{self, PARENT_CLASSID},
     kernel::bpf::{self, Pins},
     kernel::tc::Tc,
-    rates::Applied,
 };
 
 /// One download class as the share computation sees it.
@@ -143,13 +144,11 @@ pub fn shares(parent_bps: u64, classes: &[ClassNow]) -> Vec<u64> {
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime fills the struct we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    use nix::time::{clock_gettime, ClockId};
+    // CLOCK_MONOTONIC cannot fail on Linux; 0 if it ever did (as before).
+    clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
+        ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+    })
 }
 
 /// Active clamped flows per download class (by class index) as the classifier
@@ -233,13 +232,14 @@ async fn refresh(
 pub async fn run(mut applied: watch::Receiver<Option<Applied>>, pins: Pins) {
     loop {
         let current = applied.borrow_and_update().clone();
-        let Some(a) = current.filter(|a| a.policy.download_window_clamp.is_some()) else {
+        let Some(a) = current.filter(|a| a.plan.policy.dirs[Dir::Down].window_clamp.is_some())
+        else {
             if applied.changed().await.is_err() {
                 return;
             }
             continue;
         };
-        let plan = compile::plan(&a.policy, Some(a.caps));
+        let plan = &a.plan;
         let opened = async { Ok::<_, anyhow::Error>((Tc::connect().await?, open(&pins)?)) }.await;
         let (tc, mut maps) = match opened {
             Ok(x) => x,
@@ -253,7 +253,7 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, pins: Pins) {
         };
         log::info!(
             "download window clamp on: each TCP download's window is its share of its class's rate x (round trip + {} ms)",
-            a.policy.download_window_clamp.map_or(0, |w| w.queue_ms)
+            a.plan.policy.dirs[Dir::Down].window_clamp.map_or(0, |w| w.queue_ms)
         );
         let mut tick = tokio::time::interval(Duration::from_millis(CLAMP_TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -269,7 +269,15 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, pins: Pins) {
                     break;
                 }
             }
-            match refresh(&tc, &mut maps, a.lan_ifindex, &plan.down, &mut last).await {
+            match refresh(
+                &tc,
+                &mut maps,
+                a.ifindex[Dir::Down],
+                &plan.dirs[Dir::Down],
+                &mut last,
+            )
+            .await
+            {
                 Ok(()) => failing = false,
                 Err(e) => {
                     if !failing {

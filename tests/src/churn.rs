@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::netns::Netns;
+use crate::rng::Rng;
 
 /// The churn's shape.
 #[derive(Clone, Debug)]
@@ -77,36 +78,6 @@ pub struct ChurnStats {
     pub small_fct_ms: Vec<f64>,
     /// The same for transfers of 100 kB and more.
     pub large_fct_ms: Vec<f64>,
-}
-
-/// xorshift64*: small, seeded, good enough for traffic shapes.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed.max(1))
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Uniform in (0, 1].
-    pub fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    }
-    /// Exponential with mean `mean`.
-    pub fn exp(&mut self, mean: f64) -> f64 {
-        -mean * self.unit().ln()
-    }
-    /// Pareto(alpha, xm).
-    pub fn pareto(&mut self, alpha: f64, xm: f64) -> f64 {
-        xm / self.unit().powf(1.0 / alpha)
-    }
 }
 
 fn set_cc(fd: i32, cc: &str) -> Result<()> {

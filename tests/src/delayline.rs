@@ -71,6 +71,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::netns::Netns;
+use crate::rng::Rng;
 
 /// Size of `struct virtio_net_hdr` (without `num_buffers`), in front of every frame.
 pub const VNET_HDR_LEN: usize = 10;
@@ -671,7 +672,7 @@ impl Forwarder<'_> {
         let mut buf = vec![0u8; RX_BUF];
         let mut cbuf = [0u64; 16];
         let mut pickup: Vec<u64> = Vec::with_capacity(1024);
-        let mut rng = SplitMix64(monotonic_ns() ^ ((self.dir as u64 + 1) << 40));
+        let mut rng = Rng::splitmix64(monotonic_ns() ^ ((self.dir as u64 + 1) << 40));
         let mut next_housekeeping = 0u64;
         let mut real_minus_mono = realtime_offset();
         // Local counters, published once per wake.
@@ -856,7 +857,7 @@ impl Forwarder<'_> {
                 let j = if jitter == 0 {
                     0
                 } else {
-                    rng.next() % (jitter + 1)
+                    rng.next_u64() % (jitter + 1)
                 };
                 let release = (arrival + delay + j).max(last_release);
                 last_release = release;
@@ -889,18 +890,6 @@ impl Forwarder<'_> {
         }
         (st.cpu, st.cpu_user) = thread_cpu();
         ended
-    }
-}
-
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
     }
 }
 

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 
+use crate::rng::Rng;
+
 pub const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
 pub const EXPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2.1";
 pub const IMPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2";
@@ -158,24 +160,13 @@ fn ds(v: f64) -> String {
     s.to_string()
 }
 
-/// xorshift64* for the noise.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545F4914F6CDD1D)
-    }
-}
-
 /// The stored pixel values (little endian u16, 0..=4095; HU = value - 1024) of slice
 /// `index`: air outside a water cylinder, a bone ring, three inserts whose size changes
 /// along z, and +-15 of deterministic noise inside the body.
 pub fn pixel_data(spec: &StudySpec, index: u32) -> Vec<u8> {
     let (rows, cols) = (spec.rows as usize, spec.cols as usize);
     let mut out = Vec::with_capacity(rows * cols * 2);
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((spec.study as u64) << 32 | index as u64) | 1);
+    let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15 ^ ((spec.study as u64) << 32 | index as u64) | 1);
     let cx = cols as f64 / 2.0;
     let cy = rows as f64 / 2.0;
     let radius = 0.45 * cx.min(cy);
@@ -194,7 +185,7 @@ pub fn pixel_data(spec: &StudySpec, index: u32) -> Vec<u8> {
             let dx = (x as f64 + 0.5 - cx) / radius;
             let dy = (y as f64 + 0.5 - cy) / radius;
             let r2 = dx * dx + dy * dy;
-            let noise = rng.next();
+            let noise = rng.next_u64();
             let v: i32 = if r2 > 1.0 {
                 (noise % 7) as i32 // air, a little noise
             } else if r2 > 0.90 {

@@ -1,7 +1,7 @@
-//! DNS and QUIC on the wire for the host-name tests: queries and answers built here, a
-//! DNS server that answers every query with as many addresses as fit (what a LAN host's
-//! own server on the internet could send), a paced flood of queries to it, and UDP shaped
-//! like QUIC client Initials (which the classifier hands to user space to decrypt).
+//! DNS traffic for the host-name tests: a DNS server that answers every query with as
+//! many addresses as fit (what a LAN host's own server on the internet could send), a
+//! paced flood of queries to it, and the scattered addresses such answers name. The
+//! messages themselves (and QUIC-shaped Initials) are built by [`crate::packet`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,79 +11,12 @@ use std::time::{Duration, Instant};
 
 use crate::Netns;
 
-pub const TYPE_A: u16 = 1;
-pub const TYPE_AAAA: u16 = 28;
+// The builders live in the packet generator; their old paths here stay (the integration
+// tests use `dns::query`, `dns::answer`, `dns::TYPE_A`, `dns::fake_quic_initial`).
+pub use crate::packet::dns::{answer, query, TYPE_A, TYPE_AAAA};
+pub use crate::packet::tls::fake_quic_initial;
 
-/// A name in wire form (uncompressed).
-pub fn encode_name(name: &str) -> Vec<u8> {
-    let mut v = Vec::new();
-    for l in name.trim_end_matches('.').split('.') {
-        v.push(l.len() as u8);
-        v.extend_from_slice(l.as_bytes());
-    }
-    v.push(0);
-    v
-}
-
-/// A query for `name` (`qtype`, class IN) with message id `id`, recursion desired.
-pub fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
-    let mut m = id.to_be_bytes().to_vec();
-    m.extend([0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    m.extend(encode_name(name));
-    m.extend(qtype.to_be_bytes());
-    m.extend([0, 1]);
-    m
-}
-
-/// An answer with id `id` to a question for `name` (A, or AAAA if the first address is
-/// IPv6): one record per address, owned by the question name (compressed), `ttl` seconds.
-pub fn answer(id: u16, name: &str, addrs: &[IpAddr], ttl: u32) -> Vec<u8> {
-    let qtype = match addrs.first() {
-        Some(IpAddr::V6(_)) => TYPE_AAAA,
-        _ => TYPE_A,
-    };
-    let q = query(id, name, qtype);
-    answer_to(&q, addrs, ttl).expect("a question built here")
-}
-
-/// The answer to `query` (its id and question, which must be uncompressed): `addrs`,
-/// owned by the question name, `ttl` seconds; `None` if `query` holds no question.
-pub fn answer_to(query: &[u8], addrs: &[IpAddr], ttl: u32) -> Option<Vec<u8>> {
-    let mut end = 12;
-    loop {
-        let len = usize::from(*query.get(end)?);
-        if len & 0xc0 != 0 {
-            return None;
-        }
-        end += 1 + len;
-        if len == 0 {
-            break;
-        }
-    }
-    let question = query.get(12..end + 4)?;
-    let mut m = vec![query[0], query[1], 0x81, 0x80, 0, 1];
-    m.extend((addrs.len() as u16).to_be_bytes());
-    m.extend([0, 0, 0, 0]);
-    m.extend_from_slice(question);
-    for a in addrs {
-        m.extend([0xc0, 12]);
-        match a {
-            IpAddr::V4(a) => {
-                m.extend([0, 1, 0, 1]);
-                m.extend(ttl.to_be_bytes());
-                m.extend([0, 4]);
-                m.extend(a.octets());
-            }
-            IpAddr::V6(a) => {
-                m.extend([0, 28, 0, 1]);
-                m.extend(ttl.to_be_bytes());
-                m.extend([0, 16]);
-                m.extend(a.octets());
-            }
-        }
-    }
-    Some(m)
-}
+use crate::packet::dns::answer_to;
 
 /// The `i`th of 131,072 addresses scattered over 198.18.0.0/15 (benchmarking space: not
 /// the lab's, as addresses from DNS are scattered, not one block).
@@ -208,24 +141,4 @@ pub fn query_flood(
         }
         sent
     })
-}
-
-/// A UDP datagram shaped like a QUIC v1 client Initial (long header, Initial type, an
-/// 8-byte destination connection id from `seed`, 1,200 bytes): the classifier hands it
-/// to user space, which derives the connection's keys and fails to open it.
-pub fn fake_quic_initial(seed: u64) -> Vec<u8> {
-    let mut p = vec![0xc3, 0, 0, 0, 1, 8];
-    p.extend(seed.to_be_bytes());
-    // No source connection id, no token, a 2-byte length for the rest.
-    p.extend([0, 0]);
-    let len = 1200 - p.len() - 2;
-    p.extend((0x4000 | len as u16).to_be_bytes());
-    let mut x = seed | 1;
-    while p.len() < 1200 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        p.push(x as u8);
-    }
-    p
 }

@@ -1,8 +1,30 @@
-//! Builds Ethernet frames for classifier tests: IPv4 (options, fragments),
-//! IPv6 (extension headers, fragments), TCP/UDP/ICMP, VLAN tags, PPPoE
-//! session headers, with valid IPv4 header checksums.
+//! The lab's one packet generator (as Cilium's `pktgen.h` is its BPF tests'), and a raw
+//! link to send what it builds:
+//! - [`Pkt`]: Ethernet frames for the classifier: IPv4 (options, fragments), IPv6
+//!   (extension headers, fragments), TCP/UDP/ICMP, VLAN tags, PPPoE session headers, with
+//!   valid IPv4 header checksums; [`Pkt::with_payload`] puts given bytes after the L4
+//!   header.
+//! - [`dns`]: DNS queries and answers (A/AAAA, through a CNAME).
+//! - [`tls`]: TLS ClientHellos and QUIC-shaped client Initials.
+//! - [`RawLink`]: an AF_PACKET socket that sends whole frames out of a namespace's link.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+pub mod dns;
+pub mod tls;
+
+/// The source and destination MAC addresses of [`Pkt::build`]'s frames.
+pub const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
+pub const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+
+/// An untagged Ethernet header from [`SRC_MAC`] to [`DST_MAC`] with `ethertype`: how
+/// [`Pkt::build`]'s frames start.
+pub fn ethernet(ethertype: u16) -> Vec<u8> {
+    let mut f = DST_MAC.to_vec();
+    f.extend(SRC_MAC);
+    f.extend(ethertype.to_be_bytes());
+    f
+}
 
 #[derive(Debug, Clone)]
 pub struct Pkt {
@@ -74,7 +96,8 @@ impl Pkt {
     }
 
     pub fn build(&self) -> Vec<u8> {
-        let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
+        let mut f = DST_MAC.to_vec();
+        f.extend(SRC_MAC);
         for (i, v) in self.vlans.iter().enumerate() {
             let tpid: u16 = if i == 0 && self.vlans.len() > 1 {
                 0x88a8
@@ -104,6 +127,17 @@ impl Pkt {
             None => f.extend(ethertype.to_be_bytes()),
         }
         f.extend(ip);
+        f
+    }
+
+    /// `build()` with `payload` as its L4 payload (lengths set to fit; the builder's
+    /// payload is the frame's tail).
+    pub fn with_payload(&self, payload: &[u8]) -> Vec<u8> {
+        let mut p = self.clone();
+        p.payload = payload.len();
+        let mut f = p.build();
+        let at = f.len() - payload.len();
+        f[at..].copy_from_slice(payload);
         f
     }
 
@@ -200,11 +234,7 @@ pub use shaper_user::autorate::checksum;
 /// `p` carrying `payload` (its L4 payload, lengths set to fit) in a frame from `src_mac`
 /// to `dst_mac`: what a host on the link would send.
 pub fn frame_with(p: &Pkt, src_mac: [u8; 6], dst_mac: [u8; 6], payload: &[u8]) -> Vec<u8> {
-    let mut p = p.clone();
-    p.payload = payload.len();
-    let mut f = p.build();
-    let at = f.len() - payload.len();
-    f[at..].copy_from_slice(payload);
+    let mut f = p.with_payload(payload);
     f[..6].copy_from_slice(&dst_mac);
     f[6..12].copy_from_slice(&src_mac);
     f

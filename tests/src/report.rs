@@ -7,17 +7,7 @@ use std::fmt::Write as _;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-/// Nearest-rank percentile `p` (0..=100) of ascending `sorted` values; `None` when empty.
-/// Rank = ceil(p/100 * n), clamped to 1..=n (a tiny tolerance keeps e.g. 99 % of 100 at
-/// rank 99 despite floating point).
-pub fn nearest_rank(sorted: &[f64], p: f64) -> Option<f64> {
-    let n = sorted.len();
-    if n == 0 {
-        return None;
-    }
-    let rank = ((p / 100.0 * n as f64) - 1e-9).ceil() as usize;
-    Some(sorted[rank.clamp(1, n) - 1])
-}
+use crate::stats::nearest_rank;
 
 /// ITU-T G.107 E-model transmission rating R, in the simplified form of Cole & Rosenbluth
 /// (2001) with all other impairments at their defaults:
@@ -506,18 +496,6 @@ mod tests {
 
     fn close(a: f64, b: f64, eps: f64) -> bool {
         (a - b).abs() < eps
-    }
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(nearest_rank(&v, 50.0), Some(50.0));
-        assert_eq!(nearest_rank(&v, 99.0), Some(99.0));
-        assert_eq!(nearest_rank(&v, 99.9), Some(100.0));
-        assert_eq!(nearest_rank(&v, 100.0), Some(100.0));
-        assert_eq!(nearest_rank(&v, 0.0), Some(1.0));
-        assert_eq!(nearest_rank(&[], 50.0), None);
-        assert_eq!(nearest_rank(&[1.0, 2.0, 3.0], 50.0), Some(2.0));
     }
 
     #[test]

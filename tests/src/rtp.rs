@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde_json::{json, Value};
 
-use crate::report::nearest_rank;
+use crate::stats::nearest_rank;
 
 /// The RTP clock rate of video (RFC 3551): 90 kHz.
 pub const VIDEO_CLOCK_RATE: u32 = 90_000;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::netns::Netns;
+use crate::stats;
 use crate::topology::{LAN_HOST_V4, LAN_HOST_V6, SRV_V4, SRV_V6};
 use crate::util::monotonic_ns;
 
@@ -38,19 +39,12 @@ impl DelayStats {
     /// Nearest-rank percentiles over the delays of the packets that arrived (duplicates
     /// already removed by the caller).
     pub fn from_delays(sent: u64, mut delays_ms: Vec<f64>) -> Self {
-        delays_ms.sort_by(|a, b| a.total_cmp(b));
-        let n = delays_ms.len();
-        let pct = |q: f64| -> f64 {
-            if n == 0 {
-                return f64::NAN;
-            }
-            let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
-            delays_ms[rank - 1]
-        };
-        let received = n as u64;
+        stats::sort(&mut delays_ms);
+        let pct = |p: f64| stats::nearest_rank(&delays_ms, p).unwrap_or(f64::NAN);
+        let received = delays_ms.len() as u64;
         DelayStats {
-            p50_ms: pct(0.50),
-            p99_ms: pct(0.99),
+            p50_ms: pct(50.0),
+            p99_ms: pct(99.0),
             max_ms: delays_ms.last().copied().unwrap_or(f64::NAN),
             sent,
             received,

@@ -9,7 +9,7 @@
 //! uses too). `Depends:` comes from `dpkg-shlibdeps` on the binary. The package ships no
 //! file under `/etc` (no conffile): a site writes its own config with its line's rates.
 //!
-//! Checked by tests/tests/deb.rs: installed with dpkg, the unit verified and its
+//! Checked by tests/tests/integration/systemd.rs: installed with dpkg, the unit verified and its
 //! `ExecStartPre=`/`ExecStart=` run in a lab namespace, purged.
 
 use std::{

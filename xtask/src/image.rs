@@ -173,24 +173,28 @@ pub fn kernels_lock_path() -> PathBuf {
     workspace().join("images/kernels.lock")
 }
 
+/// A lock file's rows: (line number from 1, the line trimmed), blank and `#` lines left out.
+fn lock_rows(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines()
+        .map(str::trim)
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+        .map(|(i, l)| (i + 1, l))
+}
+
 /// images/kernels.lock: (name, package, version) rows.
 fn read_kernels_lock() -> Result<Vec<(String, String, String)>> {
     let text = fs::read_to_string(kernels_lock_path()).context("reading images/kernels.lock")?;
     let mut v = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
+    for (line_no, line) in lock_rows(&text) {
         let f: Vec<&str> = line.split_whitespace().collect();
         match f[..] {
             [n, p, ver] if p.starts_with("linux-image-") => {
                 v.push((n.to_string(), p.to_string(), ver.to_string()))
             }
-            _ => bail!(
-                "images/kernels.lock:{}: expected `name linux-image-package version`",
-                i + 1
-            ),
+            _ => {
+                bail!("images/kernels.lock:{line_no}: expected `name linux-image-package version`")
+            }
         }
     }
     Ok(v)
@@ -220,15 +224,11 @@ fn lock_with_kernel(mut lock: Vec<(String, String)>, name: &str) -> Result<Vec<(
 fn read_lock() -> Result<Vec<(String, String)>> {
     let text = fs::read_to_string(lock_path()).context("reading images/packages.lock")?;
     let mut v = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
+    for (line_no, line) in lock_rows(&text) {
         let mut it = line.split_whitespace();
         match (it.next(), it.next(), it.next()) {
             (Some(n), Some(ver), None) => v.push((n.to_string(), ver.to_string())),
-            _ => bail!("images/packages.lock:{}: expected `package version`", i + 1),
+            _ => bail!("images/packages.lock:{line_no}: expected `package version`"),
         }
     }
     Ok(v)

@@ -172,18 +172,23 @@ fn is_root() -> bool {
 fn cargo(args: &[&str]) -> Command {
     let mut c = Command::new("cargo");
     c.current_dir(workspace()).args(args);
-    // `cargo run` gave this process CARGO_PKG_*, CARGO_MANIFEST_* and friends; a nested
-    // cargo must not see them (they changed which targets it selected).
-    for (k, _) in env::vars_os() {
-        if let Some(k) = k.to_str() {
-            if k.starts_with("CARGO_") && k != "CARGO_HOME" {
-                c.env_remove(k);
-            }
-        }
-    }
+    strip_cargo_env(&mut c);
     // bpf-linker lives in cargo's bin dir; make sure aya-build's cargo finds it.
     c.env("PATH", path_with_cargo_bin());
     c
+}
+
+/// `cargo run` gave this process CARGO_PKG_*, CARGO_MANIFEST_* and friends; a nested
+/// cargo (run by `cmd` or by a script it runs) must not see them (they changed which
+/// targets it selected). CARGO_HOME stays.
+fn strip_cargo_env(cmd: &mut Command) {
+    for (k, _) in env::vars_os() {
+        if let Some(k) = k.to_str() {
+            if k.starts_with("CARGO_") && k != "CARGO_HOME" {
+                cmd.env_remove(k);
+            }
+        }
+    }
 }
 
 fn path_with_cargo_bin() -> std::ffi::OsString {

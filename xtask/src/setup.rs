@@ -16,12 +16,12 @@ pub(crate) const APT: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("ping", "iputils-ping"),
     ("bpftool", "bpftool"),
-    // Host names (tests/tests/hosts.rs): a DNS server and client, a TLS server and client.
+    // Host names (tests/tests/integration/hosts.rs): a DNS server and client, a TLS server and client.
     ("dnsmasq", "dnsmasq-base"),
     ("dig", "bind9-dnsutils"),
     ("openssl", "openssl"),
     ("gtlsclient", "ngtcp2-client"),
-    // The site file's host firewall (tests/tests/site.rs) and SSH to the box (VM tier).
+    // The site file's host firewall (tests/tests/integration/site.rs) and SSH to the box (VM tier).
     ("nft", "nftables"),
     ("ssh", "openssh-client"),
     // PPPoE across the bridged gateway in the VM tier (the testers run the host's tools).

@@ -2,12 +2,13 @@
 //! fuzz of each target, the Debian package, the kernel and namespace tests (serial), then
 //! the VM tier on the image's kernel and on Debian 12's.
 
-use std::{env, process::Command};
+use std::process::Command;
 
 use anyhow::{bail, Result};
 
 use crate::{
     build_release_shaper, cargo, deb, is_root, path_with_cargo_bin, run, shaper_bin, step,
+    strip_cargo_env,
     vm::{vm_test, VmOpts},
     workspace,
 };
@@ -23,13 +24,7 @@ pub(crate) fn fuzz(seconds: u32) -> Result<()> {
             .arg(target)
             .arg(seconds.to_string())
             .env("PATH", path_with_cargo_bin());
-        for (k, _) in env::vars_os() {
-            if let Some(k) = k.to_str() {
-                if k.starts_with("CARGO_") && k != "CARGO_HOME" {
-                    c.env_remove(k);
-                }
-            }
-        }
+        strip_cargo_env(&mut c);
         run(&mut c)?;
     }
     Ok(())
@@ -38,44 +33,38 @@ pub(crate) fn fuzz(seconds: u32) -> Result<()> {
 pub(crate) fn test(args: &[String]) -> Result<()> {
     step("building");
     // Named packages only: the eBPF crate builds for the BPF target (build.rs does it).
-    let host = [
+    // The unit tests are these; the build adds shaper-tests (the root tests, run below).
+    let unit = [
         "-p",
         "shaper-user",
         "-p",
         "shaper-core",
         "-p",
         "shaper-common",
-        "-p",
-        "shaper-tests",
         "-p",
         "xtask",
     ];
     let mut build = cargo(&["build", "--all-targets"]);
-    build.args(host);
+    build.args(unit).args(["-p", "shaper-tests"]);
     run(&mut build)?;
     step("unit tests");
-    run(&mut cargo(&[
-        "test",
-        "-p",
-        "shaper-user",
-        "-p",
-        "shaper-core",
-        "-p",
-        "shaper-common",
-        "-p",
-        "xtask",
-    ]))?;
+    let mut unit_tests = cargo(&["test"]);
+    unit_tests.args(unit);
+    run(&mut unit_tests)?;
     if !is_root() {
         bail!(
             "the namespace tests need root (they create network namespaces and load BPF programs)"
         );
     }
     fuzz(20)?;
-    // The Debian package, installed and started by tests/tests/deb.rs.
+    // The Debian package, installed and started by
+    // `systemd::debian_package_installs_starts_and_purges` (tests/tests/integration/systemd.rs).
     let deb = deb::build(&build_release_shaper()?)?;
     step("kernel and namespace tests (serial)");
     let skips = workspace().join("target/test-skips.txt");
     let _ = std::fs::remove_file(&skips);
+    // shaper-tests' unit tests and its one integration binary (tests/tests/integration/, a
+    // module per area); `args` filter by `module::test` (`lifecycle::`, `classify::`).
     let mut c = cargo(&["test", "-p", "shaper-tests", "--", "--test-threads=1"]);
     c.args(args)
         .env("SHAPER_BIN", shaper_bin(false))

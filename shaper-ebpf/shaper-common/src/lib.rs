@@ -61,9 +61,67 @@ pub const NO_RULE: u32 = u32::MAX;
 /// `ClassInfo::dscp` value meaning "leave DSCP as it is".
 pub const DSCP_KEEP: u8 = 0xff;
 
-/// Direction index: upload = WAN egress, download = LAN egress.
-pub const DIR_UP: u32 = 0;
-pub const DIR_DOWN: u32 = 1;
+/// A direction of traffic through the gateway: the one type for it on both sides of the
+/// ABI. Upload is shaped on WAN egress, download on LAN egress. Its value (`as u32`) is
+/// the direction index of every per-direction map slot and of `Event::dir`.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum Dir {
+    /// LAN to internet: shaped on WAN egress.
+    Up = 0,
+    /// Internet to LAN: shaped on LAN egress.
+    Down = 1,
+}
+
+impl Dir {
+    /// Both directions, in index order.
+    pub const ALL: [Dir; 2] = [Dir::Up, Dir::Down];
+
+    /// The direction index (0 or 1) for arrays and map slots.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The direction of an ABI value (`Event::dir`, a map slot's direction).
+    pub const fn from_u32(v: u32) -> Option<Dir> {
+        match v {
+            0 => Some(Dir::Up),
+            1 => Some(Dir::Down),
+            _ => None,
+        }
+    }
+
+    /// How configs, logs and reports name it: `upload` / `download`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Dir::Up => "upload",
+            Dir::Down => "download",
+        }
+    }
+
+    /// The interface role whose egress shapes it: `wan` / `lan`.
+    pub const fn egress(self) -> &'static str {
+        match self {
+            Dir::Up => "wan",
+            Dir::Down => "lan",
+        }
+    }
+
+    /// The other direction.
+    pub const fn reverse(self) -> Dir {
+        match self {
+            Dir::Up => Dir::Down,
+            Dir::Down => Dir::Up,
+        }
+    }
+}
+
+/// Direction index of [`Dir::Up`] (upload = WAN egress), for the kernel's map slots.
+pub const DIR_UP: u32 = Dir::Up as u32;
+/// Direction index of [`Dir::Down`] (download = LAN egress).
+pub const DIR_DOWN: u32 = Dir::Down as u32;
 
 /// `Config::flags`: the WAN interface carries an Ethernet header.
 pub const CFG_WAN_L2: u32 = 1 << 0;

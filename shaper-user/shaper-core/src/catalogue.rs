@@ -25,8 +25,9 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::diag::{toml_error, ConfigError, Ctx};
+use crate::dir::Dir;
 pub use crate::rule::AppMatch;
-use crate::rule::{dns_name_value, match_fields, values, Direction, MatchFields, Rule};
+use crate::rule::{dns_name_value, match_fields, values, MatchFields, Rule};
 use crate::units::{port_range, protocol_name};
 
 /// Version of the built-in catalogue; bump it whenever an entry changes.
@@ -308,7 +309,7 @@ impl App {
         rule: &str,
         class: usize,
         priority: i64,
-        direction: Direction,
+        direction: Option<Dir>,
     ) -> Vec<Rule> {
         let mut rules: Vec<Rule> = self
             .matches
@@ -683,17 +684,17 @@ mod tests {
         let rules = c
             .get("dicom")
             .expect("dicom")
-            .expand("images", 2, 7, Direction::Upload);
+            .expand("images", 2, 7, Some(Dir::Up));
         let names: Vec<_> = rules.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["images/dicom#1", "images/dicom#2"]);
         assert!(rules
             .iter()
-            .all(|r| r.class == 2 && r.priority == 7 && r.direction == Direction::Upload));
+            .all(|r| r.class == 2 && r.priority == 7 && r.direction == Some(Dir::Up)));
         assert_eq!(rules[0].dst_ports, [(104, 104), (11112, 11112)]);
         assert_eq!(rules[1].src_ports, [(104, 104), (11112, 11112)]);
         // A DNS-only app expands to one host-name rule, and says how it is recognised.
         let a = c.get("accurx-video").expect("accurx");
-        let rules = a.expand("v", 0, 0, Direction::Both);
+        let rules = a.expand("v", 0, 0, None);
         assert_eq!(rules.len(), 1);
         assert_eq!(rules[0].name, "v/accurx-video#dns");
         assert_eq!(rules[0].dns_names, a.dns_names);

@@ -3,8 +3,9 @@
 //! kernel): the `shaper-user` crate applies what this compiles, and the fuzz targets
 //! (`shaper-user/fuzz`) and the lab link this crate without building the eBPF object.
 //!
-//! - [`units`], [`diag`], [`rule`]: the leaves: values (rates, DSCP, ports, prefixes),
-//!   errors naming file, line and field, rules and their match fields.
+//! - [`units`], [`diag`], [`dir`], [`rule`]: the leaves: values (rates, DSCP, ports,
+//!   prefixes), errors naming file, line and field, direction and per-direction values,
+//!   rules and their match fields.
 //! - [`catalogue`]: the built-in clinical application catalogue and the `[[app]]`
 //!   format; [`config`]: the config file and its validation (uses the catalogue; the
 //!   catalogue never uses it).
@@ -13,6 +14,7 @@
 //! - [`hosts`]: the host-name engine (what `shaper run` learns from DNS, TLS and QUIC),
 //!   against a kernel seen through a trait.
 //! - [`explain`]: why a packet (described, or from a pcap) goes where it goes.
+//! - [`rundir`]: the files of the run directory, their names and format versions.
 
 /// A captured packet under `tests/fixtures/` (for unit tests), as a byte slice.
 #[cfg(test)]
@@ -31,11 +33,13 @@ pub mod catalogue;
 pub mod compile;
 pub mod config;
 pub mod diag;
+pub mod dir;
 pub mod dnswire;
 pub mod explain;
 pub mod hosts;
 pub mod quic;
 pub mod rule;
+pub mod rundir;
 pub mod sni;
 pub mod units;
 

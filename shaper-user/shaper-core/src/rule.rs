@@ -2,28 +2,22 @@
 //! shows on the wire, the same fields) and the checking of the six match fields shared by
 //! a config's `[[rule]]`, its `[[app]]` tables and the catalogue's ([`match_fields`]).
 
-use std::fmt;
+use std::{fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::diag::{ConfigError, Ctx};
+use crate::dir::Dir;
 use crate::units::*;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    Both,
-    Upload,
-    Download,
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rule {
     pub name: String,
     pub class: usize,
     pub priority: i64,
-    pub direction: Direction,
+    /// `direction`: None for "both".
+    pub direction: Option<Dir>,
     /// Empty = any protocol.
     pub protocols: Vec<u8>,
     /// Inclusive ranges; empty = any (including packets without ports).
@@ -36,6 +30,80 @@ pub struct Rule {
     /// been answered for one of them, or the TLS server name be one of them.
     #[serde(default)]
     pub dns_names: Vec<String>,
+}
+
+/// A packet as rules see it. Addresses and ports are from the site's side (src = LAN,
+/// dst = WAN) in both directions; `dscp` as the classifier reads it (0 where the
+/// direction's marks are not trusted).
+#[derive(Debug, Clone, Copy)]
+pub struct PacketView {
+    pub dir: Dir,
+    pub proto: u8,
+    pub dscp: u8,
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+}
+
+/// The one statement of what a rule accepts, field by field and as a whole: the
+/// reference matcher (`compile::reference_match_hosts`, against which the kernel's maps
+/// are checked), `explain`'s field-by-field checks, the host-name engine and the
+/// server-name decision all ask these.
+impl Rule {
+    /// Whether the rule looks at packets going `d` (its `direction`).
+    pub fn goes(&self, d: Dir) -> bool {
+        self.direction.is_none_or(|r| r == d)
+    }
+
+    pub fn accepts_protocol(&self, proto: u8) -> bool {
+        self.protocols.is_empty() || self.protocols.contains(&proto)
+    }
+
+    pub fn accepts_dscp(&self, dscp: u8) -> bool {
+        self.dscp.is_empty() || self.dscp.contains(&dscp)
+    }
+
+    /// Whether one of the rule's host patterns matches `name` (a DNS name on an
+    /// answer's chain, a TLS or QUIC server name).
+    pub fn accepts_name(&self, name: &str) -> bool {
+        names_accept(&self.dns_names, name)
+    }
+
+    /// Whether the rule accepts `v`. `host()`: whether the packet's WAN-side host is
+    /// one of the rule's names (asked only of a rule with names, after every other field
+    /// matched).
+    pub fn accepts(&self, v: &PacketView, host: impl FnOnce() -> bool) -> bool {
+        self.goes(v.dir)
+            && self.accepts_protocol(v.proto)
+            && self.accepts_dscp(v.dscp)
+            && ports_accept(&self.src_ports, v.sport)
+            && ports_accept(&self.dst_ports, v.dport)
+            && cidrs_accept(&self.src_cidrs, v.src)
+            && cidrs_accept(&self.dst_cidrs, v.dst)
+            && (self.dns_names.is_empty() || host())
+    }
+}
+
+/// A port field: no ranges accepts every packet (with ports or without); ranges accept
+/// only a port inside one.
+pub fn ports_accept(ranges: &[(u16, u16)], port: Option<u16>) -> bool {
+    ranges.is_empty() || port.is_some_and(|p| ranges.iter().any(|&(lo, hi)| lo <= p && p <= hi))
+}
+
+/// An address field: no prefixes accepts every address.
+pub fn cidrs_accept(cidrs: &[Cidr], a: IpAddr) -> bool {
+    cidrs.is_empty()
+        || cidrs
+            .iter()
+            .any(|c| c.addr.is_ipv6() == a.is_ipv6() && mask_addr(a, c.len) == c.addr)
+}
+
+/// Whether one of `patterns` (`*.` wildcards) matches `name`.
+pub fn names_accept(patterns: &[String], name: &str) -> bool {
+    patterns
+        .iter()
+        .any(|p| crate::dnswire::name_matches(p, name))
 }
 
 /// The six match fields of a rule, an app or an app's `[[app.match]]`.

@@ -39,22 +39,6 @@ const NL_HANDLE: TcHandle = TcHandle::new(0, 0x5a);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Side {
-    Wan,
-    Lan,
-}
-
-impl Side {
-    pub fn name(self) -> &'static str {
-        match self {
-            Side::Wan => "wan",
-            Side::Lan => "lan",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
 pub enum AttachMode {
     Tcx,
     Netlink,
@@ -63,7 +47,7 @@ pub enum AttachMode {
 /// How one side is attached (kept in the state file).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
-    pub side: Side,
+    pub side: Dir,
     pub ifname: String,
     pub ifindex: u32,
     pub mode: AttachMode,
@@ -81,8 +65,8 @@ impl Pins {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Pins { root: root.into() }
     }
-    pub fn link(&self, side: Side) -> PathBuf {
-        self.root.join(format!("link_{}", side.name()))
+    pub fn link(&self, side: Dir) -> PathBuf {
+        self.root.join(format!("link_{}", side.egress()))
     }
     pub fn maps(&self) -> PathBuf {
         self.root.join("maps")
@@ -302,7 +286,7 @@ pub fn attach_mode() -> AttachMode {
 pub fn attach(
     bpf: &mut Ebpf,
     pins: &Pins,
-    side: Side,
+    side: Dir,
     ifname: &str,
     ifindex: u32,
     previous: Option<&Attachment>,
@@ -477,7 +461,7 @@ fn remove_dir(dir: &Path) -> io::Result<()> {
 
 /// Removes every pin we own (links and maps).
 pub fn remove_pins(pins: &Pins) {
-    for side in [Side::Wan, Side::Lan] {
+    for side in [Dir::Up, Dir::Down] {
         let _ = fs::remove_file(pins.link(side));
     }
     for d in [pins.maps(), pins.maps_next(), pins.maps_old()] {

@@ -1266,15 +1266,10 @@ pub async fn probe_qdisc_kinds(kinds: &[&str]) -> Vec<(String, bool)> {
 }
 
 fn probe_thread(kinds: &[String]) -> Result<Vec<(String, bool)>, String> {
-    // SAFETY: unshare only changes this thread's namespace membership; the
-    // thread is ours and ends when the probe is done, which drops the netns.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(format!(
-            "unshare(CLONE_NEWNET) failed: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    // unshare only changes this thread's namespace membership; the thread is ours and
+    // ends when the probe is done, which drops the netns.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("unshare(CLONE_NEWNET) failed: {}", std::io::Error::from(e)))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()

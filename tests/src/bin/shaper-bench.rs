@@ -28,8 +28,10 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use shaper_common::{
     HostKey, HostVal, GLOBAL_COUNTERS, HOST_DECIDED, MAP_EVENTS, MAP_GLOBAL_STATS, MAP_HOST_FLOWS,
 };
-use shaper_tests::packet::Pkt;
+use shaper_tests::dns::scattered_v4;
+use shaper_tests::packet::{dns, Pkt};
 use shaper_tests::phases::{self, Phases};
+use shaper_tests::stats;
 use shaper_tests::topology::{GW_LAN_IF, GW_WAN_IF, HOST_IF, SRV_V4};
 use shaper_tests::{
     Line, Offloads, Scenario, Shaper, ShaperConfig, TempDir, Topology, TopologyOptions,
@@ -80,9 +82,9 @@ fn policy(n: usize) -> config::Policy {
     parse_policy(&policy_text(n))
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+/// The nearest-rank median of `ROUNDS` (odd: the middle) timings.
+fn median(v: Vec<Duration>) -> Duration {
+    stats::median(&v).unwrap_or_default()
 }
 
 fn classifier_table() -> anyhow::Result<()> {
@@ -207,31 +209,6 @@ fn behaviour_text(n: usize) -> String {
                 1,
             )
     )
-}
-
-/// A frame carrying `payload` after its L4 header (the builder's payload is its tail).
-fn with_payload(mut p: Pkt, payload: &[u8]) -> Vec<u8> {
-    p.payload = payload.len();
-    let mut f = p.build();
-    let at = f.len() - payload.len();
-    f[at..].copy_from_slice(payload);
-    f
-}
-
-/// A DNS answer: `name` A `addr` (answer owner compressed to the question), TTL `ttl`.
-fn dns_answer(id: u16, name: &str, addr: Ipv4Addr, ttl: u32) -> Vec<u8> {
-    let mut m = id.to_be_bytes().to_vec();
-    m.extend([0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        m.push(label.len() as u8);
-        m.extend(label.as_bytes());
-    }
-    m.extend([0, 0, 1, 0, 1]);
-    m.extend([0xc0, 12, 0, 1, 0, 1]);
-    m.extend(ttl.to_be_bytes());
-    m.extend([0, 4]);
-    m.extend(addr.octets());
-    m
 }
 
 /// A per-direction global counter of a loaded classifier (summed over CPUs).
@@ -459,10 +436,7 @@ fn host_rows(floor: Duration) -> anyhow::Result<()> {
     );
 
     // DNS answers: UDP from a resolver's port 53 to a LAN client, on LAN egress (lo = LAN).
-    let dns = with_payload(
-        Pkt::udp("192.0.2.53", "192.168.1.10", 53, 40001),
-        DNS_ANSWER,
-    );
+    let dns = Pkt::udp("192.0.2.53", "192.168.1.10", 53, 40001).with_payload(DNS_ANSWER);
     event_rows(
         "dns answer",
         &dns,
@@ -472,10 +446,7 @@ fn host_rows(floor: Duration) -> anyhow::Result<()> {
         true,
     )?;
     // ClientHellos: the first data segment of a TCP connection to 443, on WAN egress.
-    let hello = with_payload(
-        Pkt::tcp("192.168.1.10", "203.0.113.5", 40000, 443),
-        CLIENT_HELLO,
-    );
+    let hello = Pkt::tcp("192.168.1.10", "203.0.113.5", 40000, 443).with_payload(CLIENT_HELLO);
     let [mut hit, mut miss] = event_rows(
         "tls hello",
         &hello,
@@ -594,13 +565,8 @@ fn host_rows(floor: Duration) -> anyhow::Result<()> {
     // address (it matches the host-name rule, the last), one to an address of the same
     // /15 that is never learned and one to an address far from them (both match
     // nothing), all to UDP 9999 (no other rule's port).
-    let scattered = |i: u32| {
-        Ipv4Addr::from(
-            u32::from(Ipv4Addr::new(198, 18, 0, 0)) | (i.wrapping_mul(0x9e37_79b1) & 0x1_ffff),
-        )
-    };
-    let learned = scattered(500);
-    let unlearned = scattered(10_001);
+    let learned = scattered_v4(500);
+    let unlearned = scattered_v4(10_001);
     let elsewhere = Ipv4Addr::new(198, 51, 100, 7);
     let [mut hit, mut miss] = load_pair(&hosts_maps, false)?;
     // The maps the engine writes, taken out of each object once (each stage's engine
@@ -612,10 +578,10 @@ fn host_rows(floor: Duration) -> anyhow::Result<()> {
     for (stage, k) in [0usize, 1_000, 10_000].into_iter().enumerate() {
         let events: Vec<Vec<u8>> = (0..k)
             .flat_map(|i| {
-                let answer = dns_answer(
+                let answer = dns::answer(
                     i as u16,
                     &format!("h{i}.example.test"),
-                    scattered(i as u32),
+                    &[scattered_v4(i as u32).into()],
                     3600,
                 );
                 // The query it answers goes out first: only answers to queries count.
@@ -751,11 +717,6 @@ fn lab() -> anyhow::Result<Topology> {
     })
 }
 
-fn pct(sorted: &[Duration], q: f64) -> Duration {
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 /// Wall time of `reloads` `shaper apply` runs alternating two configs with `n` rules.
 fn reload_times(n: usize, reloads: usize) -> anyhow::Result<(Duration, Vec<Duration>)> {
     let topo = lab()?;
@@ -806,8 +767,8 @@ fn reload_table() -> anyhow::Result<()> {
             "{:<8} {:>14} {:>10} {:>10} {:>10} {:>10}",
             n,
             f(first),
-            f(pct(&t, 0.50)),
-            f(pct(&t, 0.99)),
+            f(stats::nearest_rank(&t, 50.0).unwrap_or_default()),
+            f(stats::nearest_rank(&t, 99.0).unwrap_or_default()),
             f(t[0]),
             f(t[t.len() - 1])
         );

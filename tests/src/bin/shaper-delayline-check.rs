@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use shaper_tests::delayline::monotonic_ns;
+use shaper_tests::stats;
 use shaper_tests::topology::{LAN_HOST_V4, SRV_V4};
 use shaper_tests::util::arg_value;
 use shaper_tests::{probe, DirectionStats, Netns, Offloads, PathDelay, Topology, TopologyOptions};
@@ -270,9 +271,9 @@ fn print_noise(when: &str) {
     let o = timer_noise(1.0);
     println!(
         "machine timer noise {when}: SCHED_FIFO 300 us absolute sleeps for 1 s, overshoot p50 {} p99 {} p99.9 {} max {} ms; steal {:.1} %",
-        ms(q(&o, 0.5)),
-        ms(q(&o, 0.99)),
-        ms(q(&o, 0.999)),
+        ms(pct(&o, 50.0)),
+        ms(pct(&o, 99.0)),
+        ms(pct(&o, 99.9)),
         ms(o.last().copied().unwrap_or(0)),
         steal_between(stat, cpu_jiffies())
     );
@@ -415,12 +416,9 @@ fn sleep_until(ns: u64) {
     {}
 }
 
-fn q(sorted: &[i64], p: f64) -> i64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
+/// The nearest-rank percentile `p` (0..=100, [`stats`]) of ascending `sorted`; 0 when empty.
+fn pct(sorted: &[i64], p: f64) -> i64 {
+    stats::nearest_rank(sorted, p).unwrap_or(0)
 }
 
 fn ms(ns: i64) -> String {
@@ -456,9 +454,9 @@ fn print_tables(outcomes: &[Outcome]) {
                 f.sent,
                 loss,
                 ms(e.first().copied().unwrap_or(0)),
-                ms(q(&e, 0.5)),
-                ms(q(&e, 0.99)),
-                ms(q(&e, 0.999)),
+                ms(pct(&e, 50.0)),
+                ms(pct(&e, 99.0)),
+                ms(pct(&e, 99.9)),
                 ms(e.last().copied().unwrap_or(0)),
                 o.steal_pct,
             );
@@ -537,12 +535,12 @@ fn print_tables(outcomes: &[Outcome]) {
                 "{:<9} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
                 f.name,
                 ms(e.first().copied().unwrap_or(0)),
-                ms(q(&e, 0.10)),
-                ms(q(&e, 0.25)),
-                ms(q(&e, 0.5)),
-                ms(q(&e, 0.75)),
-                ms(q(&e, 0.90)),
-                ms(q(&e, 0.99)),
+                ms(pct(&e, 10.0)),
+                ms(pct(&e, 25.0)),
+                ms(pct(&e, 50.0)),
+                ms(pct(&e, 75.0)),
+                ms(pct(&e, 90.0)),
+                ms(pct(&e, 99.0)),
                 ms(e.last().copied().unwrap_or(0)),
             );
         }

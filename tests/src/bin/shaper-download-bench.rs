@@ -34,6 +34,7 @@ use shaper_tests::flood::{start_flood, with_bulk_class, FLOOD_PAYLOAD, FLOOD_POR
 use shaper_tests::reference::{self, ReferenceOptions};
 use shaper_tests::report::TierRow;
 use shaper_tests::shaper::Daemon;
+use shaper_tests::stats;
 use shaper_tests::topology::{GW_LAN_IF, MODEM_IN_IF};
 use shaper_tests::util::arg_value;
 use shaper_tests::{Line, Netns, Results, Scenario, Shaper, ShaperConfig, TempDir, Topology};
@@ -349,15 +350,6 @@ fn pct_of(v: f64, of: f64) -> String {
     format!("{:.1} %", 100.0 * v / of)
 }
 
-fn percentile(v: &[u64], q: f64) -> u64 {
-    if v.is_empty() {
-        return 0;
-    }
-    let mut s = v.to_vec();
-    s.sort_unstable();
-    s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
-}
-
 fn mean(v: &[u64]) -> f64 {
     if v.is_empty() {
         0.0
@@ -602,7 +594,7 @@ fn main() -> Result<()> {
         qrows.push(vec![
             r.case.label.clone(),
             ms(to_ms(mean(m), down)),
-            ms(to_ms(percentile(m, 0.99) as f64, down)),
+            ms(to_ms(stats::percentile(m, 99.0).unwrap_or(0) as f64, down)),
             ms(to_ms(m.iter().copied().max().unwrap_or(0) as f64, down)),
             r.modem_drops.to_string(),
             match shaper_rate {

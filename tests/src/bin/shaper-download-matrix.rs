@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use shaper_tests::matrix::{run_case, CaseOut, Gw, LineProfile, ADSL12, ADSL8, FTTC};
+use shaper_tests::stats;
 use shaper_tests::topology::PathDelay;
 use shaper_tests::util::arg_value;
 use shaper_tests::{
@@ -43,15 +44,11 @@ fn list<'a>(args: &'a [String], name: &str, default: &'a str) -> Vec<&'a str> {
         .collect()
 }
 
-fn median(v: &[f64]) -> f64 {
-    pct(v, 0.5)
-}
-
-/// Nearest-rank percentile (`q` in 0..=1) of the finite values of `v`; NaN when none.
-fn pct(v: &[f64], q: f64) -> f64 {
-    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    s.sort_by(|a, b| a.total_cmp(b));
-    shaper_tests::report::nearest_rank(&s, q * 100.0).unwrap_or(f64::NAN)
+/// The nearest-rank percentile `p` (0..=100, [`stats`]) of the finite values of `v` (a
+/// run that received no video reports NaN delays); NaN when none.
+fn pct(v: &[f64], p: f64) -> f64 {
+    let finite: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    stats::percentile(&finite, p).unwrap_or(f64::NAN)
 }
 
 fn worst(v: &[f64]) -> f64 {
@@ -245,7 +242,7 @@ fn latency_cells<'a>(
         .filter_map(|r| r.video_idle.as_ref().map(|i| idle(i).p99_ms))
         .collect();
     let p99s = |rs: &[&Results]| -> Vec<f64> { rs.iter().map(|r| pick(r).p99_ms).collect() };
-    let mw = |v: &[f64]| format!("{:.1} / {:.1}", median(v), worst(v));
+    let mw = |v: &[f64]| format!("{:.1} / {:.1}", pct(v, 50.0), worst(v));
     let ok = prod
         .iter()
         .filter(|r| {
@@ -255,8 +252,8 @@ fn latency_cells<'a>(
         })
         .count();
     vec![
-        format!("{:.1}", median(&idle_p99)),
-        format!("{:.1}", median(&idle_p99) + mtu_ms + 2.0),
+        format!("{:.1}", pct(&idle_p99, 50.0)),
+        format!("{:.1}", pct(&idle_p99, 50.0) + mtu_ms + 2.0),
         mw(&p99s(prod)),
         format!("{ok}/{}", prod.len()),
         mw(&p99s(&of(Gw::Htb(85)))),
@@ -335,7 +332,7 @@ fn print_tables(
         };
         let gp_prod = gp(&prod);
         let ok_gp = gp_prod.iter().filter(|&&g| g >= 90.0).count();
-        let mp = |v: &[f64]| format!("{:.1} %", median(v));
+        let mp = |v: &[f64]| format!("{:.1} %", pct(v, 50.0));
         let churn_fct = |rs: &[&Results]| -> String {
             let v: Vec<f64> = rs
                 .iter()
@@ -345,7 +342,7 @@ fn print_tables(
             if v.is_empty() {
                 "-".into()
             } else {
-                format!("{:.0} / {:.0}", median(&v), pct(&v, 0.95))
+                format!("{:.0} / {:.0}", pct(&v, 50.0), pct(&v, 95.0))
             }
         };
         let label = vec![

@@ -37,7 +37,8 @@ use shaper_common::{
     FlowKey, FlowVal, HostKey, HostVal, FLOW_DEMOTED, FLOW_PROMOTED, GLOBAL_COUNTERS,
     GLOBAL_COUNTER_NAMES, HOST_DECIDED, MAP_EVENTS, MAP_FLOWS, MAP_GLOBAL_STATS, NO_PORT,
 };
-use shaper_tests::packet::Pkt;
+use shaper_tests::packet::{self, Pkt};
+use shaper_tests::rng::Rng;
 use shaper_user::{
     compile::{self, classid_of},
     config,
@@ -51,33 +52,6 @@ const RULES: usize = 1000;
 /// Frames longer than this are cut (BPF_PROG_TEST_RUN takes at most about a
 /// page minus skb overhead).
 const MAX_FRAME: usize = 3000;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.byte()).collect()
-    }
-    /// Up to `n - 1` random bytes.
-    fn bytes_below(&mut self, n: u64) -> Vec<u8> {
-        let len = self.below(n) as usize;
-        self.bytes(len)
-    }
-}
 
 /// 1,000 rules over 7 classes: ports, port ranges, v4/v6 prefixes of many
 /// lengths on both sides, DSCP lists, directions, protocol lists.
@@ -119,7 +93,7 @@ fn policy_text() -> String {
             }
         ));
     }
-    let mut rng = Rng(0x1357_9bdf_2468_ace0);
+    let mut rng = Rng::xorshift64(0x1357_9bdf_2468_ace0);
     for i in 0..RULES {
         let class = classes[i % classes.len()].0;
         let mut r = format!(
@@ -164,11 +138,11 @@ fn policy_text() -> String {
             5 => {
                 let len = 8 + rng.below(25) as u32;
                 let a = Ipv4Addr::from(
-                    (0x0a00_0000 | (rng.next() as u32 & 0x00ff_ffff)) & (u32::MAX << (32 - len)),
+                    (0x0a00_0000 | (rng.next_u64() as u32 & 0x00ff_ffff)) & (u32::MAX << (32 - len)),
                 );
                 let len6 = 32 + rng.below(97) as u32;
                 let b = Ipv6Addr::from(
-                    (0x2001_0db8u128 << 96 | (rng.next() as u128) << 32)
+                    (0x2001_0db8u128 << 96 | (rng.next_u64() as u128) << 32)
                         & (u128::MAX << (128 - len6)),
                 );
                 r.push_str(&format!("dst_cidrs = [\"{a}/{len}\", \"{b}/{len6}\"]\n"));
@@ -206,13 +180,13 @@ fn lan_addr(rng: &mut Rng, v6: bool) -> IpAddr {
         let net = if rng.chance(80) {
             0xfd00_u128 << 112 | (rng.below(20) as u128) << 96
         } else {
-            (rng.next() as u128) << 64
+            (rng.next_u64() as u128) << 64
         };
-        IpAddr::V6(Ipv6Addr::from(net | rng.next() as u128))
+        IpAddr::V6(Ipv6Addr::from(net | rng.next_u64() as u128))
     } else if rng.chance(80) {
         IpAddr::V4(Ipv4Addr::new(192, 168, rng.below(10) as u8, rng.byte()))
     } else {
-        IpAddr::V4(Ipv4Addr::from(rng.next() as u32))
+        IpAddr::V4(Ipv4Addr::from(rng.next_u64() as u32))
     }
 }
 
@@ -221,9 +195,9 @@ fn wan_addr(rng: &mut Rng, v6: bool) -> IpAddr {
         let net = if rng.chance(80) {
             0x2001_0db8_u128 << 96 | (rng.below(0x400) as u128) << 80 | (rng.below(4) as u128) << 64
         } else {
-            (rng.next() as u128) << 64
+            (rng.next_u64() as u128) << 64
         };
-        IpAddr::V6(Ipv6Addr::from(net | rng.next() as u128))
+        IpAddr::V6(Ipv6Addr::from(net | rng.next_u64() as u128))
     } else {
         match rng.below(10) {
             0..=5 => IpAddr::V4(Ipv4Addr::new(10, rng.byte(), rng.byte(), rng.byte())),
@@ -233,7 +207,7 @@ fn wan_addr(rng: &mut Rng, v6: bool) -> IpAddr {
                 rng.byte(),
                 rng.byte(),
             )),
-            _ => IpAddr::V4(Ipv4Addr::from(rng.next() as u32)),
+            _ => IpAddr::V4(Ipv4Addr::from(rng.next_u64() as u32)),
         }
     }
 }
@@ -246,9 +220,9 @@ fn valid(rng: &mut Rng, up: bool) -> Pkt {
     let lport = if rng.chance(50) {
         1024 + rng.below(64000) as u16
     } else {
-        rng.next() as u16
+        rng.next_u64() as u16
     };
-    let rport = [104u16, 443, 3478, 11112, 3389, rng.next() as u16][rng.below(6) as usize];
+    let rport = [104u16, 443, 3478, 11112, 3389, rng.next_u64() as u16][rng.below(6) as usize];
     let mut p = if up {
         Pkt::new(&lan.to_string(), &wan.to_string(), proto, lport, rport)
     } else {
@@ -261,7 +235,9 @@ fn valid(rng: &mut Rng, up: bool) -> Pkt {
     };
     p.payload = [0usize, 0, 1, 20, 64, 200, 1200][rng.below(7) as usize];
     if rng.chance(20) {
-        p.vlans = (0..1 + rng.below(2)).map(|_| rng.next() as u16).collect();
+        p.vlans = (0..1 + rng.below(2))
+            .map(|_| rng.next_u64() as u16)
+            .collect();
     }
     if !v6 && rng.chance(10) {
         p.v4_options = rng.bytes_below(41);
@@ -311,7 +287,7 @@ fn flip(rng: &mut Rng, f: &mut [u8], n: u64) {
 /// IPv6 with a random extension chain: random types (the ones the walker
 /// knows, and others), random length bytes, random contents.
 fn v6_chain(rng: &mut Rng) -> Vec<u8> {
-    let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
+    let mut f = packet::ethernet(0x86dd);
     let n = rng.below(12) as usize;
     let types: Vec<u8> = (0..n)
         .map(|_| [0u8, 43, 60, 44, 51, rng.byte()][rng.below(6) as usize])
@@ -346,7 +322,7 @@ fn v6_chain(rng: &mut Rng) -> Vec<u8> {
     let plen = if rng.chance(80) {
         body.len() as u16
     } else {
-        rng.next() as u16
+        rng.next_u64() as u16
     };
     let mut h = vec![
         0x60 | (rng.byte() & 0x0f),
@@ -378,7 +354,7 @@ fn frag_fields(rng: &mut Rng, up: bool) -> Vec<u8> {
             if rng.chance(40) {
                 0
             } else {
-                rng.next() as u16 & 0x1fff
+                rng.next_u64() as u16 & 0x1fff
             },
             rng.chance(50),
         ));
@@ -386,7 +362,7 @@ fn frag_fields(rng: &mut Rng, up: bool) -> Vec<u8> {
     } else {
         let mut f = p.build();
         let ff = if rng.chance(50) {
-            rng.next() as u16
+            rng.next_u64() as u16
         } else {
             [0x2000u16, 0x0000, 0x4000, 0x0001, 0x2010, 0x1fff][rng.below(6) as usize]
         };
@@ -417,7 +393,7 @@ fn fragment_pair(rng: &mut Rng, up: bool, n: u64, firsts: &mut Firsts) -> Vec<u8
         p.build()
     } else {
         let mut p = valid(rng, up);
-        p.frag = Some((rng.next() as u32, 0, true));
+        p.frag = Some((rng.next_u64() as u32, 0, true));
         p.payload = 200;
         firsts.push((n, up, p.clone()));
         p.build()
@@ -492,100 +468,6 @@ fn named_addr(rng: &mut Rng, v6: bool) -> IpAddr {
     }
 }
 
-/// A frame carrying `payload` after its L4 header (the builder's payload is its tail).
-fn with_payload(mut p: Pkt, payload: &[u8]) -> Vec<u8> {
-    p.payload = payload.len();
-    let mut f = p.build();
-    let at = f.len() - payload.len();
-    f[at..].copy_from_slice(payload);
-    f
-}
-
-fn dns_name(n: &str) -> Vec<u8> {
-    let mut v = Vec::new();
-    for l in n.split('.') {
-        v.push(l.len() as u8);
-        v.extend(l.as_bytes());
-    }
-    v.push(0);
-    v
-}
-
-/// A DNS answer to `qname` (A or AAAA after the first address's family), through
-/// `cname` if given, owner names compressed.
-fn dns_message(id: u16, qname: &str, cname: Option<&str>, addrs: &[IpAddr], ttl: u32) -> Vec<u8> {
-    let qtype: u16 = if addrs.first().is_some_and(IpAddr::is_ipv6) {
-        28
-    } else {
-        1
-    };
-    let an = addrs.len() + usize::from(cname.is_some());
-    let mut m = id.to_be_bytes().to_vec();
-    m.extend([0x81, 0x80, 0, 1]);
-    m.extend((an as u16).to_be_bytes());
-    m.extend([0, 0, 0, 0]);
-    m.extend(dns_name(qname));
-    m.extend(qtype.to_be_bytes());
-    m.extend([0, 1]);
-    let mut owner = [0xc0, 12];
-    if let Some(t) = cname {
-        m.extend(owner);
-        m.extend([0, 5, 0, 1]);
-        m.extend(ttl.to_be_bytes());
-        let t = dns_name(t);
-        m.extend((t.len() as u16).to_be_bytes());
-        owner = [0xc0 | (m.len() >> 8) as u8, m.len() as u8];
-        m.extend(t);
-    }
-    for a in addrs {
-        m.extend(owner);
-        let (t, data) = match a {
-            IpAddr::V4(a) => (1u16, a.octets().to_vec()),
-            IpAddr::V6(a) => (28, a.octets().to_vec()),
-        };
-        m.extend(t.to_be_bytes());
-        m.extend([0, 1]);
-        m.extend(ttl.to_be_bytes());
-        m.extend((data.len() as u16).to_be_bytes());
-        m.extend(data);
-    }
-    m
-}
-
-/// A TLS 1.2/1.3-style ClientHello with `sni` (if any) and some padding.
-fn client_hello(rng: &mut Rng, sni: Option<&str>) -> Vec<u8> {
-    let mut ext = Vec::new();
-    if let Some(name) = sni {
-        let n = name.as_bytes();
-        ext.extend([0, 0]);
-        ext.extend(((n.len() + 5) as u16).to_be_bytes());
-        ext.extend(((n.len() + 3) as u16).to_be_bytes());
-        ext.push(0);
-        ext.extend((n.len() as u16).to_be_bytes());
-        ext.extend(n);
-    }
-    // supported_versions (TLS 1.3, 1.2), then padding.
-    ext.extend([0, 0x2b, 0, 5, 4, 3, 4, 3, 3]);
-    let pad = rng.below(300) as usize;
-    ext.extend([0, 0x15]);
-    ext.extend((pad as u16).to_be_bytes());
-    ext.extend(std::iter::repeat_n(0, pad));
-    let mut body = vec![3, 3];
-    body.extend(rng.bytes(32));
-    body.push(32);
-    body.extend(rng.bytes(32));
-    body.extend([0, 6, 0x13, 0x01, 0x13, 0x02, 0xc0, 0x2f, 1, 0]);
-    body.extend((ext.len() as u16).to_be_bytes());
-    body.extend(ext);
-    let mut hs = vec![1];
-    hs.extend(&(body.len() as u32).to_be_bytes()[1..]);
-    hs.extend(body);
-    let mut rec = vec![0x16, 3, 1];
-    rec.extend((hs.len() as u16).to_be_bytes());
-    rec.extend(hs);
-    rec
-}
-
 /// Mostly left alone; else byte flips, a cut, or bytes added.
 fn mutate(rng: &mut Rng, payload: &mut Vec<u8>) {
     match rng.below(10) {
@@ -619,7 +501,7 @@ fn dns_answer(rng: &mut Rng, st: &mut Seeds) -> Vec<u8> {
     let port = 1024 + rng.below(64000) as u16;
     let mut p = Pkt::udp(&resolver.to_string(), &lan.to_string(), 53, port);
     if rng.chance(10) {
-        p.vlans = vec![rng.next() as u16];
+        p.vlans = vec![rng.next_u64() as u16];
     }
     let mut q = Pkt::udp(&lan.to_string(), &resolver.to_string(), port, 53);
     q.vlans = p.vlans.clone();
@@ -640,14 +522,15 @@ fn dns_answer(rng: &mut Rng, st: &mut Seeds) -> Vec<u8> {
         };
         let addrs: Vec<IpAddr> = (0..1 + rng.below(3)).map(|_| named_addr(rng, v6)).collect();
         let ttl = 30 + rng.below(3600) as u32;
-        dns_message(rng.next() as u16, &qname, cname.as_deref(), &addrs, ttl)
+        let id = rng.next_u64() as u16;
+        packet::dns::answer_through(id, &qname, cname.as_deref(), &addrs, ttl)
     };
     // Most were asked (before any mutation); some come unasked.
     st.query = shaper_user::dnswire::query_of(&payload)
         .filter(|_| rng.chance(90))
-        .map(|query| with_payload(q, &query));
+        .map(|query| q.with_payload(&query));
     mutate(rng, &mut payload);
-    with_payload(p, &payload)
+    p.with_payload(&payload)
 }
 
 /// A TCP segment to port 443 carrying a ClientHello (captured, the first of a split
@@ -660,7 +543,7 @@ fn client_hello_segment(rng: &mut Rng, st: &mut Seeds) -> Vec<u8> {
             .swap_remove(rng.below(st.seconds.len() as u64) as usize);
         let mut payload = seg2.to_vec();
         mutate(rng, &mut payload);
-        return with_payload(p, &payload);
+        return p.with_payload(&payload);
     }
     let v6 = rng.chance(30);
     let lan = lan_addr(rng, v6);
@@ -693,7 +576,11 @@ fn client_hello_segment(rng: &mut Rng, st: &mut Seeds) -> Vec<u8> {
                 3 => Some(format!("w{j}.other.test")),
                 _ => None,
             };
-            client_hello(rng, name.as_deref())
+            // Padding, random and session id drawn in this order (as the seeds' runs were).
+            let padding = rng.below(300) as usize;
+            let random = rng.bytes(32);
+            let session_id = rng.bytes(32);
+            packet::tls::client_hello(name.as_deref(), &random, &session_id, padding)
         }
     };
     mutate(rng, &mut payload);
@@ -701,7 +588,7 @@ fn client_hello_segment(rng: &mut Rng, st: &mut Seeds) -> Vec<u8> {
         st.conns.remove(0);
     }
     st.conns.push(p.clone());
-    with_payload(p, &payload)
+    p.with_payload(&payload)
 }
 
 /// A later segment (or pure ACK) of a recent ClientHello's connection, either way.
@@ -722,7 +609,7 @@ fn later_segment(rng: &mut Rng, st: &Seeds, up: bool) -> Vec<u8> {
 /// UDP (promotable), found by explain among random flows.
 fn flow_pool(policy: &config::Policy, seed: u64) -> Vec<(bool, Pkt)> {
     let mut ex = Explainer::new(policy);
-    let mut rng = Rng(seed ^ 0x2545_f491_4f6c_dd1d | 1);
+    let mut rng = Rng::xorshift64(seed ^ 0x2545_f491_4f6c_dd1d | 1);
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut pool = Vec::new();
     for _ in 0..500_000 {
@@ -731,7 +618,7 @@ fn flow_pool(policy: &config::Policy, seed: u64) -> Vec<(bool, Pkt)> {
         let (lan, wan) = (lan_addr(&mut rng, v6), wan_addr(&mut rng, v6));
         let lport = 1024 + rng.below(64000) as u16;
         let rport = if rng.chance(50) {
-            rng.next() as u16
+            rng.next_u64() as u16
         } else {
             [104u16, 443, 3478, 11112, 3389][rng.below(5) as usize]
         };
@@ -742,9 +629,9 @@ fn flow_pool(policy: &config::Policy, seed: u64) -> Vec<(bool, Pkt)> {
         };
         p.payload = 100;
         let dir = if up {
-            shaper_common::DIR_UP
+            shaper_common::Dir::Up
         } else {
-            shaper_common::DIR_DOWN
+            shaper_common::Dir::Down
         };
         let d = ex.decide(&explain::parse_frame(&p.build(), true, dir));
         let which = match policy.classes[d.class].name.as_str() {
@@ -807,9 +694,10 @@ fn frame(rng: &mut Rng, up: bool, n: u64, st: &mut Seeds) -> (&'static str, Vec<
         52..=59 => {
             let mut f = valid(rng, up).build();
             for _ in 0..rng.below(7) {
-                let tpid = [0x8100u16, 0x88a8, 0x9100, rng.next() as u16][rng.below(4) as usize];
+                let tpid =
+                    [0x8100u16, 0x88a8, 0x9100, rng.next_u64() as u16][rng.below(4) as usize];
                 let mut tag = tpid.to_be_bytes().to_vec();
-                tag.extend((rng.next() as u16).to_be_bytes());
+                tag.extend((rng.next_u64() as u16).to_be_bytes());
                 f.splice(12..12, tag);
             }
             ("VLAN stacks", f, up)
@@ -935,7 +823,7 @@ fn accounted_for(
             }
         }
     }
-    if p.sni.is_some() && p.dir == shaper_common::DIR_UP && view.dport == Some(443) {
+    if p.sni.is_some() && p.dir == shaper_common::Dir::Up && view.dport == Some(443) {
         let rule =
             compile::reference_match_hosts(policy, &view, |rank, a| engine.table.has(a, rank));
         let class = rule.map_or(policy.default_class, |r| policy.rules[r].class);
@@ -1046,7 +934,7 @@ fn run(frames: u64, seed: u64) -> anyhow::Result<bool> {
     let mut ex = Explainer::new(&policy);
     let mut known = (0, 0);
 
-    let mut rng = Rng(seed);
+    let mut rng = Rng::xorshift64(seed);
     let mut st = Seeds {
         pool: flow_pool(&policy, seed),
         ..Default::default()
@@ -1131,9 +1019,9 @@ fn run(frames: u64, seed: u64) -> anyhow::Result<bool> {
         // an LRU of 4,096 entries; ours forgets nothing, so a later fragment
         // whose first came more than 1,000 frames before is not compared.
         let dir = if up {
-            shaper_common::DIR_UP
+            shaper_common::Dir::Up
         } else {
-            shaper_common::DIR_DOWN
+            shaper_common::Dir::Down
         };
         let parsed = explain::parse_frame(&f, true, dir);
         // explain numbers the packets it decided from 1.

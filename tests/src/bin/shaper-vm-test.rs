@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use shaper_tests::report::{cdf_svg, emodel_r, irtt_summary, mos, text_table, TierRow};
+use shaper_tests::stats;
 use shaper_tests::vm::{self, free_ports, initramfs_with_overlay, Vm, VmSpec};
 
 const CLIENT: &str = "10.10.0.2";
@@ -1980,12 +1981,6 @@ fn timeline(p: &Path) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn pct(v: &[f64], q: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    shaper_tests::report::nearest_rank(&v, q).unwrap_or(f64::NAN)
-}
-
 /// Before/after the line retrains: video delay in each half of the window, and how long
 /// after the retrain the download video's delay stayed above its pre-retrain p99 + 20 ms.
 fn syncdrop_report(
@@ -2021,6 +2016,7 @@ fn syncdrop_report(
                 .filter(|(x, _)| *x >= flood)
                 .map(|p| p.1)
                 .collect();
+            let pct = |v: &[f64], p| stats::percentile(v, p).unwrap_or(f64::NAN);
             let (b50, b99) = (pct(&before, 50.0), pct(&before, 99.0));
             let (a50, a99) = (pct(&after, 50.0), pct(&after, 99.0));
             cells.push(format!("{} / {}", f1(b50), f1(b99)));

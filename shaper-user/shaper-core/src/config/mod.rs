@@ -20,12 +20,16 @@ use crate::catalogue::{app, Catalogue, RawApp};
 // The leaves this module is built on, re-exported: `config::parse_rate`, `config::Rule`,
 // `config::ConfigError` and the rest keep their paths.
 pub use crate::diag::*;
+pub use crate::dir::{Dir, PerDir};
 pub use crate::rule::*;
 pub use crate::units::*;
 
+mod classes;
 mod raw;
+mod rules;
 mod sections;
 use raw::*;
+use rules::Rules;
 use sections::*;
 
 /// Highest HTB priority value the kernel accepts is 7; 0 is served first.
@@ -35,12 +39,12 @@ pub const MAX_PRIORITY: u8 = 7;
 // Validated policy.
 
 /// A validated configuration. Rates are bits per second.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub wan: String,
     pub lan: String,
-    pub upload_bps: u64,
-    pub download_bps: u64,
+    /// Each direction's rate, line and controls (`[upload]`, `[download]`).
+    pub dirs: PerDir<DirPolicy>,
     pub leaf: LeafChoice,
     pub queue_ms: u32,
     pub remark_dscp: bool,
@@ -54,42 +58,36 @@ pub struct Policy {
     pub ack_class: Option<usize>,
     /// Where `shaper run` serves Prometheus metrics, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// How the line counts bytes upstream (`[upload] line/framing/overhead/mpu`).
-    #[serde(default)]
-    pub upload_link: LinkAccounting,
-    /// How the line counts bytes downstream.
-    #[serde(default)]
-    pub download_link: LinkAccounting,
     /// The built-in catalogue's version, when a rule names apps.
-    #[serde(default)]
     pub catalogue: Option<String>,
     /// Things `check` should say that are not errors (apps that match only
     /// partly or not at all yet).
-    #[serde(default)]
     pub notes: Vec<String>,
     /// Rate adaptation to a line whose usable rate varies (`[autorate]`).
-    #[serde(default)]
     pub autorate: Option<Autorate>,
     /// How DNS-learned addresses are kept (`[dns]`).
-    #[serde(default)]
     pub dns: DnsSettings,
-    /// Rules look at DSCP from the LAN (`[dscp] lan = "trust"`).
-    #[serde(default = "yes")]
-    pub dscp_trust_lan: bool,
-    /// Rules look at DSCP from the WAN (`[dscp] wan = "trust"`).
-    #[serde(default = "yes")]
-    pub dscp_trust_wan: bool,
     /// Media-like default-class UDP flows move to a class (`[promote]`).
-    #[serde(default)]
     pub promote: Option<Promote>,
-    /// `[download] account_arrivals`: the download rate is held so that what reaches
-    /// the shaper, dropped or not, stays within it (see `ingress`).
-    #[serde(default)]
-    pub download_account_arrivals: bool,
-    /// `[download] window_clamp`: TCP downloads' receive windows are clamped (see
+}
+
+/// What a config says about one direction (`[upload]` or `[download]`, and the `[dscp]`
+/// trust of the side its packets come from).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DirPolicy {
+    /// `rate`: the line's rate this way, bits per second.
+    pub rate_bps: u64,
+    /// How the line counts bytes this way (`line/framing/overhead/mpu`).
+    pub link: LinkAccounting,
+    /// Rules look at the DSCP of packets going this way: upload packets' marks come from
+    /// the LAN (`[dscp] lan = "trust"`), download packets' from the WAN (`wan`).
+    pub dscp_trust: bool,
+    /// `account_arrivals` (download only): the rate is held so that what reaches the
+    /// shaper, dropped or not, stays within it (see `ingress`).
+    pub account_arrivals: bool,
+    /// `window_clamp` (download only): TCP receive windows are clamped (see
     /// [`WindowClamp`]); None: off (the default).
-    #[serde(default)]
-    pub download_window_clamp: Option<WindowClamp>,
+    pub window_clamp: Option<WindowClamp>,
 }
 
 /// `[download] window_clamp = true`: sender control for downloads, as Packeteer's
@@ -109,11 +107,15 @@ pub const WINDOW_CLAMP_QUEUE_MS: u32 = 5;
 /// The largest `[download] window_clamp_queue_ms` accepted.
 pub const WINDOW_CLAMP_QUEUE_MAX_MS: u32 = 200;
 
-fn yes() -> bool {
-    true
-}
-
 impl Policy {
+    /// The interface whose egress shapes direction `d` (upload: the WAN, download: the LAN).
+    pub fn egress(&self, d: Dir) -> &str {
+        match d {
+            Dir::Up => &self.wan,
+            Dir::Down => &self.lan,
+        }
+    }
+
     /// Whether a rule names hosts (DNS answers and TLS server names are watched).
     pub fn uses_hosts(&self) -> bool {
         self.rules.iter().any(|r| !r.dns_names.is_empty())
@@ -199,8 +201,8 @@ pub struct Autorate {
     pub class: usize,
     pub delay_ms: u32,
     pub interval_ms: u32,
-    pub upload_min_bps: u64,
-    pub download_min_bps: u64,
+    /// Each direction's `min_rate`: the floor the rate never goes below.
+    pub min_bps: PerDir<u64>,
 }
 
 /// How a copper line frames each packet.
@@ -427,7 +429,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Policy, ConfigError> {
     validate(&cx, raw)
 }
 
-fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
+fn validate(cx: &Ctx<'_>, mut raw: RawConfig) -> Result<Policy, ConfigError> {
     let wan = interface_name(cx, &raw.interfaces.wan, "interfaces.wan")?;
     let lan = interface_name(cx, &raw.interfaces.lan, "interfaces.lan")?;
     if wan == lan {
@@ -437,420 +439,36 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
             "WAN and LAN must be different interfaces",
         ));
     }
-    let upload_bps = parse_rate(raw.upload.rate.get_ref())
-        .map_err(|m| cx.at(&raw.upload.rate, "upload.rate", m))?;
-    let download_bps = parse_rate(raw.download.rate.get_ref())
-        .map_err(|m| cx.at(&raw.download.rate, "download.rate", m))?;
-    let upload_link = link_accounting(cx, &raw.upload, "upload")?;
-    let download_link = link_accounting(cx, &raw.download, "download")?;
+    let raw_dirs = PerDir::new(&raw.upload, &raw.download);
+    let rates = raw_dirs
+        .map(|d, r| {
+            parse_rate(r.rate.get_ref())
+                .map_err(|m| cx.at(&r.rate, format!("{}.rate", d.name()), m))
+        })
+        .transpose()?;
+    let links = raw_dirs
+        .map(|d, r| link_accounting(cx, r, d.name()))
+        .transpose()?;
 
-    let shaping = raw.shaping.unwrap_or(RawShaping {
+    let shaping = raw.shaping.take().unwrap_or(RawShaping {
         leaf: None,
         queue_ms: None,
         remark_dscp: None,
         ack_class: None,
     });
-    let leaf = match &shaping.leaf {
-        None => LeafChoice::Auto,
-        Some(s) => match s.get_ref().as_str() {
-            "auto" => LeafChoice::Auto,
-            "fq_codel" => LeafChoice::FqCodel,
-            "cake" => LeafChoice::Cake,
-            "bfifo" => LeafChoice::Bfifo,
-            other => {
-                return Err(cx.at(
-                    s,
-                    "shaping.leaf",
-                    format!("`{other}`: use \"auto\", \"fq_codel\", \"cake\" or \"bfifo\""),
-                ))
-            }
-        },
-    };
-    let queue_ms = match &shaping.queue_ms {
-        None => 20,
-        Some(q) if (1..=1000).contains(q.get_ref()) => *q.get_ref(),
-        Some(q) => return Err(cx.at(q, "shaping.queue_ms", "must be 1 to 1000 milliseconds")),
-    };
-
-    if raw.classes.is_empty() {
-        return Err(cx.err(
-            None,
-            "class",
-            "at least one [[class]] is needed, one of them with `default = true`",
-        ));
-    }
-    if raw.classes.len() > shaper_common::MAX_CLASSES {
-        return Err(cx.at(
-            &raw.classes[shaper_common::MAX_CLASSES],
-            "class",
-            format!("at most {} classes", shaper_common::MAX_CLASSES),
-        ));
-    }
-    let mut classes = Vec::new();
-    let mut names: HashMap<String, usize> = HashMap::new();
-    let mut default_class = None;
-    for (i, sc) in raw.classes.iter().enumerate() {
-        let c = sc.get_ref();
-        let f = |k: &str| format!("class[{i}].{k}");
-        let name = c.name.get_ref().trim().to_string();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
-        {
-            return Err(cx.at(&c.name, f("name"), "use letters, digits, '-' and '_'"));
-        }
-        if names.insert(name.clone(), i).is_some() {
-            return Err(cx.at(
-                &c.name,
-                f("name"),
-                format!("class `{name}` is defined twice"),
-            ));
-        }
-        let prio = *c.priority.get_ref();
-        if !(0..=MAX_PRIORITY as i64).contains(&prio) {
-            return Err(cx.at(
-                &c.priority,
-                f("priority"),
-                format!("must be 0 (served first) to {MAX_PRIORITY}"),
-            ));
-        }
-        let guaranteed = parse_share(c.guaranteed.get_ref())
-            .map_err(|m| cx.at(&c.guaranteed, f("guaranteed"), m))?;
-        let ceiling = match &c.ceiling {
-            None => Share::Percent(100.0),
-            Some(s) => parse_share(s.get_ref()).map_err(|m| cx.at(s, f("ceiling"), m))?,
-        };
-        for (dir, rate) in [("upload", upload_bps), ("download", download_bps)] {
-            let g = guaranteed.of(rate);
-            let ce = ceiling.of(rate);
-            if g > rate {
-                return Err(cx.at(
-                    &c.guaranteed,
-                    f("guaranteed"),
-                    format!(
-                        "{guaranteed} is more than the {dir} rate {}",
-                        format_rate(rate)
-                    ),
-                ));
-            }
-            if ce > rate {
-                let span = c.ceiling.as_ref().map(|s| s.span());
-                return Err(cx.err(
-                    span,
-                    f("ceiling"),
-                    format!(
-                        "{ceiling} is more than the {dir} rate {}",
-                        format_rate(rate)
-                    ),
-                ));
-            }
-            if ce < g {
-                let span = c
-                    .ceiling
-                    .as_ref()
-                    .map(|s| s.span())
-                    .or(Some(c.guaranteed.span()));
-                return Err(cx.err(
-                    span,
-                    f("ceiling"),
-                    format!("ceiling {ceiling} is below the guaranteed {guaranteed} ({dir})"),
-                ));
-            }
-            if g < 8_000 {
-                let msg = match guaranteed {
-                    Share::Bps(_) => {
-                        format!("{guaranteed} is below 8kbit, the least a class can be guaranteed")
-                    }
-                    Share::Percent(_) => format!(
-                        "{guaranteed} of the {dir} rate {} is {}; at least 8kbit is needed",
-                        format_rate(rate),
-                        format_rate(g)
-                    ),
-                };
-                return Err(cx.at(&c.guaranteed, f("guaranteed"), msg));
-            }
-        }
-        let dscp = match &c.dscp {
-            None => None,
-            Some(d) => Some(dscp_value(d.get_ref()).map_err(|m| cx.at(d, f("dscp"), m))?),
-        };
-        let claimed_max = match &c.claimed_max {
-            None => None,
-            Some(v) => {
-                let share = parse_share(v.get_ref()).map_err(|m| cx.at(v, f("claimed_max"), m))?;
-                if share.of(upload_bps.min(download_bps)) < 8_000 {
-                    return Err(cx.at(v, f("claimed_max"), format!("{share} is below 8kbit")));
-                }
-                Some(share)
-            }
-        };
-        if let Some(d) = c.default.as_ref().filter(|d| *d.get_ref()) {
-            if let Some(prev) = default_class {
-                return Err(cx.at(
-                    d,
-                    f("default"),
-                    format!(
-                        "class `{}` is already the default; only one class can be",
-                        classes_name(&classes, prev)
-                    ),
-                ));
-            }
-            default_class = Some(i);
-        }
-        classes.push(Class {
-            name,
-            priority: prio as u8,
-            guaranteed,
-            ceiling,
-            dscp,
-            demote: None,
-            claimed_max,
-        });
-    }
-    let Some(default_class) = default_class else {
-        return Err(cx.err(
-            Some(raw.classes[0].span()),
-            "class",
-            "no class has `default = true`; unmatched traffic needs one",
-        ));
-    };
-    for (i, sc) in raw.classes.iter().enumerate() {
-        classes[i].demote = demote(cx, sc.get_ref(), i, &names)?;
-    }
-    for (dir, rate) in [("upload", upload_bps), ("download", download_bps)] {
-        // Exact shares, not the rounded bit rates: 50% + 50% of an odd rate
-        // is 100%, though each half rounds up.
-        let share = |c: &Class| match c.guaranteed {
-            Share::Percent(p) => rate as f64 * p / 100.0,
-            Share::Bps(b) => b as f64,
-        };
-        let limit = rate as f64 * (1.0 + 1e-9);
-        let mut running = 0.0;
-        // The class whose guarantee takes the total past the rate.
-        let over = classes.iter().position(|c| {
-            running += share(c);
-            running > limit
-        });
-        if let Some(i) = over {
-            let total: f64 = classes.iter().map(share).sum();
-            let parts: Vec<String> = classes
-                .iter()
-                .map(|c| format!("{} {}", c.name, format_rate(share(c).round() as u64)))
-                .collect();
-            return Err(cx.at(
-                &raw.classes[i].get_ref().guaranteed,
-                format!("class[{i}].guaranteed"),
-                format!(
-                    "guaranteed shares add up to {}, {:.1}% of the {dir} rate {} ({}); they must not exceed 100%",
-                    format_rate(total.round() as u64),
-                    total * 100.0 / rate as f64,
-                    format_rate(rate),
-                    parts.join(" + ")
-                ),
-            ));
-        }
-    }
-
-    let mut catalogue = Catalogue::builtin();
-    let mut app_names: HashMap<String, usize> = HashMap::new();
-    for (i, sa) in raw.apps.iter().enumerate() {
-        let a = sa.get_ref();
-        let origin = format!("{}:{}", cx.file.display(), cx.line_of(sa.span()));
-        let app = app(cx, a, &format!("app[{i}]"), origin)?;
-        if app_names.insert(app.name.clone(), i).is_some() {
-            return Err(cx.at(
-                &a.name,
-                format!("app[{i}].name"),
-                format!("app `{}` is defined twice", app.name),
-            ));
-        }
-        catalogue.upsert(app);
-    }
-
-    let mut rules = Vec::new();
-    let mut rule_names: HashMap<String, usize> = HashMap::new();
-    // Every rule's name after expansion: `<rule>/<app>#<n>` must not meet a
-    // rule of that name.
-    let mut final_names: std::collections::HashSet<String> = Default::default();
-    let mut notes = Vec::new();
-    let mut uses_apps = false;
-    for (i, sr) in raw.rules.iter().enumerate() {
-        let r = sr.get_ref();
-        let f = |k: &str| format!("rule[{i}].{k}");
-        let name = r.name.get_ref().trim().to_string();
-        if name.is_empty() {
-            return Err(cx.at(&r.name, f("name"), "a rule needs a name"));
-        }
-        if rule_names.insert(name.clone(), i).is_some() {
-            return Err(cx.at(
-                &r.name,
-                f("name"),
-                format!("rule `{name}` is defined twice"),
-            ));
-        }
-        let Some(&class) = names.get(r.class.get_ref().trim()) else {
-            let known: Vec<_> = classes.iter().map(|c| c.name.as_str()).collect();
-            return Err(cx.at(
-                &r.class,
-                f("class"),
-                format!(
-                    "no class named `{}`; classes are: {}",
-                    r.class.get_ref(),
-                    known.join(", ")
-                ),
-            ));
-        };
-        let priority = match &r.priority {
-            None => i as i64,
-            Some(p) => *p.get_ref(),
-        };
-        let direction = match &r.direction {
-            None => Direction::Both,
-            Some(d) => match d.get_ref().as_str() {
-                "both" => Direction::Both,
-                "upload" => Direction::Upload,
-                "download" => Direction::Download,
-                other => {
-                    return Err(cx.at(
-                        d,
-                        f("direction"),
-                        format!("`{other}`: use \"both\", \"upload\" or \"download\""),
-                    ))
-                }
-            },
-        };
-        let fields = MatchFields {
-            protocol: &r.protocol,
-            src_ports: &r.src_ports,
-            dst_ports: &r.dst_ports,
-            src_cidrs: &r.src_cidrs,
-            dst_cidrs: &r.dst_cidrs,
-            dscp: &r.dscp,
-        };
-        let dns_names = values(cx, &r.dns_names, f("dns_names"), "name", dns_name_value)?;
-        if let Some(d) = &r.dns_names {
-            if dns_names.is_empty() {
-                return Err(cx.at(d, f("dns_names"), "give at least one host name"));
-            }
-            if let Some(a) = &r.apps {
-                return Err(cx.at(
-                    a,
-                    f("apps"),
-                    "`apps` cannot be combined with `dns_names`: the apps bring their own names; \
-                     give the names a rule of their own",
-                ));
-            }
-            if let Some(c) = &r.dst_cidrs {
-                return Err(cx.at(
-                    c,
-                    f("dst_cidrs"),
-                    "`dst_cidrs` cannot be combined with `dns_names`: the names stand for the \
-                     WAN-side addresses; give the prefixes a rule of their own",
-                ));
-            }
-        }
-        let Some(apps) = &r.apps else {
-            let m = match_fields(cx, &fields, &f)?;
-            if !final_names.insert(name.clone()) {
-                return Err(cx.at(
-                    &r.name,
-                    f("name"),
-                    format!("rule `{name}` is defined twice (once by an earlier rule's apps)"),
-                ));
-            }
-            rules.push(Rule {
-                name,
-                class,
-                priority,
-                direction,
-                protocols: m.protocols,
-                src_ports: m.src_ports,
-                dst_ports: m.dst_ports,
-                src_cidrs: m.src_cidrs,
-                dst_cidrs: m.dst_cidrs,
-                dscp: m.dscp,
-                dns_names,
-            });
-            continue;
-        };
-        // `apps` instead of match fields: mixing them would leave it unclear
-        // whether the fields narrow each app or add a match of their own.
-        if let Some((k, v)) = fields.present().first() {
-            return Err(cx.at(
-                v,
-                f(k),
-                format!(
-                    "`{k}` cannot be combined with `apps` (line {}): the apps bring their own match; \
-                     give `{k}` a rule of its own, or define an [[app]] with it",
-                    cx.line_of(apps.span())
-                ),
-            ));
-        }
-        uses_apps = true;
-        let wanted = values(cx, &Some(apps.clone()), f("apps"), "app", |v| match v {
-            toml::Value::String(s) => Ok(s.trim().to_string()),
-            other => Err(format!(
-                "`{other}` is not an app name: write it as a string like \"dicom\""
-            )),
-        })?;
-        for app_name in wanted {
-            let Some(app) = catalogue.get(&app_name) else {
-                return Err(cx.at(
-                    apps,
-                    f("apps"),
-                    format!(
-                        "no app named `{app_name}`; known apps (catalogue {}{}) are: {}",
-                        catalogue.version,
-                        if raw.apps.is_empty() {
-                            ""
-                        } else {
-                            " and this file's [[app]] tables"
-                        },
-                        catalogue.names().join(", ")
-                    ),
-                ));
-            };
-            if let Some(n) = app.note(&name) {
-                notes.push(n);
-            }
-            for rule in app.expand(&name, class, priority, direction) {
-                if !final_names.insert(rule.name.clone()) {
-                    return Err(cx.at(
-                        &r.name,
-                        f("name"),
-                        format!(
-                            "rule `{}` (from app `{app_name}`) is defined twice",
-                            rule.name
-                        ),
-                    ));
-                }
-                rules.push(rule);
-            }
-        }
-        if rules.len() > shaper_common::MAX_RULES {
-            return Err(cx.at(
-                sr,
-                "rule",
-                format!("at most {} rules (apps expanded)", shaper_common::MAX_RULES),
-            ));
-        }
-    }
-    if rules.len() > shaper_common::MAX_RULES {
-        return Err(cx.at(
-            &raw.rules[shaper_common::MAX_RULES.min(raw.rules.len() - 1)],
-            "rule",
-            format!("at most {} rules", shaper_common::MAX_RULES),
-        ));
-    }
-    let autorate = autorate(
-        cx,
-        [&raw.upload, &raw.download],
-        raw.autorate.as_ref(),
-        &classes,
-        &names,
-        [upload_bps, download_bps],
-    )?;
+    let (leaf, queue_ms) = shaping_settings(cx, &shaping)?;
+    let classes::Classes {
+        classes,
+        names,
+        default_class,
+    } = classes::classes(cx, &raw, rates)?;
+    let Rules {
+        mut rules,
+        notes,
+        catalogue,
+        uses_apps,
+    } = rules::rules(cx, &raw, &classes, &names)?;
+    let autorate = autorate(cx, raw_dirs, raw.autorate.as_ref(), &classes, &names, rates)?;
     if let Some(a) = &autorate {
         // The probes must not wait in the queues they measure: they get their own
         // rule, first, into the autorate class.
@@ -858,7 +476,7 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
             name: "autorate-probes".into(),
             class: a.class,
             priority: i64::MIN,
-            direction: Direction::Both,
+            direction: None,
             protocols: vec![1],
             src_ports: vec![],
             dst_ports: vec![],
@@ -875,7 +493,7 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
             dns_names: vec![],
         });
     }
-    let (dscp_trust_lan, dscp_trust_wan) = dscp_trust(cx, raw.dscp.as_ref(), &names, &mut rules)?;
+    let dscp_trust = dscp_trust(cx, raw.dscp.as_ref(), &names, &mut rules)?;
     let promote = promote(cx, raw.promote.as_ref(), &names, &classes)?;
     let dns = dns_settings(cx, raw.dns.as_ref())?;
     if let Some(a) = &raw.upload.account_arrivals {
@@ -887,12 +505,19 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
     }
     // On by default, with [autorate] too: autorate follows the line, arrival accounting
     // keeps a flood from taking it; `rates` writes the lower of the two.
-    let download_account_arrivals = raw
+    let account_arrivals = raw
         .download
         .account_arrivals
         .as_ref()
         .is_none_or(|a| *a.get_ref());
-    let download_window_clamp = window_clamp(cx, &raw.upload, &raw.download)?;
+    let window_clamp = window_clamp(cx, &raw.upload, &raw.download)?;
+    let dirs = PerDir::from_fn(|d| DirPolicy {
+        rate_bps: rates[d],
+        link: links[d].clone(),
+        dscp_trust: dscp_trust[d],
+        account_arrivals: d == Dir::Down && account_arrivals,
+        window_clamp: window_clamp.filter(|_| d == Dir::Down),
+    });
     // Lower priority value first; file order breaks ties (sort is stable).
     rules.sort_by_key(|r| r.priority);
     let ack_class = match &shaping.ack_class {
@@ -931,8 +556,7 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
     Ok(Policy {
         wan,
         lan,
-        upload_bps,
-        download_bps,
+        dirs,
         leaf,
         queue_ms,
         remark_dscp: shaping.remark_dscp.unwrap_or(true),
@@ -941,17 +565,11 @@ fn validate(cx: &Ctx<'_>, raw: RawConfig) -> Result<Policy, ConfigError> {
         rules,
         ack_class,
         metrics_listen,
-        upload_link,
-        download_link,
         catalogue: uses_apps.then(|| catalogue.version.clone()),
         notes,
         autorate,
         dns,
-        dscp_trust_lan,
-        dscp_trust_wan,
         promote,
-        download_account_arrivals,
-        download_window_clamp,
     })
 }
 

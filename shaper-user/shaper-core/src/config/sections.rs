@@ -1,8 +1,38 @@
-//! Validation of the sections `validate` (mod.rs) delegates: the window clamp, class
-//! references, demotion and promotion, DSCP trust, `[dns]`, `[autorate]`, the line's
-//! framing and overhead, interface names.
+//! Validation of the sections `validate` (mod.rs) delegates: `[shaping]`, the window
+//! clamp, class references, demotion and promotion, DSCP trust, `[dns]`, `[autorate]`,
+//! the line's framing and overhead, interface names. (`[[class]]` is in classes.rs,
+//! `[[app]]` and `[[rule]]` in rules.rs.)
 
 use super::*;
+
+/// `[shaping] leaf` and `queue_ms`.
+pub(crate) fn shaping_settings(
+    cx: &Ctx<'_>,
+    shaping: &RawShaping,
+) -> Result<(LeafChoice, u32), ConfigError> {
+    let leaf = match &shaping.leaf {
+        None => LeafChoice::Auto,
+        Some(s) => match s.get_ref().as_str() {
+            "auto" => LeafChoice::Auto,
+            "fq_codel" => LeafChoice::FqCodel,
+            "cake" => LeafChoice::Cake,
+            "bfifo" => LeafChoice::Bfifo,
+            other => {
+                return Err(cx.at(
+                    s,
+                    "shaping.leaf",
+                    format!("`{other}`: use \"auto\", \"fq_codel\", \"cake\" or \"bfifo\""),
+                ))
+            }
+        },
+    };
+    let queue_ms = match &shaping.queue_ms {
+        None => 20,
+        Some(q) if (1..=1000).contains(q.get_ref()) => *q.get_ref(),
+        Some(q) => return Err(cx.at(q, "shaping.queue_ms", "must be 1 to 1000 milliseconds")),
+    };
+    Ok((leaf, queue_ms))
+}
 
 /// Validates `[download] window_clamp` / `window_clamp_queue_ms` (download only).
 pub(crate) fn window_clamp(
@@ -160,14 +190,17 @@ pub(crate) fn promote(
     }))
 }
 
-/// `[dscp]`: (trust LAN, trust WAN); adds a rule per honoured codepoint.
+/// `[dscp]`: whether each direction's marks are trusted (upload: the LAN's, download: the
+/// WAN's); adds a rule per honoured codepoint.
 pub(crate) fn dscp_trust(
     cx: &Ctx<'_>,
     d: Option<&Spanned<RawDscp>>,
     names: &HashMap<String, usize>,
     rules: &mut Vec<Rule>,
-) -> Result<(bool, bool), ConfigError> {
-    let Some(d) = d else { return Ok((true, true)) };
+) -> Result<PerDir<bool>, ConfigError> {
+    let Some(d) = d else {
+        return Ok(PerDir::new(true, true));
+    };
     let d = d.get_ref();
     let side = |v: &Option<Spanned<String>>, field: &str| -> Result<bool, ConfigError> {
         match v {
@@ -216,7 +249,7 @@ pub(crate) fn dscp_trust(
                 class,
                 // After the autorate probes, before every rule of the file.
                 priority: i64::MIN + 1,
-                direction: Direction::Upload,
+                direction: Some(Dir::Up),
                 protocols: vec![],
                 src_ports: vec![],
                 dst_ports: vec![],
@@ -227,7 +260,7 @@ pub(crate) fn dscp_trust(
             });
         }
     }
-    Ok((lan, wan))
+    Ok(PerDir::new(lan, wan))
 }
 
 /// `[dns]`.
@@ -299,14 +332,14 @@ pub(crate) fn dns_settings(
 /// Validates `[autorate]` and the directions' `min_rate`.
 pub(crate) fn autorate(
     cx: &Ctx<'_>,
-    [upload, download]: [&RawDirection; 2],
+    raw_dirs: PerDir<&RawDirection>,
     a: Option<&Spanned<RawAutorate>>,
     classes: &[Class],
     names: &HashMap<String, usize>,
-    [upload_bps, download_bps]: [u64; 2],
+    rates: PerDir<u64>,
 ) -> Result<Option<Autorate>, ConfigError> {
     let Some(a) = a else {
-        for (d, f) in [(upload, "upload"), (download, "download")] {
+        for (d, f) in raw_dirs.iter().map(|(d, r)| (*r, d.name())) {
             if let Some(m) = &d.min_rate {
                 return Err(cx.at(
                     m,
@@ -393,8 +426,9 @@ pub(crate) fn autorate(
         class,
         delay_ms,
         interval_ms,
-        upload_min_bps: floor(upload, "upload", upload_bps)?,
-        download_min_bps: floor(download, "download", download_bps)?,
+        min_bps: raw_dirs
+            .map(|d, r| floor(r, d.name(), rates[d]))
+            .transpose()?,
     }))
 }
 

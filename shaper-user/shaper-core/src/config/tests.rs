@@ -33,8 +33,8 @@ fn p(text: &str) -> Result<Policy, ConfigError> {
 #[test]
 fn good_config_validates() {
     let pol = p(GOOD).expect("valid");
-    assert_eq!(pol.upload_bps, 9_500_000);
-    assert_eq!(pol.download_bps, 36_000_000);
+    assert_eq!(pol.dirs[Dir::Up].rate_bps, 9_500_000);
+    assert_eq!(pol.dirs[Dir::Down].rate_bps, 36_000_000);
     assert_eq!(pol.default_class, 1);
     assert_eq!(pol.classes[0].dscp, Some(34));
     assert_eq!(pol.rules[0].dst_ports, vec![(3478, 3481), (50020, 50020)]);
@@ -44,20 +44,20 @@ fn good_config_validates() {
 
 #[test]
 fn arrival_accounting_is_on_by_default_and_with_autorate() {
-    assert!(p(GOOD).expect("valid").download_account_arrivals);
+    assert!(p(GOOD).expect("valid").dirs[Dir::Down].account_arrivals);
     let auto = format!("{GOOD}[autorate]\nreflectors = [\"192.0.2.1\"]\n");
     let pol = p(&auto).expect("autorate alone");
-    assert!(pol.autorate.is_some() && pol.download_account_arrivals);
+    assert!(pol.autorate.is_some() && pol.dirs[Dir::Down].account_arrivals);
     let both = auto.replace(
         "rate = \"36mbit\"\n",
         "rate = \"36mbit\"\naccount_arrivals = true\n",
     );
-    assert!(p(&both).expect("both asked for").download_account_arrivals);
+    assert!(p(&both).expect("both asked for").dirs[Dir::Down].account_arrivals);
     let off = auto.replace(
         "rate = \"36mbit\"\n",
         "rate = \"36mbit\"\naccount_arrivals = false\n",
     );
-    assert!(!p(&off).expect("turned off").download_account_arrivals);
+    assert!(!p(&off).expect("turned off").dirs[Dir::Down].account_arrivals);
 }
 
 #[test]
@@ -233,7 +233,7 @@ fn ceiling_below_guaranteed() {
 #[test]
 fn line_presets_and_overrides() {
     let pol = p(GOOD).expect("valid");
-    assert!(pol.upload_link.is_none() && pol.download_link.is_none());
+    assert!(pol.dirs[Dir::Up].link.is_none() && pol.dirs[Dir::Down].link.is_none());
     let up = |extra: &str| {
         p(&GOOD.replace(
             "rate = \"9500kbit\"\n",
@@ -242,7 +242,7 @@ fn line_presets_and_overrides() {
     };
     let pol = up("line = \"adsl2-pppoa\"").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
-        pol.upload_link,
+        pol.dirs[Dir::Up].link,
         LinkAccounting {
             line: Some("adsl2-pppoa".into()),
             framing: Framing::Atm,
@@ -251,7 +251,7 @@ fn line_presets_and_overrides() {
         }
     );
     assert!(
-        pol.download_link.is_none(),
+        pol.dirs[Dir::Down].link.is_none(),
         "the other direction is untouched"
     );
     for (name, framing, overhead) in [
@@ -263,28 +263,30 @@ fn line_presets_and_overrides() {
     ] {
         let l = up(&format!("line = \"{name}\"")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            (l.upload_link.framing, l.upload_link.overhead),
+            (l.dirs[Dir::Up].link.framing, l.dirs[Dir::Up].link.overhead),
             (framing, overhead),
             "{name}"
         );
     }
-    assert!(up("line = \"ethernet\"")
-        .expect("valid")
-        .upload_link
+    assert!(up("line = \"ethernet\"").expect("valid").dirs[Dir::Up]
+        .link
         .is_none());
     // Explicit fields override the preset.
     let pol = up("line = \"vdsl2-pppoe\"\noverhead = 34\nmpu = 68").expect("valid");
     assert_eq!(
         (
-            pol.upload_link.framing,
-            pol.upload_link.overhead,
-            pol.upload_link.mpu
+            pol.dirs[Dir::Up].link.framing,
+            pol.dirs[Dir::Up].link.overhead,
+            pol.dirs[Dir::Up].link.mpu
         ),
         (Framing::Ptm, 34, 68)
     );
     let pol = up("line = \"adsl2-pppoa\"\nframing = \"ethernet\"\noverhead = -4").expect("valid");
     assert_eq!(
-        (pol.upload_link.framing, pol.upload_link.overhead),
+        (
+            pol.dirs[Dir::Up].link.framing,
+            pol.dirs[Dir::Up].link.overhead
+        ),
         (Framing::Ethernet, -4)
     );
     // Without a preset.
@@ -295,13 +297,13 @@ fn line_presets_and_overrides() {
     .expect("valid");
     assert_eq!(
         (
-            pol.download_link.line.as_deref(),
-            pol.download_link.framing,
-            pol.download_link.overhead
+            pol.dirs[Dir::Down].link.line.as_deref(),
+            pol.dirs[Dir::Down].link.framing,
+            pol.dirs[Dir::Down].link.overhead
         ),
         (None, Framing::Atm, 44)
     );
-    assert!(pol.upload_link.is_none());
+    assert!(pol.dirs[Dir::Up].link.is_none());
 }
 
 #[test]
@@ -334,7 +336,10 @@ fn line_errors_name_file_line_and_field() {
         "rate = \"9500kbit\"\noverhead = -64\nmpu = 256\n",
     ))
     .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((pol.upload_link.overhead, pol.upload_link.mpu), (-64, 256));
+    assert_eq!(
+        (pol.dirs[Dir::Up].link.overhead, pol.dirs[Dir::Up].link.mpu),
+        (-64, 256)
+    );
     let e = up("mpu = -1");
     assert_eq!((e.field.as_str(), e.line), ("upload.mpu", Some(7)), "{e}");
     assert!(e.message.contains("0 to 256"), "{e}");
@@ -434,10 +439,7 @@ protocol = "udp"
         ]
     );
     for r in &pol.rules[..4] {
-        assert_eq!(
-            (r.class, r.priority, r.direction),
-            (0, -5, Direction::Upload)
-        );
+        assert_eq!((r.class, r.priority, r.direction), (0, -5, Some(Dir::Up)));
     }
     assert_eq!(pol.rules[0].dst_cidrs.len(), 4);
     assert_eq!(pol.rules[2].src_ports, [(104, 104), (11112, 11112)]);
@@ -573,7 +575,7 @@ fn host_names_demotion_promotion_and_dscp_trust_validate() {
             max_packet: 1300
         })
     );
-    assert!(pol.dscp_trust_lan && !pol.dscp_trust_wan);
+    assert!(pol.dirs[Dir::Up].dscp_trust && !pol.dirs[Dir::Down].dscp_trust);
     assert_eq!(pol.rules[0].name, "dscp-honour-ef");
     assert_eq!(pol.rules[0].dscp, [46]);
     assert!(pol.measures_flows());
@@ -712,7 +714,7 @@ fn config_apps_are_validated_like_rules() {
 
 #[test]
 fn window_clamp_is_off_by_default_download_only_and_validated() {
-    assert_eq!(p(GOOD).expect("valid").download_window_clamp, None);
+    assert_eq!(p(GOOD).expect("valid").dirs[Dir::Down].window_clamp, None);
     let with = |down: &str, up: &str| {
         let t = GOOD
             .replace("rate = \"36mbit\"\n", &format!("rate = \"36mbit\"\n{down}"))
@@ -724,15 +726,18 @@ fn window_clamp_is_off_by_default_download_only_and_validated() {
     };
     let pol = with("window_clamp = true\n", "").expect("valid");
     assert_eq!(
-        pol.download_window_clamp,
+        pol.dirs[Dir::Down].window_clamp,
         Some(WindowClamp {
             queue_ms: WINDOW_CLAMP_QUEUE_MS
         })
     );
     let pol = with("window_clamp = true\nwindow_clamp_queue_ms = 12\n", "").expect("valid");
-    assert_eq!(pol.download_window_clamp.map(|w| w.queue_ms), Some(12));
+    assert_eq!(
+        pol.dirs[Dir::Down].window_clamp.map(|w| w.queue_ms),
+        Some(12)
+    );
     let pol = with("window_clamp = false\n", "").expect("valid");
-    assert_eq!(pol.download_window_clamp, None);
+    assert_eq!(pol.dirs[Dir::Down].window_clamp, None);
     let e = with("window_clamp = true\nwindow_clamp_queue_ms = 201\n", "").unwrap_err();
     assert_eq!(e.field, "download.window_clamp_queue_ms", "{e}");
     assert!(e.message.contains("0 to 200"), "{e}");

@@ -14,7 +14,7 @@ pub(crate) fn get<const N: usize>(b: &[u8], off: usize) -> Option<[u8; N]> {
 /// Parses one frame leaving the interface of direction `dir`. `l2`: the
 /// frame starts with an Ethernet header (else it is a bare IP packet, as on
 /// PPP/tun devices, and the version nibble names the protocol).
-pub fn parse_frame(b: &[u8], l2: bool, dir: u32) -> Parsed {
+pub fn parse_frame(b: &[u8], l2: bool, dir: Dir) -> Parsed {
     let bad = |reason: &str| Parsed::Malformed {
         dir,
         reason: reason.to_string(),
@@ -129,7 +129,7 @@ pub(crate) fn l4_ports(
             // the payload the IP header announces, not what trails the frame.
             let start = l4 + doff as usize;
             let end = (l4 + l4_len as usize).min(b.len());
-            if p.dir == DIR_UP && p.dport == Some(443) && doff >= 20 && start < end {
+            if p.dir == Dir::Up && p.dport == Some(443) && doff >= 20 && start < end {
                 if let Ok(crate::sni::Sni::Found { name, .. }) =
                     crate::sni::client_hello_sni(&b[start..end])
                 {
@@ -141,7 +141,7 @@ pub(crate) fn l4_ports(
     }
     // A QUIC client Initial to UDP 443 whose ClientHello fits in it.
     let (start, end) = (l4 + 8, (l4 + l4_len as usize).min(b.len()));
-    if p.proto == 17 && p.dir == DIR_UP && p.dport == Some(443) && start < end {
+    if p.proto == 17 && p.dir == Dir::Up && p.dport == Some(443) && start < end {
         if let Ok(crate::sni::Sni::Found { name, .. }) =
             crate::quic::HelloAssembler::new().push_datagram(&b[start..end])
         {
@@ -152,7 +152,7 @@ pub(crate) fn l4_ports(
     Ok(())
 }
 
-pub(crate) fn parse_v4(b: &[u8], off: usize, dir: u32) -> Result<Packet, &'static str> {
+pub(crate) fn parse_v4(b: &[u8], off: usize, dir: Dir) -> Result<Packet, &'static str> {
     let h = get::<20>(b, off).ok_or("cut inside the IPv4 header")?;
     if h[0] >> 4 != 4 {
         return Err("IP version is not 4");
@@ -193,7 +193,7 @@ pub(crate) fn parse_v4(b: &[u8], off: usize, dir: u32) -> Result<Packet, &'stati
     Ok(p)
 }
 
-pub(crate) fn parse_v6(b: &[u8], off: usize, dir: u32) -> Result<Packet, &'static str> {
+pub(crate) fn parse_v6(b: &[u8], off: usize, dir: Dir) -> Result<Packet, &'static str> {
     let h = get::<40>(b, off).ok_or("cut inside the IPv6 header")?;
     if h[0] >> 4 != 6 {
         return Err("IP version is not 6");

@@ -21,12 +21,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::Serialize;
 use shaper_common::{
-    DIR_DOWN, DIR_UP, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_PPP_SES,
-    PPPOE_CODE_SESSION, PPPOE_SES_HLEN, PPPOE_VER_TYPE, PPP_IP, PPP_IPV6,
+    ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_PPP_SES, PPPOE_CODE_SESSION,
+    PPPOE_SES_HLEN, PPPOE_VER_TYPE, PPP_IP, PPP_IPV6,
 };
 
 use crate::compile::{self, classid_of, MapPlan, PacketView};
-use crate::config::{self, Cidr, Direction, Policy, Rule};
+use crate::config::{self, Dir, Policy, Rule};
 
 mod frame;
 pub mod pcap;
@@ -81,7 +81,7 @@ impl Bare {
 /// order (source, destination); `view()` turns them to the site's side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Packet {
-    pub dir: u32,
+    pub dir: Dir,
     pub proto: u8,
     pub dscp: u8,
     pub src: IpAddr,
@@ -112,7 +112,7 @@ pub struct Packet {
 impl Packet {
     /// The packet from the site's side (src = LAN, dst = WAN), as rules see it.
     pub fn view(&self) -> PacketView {
-        let (src, dst, sport, dport) = if self.dir == DIR_DOWN {
+        let (src, dst, sport, dport) = if self.dir == Dir::Down {
             (self.dst, self.src, self.dport, self.sport)
         } else {
             (self.src, self.dst, self.sport, self.dport)
@@ -179,7 +179,7 @@ pub enum Parsed {
     /// Not IPv4/IPv6 (ARP, a third VLAN tag, a PPPoE frame carrying LCP,
     /// ...): default class.
     NonIp {
-        dir: u32,
+        dir: Dir,
         ethertype: u16,
         /// The PPP protocol of a PPPoE session frame (`ethertype` is then
         /// 0x8864).
@@ -187,13 +187,13 @@ pub enum Parsed {
     },
     /// Cut short or inconsistent: default class (counted as malformed).
     Malformed {
-        dir: u32,
+        dir: Dir,
         reason: String,
     },
 }
 
 impl Parsed {
-    pub fn dir(&self) -> u32 {
+    pub fn dir(&self) -> Dir {
         match self {
             Parsed::Ip(p) => p.dir,
             Parsed::NonIp { dir, .. } | Parsed::Malformed { dir, .. } => *dir,
@@ -201,19 +201,19 @@ impl Parsed {
     }
 }
 
-pub fn dir_name(dir: u32) -> &'static str {
-    if dir == DIR_UP {
-        "up"
-    } else {
-        "down"
+/// How explain names a direction: `up` / `down`.
+pub fn dir_name(dir: Dir) -> &'static str {
+    match dir {
+        Dir::Up => "up",
+        Dir::Down => "down",
     }
 }
 
 /// `up`/`upload` or `down`/`download`.
-pub fn parse_direction(s: &str) -> Result<u32, String> {
+pub fn parse_direction(s: &str) -> Result<Dir, String> {
     match s.to_ascii_lowercase().as_str() {
-        "up" | "upload" => Ok(DIR_UP),
-        "down" | "download" => Ok(DIR_DOWN),
+        "up" | "upload" => Ok(Dir::Up),
+        "down" | "download" => Ok(Dir::Down),
         _ => Err(format!(
             "`{s}` is not a direction: use up (upload, WAN egress) or down (download, LAN egress)"
         )),
@@ -501,7 +501,7 @@ pub struct Decision {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct FragKey {
-    dir: u32,
+    dir: Dir,
     src: IpAddr,
     dst: IpAddr,
     id: u32,
@@ -612,11 +612,7 @@ fn checks(rule: &Rule, rank: usize, v: &PacketView, h: &HostFacts) -> Vec<Check>
     let mut out = Vec::new();
     if !rule.dns_names.is_empty() {
         let learned = h.learned.iter().find(|(r, _)| *r == rank);
-        let by_sni = h.sni.as_ref().filter(|n| {
-            rule.dns_names
-                .iter()
-                .any(|p| crate::dnswire::name_matches(p, n))
-        });
+        let by_sni = h.sni.as_ref().filter(|n| rule.accepts_name(n));
         let (ok, detail) = match (learned, by_sni) {
             (Some((_, name)), _) => (
                 true,
@@ -648,11 +644,7 @@ fn checks(rule: &Rule, rank: usize, v: &PacketView, h: &HostFacts) -> Vec<Check>
             detail,
         });
     }
-    let dir_ok = match rule.direction {
-        Direction::Both => None,
-        Direction::Upload => Some(v.dir == DIR_UP),
-        Direction::Download => Some(v.dir == DIR_DOWN),
-    };
+    let dir_ok = rule.direction.map(|d| v.dir == d);
     out.push(Check {
         field: "direction",
         ok: dir_ok,
@@ -664,11 +656,7 @@ fn checks(rule: &Rule, rank: usize, v: &PacketView, h: &HostFacts) -> Vec<Check>
             } else {
                 "is"
             },
-            match rule.direction {
-                Direction::Both => "both",
-                Direction::Upload => "upload",
-                Direction::Download => "download",
-            }
+            rule.direction.map_or("both", Dir::name)
         ),
     });
     let field = |name: &'static str, constrained: bool, ok: bool, detail: String| Check {
@@ -677,7 +665,7 @@ fn checks(rule: &Rule, rank: usize, v: &PacketView, h: &HostFacts) -> Vec<Check>
         detail,
     };
     let inn = |ok: bool| if ok { "in" } else { "not in" };
-    let ok = rule.protocols.is_empty() || rule.protocols.contains(&v.proto);
+    let ok = rule.accepts_protocol(v.proto);
     out.push(field(
         "protocol",
         !rule.protocols.is_empty(),
@@ -689,7 +677,7 @@ fn checks(rule: &Rule, rank: usize, v: &PacketView, h: &HostFacts) -> Vec<Check>
             list(&rule.protocols, |p| crate::config::protocol_name(*p))
         ),
     ));
-    let ok = rule.dscp.is_empty() || rule.dscp.contains(&v.dscp);
+    let ok = rule.accepts_dscp(v.dscp);
     out.push(field(
         "dscp",
         !rule.dscp.is_empty(),
@@ -701,14 +689,11 @@ fn checks(rule: &Rule, rank: usize, v: &PacketView, h: &HostFacts) -> Vec<Check>
             list(&rule.dscp, |d| dscp_name(*d))
         ),
     ));
-    let in_ports = |r: &[(u16, u16)], p: Option<u16>| {
-        r.is_empty() || p.is_some_and(|p| r.iter().any(|&(lo, hi)| lo <= p && p <= hi))
-    };
     for (name, label, r, p) in [
         ("lan_port", "LAN port", &rule.src_ports, v.sport),
         ("wan_port", "WAN port", &rule.dst_ports, v.dport),
     ] {
-        let ok = in_ports(r, p);
+        let ok = crate::rule::ports_accept(r, p);
         out.push(field(
             name,
             !r.is_empty(),
@@ -716,16 +701,11 @@ fn checks(rule: &Rule, rank: usize, v: &PacketView, h: &HostFacts) -> Vec<Check>
             format!("{label} {} {} {}", port_text(p), inn(ok), ranges_text(r)),
         ));
     }
-    let in_cidrs = |c: &[Cidr], a: IpAddr| {
-        c.is_empty()
-            || c.iter()
-                .any(|c| c.addr.is_ipv6() == a.is_ipv6() && config::mask_addr(a, c.len) == c.addr)
-    };
     for (name, label, c, a) in [
         ("lan_address", "LAN address", &rule.src_cidrs, v.src),
         ("wan_address", "WAN address", &rule.dst_cidrs, v.dst),
     ] {
-        let ok = in_cidrs(c, a);
+        let ok = crate::rule::cidrs_accept(c, a);
         out.push(field(
             name,
             !c.is_empty(),
@@ -733,6 +713,14 @@ fn checks(rule: &Rule, rank: usize, v: &PacketView, h: &HostFacts) -> Vec<Check>
             format!("{label} {a} {} {}", inn(ok), list(c, |c| c.to_string())),
         ));
     }
+    // The checks are the rule's own predicate, field by field.
+    debug_assert_eq!(
+        out.iter().all(|c| c.ok != Some(false)),
+        rule.accepts(v, || out
+            .iter()
+            .any(|c| c.field == "host" && c.ok == Some(true))),
+        "explain's checks and Rule::accepts disagree on {v:?}"
+    );
     out
 }
 
@@ -1044,9 +1032,9 @@ impl<'a> Explainer<'a> {
         } else if matches!(bare, Some(Bare::Ack | Bare::Control)) {
             notes.push("TCP segment without data, but no ack_class is configured".to_string());
         }
-        if let (Some(w), Parsed::Ip(p)) = (pol.download_window_clamp, input) {
+        if let (Some(w), Parsed::Ip(p)) = (pol.dirs[Dir::Down].window_clamp, input) {
             if p.proto == 6 && p.frag != Frag::Later {
-                notes.push(if dir == DIR_UP {
+                notes.push(if dir == Dir::Up {
                     format!(
                         "download window clamp: if this segment carries an ACK of a connection whose handshake the classifier saw, its receive window is lowered to the connection's share of its download class's rate x (its round trip + {} ms), never moving the right edge left; the class above is not affected",
                         w.queue_ms
@@ -1063,11 +1051,7 @@ impl<'a> Explainer<'a> {
         Explanation {
             packet: self.seen,
             direction: dir_name(dir),
-            interface: if dir == DIR_UP {
-                pol.wan.clone()
-            } else {
-                pol.lan.clone()
-            },
+            interface: pol.egress(dir).to_string(),
             parsed,
             outcome: d.outcome,
             rule: hit,

@@ -214,7 +214,7 @@ fn window_clamp_is_noted_on_tcp_only_when_on() {
         "[download]\nwindow_clamp = true\nwindow_clamp_queue_ms = 7\n",
     );
     let pol = config::parse(Path::new("explain.toml"), &text).expect("policy");
-    assert!(pol.download_window_clamp.is_some(), "{text}");
+    assert!(pol.dirs[Dir::Down].window_clamp.is_some(), "{text}");
     let mut ex = Explainer::new(&pol);
     let e = explain_one(&mut ex, ack);
     let note = e
@@ -230,7 +230,7 @@ fn window_clamp_is_noted_on_tcp_only_when_on() {
 fn descriptions_parse() {
     let p =
         parse_description("up udp 192.168.1.5:50020 -> 52.113.1.1:3478 dscp=EF").expect("parses");
-    assert_eq!(p.dir, DIR_UP);
+    assert_eq!(p.dir, Dir::Up);
     assert_eq!(p.proto, 17);
     assert_eq!(p.dscp, 46);
     assert_eq!(p.src, "192.168.1.5".parse::<IpAddr>().expect("a"));
@@ -238,7 +238,7 @@ fn descriptions_parse() {
     assert_eq!(p.bare, Some(Bare::No));
 
     let p = parse_description("down tcp 203.0.113.5:104 -> 192.168.1.20:40000").expect("parses");
-    assert_eq!(p.dir, DIR_DOWN);
+    assert_eq!(p.dir, Dir::Down);
     assert_eq!(p.bare, None, "TCP without flags: unknown");
     let v = p.view();
     assert_eq!(v.src, "192.168.1.20".parse::<IpAddr>().expect("a"));
@@ -416,7 +416,7 @@ fn a_disagreement_is_reported() {
 
 #[test]
 fn frames_parse_as_the_classifier_does() {
-    let up = DIR_UP;
+    let up = Dir::Up;
     let f = eth(
         &[],
         0x0800,
@@ -575,7 +575,7 @@ fn frames_parse_as_the_classifier_does() {
 
 #[test]
 fn pppoe_frames_parse_as_the_classifier_does() {
-    let up = DIR_UP;
+    let up = Dir::Up;
     let dicom4 = v4(
         [192, 168, 1, 5],
         [203, 0, 113, 5],
@@ -595,7 +595,7 @@ fn pppoe_frames_parse_as_the_classifier_does() {
     assert!(p.describe().ends_with(" pppoe=0x1234"), "{}", p.describe());
     // IPv6 in PPPoE, downloaded.
     let f = eth(&[], 0x8864, &pppoe(7, &[0x00, 0x57], &teams6));
-    let Parsed::Ip(p) = parse_frame(&f, true, DIR_DOWN) else {
+    let Parsed::Ip(p) = parse_frame(&f, true, Dir::Down) else {
         panic!("ip")
     };
     assert_eq!((p.proto, p.sport, p.dport), (17, Some(3479), Some(50000)));
@@ -700,7 +700,7 @@ fn pppoe_frames_are_explained() {
         &tcp(40000, 104, 0x18, 10),
     );
     let f = eth(&[10], 0x8864, &pppoe(0x1234, &[0x00, 0x21], &dicom4));
-    let e = ex.explain(&parse_frame(&f, true, DIR_UP));
+    let e = ex.explain(&parse_frame(&f, true, Dir::Up));
     assert_eq!(e.rule.as_ref().map(|r| r.name.as_str()), Some("dicom"));
     assert_eq!(e.class, "images");
     assert!(e.parsed.ends_with(" vlan=10 pppoe=0x1234"), "{}", e.parsed);
@@ -709,7 +709,7 @@ fn pppoe_frames_are_explained() {
         0x8864,
         &pppoe(0x1234, &[0xc0, 0x21], &[9, 1, 0, 8, 0, 0, 0, 1]),
     );
-    let e = ex.explain(&parse_frame(&lcp, true, DIR_UP));
+    let e = ex.explain(&parse_frame(&lcp, true, Dir::Up));
     assert_eq!((e.outcome, e.class.as_str()), (Outcome::NonIp, "default"));
     assert!(
         e.notes.iter().any(|n| n.contains(
@@ -720,7 +720,7 @@ fn pppoe_frames_are_explained() {
     );
     let mut bad = f.clone();
     bad[18] = 0x12;
-    let e = ex.explain(&parse_frame(&bad, true, DIR_UP));
+    let e = ex.explain(&parse_frame(&bad, true, Dir::Up));
     assert_eq!(
         (e.outcome, e.class.as_str()),
         (Outcome::Malformed, "default")

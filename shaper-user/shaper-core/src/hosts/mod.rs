@@ -67,6 +67,8 @@ use shaper_common::{
     EVENT_HEADER, EV_DNS, EV_DNS_QUERY, EV_TLS, HOST_DECIDED, HOST_WANT_MORE, NO_RULE,
 };
 
+use crate::dir::Dir;
+use crate::rundir::{read_versioned, write_json, RunDir, HOSTS_VERSION};
 use crate::{
     compile::{self, MapPlan, PacketView, Plan},
     config::{DnsSettings, Policy},
@@ -100,7 +102,7 @@ impl HostRules {
     pub fn matching(&self, name: &str) -> Vec<usize> {
         self.rules
             .iter()
-            .filter(|(_, pats)| pats.iter().any(|p| dnswire::name_matches(p, name)))
+            .filter(|(_, pats)| crate::rule::names_accept(pats, name))
             .map(|(i, _)| *i)
             .collect()
     }
@@ -790,6 +792,8 @@ pub struct SniEntry {
 /// What `shaper run` writes to `<run>/hosts.json`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Snapshot {
+    /// [`HOSTS_VERSION`].
+    pub version: u32,
     pub stats: HostStats,
     pub learned: Vec<LearnedEntry>,
     pub sni: Vec<SniEntry>,
@@ -833,14 +837,14 @@ pub fn sni_winner(
         .rules
         .iter()
         .enumerate()
-        .filter(|(_, r)| r.dns_names.iter().any(|p| dnswire::name_matches(p, name)))
+        .filter(|(_, r)| r.accepts_name(name))
         .map(|(i, _)| i)
         .collect();
     if by_name.is_empty() {
         return None;
     }
     let up = PacketView {
-        dir: DIR_UP,
+        dir: Dir::Up,
         ..*view
     };
     let r = compile::reference_match_hosts(policy, &up, |rank, a| {
@@ -1174,7 +1178,7 @@ impl<K: Kernel> Engine<K> {
             crate::config::protocol_name(key.proto)
         );
         let view = PacketView {
-            dir: DIR_UP,
+            dir: Dir::Up,
             proto: key.proto,
             dscp,
             sport: Some(key.sport as u16),
@@ -1329,6 +1333,7 @@ impl<K: Kernel> Engine<K> {
             .collect();
         learned.sort_by(|a, b| (a.addr, &a.rule).cmp(&(b.addr, &b.rule)));
         Snapshot {
+            version: HOSTS_VERSION,
             stats: self.stats.clone(),
             learned,
             sni: self.sni.clone(),
@@ -1358,24 +1363,21 @@ impl<K: Kernel> Kernel for std::rc::Rc<std::cell::RefCell<K>> {
 /// Where `shaper run` writes the learned names (for `shaper status` and
 /// `shaper explain`).
 pub fn snapshot_path(run: &Path) -> PathBuf {
-    run.join("hosts.json")
+    RunDir(run).hosts()
 }
 
 /// Reads what a running `shaper run` wrote; `None` when it wrote nothing
 /// (no host rules, or not running).
 pub fn read_snapshot(run: &Path) -> Option<Snapshot> {
-    let b = std::fs::read(snapshot_path(run)).ok()?;
-    serde_json::from_slice(&b).ok()
+    read_versioned(&snapshot_path(run), HOSTS_VERSION).unwrap_or_else(|e| {
+        log::warn!("{e:#}");
+        None
+    })
 }
 
 /// Writes `s` to `path` atomically (a rename).
 pub fn write_snapshot(path: &Path, s: &Snapshot) {
-    let tmp = path.with_extension("json.next");
-    let r = serde_json::to_vec_pretty(s)
-        .map_err(anyhow::Error::from)
-        .and_then(|b| std::fs::write(&tmp, b).map_err(Into::into))
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(Into::into));
-    if let Err(e) = r {
+    if let Err(e) = write_json(path, s) {
         log::debug!("writing {}: {e:#}", path.display());
     }
 }

@@ -501,7 +501,7 @@ fn a_server_name_decides_a_connection_only_when_its_rule_wins() {
     let mut fake = Fake::default();
     let e = Engine::new(&p, &mut fake);
     let view = |dport| PacketView {
-        dir: DIR_UP,
+        dir: crate::dir::Dir::Up,
         proto: 6,
         dscp: 0,
         sport: Some(40000),

@@ -1,0 +1,420 @@
+//! The exposition (rendered, then read back by a strict reader of format 0.0.4) and
+//! where the endpoint may listen. The server's tests are in `server/tests.rs`.
+
+use super::listen::{all_addresses, bind_on_device};
+use super::*;
+use crate::status::{ClassReport, DirReport, Report, RuleReport};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+/// A parsed sample: metric name, labels (unescaped), value.
+type Parsed = (String, Vec<(String, String)>, f64);
+
+fn class(name: &str, classid: &str, packets: u64) -> ClassReport {
+    ClassReport {
+        name: name.to_string(),
+        classid: classid.to_string(),
+        guaranteed_bps: 2_500_000,
+        ceiling_bps: 10_000_001,
+        priority: 0,
+        leaf: "fq_codel".to_string(),
+        packets,
+        bytes: packets * 1000,
+        drops: 3,
+        overlimits: 4,
+        backlog_bytes: 1514,
+        qlen: 1,
+        rate_bps: None,
+        classified_packets: packets + 1,
+        classified_bytes: (packets + 1) * 1000,
+    }
+}
+
+fn report() -> Report {
+    let dir = |direction: &str, interface: &str, rate| DirReport {
+        direction: direction.to_string(),
+        interface: interface.to_string(),
+        rate_bps: rate,
+        kernel_rate_bps: Some(rate),
+        classes: vec![class("video", "1:10", 7), class("default", "1:2", 9)],
+    };
+    let mut classifier = BTreeMap::new();
+    for d in ["upload", "download"] {
+        let m: BTreeMap<String, u64> = shaper_common::GLOBAL_COUNTER_NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), i as u64))
+            .collect();
+        classifier.insert(d.to_string(), m);
+    }
+    Report {
+        config: "/etc/shaper/we\"ird\\path\nsite.toml".to_string(),
+        applied_at: 1_764_000_000,
+        fq_codel: true,
+        cake: false,
+        directions: vec![
+            dir("upload", "wan0", 9_500_000),
+            dir("download", "lan0", 36_000_000),
+        ],
+        rules: vec![RuleReport {
+            name: "teams-media".to_string(),
+            class: "video".to_string(),
+            upload_packets: 11,
+            upload_bytes: 11_000,
+            download_packets: 12,
+            download_bytes: 12_000,
+        }],
+        classifier,
+        hosts: None,
+        last_crash: None,
+    }
+}
+
+/// A strict reader of one sample line: name, labels (unescaped), value.
+fn parse_sample(line: &str) -> std::result::Result<Parsed, String> {
+    let bytes = line.as_bytes();
+    let mut i = 0;
+    while i < bytes.len()
+        && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_' || bytes[i] == b':')
+    {
+        i += 1;
+    }
+    let name = &line[..i];
+    if !valid_metric_name(name) {
+        return Err(format!("bad metric name in {line:?}"));
+    }
+    let mut labels = Vec::new();
+    if bytes.get(i) == Some(&b'{') {
+        i += 1;
+        loop {
+            if bytes.get(i) == Some(&b'}') {
+                i += 1;
+                break;
+            }
+            let start = i;
+            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                i += 1;
+            }
+            let key = &line[start..i];
+            if key.is_empty() || key.as_bytes()[0].is_ascii_digit() {
+                return Err(format!("bad label name in {line:?}"));
+            }
+            if bytes.get(i) != Some(&b'=') || bytes.get(i + 1) != Some(&b'"') {
+                return Err(format!("expected =\" after {key} in {line:?}"));
+            }
+            i += 2;
+            let mut value = String::new();
+            let mut chars = line[i..].char_indices();
+            loop {
+                let Some((off, c)) = chars.next() else {
+                    return Err(format!("unterminated label value in {line:?}"));
+                };
+                match c {
+                    '"' => {
+                        i += off + 1;
+                        break;
+                    }
+                    '\\' => match chars.next() {
+                        Some((_, '\\')) => value.push('\\'),
+                        Some((_, '"')) => value.push('"'),
+                        Some((_, 'n')) => value.push('\n'),
+                        other => return Err(format!("bad escape {other:?} in {line:?}")),
+                    },
+                    '\n' => return Err(format!("raw newline in {line:?}")),
+                    c => value.push(c),
+                }
+            }
+            labels.push((key.to_string(), value));
+            match bytes.get(i) {
+                Some(b',') => i += 1,
+                Some(b'}') => {}
+                _ => return Err(format!("expected , or }} in {line:?}")),
+            }
+        }
+    }
+    let rest = line[i..]
+        .strip_prefix(' ')
+        .ok_or_else(|| format!("no space before the value in {line:?}"))?;
+    let mut fields = rest.split(' ');
+    let v = fields.next().unwrap_or("");
+    let value = match v {
+        "NaN" => f64::NAN,
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v
+            .parse::<f64>()
+            .map_err(|_| format!("bad value {v:?} in {line:?}"))?,
+    };
+    if let Some(ts) = fields.next() {
+        ts.parse::<i64>()
+            .map_err(|_| format!("bad timestamp in {line:?}"))?;
+    }
+    if fields.next().is_some() {
+        return Err(format!("trailing fields in {line:?}"));
+    }
+    Ok((name.to_string(), labels, value))
+}
+
+/// Checks the whole exposition: every line is HELP, TYPE or a sample that
+/// parses; one HELP and TYPE per family, before its samples; samples of a
+/// family together; counters end in `_total`; no duplicate series.
+fn check_exposition(text: &str) -> Vec<Parsed> {
+    assert!(text.ends_with('\n'), "ends with a newline");
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut helped = BTreeSet::new();
+    let mut finished = BTreeSet::new();
+    let mut current: Option<String> = None;
+    let mut series = BTreeSet::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, _) = rest.split_once(' ').expect("HELP name text");
+            assert!(valid_metric_name(name), "{line}");
+            assert!(helped.insert(name.to_string()), "second HELP: {line}");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(["counter", "gauge"].contains(&kind), "{line}");
+            assert!(kind != "counter" || name.ends_with("_total"), "{line}");
+            assert!(
+                types.insert(name.to_string(), kind.to_string()).is_none(),
+                "second TYPE: {line}"
+            );
+            if let Some(c) = current.replace(name.to_string()) {
+                finished.insert(c);
+            }
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unexpected comment {line:?}");
+        let (name, labels, value) = parse_sample(line).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            current.as_deref(),
+            Some(name.as_str()),
+            "sample outside its family: {line}"
+        );
+        assert!(!finished.contains(&name), "family split: {line}");
+        assert!(helped.contains(&name), "no HELP for {name}");
+        let key = format!("{name}{labels:?}");
+        assert!(series.insert(key), "duplicate series: {line}");
+        samples.push((name, labels, value));
+    }
+    samples
+}
+
+fn find<'a>(samples: &'a [Parsed], name: &str, want: &[(&str, &str)]) -> Option<&'a Parsed> {
+    samples.iter().find(|(n, l, _)| {
+        n == name
+            && want
+                .iter()
+                .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+    })
+}
+
+#[test]
+fn render_is_valid_exposition_with_every_series() {
+    let text = render(&report());
+    let s = check_exposition(&text);
+    assert_eq!(find(&s, "shaper_up", &[]).map(|x| x.2), Some(1.0));
+    assert_eq!(
+        find(&s, "shaper_config_applied_timestamp_seconds", &[]).map(|x| x.2),
+        Some(1_764_000_000.0)
+    );
+    let video_up = [
+        ("direction", "upload"),
+        ("interface", "wan0"),
+        ("class", "video"),
+        ("classid", "1:10"),
+    ];
+    for (name, v) in [
+        ("shaper_class_packets_total", 7.0),
+        ("shaper_class_bytes_total", 7000.0),
+        ("shaper_class_drops_total", 3.0),
+        ("shaper_class_overlimits_total", 4.0),
+        ("shaper_class_backlog_bytes", 1514.0),
+        ("shaper_class_queue_packets", 1.0),
+        ("shaper_class_guaranteed_rate_bytes_per_second", 312_500.0),
+        ("shaper_class_ceiling_rate_bytes_per_second", 1_250_000.125),
+        ("shaper_class_classified_packets_total", 8.0),
+        ("shaper_class_classified_bytes_total", 8000.0),
+    ] {
+        assert_eq!(find(&s, name, &video_up).map(|x| x.2), Some(v), "{name}");
+    }
+    assert_eq!(
+        find(
+            &s,
+            "shaper_rate_bytes_per_second",
+            &[("direction", "download"), ("interface", "lan0")]
+        )
+        .map(|x| x.2),
+        Some(4_500_000.0)
+    );
+    assert_eq!(
+        find(
+            &s,
+            "shaper_rate_now_bytes_per_second",
+            &[("direction", "download"), ("interface", "lan0")]
+        )
+        .map(|x| x.2),
+        Some(4_500_000.0)
+    );
+    let rule_down = [
+        ("direction", "download"),
+        ("interface", "lan0"),
+        ("rule", "teams-media"),
+        ("class", "video"),
+    ];
+    assert_eq!(
+        find(&s, "shaper_rule_packets_total", &rule_down).map(|x| x.2),
+        Some(12.0)
+    );
+    assert_eq!(
+        find(&s, "shaper_rule_bytes_total", &rule_down).map(|x| x.2),
+        Some(12_000.0)
+    );
+    for (i, n) in shaper_common::GLOBAL_COUNTER_NAMES.iter().enumerate() {
+        let name = classifier_metric(n);
+        assert_eq!(
+            find(&s, &name, &[("direction", "upload"), ("interface", "wan0")]).map(|x| x.2),
+            Some(i as f64),
+            "{name}"
+        );
+    }
+    assert!(text.contains(
+        "shaper_classifier_pure_tcp_acks_total{direction=\"upload\",interface=\"wan0\"} 8\n"
+    ));
+    // 2 directions x 2 classes x 10 class series + 2 x 2 rule series + ...
+    assert_eq!(
+        s.iter()
+            .filter(|x| x.0.starts_with("shaper_class_"))
+            .count(),
+        40
+    );
+}
+
+#[test]
+fn label_values_are_escaped_and_round_trip() {
+    assert_eq!(escape_label_value(r#"a"b\c"#), r#"a\"b\\c"#);
+    assert_eq!(escape_label_value("x\ny"), "x\\ny");
+    assert_eq!(escape_label_value("plain-1:10"), "plain-1:10");
+    let text = render(&report());
+    assert!(
+        text.contains(r#"shaper_config_info{config="/etc/shaper/we\"ird\\path\nsite.toml"} 1"#),
+        "{text}"
+    );
+    let s = check_exposition(&text);
+    let info = find(&s, "shaper_config_info", &[]).expect("config info");
+    assert_eq!(info.1[0].1, "/etc/shaper/we\"ird\\path\nsite.toml");
+    // Every line is one line: nothing unescaped leaked a newline.
+    assert!(text
+        .lines()
+        .all(|l| l.starts_with('#') || l.starts_with("shaper_")));
+}
+
+#[test]
+fn help_is_escaped_and_odd_counter_names_are_cleaned() {
+    assert_eq!(escape_help("a\\b\nc"), "a\\\\b\\nc");
+    assert_eq!(
+        classifier_metric("new-thing.v2"),
+        "shaper_classifier_new_thing_v2_total"
+    );
+    let mut r = report();
+    r.classifier
+        .get_mut("upload")
+        .expect("upload")
+        .insert("new-thing".to_string(), 5);
+    let s = check_exposition(&render(&r));
+    assert!(find(
+        &s,
+        "shaper_classifier_new_thing_total",
+        &[("direction", "upload")]
+    )
+    .is_some());
+}
+
+#[test]
+fn empty_report_still_renders_valid() {
+    let mut r = report();
+    r.directions.clear();
+    r.rules.clear();
+    r.classifier.clear();
+    let s = check_exposition(&render(&r));
+    assert_eq!(s.len(), 3, "up, config info, applied-at");
+}
+
+#[test]
+fn values_render_as_prometheus_floats() {
+    assert_eq!(Val::F(f64::NAN).render(), "NaN");
+    assert_eq!(Val::F(f64::INFINITY).render(), "+Inf");
+    assert_eq!(Val::F(f64::NEG_INFINITY).render(), "-Inf");
+    assert_eq!(Val::F(1_187_500.0).render(), "1187500");
+    assert_eq!(Val::U(u64::MAX).render(), "18446744073709551615");
+}
+
+#[test]
+fn unspecified_addresses_are_refused() {
+    for a in ["0.0.0.0:9464", "[::]:9464", "[::ffff:0.0.0.0]:9464"] {
+        let addr: SocketAddr = a.parse().expect("addr");
+        let e = check_listen(addr, "lo").expect_err(a);
+        assert!(format!("{e:#}").contains("every address"), "{e:#}");
+    }
+}
+
+#[test]
+fn addresses_of_the_wan_interface_are_refused() {
+    // Loopback plays the WAN here: every Linux network namespace has it.
+    let lo = interface_addresses("lo").expect("getifaddrs");
+    if !lo.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)) {
+        eprintln!("SKIP: lo has no 127.0.0.1 here");
+        return;
+    }
+    for a in ["127.0.0.1:9464", "[::ffff:127.0.0.1]:9464"] {
+        let e = check_listen(a.parse().expect("addr"), "lo").expect_err(a);
+        assert!(
+            format!("{e:#}").contains("address of the WAN interface lo"),
+            "{e:#}"
+        );
+    }
+    // Another interface's address, or one nobody has, is fine.
+    check_listen("127.0.0.1:9464".parse().expect("addr"), "nosuch0").expect("not the WAN's");
+    check_listen("127.0.0.2:9464".parse().expect("addr"), "lo").expect("not lo's address");
+}
+
+/// One blocking HTTP exchange with a std client; returns the raw reply.
+
+#[tokio::test]
+async fn bound_to_the_interface_that_holds_the_address() {
+    use std::os::fd::AsRawFd as _;
+    if !all_addresses()
+        .expect("getifaddrs")
+        .iter()
+        .any(|(n, a)| n == "lo" && *a == IpAddr::V4(Ipv4Addr::LOCALHOST))
+    {
+        eprintln!("SKIP: lo has no 127.0.0.1 here");
+        return;
+    }
+    let b = bind_on_device("127.0.0.1:0".parse().expect("addr"), "nosuch0").expect("bind");
+    assert_eq!(b.device, "lo");
+    let mut name = [0u8; 16];
+    let mut len = name.len() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `name`.
+    let r = unsafe {
+        libc::getsockopt(
+            b.listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            name.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "{}", io::Error::last_os_error());
+    assert_eq!(&name[..2], b"lo");
+    let e = bind_on_device("192.0.2.77:9464".parse().expect("addr"), "nosuch0")
+        .err()
+        .expect("nobody has 192.0.2.77");
+    assert!(
+        format!("{e:#}").contains("no interface has the address 192.0.2.77"),
+        "{e:#}"
+    );
+}
