@@ -12,7 +12,7 @@ use crate::{
     workspace,
 };
 
-/// Builds the product and the harness in release and runs one harness binary.
+/// Builds the product and the lab's programs in release and runs one of them.
 pub(crate) fn run_bin(bin: &str, args: &[String]) -> Result<()> {
     run(&mut cargo(&[
         "build",
@@ -20,7 +20,7 @@ pub(crate) fn run_bin(bin: &str, args: &[String]) -> Result<()> {
         "-p",
         "shaper-user",
         "-p",
-        "shaper-tests",
+        "shaper-lab",
         "--bins",
     ]))?;
     let mut c = cargo(&[
@@ -28,7 +28,7 @@ pub(crate) fn run_bin(bin: &str, args: &[String]) -> Result<()> {
         "--quiet",
         "--release",
         "-p",
-        "shaper-tests",
+        "shaper-lab",
         "--bin",
         bin,
         "--",

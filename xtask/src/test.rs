@@ -33,7 +33,8 @@ pub(crate) fn fuzz(seconds: u32) -> Result<()> {
 pub(crate) fn test(args: &[String]) -> Result<()> {
     step("building");
     // Named packages only: the eBPF crate builds for the BPF target (build.rs does it).
-    // The unit tests are these; the build adds shaper-tests (the root tests, run below).
+    // The unit tests are these; the build adds shaper-tests (the root tests, run below)
+    // and shaper-lab (the lab's programs: a change that breaks them fails here).
     let unit = [
         "-p",
         "shaper-user",
@@ -45,7 +46,9 @@ pub(crate) fn test(args: &[String]) -> Result<()> {
         "xtask",
     ];
     let mut build = cargo(&["build", "--all-targets"]);
-    build.args(unit).args(["-p", "shaper-tests"]);
+    build
+        .args(unit)
+        .args(["-p", "shaper-tests", "-p", "shaper-lab"]);
     run(&mut build)?;
     step("unit tests");
     let mut unit_tests = cargo(&["test"]);

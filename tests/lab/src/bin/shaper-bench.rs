@@ -166,8 +166,8 @@ fn classifier_table() -> anyhow::Result<()> {
 
 /// A real DNS answer (dnsmasq: CNAME, CNAME, A, EDNS; 137 bytes) and a real ClientHello
 /// (curl with ALPN and padding, SNI `pacs.example.nhs.uk`; 517 bytes).
-const DNS_ANSWER: &[u8] = include_bytes!("../../fixtures/dns/media-a.bin");
-const CLIENT_HELLO: &[u8] = include_bytes!("../../fixtures/tls/curl-sni.bin");
+const DNS_ANSWER: &[u8] = include_bytes!("../../../fixtures/dns/media-a.bin");
+const CLIENT_HELLO: &[u8] = include_bytes!("../../../fixtures/tls/curl-sni.bin");
 /// Runs per BPF_PROG_TEST_RUN call when the event ring is read between calls: fewer
 /// events than the 256 KiB ring holds (167 of 1,568 bytes), so every run's reserve
 /// succeeds.

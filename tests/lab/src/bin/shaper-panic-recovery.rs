@@ -17,7 +17,7 @@ use shaper_tests::util::arg_value;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let disk = arg_value(&args, "--disk")
         .map_or_else(|| root.join("target/images/gateway.img"), PathBuf::from);
     let out =

@@ -403,43 +403,43 @@ fn fragment_pair(rng: &mut Rng, up: bool, n: u64, firsts: &mut Firsts) -> Vec<u8
 /// Captured DNS answers (tests/fixtures/dns): CNAME chains, AAAA, mixed case,
 /// NXDOMAIN, a truncated answer, ANY, HTTPS records, a query.
 const DNS_FIXTURES: [&[u8]; 11] = [
-    include_bytes!("../../fixtures/dns/media-a.bin"),
-    include_bytes!("../../fixtures/dns/media-aaaa.bin"),
-    include_bytes!("../../fixtures/dns/media-mixedcase-a.bin"),
-    include_bytes!("../../fixtures/dns/media-https-type65.bin"),
-    include_bytes!("../../fixtures/dns/media-a-query.bin"),
-    include_bytes!("../../fixtures/dns/turn-a.bin"),
-    include_bytes!("../../fixtures/dns/turn-aaaa.bin"),
-    include_bytes!("../../fixtures/dns/nxdomain.bin"),
-    include_bytes!("../../fixtures/dns/big-truncated-udp.bin"),
-    include_bytes!("../../fixtures/dns/any-mixed.bin"),
-    include_bytes!("../../fixtures/dns/https-type65.bin"),
+    include_bytes!("../../../fixtures/dns/media-a.bin"),
+    include_bytes!("../../../fixtures/dns/media-aaaa.bin"),
+    include_bytes!("../../../fixtures/dns/media-mixedcase-a.bin"),
+    include_bytes!("../../../fixtures/dns/media-https-type65.bin"),
+    include_bytes!("../../../fixtures/dns/media-a-query.bin"),
+    include_bytes!("../../../fixtures/dns/turn-a.bin"),
+    include_bytes!("../../../fixtures/dns/turn-aaaa.bin"),
+    include_bytes!("../../../fixtures/dns/nxdomain.bin"),
+    include_bytes!("../../../fixtures/dns/big-truncated-udp.bin"),
+    include_bytes!("../../../fixtures/dns/any-mixed.bin"),
+    include_bytes!("../../../fixtures/dns/https-type65.bin"),
 ];
 /// Captured ClientHellos in one segment (tests/fixtures/tls).
 const TLS_WHOLE: [&[u8]; 7] = [
-    include_bytes!("../../fixtures/tls/curl-sni.bin"),
-    include_bytes!("../../fixtures/tls/gnutls-sni.bin"),
-    include_bytes!("../../fixtures/tls/openssl-default-sni.bin"),
-    include_bytes!("../../fixtures/tls/openssl-tls12-sni.bin"),
-    include_bytes!("../../fixtures/tls/openssl-tls13-sni.bin"),
-    include_bytes!("../../fixtures/tls/openssl-no-sni.bin"),
+    include_bytes!("../../../fixtures/tls/curl-sni.bin"),
+    include_bytes!("../../../fixtures/tls/gnutls-sni.bin"),
+    include_bytes!("../../../fixtures/tls/openssl-default-sni.bin"),
+    include_bytes!("../../../fixtures/tls/openssl-tls12-sni.bin"),
+    include_bytes!("../../../fixtures/tls/openssl-tls13-sni.bin"),
+    include_bytes!("../../../fixtures/tls/openssl-no-sni.bin"),
     // Not TLS: a QUIC Initial sent over TCP 443 (its first byte is not 0x16).
-    include_bytes!("../../fixtures/tls/quic-initial-gtlsclient.bin"),
+    include_bytes!("../../../fixtures/tls/quic-initial-gtlsclient.bin"),
 ];
 /// Captured ClientHellos split over two segments (the SNI in the first, or only in
 /// the second).
 const TLS_SPLIT: [(&[u8], &[u8]); 3] = [
     (
-        include_bytes!("../../fixtures/tls/openssl-big-alpn-seg1.bin"),
-        include_bytes!("../../fixtures/tls/openssl-big-alpn-seg2.bin"),
+        include_bytes!("../../../fixtures/tls/openssl-big-alpn-seg1.bin"),
+        include_bytes!("../../../fixtures/tls/openssl-big-alpn-seg2.bin"),
     ),
     (
-        include_bytes!("../../fixtures/tls/openssl-512-records-seg1.bin"),
-        include_bytes!("../../fixtures/tls/openssl-512-records-seg2.bin"),
+        include_bytes!("../../../fixtures/tls/openssl-512-records-seg1.bin"),
+        include_bytes!("../../../fixtures/tls/openssl-512-records-seg2.bin"),
     ),
     (
-        include_bytes!("../../fixtures/tls/gnutls-ffdhe8192-seg1.bin"),
-        include_bytes!("../../fixtures/tls/gnutls-ffdhe8192-seg2.bin"),
+        include_bytes!("../../../fixtures/tls/gnutls-ffdhe8192-seg1.bin"),
+        include_bytes!("../../../fixtures/tls/gnutls-ffdhe8192-seg2.bin"),
     ),
 ];
 

@@ -1394,7 +1394,7 @@ fn run_once(
     }
     // More programs for init: the crash reproducer (see shaper-sockchurn), the daemon
     // killer of the bridge run.
-    let mut inittab = include_str!("../../../images/rootfs/etc/inittab").to_string();
+    let mut inittab = include_str!("../../../../images/rootfs/etc/inittab").to_string();
     let churn_bin;
     if let Some(rate) = args.gateway_churn {
         churn_bin = fs::read(tool("shaper-sockchurn")?)?;
