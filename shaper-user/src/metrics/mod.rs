@@ -29,11 +29,27 @@
 //!   to the log.
 //!
 //! Counters are read from the kernel at each scrape (`status::collect` without a sampling
-//! interval). The exposition is written here rather than with the `prometheus-client`
-//! crate: that crate writes OpenMetrics text (a closing `# EOF`, counter families named
-//! without `_total` and `_total` appended to their samples), not this format byte for byte.
+//! interval). The exposition is built with tikv's `prometheus` crate (without its protobuf
+//! feature; not `prometheus-client`, which writes OpenMetrics text): each scrape fills a
+//! registry of its own (`Scrape`) and the crate's `TextEncoder` writes format 0.0.4. The
+//! names, label sets, HELP texts, types and values are the ones this module has always
+//! written. What the encoder does its own way, none of it of any matter to a Prometheus
+//! server:
+//!
+//! - families come sorted by name, not in the order [`render`] adds them, and the samples of
+//!   a family sorted by their label values;
+//! - the labels of a sample are sorted by name (`class`, `classid`, `direction`,
+//!   `interface`);
+//! - every value is written as an `f64` by Rust's `Display`: integral values without a
+//!   fraction, a u64 counter exact up to 2^53, an infinity as `inf` (Prometheus' parser
+//!   takes it as it takes `+Inf`; no value here can be one).
+//!
+//! Label values and HELP texts are escaped as the format says (`\`, `\n`, and in label
+//! values `\"`), as they were before.
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::collections::{BTreeMap, HashMap};
+
+use prometheus::{core::Collector, Encoder as _, GaugeVec, IntCounterVec, Opts, Registry};
 
 use crate::status;
 
@@ -48,129 +64,98 @@ pub use server::{
     MAX_PER_PEER, MAX_REQUEST_BYTES,
 };
 
-/// The exposition format's content type.
+/// The exposition format's content type: the encoder's ([`prometheus::TEXT_FORMAT`],
+/// `text/plain; version=0.0.4`) with its charset said (label values are UTF-8).
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 // ---------------------------------------------------------------------------
 // Rendering.
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
-    Counter,
-    Gauge,
-}
-
-impl Kind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-        }
-    }
-}
-
-struct Family {
-    help: String,
-    kind: Kind,
-    /// Rendered `{labels}` (possibly empty) and value.
-    samples: Vec<(String, String)>,
-}
-
-/// Metric families in first-use order; samples of one family stay together
-/// however they are added.
+/// The metric families of one scrape, in a registry of their own: one counter or gauge
+/// vector per family name, registered at its first sample with that sample's label names.
 #[derive(Default)]
-struct Families {
-    order: Vec<String>,
-    by_name: BTreeMap<String, Family>,
+struct Scrape {
+    registry: Registry,
+    counters: HashMap<String, IntCounterVec>,
+    gauges: HashMap<String, GaugeVec>,
 }
 
-impl Families {
-    fn add(&mut self, name: &str, kind: Kind, help: &str, labels: &[(&str, &str)], value: Val) {
-        debug_assert!(valid_metric_name(name), "metric name {name}");
-        debug_assert!(kind != Kind::Counter || name.ends_with("_total"));
-        let fam = self.by_name.entry(name.to_string()).or_insert_with(|| {
-            self.order.push(name.to_string());
-            Family {
-                help: help.to_string(),
-                kind,
-                samples: Vec::new(),
-            }
+impl Scrape {
+    /// The counter `name{labels}` set to `v`, a u64 read from the kernel: a fresh counter
+    /// incremented by `v` from 0. The text format writes it as an f64 (exact up to 2^53).
+    fn counter(&mut self, name: &str, help: &str, labels: &[(&str, &str)], v: u64) {
+        debug_assert!(name.ends_with("_total"), "counter {name}");
+        let r = family(&self.registry, &mut self.counters, name, || {
+            IntCounterVec::new(Opts::new(name, help), &label_names(labels))
+        })
+        .and_then(|c| c.get_metric_with(&label_map(labels)))
+        .map(|c| {
+            // A second sample of one series would add to the first: render adds each once.
+            debug_assert_eq!(c.get(), 0, "second sample of {name}{labels:?}");
+            c.inc_by(v)
         });
-        fam.samples.push((render_labels(labels), value.render()));
+        left_out(name, r);
     }
 
-    fn finish(self) -> String {
-        let mut out = String::new();
-        for name in &self.order {
-            let Some(f) = self.by_name.get(name) else {
-                continue;
-            };
-            let _ = writeln!(out, "# HELP {name} {}", escape_help(&f.help));
-            let _ = writeln!(out, "# TYPE {name} {}", f.kind.as_str());
-            for (labels, value) in &f.samples {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
-        }
-        out
+    /// The gauge `name{labels}` set to `v`.
+    fn gauge(&mut self, name: &str, help: &str, labels: &[(&str, &str)], v: f64) {
+        let r = family(&self.registry, &mut self.gauges, name, || {
+            GaugeVec::new(Opts::new(name, help), &label_names(labels))
+        })
+        .and_then(|g| g.get_metric_with(&label_map(labels)))
+        .map(|g| g.set(v));
+        left_out(name, r);
+    }
+
+    /// The text exposition of every family that has a sample.
+    fn encode(self) -> String {
+        let encoder = prometheus::TextEncoder::new();
+        debug_assert_eq!(encoder.format_type(), prometheus::TEXT_FORMAT);
+        let r = encoder.encode_to_string(&self.registry.gather());
+        debug_assert!(r.is_ok(), "encoding the exposition: {r:?}");
+        r.unwrap_or_else(|e| {
+            log::error!("metrics: encoding the exposition: {e}");
+            String::new()
+        })
     }
 }
 
-#[derive(Clone, Copy)]
-enum Val {
-    U(u64),
-    F(f64),
+/// The vector of the family `name`, made by `new` and registered at its first use.
+fn family<V: Collector + Clone + 'static>(
+    registry: &Registry,
+    families: &mut HashMap<String, V>,
+    name: &str,
+    new: impl FnOnce() -> prometheus::Result<V>,
+) -> prometheus::Result<V> {
+    if let Some(v) = families.get(name) {
+        return Ok(v.clone());
+    }
+    let v = new()?;
+    registry.register(Box::new(v.clone()))?;
+    families.insert(name.to_string(), v.clone());
+    Ok(v)
 }
 
-impl Val {
-    fn render(self) -> String {
-        match self {
-            Val::U(v) => v.to_string(),
-            Val::F(v) if v.is_nan() => "NaN".to_string(),
-            Val::F(v) if v.is_infinite() => if v > 0.0 { "+Inf" } else { "-Inf" }.to_string(),
-            Val::F(v) => v.to_string(),
-        }
+fn label_names<'a>(labels: &[(&'a str, &str)]) -> Vec<&'a str> {
+    labels.iter().map(|(k, _)| *k).collect()
+}
+
+fn label_map<'a>(labels: &[(&'a str, &'a str)]) -> HashMap<&'a str, &'a str> {
+    labels.iter().copied().collect()
+}
+
+/// A sample the crate refused (a bad name, label names that differ from the family's first
+/// sample's): a bug here, so it fails the tests; a running daemon logs it and serves the rest.
+fn left_out(name: &str, r: prometheus::Result<()>) {
+    debug_assert!(r.is_ok(), "metric {name}: {r:?}");
+    if let Err(e) = r {
+        log::error!("metrics: {name} left out: {e}");
     }
 }
 
 /// A rate in bit/s as bytes per second (Prometheus' base unit).
-fn bytes_per_second(bps: u64) -> Val {
-    Val::F(bps as f64 / 8.0)
-}
-
-fn valid_metric_name(s: &str) -> bool {
-    let mut c = s.chars();
-    matches!(c.next(), Some(ch) if ch.is_ascii_alphabetic() || ch == '_' || ch == ':')
-        && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
-}
-
-/// A label value as it goes between the quotes: `\` `"` and newline escaped.
-pub fn escape_label_value(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for ch in s.chars() {
-        match ch {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// HELP text: `\` and newline escaped.
-fn escape_help(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('\n', "\\n")
-}
-
-fn render_labels(labels: &[(&str, &str)]) -> String {
-    if labels.is_empty() {
-        return String::new();
-    }
-    let parts: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", escape_label_value(v)))
-        .collect();
-    format!("{{{}}}", parts.join(","))
+fn bytes_per_second(bps: u64) -> f64 {
+    bps as f64 / 8.0
 }
 
 /// `shaper_classifier_<name>_total`, with anything but `[a-zA-Z0-9_]` in
@@ -201,29 +186,27 @@ fn classifier_help(counter: &str) -> String {
     format!("{what}; restarts at every apply.")
 }
 
-/// The report in Prometheus text exposition format 0.0.4.
+/// The report in Prometheus text exposition format 0.0.4. Gauges that hold a u64 (the
+/// applied-at time, the backlog, qlen) are set as f64, exact up to 2^53 as the counters are.
 pub fn render(r: &status::Report) -> String {
-    let mut f = Families::default();
-    f.add(
+    let mut s = Scrape::default();
+    s.gauge(
         "shaper_up",
-        Kind::Gauge,
         "1 when shaping is applied and its counters could be read.",
         &[],
-        Val::U(1),
+        1.0,
     );
-    f.add(
+    s.gauge(
         "shaper_config_info",
-        Kind::Gauge,
         "The config file the running shaping was applied from (always 1).",
         &[("config", &r.config)],
-        Val::U(1),
+        1.0,
     );
-    f.add(
+    s.gauge(
         "shaper_config_applied_timestamp_seconds",
-        Kind::Gauge,
         "Unix time at which the running config was applied.",
         &[],
-        Val::U(r.applied_at),
+        r.applied_at as f64,
     );
 
     let mut interface_of = BTreeMap::new();
@@ -233,17 +216,15 @@ pub fn render(r: &status::Report) -> String {
             ("direction", d.direction.as_str()),
             ("interface", d.interface.as_str()),
         ];
-        f.add(
+        s.gauge(
             "shaper_rate_bytes_per_second",
-            Kind::Gauge,
             "Shaped rate of the direction (the HTB root), in bytes per second.",
             &dl,
             bytes_per_second(d.rate_bps),
         );
         if let Some(k) = d.kernel_rate_bps {
-            f.add(
+            s.gauge(
                 "shaper_rate_now_bytes_per_second",
-                Kind::Gauge,
                 "The direction's rate in the kernel now, in bytes per second: below shaper_rate_bytes_per_second while arrival accounting or autorate holds it down.",
                 &dl,
                 bytes_per_second(k),
@@ -292,40 +273,35 @@ pub fn render(r: &status::Report) -> String {
                 ),
             ];
             for (name, help, v) in counters {
-                f.add(name, Kind::Counter, help, &l, Val::U(v));
+                s.counter(name, help, &l, v);
             }
-            f.add(
+            s.gauge(
                 "shaper_class_backlog_bytes",
-                Kind::Gauge,
                 "Bytes queued in the class now.",
                 &l,
-                Val::U(c.backlog_bytes),
+                c.backlog_bytes as f64,
             );
-            f.add(
+            s.gauge(
                 "shaper_class_queue_packets",
-                Kind::Gauge,
                 "Packets queued in the class now (qlen).",
                 &l,
-                Val::U(c.qlen),
+                c.qlen as f64,
             );
-            f.add(
+            s.gauge(
                 "shaper_class_guaranteed_rate_bytes_per_second",
-                Kind::Gauge,
                 "Rate guaranteed to the class, in bytes per second.",
                 &l,
                 bytes_per_second(c.guaranteed_bps),
             );
-            f.add(
+            s.gauge(
                 "shaper_class_ceiling_rate_bytes_per_second",
-                Kind::Gauge,
                 "Rate the class may borrow up to, in bytes per second.",
                 &l,
                 bytes_per_second(c.ceiling_bps),
             );
             if let Some(r) = c.rate_bps {
-                f.add(
+                s.gauge(
                     "shaper_class_current_rate_bytes_per_second",
-                    Kind::Gauge,
                     "Rate the class is sending at now (the kernel's rate estimator), in bytes per second.",
                     &l,
                     bytes_per_second(r),
@@ -351,19 +327,17 @@ pub fn render(r: &status::Report) -> String {
                 ("rule", rr.name.as_str()),
                 ("class", rr.class.as_str()),
             ];
-            f.add(
+            s.counter(
                 "shaper_rule_packets_total",
-                Kind::Counter,
                 "Packets matched by the rule; restarts at every apply.",
                 &l,
-                Val::U(packets),
+                packets,
             );
-            f.add(
+            s.counter(
                 "shaper_rule_bytes_total",
-                Kind::Counter,
                 "Bytes matched by the rule; restarts at every apply.",
                 &l,
-                Val::U(bytes),
+                bytes,
             );
         }
     }
@@ -372,14 +346,8 @@ pub fn render(r: &status::Report) -> String {
         let iface = interface_of.get(dir.as_str()).copied().unwrap_or("");
         let l = [("direction", dir.as_str()), ("interface", iface)];
         for (name, v) in counters {
-            f.add(
-                &classifier_metric(name),
-                Kind::Counter,
-                &classifier_help(name),
-                &l,
-                Val::U(*v),
-            );
+            s.counter(&classifier_metric(name), &classifier_help(name), &l, *v);
         }
     }
-    f.finish()
+    s.encode()
 }

@@ -71,6 +71,12 @@ fn report() -> Report {
     }
 }
 
+fn valid_metric_name(s: &str) -> bool {
+    let mut c = s.chars();
+    matches!(c.next(), Some(ch) if ch.is_ascii_alphabetic() || ch == '_' || ch == ':')
+        && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
+}
+
 /// A strict reader of one sample line: name, labels (unescaped), value.
 fn parse_sample(line: &str) -> std::result::Result<Parsed, String> {
     let bytes = line.as_bytes();
@@ -295,9 +301,27 @@ fn render_is_valid_exposition_with_every_series() {
 
 #[test]
 fn label_values_are_escaped_and_round_trip() {
-    assert_eq!(escape_label_value(r#"a"b\c"#), r#"a\"b\\c"#);
-    assert_eq!(escape_label_value("x\ny"), "x\\ny");
-    assert_eq!(escape_label_value("plain-1:10"), "plain-1:10");
+    // The encoder's escaping of a label value: `\` `"` and newline, nothing else.
+    let info_line = |config: &str| {
+        let mut r = report();
+        r.config = config.to_string();
+        render(&r)
+            .lines()
+            .find(|l| l.starts_with("shaper_config_info{"))
+            .map(str::to_string)
+    };
+    assert_eq!(
+        info_line(r#"a"b\c"#).as_deref(),
+        Some(r#"shaper_config_info{config="a\"b\\c"} 1"#)
+    );
+    assert_eq!(
+        info_line("x\ny").as_deref(),
+        Some(r#"shaper_config_info{config="x\ny"} 1"#)
+    );
+    assert_eq!(
+        info_line("plain-1:10").as_deref(),
+        Some(r#"shaper_config_info{config="plain-1:10"} 1"#)
+    );
     let text = render(&report());
     assert!(
         text.contains(r#"shaper_config_info{config="/etc/shaper/we\"ird\\path\nsite.toml"} 1"#),
@@ -314,7 +338,13 @@ fn label_values_are_escaped_and_round_trip() {
 
 #[test]
 fn help_is_escaped_and_odd_counter_names_are_cleaned() {
-    assert_eq!(escape_help("a\\b\nc"), "a\\\\b\\nc");
+    // The encoder's escaping of HELP text: `\` and newline.
+    let mut help = Scrape::default();
+    help.gauge("odd_help", "a\\b\nc", &[], 1.0);
+    assert_eq!(
+        help.encode(),
+        "# HELP odd_help a\\\\b\\nc\n# TYPE odd_help gauge\nodd_help 1\n"
+    );
     assert_eq!(
         classifier_metric("new-thing.v2"),
         "shaper_classifier_new_thing_v2_total"
@@ -345,11 +375,66 @@ fn empty_report_still_renders_valid() {
 
 #[test]
 fn values_render_as_prometheus_floats() {
-    assert_eq!(Val::F(f64::NAN).render(), "NaN");
-    assert_eq!(Val::F(f64::INFINITY).render(), "+Inf");
-    assert_eq!(Val::F(f64::NEG_INFINITY).render(), "-Inf");
-    assert_eq!(Val::F(1_187_500.0).render(), "1187500");
-    assert_eq!(Val::U(u64::MAX).render(), "18446744073709551615");
+    // The encoder writes every value as an f64 with Rust's `Display`: integral values
+    // without a fraction, a u64 counter exact up to 2^53 (u64::MAX comes out as 2^64), an
+    // infinity as `inf` (which Prometheus' parser and the reader above take as `+Inf`).
+    let mut s = Scrape::default();
+    s.gauge("v_nan", "NaN.", &[], f64::NAN);
+    s.gauge("v_pos_inf", "+Inf.", &[], f64::INFINITY);
+    s.gauge("v_neg_inf", "-Inf.", &[], f64::NEG_INFINITY);
+    s.gauge("v_rate", "A rate.", &[], 1_187_500.0);
+    s.counter("v_max_total", "u64::MAX.", &[], u64::MAX);
+    s.counter("v_exact_total", "2^53.", &[], 1 << 53);
+    let text = s.encode();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .map(str::to_string)
+    };
+    assert_eq!(value("v_nan").as_deref(), Some("NaN"));
+    assert_eq!(value("v_pos_inf").as_deref(), Some("inf"));
+    assert_eq!(value("v_neg_inf").as_deref(), Some("-inf"));
+    assert_eq!(value("v_rate").as_deref(), Some("1187500"));
+    assert_eq!(
+        value("v_max_total").as_deref(),
+        Some("18446744073709552000")
+    );
+    assert_eq!(value("v_exact_total").as_deref(), Some("9007199254740992"));
+    let samples = check_exposition(&text);
+    let read = |name: &str| find(&samples, name, &[]).map(|x| x.2);
+    assert!(read("v_nan").is_some_and(f64::is_nan));
+    assert_eq!(read("v_pos_inf"), Some(f64::INFINITY));
+    assert_eq!(read("v_neg_inf"), Some(f64::NEG_INFINITY));
+    assert_eq!(read("v_max_total"), Some(u64::MAX as f64));
+    assert_eq!(read("v_exact_total"), Some((1u64 << 53) as f64));
+}
+
+#[test]
+fn families_are_sorted_by_name_and_labels_by_label_name() {
+    // The encoder's order (the module doc says so): not the order render adds them in.
+    let text = render(&report());
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .collect();
+    assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+    let s = check_exposition(&text);
+    assert!(
+        s.iter()
+            .all(|(_, l, _)| l.windows(2).all(|w| w[0].0 < w[1].0)),
+        "{text}"
+    );
+}
+
+#[test]
+fn content_type_is_the_encoders() {
+    use prometheus::Encoder as _;
+    let encoder = prometheus::TextEncoder::new();
+    assert_eq!(encoder.format_type(), "text/plain; version=0.0.4");
+    assert_eq!(
+        CONTENT_TYPE.strip_prefix(encoder.format_type()),
+        Some("; charset=utf-8")
+    );
 }
 
 #[test]
