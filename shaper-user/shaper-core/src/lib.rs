@@ -44,6 +44,9 @@ pub mod sni;
 pub mod units;
 
 #[cfg(test)]
+mod testkit;
+
+#[cfg(test)]
 mod tests {
     /// The core stays pure: nothing here may reach the kernel, so the fuzz targets and
     /// the lab can link it without the eBPF toolchain.

@@ -674,6 +674,65 @@ fn syn_opts(ws: Option<u8>) -> Vec<u8> {
     o
 }
 
+/// The peer's SYN-ACK options: MSS 1460, NOP, wscale 9.
+const PEER_SYN_ACK_OPTS: [u8; 8] = [2, 4, 0x05, 0xb4, 1, 3, 3, 9];
+
+/// One end of a crafted TCP handshake: its address and port, its initial sequence number,
+/// and the window and options of its SYN (or SYN-ACK).
+struct End<'a> {
+    addr: IpAddr,
+    port: u16,
+    isn: u32,
+    win: u16,
+    opts: &'a [u8],
+}
+
+/// The three segments ([`tcp_frame`]s) that open a connection from `client` to `server`:
+/// the client's SYN, the server's SYN-ACK, and the client's ACK of it (window `ack_win`,
+/// no options).
+fn handshake(client: &End, server: &End, ack_win: u16) -> [Vec<u8>; 3] {
+    masqueraded_handshake(client, client.addr, server, ack_win)
+}
+
+/// [`handshake`] through a masquerading gateway: the client's SYN and ACK leave from
+/// `client.addr` (the gateway's public address, as the WAN side sees them), the server's
+/// SYN-ACK arrives for `private` (as the LAN side sees it).
+fn masqueraded_handshake(
+    client: &End,
+    private: IpAddr,
+    server: &End,
+    ack_win: u16,
+) -> [Vec<u8>; 3] {
+    let (c, s) = (client, server);
+    [
+        tcp_frame(
+            c.addr, s.addr, c.port, s.port, c.isn, 0, TCP_SYN, c.win, c.opts,
+        ),
+        tcp_frame(
+            s.addr,
+            private,
+            s.port,
+            c.port,
+            s.isn,
+            c.isn + 1,
+            TCP_SYN | TCP_ACK,
+            s.win,
+            s.opts,
+        ),
+        tcp_frame(
+            c.addr,
+            s.addr,
+            c.port,
+            s.port,
+            c.isn + 1,
+            s.isn + 1,
+            TCP_ACK,
+            ack_win,
+            &[],
+        ),
+    ]
+}
+
 /// The window clamp in the real classifier (BPF_PROG_TEST_RUN, crafted segments): a
 /// connection whose handshake it saw gets the window of the LAN host's ACKs clamped to
 /// share x (round trip + queue) in the LAN host's window-scale units, with a valid TCP
@@ -755,30 +814,24 @@ fn window_clamp_rewrites_lan_acks_to_the_flow_share_in_the_classifier() {
         let tracked0 = counter(&r, G_FLOWS_TRACKED);
         let clamped0 = counter(&r, G_ACKS_CLAMPED);
         // The handshake: the LAN host's SYN (wscale 7) out, the peer's SYN-ACK (wscale 9) in.
-        let syn = tcp_frame(
-            host,
-            peer,
-            lport,
-            pport,
-            lisn,
-            0,
-            TCP_SYN,
-            64_240,
-            &syn_opts(Some(7)),
-        );
+        let peer_end = End {
+            addr: peer,
+            port: pport,
+            isn: pisn,
+            win: 65_160,
+            opts: &PEER_SYN_ACK_OPTS,
+        };
+        let host_opts = syn_opts(Some(7));
+        let host_end = End {
+            addr: host,
+            port: lport,
+            isn: lisn,
+            win: 64_240,
+            opts: &host_opts,
+        };
+        let [syn, synack, a] = handshake(&host_end, &peer_end, 502);
         let (_, out) = run(&mut r, &syn, true);
         assert_eq!(out, syn, "a SYN is left as it is");
-        let synack = tcp_frame(
-            peer,
-            host,
-            pport,
-            lport,
-            pisn,
-            lisn + 1,
-            TCP_SYN | TCP_ACK,
-            65_160,
-            &[2, 4, 0x05, 0xb4, 1, 3, 3, 9],
-        );
         let (_, out) = run(&mut r, &synack, false);
         assert_eq!(out, synack, "the peer's SYN-ACK is left as it is");
         assert_eq!(counter(&r, G_FLOWS_TRACKED), tracked0 + 1, "flow tracked");
@@ -793,7 +846,6 @@ fn window_clamp_rewrites_lan_acks_to_the_flow_share_in_the_classifier() {
         );
         // The handshake's last ACK: 502 x 128 = 64,256 bytes offered, clamped.
         let mut ack = pisn + 1;
-        let a = tcp_frame(host, peer, lport, pport, lisn + 1, ack, TCP_ACK, 502, &[]);
         let (prio, out) = run(&mut r, &a, true);
         assert_eq!(prio, default, "the ACK's class is unchanged");
         assert_eq!(
@@ -878,43 +930,16 @@ fn window_clamp_rewrites_lan_acks_to_the_flow_share_in_the_classifier() {
             "2001:db8:ffff::1".parse().expect("v6")
         };
         let lport = 40_200;
-        let syn = tcp_frame(
-            public,
-            peer,
-            lport,
-            pport,
-            lisn,
-            0,
-            TCP_SYN,
-            64_240,
-            &syn_opts(Some(7)),
-        );
+        let behind_nat = End {
+            addr: public,
+            port: lport,
+            ..host_end
+        };
+        let [syn, synack, a] = masqueraded_handshake(&behind_nat, host, &peer_end, 502);
         run(&mut r, &syn, true);
-        let synack = tcp_frame(
-            peer,
-            host,
-            pport,
-            lport,
-            pisn,
-            lisn + 1,
-            TCP_SYN | TCP_ACK,
-            65_160,
-            &[2, 4, 0x05, 0xb4, 1, 3, 3, 9],
-        );
         run(&mut r, &synack, false);
         let v = flow(&r, peer, pport, lport).expect("flow state");
         let want = units(clamp_target(2_000_000, v.rtt_ns as u64, 5_000_000, 1460));
-        let a = tcp_frame(
-            public,
-            peer,
-            lport,
-            pport,
-            lisn + 1,
-            pisn + 1,
-            TCP_ACK,
-            502,
-            &[],
-        );
         let (_, out) = run(&mut r, &a, true);
         assert_eq!(
             u64::from(window_of(&out)),
@@ -925,43 +950,18 @@ fn window_clamp_rewrites_lan_acks_to_the_flow_share_in_the_classifier() {
         // Scaling counts only if both SYNs carry the option: the LAN host's SYN without
         // it (shift 0), the peer's with it.
         let lport = 40_100;
-        let syn = tcp_frame(
-            host,
-            peer,
-            lport,
-            pport,
-            lisn,
-            0,
-            TCP_SYN,
-            65_535,
-            &syn_opts(None),
-        );
+        let unscaled_opts = syn_opts(None);
+        let unscaled = End {
+            port: lport,
+            win: 65_535,
+            opts: &unscaled_opts,
+            ..host_end
+        };
+        let [syn, synack, a] = handshake(&unscaled, &peer_end, 65_535);
         run(&mut r, &syn, true);
-        let synack = tcp_frame(
-            peer,
-            host,
-            pport,
-            lport,
-            pisn,
-            lisn + 1,
-            TCP_SYN | TCP_ACK,
-            65_160,
-            &[2, 4, 0x05, 0xb4, 1, 3, 3, 9],
-        );
         run(&mut r, &synack, false);
         let v = flow(&r, peer, pport, lport).expect("flow state");
         let want = clamp_target(2_000_000, v.rtt_ns as u64, 5_000_000, 1460);
-        let a = tcp_frame(
-            host,
-            peer,
-            lport,
-            pport,
-            lisn + 1,
-            pisn + 1,
-            TCP_ACK,
-            65_535,
-            &[],
-        );
         let (_, out) = run(&mut r, &a, true);
         assert_eq!(
             u64::from(window_of(&out)),
@@ -974,43 +974,23 @@ fn window_clamp_rewrites_lan_acks_to_the_flow_share_in_the_classifier() {
         // trip). That first window's edge holds until the ACKs pass it.
         let lport = 8_443;
         let pport = 50_000;
-        let syn = tcp_frame(
-            peer,
-            host,
-            pport,
-            lport,
-            pisn,
-            0,
-            TCP_SYN,
-            64_240,
-            &syn_opts(Some(8)),
-        );
+        let peer_opts = syn_opts(Some(8));
+        let peer_opens = End {
+            port: pport,
+            win: 64_240,
+            opts: &peer_opts,
+            ..peer_end
+        };
+        let host_answers = End {
+            port: lport,
+            win: 65_160,
+            ..host_end
+        };
+        let [syn, synack, a] = handshake(&peer_opens, &host_answers, 502);
         run(&mut r, &syn, false);
-        let synack = tcp_frame(
-            host,
-            peer,
-            lport,
-            pport,
-            lisn,
-            pisn + 1,
-            TCP_SYN | TCP_ACK,
-            65_160,
-            &syn_opts(Some(7)),
-        );
         let (_, out) = run(&mut r, &synack, true);
         assert_eq!(out, synack, "the LAN host's SYN-ACK is left as it is");
         let tracked = counter(&r, G_FLOWS_TRACKED);
-        let a = tcp_frame(
-            peer,
-            host,
-            pport,
-            lport,
-            pisn + 1,
-            lisn + 1,
-            TCP_ACK,
-            502,
-            &[],
-        );
         run(&mut r, &a, false);
         assert_eq!(
             counter(&r, G_FLOWS_TRACKED),

@@ -1,35 +1,5 @@
 use super::*;
-use crate::config;
-use std::path::Path;
-
-fn policy(rules: &str) -> Policy {
-    let text = format!(
-        r#"
-[interfaces]
-wan = "wan0"
-lan = "lan0"
-[upload]
-rate = "10mbit"
-[download]
-rate = "40mbit"
-[[class]]
-name = "video"
-priority = 0
-guaranteed = "20%"
-[[class]]
-name = "images"
-priority = 2
-guaranteed = "30%"
-[[class]]
-name = "default"
-priority = 4
-guaranteed = "10%"
-default = true
-{rules}
-"#
-    );
-    config::parse(Path::new("t.toml"), &text).expect("valid policy")
-}
+use crate::testkit::{parse_policy, policy};
 
 const RULES: &str = r#"
 [[rule]]
@@ -130,7 +100,7 @@ fn link_accounting_in_the_plan() {
         t.push_str(
             "[[class]]\nname = \"default\"\npriority = 4\nguaranteed = \"10%\"\ndefault = true\n",
         );
-        config::parse(Path::new("t.toml"), &t).expect("valid")
+        parse_policy("t.toml", &t)
     };
     let pol = text("line = \"adsl2-pppoa\"", "line = \"vdsl2-pppoe\"");
     let pl = plan(&pol, None);

@@ -1,30 +1,11 @@
 use super::*;
-use std::path::Path;
+use crate::testkit::{self, eth, parse_policy, pppoe, tcp, udp, v4, v6};
 
-const POLICY: &str = r#"
-[interfaces]
-wan = "wan0"
-lan = "lan0"
-[upload]
-rate = "10mbit"
-[download]
-rate = "40mbit"
-[shaping]
-ack_class = "interactive"
-[[class]]
-name = "video"
-priority = 0
-guaranteed = "20%"
-[[class]]
-name = "images"
-priority = 2
-guaranteed = "30%"
-[[class]]
-name = "default"
-priority = 4
-guaranteed = "10%"
-default = true
-[[class]]
+const POLICY: &str = concat!(
+    testkit::links_toml!(),
+    "[shaping]\nack_class = \"interactive\"\n",
+    testkit::classes_toml!(),
+    r#"[[class]]
 name = "interactive"
 priority = 1
 guaranteed = "10%"
@@ -47,10 +28,11 @@ class = "video"
 priority = 30
 dscp = ["EF"]
 direction = "upload"
-"#;
+"#
+);
 
 fn policy() -> Policy {
-    config::parse(Path::new("explain.toml"), POLICY).expect("policy")
+    parse_policy("explain.toml", POLICY)
 }
 
 #[test]
@@ -60,7 +42,7 @@ fn host_names_learned_by_dns_or_given_by_sni_decide_and_say_so() {
          dns_names = [\"*.sfu.whereby.com\"]\n[[rule]]\nname = \"pacs\"\nclass = \"images\"\n\
          priority = 2\ndns_names = [\"pacs.example.nhs.uk\"]\n"
     );
-    let pol = config::parse(Path::new("explain.toml"), &text).expect("policy");
+    let pol = parse_policy("explain.toml", &text);
     let hosts = crate::hosts::Snapshot {
         learned: vec![crate::hosts::LearnedEntry {
             addr: "198.51.100.9".parse().expect("addr"),
@@ -110,90 +92,6 @@ fn host_names_learned_by_dns_or_given_by_sni_decide_and_say_so() {
     assert_eq!(e.class, "default");
 }
 
-// Minimal frame building (the layout of tests/src/packet.rs).
-fn eth(vlans: &[u16], ethertype: u16, l3: &[u8]) -> Vec<u8> {
-    let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1];
-    for (i, v) in vlans.iter().enumerate() {
-        let tpid: u16 = if i == 0 && vlans.len() > 1 {
-            0x88a8
-        } else {
-            0x8100
-        };
-        f.extend(tpid.to_be_bytes());
-        f.extend(v.to_be_bytes());
-    }
-    f.extend(ethertype.to_be_bytes());
-    f.extend(l3);
-    f
-}
-
-/// A PPPoE session header (session id, PPP protocol bytes: two, or one
-/// when compressed) before `l3`, for `eth(.., 0x8864, ..)`.
-fn pppoe(session: u16, ppp: &[u8], l3: &[u8]) -> Vec<u8> {
-    let mut b = vec![0x11, 0x00];
-    b.extend(session.to_be_bytes());
-    b.extend(((ppp.len() + l3.len()) as u16).to_be_bytes());
-    b.extend(ppp);
-    b.extend(l3);
-    b
-}
-
-fn tcp(sport: u16, dport: u16, flags: u8, payload: usize) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend(sport.to_be_bytes());
-    b.extend(dport.to_be_bytes());
-    b.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    b.extend(std::iter::repeat_n(0xab, payload));
-    b
-}
-
-fn udp(sport: u16, dport: u16, payload: usize) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend(sport.to_be_bytes());
-    b.extend(dport.to_be_bytes());
-    b.extend(((8 + payload) as u16).to_be_bytes());
-    b.extend([0, 0]);
-    b.extend(std::iter::repeat_n(0xab, payload));
-    b
-}
-
-fn v4(src: [u8; 4], dst: [u8; 4], proto: u8, dscp: u8, frag: u16, l4: &[u8]) -> Vec<u8> {
-    let mut h = vec![0x45, dscp << 2];
-    h.extend(((20 + l4.len()) as u16).to_be_bytes());
-    h.extend(0x1234u16.to_be_bytes());
-    h.extend(frag.to_be_bytes());
-    h.extend([64, proto, 0, 0]);
-    h.extend(src);
-    h.extend(dst);
-    h.extend(l4);
-    h
-}
-
-/// IPv6 with extension headers `(type, bytes)` before `proto`.
-fn v6(src: &str, dst: &str, ext: &[(u8, usize)], proto: u8, l4: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (i, &(t, len)) in ext.iter().enumerate() {
-        let mut e = vec![0u8; len];
-        e[0] = ext.get(i + 1).map_or(proto, |x| x.0);
-        e[1] = if t == 51 {
-            (len / 4 - 2) as u8
-        } else {
-            (len / 8 - 1) as u8
-        };
-        body.extend(e);
-    }
-    body.extend(l4);
-    let s: Ipv6Addr = src.parse().expect("v6");
-    let d: Ipv6Addr = dst.parse().expect("v6");
-    let mut h = vec![0x60, 0, 0, 0];
-    h.extend((body.len() as u16).to_be_bytes());
-    h.extend([ext.first().map_or(proto, |x| x.0), 64]);
-    h.extend(s.octets());
-    h.extend(d.octets());
-    h.extend(body);
-    h
-}
-
 fn explain_one(ex: &mut Explainer<'_>, desc: &str) -> Explanation {
     ex.explain(&Parsed::Ip(parse_description(desc).expect("description")))
 }
@@ -213,7 +111,7 @@ fn window_clamp_is_noted_on_tcp_only_when_on() {
         "[download]\n",
         "[download]\nwindow_clamp = true\nwindow_clamp_queue_ms = 7\n",
     );
-    let pol = config::parse(Path::new("explain.toml"), &text).expect("policy");
+    let pol = parse_policy("explain.toml", &text);
     assert!(pol.dirs[Dir::Down].window_clamp.is_some(), "{text}");
     let mut ex = Explainer::new(&pol);
     let e = explain_one(&mut ex, ack);

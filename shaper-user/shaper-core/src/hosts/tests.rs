@@ -1,5 +1,6 @@
 use super::*;
-use crate::config;
+use crate::testkit::dns::{self, TYPE_A};
+use crate::testkit::{self, parse_policy};
 use std::net::Ipv4Addr;
 
 #[derive(Default)]
@@ -32,15 +33,9 @@ impl Kernel for &mut Fake {
     }
 }
 
-const BASE: &str = r#"
-[interfaces]
-wan = "wan0"
-lan = "lan0"
-[upload]
-rate = "10mbit"
-[download]
-rate = "40mbit"
-[[class]]
+const BASE: &str = concat!(
+    testkit::links_toml!(),
+    r#"[[class]]
 name = "video"
 priority = 0
 guaranteed = "30%"
@@ -53,51 +48,16 @@ name = "web"
 priority = 1
 guaranteed = "10%"
 default = true
-"#;
+"#
+);
 
 fn plan(rules: &str) -> Plan {
-    let p = config::parse(Path::new("t.toml"), &format!("{BASE}{rules}")).expect("valid");
-    compile::plan(&p, None)
+    compile::plan(&parse_policy("t.toml", &format!("{BASE}{rules}")), None)
 }
 
-/// A DNS answer: `name` CNAME `target`, `target` A `addr`, TTLs given.
+/// A DNS answer (id 0x1234): `name` CNAME `target`, `target` A `addr`, TTLs given.
 fn answer(name: &str, target: &str, addr: [u8; 4], ttl: u32) -> Vec<u8> {
-    let mut m = vec![0x12, 0x34, 0x81, 0x80, 0, 1, 0, 2, 0, 0, 0, 0];
-    let enc = |n: &str| {
-        let mut v = Vec::new();
-        for l in n.split('.') {
-            v.push(l.len() as u8);
-            v.extend_from_slice(l.as_bytes());
-        }
-        v.push(0);
-        v
-    };
-    m.extend(enc(name));
-    m.extend([0, 1, 0, 1]);
-    m.extend(enc(name));
-    m.extend([0, 5, 0, 1]);
-    m.extend(ttl.to_be_bytes());
-    let t = enc(target);
-    m.extend((t.len() as u16).to_be_bytes());
-    m.extend(&t);
-    m.extend(t);
-    m.extend([0, 1, 0, 1]);
-    m.extend(ttl.to_be_bytes());
-    m.extend([0, 4]);
-    m.extend(addr);
-    m
-}
-
-/// A DNS query for `name` with message id `id`.
-fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut m = id.to_be_bytes().to_vec();
-    m.extend([0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for l in name.split('.') {
-        m.push(l.len() as u8);
-        m.extend_from_slice(l.as_bytes());
-    }
-    m.extend([0, 0, 1, 0, 1]);
-    m
+    dns::answer_through_uncompressed(0x1234, name, target, addr, ttl)
 }
 
 fn v4key(src: [u8; 4], dst: [u8; 4], sport: u32, dport: u32, proto: u8) -> HostKey {
@@ -124,7 +84,7 @@ const CLIENT: [u8; 4] = [192, 168, 1, 10];
 fn ask(e: &mut Engine<impl Kernel>, now: Instant, key: HostKey, id: u16, name: &str) {
     e.on_event(
         now,
-        &event_bytes(EV_DNS_QUERY, DIR_UP, key, &query(id, name)),
+        &event_bytes(EV_DNS_QUERY, DIR_UP, key, &dns::query(id, name, TYPE_A)),
     );
 }
 
@@ -366,7 +326,7 @@ fn an_answer_teaches_a_bounded_number_of_addresses() {
     let mut e = Engine::new(&p, &mut fake);
     let name = "media.sfu.whereby.com";
     // 90 A records for the name, compressed.
-    let mut m = query(7, name);
+    let mut m = dns::query(7, name, TYPE_A);
     m[2] = 0x81;
     m[3] = 0x80;
     m[7] = 90;
@@ -453,11 +413,12 @@ fn a_budget_allows_its_time_per_second() {
 #[test]
 fn an_event_header_is_the_same_for_every_size() {
     assert_eq!(std::mem::size_of::<EventOf<0>>(), EVENT_HEADER);
-    let q = event_bytes(EV_DNS_QUERY, DIR_UP, dns_key(CLIENT), &query(1, "a.b"));
+    let asked = dns::query(1, "a.b", TYPE_A);
+    let q = event_bytes(EV_DNS_QUERY, DIR_UP, dns_key(CLIENT), &asked);
     assert_eq!(q.len(), EVENT_HEADER + shaper_common::DNS_QUERY_DATA);
     let (ev, data) = read_event(&q).expect("event");
     assert_eq!((ev.kind, ev.key), (EV_DNS_QUERY, dns_key(CLIENT)));
-    assert_eq!(data, query(1, "a.b"));
+    assert_eq!(data, asked);
     assert!(read_event(&q[..EVENT_HEADER - 1]).is_none());
 }
 
