@@ -85,6 +85,8 @@ pub struct State {
     pub config_text: String,
     /// The shaper version that applied it.
     pub written_by: String,
+    /// The digest of the class trees the writer built ([`trees_digest`]), when recorded.
+    pub written_trees: Option<String>,
     pub applied_at: u64,
     pub caps: KernelCaps,
     /// Compiled from `config_text` and `caps`.
@@ -99,6 +101,10 @@ pub struct State {
 struct Record {
     version: u32,
     written_by: String,
+    /// [`trees_digest`] of the plan the writer applied. Absent in files written before it
+    /// was recorded: such a state is not [`State::ours`] (its trees are rebuilt once).
+    #[serde(default)]
+    trees: Option<String>,
     config: PathBuf,
     config_text: String,
     applied_at: u64,
@@ -109,6 +115,20 @@ struct Record {
 
 /// This shaper's version, as state files record it.
 const WRITER: &str = env!("CARGO_PKG_VERSION");
+
+/// A digest (SHA-256 over their JSON) of the class trees a plan builds: what the kernel
+/// holds after an apply. Recorded in the state so that a later shaper, which compiles the
+/// recorded text again, changes those trees in place only when it compiles the same
+/// trees; the version string alone does not say that (every build of one version has it).
+pub fn trees_digest(plan: &Plan) -> String {
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    for d in Dir::ALL {
+        h.update(serde_json::to_vec(&plan.dirs[d]).expect("a plan serialises"));
+        h.update([0]);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
 
 impl State {
     pub fn load(paths: &Paths) -> Result<Option<State>> {
@@ -128,6 +148,7 @@ impl State {
             config: r.config,
             config_text: r.config_text,
             written_by: r.written_by,
+            written_trees: r.trees,
             applied_at: r.applied_at,
             caps: r.caps,
             attachments: r.attachments,
@@ -135,16 +156,18 @@ impl State {
         }))
     }
 
-    /// Whether this shaper wrote the state: only then is the recompiled plan certainly
-    /// the one in the kernel (another version may compile the same text differently).
+    /// Whether the trees this shaper compiles from the recorded text are the ones the
+    /// writer built: only then may an apply change them in place (another build may
+    /// compile the same text to other classes).
     pub fn ours(&self) -> bool {
-        self.written_by == WRITER
+        self.written_trees.as_deref() == Some(trees_digest(&self.plan).as_str())
     }
 
     fn record(&self) -> Record {
         Record {
             version: STATE_VERSION,
             written_by: self.written_by.clone(),
+            trees: self.written_trees.clone(),
             config: self.config.clone(),
             config_text: self.config_text.clone(),
             applied_at: self.applied_at,
@@ -616,6 +639,7 @@ pub async fn apply(
             config: config.to_path_buf(),
             config_text: config_text.to_string(),
             written_by: WRITER.to_string(),
+            written_trees: Some(trees_digest(&plan)),
             applied_at: now(),
             caps,
             plan: plan.clone(),
@@ -793,6 +817,7 @@ mod tests {
             config: config.to_path_buf(),
             config_text: text.clone(),
             written_by: WRITER.to_string(),
+            written_trees: Some(trees_digest(&compile::plan(&policy, Some(caps)))),
             applied_at: 1,
             caps,
             plan: compile::plan(&policy, Some(caps)),
@@ -816,6 +841,20 @@ mod tests {
         assert_eq!(back.plan, state.plan);
         assert_eq!(back.config_text, text);
         assert!(back.ours());
+        // Trees the writer built otherwise (another build of this version) or did not
+        // record: not ours, so the next apply rebuilds them instead of editing in place.
+        for trees in [Some("0".repeat(64)), None] {
+            let mut other = json.clone();
+            other["trees"] = trees.clone().into();
+            if trees.is_none() {
+                other.as_object_mut().expect("object").remove("trees");
+            }
+            fs::write(paths.state(), other.to_string()).expect("write");
+            let s = State::load(&paths).expect("reads").expect("present");
+            assert_eq!(s.plan, state.plan);
+            assert!(!s.ours(), "trees {trees:?} taken as ours");
+        }
+        fs::write(paths.state(), json.to_string()).expect("write");
         let applied = Applied::of(&back, &paths.pins);
         assert!(
             applied.is_none(),

@@ -10,7 +10,6 @@
 //! confirm` comes back with the last confirmed config, as a rollback would.
 
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
@@ -18,6 +17,7 @@ use nix::mount::MsFlags;
 use serde::Deserialize;
 
 use crate::apply::Paths;
+use crate::rundir;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,28 +67,25 @@ pub fn save(paths: &Paths, text: &str) -> Result<Option<PathBuf>> {
     Ok(Some(dest))
 }
 
-/// Replaces `dest` by `bytes`: beside, synced, renamed, folder synced.
+/// Replaces `dest` by `bytes` ([`rundir::replace`]: beside, synced, renamed, folder
+/// synced), then syncs the folder's file system: the boot disk is FAT, whose metadata a
+/// folder fsync alone may leave in the cache.
 pub fn replace(dest: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut name = dest.file_name().unwrap_or_default().to_os_string();
-    name.push(".new");
-    let tmp = dir.join(name);
-    let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    drop(f);
-    fs::rename(&tmp, dest)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
-    sync_dir(dir)
+    rundir::replace(dest, bytes)?;
+    match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => syncfs(d),
+        _ => syncfs(Path::new(".")),
+    }
 }
 
 /// fsync on a folder, then syncfs on its file system.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    rundir::sync_folder(dir)?;
+    syncfs(dir)
+}
+
+fn syncfs(dir: &Path) -> Result<()> {
     let d = fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-    d.sync_all()
-        .with_context(|| format!("syncing {}", dir.display()))?;
     nix::unistd::syncfs(&d)
         .map_err(std::io::Error::from)
         .context("syncfs")

@@ -229,7 +229,6 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
     };
     let tc = Tc::connect().await?;
     let plan = &state.plan;
-    let dirs: Vec<_> = plan.dirs.iter().map(|(d, p)| (d.name(), p)).collect();
     let ifindex = |name: &str| {
         state
             .attachments
@@ -238,7 +237,8 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
             .map(|a| a.ifindex)
     };
 
-    let ifaces: Vec<Option<u32>> = dirs.iter().map(|(_, d)| ifindex(&d.ifname)).collect();
+    // Samples are per direction, upload first (`Dir::index`).
+    let ifaces: Vec<Option<u32>> = plan.dirs.values().map(|d| ifindex(&d.ifname)).collect();
     let first = sample(&tc, &ifaces).await?;
     let (second, secs) = if interval_s > 0.0 {
         tokio::time::sleep(Duration::from_secs_f64(interval_s)).await;
@@ -253,7 +253,8 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
     )?;
 
     let mut directions = Vec::new();
-    for (di, (label, d)) in dirs.iter().enumerate() {
+    for (dir, d) in plan.dirs.iter() {
+        let di = dir.index();
         let mut classes = Vec::new();
         for c in &d.classes {
             let find = |v: &Vec<ClassInfo>| v.iter().find(|k| k.classid == c.classid).cloned();
@@ -269,7 +270,7 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
                 // No sampling interval: the kernel's rate estimator on the class.
                 _ => st.rate_bps,
             };
-            let cc = counters.classes[di]
+            let cc = counters.classes[dir]
                 .get(c.index as usize)
                 .copied()
                 .unwrap_or_default();
@@ -297,7 +298,7 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
             .and_then(|k| k.htb)
             .map(|h| h.rate_bps);
         directions.push(DirReport {
-            direction: label.to_string(),
+            direction: dir.name().to_string(),
             interface: d.ifname.clone(),
             rate_bps: d.rate_bps,
             kernel_rate_bps,
@@ -310,8 +311,11 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let up = counters.rules[0].get(i).copied().unwrap_or_default();
-            let down = counters.rules[1].get(i).copied().unwrap_or_default();
+            let up = counters.rules[Dir::Up].get(i).copied().unwrap_or_default();
+            let down = counters.rules[Dir::Down]
+                .get(i)
+                .copied()
+                .unwrap_or_default();
             RuleReport {
                 name: r.name.clone(),
                 class: plan.policy.classes[r.class].name.clone(),
@@ -326,7 +330,7 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
     for d in Dir::ALL {
         let mut m: BTreeMap<String, u64> = GLOBAL_COUNTER_NAMES
             .iter()
-            .zip(&counters.global[d.index()])
+            .zip(&counters.global[d])
             .map(|(n, v)| (n.to_string(), *v))
             .collect();
         if d == Dir::Down && !counters.wan_arrivals.is_empty() {

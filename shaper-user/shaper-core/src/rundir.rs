@@ -107,28 +107,58 @@ pub fn read_versioned<T: DeserializeOwned>(path: &Path, want: u32) -> Result<Opt
         .with_context(|| format!("reading {}", path.display()))
 }
 
-/// Writes `value` as pretty JSON to `path`: beside it, synced, then renamed over it, so a
-/// reader or a power cut sees the old file or the new one, never half of one.
-pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let mut next = path.as_os_str().to_owned();
-    next.push(".next");
-    let next = PathBuf::from(next);
-    stage_json(&next, value)?;
-    fs::rename(&next, path).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Writes `value` as pretty JSON to `path` (created or truncated) and syncs it; for a
-/// file renamed into place later.
-pub fn stage_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+/// Writes `bytes` to `path` (created or truncated, its folder created if missing) and
+/// syncs the file; for a file renamed into place later ([`replace`] does both).
+pub fn stage(path: &Path, bytes: &[u8]) -> Result<()> {
     let write = || -> std::io::Result<()> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
         let mut f = fs::File::create(path)?;
-        f.write_all(&serde_json::to_vec_pretty(value)?)?;
+        f.write_all(bytes)?;
         f.sync_all()
     };
     write().with_context(|| format!("writing {}", path.display()))
+}
+
+/// Replaces `dest` by `bytes`, the one way shaper replaces a file it keeps: written beside
+/// it as `<name>.new` and synced ([`stage`]), renamed over it, and the folder synced, so a
+/// reader or a power cut sees the old file or the new one, never half of one. (The boot
+/// disk's site folder adds a `syncfs` on top: `persist::replace`.)
+pub fn replace(dest: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(".new");
+    let tmp = dir.join(name);
+    stage(&tmp, bytes)?;
+    fs::rename(&tmp, dest)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+    sync_folder(dir)
+}
+
+/// fsync on a folder, so a rename in it is on the disk.
+pub fn sync_folder(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
+}
+
+/// Writes `value` as pretty JSON to `path` ([`replace`]).
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    replace(path, &to_json(path, value)?)
+}
+
+/// Writes `value` as pretty JSON to `path` and syncs it ([`stage`]); for a file renamed
+/// into place later.
+pub fn stage_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    stage(path, &to_json(path, value)?)
+}
+
+fn to_json<T: Serialize>(path: &Path, value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(value).with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

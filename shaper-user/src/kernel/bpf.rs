@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use shaper_common::*;
 
 use crate::compile::MapPlan;
+use crate::dir::PerDir;
 
 /// The classifier object built by build.rs (aya-build).
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shaper-bpf"));
@@ -474,11 +475,11 @@ pub fn remove_pins(pins: &Pins) {
 #[derive(Debug, Clone, Default)]
 pub struct Counters {
     /// [dir][rule rank]
-    pub rules: [Vec<Counter>; 2],
+    pub rules: PerDir<Vec<Counter>>,
     /// [dir][class index]
-    pub classes: [Vec<Counter>; 2],
+    pub classes: PerDir<Vec<Counter>>,
     /// [dir][GLOBAL_COUNTER_NAMES index]
-    pub global: [Vec<u64>; 2],
+    pub global: PerDir<Vec<u64>>,
     /// [class index]: the download counters' part that came in from the WAN
     /// (empty when the running classifier predates the map).
     pub wan_arrivals: Vec<Counter>,
@@ -508,18 +509,19 @@ pub fn read_counters(pins: &Pins, nrules: usize, nclasses: usize) -> Result<Coun
     let global_map: PerCpuArray<_, u64> =
         PerCpuArray::try_from(open_pinned(pins, MAP_GLOBAL_STATS)?)?;
     let mut c = Counters::default();
-    for dir in 0..2usize {
+    for d in Dir::ALL {
+        let dir = d.index();
         for r in 0..nrules {
-            c.rules[dir].push(sum_cpus(rules_map.get(&((dir * MAX_RULES + r) as u32), 0)?));
+            c.rules[d].push(sum_cpus(rules_map.get(&((dir * MAX_RULES + r) as u32), 0)?));
         }
         for k in 0..nclasses {
-            c.classes[dir].push(sum_cpus(
+            c.classes[d].push(sum_cpus(
                 class_map.get(&((dir * MAX_CLASSES + k) as u32), 0)?,
             ));
         }
         for g in 0..GLOBAL_COUNTERS as usize {
             let v = global_map.get(&((dir * GLOBAL_COUNTERS as usize + g) as u32), 0)?;
-            c.global[dir].push(v.iter().sum());
+            c.global[d].push(v.iter().sum());
         }
     }
     // Pins left by an older shaper (before its next apply) have no such map.
