@@ -5,7 +5,7 @@
 // The pure policy core (config, catalogue, compile, parsers, host-name engine, explain),
 // re-exported so `shaper_user::config` and `crate::config` keep naming it.
 pub use shaper_core::{
-    catalogue, compile, config, dir, dnswire, explain, hosts, quic, rundir, sni,
+    catalogue, compile, config, dir, dnswire, explain, hosts, media, quic, rundir, sni, units,
 };
 
 pub mod apply;

@@ -60,6 +60,29 @@ enum Cmd {
         #[arg(long)]
         hosts: Option<PathBuf>,
     },
+    /// Per-call media quality in a capture: RTP/SRTP streams (plain or in TURN
+    /// ChannelData) grouped into calls, with loss, reordering, RFC 3550 jitter, bitrate
+    /// and an E-model MOS per direction, and where the loss happened (upload gaps: the
+    /// LAN side; download gaps: the line or beyond). Reads a pcap; the running shaper
+    /// does not measure calls yet.
+    Calls {
+        /// A classic pcap taken between the site's hosts and the line (Ethernet or raw IP).
+        #[arg(long)]
+        pcap: PathBuf,
+        /// The site's address range (repeatable); default: private, unique-local and
+        /// link-local addresses are the LAN.
+        #[arg(long = "lan", value_parser = parse_lan)]
+        lan: Vec<shaper_user::units::Cidr>,
+        /// A call ends after this long without media (e.g. "10s").
+        #[arg(long, default_value = "10s", value_parser = confirm::parse_duration)]
+        quiet: std::time::Duration,
+        /// Print addresses instead of pseudonyms (a keyed hash under a key made for
+        /// this run, so one report's names match each other and nothing else).
+        #[arg(long)]
+        show_addresses: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Apply a config and exit; shaping stays in place (pinned in bpffs).
     Apply {
         config: PathBuf,
@@ -257,6 +280,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+fn parse_lan(s: &str) -> Result<shaper_user::units::Cidr, String> {
+    shaper_user::units::parse_cidr(s)
+}
+
 fn load_policy(path: &std::path::Path) -> Result<config::Policy> {
     Ok(config::load(path)?)
 }
@@ -353,6 +380,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     r.disagreements
                 );
                 return Ok(ExitCode::from(2));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Calls {
+            pcap,
+            lan,
+            quiet,
+            show_addresses,
+            json,
+        } => {
+            use shaper_user::media;
+            let bytes =
+                std::fs::read(&pcap).with_context(|| format!("reading {}", pcap.display()))?;
+            let cap = shaper_user::explain::pcap::read(&bytes)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", pcap.display()))?;
+            let addresses = if show_addresses {
+                media::Addresses::Shown
+            } else {
+                let mut key = [0u8; 32];
+                std::fs::File::open("/dev/urandom")
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+                    .context("reading a pseudonym key from /dev/urandom")?;
+                media::Addresses::Pseudonymous(key)
+            };
+            let calls = media::from_capture(&cap, &lan, quiet.as_nanos() as u64, addresses)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", pcap.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&calls)?);
+            } else {
+                print!("{}", media::render(&calls));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -16,6 +16,25 @@ pub fn add_veth(ns: &Netns, a: &str, b: &str) {
     ns.ip(&["link", "set", b, "up"]).expect("up");
 }
 
+/// A veth pair between two namespaces: `an` in `a`, `bn` in `b` (both left down).
+pub fn veth_between(a: &Netns, an: &str, b: &Netns, bn: &str) {
+    crate::util::run(std::process::Command::new("ip").args([
+        "link",
+        "add",
+        an,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        bn,
+        "netns",
+        b.name(),
+    ]))
+    .expect("veth");
+}
+
 /// A gateway namespace (`role` names it) with two veth pairs whose gateway ends are wan0
 /// and lan0: what `shaper run` with a config for wan0/lan0 needs, no traffic.
 pub fn wan_lan_gateway(role: &str) -> Netns {

@@ -311,3 +311,22 @@ impl RawLink {
         Ok(())
     }
 }
+
+/// A classic little-endian pcap (microsecond timestamps, Ethernet) of `(unix_ns, frame)`s.
+pub fn pcap(frames: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for v in [0xa1b2_c3d4u32, 0x0004_0002, 0, 0, 262_144, 1] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    for (ns, f) in frames {
+        let (sec, usec) = (
+            (ns / 1_000_000_000) as u32,
+            (ns % 1_000_000_000 / 1000) as u32,
+        );
+        for v in [sec, usec, f.len() as u32, f.len() as u32] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(f);
+    }
+    b
+}

@@ -37,6 +37,7 @@ pub mod dir;
 pub mod dnswire;
 pub mod explain;
 pub mod hosts;
+pub mod media;
 pub mod quic;
 pub mod rule;
 pub mod rundir;

@@ -13,12 +13,14 @@
 //! - A gateway namespace or the four-namespace lab, the product's CLI and daemon:
 //!   `check_rejects`, `lifecycle`, `lock`, `reload`, `daemon`, `metrics`, `hosts`, `site`,
 //!   `systemd` (the Debian package), `adversarial` (hostile input, a module per area).
+//! - Real media (ffmpeg RTP/SRTP) through a router namespace that drops some: `calls`.
 //! - Traffic through the lab, minutes each: `topology`, `shaping`, `download`, `framing`.
 
 mod common;
 
 mod adversarial;
 mod bad_configs;
+mod calls;
 mod check_rejects;
 mod classify;
 mod daemon;

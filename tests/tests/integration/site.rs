@@ -31,23 +31,7 @@ fn site() -> Site {
         gw: Netns::new("site-gw").expect("netns"),
         host: Netns::new("site-host").expect("netns"),
     };
-    let link = |a: &Netns, an: &str, b: &Netns, bn: &str| {
-        shaper_tests::util::run(std::process::Command::new("ip").args([
-            "link",
-            "add",
-            an,
-            "netns",
-            a.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            bn,
-            "netns",
-            b.name(),
-        ]))
-        .expect("veth");
-    };
+    let link = shaper_tests::gateway::veth_between;
     link(&s.rtr, "eth0", &s.gw, "eth0");
     link(&s.gw, "eth1", &s.host, "eth0");
     s.gw.ip(&["link", "set", "eth0", "address", WAN_MAC])

@@ -112,6 +112,7 @@ pub(crate) fn l4_ports(
     p: &mut Packet,
 ) -> Result<(), &'static str> {
     p.bare = Some(Bare::No);
+    p.l4 = Some((l4, (l4 + l4_len as usize).min(b.len()).max(l4)));
     if !has_ports(p.proto) {
         return Ok(());
     }
@@ -186,6 +187,7 @@ pub(crate) fn parse_v4(b: &[u8], off: usize, dir: Dir) -> Result<Packet, &'stati
         v6_ext: vec![],
         sni: None,
         sni_in_payload: false,
+        l4: None,
     };
     if frag != Frag::Later {
         l4_ports(b, off + ihl, l4_len, &mut p)?;
@@ -272,6 +274,7 @@ pub(crate) fn parse_v6(b: &[u8], off: usize, dir: Dir) -> Result<Packet, &'stati
         v6_ext: exts,
         sni: None,
         sni_in_payload: false,
+        l4: None,
     };
     if frag != Frag::Later {
         l4_ports(b, l4, l4_len, &mut p)?;

@@ -28,7 +28,7 @@ use shaper_common::{
 use crate::compile::{self, classid_of, MapPlan, PacketView};
 use crate::config::{self, Dir, Policy, Rule};
 
-mod frame;
+pub mod frame;
 pub mod pcap;
 pub use frame::*;
 
@@ -107,6 +107,10 @@ pub struct Packet {
     /// `sni` was read from this packet's own ClientHello: the kernel classifies
     /// this packet by the rules, and the connection's later packets by the name.
     pub sni_in_payload: bool,
+    /// Where the transport segment (header and payload, as far as the IP header announces
+    /// and the frame holds) lies in a captured frame; None for descriptions and later
+    /// fragments.
+    pub l4: Option<(usize, usize)>,
 }
 
 impl Packet {
@@ -383,6 +387,7 @@ pub fn parse_description(s: &str) -> Result<Packet, String> {
         v6_ext: vec![],
         sni: None,
         sni_in_payload: false,
+        l4: None,
     };
     let mut flags: Option<u8> = None;
     let mut payload = 0usize;

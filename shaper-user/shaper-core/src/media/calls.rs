@@ -1,0 +1,287 @@
+//! Calls: the media streams between one LAN host and one peer (a far end, or the TURN
+//! relay the call goes through), in both directions, overlapping in time. A call ends
+//! after [`Calls::quiet_ns`] without a media packet and becomes one [`CallRecord`].
+//!
+//! A call is reported only once one of its streams has passed probation and carried
+//! [`MIN_CALL_PACKETS`] packets: a flood of random UDP, or a game's traffic, never builds
+//! a stream (random SSRCs and sequence numbers never pass probation) and so is never a
+//! call. State is bounded: [`MAX_CALLS`] calls (a new host/peer pair beyond that is not
+//! tracked until one ends) and [`MAX_FLOWS_PER_CALL`] UDP flows per call.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+use super::emodel;
+use super::rtp::{self, Media};
+use super::stream::Flow;
+use crate::dir::{Dir, PerDir};
+
+/// Packets one stream must carry before its call is reported.
+pub const MIN_CALL_PACKETS: u64 = 50;
+/// Calls followed at once.
+pub const MAX_CALLS: usize = 1024;
+/// UDP flows (each direction counted apart) followed per call.
+pub const MAX_FLOWS_PER_CALL: usize = 16;
+/// A call with no media packet for this long has ended.
+pub const DEFAULT_QUIET_NS: u64 = 10_000_000_000;
+/// Loss above this (per cent) in a direction makes a call degraded.
+pub const DEGRADED_LOSS_PCT: f64 = 1.0;
+/// RFC 3550 jitter above this (ms) in a direction makes a call degraded.
+pub const DEGRADED_JITTER_MS: f64 = 30.0;
+
+/// How addresses appear in records: pseudonyms under a key (the default; a keyed
+/// SHA-256, stable for one key, not reversible without it), or as they are.
+#[derive(Debug, Clone)]
+pub enum Addresses {
+    Pseudonymous([u8; 32]),
+    Shown,
+}
+
+impl Addresses {
+    pub fn name(&self, a: IpAddr) -> String {
+        match self {
+            Addresses::Shown => a.to_string(),
+            Addresses::Pseudonymous(key) => {
+                let mut h = Sha256::new();
+                h.update(key);
+                match a {
+                    IpAddr::V4(v) => h.update(v.octets()),
+                    IpAddr::V6(v) => h.update(v.octets()),
+                }
+                let d = h.finalize();
+                format!(
+                    "h-{}",
+                    d[..5]
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                )
+            }
+        }
+    }
+}
+
+/// One direction of a call, as the gateway measured it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DirQuality {
+    /// Streams (SSRCs) that passed probation.
+    pub streams: u32,
+    pub packets: u64,
+    pub expected: u64,
+    pub lost: u64,
+    pub loss_pct: f64,
+    pub reordered: u64,
+    pub duplicates: u64,
+    /// The largest RFC 3550 jitter of the direction's streams, where a clock rate is known.
+    pub jitter_ms: Option<f64>,
+    pub bitrate_kbps: f64,
+    /// Where this direction's sequence gaps happened: an upload stream's gaps arriving at
+    /// the gateway are loss on the LAN side (Wi-Fi, switch); a download stream's are loss
+    /// on the line or beyond.
+    pub loss_where: &'static str,
+    /// G.107 R and MOS from the loss and jitter ([`emodel`]).
+    pub r: f64,
+    pub mos: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallRecord {
+    /// The LAN host and the peer, pseudonymised unless the caller asked otherwise.
+    pub lan_host: String,
+    pub peer: String,
+    /// Seconds (since the Unix epoch for a capture or the box's clock).
+    pub start_s: f64,
+    pub duration_s: f64,
+    /// Media came through TURN ChannelData.
+    pub turn: bool,
+    /// RTCP packets seen.
+    pub rtcp_packets: u64,
+    pub up: DirQuality,
+    pub down: DirQuality,
+    /// Why the call counts as degraded (empty: it does not).
+    pub degraded: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Call {
+    start_ns: u64,
+    last_ns: u64,
+    turn: bool,
+    rtcp: u64,
+    flows: BTreeMap<(Dir, u16, u16), Flow>,
+}
+
+/// The calls through the gateway, fed one UDP payload at a time.
+#[derive(Debug)]
+pub struct Calls {
+    pub quiet_ns: u64,
+    addresses: Addresses,
+    calls: BTreeMap<(IpAddr, IpAddr), Call>,
+    /// Calls not followed because [`MAX_CALLS`] were.
+    pub untracked: u64,
+}
+
+impl Calls {
+    pub fn new(quiet_ns: u64, addresses: Addresses) -> Calls {
+        Calls {
+            quiet_ns,
+            addresses,
+            calls: BTreeMap::new(),
+            untracked: 0,
+        }
+    }
+
+    /// One UDP payload going `dir` between `lan` (the site's end) and `peer`, at `now_ns`.
+    pub fn packet(&mut self, now_ns: u64, dir: Dir, lan: SocketAddr, peer: SocketAddr, udp: &[u8]) {
+        let Some(media) = rtp::parse(udp) else {
+            return;
+        };
+        let key = (lan.ip(), peer.ip());
+        if !self.calls.contains_key(&key) && self.calls.len() >= MAX_CALLS {
+            self.untracked += 1;
+            return;
+        }
+        let call = self.calls.entry(key).or_insert_with(|| Call {
+            start_ns: now_ns,
+            ..Call::default()
+        });
+        match media {
+            Media::Rtcp { turn, .. } => {
+                call.rtcp += 1;
+                call.turn |= turn;
+            }
+            Media::Rtp(h) => {
+                let fk = (dir, lan.port(), peer.port());
+                if !call.flows.contains_key(&fk) && call.flows.len() >= MAX_FLOWS_PER_CALL {
+                    return;
+                }
+                call.turn |= h.turn;
+                call.last_ns = call.last_ns.max(now_ns);
+                call.flows
+                    .entry(fk)
+                    .or_default()
+                    .packet(&h, now_ns, udp.len());
+            }
+        }
+    }
+
+    /// Ends the calls quiet since `now_ns - quiet_ns`: their records (calls that never
+    /// carried a stream are dropped without one).
+    pub fn expire(&mut self, now_ns: u64) -> Vec<CallRecord> {
+        let quiet = self.quiet_ns;
+        let ended: Vec<_> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| now_ns.saturating_sub(c.last_ns.max(c.start_ns)) >= quiet)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut out = Vec::new();
+        for k in ended {
+            if let Some(c) = self.calls.remove(&k) {
+                out.extend(self.record(k, &c));
+            }
+        }
+        out
+    }
+
+    /// Ends every call (the end of a capture).
+    pub fn finish(mut self) -> Vec<CallRecord> {
+        let calls = std::mem::take(&mut self.calls);
+        calls
+            .iter()
+            .filter_map(|(k, c)| self.record(*k, c))
+            .collect()
+    }
+
+    /// The calls in progress, as records so far.
+    pub fn live(&self) -> Vec<CallRecord> {
+        self.calls
+            .iter()
+            .filter_map(|(k, c)| self.record(*k, c))
+            .collect()
+    }
+
+    fn record(&self, (lan, peer): (IpAddr, IpAddr), c: &Call) -> Option<CallRecord> {
+        let established = c.flows.values().any(|f| {
+            f.streams
+                .iter()
+                .any(|s| s.valid() && s.received >= MIN_CALL_PACKETS)
+        });
+        if !established {
+            return None;
+        }
+        let q = PerDir::from_fn(|d| quality(c, d));
+        let mut degraded = Vec::new();
+        for (d, q) in q.iter() {
+            if q.loss_pct > DEGRADED_LOSS_PCT {
+                degraded.push(format!(
+                    "{} loss {:.1} % ({})",
+                    crate::explain::dir_name(d),
+                    q.loss_pct,
+                    q.loss_where
+                ));
+            }
+            if let Some(j) = q.jitter_ms.filter(|j| *j > DEGRADED_JITTER_MS) {
+                degraded.push(format!("{} jitter {j:.0} ms", crate::explain::dir_name(d)));
+            }
+        }
+        let [up, down] = q.0;
+        Some(CallRecord {
+            lan_host: self.addresses.name(lan),
+            peer: self.addresses.name(peer),
+            start_s: c.start_ns as f64 / 1e9,
+            duration_s: c.last_ns.saturating_sub(c.start_ns) as f64 / 1e9,
+            turn: c.turn,
+            rtcp_packets: c.rtcp,
+            up,
+            down,
+            degraded,
+        })
+    }
+}
+
+fn quality(c: &Call, d: Dir) -> DirQuality {
+    let mut q = DirQuality {
+        loss_where: match d {
+            Dir::Up => "lan",
+            Dir::Down => "line or beyond",
+        },
+        ..DirQuality::default()
+    };
+    let (mut first, mut last, mut bytes) = (u64::MAX, 0, 0);
+    for s in c
+        .flows
+        .iter()
+        .filter(|((fd, _, _), _)| *fd == d)
+        .flat_map(|(_, f)| f.streams.iter())
+        .filter(|s| s.valid())
+    {
+        q.streams += 1;
+        q.packets += s.received;
+        q.expected += s.expected();
+        q.lost += s.lost();
+        q.reordered += s.reordered;
+        q.duplicates += s.duplicates;
+        if let Some(j) = s.jitter_ms() {
+            q.jitter_ms = Some(q.jitter_ms.map_or(j, |m: f64| m.max(j)));
+        }
+        first = first.min(s.first_ns);
+        last = last.max(s.last_ns);
+        bytes += s.bytes;
+    }
+    if q.expected > 0 {
+        q.loss_pct = q.lost as f64 * 100.0 / q.expected as f64;
+    }
+    if last > first {
+        q.bitrate_kbps = bytes as f64 * 8.0 / ((last - first) as f64 / 1e9) / 1000.0;
+    }
+    q.r = emodel::r_factor(
+        q.loss_pct,
+        emodel::delay_from_jitter_ms(q.jitter_ms.unwrap_or(0.0)),
+    );
+    q.mos = emodel::mos(q.r);
+    q
+}

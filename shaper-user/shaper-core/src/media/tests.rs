@@ -1,0 +1,275 @@
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use super::rtp::{parse, Media, RtpHeader};
+use super::stream::{estimate_clock, Flow, Stream, MAX_SSRCS};
+use super::*;
+use crate::explain::pcap::{Capture, Record, LINKTYPE_ETHERNET};
+use crate::testkit::{eth, v4};
+
+const MS: u64 = 1_000_000;
+
+fn rtp(pt: u8, seq: u16, ts: u32, ssrc: u32, payload: usize) -> Vec<u8> {
+    let mut b = vec![0x80, pt];
+    b.extend_from_slice(&seq.to_be_bytes());
+    b.extend_from_slice(&ts.to_be_bytes());
+    b.extend_from_slice(&ssrc.to_be_bytes());
+    b.resize(12 + payload, 0x5a);
+    b
+}
+
+fn header(b: &[u8]) -> RtpHeader {
+    match parse(b) {
+        Some(Media::Rtp(h)) => h,
+        other => panic!("not RTP: {other:?}"),
+    }
+}
+
+/// Sends `n` packets of a 50 pps Opus stream (48 kHz, 960 per packet) through a stream,
+/// `arrive(i)` giving packet i's arrival offset in ms (None: lost), `order` its position.
+fn run(n: u16, first_seq: u16, arrive: impl Fn(u16) -> Option<f64>) -> Stream {
+    let mut s: Option<Stream> = None;
+    let mut sent: Vec<(u64, RtpHeader)> = (0..n)
+        .filter_map(|i| {
+            let h = header(&rtp(
+                111,
+                first_seq.wrapping_add(i),
+                u32::from(i) * 960,
+                7,
+                100,
+            ));
+            arrive(i).map(|ms| ((ms * MS as f64) as u64, h))
+        })
+        .collect();
+    sent.sort_by_key(|(t, _)| *t);
+    for (t, h) in sent {
+        match &mut s {
+            None => s = Some(Stream::new(&h, t, 112)),
+            Some(s) => {
+                s.update(&h, t, 112);
+            }
+        }
+    }
+    s.expect("packets")
+}
+
+#[test]
+fn counts_loss_exactly_and_wraps_the_sequence() {
+    // The first packet is probation's; counting starts at the second.
+    let s = run(1000, 65_500, |i| Some(f64::from(i) * 20.0));
+    assert!(s.valid());
+    assert_eq!((s.expected(), s.received, s.lost()), (999, 999, 0));
+    // Every 50th packet lost (after the first two): 19 of 999.
+    let s = run(1000, 65_500, |i| {
+        (i < 2 || i % 50 != 0).then(|| f64::from(i) * 20.0)
+    });
+    assert_eq!((s.expected(), s.lost()), (999, 19));
+    // The last packets lost do not count until a later one arrives: loss is seen in gaps.
+    let s = run(100, 0, |i| (i < 90).then(|| f64::from(i) * 20.0));
+    assert_eq!(s.lost(), 0);
+}
+
+#[test]
+fn tells_reordering_and_duplicates_from_loss() {
+    // Pairs swapped in arrival: every odd packet arrives 1 ms before its even one.
+    let s = run(200, 10, |i| {
+        Some(f64::from(i) * 20.0 - if i % 2 == 1 { 21.0 } else { 0.0 })
+    });
+    assert_eq!(s.lost(), 0);
+    assert!(s.reordered >= 98, "{}", s.reordered);
+    let mut s = run(10, 0, |i| Some(f64::from(i) * 20.0));
+    for seq in [9u16, 8, 5] {
+        let h = header(&rtp(111, seq, 0, 7, 100));
+        assert_eq!(s.update(&h, 300 * MS, 112), stream::Step::Duplicate);
+    }
+    assert_eq!((s.duplicates, s.lost(), s.received), (3, 0, 9));
+}
+
+#[test]
+fn measures_rfc3550_jitter_and_estimates_the_clock() {
+    // Arrivals alternate 0 and 4 ms late: |D| is 4 ms at every step, so J tends to 4 ms.
+    let s = run(500, 0, |i| {
+        Some(f64::from(i) * 20.0 + if i % 2 == 1 { 4.0 } else { 0.0 })
+    });
+    assert_eq!(
+        s.clock_hz,
+        Some(48_000),
+        "estimated from a dynamic payload type"
+    );
+    let j = s.jitter_ms().expect("jitter once the clock is known");
+    assert!((j - 4.0).abs() < 0.2, "jitter {j} ms");
+    // Steady arrivals: no jitter.
+    let s = run(500, 0, |i| Some(f64::from(i) * 20.0));
+    assert!(s.jitter_ms().expect("known") < 0.01);
+    assert_eq!(estimate_clock(90_000, 1_000_000_000), Some(90_000));
+    assert_eq!(estimate_clock(88_000, 1_000_000_000), Some(90_000));
+    assert_eq!(estimate_clock(60_000, 1_000_000_000), None);
+}
+
+/// A random-payload flood is never a stream or a call, and costs bounded memory.
+#[test]
+fn random_udp_is_not_a_call() {
+    let mut rng = 0x1234_5678_9abc_def0u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let lan = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 168, 1, 20)), 50_000);
+    let peer = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(52, 113, 1, 1)), 3478);
+    let mut calls = Calls::new(calls::DEFAULT_QUIET_NS, Addresses::Shown);
+    let mut flow = Flow::default();
+    for i in 0..20_000u64 {
+        let mut b: Vec<u8> = (0..160).map(|_| next() as u8).collect();
+        b[0] = 0x80 | (b[0] & 0x3f); // version 2 on every packet: the header check passes
+        b[1] &= 0x7f;
+        calls.packet(i * MS, Dir::Up, lan, peer, &b);
+        if let Some(Media::Rtp(h)) = parse(&b) {
+            flow.packet(&h, i * MS, b.len());
+        }
+        assert!(flow.streams.len() <= MAX_SSRCS);
+    }
+    assert!(flow.streams.iter().all(|s| !s.valid()));
+    assert!(calls.live().is_empty());
+    assert!(calls.finish().is_empty());
+}
+
+fn frame(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    eth(&[], 0x0800, &v4(src, dst, 17, 46, 0, &udp))
+}
+
+/// Two LAN hosts in calls through a pcap: audio both ways for one (through TURN
+/// ChannelData downstream, 3 % lost upstream), video for the other; and a quiet gap that
+/// splits the first host's media into two calls.
+#[test]
+fn groups_streams_into_calls_from_a_capture() {
+    let (a, b, far) = ([192, 168, 1, 10], [192, 168, 1, 11], [52, 113, 9, 9]);
+    let mut recs = Vec::new();
+    let mut push = |t_ms: u64, f: Vec<u8>| {
+        recs.push(Record {
+            ts_sec: (1_700_000_000 + t_ms / 1000) as u32,
+            ts_frac: ((t_ms % 1000) * 1000) as u32,
+            orig_len: f.len() as u32,
+            data: f,
+        })
+    };
+    for i in 0..1500u16 {
+        let t = u64::from(i) * 20;
+        if i % 100 >= 3 || i < 2 {
+            push(
+                t,
+                frame(
+                    a,
+                    far,
+                    50_000,
+                    3478,
+                    &rtp(111, i, u32::from(i) * 960, 1, 80),
+                ),
+            );
+        }
+        let mut cd = vec![0x40, 0x00];
+        let down = rtp(111, i, u32::from(i) * 960, 2, 80);
+        cd.extend_from_slice(&(down.len() as u16).to_be_bytes());
+        cd.extend_from_slice(&down);
+        push(t + 1, frame(far, a, 3478, 50_000, &cd));
+        push(
+            t + 2,
+            frame(
+                b,
+                far,
+                50_002,
+                3479,
+                &rtp(96, i, u32::from(i) * 1800, 3, 1000),
+            ),
+        );
+    }
+    // 20 s later host a calls again (the first call ended after 10 s of quiet).
+    for i in 0..100u16 {
+        let t = 50_000 + u64::from(i) * 20;
+        push(
+            t,
+            frame(a, far, 50_010, 3478, &rtp(0, i, u32::from(i) * 160, 9, 160)),
+        );
+    }
+    recs.sort_by_key(|r| (r.ts_sec, r.ts_frac));
+    let cap = Capture {
+        linktype: LINKTYPE_ETHERNET,
+        snaplen: 65_535,
+        nanos: false,
+        records: recs,
+    };
+    let calls = from_capture(&cap, &[], calls::DEFAULT_QUIET_NS, Addresses::Shown).expect("reads");
+    assert_eq!(calls.len(), 3, "{calls:#?}");
+    let first = calls
+        .iter()
+        .find(|c| c.lan_host == "192.168.1.10" && c.start_s < 1_700_000_010.0);
+    let first = first.expect("host a's first call");
+    assert!(first.turn);
+    assert_eq!(first.up.loss_where, "lan");
+    // Sequence numbers 2, then 100-102, 200-202, ... 1400-1402 lost upstream: 43 of the
+    // 1,499 counted (the first packet is probation's).
+    assert_eq!((first.up.lost, first.up.expected), (43, 1499));
+    assert_eq!(first.down.lost, 0);
+    assert!(
+        first
+            .degraded
+            .iter()
+            .any(|d| d.starts_with("up loss 2.9 % (lan)")),
+        "{:?}",
+        first.degraded
+    );
+    assert!(first.up.mos < first.down.mos);
+    assert!(
+        (first.duration_s - 29.98).abs() < 0.1,
+        "{}",
+        first.duration_s
+    );
+    let video = calls
+        .iter()
+        .find(|c| c.lan_host == "192.168.1.11")
+        .expect("host b");
+    assert_eq!(video.down.streams, 0);
+    assert_eq!(video.up.packets, 1499);
+    assert!((video.up.bitrate_kbps - 50.0 * 1012.0 * 8.0 / 1000.0).abs() < 5.0);
+    assert!(video.up.jitter_ms.expect("90 kHz estimated") < 0.1);
+    let second = calls
+        .iter()
+        .filter(|c| c.lan_host == "192.168.1.10")
+        .count();
+    assert_eq!(second, 2);
+
+    // Pseudonyms by default: stable under one key, other under another, no address.
+    let named = |key| {
+        from_capture(
+            &cap,
+            &[],
+            calls::DEFAULT_QUIET_NS,
+            Addresses::Pseudonymous(key),
+        )
+    };
+    let (k1, k2) = (
+        named([1; 32]).expect("reads"),
+        named([2; 32]).expect("reads"),
+    );
+    assert!(k1
+        .iter()
+        .all(|c| c.lan_host.starts_with("h-") && !c.lan_host.contains("192")));
+    assert_eq!(k1, named([1; 32]).expect("reads"));
+    assert_ne!(k1[0].lan_host, k2[0].lan_host);
+    // --lan decides the site's side: with the far end called LAN, nothing crosses.
+    let far_lan = [
+        crate::units::parse_cidr("52.113.0.0/16").expect("cidr"),
+        crate::units::parse_cidr("192.168.0.0/16").expect("cidr"),
+    ];
+    assert!(
+        from_capture(&cap, &far_lan, calls::DEFAULT_QUIET_NS, Addresses::Shown)
+            .expect("reads")
+            .is_empty()
+    );
+}
