@@ -2,7 +2,8 @@
 //! (download). It parses the packet, finds the highest-priority rule that
 //! accepts it (see `shaper_common` for the bitmap scheme), writes the rule's
 //! HTB class id into `skb->priority`, optionally re-marks DSCP on the WAN
-//! side, and counts. It never drops: anything it cannot parse goes to the
+//! side, counts, and measures the RTP streams of the classes `[calls]` names
+//! (`media`). It never drops: anything it cannot parse goes to the
 //! default class, and it always returns TC_ACT_UNSPEC (TCX_NEXT) so other
 //! programs on the hook still run.
 #![no_std]
@@ -13,6 +14,7 @@ mod counters;
 mod flow;
 mod hosts;
 mod maps;
+mod media;
 mod parse;
 mod rules;
 
@@ -24,7 +26,8 @@ use crate::counters::{count, count_global, from_wan};
 use crate::flow::decide;
 use crate::maps::{CLASSES, CLASS_STATS, CONFIG, RULE_STATS, SCRATCH, WAN_ARRIVALS};
 use crate::parse::{
-    load, parse, Pkt, BARE_ACK, BARE_NONE, FRAG_NONE, IPPROTO_TCP, PARSED_IP, PARSED_NON_IP,
+    load, parse, Pkt, BARE_ACK, BARE_NONE, FRAG_LATER, FRAG_NONE, IPPROTO_TCP, IPPROTO_UDP,
+    PARSED_IP, PARSED_NON_IP,
 };
 
 #[classifier]
@@ -153,6 +156,16 @@ fn classify(ctx: &TcContext) {
     if cfg.flags & CFG_WINDOW_CLAMP != 0 && ip && pkt.proto == IPPROTO_TCP && pkt.frag == FRAG_NONE
     {
         window_clamp(ctx, cfg, dir, class);
+    }
+    // `[calls]`: RTP in a measured class is measured; the packet is left as it is.
+    if cfg.flags & CFG_MEDIA != 0
+        && ip
+        && pkt.proto == IPPROTO_UDP
+        && pkt.frag != FRAG_LATER
+        && class < 64
+        && (cfg.media_classes >> class) & 1 == 1
+    {
+        media::measure(ctx, dir);
     }
 }
 

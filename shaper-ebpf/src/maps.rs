@@ -1,6 +1,6 @@
 //! The classifier's maps: its configuration and policy (written by the loader),
-//! its counters, the flow, fragment, host-name, DNS and window-clamp state it
-//! keeps, the event rings it fills for user space, and the per-CPU scratch slots
+//! its counters, the flow, fragment, host-name, DNS, window-clamp and media state
+//! it keeps, the event rings it fills for user space, and the per-CPU scratch slots
 //! it works in. The map names are the ABI user space opens them by (see
 //! `shaper_common`).
 
@@ -8,7 +8,10 @@ use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use shaper_common::*;
+use shaper_common::{
+    media::{MediaKey, MediaProbe, MediaStream, MEDIA_MAX_PROBES, MEDIA_MAX_STREAMS},
+    *,
+};
 
 use crate::parse::Pkt;
 
@@ -94,6 +97,26 @@ pub(crate) static CLAMP_SHARE: Array<u64> = Array::with_max_entries(MAX_CLASSES 
 #[map(name = "CLAMP_ACTIVE")]
 pub(crate) static CLAMP_ACTIVE: Array<ActiveWindow> =
     Array::with_max_entries(MAX_CLASSES as u32, 0);
+
+/// `[calls]`: RTP streams in the measured classes (see [`crate::media`]).
+#[map(name = "MEDIA")]
+pub(crate) static MEDIA: LruHashMap<MediaKey, MediaStream> =
+    LruHashMap::with_max_entries(MEDIA_MAX_STREAMS, 0);
+/// `[calls]`: each flow's SSRCs on probation, under its key with SSRC 0.
+#[map(name = "MEDIA_PROBE")]
+pub(crate) static MEDIA_PROBE: LruHashMap<MediaKey, MediaProbe> =
+    LruHashMap::with_max_entries(MEDIA_MAX_PROBES, 0);
+
+/// The media measurement's key and new stream, off the stack (the classifier's own
+/// frame leaves the measurement's subprogram less than 200 bytes).
+#[repr(C)]
+pub(crate) struct MediaScratch {
+    pub(crate) key: MediaKey,
+    pub(crate) stream: MediaStream,
+}
+
+#[map(name = "MEDIA_SCRATCH")]
+pub(crate) static MEDIA_SCRATCH: PerCpuArray<MediaScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// The window clamp's key and new flow state, off the stack.
 #[repr(C)]

@@ -15,6 +15,8 @@
 //!   put right by re-applying the running config (well within a second), after waiting
 //!   out any apply in progress so as never to re-apply over a newer one.
 //! - With `[download] window_clamp`, refreshes the clamp's per-flow shares (see `wclamp`).
+//! - With classes measured for calls (`[calls]`), groups the classifier's RTP streams into
+//!   calls and records each (see `calls_task`).
 //! - SIGTERM/SIGINT remove the shaping (or keep it with `--keep-on-exit`) and exit 0.
 //!
 //! Shaping never depends on this process: programs and maps are pinned, so a crash or
@@ -286,6 +288,10 @@ pub async fn run(
     let (applied_tx, applied_rx) = tokio::sync::watch::channel(applied(&state));
     let rates_task = tokio::spawn(rates::run(applied_rx.clone(), paths.pins.clone()));
     let wclamp_task = tokio::spawn(crate::wclamp::run(applied_rx.clone(), paths.pins.clone()));
+    let calls_task = tokio::spawn(crate::calls_task::run(
+        applied_rx.clone(),
+        paths.run.clone(),
+    ));
     let hosts_task = tokio::spawn(hosts_task::run(applied_rx, paths.run.clone()));
 
     let watchdog = std::env::var("WATCHDOG_USEC")
@@ -387,6 +393,7 @@ pub async fn run(
     let _ = rates_task.await;
     let _ = wclamp_task.await;
     let _ = hosts_task.await;
+    let _ = calls_task.await;
     if keep_on_exit {
         log::info!("stopping; shaping left in place");
     } else {

@@ -10,6 +10,7 @@ pub use shaper_core::{
 
 pub mod apply;
 pub mod autorate;
+pub mod calls_task;
 pub mod caps;
 pub mod confirm;
 pub mod daemon;

@@ -60,15 +60,16 @@ enum Cmd {
         #[arg(long)]
         hosts: Option<PathBuf>,
     },
-    /// Per-call media quality in a capture: RTP/SRTP streams (plain or in TURN
-    /// ChannelData) grouped into calls, with loss, reordering, RFC 3550 jitter, bitrate
-    /// and an E-model MOS per direction, and where the loss happened (upload gaps: the
-    /// LAN side; download gaps: the line or beyond). Reads a pcap; the running shaper
-    /// does not measure calls yet.
+    /// Calls and their media quality: RTP/SRTP streams (plain or in TURN ChannelData)
+    /// grouped into calls, with loss, reordering, RFC 3550 jitter, bitrate and an E-model
+    /// MOS per direction, and where the loss happened (upload gaps: the LAN side;
+    /// download gaps: the line or beyond). Without --pcap: the calls in progress, as
+    /// `shaper run` measures them in the classes of `[calls]`.
     Calls {
-        /// A classic pcap taken between the site's hosts and the line (Ethernet or raw IP).
+        /// A classic pcap taken between the site's hosts and the line (Ethernet or raw
+        /// IP), measured the way the classifier measures.
         #[arg(long)]
-        pcap: PathBuf,
+        pcap: Option<PathBuf>,
         /// The site's address range (repeatable); default: private, unique-local and
         /// link-local addresses are the LAN.
         #[arg(long = "lan", value_parser = parse_lan)]
@@ -80,6 +81,12 @@ enum Cmd {
         /// this run, so one report's names match each other and nothing else).
         #[arg(long)]
         show_addresses: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ended calls by day and by hour (UTC): how many, how many degraded and why, call
+    /// minutes, mean MOS each way (from `shaper run`'s calls.jsonl).
+    Report {
         #[arg(long)]
         json: bool,
     },
@@ -391,6 +398,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             use shaper_user::media;
+            let Some(pcap) = pcap else {
+                let p = shaper_user::rundir::RunDir(&paths.run).calls();
+                let live: shaper_user::calls_task::Live = shaper_user::rundir::read_versioned(
+                    &p,
+                    shaper_user::calls_task::CALLS_VERSION,
+                )?
+                .with_context(|| {
+                    format!(
+                        "no {}: `shaper run` is not running, or no class is measured (`[calls] classes`)",
+                        p.display()
+                    )
+                })?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&live)?);
+                } else {
+                    print!("{}", media::render(&live.calls));
+                    println!(
+                        "{} call(s) ended since `shaper run` started, {} degraded (`shaper report`)",
+                        live.ended, live.degraded
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            };
             let bytes =
                 std::fs::read(&pcap).with_context(|| format!("reading {}", pcap.display()))?;
             let cap = shaper_user::explain::pcap::read(&bytes)
@@ -410,6 +440,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&calls)?);
             } else {
                 print!("{}", media::render(&calls));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Report { json } => {
+            use shaper_user::media;
+            let files = shaper_user::rundir::RunDir(&paths.run);
+            let mut calls = Vec::new();
+            for p in [files.calls_log_old(), files.calls_log()] {
+                let text = match std::fs::read_to_string(&p) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        return Err(
+                            anyhow::Error::from(e).context(format!("reading {}", p.display()))
+                        )
+                    }
+                };
+                for (n, line) in text.lines().enumerate() {
+                    match serde_json::from_str::<media::CallRecord>(line) {
+                        Ok(c) => calls.push(c),
+                        // A line cut by a power cut or written by another version.
+                        Err(e) => log::warn!("{}:{}: skipped: {e}", p.display(), n + 1),
+                    }
+                }
+            }
+            let r = media::report::report(&calls);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", media::report::render(&r));
             }
             Ok(ExitCode::SUCCESS)
         }

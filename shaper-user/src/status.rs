@@ -32,6 +32,38 @@ pub struct Report {
     pub hosts: Option<crate::hosts::Snapshot>,
     /// The last kernel crash the gateway image kept (null: none recorded).
     pub last_crash: Option<LastCrash>,
+    /// Calls `shaper run` is measuring and has recorded (absent without `[calls]` classes
+    /// or a daemon).
+    pub calls: Option<CallsSummary>,
+}
+
+/// What `shaper run`'s calls.json says, in numbers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallsSummary {
+    /// Calls in progress.
+    pub active: u64,
+    /// Calls ended since the daemon started, and of those degraded.
+    pub ended: u64,
+    pub degraded: u64,
+}
+
+fn read_calls(run: &Path) -> Option<CallsSummary> {
+    let p = crate::rundir::RunDir(run).calls();
+    match crate::rundir::read_versioned::<crate::calls_task::Live>(
+        &p,
+        crate::calls_task::CALLS_VERSION,
+    ) {
+        Ok(Some(l)) => Some(CallsSummary {
+            active: l.calls.len() as u64,
+            ended: l.ended,
+            degraded: l.degraded,
+        }),
+        Ok(None) => None,
+        Err(e) => {
+            log::warn!("{e:#}");
+            None
+        }
+    }
 }
 
 /// The last kernel crash, as the image's boot script summarised it from the
@@ -359,6 +391,11 @@ pub async fn collect(paths: &Paths, interval_s: f64) -> Result<Option<Report>> {
             None
         },
         last_crash: read_last_crash(&paths.run),
+        calls: if state.plan.policy.calls.classes.is_empty() {
+            None
+        } else {
+            read_calls(&paths.run)
+        },
     }))
 }
 
@@ -383,6 +420,13 @@ pub fn render(r: &Report) -> String {
     );
     if let Some(c) = &r.last_crash {
         s.push_str(&render_last_crash(c));
+    }
+    if let Some(c) = &r.calls {
+        let _ = writeln!(
+            s,
+            "calls: {} in progress, {} ended since `shaper run` started ({} degraded)",
+            c.active, c.ended, c.degraded
+        );
     }
     let cw = r
         .directions

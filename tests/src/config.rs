@@ -71,6 +71,12 @@ impl Rule {
         self
     }
 
+    /// `src_ports`: LAN-side ports or ranges.
+    pub fn src_ports(mut self, ports: &[&str]) -> Rule {
+        self.src_ports = strings(ports);
+        self
+    }
+
     /// `apps`: apps of the built-in catalogue ("accurx-video", "dicom").
     pub fn apps(mut self, apps: &[&str]) -> Rule {
         self.apps = strings(apps);
@@ -201,6 +207,8 @@ pub struct Config {
     pub metrics_listen: Option<String>,
     /// `[promote] class`: where media-like default-class UDP flows go.
     pub promote: Option<String>,
+    /// `[calls]`: the measured classes and `quiet_s`.
+    pub calls: Option<(Vec<String>, u32)>,
     /// `[autorate]`: the reflectors and the class its probes travel in.
     pub autorate: Option<(Vec<String>, String)>,
 }
@@ -213,6 +221,7 @@ impl From<ShaperConfig> for Config {
             window_clamp_queue_ms: None,
             metrics_listen: None,
             promote: None,
+            calls: None,
             autorate: None,
         }
     }
@@ -304,6 +313,12 @@ impl Config {
         self
     }
 
+    /// `[calls] classes = classes`, `quiet_s`, addresses shown.
+    pub fn calls(mut self, classes: &[&str], quiet_s: u32) -> Config {
+        self.calls = Some((classes.iter().map(|c| c.to_string()).collect(), quiet_s));
+        self
+    }
+
     /// `[promote] class`.
     pub fn promote(mut self, class: &str) -> Config {
         self.promote = Some(class.into());
@@ -367,6 +382,13 @@ impl Config {
                 "[autorate]\nreflectors = {}\nclass = {}",
                 list(reflectors),
                 q(class)
+            );
+        }
+        if let Some((classes, quiet_s)) = &self.calls {
+            let _ = writeln!(
+                t,
+                "[calls]\nclasses = {}\naddresses = \"shown\"\nquiet_s = {quiet_s}",
+                list(classes)
             );
         }
         if let Some(c) = &self.promote {

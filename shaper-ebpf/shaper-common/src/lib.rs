@@ -15,6 +15,8 @@
 //! with 10 or 10,000 rules.
 #![no_std]
 
+pub mod media;
+
 /// Rules are bits in a bitmap of this many bits.
 pub const MAX_RULES: usize = 16384;
 /// 64-bit words in one rule bitmap.
@@ -147,6 +149,9 @@ pub const CFG_FLOW_BEHAVIOUR: u32 = 1 << 7;
 /// hosts send to the WAN is clamped to each download flow's share of its class's
 /// rate times (round trip + `Config::clamp_queue_us`) (see [`clamp_window`]).
 pub const CFG_WINDOW_CLAMP: u32 = 1 << 8;
+/// `Config::flags`: RTP streams in the classes of `Config::media_classes` are measured
+/// ([`media`]).
+pub const CFG_MEDIA: u32 = 1 << 9;
 /// `Config::flags`: the configuration is complete; until set, every packet
 /// passes untouched (so a half-filled map set never classifies).
 pub const CFG_READY: u32 = 1 << 31;
@@ -298,7 +303,7 @@ pub const PROG_CLASSIFY: &str = "shaper_classify";
 /// An empty program in the same object, for benchmarks.
 pub const PROG_EMPTY: &str = "shaper_empty";
 /// Every map the user side fills or reads.
-pub const ALL_MAPS: [&str; 28] = [
+pub const ALL_MAPS: [&str; 30] = [
     MAP_CONFIG,
     MAP_BITMAPS,
     MAP_PROTO_IDX,
@@ -327,6 +332,8 @@ pub const ALL_MAPS: [&str; 28] = [
     MAP_CLAMP_FLOWS,
     MAP_CLAMP_SHARE,
     MAP_CLAMP_ACTIVE,
+    media::MAP_MEDIA,
+    media::MAP_MEDIA_PROBE,
 ];
 
 /// One rule bitmap.
@@ -371,6 +378,9 @@ pub struct Config {
     /// `[download] window_clamp_queue_ms` in microseconds: the queue each clamped
     /// flow may keep in the modem, on top of its round trip.
     pub clamp_queue_us: u32,
+    pub _pad: u32,
+    /// Bit c: RTP streams in class index c are measured (with [`CFG_MEDIA`]).
+    pub media_classes: u64,
 }
 
 /// `Config::ack_class` value: pure ACKs are classified like any packet.
@@ -866,4 +876,7 @@ mod pod {
     unsafe impl aya::Pod for ClampKey {}
     unsafe impl aya::Pod for ClampVal {}
     unsafe impl aya::Pod for ActiveWindow {}
+    unsafe impl aya::Pod for media::MediaKey {}
+    unsafe impl aya::Pod for media::MediaProbe {}
+    unsafe impl aya::Pod for media::MediaStream {}
 }

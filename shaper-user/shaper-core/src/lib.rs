@@ -14,6 +14,7 @@
 //! - [`hosts`]: the host-name engine (what `shaper run` learns from DNS, TLS and QUIC),
 //!   against a kernel seen through a trait.
 //! - [`explain`]: why a packet (described, or from a pcap) goes where it goes.
+//! - [`media`]: per-call media quality (RTP streams, calls, E-model, the report).
 //! - [`rundir`]: the files of the run directory, their names and format versions.
 
 /// A captured packet under `tests/fixtures/` (for unit tests), as a byte slice.

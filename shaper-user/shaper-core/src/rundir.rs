@@ -17,6 +17,9 @@
 //! | `persist.json` | the image's boot script | JSON: where confirmed configs are kept |
 //! | `hosts.json` | `shaper run` (host rules only) | JSON, [`HOSTS_VERSION`] |
 //! | `last-crash` | the image's boot script | `key=value` lines |
+//! | `calls.json` | `shaper run` (`[calls]`) | JSON, the calls in progress (`calls_task::CALLS_VERSION`) |
+//! | `calls.jsonl` (`.1`: the one before) | `shaper run` | one JSON call record per line |
+//! | `calls.key` | `shaper run` | 32 random bytes: this boot's pseudonym key (0600) |
 
 use std::{
     fs,
@@ -71,6 +74,18 @@ impl RunDir<'_> {
     }
     pub fn last_crash(&self) -> PathBuf {
         self.0.join("last-crash")
+    }
+    pub fn calls(&self) -> PathBuf {
+        self.0.join("calls.json")
+    }
+    pub fn calls_log(&self) -> PathBuf {
+        self.0.join("calls.jsonl")
+    }
+    pub fn calls_log_old(&self) -> PathBuf {
+        self.0.join("calls.jsonl.1")
+    }
+    pub fn calls_key(&self) -> PathBuf {
+        self.0.join("calls.key")
     }
 }
 

@@ -1,6 +1,6 @@
 //! The classifier program and its maps: load (verifier), fill, attach to the
 //! egress hooks, pin under bpffs so shaping outlives the process, replace
-//! atomically on re-apply, read counters back, detach.
+//! atomically on re-apply, read counters and `[calls]`' media streams back, detach.
 //!
 //! Attachment: TCX links (kernel >= 6.6), pinned as `<root>/link_wan` and
 //! `<root>/link_lan`; a re-apply swaps the program inside the existing link
@@ -16,7 +16,7 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     include_bytes_aligned,
-    maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle},
@@ -26,7 +26,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use serde::{Deserialize, Serialize};
-use shaper_common::*;
+use shaper_common::{
+    media::{MediaKey, MediaStream, MAP_MEDIA, MEDIA_MAX_STREAMS},
+    *,
+};
 
 use crate::compile::MapPlan;
 use crate::dir::PerDir;
@@ -242,6 +245,8 @@ fn fill(bpf: &mut Ebpf, m: &MapPlan, wan_ifindex: u32, lan_ifindex: u32, flags: 
         promote_max_bytes: m.promote.map_or(0, |p| p.2),
         promote_max_packet: m.promote.map_or(0, |p| p.3),
         clamp_queue_us: m.clamp_queue_us,
+        _pad: 0,
+        media_classes: m.media_classes,
     };
     if !m.clamp_share.is_empty() {
         let mut a: Array<_, u64> = Array::try_from(map_mut(bpf, MAP_CLAMP_SHARE)?)?;
@@ -532,6 +537,25 @@ pub fn read_counters(pins: &Pins, nrules: usize, nclasses: usize) -> Result<Coun
         }
     }
     Ok(c)
+}
+
+/// The RTP streams the running classifier measures (`[calls]`: the pinned `MEDIA` map),
+/// each once, in key order. The classifier adds and evicts streams while the map is
+/// walked: an entry gone between its key and its value is skipped, and as the kernel
+/// restarts a walk whose last key vanished from the first key, the walk stops after
+/// twice the map's size. Pins left by a shaper older than the map (until its next apply)
+/// have no streams.
+pub fn read_media(pins: &Pins) -> Result<Vec<(MediaKey, MediaStream)>> {
+    if pins.maps().is_dir() && !pins.maps().join(MAP_MEDIA).exists() {
+        return Ok(Vec::new());
+    }
+    let map: HashMap<_, MediaKey, MediaStream> = HashMap::try_from(open_pinned(pins, MAP_MEDIA)?)?;
+    let mut streams = std::collections::BTreeMap::new();
+    for entry in map.iter().take(2 * MEDIA_MAX_STREAMS as usize) {
+        let (k, s) = entry.with_context(|| format!("reading {MAP_MEDIA}"))?;
+        streams.insert(k, s);
+    }
+    Ok(streams.into_iter().collect())
 }
 
 /// What one BPF_PROG_TEST_RUN of the classifier gave back.

@@ -349,5 +349,25 @@ pub fn render(r: &status::Report) -> String {
             s.counter(&classifier_metric(name), &classifier_help(name), &l, *v);
         }
     }
+    if let Some(c) = &r.calls {
+        s.gauge(
+            "shaper_calls_active",
+            "Calls in progress (RTP streams in the [calls] classes, by LAN host and peer).",
+            &[],
+            c.active as f64,
+        );
+        s.counter(
+            "shaper_calls_ended_total",
+            "Calls ended since `shaper run` started.",
+            &[],
+            c.ended,
+        );
+        s.counter(
+            "shaper_calls_degraded_total",
+            "Ended calls with loss over 1 % or jitter over 30 ms in a direction.",
+            &[],
+            c.degraded,
+        );
+    }
     s.encode()
 }

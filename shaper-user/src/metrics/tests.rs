@@ -68,6 +68,11 @@ fn report() -> Report {
         classifier,
         hosts: None,
         last_crash: None,
+        calls: Some(crate::status::CallsSummary {
+            active: 2,
+            ended: 5,
+            degraded: 1,
+        }),
     }
 }
 
@@ -369,6 +374,7 @@ fn empty_report_still_renders_valid() {
     r.directions.clear();
     r.rules.clear();
     r.classifier.clear();
+    r.calls = None;
     let s = check_exposition(&render(&r));
     assert_eq!(s.len(), 3, "up, config info, applied-at");
 }
@@ -501,5 +507,23 @@ async fn bound_to_the_interface_that_holds_the_address() {
     assert!(
         format!("{e:#}").contains("no interface has the address 192.0.2.77"),
         "{e:#}"
+    );
+}
+
+#[test]
+fn calls_are_counted() {
+    let text = render(&report());
+    for line in [
+        "shaper_calls_active 2",
+        "shaper_calls_ended_total 5",
+        "shaper_calls_degraded_total 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
+    let mut r = report();
+    r.calls = None;
+    assert!(
+        !render(&r).contains("shaper_calls_"),
+        "no [calls]: no call metrics"
     );
 }

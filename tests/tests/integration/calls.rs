@@ -26,22 +26,35 @@ struct Lab {
     far: Netns,
 }
 
+/// The lab, or None (the skip noted) without root or the tools.
+fn lab_or_skip() -> Option<Lab> {
+    if !crate::common::root_or_skip() {
+        return None;
+    }
+    if let Some(why) = util::skip_reason(&["ip", "nft", "ffmpeg", "nsenter"]) {
+        util::note_skip(&why);
+        return None;
+    }
+    Some(lab())
+}
+
 fn lab() -> Lab {
     let (lan, gw, far) = (
         Netns::new("calls-lan").expect("netns"),
         Netns::new("calls-gw").expect("netns"),
         Netns::new("calls-far").expect("netns"),
     );
-    for (a, an, b, bn) in [(&lan, "v0", &gw, "g0"), (&gw, "g1", &far, "v1")] {
+    // The router's ports are named as the shaper's lab gateway's: `shaper run` shapes them.
+    for (a, an, b, bn) in [(&lan, "v0", &gw, "lan0"), (&gw, "wan0", &far, "v1")] {
         shaper_tests::gateway::veth_between(a, an, b, bn);
         a.ip(&["link", "set", an, "up"]).expect("up");
         b.ip(&["link", "set", bn, "up"]).expect("up");
     }
     lan.ip(&["addr", "add", &format!("{LAN}/24"), "dev", "v0"])
         .expect("addr");
-    gw.ip(&["addr", "add", "192.168.77.1/24", "dev", "g0"])
+    gw.ip(&["addr", "add", "192.168.77.1/24", "dev", "lan0"])
         .expect("addr");
-    gw.ip(&["addr", "add", "198.51.100.2/24", "dev", "g1"])
+    gw.ip(&["addr", "add", "198.51.100.2/24", "dev", "wan0"])
         .expect("addr");
     far.ip(&["addr", "add", &format!("{FAR}/24"), "dev", "v1"])
         .expect("addr");
@@ -51,6 +64,58 @@ fn lab() -> Lab {
         .expect("route");
     gw.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
     Lab { lan, gw, far }
+}
+
+/// ffmpeg sending 6 s of 25 fps H.264 at 800 kbit/s (1,200-byte packets) to `url` as RTP,
+/// with `extra` output options (SRTP's).
+fn ffmpeg_args<'a>(url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=640x360:rate=25",
+        "-t",
+        "6",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-tune",
+        "zerolatency",
+        "-b:v",
+        "800k",
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["-f", "rtp", url]);
+    args
+}
+
+/// `n` random 172-byte datagrams with RTP's version bits, 2 ms apart, from LAN port 40000 to
+/// the far end's media port: random UDP that passes the header check and is never a stream.
+fn flood(lan: &Netns, n: usize) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    lan.spawn_thread(move || {
+        let sock = UdpSocket::bind((LAN, 40_000))?;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..n {
+            let mut p: Vec<u8> = (0..172)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            p[0] = 0x80 | (p[0] & 0x3f);
+            p[1] &= 0x7f;
+            sock.send_to(&p, (FAR, PORT))?;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    })
 }
 
 /// The router's drops so far (`counter packets N` of its one rule).
@@ -96,47 +161,8 @@ fn send_and_capture(
     std::thread::sleep(Duration::from_millis(300));
     // The flood: 3,000 random 172-byte datagrams with RTP's version bits, from port 40000
     // (not dropped by the router), alongside the call.
-    let flood = l.lan.spawn_thread(|| {
-        let sock = UdpSocket::bind((LAN, 40_000))?;
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for _ in 0..3000 {
-            let mut p: Vec<u8> = (0..172)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
-            p[0] = 0x80 | (p[0] & 0x3f);
-            p[1] &= 0x7f;
-            sock.send_to(&p, (FAR, PORT))?;
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(())
-    });
-    let mut args: Vec<&str> = vec![
-        "-hide_banner",
-        "-loglevel",
-        "error",
-        "-re",
-        "-f",
-        "lavfi",
-        "-i",
-        "testsrc=size=640x360:rate=25",
-        "-t",
-        "6",
-        "-c:v",
-        "libx264",
-        "-preset",
-        "ultrafast",
-        "-tune",
-        "zerolatency",
-        "-b:v",
-        "800k",
-    ];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&["-f", "rtp", url]);
+    let flood = flood(&l.lan, 3000);
+    let args = ffmpeg_args(url, extra);
     let out = l.lan.cmd("ffmpeg", &args).output().expect("ffmpeg runs");
     assert!(
         out.status.success(),
@@ -161,14 +187,9 @@ fn send_and_capture(
 
 #[test]
 fn per_call_loss_from_real_rtp_and_srtp_is_the_routers_drops() {
-    if !crate::common::root_or_skip() {
+    let Some(l) = lab_or_skip() else {
         return;
-    }
-    if let Some(why) = util::skip_reason(&["ip", "nft", "ffmpeg", "nsenter"]) {
-        util::note_skip(&why);
-        return;
-    }
-    let l = lab();
+    };
     let dir = TempDir::new("calls").expect("temp dir");
     // A 30-byte SRTP master key and salt, base64 (fixed: the test's own).
     let srtp_params = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNk";
@@ -222,4 +243,196 @@ fn per_call_loss_from_real_rtp_and_srtp_is_the_routers_drops() {
         let truth = drops as f64 * 100.0 / (expected + drops - lost) as f64;
         assert!((pct - truth).abs() <= 0.3, "{name}: {pct} % vs {truth} %");
     }
+}
+
+/// The router's drops of UDP to `port` so far (the counter of its rule for that port).
+fn dropped_to(gw: &Netns, port: u16) -> u64 {
+    let out = gw.run("nft", &["list", "ruleset"]).expect("nft list");
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("udp dport {port} ")) && l.contains("counter packets"))
+        .unwrap_or_else(|| panic!("no counter for port {port}: {out}"));
+    let n = line.split("counter packets ").nth(1).expect("a counter");
+    n.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("a count")
+}
+
+/// A UDP sink in `ns` on `addr:port` until `stop` (so senders see no port unreachable):
+/// the datagrams that came from port `from` (the receiver's count).
+fn sink(
+    ns: &Netns,
+    addr: &'static str,
+    port: u16,
+    from: u16,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<anyhow::Result<u64>> {
+    ns.spawn_thread(move || {
+        let sock = UdpSocket::bind((addr, port))?;
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let mut buf = vec![0u8; 65_536];
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((_, a)) = sock.recv_from(&mut buf) {
+                n += u64::from(a.port() == from);
+            }
+        }
+        Ok(n)
+    })
+}
+
+fn ffmpeg_to(ns: &Netns, url: &str) -> std::process::Child {
+    ns.cmd("ffmpeg", &ffmpeg_args(url, &[]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ffmpeg starts")
+}
+
+/// `shaper run` on the router measures the call in the kernel: RTP up (lan -> far:5004)
+/// and down (far -> lan:5006) in the measured class `video`, the router's nftables
+/// dropping 3 % up and 2 % down before the shaper's queues (the upload's loss is then
+/// the LAN side's, the download's the line's), a random flood to 5004 beside them. The
+/// call shows in `shaper calls` while it runs; when it has been quiet for `quiet_s`, its
+/// record in calls.jsonl has each direction's loss equal to the router's drops (minus at
+/// most 3 after the last arrival), one stream each way, and `shaper report` counts it.
+#[test]
+fn the_daemon_measures_calls_in_the_kernel() {
+    let Some(l) = lab_or_skip() else {
+        return;
+    };
+    let dir = TempDir::new("calls-daemon").expect("temp dir");
+    let rules = "table inet t {\n chain f {\n  type filter hook forward priority 0;\n  udp dport 5004 udp sport != 40000 numgen random mod 100 < 3 counter drop\n  udp dport 5006 numgen random mod 100 < 2 counter drop\n }\n}\n";
+    let f = dir.write("drop.nft", rules).expect("rules");
+    l.gw.run("nft", &["-f", f.to_str().expect("utf-8")])
+        .expect("nft -f");
+    let cfg = shaper_tests::config::Config::new(20_000_000, 40_000_000)
+        .class("video", 0, 40)
+        .default_class("default", 1, 60)
+        .rule(
+            shaper_tests::config::Rule::new("rtp-up", "video")
+                .protocol("udp")
+                .dst_ports(&["5004"]),
+        )
+        .rule(
+            shaper_tests::config::Rule::new("rtp-down", "video")
+                .protocol("udp")
+                .src_ports(&["5006"]),
+        )
+        .calls(&["video"], 2)
+        .write(dir.path(), "calls.toml")
+        .expect("config");
+    let shaper = Shaper::new(&l.gw).expect("shaper");
+    let daemon =
+        shaper_tests::shaper::Daemon::start(&shaper, &cfg, dir.path().join("daemon.log"), "info")
+            .expect("shaper run");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sinks = [
+        sink(&l.far, FAR, 5004, 5010, stop.clone()),
+        sink(&l.lan, LAN, 5006, 5012, stop.clone()),
+    ];
+    std::thread::sleep(Duration::from_millis(300));
+    let mut up = ffmpeg_to(
+        &l.lan,
+        "rtp://198.51.100.1:5004?pkt_size=1200&localport=5010",
+    );
+    let mut down = ffmpeg_to(
+        &l.far,
+        "rtp://192.168.77.10:5006?pkt_size=1200&localport=5012",
+    );
+    let flood = flood(&l.lan, 2000);
+    // Mid-call: the call is listed live (polled: the encoders take a moment to start).
+    let mut live = serde_json::Value::Null;
+    let mut in_progress = 0;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(250));
+        let out = util::run(&mut shaper.command(&["calls", "--json"])).expect("shaper calls");
+        live = serde_json::from_str(&out).expect("JSON");
+        in_progress = live["calls"].as_array().expect("calls").len();
+        if in_progress > 0 {
+            break;
+        }
+    }
+    for (name, c) in [("up", &mut up), ("down", &mut down)] {
+        let st = c.wait().expect("ffmpeg ends");
+        let mut err = String::new();
+        if let Some(mut e) = c.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        assert!(st.success(), "ffmpeg {name}: {err}");
+    }
+    flood.join().expect("flood thread").expect("flood");
+    // Quiet for quiet_s (2 s) and the 1-s tick: the call has ended.
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    let arrived: Vec<u64> = sinks
+        .into_iter()
+        .map(|s| s.join().expect("sink thread").expect("sink"))
+        .collect();
+    let (drop_up, drop_down) = (dropped_to(&l.gw, 5004), dropped_to(&l.gw, 5006));
+    let log = std::fs::read_to_string(shaper.run_dir().join("calls.jsonl")).unwrap_or_default();
+    let report = util::run(&mut shaper.command(&["report", "--json"])).expect("shaper report");
+    let status = shaper.status_json().expect("status");
+    let (_, daemon_log) = daemon.stop().expect("daemon stops");
+    assert_eq!(
+        in_progress, 1,
+        "one call in progress mid-call: {live}\n{daemon_log}"
+    );
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record"))
+        .collect();
+    assert_eq!(records.len(), 1, "one ended call: {log}\n{daemon_log}");
+    let c = &records[0];
+    assert_eq!(c["lan_host"], LAN);
+    assert_eq!(c["peer"], FAR);
+    for (d, drops, arrived) in [("up", drop_up, arrived[0]), ("down", drop_down, arrived[1])] {
+        let q = &c[d];
+        eprintln!(
+            "{d}: router dropped {drops}, receiver got {arrived}; the kernel counted {} of {} expected, {} lost",
+            q["packets"], q["expected"], q["lost"]
+        );
+    }
+    for (d, drops, place, arrived) in [
+        ("up", drop_up, "lan", arrived[0]),
+        ("down", drop_down, "line or beyond", arrived[1]),
+    ] {
+        let q = &c[d];
+        assert_eq!(q["streams"], 1, "{d}: one stream (the flood is none): {q}");
+        assert_eq!(q["loss_where"], place, "{d}");
+        assert!(drops > 0, "{d}: the router dropped nothing");
+        let (lost, expected, packets) = (
+            q["lost"].as_u64().expect("lost"),
+            q["expected"].as_u64().expect("expected"),
+            q["packets"].as_u64().expect("packets"),
+        );
+        // The receiver got every packet the kernel counted, and the one before them that
+        // put the stream on probation.
+        assert!(
+            packets < arrived && arrived - packets <= 3,
+            "{d}: {packets} counted, {arrived} arrived: {q}"
+        );
+        // Within 0.3 percentage points of the router's drops (the bound).
+        let truth = drops as f64 * 100.0 / expected as f64;
+        let pct = q["loss_pct"].as_f64().expect("pct");
+        assert!(
+            (pct - truth).abs() <= 0.3,
+            "{d}: {pct} % lost vs {truth} % dropped: {q}"
+        );
+        assert!(
+            lost.abs_diff(drops) <= 3,
+            "{d}: {lost} lost vs {drops} dropped: {q}"
+        );
+        assert!(
+            q["jitter_ms"].as_f64().is_some(),
+            "{d}: jitter measured: {q}"
+        );
+    }
+    let report: serde_json::Value = serde_json::from_str(&report).expect("JSON");
+    assert_eq!(report["days"][0]["calls"], 1, "{report}");
+    assert_eq!(status["calls"]["ended"], 1, "{}", status["calls"]);
+    assert_eq!(status["calls"]["active"], 0, "{}", status["calls"]);
+    assert!(daemon_log.contains("call ended:"), "{daemon_log}");
 }

@@ -9,11 +9,13 @@
 //! hand only where a test is about the text.
 //!
 //! - No root: `bad_configs`, `systemd` (unit checks).
-//! - The classifier under BPF_PROG_TEST_RUN, no topology: `classify`, `explain_agrees`.
+//! - The classifier under BPF_PROG_TEST_RUN, no topology: `classify`, `explain_agrees`,
+//!   `media_kernel`.
 //! - A gateway namespace or the four-namespace lab, the product's CLI and daemon:
 //!   `check_rejects`, `lifecycle`, `lock`, `reload`, `daemon`, `metrics`, `hosts`, `site`,
 //!   `systemd` (the Debian package), `adversarial` (hostile input, a module per area).
-//! - Real media (ffmpeg RTP/SRTP) through a router namespace that drops some: `calls`.
+//! - Real media (ffmpeg RTP/SRTP) through a router namespace that drops some, measured from a
+//!   capture and by `shaper run` on the router: `calls`.
 //! - Traffic through the lab, minutes each: `topology`, `shaping`, `download`, `framing`.
 
 mod common;
@@ -30,6 +32,7 @@ mod framing;
 mod hosts;
 mod lifecycle;
 mod lock;
+mod media_kernel;
 mod metrics;
 mod reload;
 mod shaping;

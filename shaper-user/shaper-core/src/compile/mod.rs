@@ -194,6 +194,8 @@ pub struct MapPlan {
     /// download ceiling, as for one flow; `shaper run` refines it (see `wclamp`).
     /// Empty when the clamp is off.
     pub clamp_share: Vec<u64>,
+    /// Bit c: the classifier measures RTP streams in class index c (`[calls]`).
+    pub media_classes: u64,
 }
 
 /// Bitmap slots kept free for the combinations DNS-learned addresses need
@@ -580,6 +582,17 @@ pub fn maps(plan: &Plan) -> MapPlan {
             }
         }
     }
+    // Classes whose RTP streams the classifier measures (`[calls]`); class indexes are
+    // below MAX_CLASSES = 64, one bit each.
+    let media_classes = policy
+        .calls
+        .classes
+        .iter()
+        .filter(|&&c| c < 64)
+        .fold(0u64, |m, &c| m | 1 << c);
+    if media_classes != 0 {
+        flags |= shaper_common::CFG_MEDIA;
+    }
     let window_s = shaper_common::FLOW_WINDOW_NS as f64 / 1e9;
     let promote = policy.promote.map(|p| {
         (
@@ -618,6 +631,7 @@ pub fn maps(plan: &Plan) -> MapPlan {
             .window_clamp
             .map_or(0, |w| w.queue_ms.saturating_mul(1000)),
         clamp_share,
+        media_classes,
     }
 }
 

@@ -69,6 +69,21 @@ pub struct Policy {
     pub dns: DnsSettings,
     /// Media-like default-class UDP flows move to a class (`[promote]`).
     pub promote: Option<Promote>,
+    /// Per-call media measurement (`[calls]`).
+    pub calls: CallsSettings,
+}
+
+/// `[calls]`, validated: RTP streams in `classes` are measured in the kernel and grouped
+/// into calls by `shaper run`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallsSettings {
+    /// Class indexes, in the order given (empty: nothing is measured).
+    pub classes: Vec<usize>,
+    /// Call records show addresses as they are (`addresses = "shown"`) rather than as
+    /// keyed hashes.
+    pub show_addresses: bool,
+    /// A call ends after this many seconds without a media packet.
+    pub quiet_s: u32,
 }
 
 /// What a config says about one direction (`[upload]` or `[download]`, and the `[dscp]`
@@ -495,6 +510,7 @@ fn validate(cx: &Ctx<'_>, mut raw: RawConfig) -> Result<Policy, ConfigError> {
     }
     let dscp_trust = dscp_trust(cx, raw.dscp.as_ref(), &names, &mut rules)?;
     let promote = promote(cx, raw.promote.as_ref(), &names, &classes)?;
+    let calls = calls(cx, raw.calls.as_ref(), &names, promote.as_ref())?;
     let dns = dns_settings(cx, raw.dns.as_ref())?;
     if let Some(a) = &raw.upload.account_arrivals {
         return Err(cx.at(
@@ -570,6 +586,7 @@ fn validate(cx: &Ctx<'_>, mut raw: RawConfig) -> Result<Policy, ConfigError> {
         autorate,
         dns,
         promote,
+        calls,
     })
 }
 

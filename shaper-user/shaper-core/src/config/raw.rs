@@ -24,6 +24,8 @@ pub(crate) struct RawConfig {
     pub(crate) dscp: Option<Spanned<RawDscp>>,
     #[serde(default)]
     pub(crate) promote: Option<Spanned<RawPromote>>,
+    #[serde(default)]
+    pub(crate) calls: Option<Spanned<RawCalls>>,
     #[serde(default, rename = "class")]
     pub(crate) classes: Vec<Spanned<RawClass>>,
     #[serde(default, rename = "rule")]
@@ -124,6 +126,18 @@ pub(crate) struct RawDscp {
     /// DSCP name or number -> class: upload packets so marked go to the class.
     #[serde(default)]
     pub(crate) honour: Option<Spanned<toml::value::Table>>,
+}
+
+/// `[calls]`: which classes' RTP streams are measured and how calls are recorded.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCalls {
+    #[serde(default)]
+    pub(crate) classes: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(crate) addresses: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) quiet_s: Option<Spanned<i64>>,
 }
 
 /// `[promote]`: default-class UDP flows that look like media move to a class.

@@ -147,6 +147,62 @@ pub(crate) fn demote(
     }))
 }
 
+/// `[calls]`; without it, the class named `video` (if any) and the `[promote]` class are
+/// measured, addresses pseudonymous, calls ending after 10 s of quiet.
+pub(crate) fn calls(
+    cx: &Ctx<'_>,
+    c: Option<&Spanned<RawCalls>>,
+    names: &HashMap<String, usize>,
+    promote: Option<&Promote>,
+) -> Result<CallsSettings, ConfigError> {
+    let raw = c.map(|c| c.get_ref());
+    let mut classes = Vec::new();
+    match raw.and_then(|r| r.classes.as_ref()) {
+        Some(list) => {
+            for v in list {
+                let i = class_index(cx, v, "calls.classes", names)?;
+                if !classes.contains(&i) {
+                    classes.push(i);
+                }
+            }
+        }
+        None => {
+            if let Some(&i) = names.get("video") {
+                classes.push(i);
+            }
+            if let Some(p) = promote {
+                if !classes.contains(&p.class) {
+                    classes.push(p.class);
+                }
+            }
+        }
+    }
+    let show_addresses = match raw.and_then(|r| r.addresses.as_ref()) {
+        None => false,
+        Some(v) => match v.get_ref().as_str() {
+            "pseudonymous" => false,
+            "shown" => true,
+            _ => {
+                return Err(cx.at(
+                    v,
+                    "calls.addresses",
+                    "\"pseudonymous\" (the default: addresses as keyed hashes) or \"shown\"",
+                ))
+            }
+        },
+    };
+    let quiet_s = match raw.and_then(|r| r.quiet_s.as_ref()) {
+        None => 10,
+        Some(v) if (2..=300).contains(v.get_ref()) => *v.get_ref() as u32,
+        Some(v) => return Err(cx.at(v, "calls.quiet_s", "must be 2 to 300 seconds")),
+    };
+    Ok(CallsSettings {
+        classes,
+        show_addresses,
+        quiet_s,
+    })
+}
+
 /// `[promote]`.
 pub(crate) fn promote(
     cx: &Ctx<'_>,

@@ -766,3 +766,42 @@ fn window_clamp_is_off_by_default_download_only_and_validated() {
     let out = crate::compile::describe(&pl, &crate::compile::maps(&pl));
     assert!(out.contains("download window clamp: on"), "{out}");
 }
+
+#[test]
+fn calls_measure_the_video_class_by_default_and_as_configured() {
+    let pol = p(GOOD).expect("valid");
+    assert_eq!(
+        pol.calls,
+        CallsSettings {
+            classes: vec![0],
+            show_addresses: false,
+            quiet_s: 10,
+        }
+    );
+    let maps = crate::compile::maps(&crate::compile::plan(&pol, None));
+    assert_eq!(maps.media_classes, 1);
+    assert_ne!(maps.flags & shaper_common::CFG_MEDIA, 0);
+    let set = format!(
+        "{GOOD}[calls]\nclasses = [\"default\", \"video\", \"default\"]\naddresses = \"shown\"\nquiet_s = 30\n"
+    );
+    let pol = p(&set).expect("valid");
+    assert_eq!(pol.calls.classes, vec![1, 0]);
+    assert!(pol.calls.show_addresses);
+    assert_eq!(pol.calls.quiet_s, 30);
+    // None: nothing measured, and the classifier is told so.
+    let none = p(&format!("{GOOD}[calls]\nclasses = []\n")).expect("valid");
+    let maps = crate::compile::maps(&crate::compile::plan(&none, None));
+    assert_eq!(
+        (maps.media_classes, maps.flags & shaper_common::CFG_MEDIA),
+        (0, 0)
+    );
+    for (bad, field) in [
+        ("classes = [\"vidoe\"]", "calls.classes"),
+        ("addresses = \"hashed\"", "calls.addresses"),
+        ("quiet_s = 1", "calls.quiet_s"),
+        ("keep = true", "keep"),
+    ] {
+        let e = p(&format!("{GOOD}[calls]\n{bad}\n")).expect_err(bad);
+        assert!(e.to_string().contains(field), "{bad}: {e}");
+    }
+}

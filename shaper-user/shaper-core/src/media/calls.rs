@@ -11,8 +11,10 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+
+use shaper_common::media::{MediaKey, MediaStream, MEDIA_TURN};
 
 use super::emodel;
 use super::rtp::{self, Media};
@@ -65,7 +67,7 @@ impl Addresses {
 }
 
 /// One direction of a call, as the gateway measured it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DirQuality {
     /// Streams (SSRCs) that passed probation.
     pub streams: u32,
@@ -81,13 +83,13 @@ pub struct DirQuality {
     /// Where this direction's sequence gaps happened: an upload stream's gaps arriving at
     /// the gateway are loss on the LAN side (Wi-Fi, switch); a download stream's are loss
     /// on the line or beyond.
-    pub loss_where: &'static str,
+    pub loss_where: String,
     /// G.107 R and MOS from the loss and jitter ([`emodel`]).
     pub r: f64,
     pub mos: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallRecord {
     /// The LAN host and the peer, pseudonymised unless the caller asked otherwise.
     pub lan_host: String,
@@ -111,26 +113,67 @@ struct Call {
     last_ns: u64,
     turn: bool,
     rtcp: u64,
+    /// Fed from packets (a capture): by direction, LAN port, peer port.
     flows: BTreeMap<(Dir, u16, u16), Flow>,
+    /// Fed from the kernel's streams, by their keys.
+    kernel: BTreeMap<MediaKey, MediaStream>,
+}
+
+impl Call {
+    /// Every valid stream of the call going `d`.
+    fn streams(&self, d: Dir) -> impl Iterator<Item = &MediaStream> {
+        let from_packets = self
+            .flows
+            .iter()
+            .filter(move |((fd, _, _), _)| *fd == d)
+            .flat_map(|(_, f)| f.streams.iter().map(|(_, s)| s));
+        let from_kernel = self
+            .kernel
+            .iter()
+            .filter(move |(k, _)| u32::from(k.dir) == d as u32)
+            .map(|(_, s)| s);
+        from_packets.chain(from_kernel)
+    }
+}
+
+/// The addresses of a kernel stream key.
+pub fn key_addresses(k: &MediaKey) -> (SocketAddr, SocketAddr) {
+    let ip = |b: &[u8; 16]| -> IpAddr {
+        if k.family == 6 {
+            IpAddr::from(*b)
+        } else {
+            IpAddr::from([b[0], b[1], b[2], b[3]])
+        }
+    };
+    (
+        SocketAddr::new(ip(&k.lan), k.lan_port),
+        SocketAddr::new(ip(&k.peer), k.peer_port),
+    )
 }
 
 /// The calls through the gateway, fed one UDP payload at a time.
 #[derive(Debug)]
 pub struct Calls {
     pub quiet_ns: u64,
+    /// Added to stream times to make them Unix time in records (the kernel's streams are
+    /// on the monotonic clock; a capture's are Unix time already: 0).
+    pub wall_offset_ns: i64,
     addresses: Addresses,
     calls: BTreeMap<(IpAddr, IpAddr), Call>,
     /// Calls not followed because [`MAX_CALLS`] were.
     pub untracked: u64,
+    ended_streams: Vec<MediaKey>,
 }
 
 impl Calls {
     pub fn new(quiet_ns: u64, addresses: Addresses) -> Calls {
         Calls {
             quiet_ns,
+            wall_offset_ns: 0,
             addresses,
             calls: BTreeMap::new(),
             untracked: 0,
+            ended_streams: Vec::new(),
         }
     }
 
@@ -160,12 +203,40 @@ impl Calls {
                 }
                 call.turn |= h.turn;
                 call.last_ns = call.last_ns.max(now_ns);
+                let flags = if h.turn { MEDIA_TURN } else { 0 };
                 call.flows
                     .entry(fk)
                     .or_default()
-                    .packet(&h, now_ns, udp.len());
+                    .packet(&h, now_ns, udp.len(), flags);
             }
         }
+    }
+
+    /// The kernel's current view of one stream at `now_ns` (`shaper run` reads them all
+    /// once a second). A stream with no new packet leaves its call's `last_ns` where it
+    /// was; one quiet for `quiet_ns` starts no call (the kernel keeps ended streams until
+    /// its table needs the room).
+    pub fn observe(&mut self, now_ns: u64, k: &MediaKey, s: &MediaStream) {
+        let (lan, peer) = key_addresses(k);
+        let key = (lan.ip(), peer.ip());
+        if !self.calls.contains_key(&key) && now_ns.saturating_sub(s.last_ns) >= self.quiet_ns {
+            return;
+        }
+        if !self.calls.contains_key(&key) && self.calls.len() >= MAX_CALLS {
+            self.untracked += 1;
+            return;
+        }
+        let call = self.calls.entry(key).or_insert_with(|| Call {
+            start_ns: s.first_ns,
+            ..Call::default()
+        });
+        if !call.kernel.contains_key(k) && call.kernel.len() >= MAX_FLOWS_PER_CALL {
+            return;
+        }
+        call.start_ns = call.start_ns.min(s.first_ns);
+        call.last_ns = call.last_ns.max(s.last_ns);
+        call.turn |= s.flags & MEDIA_TURN != 0;
+        call.kernel.insert(*k, *s);
     }
 
     /// Ends the calls quiet since `now_ns - quiet_ns`: their records (calls that never
@@ -182,9 +253,17 @@ impl Calls {
         for k in ended {
             if let Some(c) = self.calls.remove(&k) {
                 out.extend(self.record(k, &c));
+                self.ended_streams.extend(c.kernel.into_keys());
             }
         }
         out
+    }
+
+    /// The kernel streams of the calls ended since the last call: `shaper run` deletes
+    /// them from the classifier's table, so a stream that resumes later starts a new call
+    /// from zero rather than carrying the old one's counts.
+    pub fn take_ended_streams(&mut self) -> Vec<MediaKey> {
+        std::mem::take(&mut self.ended_streams)
     }
 
     /// Ends every call (the end of a capture).
@@ -205,11 +284,9 @@ impl Calls {
     }
 
     fn record(&self, (lan, peer): (IpAddr, IpAddr), c: &Call) -> Option<CallRecord> {
-        let established = c.flows.values().any(|f| {
-            f.streams
-                .iter()
-                .any(|s| s.valid() && s.received >= MIN_CALL_PACKETS)
-        });
+        let established = Dir::ALL
+            .into_iter()
+            .any(|d| c.streams(d).any(|s| s.received >= MIN_CALL_PACKETS));
         if !established {
             return None;
         }
@@ -232,7 +309,7 @@ impl Calls {
         Some(CallRecord {
             lan_host: self.addresses.name(lan),
             peer: self.addresses.name(peer),
-            start_s: c.start_ns as f64 / 1e9,
+            start_s: (c.start_ns as i64).saturating_add(self.wall_offset_ns) as f64 / 1e9,
             duration_s: c.last_ns.saturating_sub(c.start_ns) as f64 / 1e9,
             turn: c.turn,
             rtcp_packets: c.rtcp,
@@ -248,24 +325,20 @@ fn quality(c: &Call, d: Dir) -> DirQuality {
         loss_where: match d {
             Dir::Up => "lan",
             Dir::Down => "line or beyond",
-        },
+        }
+        .to_string(),
         ..DirQuality::default()
     };
     let (mut first, mut last, mut bytes) = (u64::MAX, 0, 0);
-    for s in c
-        .flows
-        .iter()
-        .filter(|((fd, _, _), _)| *fd == d)
-        .flat_map(|(_, f)| f.streams.iter())
-        .filter(|s| s.valid())
-    {
+    for s in c.streams(d) {
         q.streams += 1;
         q.packets += s.received;
         q.expected += s.expected();
         q.lost += s.lost();
         q.reordered += s.reordered;
         q.duplicates += s.duplicates;
-        if let Some(j) = s.jitter_ms() {
+        if let Some(us) = s.jitter_us() {
+            let j = us as f64 / 1000.0;
             q.jitter_ms = Some(q.jitter_ms.map_or(j, |m: f64| m.max(j)));
         }
         first = first.min(s.first_ns);

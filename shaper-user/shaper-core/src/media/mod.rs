@@ -1,18 +1,21 @@
-//! Per-call media quality, the user-space reference (issue 17's first part): RTP/SRTP
-//! streams found by their headers (plain or in TURN ChannelData), measured as a receiver
-//! measures them (RFC 3550 loss, reordering, duplicates, interarrival jitter), grouped
-//! into calls, and scored with G.107's E-model.
+//! Per-call media quality (issue 17): RTP/SRTP streams found by their headers (plain or
+//! in TURN ChannelData), measured as a receiver measures them (RFC 3550 loss, reordering,
+//! duplicates, interarrival jitter), grouped into calls, and scored with G.107's E-model.
 //!
+//! The per-stream algorithm is `shaper_common::media` (the classifier runs the same code);
+//! this module is what sits around it in user space:
 //! - [`rtp`]: the headers (no payload is read).
-//! - [`stream`]: one SSRC's sequence validation, loss and jitter; a UDP flow's streams.
-//! - [`calls`]: streams grouped into calls and the record of each.
-//! - [`emodel`]: R and MOS.
+//! - [`stream`]: a UDP flow's streams fed from captured packets.
+//! - [`calls`]: streams (from packets, or the kernel's snapshots) grouped into calls and
+//!   the record of each.
+//! - [`emodel`]: R and MOS; [`report`]: ended calls by day and hour.
 //!
-//! [`from_capture`] runs a pcap through them (`shaper calls --pcap`). The kernel does not
-//! measure calls yet: this module is what its measurements will be checked against.
+//! [`from_capture`] runs a pcap through them (`shaper calls --pcap`); `shaper run` feeds
+//! the kernel's streams once a second (`calls_task`).
 
 pub mod calls;
 pub mod emodel;
+pub mod report;
 pub mod rtp;
 pub mod stream;
 #[cfg(test)]

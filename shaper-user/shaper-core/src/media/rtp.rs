@@ -107,24 +107,6 @@ fn parse_plain(b: &[u8], turn: bool) -> Option<Media> {
     }))
 }
 
-/// The RTP clock rate of a static payload type (RFC 3551 §6), in Hz. Dynamic types
-/// (96-127), which Teams, Zoom, WebRTC and ffmpeg use for Opus, H.264 and VP8, have none:
-/// their rate is estimated from the stream (`stream::Stream::clock_hz`).
-pub fn static_clock_hz(payload_type: u8) -> Option<u32> {
-    match payload_type {
-        0 | 3 | 4 | 5 | 7 | 8 | 9 | 12 | 13 | 15 | 18 => Some(8_000),
-        6 => Some(16_000),
-        10 | 11 => Some(44_100),
-        14 | 25 | 26 | 28 | 31 | 32 | 33 | 34 => Some(90_000),
-        16 => Some(11_025),
-        17 => Some(22_050),
-        _ => None,
-    }
-}
-
-/// Clock rates dynamic payload types use in practice: an estimate snaps to the nearest.
-pub const COMMON_CLOCKS_HZ: [u32; 7] = [8_000, 16_000, 24_000, 32_000, 44_100, 48_000, 90_000];
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,7 +175,5 @@ mod tests {
         pad[0] |= 0x20;
         *pad.last_mut().expect("bytes") = 0;
         assert_eq!(parse(&pad), None);
-        assert_eq!(static_clock_hz(0), Some(8_000));
-        assert_eq!(static_clock_hz(96), None);
     }
 }

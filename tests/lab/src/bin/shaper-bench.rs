@@ -8,7 +8,11 @@
 //!    ring (read in batches, read at every event so each wakes the reader, never read),
 //!    a connection decided by its server name (a `HOST_FLOWS` hit), flow-cache hits with
 //!    flow behaviour (demotion, promotion) off and on, and the scan with 0, 1,000 and
-//!    10,000 addresses learned from DNS answers through `hosts::Engine`.
+//!    10,000 addresses learned from DNS answers through `hosts::Engine`. Last, `[calls]`: an
+//!    RTP packet of a stream the classifier measures (repeated: a duplicate after the
+//!    first; and in order, one run a call) and RTP-looking noise, against the same packets
+//!    with the measurement off. (The other rows' policy measures no class: `[calls]
+//!    classes = []`.)
 //! 2. Reloads: wall time of 20 `shaper apply` reloads (p50/p99) with 10 and 1,000 rules, in a
 //!    gateway namespace with no line emulation.
 //! 3. Forwarding: small UDP packets from one unpaced sender lan -> gw -> srv for 5 s, counted at
@@ -43,9 +47,15 @@ use shaper_user::{compile, config, kernel::bpf};
 const REPEAT: u32 = 200_000;
 const ROUNDS: usize = 5;
 
+/// `[calls]` of [`policy_text`]: no class's RTP is measured (without the table the class
+/// named `video` would be, and the rows' UDP filler payloads look like RTP), so the rows
+/// time what they always did; [`media_rows`] turns it on.
+const NO_CALLS: &str = "[calls]\nclasses = []\n";
+
 fn policy_text(n: usize) -> String {
     let mut t = String::from(
         "[interfaces]\nwan = \"lo\"\nlan = \"bench-lan\"\n[upload]\nrate = \"10mbit\"\n[download]\nrate = \"40mbit\"\n\
+         [calls]\nclasses = []\n\
          [[class]]\nname = \"video\"\npriority = 0\nguaranteed = \"30%\"\n\
          [[class]]\nname = \"images\"\npriority = 1\nguaranteed = \"30%\"\n\
          [[class]]\nname = \"default\"\npriority = 2\nguaranteed = \"30%\"\ndefault = true\n",
@@ -87,6 +97,16 @@ fn median(v: Vec<Duration>) -> Duration {
     stats::median(&v).unwrap_or_default()
 }
 
+/// The empty program's cost (BPF_PROG_TEST_RUN's own): the floor the tables subtract.
+fn empty_floor() -> anyhow::Result<Duration> {
+    let floor_pkt = Pkt::udp("192.168.1.10", "198.51.100.7", 5000, 9_999).build();
+    Ok(median(
+        (0..ROUNDS)
+            .map(|_| bpf::test_run_empty(&floor_pkt, REPEAT).map(|r| r.duration))
+            .collect::<Result<_, _>>()?,
+    ))
+}
+
 fn classifier_table() -> anyhow::Result<()> {
     let cases = |n: usize| -> Vec<(&'static str, Vec<u8>)> {
         let last = 10_000 + n as u16 - 1;
@@ -109,12 +129,7 @@ fn classifier_table() -> anyhow::Result<()> {
             ),
         ]
     };
-    let floor_pkt = Pkt::udp("192.168.1.10", "198.51.100.7", 5000, 9_999).build();
-    let floor = median(
-        (0..ROUNDS)
-            .map(|_| bpf::test_run_empty(&floor_pkt, REPEAT).map(|r| r.duration))
-            .collect::<Result<_, _>>()?,
-    );
+    let floor = empty_floor()?;
     println!("classifier cost per packet (BPF_PROG_TEST_RUN, mean of {REPEAT} runs, median of {ROUNDS} rounds)");
     println!("`flow` = a flow's later packets (flow cache hit); `first` = a flow's first packet (cache off: the full rule scan)");
     println!(
@@ -161,7 +176,8 @@ fn classifier_table() -> anyhow::Result<()> {
             );
         }
     }
-    host_rows(floor)
+    host_rows(floor)?;
+    media_rows(floor)
 }
 
 /// A real DNS answer (dnsmasq: CNAME, CNAME, A, EDNS; 137 bytes) and a real ClientHello
@@ -665,6 +681,142 @@ fn host_rows(floor: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Calls (BPF_PROG_TEST_RUN) a round of [`media_rows`]' in-sequence rows.
+const SEQ_CALLS: u16 = 20_000;
+
+/// An RTP packet (Opus: type 111, 48 kHz, 20 ms) of SSRC 0x5eed0017 in the flow that matches
+/// the first rule (video), 160 bytes of payload.
+fn rtp_frame(seq: u16) -> Vec<u8> {
+    let mut b = vec![0x80, 111];
+    b.extend(seq.to_be_bytes());
+    b.extend((u32::from(seq) * 960).to_be_bytes());
+    b.extend(0x5eed_0017u32.to_be_bytes());
+    b.extend([0x5a; 160]);
+    Pkt::udp("192.168.1.10", "10.0.0.5", 5000, 10_000).with_payload(&b)
+}
+
+/// `[calls]`: the cost of measuring an RTP packet of a stream followed already (the common
+/// case), over the 1,000-rule policy with `[calls] classes = ["video"]` (`on`), against the
+/// same maps with the measurement off (`off`: `CFG_MEDIA` clear). `rtp dup`: the same
+/// packet `REPEAT` times a call (after the first, each a duplicate: the lookup and the
+/// shortest update); `rtp in order`: one run a call, each the stream's next packet (the
+/// full update, the jitter included), the mean of the kernel's single-run timings over
+/// `SEQ_CALLS` calls (a single run's timing carries more of the test run's overhead than
+/// the floor: compare these rows with each other); `rtp-like noise`: the tables' UDP filler
+/// (its first byte says RTP version 2) in another video flow, `REPEAT` times a call: the
+/// probation path (two lookups), a stream never. The four objects are timed in turn
+/// within each of `ROUNDS` rounds, and a cost is the median of the rounds' differences,
+/// so that load from elsewhere on the machine falls on both sides of each alike.
+fn media_rows(floor: Duration) -> anyhow::Result<()> {
+    use shaper_common::media::{MediaKey, MediaStream, MAP_MEDIA};
+    const N: usize = 1_000;
+    let text = policy_text(N).replacen(NO_CALLS, "[calls]\nclasses = [\"video\"]\n", 1);
+    anyhow::ensure!(
+        text.contains("[\"video\"]"),
+        "the bench policy has no [calls]"
+    );
+    let on = compile::maps(&compile::plan(&parse_policy(&text), None));
+    let mut off = on.clone();
+    off.flags &= !shaper_common::CFG_MEDIA;
+    off.media_classes = 0;
+    println!(
+        "\n[calls]: RTP in the video class (the {N}-rule policy, first rule), measured (`on`: `[calls] classes = [\"video\"]`) \
+         or not (`off`: CFG_MEDIA clear, same maps); `rtp dup`: a packet of a followed stream {REPEAT} times a call \
+         (duplicates), `rtp in order`: one run a call, the stream's next packet each ({SEQ_CALLS} calls a round), \
+         `rtp-like noise`: the filler payload above (version 2, never a stream) {REPEAT} times a call"
+    );
+    println!(
+        "{:<12} {:<22} {:>10} {:>10} {:>13} {:>9} {:>7}",
+        "rules", "packet", "flow ns", "first ns", "first-empty", "bitmaps", "words"
+    );
+    // [off flow, off first, on flow, on first].
+    let [off_hit, off_miss] = load_pair(&off, false)?;
+    let [on_hit, on_miss] = load_pair(&on, false)?;
+    let mut objs = [off_hit, off_miss, on_hit, on_miss];
+    // Two packets in sequence validate the stream (the first goes on probation).
+    for obj in &mut objs {
+        for seq in 0..2 {
+            bpf::test_run(obj, &rtp_frame(seq), 1, 1)?;
+        }
+    }
+    let dup = rtp_frame(2);
+    let noise = Pkt::udp("192.168.1.10", "10.0.0.5", 5001, 10_000).build();
+    let mut frame = rtp_frame(3);
+    let at = frame.len() - 172;
+    let mut next = [3u16; 4];
+    // [round][rtp dup, rtp in order, rtp-like noise][object].
+    let mut t = [[[Duration::ZERO; 4]; 3]; ROUNDS];
+    for rt in &mut t {
+        for (i, obj) in objs.iter_mut().enumerate() {
+            rt[0][i] = bpf::test_run(obj, &dup, 1, REPEAT)?.duration;
+            let mut sum = Duration::ZERO;
+            for _ in 0..SEQ_CALLS {
+                let seq = next[i];
+                frame[at + 2..at + 4].copy_from_slice(&seq.to_be_bytes());
+                frame[at + 4..at + 8].copy_from_slice(&(u32::from(seq) * 960).to_be_bytes());
+                sum += bpf::test_run(obj, &frame, 1, 1)?.duration;
+                next[i] = seq.wrapping_add(1);
+            }
+            rt[1][i] = sum / u32::from(SEQ_CALLS);
+            rt[2][i] = bpf::test_run(obj, &noise, 1, REPEAT)?.duration;
+        }
+    }
+    let kinds = ["rtp dup", "rtp in order", "rtp-like noise"];
+    let med = |k: usize, i: usize| median(t.iter().map(|rt| rt[k][i]).collect());
+    for (k, how) in kinds.into_iter().enumerate() {
+        for (label, (hit, miss), maps) in [("off", (0, 1), &off), ("on", (2, 3), &on)] {
+            row(
+                "1000+calls",
+                &format!("{how}, {label}"),
+                Some(med(k, hit)),
+                Some(med(k, miss)),
+                floor,
+                maps,
+            );
+        }
+    }
+    let cost = |k: usize, on: usize, off: usize| {
+        let mut d: Vec<i128> = t
+            .iter()
+            .map(|rt| rt[k][on].as_nanos() as i128 - rt[k][off].as_nanos() as i128)
+            .collect();
+        d.sort();
+        d[ROUNDS / 2]
+    };
+    let costs: Vec<String> = kinds
+        .iter()
+        .enumerate()
+        .map(|(k, how)| format!("{how} {} / {} ns", cost(k, 2, 0), cost(k, 3, 1)))
+        .collect();
+    println!(
+        "  the measurement's cost (flow / first; the median over the rounds of on minus off): {}",
+        costs.join(", ")
+    );
+    for (name, obj) in ["off, flow", "off, first", "on, flow", "on, first"]
+        .iter()
+        .zip(&objs)
+    {
+        let m: BpfHashMap<_, MediaKey, MediaStream> =
+            BpfHashMap::try_from(obj.map(MAP_MEDIA).context("MEDIA missing")?)?;
+        let streams: Vec<MediaStream> = m.iter().filter_map(Result::ok).map(|(_, s)| s).collect();
+        println!(
+            "  {name}: {}",
+            match streams.as_slice() {
+                [] => "no stream measured".to_string(),
+                [s] => format!(
+                    "one stream, {} received, {} lost, {} duplicates, {} reordered",
+                    s.received,
+                    s.lost(),
+                    s.duplicates,
+                    s.reordered
+                ),
+                v => format!("WARNING: {} streams", v.len()),
+            }
+        );
+    }
+    Ok(())
+}
+
 /// A gateway config for the lab's `wan0`/`lan0` at `rate` each way with `n` UDP port rules
 /// (and the video rule on UDP 50020); `variant` 1 moves the guarantees and ceilings, so
 /// alternating 0 and 1 changes every class in place.
@@ -922,8 +1074,9 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "shaper-bench [--classifier-only] [--seconds N] [--forward-seconds N] [--no-scenario]\n  \
+            "shaper-bench [--classifier-only] [--calls-only] [--seconds N] [--forward-seconds N] [--no-scenario]\n  \
              --classifier-only    only the classifier cost table (BPF_PROG_TEST_RUN; with the host-name rows)\n  \
+             --calls-only         only the classifier's [calls] rows (an RTP packet measured or not)\n  \
              --seconds N          namespace scenario length per phase (default 20)\n  \
              --forward-seconds N  forwarding measurement length (default 5)\n  \
              --no-scenario        skip the namespace scenario\n\
@@ -932,6 +1085,9 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let classifier_only = args.iter().any(|a| a == "--classifier-only");
+    if args.iter().any(|a| a == "--calls-only") {
+        return media_rows(empty_floor()?);
+    }
     let secs = shaper_tests::util::arg_value(&args, "--seconds")
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);

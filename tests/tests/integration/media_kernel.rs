@@ -1,0 +1,382 @@
+//! RTP streams measured by the classifier itself (`[calls]`, issue 17): RTP in a measured
+//! class run through the real classifier (loaded through the verifier) with
+//! BPF_PROG_TEST_RUN, its maps pinned on bpffs and the streams read back with
+//! `bpf::read_media`, as `shaper run` reads them. Loss, duplicates and reordering come out
+//! exactly as sent, plain and inside TURN ChannelData; random RTP-shaped payloads and RTP in
+//! a class that is not measured make no stream; both directions of a flow give one LAN
+//! side and peer. The packet always passes unchanged. (Jitter needs arrival times the test
+//! run does not control; `shaper_common::media`'s unit tests cover it.)
+
+use shaper_common::media::{MediaKey, MediaStream, MEDIA_TURN};
+use shaper_common::{DIR_DOWN, DIR_UP};
+use shaper_tests::config::{Config, Rule};
+use shaper_tests::packet::Pkt;
+use shaper_tests::rig::Rig;
+use shaper_user::kernel::bpf::{self, Pins};
+
+use crate::common::root_or_skip;
+
+const LAN: &str = "192.168.7.20";
+const PEER: &str = "198.51.100.9";
+const LAN6: &str = "fd00::20";
+const PEER6: &str = "2001:db8::9";
+/// The WAN-side port of the `video` rule (measured) and of the `bulk` rule (not).
+const VIDEO_PORT: u16 = 5004;
+const BULK_PORT: u16 = 6004;
+/// RTP payload bytes after the fixed header.
+const MEDIA_BYTES: usize = 160;
+
+/// Classes video (measured), bulk and default; UDP to WAN port 5004 is video, to 6004
+/// bulk; `[calls] classes = ["video"]`.
+fn policy() -> String {
+    let c = Config::new(10_000_000, 40_000_000)
+        .class("video", 0, 30)
+        .class("bulk", 6, 10)
+        .default_class("default", 4, 30)
+        .rule(
+            Rule::new("video", "video")
+                .protocol("udp")
+                .dst_ports(&[&VIDEO_PORT.to_string()]),
+        )
+        .rule(
+            Rule::new("bulk", "bulk")
+                .protocol("udp")
+                .dst_ports(&[&BULK_PORT.to_string()]),
+        );
+    format!("{}[calls]\nclasses = [\"video\"]\n", c.to_toml())
+}
+
+/// The rig's maps pinned under a bpffs directory of this test's own (what `read_media`
+/// reads), removed on drop.
+struct Pinned(Pins);
+
+impl Pinned {
+    fn new(r: &Rig, tag: &str) -> Pinned {
+        let pins = Pins::new(format!(
+            "/sys/fs/bpf/shaper-test-{tag}-{}",
+            std::process::id()
+        ));
+        bpf::remove_pins(&pins);
+        bpf::ensure_bpffs(&pins).expect("bpffs");
+        bpf::stage_maps(&r.obj, &pins).expect("pin the maps");
+        bpf::commit_maps(&pins).expect("commit the pins");
+        Pinned(pins)
+    }
+
+    fn streams(&self) -> Vec<(MediaKey, MediaStream)> {
+        bpf::read_media(&self.0).expect("read MEDIA")
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        bpf::remove_pins(&self.0);
+    }
+}
+
+/// An RTP packet: version 2, payload type `pt`, `MEDIA_BYTES` of payload.
+fn rtp(pt: u8, seq: u16, ts: u32, ssrc: u32) -> Vec<u8> {
+    let mut b = vec![0x80, pt];
+    b.extend(seq.to_be_bytes());
+    b.extend(ts.to_be_bytes());
+    b.extend(ssrc.to_be_bytes());
+    b.extend([0x5a; MEDIA_BYTES]);
+    b
+}
+
+/// `data` in a TURN ChannelData message on channel 0x4001 (RFC 8656 §12.4), padded to 4.
+fn channel_data(data: &[u8]) -> Vec<u8> {
+    let mut b = 0x4001u16.to_be_bytes().to_vec();
+    b.extend((data.len() as u16).to_be_bytes());
+    b.extend(data);
+    b.resize(b.len().next_multiple_of(4), 0);
+    b
+}
+
+/// Runs `frame` through the classifier on `ifindex`: it must pass (TC_ACT_UNSPEC),
+/// unchanged, in `class`.
+fn send(r: &mut Rig, frame: &[u8], ifindex: u32, class: u32) {
+    let res = bpf::test_run(&mut r.obj, frame, ifindex, 1).expect("test run");
+    assert_eq!(res.ret, u32::MAX, "TC_ACT_UNSPEC: the packet passes");
+    assert_eq!(res.priority, class, "the packet's class");
+    assert_eq!(res.data, frame, "the packet is not changed");
+}
+
+/// The streams of the flow `lan_port` <-> `peer_port`.
+fn of_flow(
+    streams: &[(MediaKey, MediaStream)],
+    lan_port: u16,
+    peer_port: u16,
+) -> Vec<(MediaKey, MediaStream)> {
+    streams
+        .iter()
+        .filter(|(k, _)| k.lan_port == lan_port && k.peer_port == peer_port)
+        .copied()
+        .collect()
+}
+
+fn v4(a: &str) -> [u8; 16] {
+    let a: std::net::Ipv4Addr = a.parse().expect("IPv4 address");
+    let mut b = [0; 16];
+    b[..4].copy_from_slice(&a.octets());
+    b
+}
+
+fn v6(a: &str) -> [u8; 16] {
+    a.parse::<std::net::Ipv6Addr>()
+        .expect("IPv6 address")
+        .octets()
+}
+
+/// The sequence numbers of 300 packets from `first` (wrapping past 65535), as they arrive:
+/// 3 lost (indexes 50, 120, 250), index 80 again after 82, indexes 200 and 201 swapped.
+fn impaired(first: u16) -> Vec<u16> {
+    let mut order: Vec<usize> = Vec::new();
+    for i in 0..300usize {
+        match i {
+            50 | 120 | 250 => {}
+            82 => order.extend([82, 80]),
+            200 => order.push(201),
+            201 => order.push(200),
+            _ => order.push(i),
+        }
+    }
+    order
+        .into_iter()
+        .map(|i| first.wrapping_add(i as u16))
+        .collect()
+}
+
+/// What a receiver makes of [`impaired`]: the first packet only puts the SSRC on
+/// probation, the second starts the stream; of the 299 packets from there 3 are lost, one
+/// came twice, one late. Every packet from the second on counts its bytes.
+fn assert_impaired(s: &MediaStream, first: u16, udp_len: u64, what: &str) {
+    assert_eq!(s.base_seq, first.wrapping_add(1), "{what}: base");
+    assert_eq!(s.max_seq, first.wrapping_add(299), "{what}: highest");
+    assert_eq!(s.cycles, 1, "{what}: the sequence wrapped once");
+    assert_eq!(
+        (
+            s.expected(),
+            s.received,
+            s.lost(),
+            s.duplicates,
+            s.reordered
+        ),
+        (299, 296, 3, 1, 1),
+        "{what}: expected, received, lost, duplicates, reordered"
+    );
+    assert_eq!(s.bytes, 297 * udp_len, "{what}: UDP payload bytes");
+    assert_eq!(s.payload_type, 96, "{what}: payload type");
+    assert!(s.last_ns >= s.first_ns && s.first_ns > 0, "{what}: times");
+}
+
+#[test]
+fn streams_are_measured_with_their_loss_duplicates_and_reordering() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut r = shaper_tests::rig::load(&policy());
+    let pins = Pinned::new(&r, "media");
+    let video = r.class_of("video");
+    let wan = r.wan;
+    assert!(pins.streams().is_empty(), "no stream before any packet");
+
+    // (a) Plain RTP, upload.
+    let first = 65_400u16;
+    let ssrc = 0x1234_5678;
+    let flow = Pkt::udp(LAN, PEER, 50_020, VIDEO_PORT);
+    for seq in impaired(first) {
+        let ts = u32::from(seq.wrapping_sub(first)) * 3000;
+        send(
+            &mut r,
+            &flow.with_payload(&rtp(96, seq, ts, ssrc)),
+            wan,
+            video,
+        );
+    }
+    // (b) The same inside TURN ChannelData (170 bytes of RTP, 2 of padding).
+    let turn_ssrc = 0x0bad_cafe;
+    let turn = Pkt::udp(LAN, PEER, 50_022, VIDEO_PORT);
+    for seq in impaired(first) {
+        let ts = u32::from(seq.wrapping_sub(first)) * 3000;
+        let mut inner = rtp(96, seq, ts, turn_ssrc);
+        inner.truncate(170);
+        send(
+            &mut r,
+            &turn.with_payload(&channel_data(&inner)),
+            wan,
+            video,
+        );
+    }
+
+    let streams = pins.streams();
+    let plain = of_flow(&streams, 50_020, VIDEO_PORT);
+    assert_eq!(plain.len(), 1, "one stream in the plain flow: {plain:?}");
+    let (k, s) = plain[0];
+    let want = MediaKey {
+        lan: v4(LAN),
+        peer: v4(PEER),
+        lan_port: 50_020,
+        peer_port: VIDEO_PORT,
+        ssrc,
+        dir: DIR_UP as u8,
+        family: 4,
+        flags: 0,
+        _pad: 0,
+    };
+    assert_eq!(k, want, "the plain stream's key");
+    assert_impaired(&s, first, (12 + MEDIA_BYTES) as u64, "plain RTP");
+    assert_eq!(s.flags, 0, "plain RTP: no TURN flag");
+
+    let relayed = of_flow(&streams, 50_022, VIDEO_PORT);
+    assert_eq!(relayed.len(), 1, "one stream in the TURN flow: {relayed:?}");
+    let (k, s) = relayed[0];
+    assert_eq!(
+        k,
+        MediaKey {
+            lan_port: 50_022,
+            ssrc: turn_ssrc,
+            flags: MEDIA_TURN,
+            ..want
+        },
+        "the TURN stream's key"
+    );
+    assert_impaired(&s, first, 4 + 172, "RTP in ChannelData");
+    assert_eq!(s.flags, MEDIA_TURN, "RTP in ChannelData: the TURN flag");
+
+    // (c) Header-only RTP (12 bytes of UDP payload; encoders send such packets, e.g.
+    // ffmpeg's H.264 parameter sets come in 15-byte ones): each counts, plain and relayed.
+    for (lan_port, wrap) in [(50_024u16, false), (50_026, true)] {
+        let flow = Pkt::udp(LAN, PEER, lan_port, VIDEO_PORT);
+        for seq in 0..20u16 {
+            let mut p = rtp(96, seq, u32::from(seq) * 3000, 0x5151);
+            p.truncate(12);
+            let p = if wrap { channel_data(&p) } else { p };
+            send(&mut r, &flow.with_payload(&p), wan, video);
+        }
+        let s = of_flow(&pins.streams(), lan_port, VIDEO_PORT);
+        assert_eq!(
+            s.len(),
+            1,
+            "header-only RTP (TURN: {wrap}): one stream: {s:?}"
+        );
+        assert_eq!(
+            (s[0].1.expected(), s[0].1.received, s[0].1.lost()),
+            (19, 19, 0),
+            "header-only RTP (TURN: {wrap}): every packet after probation counted"
+        );
+    }
+}
+
+#[test]
+fn random_payloads_and_unmeasured_classes_make_no_stream() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut r = shaper_tests::rig::load(&policy());
+    let pins = Pinned::new(&r, "media-noise");
+    let (video, bulk) = (r.class_of("video"), r.class_of("bulk"));
+    let wan = r.wan;
+
+    // (c) 5,000 random payloads whose first byte says RTP version 2, in the video class.
+    let mut rng = shaper_tests::rng::Rng::xorshift64(0x5eed_0017_0000_0001);
+    let noise = Pkt::udp(LAN, PEER, 50_030, VIDEO_PORT);
+    let mut rtp_shaped = 0;
+    for _ in 0..5_000 {
+        let n = 16 + rng.below(300) as usize;
+        let mut b = rng.bytes(n);
+        b[0] = 0x80 | (b[0] & 0x3f);
+        if !(200..=207).contains(&b[1]) && !(72..=76).contains(&(b[1] & 0x7f)) {
+            rtp_shaped += 1;
+        }
+        send(&mut r, &noise.with_payload(&b), wan, video);
+    }
+    assert!(
+        rtp_shaped > 4_000,
+        "most of the noise passes the header check"
+    );
+
+    // (d) A well-formed stream in the bulk class, not measured.
+    let unmeasured = Pkt::udp(LAN, PEER, 50_032, BULK_PORT);
+    for i in 0..100u16 {
+        let p = rtp(0, 7_000 + i, u32::from(i) * 160, 0x7777_0001);
+        send(&mut r, &unmeasured.with_payload(&p), wan, bulk);
+    }
+    // A control: the same stream in the video class is measured.
+    let control = Pkt::udp(LAN, PEER, 50_034, VIDEO_PORT);
+    for i in 0..100u16 {
+        let p = rtp(0, 7_000 + i, u32::from(i) * 160, 0x7777_0001);
+        send(&mut r, &control.with_payload(&p), wan, video);
+    }
+
+    let streams = pins.streams();
+    assert!(
+        of_flow(&streams, 50_030, VIDEO_PORT).is_empty(),
+        "no stream from random payloads: {streams:?}"
+    );
+    assert!(
+        of_flow(&streams, 50_032, BULK_PORT).is_empty(),
+        "no stream in a class that is not measured: {streams:?}"
+    );
+    let c = of_flow(&streams, 50_034, VIDEO_PORT);
+    assert_eq!(c.len(), 1, "the control stream: {streams:?}");
+    assert_eq!(
+        (c[0].1.received, c[0].1.lost(), c[0].1.clock_hz),
+        (99, 0, 8_000),
+        "the control stream: PCMU's 8 kHz"
+    );
+    assert_eq!(streams.len(), 1, "nothing else: {streams:?}");
+}
+
+#[test]
+fn both_directions_of_a_flow_have_the_same_lan_side_and_peer() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut r = shaper_tests::rig::load(&policy());
+    let pins = Pinned::new(&r, "media-dirs");
+    let video = r.class_of("video");
+    let (wan, lan) = (r.wan, r.lan);
+
+    // (e) LAN -> WAN on the WAN side's egress, WAN -> LAN on the LAN side's; IPv4 and IPv6.
+    for (family, lan_addr, peer_addr, lan_port) in
+        [(4u8, LAN, PEER, 50_040u16), (6, LAN6, PEER6, 50_042)]
+    {
+        let up = Pkt::udp(lan_addr, peer_addr, lan_port, VIDEO_PORT);
+        let down = Pkt::udp(peer_addr, lan_addr, VIDEO_PORT, lan_port);
+        for i in 0..20u16 {
+            let ts = u32::from(i) * 960;
+            send(
+                &mut r,
+                &up.with_payload(&rtp(111, i, ts, 0xaaaa_0001)),
+                wan,
+                video,
+            );
+            send(
+                &mut r,
+                &down.with_payload(&rtp(111, i, ts, 0xbbbb_0002)),
+                lan,
+                video,
+            );
+        }
+        let streams = pins.streams();
+        let flow = of_flow(&streams, lan_port, VIDEO_PORT);
+        assert_eq!(flow.len(), 2, "IPv{family}: a stream each way: {streams:?}");
+        let addr = |a: &str| if family == 4 { v4(a) } else { v6(a) };
+        for (dir, ssrc) in [(DIR_UP, 0xaaaa_0001u32), (DIR_DOWN, 0xbbbb_0002)] {
+            let Some((k, s)) = flow.iter().find(|(k, _)| u32::from(k.dir) == dir) else {
+                panic!("IPv{family}: no stream in direction {dir}: {flow:?}");
+            };
+            assert_eq!(
+                (k.lan, k.peer, k.family, k.ssrc, k.flags),
+                (addr(lan_addr), addr(peer_addr), family, ssrc, 0),
+                "IPv{family}, direction {dir}: the site's side, the peer"
+            );
+            assert_eq!(
+                (s.received, s.lost(), s.duplicates, s.reordered),
+                (19, 0, 0, 0),
+                "IPv{family}, direction {dir}"
+            );
+        }
+    }
+}
