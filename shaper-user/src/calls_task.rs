@@ -3,9 +3,15 @@
 //! keeps two files in the run directory:
 //! - `calls.json`: the calls in progress (what `shaper calls` shows), replaced each
 //!   second;
+//! - `line.jsonl`: one JSON line per hour (UTC): how long the line was full each way and
+//!   its rate held down, calls or not;
 //! - `calls.jsonl`: one JSON record per ended call, appended, and logged as a line; at
 //!   [`LOG_LIMIT`] bytes it moves to `calls.jsonl.1` (one older file is kept). `shaper
 //!   report` reads both.
+//!
+//! Each second it also samples the shaped line (the HTB root's bytes and rate, the
+//! classes' drops): each call records how much of its time the line was full each way and
+//! how much the rate was held below the configured one (`LineMeter`).
 //!
 //! Addresses are keyed hashes unless `[calls] addresses = "shown"`; the key is made once
 //! per boot (`calls.key` in the run directory, mode 0600), so a day's report names each
@@ -29,8 +35,10 @@ use tokio::sync::watch;
 
 use crate::{
     apply::Applied,
-    kernel::bpf,
-    media::{Addresses, CallRecord, Calls},
+    compile::PARENT_CLASSID,
+    dir::{Dir, PerDir},
+    kernel::{bpf, tc::Tc},
+    media::{calls::LineSample, report::LineHour, Addresses, CallRecord, Calls},
     rundir::{self, RunDir},
     wclamp::monotonic_ns,
 };
@@ -78,10 +86,25 @@ fn key(run: &Path) -> Result<[u8; 32]> {
     fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut k))
         .context("reading a pseudonym key from /dev/urandom")?;
-    rundir::replace(&p, &k)?;
-    use std::os::unix::fs::PermissionsExt as _;
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", p.display()))?;
+    // Written beside with mode 0600 from the start (never readable by others), then
+    // renamed into place.
+    let mut tmp = p.clone().into_os_string();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let _ = fs::remove_file(&tmp);
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&k)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+    }
+    fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))?;
     Ok(k)
 }
 
@@ -93,14 +116,7 @@ pub fn append(run: &Path, r: &CallRecord) -> Result<()> {
         fs::rename(&p, files.calls_log_old())
             .with_context(|| format!("rotating {}", p.display()))?;
     }
-    let mut line = serde_json::to_vec(r)?;
-    line.push(b'\n');
-    fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&p)
-        .and_then(|mut f| f.write_all(&line))
-        .with_context(|| format!("appending to {}", p.display()))
+    append_line(&p, r)
 }
 
 /// One line for the log.
@@ -162,6 +178,7 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, run: PathBuf) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        let mut meter = LineMeter::default();
         let stop = loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -180,6 +197,12 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, run: PathBuf) {
                     log::warn!("calls: reading the classifier's streams: {e:#}");
                 }
                 Err(_) => {}
+            }
+            if let Some((secs, line)) = meter.sample(&a).await {
+                calls.line_tick(now, secs, &line);
+                if let Some(h) = meter.count(now_unix(), secs, &line) {
+                    log_err(append_line(&RunDir(&run).line_log(), &h));
+                }
             }
             for r in calls.expire(now) {
                 record(&run, &r, &mut ended, &mut degraded);
@@ -200,11 +223,101 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, run: PathBuf) {
         for r in calls.finish() {
             record(&run, &r, &mut ended, &mut degraded);
         }
+        // The hour so far (a reload starts the next one's count afresh).
+        if let Some(h) = meter.hour.take() {
+            log_err(append_line(&RunDir(&run).line_log(), &h));
+        }
+        // A reload that keeps the classifier's tables keeps these streams' counts: gone,
+        // they start new calls from zero rather than repeating the ended ones.
+        forget(&a.pins, &calls.take_ended_streams());
         if stop {
             let _ = fs::remove_file(RunDir(&run).calls());
             return;
         }
     }
+}
+
+/// What the shaped line did since the last sample, per direction: whether it was full
+/// (the root class sent at 90 % of its rate or more, or a class dropped) and its rate in
+/// the kernel against the configured one. Nothing until two samples (and never when
+/// netlink fails: the calls are then recorded without it).
+#[derive(Default)]
+struct LineMeter {
+    tc: Option<Tc>,
+    prev: Option<(std::time::Instant, PerDir<(u64, u64)>)>,
+    /// The hour being counted (for `line.jsonl`, calls or not).
+    hour: Option<LineHour>,
+}
+
+impl LineMeter {
+    async fn sample(&mut self, a: &Applied) -> Option<(f64, PerDir<LineSample>)> {
+        if self.tc.is_none() {
+            self.tc = Tc::connect().await.ok();
+        }
+        let tc = self.tc.as_ref()?;
+        let at = std::time::Instant::now();
+        let mut now = PerDir::new((0, 0), (0, 0));
+        let mut rate = PerDir::new(0u64, 0u64);
+        for d in Dir::ALL {
+            let classes = match tc.classes(a.ifindex[d]).await {
+                Ok(c) => c,
+                Err(_) => {
+                    self.prev = None;
+                    return None;
+                }
+            };
+            let root = classes.iter().find(|c| c.classid == PARENT_CLASSID)?;
+            let drops = classes.iter().map(|c| u64::from(c.stats.drops)).sum();
+            now[d] = (root.stats.bytes, drops);
+            rate[d] = root.htb.map_or(0, |h| h.rate_bps);
+        }
+        let prev = self.prev.replace((at, now));
+        let (then, before) = prev?;
+        let secs = at.duration_since(then).as_secs_f64();
+        if secs <= 0.0 {
+            return None;
+        }
+        let line = PerDir::from_fn(|d| {
+            let sent_bps = now[d].0.saturating_sub(before[d].0) as f64 * 8.0 / secs;
+            let configured = a.plan.dirs[d].rate_bps.max(1) as f64;
+            LineSample {
+                full: (rate[d] > 0 && sent_bps >= 0.9 * rate[d] as f64) || now[d].1 > before[d].1,
+                rate_pct: rate[d] as f64 * 100.0 / configured,
+            }
+        });
+        Some((secs, line))
+    }
+
+    /// Counts a sample into its hour; the hour before, when this one starts a new hour.
+    fn count(&mut self, unix: u64, secs: f64, line: &PerDir<LineSample>) -> Option<LineHour> {
+        let start = unix / 3600 * 3600;
+        let done = match &self.hour {
+            Some(h) if h.hour_s != start => self.hour.replace(LineHour::new(start)),
+            Some(_) => None,
+            None => {
+                self.hour = Some(LineHour::new(start));
+                None
+            }
+        };
+        if let Some(h) = self.hour.as_mut() {
+            for (d, l) in line.iter() {
+                h.add(d.index(), secs, l.full, l.rate_pct);
+            }
+        }
+        done
+    }
+}
+
+/// Appends one line of JSON to `p`.
+fn append_line<T: Serialize>(p: &Path, v: &T) -> Result<()> {
+    let mut line = serde_json::to_vec(v)?;
+    line.push(b'\n');
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .and_then(|mut f| f.write_all(&line))
+        .with_context(|| format!("appending to {}", p.display()))
 }
 
 /// Deletes the streams of ended calls from the classifier's table (a stream that
@@ -226,6 +339,12 @@ fn forget(pins: &bpf::Pins, keys: &[MediaKey]) {
     }
 }
 
+fn log_err(r: Result<()>) {
+    if let Err(e) = r {
+        log::warn!("calls: {e:#}");
+    }
+}
+
 fn record(run: &Path, r: &CallRecord, ended: &mut u64, degraded: &mut u64) {
     *ended += 1;
     if !r.degraded.is_empty() {
@@ -234,5 +353,28 @@ fn record(run: &Path, r: &CallRecord, ended: &mut u64, degraded: &mut u64) {
     log::info!("{}", summary(r));
     if let Err(e) = append(run, r) {
         log::warn!("calls: {e:#}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pseudonym key is made once, kept for the boot, readable by root only; a
+    /// spoiled key file is replaced.
+    #[test]
+    fn the_key_is_made_once_and_kept_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let run = std::env::temp_dir().join(format!("shaper-calls-key-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&run);
+        fs::create_dir_all(&run).expect("run dir");
+        let k = key(&run).expect("made");
+        assert_eq!(key(&run).expect("kept"), k);
+        let p = RunDir(&run).calls_key();
+        let mode = fs::metadata(&p).expect("there").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        fs::write(&p, b"short").expect("spoil");
+        assert_ne!(key(&run).expect("made again"), k);
+        fs::remove_dir_all(&run).expect("clean up");
     }
 }

@@ -465,7 +465,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     }
                 }
             }
-            let r = media::report::report(&calls);
+            let mut lines = Vec::new();
+            let p = files.line_log();
+            match std::fs::read_to_string(&p) {
+                Ok(text) => {
+                    for (n, line) in text.lines().enumerate() {
+                        match serde_json::from_str::<media::report::LineHour>(line) {
+                            Ok(h) => lines.push(h),
+                            Err(e) => log::warn!("{}:{}: skipped: {e}", p.display(), n + 1),
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(anyhow::Error::from(e).context(format!("reading {}", p.display())))
+                }
+            }
+            let r = media::report::report(&calls, &lines);
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {

@@ -20,6 +20,7 @@
 //! | `calls.json` | `shaper run` (`[calls]`) | JSON, the calls in progress (`calls_task::CALLS_VERSION`) |
 //! | `calls.jsonl` (`.1`: the one before) | `shaper run` | one JSON call record per line |
 //! | `calls.key` | `shaper run` | 32 random bytes: this boot's pseudonym key (0600) |
+//! | `line.jsonl` | `shaper run` (`[calls]`) | one JSON line per hour: the line full / held down |
 
 use std::{
     fs,
@@ -83,6 +84,9 @@ impl RunDir<'_> {
     }
     pub fn calls_log_old(&self) -> PathBuf {
         self.0.join("calls.jsonl.1")
+    }
+    pub fn line_log(&self) -> PathBuf {
+        self.0.join("line.jsonl")
     }
     pub fn calls_key(&self) -> PathBuf {
         self.0.join("calls.key")

@@ -118,16 +118,6 @@ fn flood(lan: &Netns, n: usize) -> std::thread::JoinHandle<anyhow::Result<()>> {
     })
 }
 
-/// The router's drops so far (`counter packets N` of its one rule).
-fn dropped(gw: &Netns) -> u64 {
-    let out = gw.run("nft", &["list", "ruleset"]).expect("nft list");
-    let n = out.split("counter packets ").nth(1).expect("a counter");
-    n.split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .expect("a count")
-}
-
 /// One ffmpeg run of `secs` seconds to `url` with `extra` output options; the arrivals at
 /// the far end as a pcap, and the router's drops of it.
 fn send_and_capture(
@@ -182,7 +172,7 @@ fn send_and_capture(
         .collect();
     let path = dir.path().join(name);
     std::fs::write(&path, pcap(&frames)).expect("pcap");
-    (path, dropped(&l.gw))
+    (path, dropped_to(&l.gw, PORT))
 }
 
 #[test]
@@ -290,21 +280,21 @@ fn ffmpeg_to(ns: &Netns, url: &str) -> std::process::Child {
         .expect("ffmpeg starts")
 }
 
-/// `shaper run` on the router measures the call in the kernel: RTP up (lan -> far:5004)
-/// and down (far -> lan:5006) in the measured class `video`, the router's nftables
-/// dropping 3 % up and 2 % down before the shaper's queues (the upload's loss is then
-/// the LAN side's, the download's the line's), a random flood to 5004 beside them. The
-/// call shows in `shaper calls` while it runs; when it has been quiet for `quiet_s`, its
-/// record in calls.jsonl has each direction's loss equal to the router's drops (minus at
-/// most 3 after the last arrival), one stream each way, and `shaper report` counts it.
-#[test]
-fn the_daemon_measures_calls_in_the_kernel() {
-    let Some(l) = lab_or_skip() else {
-        return;
-    };
-    let dir = TempDir::new("calls-daemon").expect("temp dir");
-    let rules = "table inet t {\n chain f {\n  type filter hook forward priority 0;\n  udp dport 5004 udp sport != 40000 numgen random mod 100 < 3 counter drop\n  udp dport 5006 numgen random mod 100 < 2 counter drop\n }\n}\n";
-    let f = dir.write("drop.nft", rules).expect("rules");
+/// The router's nftables dropping `up_pct` % of the UDP to the far end's port 5004 (the
+/// flood's port 40000 aside) and `down_pct` % of that to the LAN's port 5006, before the
+/// shaper's queues; then `shaper run` on it, UDP to 5004 and from LAN port 5006 in `video`,
+/// `[calls] classes = ["video"]`, `quiet_s = 2`.
+fn router_shaper(
+    l: &Lab,
+    dir: &TempDir,
+    shaper: &Shaper,
+    up_pct: u32,
+    down_pct: u32,
+) -> shaper_tests::shaper::Daemon {
+    let rules = format!(
+        "table inet t {{\n chain f {{\n  type filter hook forward priority 0;\n  udp dport 5004 udp sport != 40000 numgen random mod 100 < {up_pct} counter drop\n  udp dport 5006 numgen random mod 100 < {down_pct} counter drop\n }}\n}}\n"
+    );
+    let f = dir.write("drop.nft", &rules).expect("rules");
     l.gw.run("nft", &["-f", f.to_str().expect("utf-8")])
         .expect("nft -f");
     let cfg = shaper_tests::config::Config::new(20_000_000, 40_000_000)
@@ -323,10 +313,180 @@ fn the_daemon_measures_calls_in_the_kernel() {
         .calls(&["video"], 2)
         .write(dir.path(), "calls.toml")
         .expect("config");
+    shaper_tests::shaper::Daemon::start(shaper, &cfg, dir.path().join("daemon.log"), "info")
+        .expect("shaper run")
+}
+
+/// Twenty consultations at once: twenty LAN hosts each send Opus audio over RTP (ffmpeg,
+/// 50 packets a second) to the far end through `shaper run` on the router, which drops
+/// 1 % of them. Every call is found, each with one stream and no other, and their loss
+/// together is the router's drops.
+#[test]
+fn twenty_concurrent_calls_are_all_found() {
+    let Some(l) = lab_or_skip() else {
+        return;
+    };
+    let dir = TempDir::new("calls-twenty").expect("temp dir");
     let shaper = Shaper::new(&l.gw).expect("shaper");
-    let daemon =
-        shaper_tests::shaper::Daemon::start(&shaper, &cfg, dir.path().join("daemon.log"), "info")
-            .expect("shaper run");
+    let daemon = router_shaper(&l, &dir, &shaper, 1, 0);
+    let hosts: Vec<String> = (0..20).map(|i| format!("192.168.77.{}", 100 + i)).collect();
+    for h in &hosts {
+        l.lan
+            .ip(&["addr", "add", &format!("{h}/24"), "dev", "v0"])
+            .expect("addr");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let sink = sink(&l.far, FAR, 5004, 0, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let mut senders: Vec<std::process::Child> = hosts
+        .iter()
+        .map(|h| {
+            let url = format!("rtp://{FAR}:5004?localaddr={h}&localport=6000");
+            l.lan
+                .cmd(
+                    "ffmpeg",
+                    &[
+                        "-hide_banner",
+                        "-loglevel",
+                        "error",
+                        "-re",
+                        "-f",
+                        "lavfi",
+                        "-i",
+                        "sine=frequency=440:sample_rate=48000",
+                        "-t",
+                        "6",
+                        "-c:a",
+                        "libopus",
+                        "-b:a",
+                        "32k",
+                        "-f",
+                        "rtp",
+                        &url,
+                    ],
+                )
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("ffmpeg starts")
+        })
+        .collect();
+    for c in &mut senders {
+        let st = c.wait().expect("ffmpeg ends");
+        let mut err = String::new();
+        if let Some(mut e) = c.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        assert!(st.success(), "ffmpeg: {err}");
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    sink.join().expect("sink thread").expect("sink");
+    let drops = dropped_to(&l.gw, 5004);
+    let log = std::fs::read_to_string(shaper.run_dir().join("calls.jsonl")).unwrap_or_default();
+    let (_, daemon_log) = daemon.stop().expect("daemon stops");
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record"))
+        .collect();
+    let mut found: Vec<String> = records
+        .iter()
+        .map(|c| c["lan_host"].as_str().unwrap_or("").to_string())
+        .collect();
+    found.sort();
+    assert_eq!(found, hosts, "every call found, once:\n{log}\n{daemon_log}");
+    let (mut lost, mut expected) = (0, 0);
+    for c in &records {
+        assert_eq!(c["up"]["streams"], 1, "{c}");
+        assert_eq!(c["down"]["streams"], 0, "{c}");
+        lost += c["up"]["lost"].as_u64().expect("lost");
+        expected += c["up"]["expected"].as_u64().expect("expected");
+    }
+    eprintln!("20 calls: router dropped {drops}, the kernel counted {lost} lost of {expected}");
+    let truth = drops as f64 * 100.0 / expected as f64;
+    let pct = lost as f64 * 100.0 / expected as f64;
+    assert!(
+        (pct - truth).abs() <= 0.3,
+        "{pct} % lost vs {truth} % dropped"
+    );
+}
+
+/// A call while an upload fills the line: iperf3 (TCP, default windows) from the LAN host
+/// to the far end for the whole call, through `shaper run` shaping the upload to 20 Mbit/s.
+/// The call's record says the line was full upstream most of the call and not downstream.
+#[test]
+fn a_call_records_that_the_line_was_full() {
+    let Some(l) = lab_or_skip() else {
+        return;
+    };
+    if let Some(why) = util::skip_reason(&["iperf3"]) {
+        util::note_skip(&why);
+        return;
+    }
+    let dir = TempDir::new("calls-full").expect("temp dir");
+    let shaper = Shaper::new(&l.gw).expect("shaper");
+    let daemon = router_shaper(&l, &dir, &shaper, 0, 0);
+    let server = l
+        .far
+        .spawn("iperf3", &["-s", "-1", "-B", FAR])
+        .expect("iperf3 server");
+    let stop = Arc::new(AtomicBool::new(false));
+    let sink = sink(&l.far, FAR, 5004, 5010, stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    let mut bulk = l
+        .lan
+        .cmd("iperf3", &["-c", FAR, "-t", "9", "-B", LAN])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 client");
+    std::thread::sleep(Duration::from_secs(1));
+    let mut up = ffmpeg_to(
+        &l.lan,
+        "rtp://198.51.100.1:5004?pkt_size=1200&localport=5010",
+    );
+    let st = up.wait().expect("ffmpeg ends");
+    assert!(st.success(), "ffmpeg");
+    let _ = bulk.wait();
+    l.far.kill(server);
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, Ordering::Relaxed);
+    sink.join().expect("sink thread").expect("sink");
+    let log = std::fs::read_to_string(shaper.run_dir().join("calls.jsonl")).unwrap_or_default();
+    let (_, daemon_log) = daemon.stop().expect("daemon stops");
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record"))
+        .collect();
+    assert_eq!(records.len(), 1, "{log}\n{daemon_log}");
+    let (up, down) = (&records[0]["up"], &records[0]["down"]);
+    let full = up["line_full_pct"].as_f64().expect("watched");
+    eprintln!(
+        "line full upstream {full:.0} % of the call, downstream {}",
+        down["line_full_pct"]
+    );
+    assert!(full >= 50.0, "the upload filled the line: {up}");
+    assert!(
+        down["line_full_pct"].as_f64().expect("watched") < 50.0,
+        "{down}"
+    );
+}
+
+/// `shaper run` on the router measures the call in the kernel: RTP up (lan -> far:5004)
+/// and down (far -> lan:5006) in the measured class `video`, the router's nftables
+/// dropping 3 % up and 2 % down before the shaper's queues (the upload's loss is then
+/// the LAN side's, the download's the line's), a random flood to 5004 beside them. The
+/// call shows in `shaper calls` while it runs; when it has been quiet for `quiet_s`, its
+/// record in calls.jsonl has each direction's loss equal to the router's drops (minus at
+/// most 3 after the last arrival), one stream each way, and `shaper report` counts it.
+#[test]
+fn the_daemon_measures_calls_in_the_kernel() {
+    let Some(l) = lab_or_skip() else {
+        return;
+    };
+    let dir = TempDir::new("calls-daemon").expect("temp dir");
+    let shaper = Shaper::new(&l.gw).expect("shaper");
+    let daemon = router_shaper(&l, &dir, &shaper, 3, 2);
 
     let stop = Arc::new(AtomicBool::new(false));
     let sinks = [
@@ -425,6 +585,10 @@ fn the_daemon_measures_calls_in_the_kernel() {
             lost.abs_diff(drops) <= 3,
             "{d}: {lost} lost vs {drops} dropped: {q}"
         );
+        // The line (20/40 Mbit/s, carrying 0.8 Mbit/s) was watched and never full, its
+        // rate never held down.
+        assert_eq!(q["line_full_pct"], 0.0, "{d}: {q}");
+        assert_eq!(q["rate_held_pct"], 0.0, "{d}: {q}");
         assert!(
             q["jitter_ms"].as_f64().is_some(),
             "{d}: jitter measured: {q}"
@@ -435,4 +599,21 @@ fn the_daemon_measures_calls_in_the_kernel() {
     assert_eq!(status["calls"]["ended"], 1, "{}", status["calls"]);
     assert_eq!(status["calls"]["active"], 0, "{}", status["calls"]);
     assert!(daemon_log.contains("call ended:"), "{daemon_log}");
+    // The line's hours, written when the daemon stopped (the hour so far): watched both
+    // ways, never full.
+    let lines = std::fs::read_to_string(shaper.run_dir().join("line.jsonl")).unwrap_or_default();
+    let hours: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert!(!hours.is_empty(), "line.jsonl: {lines}\n{daemon_log}");
+    let watched: f64 = hours
+        .iter()
+        .map(|h| h["watched_s"][0].as_f64().unwrap_or(0.0))
+        .sum();
+    let full: f64 = hours
+        .iter()
+        .map(|h| h["full_s"][1].as_f64().unwrap_or(0.0))
+        .sum();
+    assert!(watched >= 5.0 && full == 0.0, "{lines}");
 }

@@ -87,6 +87,36 @@ pub struct DirQuality {
     /// G.107 R and MOS from the loss and jitter ([`emodel`]).
     pub r: f64,
     pub mos: f64,
+    /// Of the call's time the gateway watched the line (`shaper run`), the share (%) the
+    /// shaped line was full this way, and the share its rate was held below the configured
+    /// one (autorate following a slower line, or arrival accounting holding a flood); the
+    /// lowest rate then, % of the configured. None from a capture.
+    #[serde(default)]
+    pub line_full_pct: Option<f64>,
+    #[serde(default)]
+    pub rate_held_pct: Option<f64>,
+    #[serde(default)]
+    pub lowest_rate_pct: Option<f64>,
+}
+
+/// One second (or so) of one direction of the shaped line, as `shaper run` samples it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LineSample {
+    /// The shaper sent at (nearly) its rate, or a class dropped: the line was the limit.
+    pub full: bool,
+    /// The rate in the kernel, % of the configured rate.
+    pub rate_pct: f64,
+}
+
+/// A rate below this share of the configured one counts as held down.
+pub const HELD_BELOW_PCT: f64 = 99.0;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct LineShare {
+    watched_s: f64,
+    full_s: f64,
+    held_s: f64,
+    lowest_pct: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,6 +147,8 @@ struct Call {
     flows: BTreeMap<(Dir, u16, u16), Flow>,
     /// Fed from the kernel's streams, by their keys.
     kernel: BTreeMap<MediaKey, MediaStream>,
+    /// What the line did while the call was on, per direction (`shaper run` only).
+    line: PerDir<LineShare>,
 }
 
 impl Call {
@@ -239,6 +271,28 @@ impl Calls {
         call.kernel.insert(*k, *s);
     }
 
+    /// One sample of the line covering `secs` up to `now_ns`: counted in every call that
+    /// carried media within the last two seconds.
+    pub fn line_tick(&mut self, now_ns: u64, secs: f64, line: &PerDir<LineSample>) {
+        for c in self.calls.values_mut() {
+            if now_ns.saturating_sub(c.last_ns) > 2_000_000_000 {
+                continue;
+            }
+            for (d, l) in line.iter() {
+                let share = &mut c.line[d];
+                share.watched_s += secs;
+                if l.full {
+                    share.full_s += secs;
+                }
+                if l.rate_pct < HELD_BELOW_PCT {
+                    share.held_s += secs;
+                    share.lowest_pct =
+                        Some(share.lowest_pct.map_or(l.rate_pct, |m| m.min(l.rate_pct)));
+                }
+            }
+        }
+    }
+
     /// Ends the calls quiet since `now_ns - quiet_ns`: their records (calls that never
     /// carried a stream are dropped without one).
     pub fn expire(&mut self, now_ns: u64) -> Vec<CallRecord> {
@@ -266,13 +320,16 @@ impl Calls {
         std::mem::take(&mut self.ended_streams)
     }
 
-    /// Ends every call (the end of a capture).
-    pub fn finish(mut self) -> Vec<CallRecord> {
+    /// Ends every call (the end of a capture, a new policy); their kernel streams go to
+    /// [`Calls::take_ended_streams`].
+    pub fn finish(&mut self) -> Vec<CallRecord> {
         let calls = std::mem::take(&mut self.calls);
-        calls
-            .iter()
-            .filter_map(|(k, c)| self.record(*k, c))
-            .collect()
+        let mut out = Vec::new();
+        for (k, c) in calls {
+            out.extend(self.record(k, &c));
+            self.ended_streams.extend(c.kernel.into_keys());
+        }
+        out
     }
 
     /// The calls in progress, as records so far.
@@ -350,6 +407,12 @@ fn quality(c: &Call, d: Dir) -> DirQuality {
     }
     if last > first {
         q.bitrate_kbps = bytes as f64 * 8.0 / ((last - first) as f64 / 1e9) / 1000.0;
+    }
+    let line = &c.line[d];
+    if line.watched_s > 0.0 {
+        q.line_full_pct = Some(line.full_s * 100.0 / line.watched_s);
+        q.rate_held_pct = Some(line.held_s * 100.0 / line.watched_s);
+        q.lowest_rate_pct = line.lowest_pct;
     }
     q.r = emodel::r_factor(
         q.loss_pct,

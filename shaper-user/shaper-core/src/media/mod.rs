@@ -126,9 +126,17 @@ pub fn render(calls: &[CallRecord]) -> String {
                 continue;
             }
             let jitter = q.jitter_ms.map_or("-".to_string(), |j| format!("{j:.1}"));
+            let line = match (q.line_full_pct, q.rate_held_pct) {
+                (Some(f), Some(h)) if h > 0.0 => format!(
+                    "; line full {f:.0} %, rate held {h:.0} % (to {:.0} %)",
+                    q.lowest_rate_pct.unwrap_or(100.0)
+                ),
+                (Some(f), _) => format!("; line full {f:.0} %"),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "{:<12} {:>8.1}  {:<16} {:<16} {:<4} {:>7} {:>8.2} {:>9} {:>9.0} {:>4.2}  {}",
+                "{:<12} {:>8.1}  {:<16} {:<16} {:<4} {:>7} {:>8.2} {:>9} {:>9.0} {:>4.2}  {}{}",
                 start,
                 c.duration_s,
                 c.lan_host,
@@ -139,7 +147,8 @@ pub fn render(calls: &[CallRecord]) -> String {
                 jitter,
                 q.bitrate_kbps,
                 q.mos,
-                q.loss_where
+                q.loss_where,
+                line
             );
         }
         if !c.degraded.is_empty() {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::CallRecord;
 
@@ -21,6 +21,58 @@ pub struct Period {
     /// Mean MOS of the calls' directions that carried media.
     pub mos_up: Option<f64>,
     pub mos_down: Option<f64>,
+    /// Of the call time `shaper run` watched the line, the share (%) it was full each
+    /// way, and the share its rate was held below the configured one.
+    pub line_full_pct_up: Option<f64>,
+    pub line_full_pct_down: Option<f64>,
+    pub rate_held_pct_up: Option<f64>,
+    pub rate_held_pct_down: Option<f64>,
+    /// The line over the whole period, calls or not (from `line.jsonl`).
+    pub line: Option<LineMinutes>,
+}
+
+/// One hour (UTC) of the shaped line as `shaper run` watched it (`line.jsonl`), calls or
+/// not; per direction, upload first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LineHour {
+    /// Unix time of the hour's start.
+    pub hour_s: u64,
+    /// Seconds watched, seconds the line was full, seconds its rate was held down.
+    pub watched_s: [f64; 2],
+    pub full_s: [f64; 2],
+    pub held_s: [f64; 2],
+    /// The lowest rate while held, % of the configured.
+    pub lowest_pct: [Option<f64>; 2],
+}
+
+impl LineHour {
+    pub fn new(hour_s: u64) -> LineHour {
+        LineHour {
+            hour_s,
+            ..LineHour::default()
+        }
+    }
+
+    /// Counts `secs` of direction `i` (0: up, 1: down).
+    pub fn add(&mut self, i: usize, secs: f64, full: bool, rate_pct: f64) {
+        self.watched_s[i] += secs;
+        if full {
+            self.full_s[i] += secs;
+        }
+        if rate_pct < super::calls::HELD_BELOW_PCT {
+            self.held_s[i] += secs;
+            self.lowest_pct[i] = Some(self.lowest_pct[i].map_or(rate_pct, |m| m.min(rate_pct)));
+        }
+    }
+}
+
+/// The line over a period, in minutes, per direction (upload first).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LineMinutes {
+    pub watched: [f64; 2],
+    pub full: [f64; 2],
+    pub held: [f64; 2],
+    pub lowest_pct: [Option<f64>; 2],
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -56,6 +108,8 @@ fn hour_of(t: f64) -> String {
 struct Acc {
     p: Period,
     mos: [(f64, u32); 2],
+    /// Per direction: (full seconds, held seconds, watched seconds).
+    line: [(f64, f64, f64); 2],
 }
 
 impl Acc {
@@ -74,6 +128,11 @@ impl Acc {
                 self.mos[i].0 += q.mos;
                 self.mos[i].1 += 1;
             }
+            if let (Some(f), Some(h)) = (q.line_full_pct, q.rate_held_pct) {
+                self.line[i].0 += f / 100.0 * c.duration_s;
+                self.line[i].1 += h / 100.0 * c.duration_s;
+                self.line[i].2 += c.duration_s;
+            }
         }
     }
 
@@ -82,17 +141,40 @@ impl Acc {
         let mean = |(s, n): (f64, u32)| (n > 0).then(|| s / f64::from(n));
         self.p.mos_up = mean(self.mos[0]);
         self.p.mos_down = mean(self.mos[1]);
+        let share = |part: f64, whole: f64| (whole > 0.0).then(|| part * 100.0 / whole);
+        let [up, down] = self.line;
+        self.p.line_full_pct_up = share(up.0, up.2);
+        self.p.line_full_pct_down = share(down.0, down.2);
+        self.p.rate_held_pct_up = share(up.1, up.2);
+        self.p.rate_held_pct_down = share(down.1, down.2);
         self.p
     }
 }
 
-/// Calls by day and by hour of their start.
-pub fn report(calls: &[CallRecord]) -> Report {
+/// Calls by day and by hour of their start, with the line's hours.
+pub fn report(calls: &[CallRecord], lines: &[LineHour]) -> Report {
     let mut days: BTreeMap<String, Acc> = BTreeMap::new();
     let mut hours: BTreeMap<String, Acc> = BTreeMap::new();
     for c in calls {
         days.entry(day_of(c.start_s)).or_default().add(c);
         hours.entry(hour_of(c.start_s)).or_default().add(c);
+    }
+    for l in lines {
+        let t = l.hour_s as f64;
+        for acc in [
+            days.entry(day_of(t)).or_default(),
+            hours.entry(hour_of(t)).or_default(),
+        ] {
+            let m = acc.p.line.get_or_insert_with(LineMinutes::default);
+            for i in 0..2 {
+                m.watched[i] += l.watched_s[i] / 60.0;
+                m.full[i] += l.full_s[i] / 60.0;
+                m.held[i] += l.held_s[i] / 60.0;
+                if let Some(p) = l.lowest_pct[i] {
+                    m.lowest_pct[i] = Some(m.lowest_pct[i].map_or(p, |x: f64| x.min(p)));
+                }
+            }
+        }
     }
     Report {
         days: days.into_iter().map(|(k, a)| a.done(k)).collect(),
@@ -111,21 +193,44 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(out, "{title}");
         let _ = writeln!(
             out,
-            "  {:<16} {:>6} {:>9} {:>8} {:>7} {:>9}  degraded because",
-            "period", "calls", "degraded", "minutes", "MOS up", "MOS down"
+            "  {:<16} {:>6} {:>9} {:>8} {:>7} {:>9} {:>13} {:>13}  degraded because",
+            "period",
+            "calls",
+            "degraded",
+            "minutes",
+            "MOS up",
+            "MOS down",
+            "full up/down",
+            "held up/down"
         );
         for p in rows.iter() {
             let mos = |m: Option<f64>| m.map_or("-".to_string(), |v| format!("{v:.2}"));
             let why: Vec<String> = p.reasons.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+            let pair = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (None, None) => "-".to_string(),
+                (a, b) => format!(
+                    "{}/{} %",
+                    a.map_or("-".into(), |v| format!("{v:.0}")),
+                    b.map_or("-".into(), |v| format!("{v:.0}"))
+                ),
+            };
             let _ = writeln!(
                 out,
-                "  {:<16} {:>6} {:>9} {:>8.1} {:>7} {:>9}  {}",
+                "  {:<16} {:>6} {:>9} {:>8.1} {:>7} {:>9} {:>13} {:>13} {:>17}  {}",
                 p.period,
                 p.calls,
                 p.degraded,
                 p.minutes,
                 mos(p.mos_up),
                 mos(p.mos_down),
+                pair(p.line_full_pct_up, p.line_full_pct_down),
+                pair(p.rate_held_pct_up, p.rate_held_pct_down),
+                p.line.as_ref().map_or("-".to_string(), |l| format!(
+                    "{:.0}/{:.0} of {:.0}",
+                    l.full[0],
+                    l.full[1],
+                    l.watched[0].max(l.watched[1])
+                )),
                 why.join(", ")
             );
         }
@@ -176,16 +281,40 @@ mod tests {
                 4.0,
             ),
         ];
-        let r = report(&calls);
+        let mut calls = calls;
+        // The first call's line: full upstream half its time, the rate held a tenth.
+        calls[0].up.line_full_pct = Some(50.0);
+        calls[0].up.rate_held_pct = Some(10.0);
+        // The line, calls or not: 09:00 full up 30 min, 10:00 held down 15 min at 70 %.
+        let mut h9 = LineHour::new((d0 + 9.0 * 3600.0) as u64);
+        h9.add(0, 1800.0, true, 100.0);
+        h9.add(0, 1800.0, false, 100.0);
+        h9.add(1, 3600.0, false, 100.0);
+        let mut h10 = LineHour::new((d0 + 10.0 * 3600.0) as u64);
+        h10.add(1, 900.0, false, 70.0);
+        h10.add(1, 2700.0, false, 100.0);
+        let r = report(&calls, &[h9, h10]);
+        let day = r.days[0].line.as_ref().expect("line");
+        assert_eq!(
+            (day.full, day.held, day.lowest_pct),
+            ([30.0, 0.0], [0.0, 15.0], [None, Some(70.0)])
+        );
+        assert_eq!(r.hours[1].period, "2026-12-03 10:00");
+        assert_eq!(r.hours[1].calls, 0, "an hour of line without calls");
+        assert_eq!(r.days[0].line_full_pct_up, Some(50.0));
+        assert_eq!(r.days[0].rate_held_pct_up, Some(10.0));
+        assert_eq!(r.days[0].line_full_pct_down, None);
         assert_eq!(r.days.len(), 2);
         assert_eq!((r.days[0].calls, r.days[0].degraded), (2, 1));
         assert_eq!(r.days[0].reasons.get("down loss"), Some(&1));
         assert!((r.days[0].mos_up.expect("mos") - 4.0).abs() < 1e-9);
         assert_eq!(r.hours[0].period, "2026-12-03 09:00");
-        assert_eq!(r.hours[1].period, "2026-12-04 14:00");
-        assert_eq!(r.hours[1].reasons.len(), 2);
+        assert_eq!(r.hours[2].period, "2026-12-04 14:00");
+        assert_eq!(r.hours[2].reasons.len(), 2);
         assert!((r.days[1].minutes - 10.0).abs() < 1e-9);
         let text = render(&r);
         assert!(text.contains("down loss x1"), "{text}");
+        assert!(text.contains("50/- %"), "{text}");
+        assert!(text.contains("30/0 of 60"), "{text}");
     }
 }

@@ -307,6 +307,17 @@ fn kernel_snapshots_make_calls_and_end_them() {
             calls.observe(t, &ku, &su);
             calls.observe(t, &kd, &sd);
             assert!(calls.expire(t).is_empty());
+            // The line: full upstream every other sample; the download rate held at
+            // 80 % for the first half.
+            let up = calls::LineSample {
+                full: i % 100 == 0,
+                rate_pct: 100.0,
+            };
+            let down = calls::LineSample {
+                full: false,
+                rate_pct: if i <= 1500 { 80.0 } else { 100.0 },
+            };
+            calls.line_tick(t, 1.0, &crate::dir::PerDir::new(up, down));
         }
     }
     let end = 1_000 * MS + 3000 * 20 * MS;
@@ -330,6 +341,25 @@ fn kernel_snapshots_make_calls_and_end_them() {
         ended[0].up.loss_pct
     );
     assert_eq!(ended[0].down.lost, 0);
+    // 59 samples: 29 full upstream, 30 with the download held at 80 %.
+    let (u, d) = (&ended[0].up, &ended[0].down);
+    let pct = |v: Option<f64>| v.map(|x| (x * 59.0 / 100.0).round() as u32);
+    assert_eq!(
+        (
+            pct(u.line_full_pct),
+            pct(u.rate_held_pct),
+            u.lowest_rate_pct
+        ),
+        (Some(29), Some(0), None)
+    );
+    assert_eq!(
+        (
+            pct(d.line_full_pct),
+            pct(d.rate_held_pct),
+            d.lowest_rate_pct
+        ),
+        (Some(0), Some(30), Some(80.0))
+    );
     let mut gone = calls.take_ended_streams();
     gone.sort();
     assert_eq!(gone, vec![ku, kd]);
@@ -337,4 +367,19 @@ fn kernel_snapshots_make_calls_and_end_them() {
     // The kernel still holds the ended streams: seen again, they start nothing.
     calls.observe(end + 11_000 * MS, &ku, &su);
     assert!(calls.live().is_empty() && calls.expire(end + 30_000 * MS).is_empty());
+    // A stream active again (a new call), ended by a reload: recorded, handed back.
+    let later = end + 40_000 * MS;
+    for i in 0..100u32 {
+        rtp_update(
+            &mut su,
+            3200 + i as u16,
+            i * 160,
+            later + u64::from(i) * 20 * MS,
+            172,
+        );
+    }
+    calls.observe(later + 2_000 * MS, &ku, &su);
+    assert_eq!(calls.finish().len(), 1);
+    assert_eq!(calls.take_ended_streams(), vec![ku]);
+    assert!(calls.live().is_empty());
 }
