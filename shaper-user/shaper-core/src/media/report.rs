@@ -193,7 +193,7 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(out, "{title}");
         let _ = writeln!(
             out,
-            "  {:<16} {:>6} {:>9} {:>8} {:>7} {:>9} {:>13} {:>13}  degraded because",
+            "  {:<16} {:>6} {:>9} {:>8} {:>7} {:>9} {:>13} {:>13} {:>17}  degraded because",
             "period",
             "calls",
             "degraded",
@@ -201,7 +201,8 @@ pub fn render(r: &Report) -> String {
             "MOS up",
             "MOS down",
             "full up/down",
-            "held up/down"
+            "held up/down",
+            "line full min u/d"
         );
         for p in rows.iter() {
             let mos = |m: Option<f64>| m.map_or("-".to_string(), |v| format!("{v:.2}"));
@@ -226,7 +227,7 @@ pub fn render(r: &Report) -> String {
                 pair(p.line_full_pct_up, p.line_full_pct_down),
                 pair(p.rate_held_pct_up, p.rate_held_pct_down),
                 p.line.as_ref().map_or("-".to_string(), |l| format!(
-                    "{:.0}/{:.0} of {:.0}",
+                    "{:.1}/{:.1} of {:.1}",
                     l.full[0],
                     l.full[1],
                     l.watched[0].max(l.watched[1])
@@ -315,6 +316,7 @@ mod tests {
         let text = render(&r);
         assert!(text.contains("down loss x1"), "{text}");
         assert!(text.contains("50/- %"), "{text}");
-        assert!(text.contains("30/0 of 60"), "{text}");
+        assert!(text.contains("30.0/0.0 of 60.0"), "{text}");
+        assert!(text.contains("line full min u/d"), "{text}");
     }
 }
