@@ -249,6 +249,26 @@ fn dropped_to(gw: &Netns, port: u16) -> u64 {
         .expect("a count")
 }
 
+/// Waits for a spawned tool (stderr piped) and asserts it succeeded, its stderr in the message.
+fn wait_ok(c: &mut std::process::Child, what: &str) {
+    let st = c.wait().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let mut err = String::new();
+    if let Some(mut e) = c.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    assert!(st.success(), "{what}: {err}");
+}
+
+/// The text of the daemon's calls.jsonl and its records.
+fn call_records(shaper: &Shaper) -> (String, Vec<serde_json::Value>) {
+    let log = std::fs::read_to_string(shaper.run_dir().join("calls.jsonl")).unwrap_or_default();
+    let records = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record"))
+        .collect();
+    (log, records)
+}
+
 /// A UDP sink in `ns` on `addr:port` until `stop` (so senders see no port unreachable):
 /// the datagrams that came from port `from` (the receiver's count).
 fn sink(
@@ -372,23 +392,14 @@ fn twenty_concurrent_calls_are_all_found() {
         })
         .collect();
     for c in &mut senders {
-        let st = c.wait().expect("ffmpeg ends");
-        let mut err = String::new();
-        if let Some(mut e) = c.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
-        assert!(st.success(), "ffmpeg: {err}");
+        wait_ok(c, "ffmpeg");
     }
     std::thread::sleep(Duration::from_secs(5));
     stop.store(true, Ordering::Relaxed);
     sink.join().expect("sink thread").expect("sink");
     let drops = dropped_to(&l.gw, 5004);
-    let log = std::fs::read_to_string(shaper.run_dir().join("calls.jsonl")).unwrap_or_default();
+    let (log, records) = call_records(&shaper);
     let (_, daemon_log) = daemon.stop().expect("daemon stops");
-    let records: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON record"))
-        .collect();
     let mut found: Vec<String> = records
         .iter()
         .map(|c| c["lan_host"].as_str().unwrap_or("").to_string())
@@ -444,24 +455,14 @@ fn a_call_records_that_the_line_was_full() {
         &l.lan,
         "rtp://198.51.100.1:5004?pkt_size=1200&localport=5010",
     );
-    let st = up.wait().expect("ffmpeg ends");
-    assert!(st.success(), "ffmpeg");
-    let bulk_ok = bulk.wait().expect("iperf3 ends").success();
-    let mut bulk_err = String::new();
-    if let Some(mut e) = bulk.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut bulk_err);
-    }
-    assert!(bulk_ok, "the upload ran: {bulk_err}");
+    wait_ok(&mut up, "ffmpeg");
+    wait_ok(&mut bulk, "the upload (iperf3)");
     drop(server);
     std::thread::sleep(Duration::from_secs(4));
     stop.store(true, Ordering::Relaxed);
     sink.join().expect("sink thread").expect("sink");
-    let log = std::fs::read_to_string(shaper.run_dir().join("calls.jsonl")).unwrap_or_default();
+    let (log, records) = call_records(&shaper);
     let (_, daemon_log) = daemon.stop().expect("daemon stops");
-    let records: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON record"))
-        .collect();
     assert_eq!(records.len(), 1, "{log}\n{daemon_log}");
     let (up, down) = (&records[0]["up"], &records[0]["down"]);
     let full = up["line_full_pct"].as_f64().expect("watched");
@@ -521,14 +522,8 @@ fn the_daemon_measures_calls_in_the_kernel() {
             break;
         }
     }
-    for (name, c) in [("up", &mut up), ("down", &mut down)] {
-        let st = c.wait().expect("ffmpeg ends");
-        let mut err = String::new();
-        if let Some(mut e) = c.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
-        assert!(st.success(), "ffmpeg {name}: {err}");
-    }
+    wait_ok(&mut up, "ffmpeg up");
+    wait_ok(&mut down, "ffmpeg down");
     flood.join().expect("flood thread").expect("flood");
     // Quiet for quiet_s (2 s) and the 1-s tick: the call has ended.
     std::thread::sleep(Duration::from_secs(5));
@@ -538,7 +533,7 @@ fn the_daemon_measures_calls_in_the_kernel() {
         .map(|s| s.join().expect("sink thread").expect("sink"))
         .collect();
     let (drop_up, drop_down) = (dropped_to(&l.gw, 5004), dropped_to(&l.gw, 5006));
-    let log = std::fs::read_to_string(shaper.run_dir().join("calls.jsonl")).unwrap_or_default();
+    let (log, records) = call_records(&shaper);
     let report = util::run(&mut shaper.command(&["report", "--json"])).expect("shaper report");
     let status = shaper.status_json().expect("status");
     let (_, daemon_log) = daemon.stop().expect("daemon stops");
@@ -546,10 +541,6 @@ fn the_daemon_measures_calls_in_the_kernel() {
         in_progress, 1,
         "one call in progress mid-call: {live}\n{daemon_log}"
     );
-    let records: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON record"))
-        .collect();
     assert_eq!(records.len(), 1, "one ended call: {log}\n{daemon_log}");
     let c = &records[0];
     assert_eq!(c["lan_host"], LAN);
