@@ -287,6 +287,25 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// The records of a JSON-lines file `shaper run` appends to (none when it does not
+/// exist); a line that does not parse (cut by a power cut, or another version's) is
+/// skipped with a warning naming it.
+fn read_jsonl<T: serde::de::DeserializeOwned>(p: &std::path::Path) -> Result<Vec<T>> {
+    let text = match std::fs::read_to_string(p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(anyhow::Error::from(e).context(format!("reading {}", p.display()))),
+    };
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        match serde_json::from_str(line) {
+            Ok(v) => out.push(v),
+            Err(e) => log::warn!("{}:{}: skipped: {e}", p.display(), n + 1),
+        }
+    }
+    Ok(out)
+}
+
 fn parse_lan(s: &str) -> Result<shaper_user::units::Cidr, String> {
     shaper_user::units::parse_cidr(s)
 }
@@ -446,41 +465,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Report { json } => {
             use shaper_user::media;
             let files = shaper_user::rundir::RunDir(&paths.run);
-            let mut calls = Vec::new();
-            for p in [files.calls_log_old(), files.calls_log()] {
-                let text = match std::fs::read_to_string(&p) {
-                    Ok(t) => t,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => {
-                        return Err(
-                            anyhow::Error::from(e).context(format!("reading {}", p.display()))
-                        )
-                    }
-                };
-                for (n, line) in text.lines().enumerate() {
-                    match serde_json::from_str::<media::CallRecord>(line) {
-                        Ok(c) => calls.push(c),
-                        // A line cut by a power cut or written by another version.
-                        Err(e) => log::warn!("{}:{}: skipped: {e}", p.display(), n + 1),
-                    }
-                }
-            }
-            let mut lines = Vec::new();
-            let p = files.line_log();
-            match std::fs::read_to_string(&p) {
-                Ok(text) => {
-                    for (n, line) in text.lines().enumerate() {
-                        match serde_json::from_str::<media::report::LineHour>(line) {
-                            Ok(h) => lines.push(h),
-                            Err(e) => log::warn!("{}:{}: skipped: {e}", p.display(), n + 1),
-                        }
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(anyhow::Error::from(e).context(format!("reading {}", p.display())))
-                }
-            }
+            let mut calls: Vec<media::CallRecord> = read_jsonl(&files.calls_log_old())?;
+            calls.extend(read_jsonl(&files.calls_log())?);
+            let lines: Vec<media::report::LineHour> = read_jsonl(&files.line_log())?;
             let r = media::report::report(&calls, &lines);
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
