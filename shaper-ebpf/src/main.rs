@@ -165,7 +165,7 @@ fn classify(ctx: &TcContext) {
         && class < 64
         && (cfg.media_classes >> class) & 1 == 1
     {
-        media::measure(ctx, dir);
+        media::measure(ctx, pkt, dir);
     }
 }
 

@@ -8,6 +8,14 @@
 //! payloads never create streams (see `shaper_common::media`). User space reads `MEDIA`
 //! once a second.
 //!
+//! The cost per packet: a packet of a known stream takes the RTP header in place from the
+//! packet's linear data (`bpf_skb_load_bytes` only for paged data), builds its key on
+//! this subprogram's stack, makes one `MEDIA` lookup and one `bpf_ktime_get_ns` call, and
+//! updates the stream in place; `MEDIA_PROBE` is only looked up when `MEDIA` has no such
+//! stream, and the clock only read for a packet that counts in a stream. The hash of the
+//! 44-byte key and the clock read are most of what is left (see the README's "Not done
+//! yet" for the figures).
+//!
 //! Nothing here changes or drops the packet, and any read that fails leaves it alone.
 //! Only the fixed RTP header is read (12 bytes, behind a 4-byte ChannelData header at
 //! most): a header-only RTP packet counts, and no payload byte is ever looked at.
@@ -24,29 +32,51 @@ use shaper_common::media::{
     rtp_offset, rtp_payload_type, rtp_update, MediaKey, MediaProbe, MediaStream, MEDIA_TURN,
 };
 
-use crate::maps::{MEDIA, MEDIA_PROBE, MEDIA_SCRATCH, SCRATCH};
+use crate::maps::{MEDIA, MEDIA_PROBE, MEDIA_SCRATCH};
 use crate::parse::{load, Pkt};
 
-/// Measures the packet parsed into SCRATCH (UDP, not a later fragment, in a measured
-/// class; addresses and ports from the site's side) going `dir`.
+/// Measures the packet parsed into `pkt` (SCRATCH: UDP, not a later fragment, in a
+/// measured class; addresses and ports from the site's side) going `dir`.
 #[inline(always)]
-pub(crate) fn measure(ctx: &TcContext, dir: u32) {
-    media_sub(ctx.skb.skb, dir);
+pub(crate) fn measure(ctx: &TcContext, pkt: &Pkt, dir: u32) {
+    media_sub(ctx.skb.skb, pkt, dir);
 }
 
 /// [`measure`] as a subprogram of its own (a BPF-to-BPF call): its locals live in its own
 /// frame, not in the classifier's (which the window clamp's callbacks leave no room to
 /// grow), and a call costs less than a `bpf_loop` of one iteration (some 10 ns less a
-/// packet in the classifier benchmark).
+/// packet in the classifier benchmark). The parsed packet comes in as the caller's
+/// pointer into SCRATCH, not looked up again.
 #[inline(never)]
-extern "C" fn media_sub(skb: *mut aya_ebpf::bindings::__sk_buff, dir: u32) {
+extern "C" fn media_sub(skb: *mut aya_ebpf::bindings::__sk_buff, pkt: *const Pkt, dir: u32) {
     let ctx = TcContext::new(skb);
-    let Some(pkt) = SCRATCH.get_ptr(0) else {
-        return;
-    };
-    // SAFETY: per-CPU scratch slot, filled by this program run's parse.
+    // SAFETY: the caller's per-CPU scratch slot, filled by this program run's parse.
     let pkt = unsafe { &*pkt };
     measure_packet(&ctx, pkt, dir);
+}
+
+/// The 12 bytes at `off`, as three words in network order: read in place when the
+/// linear part of the packet holds them (no helper call), else copied with
+/// `bpf_skb_load_bytes` (paged data); None past the end. Words, not bytes, so the fields
+/// come out of them with a shift and a byte swap each.
+#[inline(always)]
+fn header(ctx: &TcContext, off: u32) -> Option<[u32; 3]> {
+    // Bounded for the verifier (a packet pointer's variable offset must be); the payload
+    // of a packet this program parsed starts well inside 64 KiB.
+    if off < 0x1000 {
+        let start = ctx.data() + off as usize;
+        if start + 12 <= ctx.data_end() {
+            // SAFETY: the bytes lie inside the packet's linear data, just checked.
+            return Some(unsafe { core::ptr::read_unaligned(start as *const [u32; 3]) });
+        }
+    }
+    load::<[u32; 3]>(ctx, off as usize)
+}
+
+/// Byte `i` (0-3) of a word read from the packet.
+#[inline(always)]
+fn byte(w: u32, i: u32) -> u8 {
+    (u32::from_be(w) >> (24 - 8 * i)) as u8
 }
 
 /// RTP's fixed header, without CSRCs.
@@ -56,43 +86,41 @@ const RTP_HEADER: u32 = 12;
 fn measure_packet(ctx: &TcContext, pkt: &Pkt, dir: u32) {
     // UDP payload bytes, as the IP header announces them (what user space counts).
     let len = pkt.payload_len;
-    let off = pkt.payload_off as usize;
+    let off = pkt.payload_off;
     // The fixed header (12 bytes: the smallest RTP packet, a header alone, is counted).
-    let Some(h) = load::<[u8; 12]>(ctx, off) else {
+    let Some(h) = header(ctx, off) else {
         return;
     };
-    let (flags, rtp_len, b) = match rtp_offset(h[0], h[1]) {
+    let (flags, rtp_len, b) = match rtp_offset(byte(h[0], 0), byte(h[0], 1)) {
         Some(0) => (0, len, h),
         Some(_) => {
             // ChannelData (RFC 8656 §12.4): its length must fit in the datagram
             // (padding may follow), as user space's parser wants it.
-            let data = u16::from_be_bytes([h[2], h[3]]) as u32;
+            let data = u32::from_be(h[0]) & 0xffff;
             if data + 4 > len {
                 return;
             }
-            let Some(b) = load::<[u8; 12]>(ctx, off + 4) else {
+            let Some(b) = header(ctx, off + 4) else {
                 return;
             };
             (MEDIA_TURN, data, b)
         }
         None => return,
     };
-    let Some(pt) = rtp_payload_type(b[0], b[1]) else {
+    let (b0, b1) = (byte(b[0], 0), byte(b[0], 1));
+    let Some(pt) = rtp_payload_type(b0, b1) else {
         return;
     };
     // The CSRC list must fit.
-    if RTP_HEADER + 4 * (b[0] & 0x0f) as u32 > rtp_len {
+    if RTP_HEADER + 4 * (b0 & 0x0f) as u32 > rtp_len {
         return;
     }
-    let seq = u16::from_be_bytes([b[2], b[3]]);
-    let ts = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
-    let ssrc = u32::from_be_bytes([b[8], b[9], b[10], b[11]]);
-    let Some(sc) = MEDIA_SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU scratch slot, used by this program run only.
-    let sc = unsafe { &mut *sc };
-    sc.key = MediaKey {
+    let seq = u32::from_be(b[0]) as u16;
+    let ts = u32::from_be(b[1]);
+    let ssrc = u32::from_be(b[2]);
+    // The key on this subprogram's stack (44 bytes): a per-CPU scratch slot would cost
+    // a map lookup a packet.
+    let mut key = MediaKey {
         lan: pkt.src,
         peer: pkt.dst,
         lan_port: pkt.sport as u16,
@@ -103,17 +131,19 @@ fn measure_packet(ctx: &TcContext, pkt: &Pkt, dir: u32) {
         flags,
         _pad: 0,
     };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // The common case: a packet of a stream followed already.
-    if let Some(s) = MEDIA.get_ptr_mut(&sc.key) {
+    // The common case: a packet of a stream followed already (MEDIA first, so its
+    // packets never touch MEDIA_PROBE). The clock is read once, and only for a packet
+    // that counts in a stream.
+    if let Some(s) = MEDIA.get_ptr_mut(&key) {
+        // SAFETY: a helper without arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
         // SAFETY: a map value, changed in place (see the module's note on atomicity).
         rtp_update(unsafe { &mut *s }, seq, ts, now, len);
         return;
     }
     // Probation: the flow's SSRCs, under the key with SSRC 0.
-    sc.key.ssrc = 0;
-    match MEDIA_PROBE.get_ptr_mut(&sc.key) {
+    key.ssrc = 0;
+    match MEDIA_PROBE.get_ptr_mut(&key) {
         Some(p) => {
             // SAFETY: a map value, changed in place.
             if !unsafe { &mut *p }.offer(ssrc, seq) {
@@ -123,21 +153,25 @@ fn measure_packet(ctx: &TcContext, pkt: &Pkt, dir: u32) {
         None => {
             let mut p = MediaProbe::default();
             p.offer(ssrc, seq);
-            let _ = MEDIA_PROBE.insert(&sc.key, &p, 0);
+            let _ = MEDIA_PROBE.insert(&key, &p, 0);
             return;
         }
     }
-    sc.key.ssrc = ssrc;
+    key.ssrc = ssrc;
+    let Some(sc) = MEDIA_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch slot, used by this program run only.
+    let sc = unsafe { &mut *sc };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     sc.stream = MediaStream::start(pt, seq, ts, now, len, flags);
-    if MEDIA
-        .insert(&sc.key, &sc.stream, BPF_NOEXIST as u64)
-        .is_ok()
-    {
+    if MEDIA.insert(&key, &sc.stream, BPF_NOEXIST as u64).is_ok() {
         return;
     }
     // Another CPU started the stream meanwhile (the packets of a frame burst, run on two
     // CPUs, both found the SSRC validated): this packet counts in that stream.
-    if let Some(s) = MEDIA.get_ptr_mut(&sc.key) {
+    if let Some(s) = MEDIA.get_ptr_mut(&key) {
         // SAFETY: a map value, changed in place.
         rtp_update(unsafe { &mut *s }, seq, ts, now, len);
     }
