@@ -2,7 +2,8 @@
 //! `MEDIA` map, `[calls] classes`), groups them into calls ([`crate::media::Calls`]) and
 //! keeps two files in the run directory:
 //! - `calls.json`: the calls in progress (what `shaper calls` shows), replaced each
-//!   second;
+//!   second, with the counts and histograms (loss, jitter, MOS, duration) of the calls
+//!   ended since the daemon started (what `/metrics` shows);
 //! - `line.jsonl`: one JSON line per hour (UTC): how long the line was full each way and
 //!   its rate held down, calls or not;
 //! - `calls.jsonl`: one JSON record per ended call, appended, and logged as a line; at
@@ -10,8 +11,9 @@
 //!   report` reads both.
 //!
 //! Each second it also samples the shaped line (the HTB root's bytes and rate, the
-//! classes' drops): each call records how much of its time the line was full each way and
-//! how much the rate was held below the configured one (`LineMeter`).
+//! classes' drops): each call records how much of its time the line was full each way,
+//! how much the rate was held below the configured one, and how many packets the measured
+//! classes' queues dropped meanwhile (`LineMeter`).
 //!
 //! Addresses are keyed hashes unless `[calls] addresses = "shown"`; the key is made once
 //! per boot (`calls.key` in the run directory, mode 0600), so a day's report names each
@@ -37,7 +39,10 @@ use crate::{
     apply::Applied,
     compile::PARENT_CLASSID,
     dir::{Dir, PerDir},
-    kernel::{bpf, tc::Tc},
+    kernel::{
+        bpf,
+        tc::{ClassInfo, Tc},
+    },
     media::{calls::LineSample, report::LineHour, Addresses, CallRecord, Calls},
     rundir::{self, RunDir},
     wclamp::monotonic_ns,
@@ -58,6 +63,92 @@ pub struct Live {
     pub calls: Vec<CallRecord>,
     pub ended: u64,
     pub degraded: u64,
+    /// The ended calls' loss, jitter, MOS and duration as histograms (`/metrics`).
+    #[serde(default)]
+    pub histograms: CallHistograms,
+}
+
+/// Upper bounds of the buckets of the per-call histograms (Prometheus' base units: a
+/// jitter in seconds).
+pub const LOSS_PERCENT_BUCKETS: [f64; 6] = [0.1, 0.5, 1.0, 2.0, 5.0, 10.0];
+pub const JITTER_SECONDS_BUCKETS: [f64; 7] = [0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1];
+pub const MOS_BUCKETS: [f64; 7] = [1.0, 2.0, 3.0, 3.5, 4.0, 4.3, 4.5];
+pub const DURATION_SECONDS_BUCKETS: [f64; 6] = [10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0];
+
+/// One histogram as Prometheus keeps it: the buckets' upper bounds, the observations at
+/// or below each (cumulative), their sum and count (the `+Inf` bucket). Fixed in size
+/// however many values it has seen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    pub le: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn new(le: &[f64]) -> Histogram {
+        Histogram {
+            le: le.to_vec(),
+            counts: vec![0; le.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    /// Counts `v` (a value that is not a number is not counted).
+    pub fn observe(&mut self, v: f64) {
+        if !v.is_finite() {
+            return;
+        }
+        for (le, n) in self.le.iter().zip(&mut self.counts) {
+            if v <= *le {
+                *n += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+}
+
+/// The calls ended since `shaper run` started, as histograms: per direction (upload
+/// first) the loss, jitter and MOS of the directions that carried media (jitter where a
+/// clock rate was known), and the calls' durations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallHistograms {
+    pub loss_percent: PerDir<Histogram>,
+    pub jitter_seconds: PerDir<Histogram>,
+    pub mos: PerDir<Histogram>,
+    pub duration_seconds: Histogram,
+}
+
+impl Default for CallHistograms {
+    fn default() -> Self {
+        let per_dir = |le: &[f64]| PerDir::from_fn(|_| Histogram::new(le));
+        CallHistograms {
+            loss_percent: per_dir(&LOSS_PERCENT_BUCKETS),
+            jitter_seconds: per_dir(&JITTER_SECONDS_BUCKETS),
+            mos: per_dir(&MOS_BUCKETS),
+            duration_seconds: Histogram::new(&DURATION_SECONDS_BUCKETS),
+        }
+    }
+}
+
+impl CallHistograms {
+    /// Counts one ended call.
+    pub fn observe(&mut self, r: &CallRecord) {
+        self.duration_seconds.observe(r.duration_s);
+        for (d, q) in [(Dir::Up, &r.up), (Dir::Down, &r.down)] {
+            if q.streams == 0 {
+                continue;
+            }
+            self.loss_percent[d].observe(q.loss_pct);
+            if let Some(j) = q.jitter_ms {
+                self.jitter_seconds[d].observe(j / 1000.0);
+            }
+            self.mos[d].observe(q.mos);
+        }
+    }
 }
 
 fn now_unix() -> u64 {
@@ -126,8 +217,10 @@ pub fn summary(r: &CallRecord) -> String {
             return format!("{name} -");
         }
         format!(
-            "{name} loss {:.2} % jitter {} MOS {:.2}",
+            "{name} loss {:.2} %{} jitter {} MOS {:.2}",
             q.loss_pct,
+            q.shaper_drops
+                .map_or(String::new(), |n| format!(" gw drops {n}")),
             q.jitter_ms.map_or("-".into(), |j| format!("{j:.1} ms")),
             q.mos
         )
@@ -148,7 +241,7 @@ pub fn summary(r: &CallRecord) -> String {
 }
 
 pub async fn run(mut applied: watch::Receiver<Option<Applied>>, run: PathBuf) {
-    let (mut ended, mut degraded) = (0u64, 0u64);
+    let mut ended = Ended::default();
     loop {
         let current = applied.borrow_and_update().clone();
         let Some(a) = current.filter(|a| !a.plan.policy.calls.classes.is_empty()) else {
@@ -205,15 +298,16 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, run: PathBuf) {
                 }
             }
             for r in calls.expire(now) {
-                record(&run, &r, &mut ended, &mut degraded);
+                ended.record(&run, &r);
             }
             forget(&a.pins, &calls.take_ended_streams());
             let live = Live {
                 version: CALLS_VERSION,
                 updated_at: now_unix(),
                 calls: calls.live(),
-                ended,
-                degraded,
+                ended: ended.calls,
+                degraded: ended.degraded,
+                histograms: ended.histograms.clone(),
             };
             if let Err(e) = rundir::write_json(&RunDir(&run).calls(), &live) {
                 log::warn!("calls: {e:#}");
@@ -221,7 +315,7 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, run: PathBuf) {
         };
         // A new policy (or the end): the calls so far end here.
         for r in calls.finish() {
-            record(&run, &r, &mut ended, &mut degraded);
+            ended.record(&run, &r);
         }
         // The hour so far (a reload starts the next one's count afresh).
         if let Some(h) = meter.hour.take() {
@@ -238,15 +332,41 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, run: PathBuf) {
 }
 
 /// What the shaped line did since the last sample, per direction: whether it was full
-/// (the root class sent at 90 % of its rate or more, or a class dropped) and its rate in
-/// the kernel against the configured one. Nothing until two samples (and never when
-/// netlink fails: the calls are then recorded without it).
+/// (the root class sent at 90 % of its rate or more, or a class dropped), its rate in
+/// the kernel against the configured one, and the drops of the measured classes. Nothing
+/// until two samples (and never when netlink fails: the calls are then recorded without
+/// it).
 #[derive(Default)]
 struct LineMeter {
     tc: Option<Tc>,
-    prev: Option<(std::time::Instant, PerDir<(u64, u64)>)>,
+    prev: Option<(std::time::Instant, PerDir<Counts>)>,
     /// The hour being counted (for `line.jsonl`, calls or not).
     hour: Option<LineHour>,
+}
+
+/// One direction's counters at a sample: the root's bytes sent, the drops of every class
+/// and of the measured classes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    bytes: u64,
+    drops: u64,
+    measured_drops: u64,
+}
+
+/// The HTB class ids of the classes whose calls are measured (`[calls] classes`) going `d`.
+fn measured_classids(a: &Applied, d: Dir) -> Vec<u32> {
+    a.plan.dirs[d]
+        .classes
+        .iter()
+        .filter(|c| a.plan.policy.calls.classes.contains(&(c.index as usize)))
+        .map(|c| c.classid)
+        .collect()
+}
+
+/// How much a counter rose from `before` to `now`; a counter that went back (its class
+/// made again) counts from zero.
+fn rise(before: u64, now: u64) -> u64 {
+    now.checked_sub(before).unwrap_or(now)
 }
 
 impl LineMeter {
@@ -256,7 +376,7 @@ impl LineMeter {
         }
         let tc = self.tc.as_ref()?;
         let at = std::time::Instant::now();
-        let mut now = PerDir::new((0, 0), (0, 0));
+        let mut now = PerDir::<Counts>::default();
         let mut rate = PerDir::new(0u64, 0u64);
         for d in Dir::ALL {
             let classes = match tc.classes(a.ifindex[d]).await {
@@ -267,8 +387,17 @@ impl LineMeter {
                 }
             };
             let root = classes.iter().find(|c| c.classid == PARENT_CLASSID)?;
-            let drops = classes.iter().map(|c| u64::from(c.stats.drops)).sum();
-            now[d] = (root.stats.bytes, drops);
+            let measured = measured_classids(a, d);
+            let drops = |c: &ClassInfo| u64::from(c.stats.drops);
+            now[d] = Counts {
+                bytes: root.stats.bytes,
+                drops: classes.iter().map(drops).sum(),
+                measured_drops: classes
+                    .iter()
+                    .filter(|c| measured.contains(&c.classid))
+                    .map(drops)
+                    .sum(),
+            };
             rate[d] = root.htb.map_or(0, |h| h.rate_bps);
         }
         let prev = self.prev.replace((at, now));
@@ -278,11 +407,13 @@ impl LineMeter {
             return None;
         }
         let line = PerDir::from_fn(|d| {
-            let sent_bps = now[d].0.saturating_sub(before[d].0) as f64 * 8.0 / secs;
+            let (now, before) = (now[d], before[d]);
+            let sent_bps = now.bytes.saturating_sub(before.bytes) as f64 * 8.0 / secs;
             let configured = a.plan.dirs[d].rate_bps.max(1) as f64;
             LineSample {
-                full: (rate[d] > 0 && sent_bps >= 0.9 * rate[d] as f64) || now[d].1 > before[d].1,
+                full: (rate[d] > 0 && sent_bps >= 0.9 * rate[d] as f64) || now.drops > before.drops,
                 rate_pct: rate[d] as f64 * 100.0 / configured,
+                measured_drops: rise(before.measured_drops, now.measured_drops),
             }
         });
         Some((secs, line))
@@ -345,20 +476,63 @@ fn log_err(r: Result<()>) {
     }
 }
 
-fn record(run: &Path, r: &CallRecord, ended: &mut u64, degraded: &mut u64) {
-    *ended += 1;
-    if !r.degraded.is_empty() {
-        *degraded += 1;
-    }
-    log::info!("{}", summary(r));
-    if let Err(e) = append(run, r) {
-        log::warn!("calls: {e:#}");
+/// The calls ended since the daemon started: how many, how many degraded, and their
+/// histograms.
+#[derive(Default)]
+struct Ended {
+    calls: u64,
+    degraded: u64,
+    histograms: CallHistograms,
+}
+
+impl Ended {
+    /// Counts, logs and appends one ended call.
+    fn record(&mut self, run: &Path, r: &CallRecord) {
+        self.calls += 1;
+        if !r.degraded.is_empty() {
+            self.degraded += 1;
+        }
+        self.histograms.observe(r);
+        log::info!("{}", summary(r));
+        if let Err(e) = append(run, r) {
+            log::warn!("calls: {e:#}");
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The log line has the gateway's own drops beside the loss where they are known; a
+    /// class's counter that went back (the class made again) counts from zero.
+    #[test]
+    fn the_log_line_has_the_gateways_drops() {
+        let q = |shaper_drops| crate::media::DirQuality {
+            streams: 1,
+            loss_pct: 0.5,
+            mos: 4.2,
+            shaper_drops,
+            ..Default::default()
+        };
+        let r = CallRecord {
+            lan_host: "h-1".into(),
+            peer: "h-2".into(),
+            start_s: 0.0,
+            duration_s: 60.0,
+            turn: false,
+            rtcp_packets: 0,
+            up: q(Some(0)),
+            down: q(None),
+            degraded: Vec::new(),
+        };
+        let line = summary(&r);
+        assert!(
+            line.contains("; up loss 0.50 % gw drops 0 jitter - MOS 4.20; down loss 0.50 % jitter"),
+            "{line}"
+        );
+        assert_eq!((rise(5, 9), rise(9, 4)), (4, 4));
+    }
 
     /// The pseudonym key is made once, kept for the boot, readable by root only; a
     /// spoiled key file is replaced.

@@ -45,6 +45,8 @@ pub struct CallsSummary {
     /// Calls ended since the daemon started, and of those degraded.
     pub ended: u64,
     pub degraded: u64,
+    /// The ended calls' loss, jitter, MOS and duration as histograms.
+    pub histograms: crate::calls_task::CallHistograms,
 }
 
 fn read_calls(run: &Path) -> Option<CallsSummary> {
@@ -57,6 +59,7 @@ fn read_calls(run: &Path) -> Option<CallsSummary> {
             active: l.calls.len() as u64,
             ended: l.ended,
             degraded: l.degraded,
+            histograms: l.histograms,
         }),
         Ok(None) => None,
         Err(e) => {

@@ -28,7 +28,8 @@ pub const MEDIA_TURN: u8 = 1;
 pub const RTP_MAX_DROPOUT: u16 = 3000;
 /// A step back up to this far is reordering (RFC 3550 A.1).
 pub const RTP_MAX_MISORDER: u16 = 100;
-/// How long a stream of a dynamic payload type is watched before its clock is estimated.
+/// A stream of a dynamic payload type: the shortest window its clock is estimated over
+/// (the clock is known once two windows in a row agree: after 2 s at least).
 pub const RTP_CLOCK_ESTIMATE_NS: u64 = 1_000_000_000;
 /// Clock rates in use (Hz): an estimate snaps to the nearest within 1/8 of it.
 pub const RTP_CLOCKS_HZ: [u32; 7] = [8_000, 16_000, 24_000, 32_000, 44_100, 48_000, 90_000];
@@ -91,6 +92,10 @@ pub struct MediaStream {
     /// Monotonic ns of the first counted packet and of the last packet.
     pub first_ns: u64,
     pub last_ns: u64,
+    /// The arrival the jitter's transits (and the clock's estimation windows) count from,
+    /// with `first_ts`: the first counted packet's at first, moved on as the clock is
+    /// estimated.
+    pub origin_ns: u64,
     /// Distinct packets counted (duplicates not).
     pub received: u64,
     /// UDP payload bytes, duplicates included.
@@ -109,7 +114,7 @@ pub struct MediaStream {
     pub max_seq: u16,
     /// A.1's bad_seq (2^16 + 1: none).
     pub bad_seq: u32,
-    /// The first counted packet's timestamp.
+    /// The timestamp of the packet at `origin_ns`.
     pub first_ts: u32,
     /// RTP clock rate (Hz); 0 until known.
     pub clock_hz: u32,
@@ -119,7 +124,10 @@ pub struct MediaStream {
     /// [`MEDIA_TURN`].
     pub flags: u8,
     pub have_transit: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// While the clock is unknown: the rate the last estimation window suggested (0:
+    /// none yet, or no clock in use). The clock is known when two windows in a row agree.
+    pub clock_try: u32,
 }
 
 /// What [`rtp_update`] did with a packet.
@@ -177,6 +185,7 @@ impl MediaStream {
         let mut s = MediaStream {
             first_ns: now_ns,
             last_ns: now_ns,
+            origin_ns: now_ns,
             received: 1,
             bytes: len as u64,
             base_seq: seq,
@@ -213,23 +222,33 @@ impl MediaStream {
 
     #[inline(always)]
     fn jitter(&mut self, ts: u32, now_ns: u64) {
-        let since = now_ns.saturating_sub(self.first_ns);
+        let since = now_ns.saturating_sub(self.origin_ns);
         if self.clock_hz == 0 {
             if since < RTP_CLOCK_ESTIMATE_NS {
                 return;
             }
-            self.clock_hz = rtp_estimate_clock(ts.wrapping_sub(self.first_ts), since);
-            if self.clock_hz == 0 {
-                // Timestamps that follow no clock in use: start over from here.
-                self.first_ns = now_ns;
-                self.first_ts = ts;
+            // One window's estimate is not trusted alone: a sender that stalls (a busy
+            // host, a codec starting) and then catches up fits no clock, or the wrong one.
+            // The next window starts here; the clock is the rate two windows in a row
+            // agree on.
+            let hz = rtp_estimate_clock(ts.wrapping_sub(self.first_ts), since);
+            self.origin_ns = now_ns;
+            self.first_ts = ts;
+            if hz == 0 || hz != self.clock_try {
+                self.clock_try = hz;
                 return;
             }
+            self.clock_hz = hz;
+            // Transit from this origin on: this packet's is 0.
+            self.jitter16 = 0;
+            self.transit = 0;
+            self.have_transit = 1;
+            return;
         }
         // Arrival in clock units: `since` below 2^44 ns (4.8 hours) keeps the product
         // below 2^61; longer streams restart the origin.
         if since >= 1 << 44 {
-            self.first_ns = now_ns;
+            self.origin_ns = now_ns;
             self.first_ts = ts;
             self.have_transit = 0;
             return;
@@ -368,6 +387,35 @@ mod tests {
         assert_eq!(rtp_update(&mut s, 30_000, 0, 0, 100), RTP_IGNORED);
         assert_eq!(rtp_update(&mut s, 30_001, 0, 0, 100), RTP_RESTARTED);
         assert_eq!((s.expected(), s.lost(), s.duplicates), (1, 0, 2));
+    }
+
+    /// A sender frozen for 5 s after its first second, then going on where it stopped
+    /// (its timestamps paused too): the first window fits 8 kHz (1 s of 48 kHz media over
+    /// 6 s), which alone would have made the jitter six times too large for good. The clock
+    /// is the 48 kHz two later windows agree on, and the jitter is then right.
+    #[test]
+    fn a_frozen_sender_does_not_set_the_wrong_clock() {
+        let ms = 1_000_000u64;
+        let arrive = |i: u32| {
+            let t = if i < 50 {
+                i as u64 * 20 * ms
+            } else {
+                5_000 * ms + i as u64 * 20 * ms
+            };
+            t + if i % 2 == 1 { 4 * ms } else { 0 }
+        };
+        assert_eq!(rtp_estimate_clock(50 * 960, 6_000 * ms), 8_000);
+        let mut s = MediaStream::start(111, 0, 0, arrive(0), 100, 0);
+        for i in 1..1000u32 {
+            rtp_update(&mut s, i as u16, i * 960, arrive(i), 100);
+            if i == 50 {
+                assert_eq!((s.clock_hz, s.clock_try), (0, 8_000), "the first window");
+            }
+        }
+        assert_eq!(s.clock_hz, 48_000);
+        assert_eq!(s.first_ns, 0, "the stream's start stays");
+        let j = s.jitter_us().expect("clock known");
+        assert!((3_800..=4_200).contains(&j), "{j} us");
     }
 
     #[test]

@@ -33,8 +33,10 @@
 //! feature; not `prometheus-client`, which writes OpenMetrics text): each scrape fills a
 //! registry of its own (`Scrape`) and the crate's `TextEncoder` writes format 0.0.4. The
 //! names, label sets, HELP texts, types and values are the ones this module has always
-//! written. What the encoder does its own way, none of it of any matter to a Prometheus
-//! server:
+//! written. The call histograms are counted by the calls task as calls end (bucket counts,
+//! sum and count, in calls.json) and handed to the registry as they are
+//! (`Scrape::histogram`), not observed again at each scrape. What the encoder does its own
+//! way, none of it of any matter to a Prometheus server:
 //!
 //! - families come sorted by name, not in the order [`render`] adds them, and the samples of
 //!   a family sorted by their label values;
@@ -49,9 +51,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use prometheus::{core::Collector, Encoder as _, GaugeVec, IntCounterVec, Opts, Registry};
+use prometheus::{
+    core::{Collector, Desc},
+    proto, Encoder as _, GaugeVec, IntCounterVec, Opts, Registry,
+};
 
-use crate::status;
+use crate::{calls_task::Histogram, dir::Dir, status};
 
 mod listen;
 mod server;
@@ -72,12 +77,55 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 // Rendering.
 
 /// The metric families of one scrape, in a registry of their own: one counter or gauge
-/// vector per family name, registered at its first sample with that sample's label names.
+/// vector per family name, registered at its first sample with that sample's label names;
+/// histogram families (counted elsewhere, [`Scrape::histogram`]) registered at
+/// [`Scrape::encode`].
 #[derive(Default)]
 struct Scrape {
     registry: Registry,
     counters: HashMap<String, IntCounterVec>,
     gauges: HashMap<String, GaugeVec>,
+    histograms: BTreeMap<String, proto::MetricFamily>,
+}
+
+/// A histogram family whose buckets, sum and count were kept by whoever observed the
+/// values (the calls task keeps them across scrapes): handed to the registry as it is.
+struct Counted {
+    desc: Desc,
+    family: proto::MetricFamily,
+}
+
+impl Counted {
+    /// The family, once its samples are known to have one set of label names.
+    fn new(family: proto::MetricFamily) -> prometheus::Result<Counted> {
+        let names = |m: &proto::Metric| -> Vec<String> {
+            m.get_label().iter().map(|l| l.name().to_string()).collect()
+        };
+        let first = family.get_metric().first().map(names).unwrap_or_default();
+        if let Some(m) = family.get_metric().iter().find(|m| names(m) != first) {
+            return Err(prometheus::Error::Msg(format!(
+                "label names {:?} after {first:?}",
+                names(m)
+            )));
+        }
+        let desc = Desc::new(
+            family.name().to_string(),
+            family.help().to_string(),
+            first,
+            HashMap::new(),
+        )?;
+        Ok(Counted { desc, family })
+    }
+}
+
+impl Collector for Counted {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<proto::MetricFamily> {
+        vec![self.family.clone()]
+    }
 }
 
 impl Scrape {
@@ -107,8 +155,56 @@ impl Scrape {
         left_out(name, r);
     }
 
+    /// The histogram `name{labels}` as `h` holds it: its buckets' upper bounds and
+    /// cumulative counts (the encoder adds `+Inf`, the count), sum and count.
+    fn histogram(&mut self, name: &str, help: &str, labels: &[(&str, &str)], h: &Histogram) {
+        let mut sorted = labels.to_vec();
+        sorted.sort_unstable();
+        let mut m = proto::Metric::from_label(
+            sorted
+                .into_iter()
+                .map(|(k, v)| {
+                    let mut l = proto::LabelPair::default();
+                    l.set_name(k.to_string());
+                    l.set_value(v.to_string());
+                    l
+                })
+                .collect(),
+        );
+        let mut p = proto::Histogram::default();
+        p.set_bucket(
+            h.le.iter()
+                .zip(&h.counts)
+                .map(|(le, n)| {
+                    let mut b = proto::Bucket::default();
+                    b.set_upper_bound(*le);
+                    b.set_cumulative_count(*n);
+                    b
+                })
+                .collect(),
+        );
+        p.set_sample_sum(h.sum);
+        p.set_sample_count(h.count);
+        m.set_histogram(p);
+        self.histograms
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                let mut f = proto::MetricFamily::default();
+                f.set_name(name.to_string());
+                f.set_help(help.to_string());
+                f.set_field_type(proto::MetricType::HISTOGRAM);
+                f
+            })
+            .mut_metric()
+            .push(m);
+    }
+
     /// The text exposition of every family that has a sample.
     fn encode(self) -> String {
+        for (name, family) in self.histograms {
+            let r = Counted::new(family).and_then(|c| self.registry.register(Box::new(c)));
+            left_out(&name, r);
+        }
         let encoder = prometheus::TextEncoder::new();
         debug_assert_eq!(encoder.format_type(), prometheus::TEXT_FORMAT);
         let r = encoder.encode_to_string(&self.registry.gather());
@@ -367,6 +463,34 @@ pub fn render(r: &status::Report) -> String {
             "Ended calls with loss over 1 % or jitter over 30 ms in a direction.",
             &[],
             c.degraded,
+        );
+        let h = &c.histograms;
+        for d in Dir::ALL {
+            let l = [("direction", d.name())];
+            s.histogram(
+                "shaper_call_loss_percent",
+                "Packet loss (%) of the calls ended since `shaper run` started, per direction that carried media.",
+                &l,
+                &h.loss_percent[d],
+            );
+            s.histogram(
+                "shaper_call_jitter_seconds",
+                "RFC 3550 jitter (the largest of the direction's streams) of the calls ended since `shaper run` started, per direction that carried media with a known clock rate.",
+                &l,
+                &h.jitter_seconds[d],
+            );
+            s.histogram(
+                "shaper_call_mos",
+                "E-model MOS of the calls ended since `shaper run` started, per direction that carried media.",
+                &l,
+                &h.mos[d],
+            );
+        }
+        s.histogram(
+            "shaper_call_duration_seconds",
+            "Duration of the calls ended since `shaper run` started.",
+            &[],
+            &h.duration_seconds,
         );
     }
     s.encode()

@@ -11,6 +11,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 /// A parsed sample: metric name, labels (unescaped), value.
 type Parsed = (String, Vec<(String, String)>, f64);
 
+/// One histogram series as read back: its buckets (`le`, count), `_sum` and `_count`.
+type Series = (Vec<(String, f64)>, f64, f64);
+
 fn class(name: &str, classid: &str, packets: u64) -> ClassReport {
     ClassReport {
         name: name.to_string(),
@@ -72,6 +75,7 @@ fn report() -> Report {
             active: 2,
             ended: 5,
             degraded: 1,
+            histograms: crate::calls_task::CallHistograms::default(),
         }),
     }
 }
@@ -167,9 +171,20 @@ fn parse_sample(line: &str) -> std::result::Result<Parsed, String> {
     Ok((name.to_string(), labels, value))
 }
 
+/// The family a sample belongs to: its own name, or for a histogram's `_bucket`, `_sum`
+/// and `_count` the histogram's.
+fn family_of<'a>(types: &BTreeMap<String, String>, name: &'a str) -> &'a str {
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .filter_map(|suffix| name.strip_suffix(suffix))
+        .find(|base| types.get(*base).is_some_and(|k| k == "histogram"))
+        .unwrap_or(name)
+}
+
 /// Checks the whole exposition: every line is HELP, TYPE or a sample that
 /// parses; one HELP and TYPE per family, before its samples; samples of a
-/// family together; counters end in `_total`; no duplicate series.
+/// family together; counters end in `_total`; no duplicate series; a
+/// histogram's buckets cumulative, ending at `+Inf` with its count.
 fn check_exposition(text: &str) -> Vec<Parsed> {
     assert!(text.ends_with('\n'), "ends with a newline");
     let mut types: BTreeMap<String, String> = BTreeMap::new();
@@ -187,7 +202,7 @@ fn check_exposition(text: &str) -> Vec<Parsed> {
         }
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
-            assert!(["counter", "gauge"].contains(&kind), "{line}");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
             assert!(kind != "counter" || name.ends_with("_total"), "{line}");
             assert!(
                 types.insert(name.to_string(), kind.to_string()).is_none(),
@@ -200,18 +215,57 @@ fn check_exposition(text: &str) -> Vec<Parsed> {
         }
         assert!(!line.starts_with('#'), "unexpected comment {line:?}");
         let (name, labels, value) = parse_sample(line).unwrap_or_else(|e| panic!("{e}"));
+        let family = family_of(&types, &name);
         assert_eq!(
             current.as_deref(),
-            Some(name.as_str()),
+            Some(family),
             "sample outside its family: {line}"
         );
-        assert!(!finished.contains(&name), "family split: {line}");
-        assert!(helped.contains(&name), "no HELP for {name}");
+        assert!(!finished.contains(family), "family split: {line}");
+        assert!(helped.contains(family), "no HELP for {family}");
         let key = format!("{name}{labels:?}");
         assert!(series.insert(key), "duplicate series: {line}");
         samples.push((name, labels, value));
     }
+    for (name, _) in types.iter().filter(|(_, k)| *k == "histogram") {
+        check_histogram(&samples, name);
+    }
     samples
+}
+
+/// A histogram's series, per label set (`le` aside): buckets in rising order of `le`
+/// with counts that never fall, the last `+Inf` and equal to `_count`, and a `_sum`.
+fn check_histogram(samples: &[Parsed], name: &str) {
+    let bucket = format!("{name}_bucket");
+    // By label set (`le` aside): each bucket's (le, count).
+    let mut sets: BTreeMap<_, Vec<(f64, f64)>> = BTreeMap::new();
+    for (n, l, v) in samples.iter().filter(|(n, _, _)| *n == bucket) {
+        let le = l.iter().find(|(k, _)| k == "le").expect("le").1.as_str();
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or_else(|_| panic!("{n}: le {le:?}"))
+        };
+        let rest: Vec<_> = l.iter().filter(|(k, _)| k != "le").cloned().collect();
+        sets.entry(rest).or_default().push((le, *v));
+    }
+    assert!(!sets.is_empty(), "{name}: no buckets");
+    for (labels, buckets) in sets {
+        assert!(
+            buckets
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+            "{name}{labels:?}: {buckets:?}"
+        );
+        let want: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        let count = find(samples, &format!("{name}_count"), &want).expect("_count");
+        assert_eq!(
+            buckets.last().copied(),
+            Some((f64::INFINITY, count.2)),
+            "{name}{labels:?}"
+        );
+        assert!(find(samples, &format!("{name}_sum"), &want).is_some());
+    }
 }
 
 fn find<'a>(samples: &'a [Parsed], name: &str, want: &[(&str, &str)]) -> Option<&'a Parsed> {
@@ -522,8 +576,160 @@ fn calls_are_counted() {
     }
     let mut r = report();
     r.calls = None;
+    let text = render(&r);
     assert!(
-        !render(&r).contains("shaper_calls_"),
+        !text.contains("shaper_calls_") && !text.contains("shaper_call_"),
         "no [calls]: no call metrics"
+    );
+}
+
+/// A call ended with these values: (loss %, jitter ms, MOS) up and down (None: no media
+/// that way), and its duration.
+fn ended_call(
+    up: Option<(f64, Option<f64>, f64)>,
+    down: Option<(f64, Option<f64>, f64)>,
+    duration_s: f64,
+) -> crate::media::CallRecord {
+    let q = |v: Option<(f64, Option<f64>, f64)>| match v {
+        Some((loss_pct, jitter_ms, mos)) => crate::media::DirQuality {
+            streams: 1,
+            loss_pct,
+            jitter_ms,
+            mos,
+            ..Default::default()
+        },
+        None => crate::media::DirQuality::default(),
+    };
+    crate::media::CallRecord {
+        lan_host: "h-1".into(),
+        peer: "h-2".into(),
+        start_s: 1_764_000_000.0,
+        duration_s,
+        turn: false,
+        rtcp_packets: 0,
+        up: q(up),
+        down: q(down),
+        degraded: Vec::new(),
+    }
+}
+
+/// Three ended calls counted by the calls task (and through calls.json's JSON, as status
+/// reads them) come out as histograms: each bucket's count, `_sum` and `_count`, per
+/// direction; a direction without media is not counted, a jitter without a clock is not
+/// counted in the jitter histogram; durations once per call.
+#[test]
+fn ended_calls_are_histograms() {
+    let mut h = crate::calls_task::CallHistograms::default();
+    for c in [
+        ended_call(Some((0.0, Some(2.0), 4.4)), Some((0.3, None, 4.3)), 30.0),
+        ended_call(Some((1.5, Some(25.0), 3.9)), None, 600.0),
+        ended_call(
+            Some((12.0, Some(120.0), 2.5)),
+            Some((0.1, Some(1.0), 4.5)),
+            5000.0,
+        ),
+    ] {
+        h.observe(&c);
+    }
+    let json = serde_json::to_string(&h).expect("JSON");
+    let h = serde_json::from_str(&json).expect("read back");
+    let mut r = report();
+    r.calls.as_mut().expect("calls").histograms = h;
+    let s = check_exposition(&render(&r));
+    let series = |name: &str, dir: Option<&str>| -> Series {
+        let mut want = vec![];
+        if let Some(d) = dir {
+            want.push(("direction", d));
+        }
+        let buckets = s
+            .iter()
+            .filter(|(n, l, _)| {
+                *n == format!("{name}_bucket")
+                    && want
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, l, v)| {
+                let le = l.iter().find(|(k, _)| k == "le").expect("le");
+                (le.1.clone(), *v)
+            })
+            .collect();
+        let one = |suffix: &str| {
+            find(&s, &format!("{name}{suffix}"), &want)
+                .unwrap_or_else(|| panic!("{name}{suffix} {dir:?}"))
+                .2
+        };
+        (buckets, one("_sum"), one("_count"))
+    };
+    let loss: &[&str] = &["0.1", "0.5", "1", "2", "5", "10", "+Inf"];
+    let jitter: &[&str] = &[
+        "0.001", "0.005", "0.01", "0.02", "0.03", "0.05", "0.1", "+Inf",
+    ];
+    let mos: &[&str] = &["1", "2", "3", "3.5", "4", "4.3", "4.5", "+Inf"];
+    let duration: &[&str] = &["10", "60", "300", "900", "1800", "3600", "+Inf"];
+    let (up, down) = (Some("upload"), Some("download"));
+    // (family, direction, bucket bounds, cumulative counts, _sum, _count)
+    type Want<'a> = (&'a str, Option<&'a str>, &'a [&'a str], &'a [f64], f64, f64);
+    #[rustfmt::skip]
+    let want: [Want; 7] = [
+        ("shaper_call_loss_percent", up, loss, &[1., 1., 1., 2., 2., 2., 3.], 13.5, 3.),
+        // A loss of exactly 0.1 % is in the 0.1 bucket (le: at or below).
+        ("shaper_call_loss_percent", down, loss, &[1., 2., 2., 2., 2., 2., 2.], 0.4, 2.),
+        ("shaper_call_jitter_seconds", up, jitter, &[0., 1., 1., 1., 2., 2., 2., 3.], 0.147, 3.),
+        ("shaper_call_jitter_seconds", down, jitter, &[1.; 8], 0.001, 1.),
+        ("shaper_call_mos", up, mos, &[0., 0., 1., 1., 2., 2., 3., 3.], 10.8, 3.),
+        ("shaper_call_mos", down, mos, &[0., 0., 0., 0., 0., 1., 2., 2.], 8.8, 2.),
+        ("shaper_call_duration_seconds", None, duration, &[0., 1., 1., 2., 2., 2., 3.], 5630.0, 3.),
+    ];
+    for (name, dir, le, counts, sum, count) in want {
+        let (got, got_sum, got_count) = series(name, dir);
+        let buckets: Vec<(String, f64)> = le
+            .iter()
+            .map(|x| x.to_string())
+            .zip(counts.iter().copied())
+            .collect();
+        assert_eq!(got, buckets, "{name} {dir:?}");
+        assert!(
+            (got_sum - sum).abs() < 1e-9,
+            "{name} {dir:?}: sum {got_sum} vs {sum}"
+        );
+        assert_eq!(got_count, count, "{name} {dir:?}");
+    }
+    let text = render(&r);
+    assert!(
+        text.contains("# TYPE shaper_call_mos histogram\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("shaper_call_duration_seconds_count 3\n"),
+        "{text}"
+    );
+}
+
+/// The histograms keep one count per bucket however many calls end.
+#[test]
+fn call_histograms_do_not_grow() {
+    use crate::dir::Dir;
+    let mut h = crate::calls_task::CallHistograms::default();
+    for _ in 0..1000 {
+        h.observe(&ended_call(Some((1.0, Some(10.0), 4.0)), None, 60.0));
+    }
+    let up = [
+        &h.loss_percent[Dir::Up],
+        &h.jitter_seconds[Dir::Up],
+        &h.mos[Dir::Up],
+        &h.duration_seconds,
+    ];
+    for x in up {
+        assert_eq!((x.counts.len(), x.count), (x.le.len(), 1000), "{x:?}");
+    }
+    assert_eq!(h.mos[Dir::Down].count, 0, "no media down");
+    // calls.json from before the histograms reads as none counted.
+    let live: crate::calls_task::Live =
+        serde_json::from_str(r#"{"version":1,"updated_at":0,"calls":[],"ended":4,"degraded":0}"#)
+            .expect("an older calls.json");
+    assert_eq!(
+        live.histograms,
+        crate::calls_task::CallHistograms::default()
     );
 }

@@ -473,6 +473,10 @@ fn a_call_records_that_the_line_was_full() {
     // TCP's sawtooth under the shaper dips below 90 % of the rate in some seconds: 75-100 %
     // full in the runs so far; an idle line's calls record 0 (the test above).
     assert!(full >= 30.0, "the upload filled the line: {up}");
+    // The gateway's own drops in the measured class were counted each way.
+    for q in [up, down] {
+        assert!(q["shaper_drops"].as_u64().is_some(), "gateway drops: {q}");
+    }
     assert!(
         down["line_full_pct"].as_f64().expect("watched") < 30.0,
         "{down}"
@@ -586,6 +590,9 @@ fn the_daemon_measures_calls_in_the_kernel() {
         // rate never held down.
         assert_eq!(q["line_full_pct"], 0.0, "{d}: {q}");
         assert_eq!(q["rate_held_pct"], 0.0, "{d}: {q}");
+        // The drops were nftables', before the shaper: its queues dropped nothing of an
+        // under-rate call.
+        assert_eq!(q["shaper_drops"], 0, "{d}: the gateway's own drops: {q}");
         assert!(
             q["jitter_ms"].as_f64().is_some(),
             "{d}: jitter measured: {q}"
@@ -596,6 +603,7 @@ fn the_daemon_measures_calls_in_the_kernel() {
     assert_eq!(status["calls"]["ended"], 1, "{}", status["calls"]);
     assert_eq!(status["calls"]["active"], 0, "{}", status["calls"]);
     assert!(daemon_log.contains("call ended:"), "{daemon_log}");
+    assert!(daemon_log.contains("gw drops 0"), "{daemon_log}");
     // The line's hours, written when the daemon stopped (the hour so far): watched both
     // ways, never full.
     let lines = std::fs::read_to_string(shaper.run_dir().join("line.jsonl")).unwrap_or_default();

@@ -38,16 +38,21 @@ fn http_get(
 
 fn parse(body: &str) -> Scrape {
     let scrape = Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("parse");
-    // The parser skips lines it cannot read: every sample line must have become a sample.
+    // The parser skips lines it cannot read: every sample line must have become a sample,
+    // or a bucket of a histogram's sample (its `_sum` and `_count` are samples of their own).
     let lines = body
         .lines()
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .count();
-    assert_eq!(
-        scrape.samples.len(),
-        lines,
-        "every sample line parses:\n{body}"
-    );
+    let read: usize = scrape
+        .samples
+        .iter()
+        .map(|x| match &x.value {
+            Value::Histogram(buckets) => buckets.len(),
+            _ => 1,
+        })
+        .sum();
+    assert_eq!(read, lines, "every sample line parses:\n{body}");
     scrape
 }
 
@@ -248,6 +253,43 @@ fn run_serves_prometheus_metrics_on_the_lan_address() {
         ) >= 5.0,
         "HTB 1:10 sent them"
     );
+
+    // `[calls]` measures the video class (the default): once the calls task has written
+    // its first calls.json (within a second or two), the ended calls' histograms are
+    // there, read as histograms, empty.
+    let t0 = Instant::now();
+    let s = loop {
+        let (code, _, body) = http_get(&topo, addr, "/metrics").expect("scrape");
+        assert_eq!(code, 200);
+        let s = parse(&body);
+        if find(&s, "shaper_calls_active", &[]).is_some() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no calls metrics:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for dir in ["upload", "download"] {
+        for (name, buckets) in [
+            ("shaper_call_loss_percent", 7),
+            ("shaper_call_jitter_seconds", 8),
+            ("shaper_call_mos", 8),
+        ] {
+            match find(&s, name, &[("direction", dir)]).map(|x| &x.value) {
+                Some(Value::Histogram(b)) => {
+                    assert_eq!(b.len(), buckets, "{name} {dir}: {b:?}");
+                    assert!(b.iter().all(|x| x.count == 0.0), "{name} {dir}: {b:?}");
+                }
+                other => panic!("{name} {dir}: {other:?}"),
+            }
+        }
+    }
+    assert!(matches!(
+        find(&s, "shaper_call_duration_seconds", &[]).map(|x| &x.value),
+        Some(Value::Histogram(b)) if b.len() == 7
+    ));
 
     let (code, _, _) = http_get(&topo, addr, "/nothing").expect("404 scrape");
     assert_eq!(code, 404);

@@ -97,6 +97,16 @@ pub struct DirQuality {
     pub rate_held_pct: Option<f64>,
     #[serde(default)]
     pub lowest_rate_pct: Option<f64>,
+    /// Packets the shaper's own queues dropped this way while the call was on: the drops
+    /// of the measured classes (`[calls] classes`) in this direction, summed over the
+    /// seconds the gateway watched the line during the call (the HTB classes' drop
+    /// counters, sampled once a second by `shaper run`). An upper bound on what the
+    /// gateway itself dropped of this call: a class's drops are of any flow in the class,
+    /// this call's or another's; 0 means the gateway dropped none of it. Not part of
+    /// `lost` (the classifier counts a packet before the shaper's queues). None from a
+    /// capture, and in records from before this field.
+    #[serde(default)]
+    pub shaper_drops: Option<u64>,
 }
 
 /// One second (or so) of one direction of the shaped line, as `shaper run` samples it.
@@ -106,6 +116,9 @@ pub struct LineSample {
     pub full: bool,
     /// The rate in the kernel, % of the configured rate.
     pub rate_pct: f64,
+    /// Packets the queues of the measured classes (`[calls] classes`) dropped this way
+    /// during the sample.
+    pub measured_drops: u64,
 }
 
 /// A rate below this share of the configured one counts as held down.
@@ -117,6 +130,8 @@ struct LineShare {
     full_s: f64,
     held_s: f64,
     lowest_pct: Option<f64>,
+    /// The measured classes' drops over the samples.
+    drops: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,6 +210,9 @@ pub struct Calls {
     /// Calls not followed because [`MAX_CALLS`] were.
     pub untracked: u64,
     ended_streams: Vec<MediaKey>,
+    /// Calls [`Calls::observe`] found over (a new stream after a quiet longer than
+    /// `quiet_ns`), returned by the next [`Calls::expire`].
+    ended: Vec<CallRecord>,
 }
 
 impl Calls {
@@ -206,6 +224,7 @@ impl Calls {
             calls: BTreeMap::new(),
             untracked: 0,
             ended_streams: Vec::new(),
+            ended: Vec::new(),
         }
     }
 
@@ -251,6 +270,17 @@ impl Calls {
     pub fn observe(&mut self, now_ns: u64, k: &MediaKey, s: &MediaStream) {
         let (lan, peer) = key_addresses(k);
         let key = (lan.ip(), peer.ip());
+        // A stream that began after its call had been quiet for `quiet_ns` belongs to a
+        // new call, however late this look comes (a daemon held up for seconds must not
+        // join two calls into one): the old one ends here.
+        if let Some(c) = self.calls.get(&key) {
+            if !c.kernel.contains_key(k) && s.first_ns.saturating_sub(c.last_ns) >= self.quiet_ns {
+                if let Some(c) = self.calls.remove(&key) {
+                    self.ended.extend(self.record(key, &c));
+                    self.ended_streams.extend(c.kernel.into_keys());
+                }
+            }
+        }
         if !self.calls.contains_key(&key) && now_ns.saturating_sub(s.last_ns) >= self.quiet_ns {
             return;
         }
@@ -272,7 +302,8 @@ impl Calls {
     }
 
     /// One sample of the line covering `secs` up to `now_ns`: counted in every call that
-    /// carried media within the last two seconds.
+    /// carried media within the last two seconds (its drops too, as the call's
+    /// [`DirQuality::shaper_drops`]).
     pub fn line_tick(&mut self, now_ns: u64, secs: f64, line: &PerDir<LineSample>) {
         for c in self.calls.values_mut() {
             if now_ns.saturating_sub(c.last_ns) > 2_000_000_000 {
@@ -281,6 +312,7 @@ impl Calls {
             for (d, l) in line.iter() {
                 let share = &mut c.line[d];
                 share.watched_s += secs;
+                share.drops = share.drops.saturating_add(l.measured_drops);
                 if l.full {
                     share.full_s += secs;
                 }
@@ -303,7 +335,7 @@ impl Calls {
             .filter(|(_, c)| now_ns.saturating_sub(c.last_ns.max(c.start_ns)) >= quiet)
             .map(|(k, _)| *k)
             .collect();
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.ended);
         for k in ended {
             if let Some(c) = self.calls.remove(&k) {
                 out.extend(self.record(k, &c));
@@ -324,7 +356,7 @@ impl Calls {
     /// [`Calls::take_ended_streams`].
     pub fn finish(&mut self) -> Vec<CallRecord> {
         let calls = std::mem::take(&mut self.calls);
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.ended);
         for (k, c) in calls {
             out.extend(self.record(k, &c));
             self.ended_streams.extend(c.kernel.into_keys());
@@ -413,6 +445,7 @@ fn quality(c: &Call, d: Dir) -> DirQuality {
         q.line_full_pct = Some(line.full_s * 100.0 / line.watched_s);
         q.rate_held_pct = Some(line.held_s * 100.0 / line.watched_s);
         q.lowest_rate_pct = line.lowest_pct;
+        q.shaper_drops = Some(line.drops);
     }
     q.r = emodel::r_factor(
         q.loss_pct,

@@ -134,9 +134,12 @@ pub fn render(calls: &[CallRecord]) -> String {
                 (Some(f), _) => format!("; line full {f:.0} %"),
                 _ => String::new(),
             };
+            let gw = q
+                .shaper_drops
+                .map_or(String::new(), |n| format!("; gw drops {n}"));
             let _ = writeln!(
                 out,
-                "{:<12} {:>8.1}  {:<16} {:<16} {:<4} {:>7} {:>8.2} {:>9} {:>9.0} {:>4.2}  {}{}",
+                "{:<12} {:>8.1}  {:<16} {:<16} {:<4} {:>7} {:>8.2} {:>9} {:>9.0} {:>4.2}  {}{}{}",
                 start,
                 c.duration_s,
                 c.lan_host,
@@ -148,6 +151,7 @@ pub fn render(calls: &[CallRecord]) -> String {
                 q.bitrate_kbps,
                 q.mos,
                 q.loss_where,
+                gw,
                 line
             );
         }

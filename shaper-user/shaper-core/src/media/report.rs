@@ -27,6 +27,11 @@ pub struct Period {
     pub line_full_pct_down: Option<f64>,
     pub rate_held_pct_up: Option<f64>,
     pub rate_held_pct_down: Option<f64>,
+    /// Packets the shaper's queues dropped in the measured classes while the calls were
+    /// on ([`super::DirQuality::shaper_drops`], summed over the calls that have it): an
+    /// upper bound on what the gateway itself dropped of them.
+    pub shaper_drops_up: Option<u64>,
+    pub shaper_drops_down: Option<u64>,
     /// The line over the whole period, calls or not (from `line.jsonl`).
     pub line: Option<LineMinutes>,
 }
@@ -110,6 +115,8 @@ struct Acc {
     mos: [(f64, u32); 2],
     /// Per direction: (full seconds, held seconds, watched seconds).
     line: [(f64, f64, f64); 2],
+    /// Per direction: the calls' shaper drops, where known.
+    drops: [Option<u64>; 2],
 }
 
 impl Acc {
@@ -133,6 +140,9 @@ impl Acc {
                 self.line[i].1 += h / 100.0 * c.duration_s;
                 self.line[i].2 += c.duration_s;
             }
+            if let Some(n) = q.shaper_drops {
+                self.drops[i] = Some(self.drops[i].unwrap_or(0).saturating_add(n));
+            }
         }
     }
 
@@ -147,6 +157,7 @@ impl Acc {
         self.p.line_full_pct_down = share(down.0, down.2);
         self.p.rate_held_pct_up = share(up.1, up.2);
         self.p.rate_held_pct_down = share(down.1, down.2);
+        [self.p.shaper_drops_up, self.p.shaper_drops_down] = self.drops;
         self.p
     }
 }
@@ -193,7 +204,7 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(out, "{title}");
         let _ = writeln!(
             out,
-            "  {:<16} {:>6} {:>9} {:>8} {:>7} {:>9} {:>13} {:>13} {:>17}  degraded because",
+            "  {:<16} {:>6} {:>9} {:>8} {:>7} {:>9} {:>13} {:>13} {:>17} {:>13}  degraded because",
             "period",
             "calls",
             "degraded",
@@ -202,7 +213,8 @@ pub fn render(r: &Report) -> String {
             "MOS down",
             "full up/down",
             "held up/down",
-            "line full min u/d"
+            "line full min u/d",
+            "gw drops u/d"
         );
         for p in rows.iter() {
             let mos = |m: Option<f64>| m.map_or("-".to_string(), |v| format!("{v:.2}"));
@@ -217,7 +229,7 @@ pub fn render(r: &Report) -> String {
             };
             let _ = writeln!(
                 out,
-                "  {:<16} {:>6} {:>9} {:>8.1} {:>7} {:>9} {:>13} {:>13} {:>17}  {}",
+                "  {:<16} {:>6} {:>9} {:>8.1} {:>7} {:>9} {:>13} {:>13} {:>17} {:>13}  {}",
                 p.period,
                 p.calls,
                 p.degraded,
@@ -232,6 +244,14 @@ pub fn render(r: &Report) -> String {
                     l.full[1],
                     l.watched[0].max(l.watched[1])
                 )),
+                match (p.shaper_drops_up, p.shaper_drops_down) {
+                    (None, None) => "-".to_string(),
+                    (u, d) => format!(
+                        "{}/{}",
+                        u.map_or("-".into(), |n| n.to_string()),
+                        d.map_or("-".into(), |n| n.to_string())
+                    ),
+                },
                 why.join(", ")
             );
         }
@@ -286,6 +306,10 @@ mod tests {
         // The first call's line: full upstream half its time, the rate held a tenth.
         calls[0].up.line_full_pct = Some(50.0);
         calls[0].up.rate_held_pct = Some(10.0);
+        // The gateway's own drops: known for the day's two calls upstream, one downstream.
+        calls[0].up.shaper_drops = Some(4);
+        calls[1].up.shaper_drops = Some(0);
+        calls[1].down.shaper_drops = Some(2);
         // The line, calls or not: 09:00 full up 30 min, 10:00 held down 15 min at 70 %.
         let mut h9 = LineHour::new((d0 + 9.0 * 3600.0) as u64);
         h9.add(0, 1800.0, true, 100.0);
@@ -305,6 +329,14 @@ mod tests {
         assert_eq!(r.days[0].line_full_pct_up, Some(50.0));
         assert_eq!(r.days[0].rate_held_pct_up, Some(10.0));
         assert_eq!(r.days[0].line_full_pct_down, None);
+        assert_eq!(
+            (r.days[0].shaper_drops_up, r.days[0].shaper_drops_down),
+            (Some(4), Some(2))
+        );
+        assert_eq!(
+            (r.days[1].shaper_drops_up, r.days[1].shaper_drops_down),
+            (None, None)
+        );
         assert_eq!(r.days.len(), 2);
         assert_eq!((r.days[0].calls, r.days[0].degraded), (2, 1));
         assert_eq!(r.days[0].reasons.get("down loss"), Some(&1));
@@ -318,5 +350,7 @@ mod tests {
         assert!(text.contains("50/- %"), "{text}");
         assert!(text.contains("30.0/0.0 of 60.0"), "{text}");
         assert!(text.contains("line full min u/d"), "{text}");
+        assert!(text.contains("gw drops u/d"), "{text}");
+        assert!(text.contains(" 4/2  down loss x1"), "{text}");
     }
 }

@@ -211,6 +211,11 @@ fn groups_streams_into_calls_from_a_capture() {
     let first = first.expect("host a's first call");
     assert!(first.turn);
     assert_eq!(first.up.loss_where, "lan");
+    // A capture knows nothing of the gateway's queues.
+    assert_eq!(
+        (first.up.shaper_drops, first.down.shaper_drops),
+        (None, None)
+    );
     // Sequence numbers 2, then 100-102, 200-202, ... 1400-1402 lost upstream: 43 of the
     // 1,499 counted (the first packet is probation's).
     assert_eq!((first.up.lost, first.up.expected), (43, 1499));
@@ -307,15 +312,17 @@ fn kernel_snapshots_make_calls_and_end_them() {
             calls.observe(t, &ku, &su);
             calls.observe(t, &kd, &sd);
             assert!(calls.expire(t).is_empty());
-            // The line: full upstream every other sample; the download rate held at
-            // 80 % for the first half.
+            // The line: full upstream every other sample, the measured classes dropping
+            // 3 packets then; the download rate held at 80 % for the first half.
             let up = calls::LineSample {
                 full: i % 100 == 0,
                 rate_pct: 100.0,
+                measured_drops: if i % 100 == 0 { 3 } else { 0 },
             };
             let down = calls::LineSample {
                 full: false,
                 rate_pct: if i <= 1500 { 80.0 } else { 100.0 },
+                measured_drops: 0,
             };
             calls.line_tick(t, 1.0, &crate::dir::PerDir::new(up, down));
         }
@@ -360,6 +367,8 @@ fn kernel_snapshots_make_calls_and_end_them() {
         ),
         (Some(0), Some(30), Some(80.0))
     );
+    // The gateway's own drops: 3 in each of the 29 full samples upstream, none down.
+    assert_eq!((u.shaper_drops, d.shaper_drops), (Some(87), Some(0)));
     let mut gone = calls.take_ended_streams();
     gone.sort();
     assert_eq!(gone, vec![ku, kd]);
@@ -382,4 +391,137 @@ fn kernel_snapshots_make_calls_and_end_them() {
     assert_eq!(calls.finish().len(), 1);
     assert_eq!(calls.take_ended_streams(), vec![ku]);
     assert!(calls.live().is_empty());
+}
+
+/// The daemon held up past one call's end and the next one's start, then looking once at
+/// both: the stream that began after a quiet longer than `quiet` makes a call of its own,
+/// and the first call ends with its own packets only.
+#[test]
+fn a_late_look_does_not_join_two_calls() {
+    use shaper_common::media::{rtp_update, MediaKey};
+    let key = |ssrc: u32| {
+        let mut k = MediaKey {
+            lan_port: 50_000,
+            peer_port: 3478,
+            ssrc,
+            dir: 0,
+            family: 4,
+            ..MediaKey::default()
+        };
+        k.lan[..4].copy_from_slice(&[192, 168, 1, 10]);
+        k.peer[..4].copy_from_slice(&[52, 113, 9, 9]);
+        k
+    };
+    let stream = |start_ns: u64, seq: u16| {
+        let mut s = MediaStream::start(0, seq, 0, start_ns, 172, 0);
+        for i in 1..500u32 {
+            let t = start_ns + u64::from(i) * 20 * MS;
+            rtp_update(&mut s, seq.wrapping_add(i as u16), i * 160, t, 172);
+        }
+        s
+    };
+    // The first call's stream: 1 s to 11 s; the second's from 20 s, same host and peer.
+    let (ka, a) = (key(1), stream(1_000 * MS, 100));
+    let (kb, b) = (key(2), stream(20_000 * MS, 7));
+    let mut calls = Calls::new(3_000 * MS, Addresses::Shown);
+    calls.observe(11_000 * MS, &ka, &a);
+    assert!(calls.expire(11_000 * MS).is_empty());
+    // Nothing looked between 11 s and 31 s.
+    calls.observe(31_000 * MS, &ka, &a);
+    calls.observe(31_000 * MS, &kb, &b);
+    let first = calls.expire(31_000 * MS);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].up.packets, a.received);
+    assert!(
+        (first[0].duration_s - 9.98).abs() < 0.01,
+        "{}",
+        first[0].duration_s
+    );
+    assert_eq!(calls.take_ended_streams(), vec![ka]);
+    let live = calls.live();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].up.packets, b.received);
+    let second = calls.expire(40_000 * MS);
+    assert_eq!(second.len(), 1);
+    assert!(
+        (second[0].start_s - 20.0).abs() < 1e-6,
+        "{}",
+        second[0].start_s
+    );
+}
+
+/// The gateway's own drops of a call: the measured classes' drops of the seconds the call
+/// carried media, summed per direction; seconds after it went quiet (beyond two) and
+/// before it began count nothing; a call the line was never sampled for has none.
+#[test]
+fn a_calls_shaper_drops_are_its_seconds_class_drops() {
+    use shaper_common::media::{rtp_update, MediaKey};
+    let key = |host: u8| {
+        let mut k = MediaKey {
+            lan_port: 50_000,
+            peer_port: 3478,
+            ssrc: u32::from(host),
+            dir: 0,
+            family: 4,
+            ..MediaKey::default()
+        };
+        k.lan[..4].copy_from_slice(&[192, 168, 1, host]);
+        k.peer[..4].copy_from_slice(&[52, 113, 9, 9]);
+        k
+    };
+    let sample = |up: u64, down: u64| {
+        let s = |measured_drops| calls::LineSample {
+            full: measured_drops > 0,
+            rate_pct: 100.0,
+            measured_drops,
+        };
+        crate::dir::PerDir::new(s(up), s(down))
+    };
+    let mut calls = Calls::new(10_000 * MS, Addresses::Shown);
+    // Drops before any call: nobody's.
+    calls.line_tick(500 * MS, 1.0, &sample(100, 100));
+    let (ka, kb) = (key(10), key(11));
+    let mut sa = MediaStream::start(0, 100, 0, 1_000 * MS, 172, 0);
+    let mut sb = MediaStream::start(0, 100, 0, 1_000 * MS, 172, 0);
+    for sec in 1..=20u64 {
+        for p in 0..50u64 {
+            let n = (sec - 1) * 50 + p + 1;
+            let t = 1_000 * MS + n * 20 * MS;
+            let (seq, ts) = (100 + n as u16, n as u32 * 160);
+            rtp_update(&mut sa, seq, ts, t, 172);
+            // Host b's call stops sending after 5 s.
+            if sec <= 5 {
+                rtp_update(&mut sb, seq, ts, t, 172);
+            }
+        }
+        let now = (sec + 1) * 1_000 * MS;
+        calls.observe(now, &ka, &sa);
+        calls.observe(now, &kb, &sb);
+        // 2 drops up every second, 1 down in seconds 11-15 only.
+        calls.line_tick(now, 1.0, &sample(2, u64::from((11..=15).contains(&sec))));
+    }
+    let ended = calls.finish();
+    let of = |host: &str| {
+        let c = ended.iter().find(|c| c.lan_host == host).expect(host);
+        (c.up.shaper_drops, c.down.shaper_drops)
+    };
+    // Host a: all 20 seconds. Host b: its 5 seconds of media and the next two (its last
+    // packet within two seconds), none of the download's.
+    assert_eq!(of("192.168.1.10"), (Some(40), Some(5)));
+    assert_eq!(of("192.168.1.11"), (Some(14), Some(0)));
+    // `shaper calls` shows it beside where the loss was.
+    let table = render(&ended);
+    assert!(
+        table.contains("  lan; gw drops 40; line full 100 %"),
+        "{table}"
+    );
+    // No sample of the line during the call: not known.
+    let mut calls = Calls::new(10_000 * MS, Addresses::Shown);
+    calls.observe(21_000 * MS, &ka, &sa);
+    let ended = calls.finish();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(
+        (ended[0].up.shaper_drops, ended[0].up.line_full_pct),
+        (None, None)
+    );
 }
