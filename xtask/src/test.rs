@@ -93,6 +93,7 @@ pub(crate) fn test(args: &[String]) -> Result<()> {
     vm_test(&VmOpts {
         assert: true,
         bridge: vec!["fttc".into()],
+        calls: true,
         ..VmOpts::new(15, &[])
     })?;
     step("VM tier on Debian 12's own kernel (6.1: no TCX, the classifier on clsact): EFM 20/20");

@@ -54,6 +54,13 @@ pub(crate) struct VmOpts {
     /// "bridge"): FIFO bridge, then the shaper with its daemon killed mid-call.
     #[arg(long, value_delimiter = ',')]
     pub(crate) bridge: Vec<String>,
+    /// Also the calls run: the gateway's per-call loss and jitter held against the
+    /// receivers' at 0, 1 and 3 % loss, RTP and SRTP, twenty calls at once and a flood.
+    #[arg(long)]
+    pub(crate) calls: bool,
+    /// Only the calls run (no profiles, no disk image).
+    #[arg(long)]
+    pub(crate) only_calls: bool,
 }
 
 impl VmOpts {
@@ -71,6 +78,8 @@ impl VmOpts {
             gateway_churn: None,
             kernel: None,
             bridge: Vec::new(),
+            calls: false,
+            only_calls: false,
         }
     }
 }
@@ -120,7 +129,7 @@ pub(crate) fn vm_test(o: &VmOpts) -> Result<()> {
         args.push("--profiles".into());
         args.push(o.profiles.join(","));
     }
-    if o.modes.is_none() && o.soak.is_none() {
+    if o.modes.is_none() && o.soak.is_none() && !o.only_calls {
         args.push("--disk".into());
         args.push(images.join("gateway.img").display().to_string());
         // The A/B upgrade tests' images (their own key, versions and folder).
@@ -155,8 +164,14 @@ pub(crate) fn vm_test(o: &VmOpts) -> Result<()> {
         args.push("--bridge-profiles".into());
         args.push(o.bridge.join(","));
     }
-    if o.assert {
-        args.push("--assert".into());
+    for (flag, on) in [
+        ("--assert", o.assert),
+        ("--calls", o.calls),
+        ("--only-calls", o.only_calls),
+    ] {
+        if on {
+            args.push(flag.into());
+        }
     }
     run_bin("shaper-vm-test", &args)
 }

@@ -35,6 +35,8 @@ use shaper_tests::report::{cdf_svg, emodel_r, irtt_summary, mos, text_table, Tie
 use shaper_tests::stats;
 use shaper_tests::vm::{self, free_ports, initramfs_with_overlay, Vm, VmSpec};
 
+mod calls;
+
 const CLIENT: &str = "10.10.0.2";
 const GW_LAN: &str = "10.10.0.1";
 const SERVER: &str = "192.0.2.1";
@@ -244,6 +246,9 @@ struct Args {
     upgrade_images: Option<PathBuf>,
     /// Run only the upgrade tests (a developer's shortcut).
     only_upgrade: bool,
+    /// Also the calls run (calls.rs); `only_calls`: nothing else.
+    calls: bool,
+    only_calls: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -264,6 +269,8 @@ fn parse_args() -> Result<Args> {
         bridge_profiles: Vec::new(),
         upgrade_images: None,
         only_upgrade: false,
+        calls: false,
+        only_calls: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -281,6 +288,8 @@ fn parse_args() -> Result<Args> {
             "--disk" => a.disk = Some(v()?.into()),
             "--upgrade-images" => a.upgrade_images = Some(v()?.into()),
             "--only-upgrade" => a.only_upgrade = true,
+            "--calls" => a.calls = true,
+            "--only-calls" => a.only_calls = true,
             "--soak" => a.soak = Some(v()?.parse()?),
             "--gateway-cpu" => a.gateway_emulation.cpu = Some(v()?),
             "--gateway-smp" => a.gateway_emulation.smp = v()?.parse()?,
@@ -371,7 +380,7 @@ fn missing_tools(dir: &Path) -> Option<String> {
 
 fn real_main() -> Result<bool> {
     let args = parse_args()?;
-    for bin in ["shaper-rtp-rx", "shaper-dicom-study"] {
+    for bin in ["shaper-rtp-rx", "shaper-dicom-study", "shaper-rtp-flood"] {
         tool(bin)?;
     }
     let t0 = Instant::now();
@@ -480,6 +489,16 @@ fn real_main() -> Result<bool> {
     }
     let media = out.join("media");
     fs::create_dir_all(&media)?;
+    if args.only_calls {
+        eprintln!("==> vm-test: calls");
+        let o = calls::run(&args, &out, &media)?;
+        println!("{}", o.text);
+        fs::write(out.join("report.txt"), &o.text)?;
+        if args.assert && !o.ok {
+            eprintln!("vm-test: the gateway's call measurement is not the receivers' (see above)");
+        }
+        return Ok(o.ok || !args.assert);
+    }
     if let Some(rounds) = args.soak {
         return soak(&args, &profiles, &out, &media, rounds);
     }
@@ -595,6 +614,14 @@ fn real_main() -> Result<bool> {
         println!("{text}");
         report.push_str(&text);
         report.push('\n');
+    }
+    if args.calls {
+        eprintln!("==> vm-test: calls");
+        let o = calls::run(&args, &out, &media).context("the calls run")?;
+        println!("{}", o.text);
+        report.push_str(&o.text);
+        report.push('\n');
+        all_ok &= o.ok;
     }
     let footer = format!(
         "{emulator_notes}VM tier: {} profile(s) ({} as a bridge too), {} runs, {:.1} min wall ({} s measured per run, qemu TCG, 1 vCPU per VM), {emulator_faults} emulator fault(s), no other kernel crash\n",
@@ -972,6 +999,7 @@ const VM_MEDIA: &str = "/run/media";
 /// What every tester script runs; one missing fails the run at once, by name.
 const VM_TOOLS_NEEDED: &[&str] = &[
     "shaper-rtp-rx",
+    "shaper-rtp-flood",
     "shaper-dicom-study",
     "ffmpeg",
     "iperf3",
@@ -1263,6 +1291,18 @@ struct RunResult {
     notes: Vec<String>,
 }
 
+/// The site admin's SSH key for a run: `dir/admin-key` (the testers use it from the
+/// results share), its public half returned for the gateway's `authorized_keys`.
+fn admin_key(dir: &Path) -> Result<String> {
+    shaper_tests::util::run(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "vm-test admin", "-f"])
+            .arg(dir.join("admin-key")),
+    )
+    .context("making the admin's SSH key")?;
+    Ok(fs::read_to_string(dir.join("admin-key.pub"))?)
+}
+
 /// The bridge run's PPPoE check: the UDP flows inside the PPPoE session crossed the bridge
 /// and the box's classifier put them under their rule (per-rule counters from `shaper
 /// status --json` over SSH), both ways.
@@ -1354,14 +1394,7 @@ fn run_once(
         server_script(p, t, clip, study, net, mgmt, pppoe),
     )?;
     let admin_pub = if mgmt || pppoe {
-        let key = dir.join("admin-key");
-        shaper_tests::util::run(
-            Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-C", "vm-test admin", "-f"])
-                .arg(&key),
-        )
-        .context("making the admin's SSH key")?;
-        fs::read_to_string(dir.join("admin-key.pub"))?
+        admin_key(dir)?
     } else {
         String::new()
     };
@@ -1394,7 +1427,7 @@ fn run_once(
     }
     // More programs for init: the crash reproducer (see shaper-sockchurn), the daemon
     // killer of the bridge run.
-    let mut inittab = include_str!("../../../../images/rootfs/etc/inittab").to_string();
+    let mut inittab = include_str!("../../../../../images/rootfs/etc/inittab").to_string();
     let churn_bin;
     if let Some(rate) = args.gateway_churn {
         churn_bin = fs::read(tool("shaper-sockchurn")?)?;
@@ -1411,84 +1444,25 @@ fn run_once(
     }
     overlay.push(("etc/inittab", inittab.as_bytes(), 0o644));
     initramfs_with_overlay(&args.gateway_initramfs, &overlay, dir, &gw_initrd)?;
-    let base = free_ports(4)?;
-    // client.eth0 <-> gateway.eth1 (LAN); gateway.eth0 <-> server.eth0 (WAN).
-    let (lan_client, lan_gw) = vm::link(base, base + 1, 0x02, 0x11);
-    let (wan_gw, wan_server) = vm::link(base + 2, base + 3, 0x12, 0x21);
-    let mut cmdline = "console=ttyS0 quiet panic=-1 cryptomgr.notests".to_string();
+    let mut cmdline = String::new();
     if mode == Mode::Fifo {
         cmdline.push_str(" shaper.disable");
     }
-    if !args.gateway_append.is_empty() {
-        cmdline.push(' ');
-        cmdline.push_str(&args.gateway_append);
-    }
-    let mut gateway = Vm::start(VmSpec {
-        name: "gateway",
-        kernel: &args.kernel,
-        initrd: &gw_initrd,
-        cmdline,
-        memory_mb: 512,
-        nics: vec![wan_gw, lan_gw],
-        shares: vec![],
-        console: dir.join("gateway.console"),
-        emulation: args.gateway_emulation.clone(),
-    })?;
-    let tools_dir = tool("shaper-rtp-rx")?
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| anyhow!("the harness's folder"))?;
-    let media_dir = clip
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| anyhow!("the media folder"))?;
-    let tester = |role: &'static str, nic| VmSpec {
-        name: role,
-        kernel: &args.kernel,
-        initrd: &args.tester_initramfs,
-        cmdline: format!("console=ttyS0 quiet panic=-1 cryptomgr.notests vmtest.role={role}"),
-        memory_mb: 1024,
-        nics: vec![nic],
-        shares: vec![
-            (PathBuf::from("/"), "hostroot", true),
-            (dir.to_path_buf(), "results", false),
-            (tools_dir.clone(), "tools", true),
-            (media_dir.clone(), "media", true),
-        ],
-        console: dir.join(format!("{role}.console")),
-        emulation: vm::Emulation::default(),
-    };
-    let mut server = Vm::start(tester("server", wan_server))?;
-    let mut client = Vm::start(tester("client", lan_client))?;
     let marker = match mode {
         Mode::Fifo => "shaper-image: shaping disabled",
         Mode::PlainHtb | Mode::PlainHtbFqCodel => "plain HTB applied",
         _ => "shaper-image: shaping at",
     };
-    {
-        let console = gateway.console.clone();
-        let d = dir.to_path_buf();
-        vm::wait_until(
-            "the three VMs to come up",
-            Duration::from_secs(180),
-            &mut [&mut gateway, &mut server, &mut client],
-            || {
-                let c = fs::read_to_string(&console).unwrap_or_default();
-                c.contains(marker)
-                    && d.join("ready-client").exists()
-                    && d.join("ready-server").exists()
-                    || missing_tools(&d).is_some()
-            },
-        )?;
-        if let Some(m) = missing_tools(&d) {
-            bail!("a tester VM cannot run its script: {m}");
-        }
-    }
-    let boot_to_shaping_s = gateway
-        .console_text()
-        .lines()
-        .find_map(|l| l.split("shaper-image: shaping at ").nth(1))
-        .and_then(|r| r.trim_end_matches(" s").trim().parse::<f64>().ok());
+    let media_dir = clip
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow!("the media folder"))?;
+    let Testbed {
+        mut gateway,
+        mut server,
+        mut client,
+        boot_to_shaping_s,
+    } = boot_testbed(args, dir, &gw_initrd, &cmdline, marker, &media_dir)?;
     fs::write(dir.join("start"), "go\n")?;
     let d = dir.to_path_buf();
     // A tester VM whose kernel crashed ends the wait at once (it never writes its file).
@@ -1566,6 +1540,103 @@ fn run_once(
         dir: dir.to_path_buf(),
         boot_to_shaping_s,
         notes,
+    })
+}
+
+/// The three VMs of a run, up: the gateway showed `marker` on its console and both tester
+/// scripts wrote their ready file (they then wait for `dir/start`).
+struct Testbed {
+    gateway: Vm,
+    server: Vm,
+    client: Vm,
+    /// The gateway's "shaping at N s" (seconds after its kernel started), if it shapes.
+    boot_to_shaping_s: Option<f64>,
+}
+
+/// Boots the gateway from `gw_initrd` (the image's kernel command line plus `extra_cmdline`
+/// and `--gateway-append`) and the client and server testers (which run `dir/client.sh`
+/// and `dir/server.sh` with the harness's tools and `media_dir` shared), linked as the
+/// module's diagram shows, and waits until all three are ready.
+fn boot_testbed(
+    args: &Args,
+    dir: &Path,
+    gw_initrd: &Path,
+    extra_cmdline: &str,
+    marker: &str,
+    media_dir: &Path,
+) -> Result<Testbed> {
+    let base = free_ports(4)?;
+    // client.eth0 <-> gateway.eth1 (LAN); gateway.eth0 <-> server.eth0 (WAN).
+    let (lan_client, lan_gw) = vm::link(base, base + 1, 0x02, 0x11);
+    let (wan_gw, wan_server) = vm::link(base + 2, base + 3, 0x12, 0x21);
+    let mut cmdline = "console=ttyS0 quiet panic=-1 cryptomgr.notests".to_string();
+    cmdline.push_str(extra_cmdline);
+    if !args.gateway_append.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(&args.gateway_append);
+    }
+    let mut gateway = Vm::start(VmSpec {
+        name: "gateway",
+        kernel: &args.kernel,
+        initrd: gw_initrd,
+        cmdline,
+        memory_mb: 512,
+        nics: vec![wan_gw, lan_gw],
+        shares: vec![],
+        console: dir.join("gateway.console"),
+        emulation: args.gateway_emulation.clone(),
+    })?;
+    let tools_dir = tool("shaper-rtp-rx")?
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow!("the harness's folder"))?;
+    let tester = |role: &'static str, nic| VmSpec {
+        name: role,
+        kernel: &args.kernel,
+        initrd: &args.tester_initramfs,
+        cmdline: format!("console=ttyS0 quiet panic=-1 cryptomgr.notests vmtest.role={role}"),
+        memory_mb: 1024,
+        nics: vec![nic],
+        shares: vec![
+            (PathBuf::from("/"), "hostroot", true),
+            (dir.to_path_buf(), "results", false),
+            (tools_dir.clone(), "tools", true),
+            (media_dir.to_path_buf(), "media", true),
+        ],
+        console: dir.join(format!("{role}.console")),
+        emulation: vm::Emulation::default(),
+    };
+    let mut server = Vm::start(tester("server", wan_server))?;
+    let mut client = Vm::start(tester("client", lan_client))?;
+    {
+        let console = gateway.console.clone();
+        let d = dir.to_path_buf();
+        vm::wait_until(
+            "the three VMs to come up",
+            Duration::from_secs(180),
+            &mut [&mut gateway, &mut server, &mut client],
+            || {
+                let c = fs::read_to_string(&console).unwrap_or_default();
+                c.contains(marker)
+                    && d.join("ready-client").exists()
+                    && d.join("ready-server").exists()
+                    || missing_tools(&d).is_some()
+            },
+        )?;
+        if let Some(m) = missing_tools(&d) {
+            bail!("a tester VM cannot run its script: {m}");
+        }
+    }
+    let boot_to_shaping_s = gateway
+        .console_text()
+        .lines()
+        .find_map(|l| l.split("shaper-image: shaping at ").nth(1))
+        .and_then(|r| r.trim_end_matches(" s").trim().parse::<f64>().ok());
+    Ok(Testbed {
+        gateway,
+        server,
+        client,
+        boot_to_shaping_s,
     })
 }
 
