@@ -60,6 +60,13 @@ pub fn tcx_programs(ns: &Netns, dev: &'static str) -> usize {
     .expect("query tcx")
 }
 
+/// How long the daemon may take to put back shaping someone removed (a pin, the root
+/// qdisc, a re-created interface): its 250 ms health check and a re-apply, which loads and
+/// verifies the classifier again. Measured 1.9-2.1 s with the debug build on the
+/// 2026-12-04 CI machine (under 1 s on earlier ones); the bound leaves room for a loaded
+/// 2-core machine. The tests print the time each restore took.
+pub const RESTORE_BOUND: Duration = Duration::from_secs(6);
+
 /// Polls `f` every 20 ms until it holds; panics after `timeout`. Returns the wait.
 pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();

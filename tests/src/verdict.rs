@@ -12,8 +12,11 @@ pub const MIN_P99_IMPROVEMENT: f64 = 10.0;
 pub const MAX_VIDEO_LOSS_PCT: f64 = 1.0;
 /// The image class must get at least this fraction of its guaranteed upload rate.
 pub const MIN_IMAGE_FRACTION_OF_GUARANTEE: f64 = 0.80;
-/// Download goodput must be at least this fraction of the line rate.
-pub const MIN_TOTAL_FRACTION_OF_LINE: f64 = 0.85;
+/// Download goodput must be at least this fraction of the line rate. The shaper at 92 % of
+/// the line leaves at most 92 % x 1448/1514 = 88 % of it as TCP payload, less the video's
+/// and the ACKs' share: 85 % had no margin (a CI run on 2026-12-04 measured 34.00 Mbit/s of
+/// 40, exactly on it, with the line used to 98.7 % of the shaper's rate).
+pub const MIN_TOTAL_FRACTION_OF_LINE: f64 = 0.82;
 /// Upload goodput floor. The line carries 1448 bytes of payload per 1514-byte frame
 /// (95.6 %) and, with four downloads running, ~1 Mbit/s of their ACKs: 8.2 Mbit/s of
 /// goodput on a 10 Mbit/s line was the most measured even with the shaper at 98 %.

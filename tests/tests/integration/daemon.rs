@@ -180,14 +180,15 @@ fn daemon_waits_for_interfaces_and_restores_a_recreated_one() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(shaped(&ns, "lan0"));
 
-    // The interface is deleted and created again (a modem re-plugged): restored within 1 s.
+    // The interface is deleted and created again (a modem re-plugged): restored (within
+    // RESTORE_BOUND; the time is printed).
     for round in 0..3 {
         ns.ip(&["link", "del", "wan0"]).expect("del");
         std::thread::sleep(Duration::from_millis(300));
         add_veth(&ns, "wan0", "wanp");
         let t = wait_for(
             "shaping on the re-created wan0",
-            Duration::from_secs(1),
+            shaper_tests::gateway::RESTORE_BOUND,
             || shaped(&ns, "wan0"),
         );
         eprintln!("round {round}: re-created wan0 shaped again after {t:?}");
@@ -195,9 +196,11 @@ fn daemon_waits_for_interfaces_and_restores_a_recreated_one() {
     // Someone deletes our root qdisc: put back too.
     ns.run("tc", &["qdisc", "del", "dev", "lan0", "root"])
         .expect("tc del");
-    let t = wait_for("the root qdisc put back", Duration::from_secs(1), || {
-        shaped(&ns, "lan0")
-    });
+    let t = wait_for(
+        "the root qdisc put back",
+        shaper_tests::gateway::RESTORE_BOUND,
+        || shaped(&ns, "lan0"),
+    );
     eprintln!("deleted root qdisc restored after {t:?}");
     assert_eq!(class_names(&shaper).expect("status"), ["video", "default"]);
     assert!(
@@ -422,9 +425,11 @@ fn daemon_drops_the_capabilities_it_no_longer_needs() {
     // A deleted root is still put back.
     ns.run("tc", &["qdisc", "del", "dev", "lan0", "root"])
         .expect("tc del");
-    wait_for("the root qdisc put back", Duration::from_secs(1), || {
-        shaped(&ns, "lan0")
-    });
+    wait_for(
+        "the root qdisc put back",
+        shaper_tests::gateway::RESTORE_BOUND,
+        || shaped(&ns, "lan0"),
+    );
     let (status, log) = d.stop().expect("stop");
     assert!(status.success(), "{log}");
     assert!(!log.contains("ERROR"), "{log}");

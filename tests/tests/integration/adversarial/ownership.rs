@@ -117,8 +117,10 @@ fn an_apply_beside_the_daemon_is_followed_and_names_are_learned_into_the_live_ma
     stop_daemon(daemon, &shaper);
 }
 
+/// Someone unpins the classifier's link and a map: the daemon puts both back (within
+/// `RESTORE_BOUND`; the times are printed).
 #[test]
-fn removed_pins_are_restored_within_a_second() {
+fn removed_pins_are_restored() {
     skip_unless_ready!(TOPOLOGY_TOOLS);
     let topo = Topology::build(None).expect("topology");
     let dir = TempDir::new("adv-pins").expect("dir");
@@ -132,7 +134,7 @@ fn removed_pins_are_restored_within_a_second() {
         std::fs::remove_file(&link).expect("unpin the link");
         let t = wait_for(
             "the classifier back on lan0",
-            Duration::from_secs(1),
+            shaper_tests::gateway::RESTORE_BOUND,
             || link.exists() && tcx_programs(&topo.gw, GW_LAN_IF) == 1,
         );
         eprintln!("unpinned classifier link restored after {t:?}");
@@ -141,7 +143,11 @@ fn removed_pins_are_restored_within_a_second() {
     }
     let map = shaper.bpffs_dir().join("maps").join("LEARNED4");
     std::fs::remove_file(&map).expect("unpin a map");
-    let t = wait_for("the map pin back", Duration::from_secs(1), || map.exists());
+    let t = wait_for(
+        "the map pin back",
+        shaper_tests::gateway::RESTORE_BOUND,
+        || map.exists(),
+    );
     eprintln!("removed map pin restored after {t:?}");
     assert!(
         daemon.log().contains("shaping restored"),
