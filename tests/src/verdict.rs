@@ -142,8 +142,9 @@ mod tests {
         idle.line_up_bps = 8.0e6;
         let f = shaping_failures(&line, &cfg, &before, &idle);
         assert_eq!(f.len(), 1, "{f:?}");
-        // Upload goodput under its floor, download goodput under 85 %: two failures.
-        let f = shaping_failures(&line, &cfg, &before, &results(2.0, 0.0, 6e6, 7.0e6, 33.0e6));
+        // Upload goodput under its floor, download goodput under 82 % (32.8 of 40 Mbit/s):
+        // two failures.
+        let f = shaping_failures(&line, &cfg, &before, &results(2.0, 0.0, 6e6, 7.0e6, 32.5e6));
         assert_eq!(f.len(), 2, "{f:?}");
         // p99 only 5x better fails.
         let f = shaping_failures(
