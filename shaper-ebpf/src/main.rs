@@ -3,7 +3,8 @@
 //! accepts it (see `shaper_common` for the bitmap scheme), writes the rule's
 //! HTB class id into `skb->priority`, optionally re-marks DSCP on the WAN
 //! side, counts, and measures the RTP streams of the classes `[calls]` names
-//! (`media`). It never drops: anything it cannot parse goes to the
+//! (`media`); a tracepoint program beside it counts the gateway's own drops of
+//! those streams (`drops`). It never drops: anything it cannot parse goes to the
 //! default class, and it always returns TC_ACT_UNSPEC (TCX_NEXT) so other
 //! programs on the hook still run.
 #![no_std]
@@ -11,6 +12,7 @@
 
 mod clamp;
 mod counters;
+mod drops;
 mod flow;
 mod hosts;
 mod maps;
@@ -18,7 +20,11 @@ mod media;
 mod parse;
 mod rules;
 
-use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC,
+    macros::{btf_tracepoint, classifier},
+    programs::{BtfTracePointContext, TcContext},
+};
 use shaper_common::*;
 
 use crate::clamp::window_clamp;
@@ -34,6 +40,14 @@ use crate::parse::{
 pub fn shaper_classify(ctx: TcContext) -> i32 {
     classify(&ctx);
     TC_ACT_UNSPEC
+}
+
+/// `[calls]`: the gateway's own drops of measured RTP streams (see `drops`). Attached by
+/// user space only where the kernel has BTF and `[calls]` measures a class.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn shaper_media_drops(ctx: BtfTracePointContext) -> i32 {
+    drops::count(&ctx);
+    0
 }
 
 /// Does nothing: the floor that benchmarks subtract (BPF_PROG_TEST_RUN's own

@@ -9,7 +9,7 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use shaper_common::{
-    media::{MediaKey, MediaProbe, MediaStream, MEDIA_MAX_PROBES, MEDIA_MAX_STREAMS},
+    media::{MediaDropCfg, MediaKey, MediaProbe, MediaStream, MEDIA_MAX_PROBES, MEDIA_MAX_STREAMS},
     *,
 };
 
@@ -106,6 +106,10 @@ pub(crate) static MEDIA: LruHashMap<MediaKey, MediaStream> =
 #[map(name = "MEDIA_PROBE")]
 pub(crate) static MEDIA_PROBE: LruHashMap<MediaKey, MediaProbe> =
     LruHashMap::with_max_entries(MEDIA_MAX_PROBES, 0);
+
+/// `[calls]`: where the drop tracer (`crate::drops`) finds the kernel structs' fields.
+#[map(name = "MEDIA_DROP_CFG")]
+pub(crate) static MEDIA_DROP_CFG: Array<MediaDropCfg> = Array::with_max_entries(1, 0);
 
 /// The media measurement's new stream (104 bytes), off the stack (the classifier's own
 /// frame leaves the measurement's subprogram less than 200 bytes; its key, 44 bytes, is

@@ -665,6 +665,20 @@ pub async fn apply(
     };
     // Committed: the new classifier runs. Finish the bookkeeping.
     bpf::commit_maps(&paths.pins)?;
+    // `[calls]`: the gateway's own drops of each measured stream, counted where the kernel
+    // lets the drop tracer run; without it a call's drops are its classes' (an upper bound).
+    if maps.flags & shaper_common::CFG_MEDIA != 0 {
+        let major = maps.classes.first().map_or(1, |c| c.classid >> 16);
+        if let Err(e) = bpf::attach_drops(&mut obj, &paths.pins, major) {
+            log::warn!(
+                "calls: the gateway's own drops are not counted per stream ({e:#}); each call \
+                 records its classes' drops instead, an upper bound"
+            );
+            bpf::detach_drops(&paths.pins);
+        }
+    } else {
+        bpf::detach_drops(&paths.pins);
+    }
     State::commit(paths)?;
     for (side, i, want) in sides {
         if let Some(have) = prev_dir(side, i) {

@@ -278,6 +278,9 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, run: PathBuf) {
                 c = applied.changed() => break c.is_err(),
             }
             let now = monotonic_ns();
+            // The drop tracer, where the apply could attach it, counts each stream's own
+            // drops (else a call keeps its classes' drops, an upper bound).
+            calls.stream_drops = a.pins.drops_link().exists();
             match bpf::read_media(&a.pins) {
                 Ok(streams) => {
                     failing = false;

@@ -879,4 +879,5 @@ mod pod {
     unsafe impl aya::Pod for media::MediaKey {}
     unsafe impl aya::Pod for media::MediaProbe {}
     unsafe impl aya::Pod for media::MediaStream {}
+    unsafe impl aya::Pod for media::MediaDropCfg {}
 }

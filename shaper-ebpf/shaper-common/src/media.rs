@@ -128,6 +128,42 @@ pub struct MediaStream {
     /// While the clock is unknown: the rate the last estimation window suggested (0:
     /// none yet, or no clock in use). The clock is known when two windows in a row agree.
     pub clock_try: u32,
+    pub _pad2: u32,
+    /// Packets of this stream the gateway itself dropped after counting them: its own
+    /// queues (HTB and their leaves) or its egress device, seen by the drop tracer
+    /// ([`PROG_MEDIA_DROPS`]) where the kernel has BTF. Not part of [`MediaStream::lost`]
+    /// (the classifier counts a packet before the queues): the receiver misses
+    /// `lost() + gw_drops` for a download stream.
+    pub gw_drops: u64,
+}
+
+/// The drop tracer: a BTF tracepoint program on `kfree_skb` in the classifier's object
+/// that counts the measured streams' packets the gateway drops (see `shaper-ebpf`'s
+/// `drops.rs`).
+pub const PROG_MEDIA_DROPS: &str = "shaper_media_drops";
+/// The tracepoint it attaches to: every freed-as-dropped skb passes it (qdisc drops
+/// included, on 6.1 as on 6.12).
+pub const MEDIA_DROPS_TRACEPOINT: &str = "kfree_skb";
+/// [`MediaDropCfg`] at index 0: where the drop tracer finds what it reads in the
+/// running kernel's structs (not pinned: only the loaded object's program reads it).
+pub const MAP_MEDIA_DROP_CFG: &str = "MEDIA_DROP_CFG";
+
+/// Byte offsets in the running kernel's `struct sk_buff` and `struct net_device`, from
+/// its BTF (user space reads them; Rust eBPF has no CO-RE), and the HTB major the
+/// classifier's class ids carry. `ready` 0: the tracer does nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MediaDropCfg {
+    pub skb_dev: u32,
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_priority: u32,
+    pub dev_ifindex: u32,
+    /// `skb->priority >> 16` of every packet the classifier classed (its HTB root's
+    /// major): a packet without it was never classed by us (an arrival, the box's own).
+    pub major: u32,
+    pub ready: u32,
+    pub _pad: u32,
 }
 
 /// What [`rtp_update`] did with a packet.
@@ -291,9 +327,9 @@ pub fn rtp_update(s: &mut MediaStream, seq: u16, ts: u32, now_ns: u64, len: u32)
     } else if udelta <= u16::MAX - RTP_MAX_MISORDER + 1 {
         if seq as u32 == s.bad_seq {
             // Two packets in sequence after a jump: the sender restarted.
-            let keep = (s.bytes, s.duplicates, s.reordered);
+            let keep = (s.bytes, s.duplicates, s.reordered, s.gw_drops);
             *s = MediaStream::start(s.payload_type, seq, ts, now_ns, 0, s.flags);
-            (s.bytes, s.duplicates, s.reordered) = keep;
+            (s.bytes, s.duplicates, s.reordered, s.gw_drops) = keep;
             return RTP_RESTARTED;
         }
         s.bad_seq = seq.wrapping_add(1) as u32;

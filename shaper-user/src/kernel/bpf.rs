@@ -20,14 +20,17 @@ use aya::{
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle},
-        LinkOrder, SchedClassifier,
+        BtfTracePoint, LinkOrder, SchedClassifier,
     },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
 use serde::{Deserialize, Serialize};
 use shaper_common::{
-    media::{MediaKey, MediaStream, MAP_MEDIA, MEDIA_MAX_STREAMS},
+    media::{
+        MediaDropCfg, MediaKey, MediaStream, MAP_MEDIA, MAP_MEDIA_DROP_CFG, MEDIA_DROPS_TRACEPOINT,
+        MEDIA_MAX_STREAMS, PROG_MEDIA_DROPS,
+    },
     *,
 };
 
@@ -74,6 +77,13 @@ impl Pins {
     }
     pub fn maps(&self) -> PathBuf {
         self.root.join("maps")
+    }
+    /// The drop tracer's link (`[calls]`; see [`attach_drops`]).
+    pub fn drops_link(&self) -> PathBuf {
+        self.root.join("link_drops")
+    }
+    fn drops_link_next(&self) -> PathBuf {
+        self.root.join("link_drops_next")
     }
     // bpffs refuses names with a dot in them.
     fn maps_next(&self) -> PathBuf {
@@ -470,10 +480,72 @@ pub fn remove_pins(pins: &Pins) {
     for side in [Dir::Up, Dir::Down] {
         let _ = fs::remove_file(pins.link(side));
     }
+    let _ = fs::remove_file(pins.drops_link());
+    let _ = fs::remove_file(pins.drops_link_next());
     for d in [pins.maps(), pins.maps_next(), pins.maps_old()] {
         let _ = remove_dir(&d);
     }
     let _ = fs::remove_dir(&pins.root);
+}
+
+/// `[calls]`: attaches the loaded object's drop tracer (`kfree_skb`, counting the
+/// measured streams' packets the gateway itself drops into their `MEDIA` entries) and pins
+/// its link as `link_drops`, replacing the previous apply's (whose program counted into
+/// the previous maps). Called once the new classifier runs. `major` is the HTB root's
+/// major number the classifier's class ids carry. Needs the kernel's BTF: without it
+/// (or if the kernel refuses the program) this fails, and the caller goes on without
+/// per-stream drops (the calls keep their classes' drops, an upper bound).
+pub fn attach_drops(bpf: &mut Ebpf, pins: &Pins, major: u32) -> Result<()> {
+    let kbtf = crate::kernel::btf::KernelBtf::from_sys_fs()
+        .context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+    let dc = MediaDropCfg {
+        skb_dev: kbtf.offset("sk_buff", "dev")?,
+        skb_head: kbtf.offset("sk_buff", "head")?,
+        skb_network_header: kbtf.offset("sk_buff", "network_header")?,
+        skb_priority: kbtf.offset("sk_buff", "priority")?,
+        dev_ifindex: kbtf.offset("net_device", "ifindex")?,
+        major,
+        ready: 1,
+        _pad: 0,
+    };
+    // The program reads them with these sizes.
+    for (s, m, want) in [
+        ("sk_buff", "dev", 8),
+        ("sk_buff", "head", 8),
+        ("sk_buff", "network_header", 2),
+        ("sk_buff", "priority", 4),
+        ("net_device", "ifindex", 4),
+    ] {
+        let got = kbtf.member_size(s, m)?;
+        if got != want {
+            bail!("{s}.{m} is {got} bytes in this kernel, not {want}");
+        }
+    }
+    let mut a: Array<_, MediaDropCfg> = Array::try_from(map_mut(bpf, MAP_MEDIA_DROP_CFG)?)?;
+    a.set(0, dc, 0).context("writing MEDIA_DROP_CFG")?;
+    let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    let prog: &mut BtfTracePoint = bpf
+        .program_mut(PROG_MEDIA_DROPS)
+        .ok_or_else(|| anyhow!("drop tracer missing from object"))?
+        .try_into()
+        .context("the drop tracer is not a BTF tracepoint program")?;
+    prog.load(MEDIA_DROPS_TRACEPOINT, &btf)
+        .map_err(|e| anyhow!("the kernel refused the drop tracer: {e:#}"))?;
+    let id = prog.attach().context("attaching the drop tracer")?;
+    let link: FdLink = prog.take_link(id)?.into();
+    let next = pins.drops_link_next();
+    let _ = fs::remove_file(&next);
+    link.pin(&next)
+        .with_context(|| format!("pinning the drop tracer at {}", next.display()))?;
+    // Renaming over the old pin drops its last reference: the old tracer detaches.
+    fs::rename(&next, pins.drops_link()).context("replacing the drop tracer's pin")?;
+    log::debug!("drop tracer attached: {dc:?}");
+    Ok(())
+}
+
+/// Detaches the drop tracer (a policy without `[calls]`).
+pub fn detach_drops(pins: &Pins) {
+    let _ = fs::remove_file(pins.drops_link());
 }
 
 /// Counters read from the pinned maps.

@@ -311,13 +311,25 @@ fn router_shaper(
     up_pct: u32,
     down_pct: u32,
 ) -> shaper_tests::shaper::Daemon {
+    router_shaper_at(l, dir, shaper, up_pct, down_pct, 40_000_000)
+}
+
+/// [`router_shaper`] with a download line of `down_bps`.
+fn router_shaper_at(
+    l: &Lab,
+    dir: &TempDir,
+    shaper: &Shaper,
+    up_pct: u32,
+    down_pct: u32,
+    down_bps: u64,
+) -> shaper_tests::shaper::Daemon {
     let rules = format!(
         "table inet t {{\n chain f {{\n  type filter hook forward priority 0;\n  udp dport 5004 udp sport != 40000 numgen random mod 100 < {up_pct} counter drop\n  udp dport 5006 numgen random mod 100 < {down_pct} counter drop\n }}\n}}\n"
     );
     let f = dir.write("drop.nft", &rules).expect("rules");
     l.gw.run("nft", &["-f", f.to_str().expect("utf-8")])
         .expect("nft -f");
-    let cfg = shaper_tests::config::Config::new(20_000_000, 40_000_000)
+    let cfg = shaper_tests::config::Config::new(20_000_000, down_bps)
         .class("video", 0, 40)
         .default_class("default", 1, 60)
         .rule(
@@ -621,4 +633,93 @@ fn the_daemon_measures_calls_in_the_kernel() {
         .map(|h| h["full_s"][1].as_f64().unwrap_or(0.0))
         .sum();
     assert!(watched >= 5.0 && full == 0.0, "{lines}");
+}
+
+/// The HTB drops of `dev`'s classes in `ns` (`tc -s class show`: the test's own view of
+/// the kernel's counters, beside the product's).
+fn class_drops(ns: &Netns, dev: &str) -> u64 {
+    let out = ns
+        .run("tc", &["-s", "class", "show", "dev", dev])
+        .expect("tc -s class show");
+    out.split("dropped ")
+        .skip(1)
+        .filter_map(|t| t.split(',').next()?.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// The gateway's own drops of a call, per stream: a 800 kbit/s H.264 download into a
+/// 700 kbit/s download line, beside a 300 kbit/s stream of non-RTP datagrams in the same
+/// class, so the shaper's queue drops both. The call's record counts the drops of its own
+/// stream exactly (the drop tracer): what the receiver missed is what the gateway dropped
+/// of it (nothing was lost before the gateway), and fewer than the class dropped in all
+/// (the other flow's drops are not the call's).
+#[test]
+fn the_gateways_own_drops_are_counted_per_stream() {
+    let Some(l) = lab_or_skip() else {
+        return;
+    };
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        util::note_skip("the kernel has no BTF (/sys/kernel/btf/vmlinux): no drop tracer");
+        return;
+    }
+    let dir = TempDir::new("calls-drops").expect("temp dir");
+    let shaper = Shaper::new(&l.gw).expect("shaper");
+    let daemon = router_shaper_at(&l, &dir, &shaper, 0, 0, 700_000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let rx = sink(&l.lan, LAN, 5006, 5012, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    // Not RTP (zero bytes: version 0), 300 kbit/s from another port to the same LAN port.
+    let other = l.far.spawn_thread(move || {
+        let sock = UdpSocket::bind((FAR, 5014))?;
+        let buf = [0u8; 1000];
+        for _ in 0..240 {
+            sock.send_to(&buf, (LAN, 5006))?;
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        anyhow::Ok(())
+    });
+    let mut down = ffmpeg_to(
+        &l.far,
+        "rtp://192.168.77.10:5006?pkt_size=1200&localport=5012",
+    );
+    wait_ok(&mut down, "ffmpeg down");
+    other.join().expect("other thread").expect("other flow");
+    // Quiet for quiet_s (2 s) and the 1-s tick: the call has ended.
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    let arrived = rx.join().expect("sink thread").expect("sink");
+    let class_dropped = class_drops(&l.gw, "lan0");
+    let (log, records) = call_records(&shaper);
+    let (_, daemon_log) = daemon.stop().expect("daemon stops");
+    assert_eq!(records.len(), 1, "one ended call: {log}\n{daemon_log}");
+    let q = &records[0]["down"];
+    let (packets, lost, drops) = (
+        q["packets"].as_u64().expect("packets"),
+        q["lost"].as_u64().expect("lost"),
+        q["shaper_drops"].as_u64().expect("shaper_drops"),
+    );
+    eprintln!(
+        "down: the gateway counted {packets} ({lost} lost before it) and dropped {drops} of \
+         them; the receiver got {arrived}; the download classes dropped {class_dropped} in all"
+    );
+    assert_eq!(
+        q["shaper_drops_exact"], true,
+        "the drop tracer ran: {q}\n{daemon_log}"
+    );
+    assert_eq!(lost, 0, "nothing was lost before the gateway: {q}");
+    assert!(
+        drops > 0,
+        "the 700 kbit/s line dropped some of the call: {q}"
+    );
+    // The receiver got what the gateway counted and did not drop, and the packet before
+    // them that put the stream on probation (unless the queue dropped that one).
+    let delivered = packets - drops;
+    assert!(
+        arrived >= delivered && arrived - delivered <= 1,
+        "the receiver got {arrived}, the gateway counted {packets} and dropped {drops}: {q}"
+    );
+    assert!(
+        class_dropped > drops,
+        "the class's drops ({class_dropped}) include the other flow's: the call's are fewer ({drops})"
+    );
 }

@@ -105,8 +105,18 @@ pub struct DirQuality {
     /// this call's or another's; 0 means the gateway dropped none of it. Not part of
     /// `lost` (the classifier counts a packet before the shaper's queues). None from a
     /// capture, and in records from before this field.
+    ///
+    /// Where the gateway runs the drop tracer (a kernel with BTF: `shaper_drops_exact`),
+    /// it is instead the exact count: the packets of this direction's streams that the
+    /// gateway's queues or egress device dropped after the classifier counted them
+    /// (`MediaStream::gw_drops`), not part of `lost`; a download stream's receiver misses
+    /// `lost + shaper_drops` of them.
     #[serde(default)]
     pub shaper_drops: Option<u64>,
+    /// `shaper_drops` is the streams' own count (the drop tracer ran), not their classes'
+    /// upper bound.
+    #[serde(default)]
+    pub shaper_drops_exact: bool,
 }
 
 /// One second (or so) of one direction of the shaped line, as `shaper run` samples it.
@@ -213,6 +223,9 @@ pub struct Calls {
     /// Calls [`Calls::observe`] found over (a new stream after a quiet longer than
     /// `quiet_ns`), returned by the next [`Calls::expire`].
     ended: Vec<CallRecord>,
+    /// The kernel counts each stream's packets the gateway itself drops (the drop tracer
+    /// is attached): calls report those ([`DirQuality::shaper_drops_exact`]).
+    pub stream_drops: bool,
 }
 
 impl Calls {
@@ -225,6 +238,7 @@ impl Calls {
             untracked: 0,
             ended_streams: Vec::new(),
             ended: Vec::new(),
+            stream_drops: false,
         }
     }
 
@@ -379,7 +393,7 @@ impl Calls {
         if !established {
             return None;
         }
-        let q = PerDir::from_fn(|d| quality(c, d));
+        let q = PerDir::from_fn(|d| quality(c, d, self.stream_drops));
         let mut degraded = Vec::new();
         for (d, q) in q.iter() {
             if q.loss_pct > DEGRADED_LOSS_PCT {
@@ -409,7 +423,7 @@ impl Calls {
     }
 }
 
-fn quality(c: &Call, d: Dir) -> DirQuality {
+fn quality(c: &Call, d: Dir, stream_drops: bool) -> DirQuality {
     let mut q = DirQuality {
         loss_where: match d {
             Dir::Up => "lan",
@@ -418,8 +432,9 @@ fn quality(c: &Call, d: Dir) -> DirQuality {
         .to_string(),
         ..DirQuality::default()
     };
-    let (mut first, mut last, mut bytes) = (u64::MAX, 0, 0);
+    let (mut first, mut last, mut bytes, mut gw_drops) = (u64::MAX, 0, 0, 0u64);
     for s in c.streams(d) {
+        gw_drops = gw_drops.saturating_add(s.gw_drops);
         q.streams += 1;
         q.packets += s.received;
         q.expected += s.expected();
@@ -446,6 +461,10 @@ fn quality(c: &Call, d: Dir) -> DirQuality {
         q.rate_held_pct = Some(line.held_s * 100.0 / line.watched_s);
         q.lowest_rate_pct = line.lowest_pct;
         q.shaper_drops = Some(line.drops);
+    }
+    if stream_drops {
+        q.shaper_drops = Some(gw_drops);
+        q.shaper_drops_exact = true;
     }
     q.r = emodel::r_factor(
         q.loss_pct,

@@ -502,6 +502,14 @@ fn compare(dir: &Path) -> Result<Outcome> {
                     "jitter {gw_jitter:.2} ms vs the receivers' {rx_jitter:.2} ms"
                 ));
             }
+            // The drop tracer ran on the gateway's kernel: the record's drops are the
+            // streams' own.
+            if q["shaper_drops_exact"] != true {
+                bad.push(format!(
+                    "the gateway's drops are not counted per stream (shaper_drops {}, exact {})",
+                    q["shaper_drops"], q["shaper_drops_exact"]
+                ));
+            }
             if q["loss_where"] != want_where {
                 bad.push(format!(
                     "loss put on {} ({want_where} expected)",
@@ -530,7 +538,15 @@ fn compare(dir: &Path) -> Result<Outcome> {
                 format!("{gw_jitter:.2}"),
                 format!("{rx_jitter:.2} (a {ja:.2}, v {jv:.2})"),
                 q["loss_where"].as_str().unwrap_or("?").to_string(),
-                q["shaper_drops"].to_string(),
+                format!(
+                    "{}{}",
+                    q["shaper_drops"],
+                    if q["shaper_drops_exact"] == true {
+                        " (per stream)"
+                    } else {
+                        " (class bound)"
+                    }
+                ),
             ]);
         }
     }
