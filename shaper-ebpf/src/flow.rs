@@ -15,9 +15,9 @@ use crate::rules::match_rule;
 /// What a flow has carried: demotes a flow that turns bulk (by the thresholds of `class`,
 /// the class this packet was decided into), promotes a default-class UDP flow that looks
 /// like media, and demotes a claimed flow (decided by a server name, or promoted) that
-/// finds its class's claimed total for the window used up.
+/// finds its class's claimed total for the window used up. Returns the clock it read.
 #[inline(always)]
-fn behave(cfg: &Config, v: &mut FlowVal, pkt: &Pkt, dir: u32, bytes: u64, class: u32) {
+fn behave(cfg: &Config, v: &mut FlowVal, pkt: &Pkt, dir: u32, bytes: u64, class: u32) -> u64 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let age = now.wrapping_sub(v.window_start);
@@ -48,7 +48,7 @@ fn behave(cfg: &Config, v: &mut FlowVal, pkt: &Pkt, dir: u32, bytes: u64, class:
     v.window_packets += 1;
     v.total_bytes += bytes;
     if v.flags & FLOW_DEMOTED != 0 {
-        return;
+        return now;
     }
     // The class the flow is in for this packet: a promoted flow's own, else this packet's.
     let class = if v.flags & FLOW_PROMOTED != 0 {
@@ -57,7 +57,7 @@ fn behave(cfg: &Config, v: &mut FlowVal, pkt: &Pkt, dir: u32, bytes: u64, class:
         class
     };
     let Some(ci) = CLASSES.get(class) else {
-        return;
+        return now;
     };
     if ci.demote_class != NO_CLASS
         && ((ci.demote_bytes != 0 && v.total_bytes > ci.demote_bytes)
@@ -66,7 +66,7 @@ fn behave(cfg: &Config, v: &mut FlowVal, pkt: &Pkt, dir: u32, bytes: u64, class:
         v.class = ci.demote_class;
         v.flags |= FLOW_DEMOTED;
         count_global(dir, G_DEMOTED);
-        return;
+        return now;
     }
     let cap = if dir == DIR_UP {
         ci.claimed_window_bytes[0]
@@ -74,10 +74,10 @@ fn behave(cfg: &Config, v: &mut FlowVal, pkt: &Pkt, dir: u32, bytes: u64, class:
         ci.claimed_window_bytes[1]
     };
     if cap == 0 || v.flags & (FLOW_BY_NAME | FLOW_PROMOTED) == 0 {
-        return;
+        return now;
     }
     let Some(w) = CLAIMED.get_ptr_mut(dir * MAX_CLASSES as u32 + class) else {
-        return;
+        return now;
     };
     // SAFETY: a value of a shared array map, written by every CPU. The updates are plain
     // (BPF's atomic add has no stable Rust form for this target): two CPUs adding at the
@@ -104,11 +104,18 @@ fn behave(cfg: &Config, v: &mut FlowVal, pkt: &Pkt, dir: u32, bytes: u64, class:
         v.flags |= FLOW_DEMOTED;
         count_global(dir, G_DEMOTED);
     }
+    now
 }
 
 /// Rule and class for a parsed packet, following fragments.
 #[inline(always)]
-pub(crate) fn decide(ctx: &TcContext, cfg: &Config, pkt: &Pkt, dir: u32, bytes: u64) -> (u32, u32) {
+pub(crate) fn decide(
+    ctx: &TcContext,
+    cfg: &Config,
+    pkt: &mut Pkt,
+    dir: u32,
+    bytes: u64,
+) -> (u32, u32) {
     if pkt.frag == FRAG_LATER {
         let key = frag_key(pkt, dir);
         // SAFETY: the value is copied out before any other map operation.
@@ -184,7 +191,7 @@ pub(crate) fn decide(ctx: &TcContext, cfg: &Config, pkt: &Pkt, dir: u32, bytes: 
                 v.flags = FLOW_BY_NAME;
             }
             if cfg.flags & CFG_FLOW_BEHAVIOUR != 0 {
-                behave(cfg, v, pkt, dir, bytes, class);
+                pkt.now = behave(cfg, v, pkt, dir, bytes, class);
             }
             if v.flags & (FLOW_DEMOTED | FLOW_PROMOTED) != 0 {
                 FragVal {
@@ -211,6 +218,7 @@ pub(crate) fn decide(ctx: &TcContext, cfg: &Config, pkt: &Pkt, dir: u32, bytes: 
                 if cfg.flags & CFG_FLOW_BEHAVIOUR != 0 {
                     // SAFETY: a helper without arguments.
                     f.window_start = unsafe { bpf_ktime_get_ns() };
+                    pkt.now = f.window_start;
                 }
                 let _ = FLOWS.insert(&fkey, &f, 0);
             }

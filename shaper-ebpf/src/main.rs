@@ -107,6 +107,7 @@ fn classify(ctx: &TcContext) {
             if cfg.flags & ignore != 0 {
                 pkt.dscp = 0;
             }
+            pkt.now = 0;
             let (rule, mut class) = decide(ctx, cfg, pkt, dir, bytes);
             pkt.dscp = dscp;
             if pkt.bare == BARE_ACK {

@@ -47,6 +47,9 @@ pub(crate) struct Pkt {
     /// Offset of the L4 header (when it has ports).
     pub(crate) l4: u32,
     _pad2: u32,
+    /// The clock the flow's behaviour read for this packet (0: none read): the media
+    /// measurement takes it rather than reading the clock again. Set by `classify`.
+    pub(crate) now: u64,
 }
 
 pub(crate) const FRAG_NONE: u8 = 0;

@@ -3,7 +3,8 @@
 //! After the first apply the daemon still needs:
 //! - `CAP_NET_ADMIN`: qdiscs, classes, rates and TCX links (reloads, health repairs,
 //!   autorate and arrival accounting retune the tree);
-//! - `CAP_BPF`, `CAP_PERFMON`: loading the classifier on every apply, its maps and ring;
+//! - `CAP_BPF`, `CAP_PERFMON`: loading the classifier on every apply, its maps and ring,
+//!   and the `[calls]` drop tracer (a tracing program reading kernel memory);
 //! - `CAP_SYS_ADMIN`: every apply (a SIGHUP reload, a health repair, which the daemon
 //!   makes on its own) probes the leaf qdisc kinds in a private network namespace
 //!   (`unshare(CLONE_NEWNET)`, see `kernel::tc::probe_qdisc_kinds`) and mounts bpffs on

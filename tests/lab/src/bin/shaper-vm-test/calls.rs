@@ -1,7 +1,8 @@
 //! The calls run (issue 17): is the gateway's per-call measurement what the receivers
 //! measured?
 //!
-//! One boot of the three VMs, the gateway running the shaper (EFM profile's config plus
+//! One boot of the three VMs, the gateway running the shaper (EFM profile's config, its
+//! video class measured for demotion as the shipped example's is, plus
 //! `[calls] quiet_s = 3, addresses = "shown"`; the calls use the media ports of its rule
 //! `consultation-media`, the far end's port both ways). Then, in phases of [`PHASE_S`] seconds:
 //!
@@ -344,9 +345,21 @@ pub(super) fn run(args: &Args, out: &Path, media: &Path) -> Result<Outcome> {
         .iter()
         .find(|p| p.name == "efm")
         .ok_or_else(|| anyhow!("no efm profile"))?;
+    // The video class measured for bulk demotion as the shipped example's is: the media
+    // measurement then takes the clock the flow's behaviour read (what a site runs).
+    let base = shaper_toml(p);
+    let video = "name = \"video\"\npriority = 0\n";
+    anyhow::ensure!(
+        base.contains(video),
+        "the profile's config has no video class"
+    );
     let toml = format!(
         "{}\n[calls]\nquiet_s = {QUIET_S}\naddresses = \"shown\"\n",
-        shaper_toml(p)
+        base.replacen(
+            video,
+            &format!("{video}demote_to = \"default\"\ndemote_above = \"6mbit\"\n"),
+            1
+        )
     );
     fs::write(dir.join("shaper.toml"), &toml)?;
     let site = site_toml(Net::Router);
