@@ -525,3 +525,67 @@ fn a_calls_shaper_drops_are_its_seconds_class_drops() {
         (None, None)
     );
 }
+
+/// With the drop tracer attached (`Calls::stream_drops`), a call's drops are its own
+/// streams' (`MediaStream::gw_drops`, summed per direction), exact, whatever its classes
+/// dropped; without it, the classes' upper bound as before, not marked exact.
+#[test]
+fn a_calls_shaper_drops_are_its_streams_own_where_the_tracer_counts() {
+    use shaper_common::media::{rtp_update, MediaKey};
+    let key = |ssrc: u32, dir: u8| {
+        let mut k = MediaKey {
+            lan_port: 50_000,
+            peer_port: 3478,
+            ssrc,
+            dir,
+            family: 4,
+            ..MediaKey::default()
+        };
+        k.lan[..4].copy_from_slice(&[192, 168, 1, 10]);
+        k.peer[..4].copy_from_slice(&[52, 113, 9, 9]);
+        k
+    };
+    let line = crate::dir::PerDir::new(
+        calls::LineSample {
+            full: true,
+            rate_pct: 100.0,
+            measured_drops: 9,
+        },
+        calls::LineSample {
+            full: true,
+            rate_pct: 100.0,
+            measured_drops: 9,
+        },
+    );
+    let run = |exact: bool| {
+        let mut calls = Calls::new(10_000 * MS, Addresses::Shown);
+        calls.stream_drops = exact;
+        // Two download streams (audio, video) and one upload stream.
+        let mut streams = [
+            (key(1, 1), MediaStream::start(0, 0, 0, 1_000 * MS, 172, 0)),
+            (key(2, 1), MediaStream::start(0, 0, 0, 1_000 * MS, 172, 0)),
+            (key(3, 0), MediaStream::start(0, 0, 0, 1_000 * MS, 172, 0)),
+        ];
+        for n in 1..100u64 {
+            for (_, s) in &mut streams {
+                rtp_update(s, n as u16, n as u32 * 160, 1_000 * MS + n * 20 * MS, 172);
+            }
+        }
+        streams[0].1.gw_drops = 3;
+        streams[1].1.gw_drops = 4;
+        for (k, s) in &streams {
+            calls.observe(3_000 * MS, k, s);
+        }
+        calls.line_tick(3_000 * MS, 1.0, &line);
+        let ended = calls.finish();
+        assert_eq!(ended.len(), 1);
+        (
+            ended[0].up.shaper_drops,
+            ended[0].up.shaper_drops_exact,
+            ended[0].down.shaper_drops,
+            ended[0].down.shaper_drops_exact,
+        )
+    };
+    assert_eq!(run(true), (Some(0), true, Some(7), true));
+    assert_eq!(run(false), (Some(9), false, Some(9), false));
+}
