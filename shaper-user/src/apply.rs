@@ -665,6 +665,7 @@ pub async fn apply(
     };
     // Committed: the new classifier runs. Finish the bookkeeping.
     bpf::commit_maps(&paths.pins)?;
+    State::commit(paths)?;
     // `[calls]`: the gateway's own drops of each measured stream, counted where the kernel
     // lets the drop tracer run; without it a call's drops are its classes' (an upper bound).
     if maps.flags & shaper_common::CFG_MEDIA != 0 {
@@ -679,7 +680,6 @@ pub async fn apply(
     } else {
         bpf::detach_drops(&paths.pins);
     }
-    State::commit(paths)?;
     for (side, i, want) in sides {
         if let Some(have) = prev_dir(side, i) {
             if let Err(e) = prune_tree(&tc, i.index, want, &have).await {

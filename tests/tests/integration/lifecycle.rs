@@ -109,6 +109,8 @@ fn apply_reapply_failed_apply_and_remove() {
     let pins: Vec<String> = std::fs::read_dir(shaper.bpffs_dir())
         .expect("pin dir")
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        // The `[calls]` drop tracer's link, where the kernel has BTF.
+        .filter(|p| p != "link_drops")
         .collect();
     let mut pins_sorted = pins.clone();
     pins_sorted.sort();
@@ -260,10 +262,11 @@ fn run_daemon_reloads_on_sighup_and_cleans_up_on_sigterm() {
 
     std::fs::write(&cfg, policy_b(10_000_000).to_toml()).expect("rewrite config");
     kill(libc::SIGHUP);
+    // The reload is over when its state is committed too (the tree changes before).
     wait_for("the reload", Duration::from_secs(20), || {
         classes(&topo, GW_WAN_IF).contains(&"1:12".to_string())
+            && status_classes(&shaper) == ["video", "default", "bulk"]
     });
-    assert_eq!(status_classes(&shaper), ["video", "default", "bulk"]);
 
     // A broken config on reload is refused; B stays.
     // Inline TOML: the test is about a file that does not parse.
