@@ -278,25 +278,29 @@ fn groups_streams_into_calls_from_a_capture() {
     );
 }
 
+/// A kernel stream's key: LAN host 192.168.1.10 port 50000 with peer 52.113.9.9 port
+/// 3478, going `dir`, SSRC `ssrc`.
+fn kernel_key(dir: u8, ssrc: u32) -> shaper_common::media::MediaKey {
+    let mut k = shaper_common::media::MediaKey {
+        lan_port: 50_000,
+        peer_port: 3478,
+        ssrc,
+        dir,
+        family: 4,
+        ..Default::default()
+    };
+    k.lan[..4].copy_from_slice(&[192, 168, 1, 10]);
+    k.peer[..4].copy_from_slice(&[52, 113, 9, 9]);
+    k
+}
+
 /// The kernel's feed: stream snapshots once a second. Both directions of one LAN host and
 /// peer make one call; it ends `quiet` after its last packet, its streams are handed back
 /// for deletion, and the ended streams seen again start no call.
 #[test]
 fn kernel_snapshots_make_calls_and_end_them() {
-    use shaper_common::media::{rtp_update, MediaKey};
-    let key = |dir: u8, ssrc: u32| {
-        let mut k = MediaKey {
-            lan_port: 50_000,
-            peer_port: 3478,
-            ssrc,
-            dir,
-            family: 4,
-            ..MediaKey::default()
-        };
-        k.lan[..4].copy_from_slice(&[192, 168, 1, 10]);
-        k.peer[..4].copy_from_slice(&[52, 113, 9, 9]);
-        k
-    };
+    use shaper_common::media::rtp_update;
+    let key = kernel_key;
     let (ku, kd) = (key(0, 1), key(1, 2));
     let mut su = MediaStream::start(0, 100, 0, 1_000 * MS, 172, 0);
     let mut sd = MediaStream::start(0, 500, 0, 1_000 * MS, 172, 0);
@@ -531,20 +535,8 @@ fn a_calls_shaper_drops_are_its_seconds_class_drops() {
 /// dropped; without it, the classes' upper bound as before, not marked exact.
 #[test]
 fn a_calls_shaper_drops_are_its_streams_own_where_the_tracer_counts() {
-    use shaper_common::media::{rtp_update, MediaKey};
-    let key = |ssrc: u32, dir: u8| {
-        let mut k = MediaKey {
-            lan_port: 50_000,
-            peer_port: 3478,
-            ssrc,
-            dir,
-            family: 4,
-            ..MediaKey::default()
-        };
-        k.lan[..4].copy_from_slice(&[192, 168, 1, 10]);
-        k.peer[..4].copy_from_slice(&[52, 113, 9, 9]);
-        k
-    };
+    use shaper_common::media::rtp_update;
+    let key = |ssrc: u32, dir: u8| kernel_key(dir, ssrc);
     let line = crate::dir::PerDir::new(
         calls::LineSample {
             full: true,
