@@ -4,13 +4,14 @@
 //! record called received. This program runs on the `kfree_skb` tracepoint (a BTF
 //! tracepoint: every skb freed as dropped passes it, the qdiscs' drops included, on 6.1
 //! as on 6.12), so it costs nothing while nothing is dropped, and counts a drop in its
-//! stream's `MEDIA` entry (`MediaStream::gw_drops`) when the packet:
+//! stream (`MediaStream::gw_drops`, in its `MEDIA_SLOTS` slot or in `MEDIA`) when the
+//! packet:
 //! - carries the classifier's mark: `skb->priority` with the HTB root's major (the
 //!   classifier writes every packet's class id there; an arrival or the box's own packet
 //!   has none), and
 //! - is on the WAN (upload) or LAN (download) device the classifier is attached to, and
 //! - is UDP (not a later fragment) whose payload starts with an RTP header (plain or
-//!   behind TURN ChannelData) of a stream `MEDIA` already follows.
+//!   behind TURN ChannelData) of a stream the classifier already follows.
 //!
 //! Rust eBPF has no CO-RE relocations, so the offsets of `sk_buff`'s and `net_device`'s
 //! fields come from the running kernel's BTF, read by user space into `MEDIA_DROP_CFG`;
@@ -19,11 +20,11 @@
 
 use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::BtfTracePointContext};
 use shaper_common::{
-    media::{rtp_offset, rtp_payload_type, MediaKey, MEDIA_TURN},
+    media::{media_slot, rtp_offset, rtp_payload_type, MediaKey, MEDIA_TURN},
     CFG_MEDIA, CFG_READY, DIR_DOWN, DIR_UP,
 };
 
-use crate::maps::{CONFIG, MEDIA, MEDIA_DROP_CFG};
+use crate::maps::{CONFIG, MEDIA, MEDIA_DROP_CFG, MEDIA_SLOTS};
 
 /// A `T` at `base + off` in kernel memory.
 #[inline(always)]
@@ -130,6 +131,15 @@ pub(crate) fn count(ctx: &BtfTracePointContext) {
         (key.lan, key.peer, key.lan_port, key.peer_port) = (src, dst, sport, dport);
     } else {
         (key.lan, key.peer, key.lan_port, key.peer_port) = (dst, src, dport, sport);
+    }
+    // The stream's slot, else MEDIA (as the classifier looks).
+    if let Some(sl) = MEDIA_SLOTS.get_ptr_mut(media_slot(&key)) {
+        // SAFETY: a map value, changed in place (as the classifier's updates are).
+        let sl = unsafe { &mut *sl };
+        if sl.key.same(&key) {
+            sl.stream.gw_drops += 1;
+            return;
+        }
     }
     if let Some(s) = MEDIA.get_ptr_mut(&key) {
         // SAFETY: a map value, changed in place (as the classifier's updates are).

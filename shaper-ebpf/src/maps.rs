@@ -5,11 +5,15 @@
 //! `shaper_common`).
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use shaper_common::{
-    media::{MediaDropCfg, MediaKey, MediaProbe, MediaStream, MEDIA_MAX_PROBES, MEDIA_MAX_STREAMS},
+    media::{
+        MediaDropCfg, MediaKey, MediaProbe, MediaSlot, MediaStream, MEDIA_MAX_PROBES,
+        MEDIA_MAX_SLOTS, MEDIA_MAX_STREAMS,
+    },
     *,
 };
 
@@ -102,6 +106,11 @@ pub(crate) static CLAMP_ACTIVE: Array<ActiveWindow> =
 #[map(name = "MEDIA")]
 pub(crate) static MEDIA: LruHashMap<MediaKey, MediaStream> =
     LruHashMap::with_max_entries(MEDIA_MAX_STREAMS, 0);
+/// `[calls]`: the streams that found their slot free (see [`crate::media`]). Mmapable:
+/// user space copies the slots out of its memory once a second.
+#[map(name = "MEDIA_SLOTS")]
+pub(crate) static MEDIA_SLOTS: Array<MediaSlot> =
+    Array::with_max_entries(MEDIA_MAX_SLOTS, BPF_F_MMAPABLE);
 /// `[calls]`: each flow's SSRCs on probation, under its key with SSRC 0.
 #[map(name = "MEDIA_PROBE")]
 pub(crate) static MEDIA_PROBE: LruHashMap<MediaKey, MediaProbe> =

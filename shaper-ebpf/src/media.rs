@@ -1,20 +1,28 @@
 //! `[calls]`: RTP streams in the measured classes (`Config::media_classes`), measured as
 //! a receiver at the gateway would (issue 17). A UDP packet of such a class whose payload
 //! starts with an RTP header (plain, or behind a TURN ChannelData header) is looked up by
-//! its stream (the flow from the site's side, its direction and its SSRC) in `MEDIA` and
-//! counted there by `shaper_common::media::rtp_update`: loss, duplicates, reordering,
-//! jitter. An SSRC not followed yet goes on probation in its flow's `MEDIA_PROBE` entry
-//! and becomes a stream only when two of its packets arrive in sequence, so random
-//! payloads never create streams (see `shaper_common::media`). User space reads `MEDIA`
-//! once a second.
+//! its stream (the flow from the site's side, its direction and its SSRC) and counted by
+//! `shaper_common::media::rtp_update`: loss, duplicates, reordering, jitter. An SSRC not
+//! followed yet goes on probation in its flow's `MEDIA_PROBE` entry and becomes a stream
+//! only when two of its packets arrive in sequence, so random payloads never create
+//! streams (see `shaper_common::media`). User space reads the streams once a second.
+//!
+//! Where a stream lives: in its `MEDIA_SLOTS` slot (an array, direct-mapped by
+//! `shaper_common::media::media_slot`) when the slot was free when the stream started,
+//! else in `MEDIA` (an LRU hash). User space reads both, and frees a slot or removes an
+//! entry when the stream's call ends.
 //!
 //! The cost per packet: a packet of a known stream takes the RTP header in place from the
-//! packet's linear data (`bpf_skb_load_bytes` only for paged data), builds its key on
-//! this subprogram's stack, makes one `MEDIA` lookup, takes the clock the flow cache read
-//! for the packet (`Pkt::now`; read here only when the policy measures no flow behaviour),
-//! and updates the stream in place; `MEDIA_PROBE` is only looked up when `MEDIA` has no such
-//! stream, and the clock only read for a packet that counts in a stream. The hash of the
-//! 44-byte key is most of what is left (see the README's "Not done yet" for the figures).
+//! packet's linear data (three word loads; `bpf_skb_load_bytes` only for paged data),
+//! builds its key on this subprogram's stack, finds its slot (a multiplicative hash and
+//! an array index, no helper call) and compares the slot's key word by word, takes the
+//! clock the flow cache read for the packet (`Pkt::now`; read here only when the policy
+//! measures no flow behaviour), and updates the stream in place (its jitter with a
+//! multiply and a shift, no division). Only a stream whose slot is taken pays the `MEDIA`
+//! lookup (a hash of the 44-byte key), and only an SSRC in neither map a `MEDIA_PROBE`
+//! lookup too. (The key is built once, on the stack, rather than kept in registers for
+//! the slot: that spilled enough registers to take the frame past what 6.1's verifier
+//! allows beside the classifier's, whose frames it rounds up to 32 bytes.)
 //!
 //! Nothing here changes or drops the packet, and any read that fails leaves it alone.
 //! Only the fixed RTP header is read (12 bytes, behind a 4-byte ChannelData header at
@@ -29,10 +37,11 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_ns, programs::TcContext};
 use shaper_common::media::{
-    rtp_offset, rtp_payload_type, rtp_update, MediaKey, MediaProbe, MediaStream, MEDIA_TURN,
+    media_slot, rtp_offset, rtp_payload_type, rtp_update, MediaKey, MediaProbe, MediaStream,
+    MEDIA_TURN,
 };
 
-use crate::maps::{MEDIA, MEDIA_PROBE, MEDIA_SCRATCH};
+use crate::maps::{MEDIA, MEDIA_PROBE, MEDIA_SCRATCH, MEDIA_SLOTS};
 use crate::parse::{load, Pkt};
 
 /// Measures the packet parsed into `pkt` (SCRATCH: UDP, not a later fragment, in a
@@ -66,8 +75,16 @@ fn header(ctx: &TcContext, off: u32) -> Option<[u32; 3]> {
     if off < 0x1000 {
         let start = ctx.data() + off as usize;
         if start + 12 <= ctx.data_end() {
-            // SAFETY: the bytes lie inside the packet's linear data, just checked.
-            return Some(unsafe { core::ptr::read_unaligned(start as *const [u32; 3]) });
+            // Three word loads, where `read_unaligned` would make twelve byte loads and
+            // their shifts. The payload is 2-aligned at best (behind 14 bytes of Ethernet),
+            // and BPF leaves such a load to the architecture: the verifier allows a
+            // misaligned packet load where the kernel has efficient unaligned access
+            // (x86-64, arm64: `check_pkt_ptr_alignment` is strict only elsewhere), as the
+            // programs that read packet headers through `#[repr(C)]` structs rely on.
+            // SAFETY: the bytes lie inside the packet's linear data, just checked; the
+            // load is misaligned only in the sense above (the object is always built in
+            // release by aya-build, where `ptr::read` carries no alignment check).
+            return Some(unsafe { core::ptr::read(start as *const [u32; 3]) });
         }
     }
     load::<[u32; 3]>(ctx, off as usize)
@@ -128,8 +145,8 @@ fn measure_packet(ctx: &TcContext, pkt: &Pkt, dir: u32) {
     let seq = u32::from_be(b[0]) as u16;
     let ts = u32::from_be(b[1]);
     let ssrc = u32::from_be(b[2]);
-    // The key on this subprogram's stack (44 bytes): a per-CPU scratch slot would cost
-    // a map lookup a packet.
+    // The key on this subprogram's stack (44 bytes: a per-CPU scratch slot would cost a
+    // map lookup a packet).
     let mut key = MediaKey {
         lan: pkt.src,
         peer: pkt.dst,
@@ -141,13 +158,22 @@ fn measure_packet(ctx: &TcContext, pkt: &Pkt, dir: u32) {
         flags,
         _pad: 0,
     };
-    // The common case: a packet of a stream followed already (MEDIA first, so its
-    // packets never touch MEDIA_PROBE). The clock is read once, and only for a packet
+    // The common case: a packet of a stream followed already, in its slot (an array
+    // index and a key compare), else in MEDIA (a hash of the key); MEDIA_PROBE is only
+    // looked up for an SSRC in neither. The clock is read once, and only for a packet
     // that counts in a stream.
-    if let Some(s) = MEDIA.get_ptr_mut(&key) {
-        let now = clock(pkt);
+    let slot = MEDIA_SLOTS.get_ptr_mut(media_slot(&key));
+    if let Some(sl) = slot {
         // SAFETY: a map value, changed in place (see the module's note on atomicity).
-        rtp_update(unsafe { &mut *s }, seq, ts, now, len);
+        let sl = unsafe { &mut *sl };
+        if sl.key.same(&key) {
+            rtp_update(&mut sl.stream, seq, ts, clock(pkt), len);
+            return;
+        }
+    }
+    if let Some(s) = MEDIA.get_ptr_mut(&key) {
+        // SAFETY: a map value, changed in place.
+        rtp_update(unsafe { &mut *s }, seq, ts, clock(pkt), len);
         return;
     }
     // Probation: the flow's SSRCs, under the key with SSRC 0.
@@ -167,12 +193,25 @@ fn measure_packet(ctx: &TcContext, pkt: &Pkt, dir: u32) {
         }
     }
     key.ssrc = ssrc;
+    let now = clock(pkt);
+    // A new stream takes its slot when the slot is free; the stream first, then the key,
+    // so that a key found in a slot has its stream behind it. Two CPUs starting two
+    // streams of one slot at the same instant: the later write wins and the other
+    // stream's packets start it afresh in MEDIA (its first packets are not counted).
+    if let Some(sl) = slot {
+        // SAFETY: a map value, changed in place.
+        let sl = unsafe { &mut *sl };
+        if sl.key.family == 0 {
+            sl.stream = MediaStream::start(pt, seq, ts, now, len, flags);
+            sl.key = key;
+            return;
+        }
+    }
     let Some(sc) = MEDIA_SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: per-CPU scratch slot, used by this program run only.
     let sc = unsafe { &mut *sc };
-    let now = clock(pkt);
     sc.stream = MediaStream::start(pt, seq, ts, now, len, flags);
     if MEDIA.insert(&key, &sc.stream, BPF_NOEXIST as u64).is_ok() {
         return;

@@ -1,5 +1,5 @@
 //! The daemon's call task: once a second it reads the classifier's RTP streams (the
-//! `MEDIA` map, `[calls] classes`), groups them into calls ([`crate::media::Calls`]) and
+//! `MEDIA_SLOTS` and `MEDIA` maps, `[calls] classes`), groups them into calls ([`crate::media::Calls`]) and
 //! keeps two files in the run directory:
 //! - `calls.json`: the calls in progress (what `shaper calls` shows), replaced each
 //!   second, with the counts and histograms (loss, jitter, MOS, duration) of the calls
@@ -19,7 +19,7 @@
 //! per boot (`calls.key` in the run directory, mode 0600), so a day's report names each
 //! host the same way and nothing outside the box can undo the hashes.
 //!
-//! The work is bounded: the map holds at most `MEDIA_MAX_STREAMS` streams, the grouping
+//! The work is bounded: the maps hold at most `MEDIA_MAX_SLOTS` + `MEDIA_MAX_STREAMS` streams, the grouping
 //! at most `MAX_CALLS` calls; what a LAN host sends decides only which of those slots it
 //! takes.
 
@@ -32,7 +32,6 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
-use shaper_common::media::{MediaKey, MediaStream, MAP_MEDIA};
 use tokio::sync::watch;
 
 use crate::{
@@ -303,7 +302,7 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, run: PathBuf) {
             for r in calls.expire(now) {
                 ended.record(&run, &r);
             }
-            forget(&a.pins, &calls.take_ended_streams());
+            log_err(bpf::forget_media(&a.pins, &calls.take_ended_streams()));
             let live = Live {
                 version: CALLS_VERSION,
                 updated_at: now_unix(),
@@ -326,7 +325,7 @@ pub async fn run(mut applied: watch::Receiver<Option<Applied>>, run: PathBuf) {
         }
         // A reload that keeps the classifier's tables keeps these streams' counts: gone,
         // they start new calls from zero rather than repeating the ended ones.
-        forget(&a.pins, &calls.take_ended_streams());
+        log_err(bpf::forget_media(&a.pins, &calls.take_ended_streams()));
         if stop {
             let _ = fs::remove_file(RunDir(&run).calls());
             return;
@@ -452,25 +451,6 @@ fn append_line<T: Serialize>(p: &Path, v: &T) -> Result<()> {
         .open(p)
         .and_then(|mut f| f.write_all(&line))
         .with_context(|| format!("appending to {}", p.display()))
-}
-
-/// Deletes the streams of ended calls from the classifier's table (a stream that
-/// resumes later then starts afresh); one that is gone already is no error.
-fn forget(pins: &bpf::Pins, keys: &[MediaKey]) {
-    if keys.is_empty() {
-        return;
-    }
-    let map = bpf::open_pinned(pins, MAP_MEDIA).and_then(|m| {
-        aya::maps::HashMap::<_, MediaKey, MediaStream>::try_from(m).map_err(anyhow::Error::from)
-    });
-    match map {
-        Ok(mut m) => {
-            for k in keys {
-                let _ = m.remove(k);
-            }
-        }
-        Err(e) => log::warn!("calls: {e:#}"),
-    }
 }
 
 fn log_err(r: Result<()>) {

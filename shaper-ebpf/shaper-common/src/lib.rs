@@ -303,7 +303,7 @@ pub const PROG_CLASSIFY: &str = "shaper_classify";
 /// An empty program in the same object, for benchmarks.
 pub const PROG_EMPTY: &str = "shaper_empty";
 /// Every map the user side fills or reads.
-pub const ALL_MAPS: [&str; 30] = [
+pub const ALL_MAPS: [&str; 31] = [
     MAP_CONFIG,
     MAP_BITMAPS,
     MAP_PROTO_IDX,
@@ -334,6 +334,7 @@ pub const ALL_MAPS: [&str; 30] = [
     MAP_CLAMP_ACTIVE,
     media::MAP_MEDIA,
     media::MAP_MEDIA_PROBE,
+    media::MAP_MEDIA_SLOTS,
 ];
 
 /// One rule bitmap.
@@ -879,5 +880,6 @@ mod pod {
     unsafe impl aya::Pod for media::MediaKey {}
     unsafe impl aya::Pod for media::MediaProbe {}
     unsafe impl aya::Pod for media::MediaStream {}
+    unsafe impl aya::Pod for media::MediaSlot {}
     unsafe impl aya::Pod for media::MediaDropCfg {}
 }

@@ -14,7 +14,15 @@
 pub const MAP_MEDIA: &str = "MEDIA";
 /// [`MediaKey`] with `ssrc` 0 -> [`MediaProbe`] (LRU): each flow's SSRCs on probation.
 pub const MAP_MEDIA_PROBE: &str = "MEDIA_PROBE";
-/// Streams followed at once.
+/// [`MediaSlot`]s (array, direct-mapped by [`media_slot`]): where a stream lives when its
+/// slot was free when it started, so that its packets cost an array index and a key
+/// compare instead of a hash of the 44-byte key; streams whose slot was taken are in
+/// [`MAP_MEDIA`]. User space reads both and frees a slot when its stream's call ends.
+pub const MAP_MEDIA_SLOTS: &str = "MEDIA_SLOTS";
+/// Slots in [`MAP_MEDIA_SLOTS`] (a power of two): with 80 streams at once (20 calls,
+/// audio and video each way) about 3 of them find their slot taken.
+pub const MEDIA_MAX_SLOTS: u32 = 1024;
+/// Streams followed at once in [`MAP_MEDIA`].
 pub const MEDIA_MAX_STREAMS: u32 = 4096;
 /// Flows with SSRCs on probation followed at once.
 pub const MEDIA_MAX_PROBES: u32 = 4096;
@@ -51,6 +59,50 @@ pub struct MediaKey {
     /// [`MEDIA_TURN`].
     pub flags: u8,
     pub _pad: u8,
+}
+
+impl MediaKey {
+    /// The key as 11 words, as it lies in memory (44 bytes of plain integers, no
+    /// padding): `lan` 0-3, `peer` 4-7, the ports 8, `ssrc` 9, the rest 10.
+    #[inline(always)]
+    fn words(&self) -> [u32; 11] {
+        // SAFETY: #[repr(C)], 44 bytes of integers; read unaligned.
+        unsafe { core::ptr::read_unaligned(self as *const MediaKey as *const [u32; 11]) }
+    }
+
+    /// Whether `other` is the same key: eleven word compares folded into one test (no
+    /// `memcmp` in BPF, and no early exit to mispredict).
+    #[inline(always)]
+    pub fn same(&self, other: &MediaKey) -> bool {
+        let (a, b) = (self.words(), other.words());
+        let mut d = 0;
+        let mut i = 0;
+        while i < 11 {
+            d |= a[i] ^ b[i];
+            i += 1;
+        }
+        d == 0
+    }
+}
+
+/// The [`MAP_MEDIA_SLOTS`] index of the stream `k`: a multiplicative hash of its SSRC
+/// (random per stream, RFC 3550 §8), ports, direction and family, and the addresses' last
+/// words. Not keyed: a host that picks SSRCs to take other streams' slots only moves those
+/// streams to [`MAP_MEDIA`], where they are measured the same.
+#[inline(always)]
+pub fn media_slot(k: &MediaKey) -> u32 {
+    let w = k.words();
+    let x = w[9] ^ w[8].rotate_left(7) ^ w[3] ^ w[7].rotate_left(13) ^ (w[10] & 0xffff);
+    x.wrapping_mul(0x9e37_79b1) >> (32 - MEDIA_MAX_SLOTS.trailing_zeros())
+}
+
+/// One [`MAP_MEDIA_SLOTS`] entry: a stream and its key; `key.family` 0 is a free slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MediaSlot {
+    pub key: MediaKey,
+    pub _pad: u32,
+    pub stream: MediaStream,
 }
 
 /// SSRCs on probation in one flow and direction.
@@ -128,7 +180,9 @@ pub struct MediaStream {
     /// While the clock is unknown: the rate the last estimation window suggested (0:
     /// none yet, or no clock in use). The clock is known when two windows in a row agree.
     pub clock_try: u32,
-    pub _pad2: u32,
+    /// `clock_hz` per ns times 2^32 ([`rtp_clock_mult`]): an arrival in clock units is a
+    /// multiply and a shift, not a 64-bit division a packet.
+    pub clock_mult: u32,
     /// Packets of this stream the gateway itself dropped after counting them: its own
     /// queues (HTB and their leaves) or its egress device, seen by the drop tracer
     /// ([`PROG_MEDIA_DROPS`]) where the kernel has BTF. Not part of [`MediaStream::lost`]
@@ -229,6 +283,7 @@ impl MediaStream {
             bad_seq: (1 << 16) + 1,
             first_ts: ts,
             clock_hz: rtp_static_clock(pt),
+            clock_mult: rtp_clock_mult(rtp_static_clock(pt)),
             seen: 1,
             payload_type: pt,
             flags,
@@ -275,6 +330,7 @@ impl MediaStream {
                 return;
             }
             self.clock_hz = hz;
+            self.clock_mult = rtp_clock_mult(hz);
             // Transit from this origin on: this packet's is 0.
             self.jitter16 = 0;
             self.transit = 0;
@@ -282,14 +338,15 @@ impl MediaStream {
             return;
         }
         // Arrival in clock units: `since` below 2^44 ns (4.8 hours) keeps the product
-        // below 2^61; longer streams restart the origin.
+        // below 2^63 (`clock_mult` is below 2^19 for clocks to 122 kHz); longer streams
+        // restart the origin.
         if since >= 1 << 44 {
             self.origin_ns = now_ns;
             self.first_ts = ts;
             self.have_transit = 0;
             return;
         }
-        let arrival = (since * self.clock_hz as u64 / 1_000_000_000) as i64;
+        let arrival = ((since * self.clock_mult as u64) >> 32) as i64;
         let transit = arrival - (ts.wrapping_sub(self.first_ts) as i32) as i64;
         if self.have_transit != 0 {
             let d = transit - self.transit;
@@ -300,6 +357,15 @@ impl MediaStream {
         self.transit = transit;
         self.have_transit = 1;
     }
+}
+
+/// `hz` per ns times 2^32, rounded: the arrival in clock units of `since` ns is
+/// `since * mult >> 32`. The rounding makes the clock up to 8 ppm fast or slow (at 8 kHz,
+/// the coarsest; less at faster clocks), less than senders' own clocks drift, and the
+/// difference between two packets' arrivals (what the jitter sums) is within one unit.
+#[inline(always)]
+pub fn rtp_clock_mult(hz: u32) -> u32 {
+    ((((hz as u64) << 32) + 500_000_000) / 1_000_000_000) as u32
 }
 
 /// RFC 3550 A.1's `update_seq` for one packet of a valid stream, with duplicates told
@@ -383,6 +449,37 @@ pub fn rtp_payload_type(b0: u8, b1: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The multiply-and-shift arrival against the division it replaces: for every clock
+    /// in use, over the whole range a stream's origin allows (4.8 hours), within one clock
+    /// unit and 2^-16 of the arrival, and differences over a packet interval (what the
+    /// jitter sums) within one unit.
+    #[test]
+    fn clock_mult_agrees_with_dividing() {
+        for hz in RTP_CLOCKS_HZ {
+            let m = rtp_clock_mult(hz) as u64;
+            assert!(m < 1 << 19, "{hz} Hz: multiplier {m}");
+            let exact = |ns: u64| (ns as u128 * hz as u128 / 1_000_000_000) as i64;
+            let fast = |ns: u64| ((ns * m) >> 32) as i64;
+            let mut ns = 1u64;
+            while ns < 1 << 44 {
+                for t in [ns - 1, ns, ns + 7_919, ns * 3 / 2] {
+                    let t = t.min((1 << 44) - 1);
+                    let bound = 1 + exact(t) / (1 << 16);
+                    assert!((exact(t) - fast(t)).abs() <= bound, "{hz} Hz at {t} ns");
+                    let step = t + 20_000_000;
+                    if step < 1 << 44 {
+                        let d = (fast(step) - fast(t)) - (exact(step) - exact(t));
+                        assert!(
+                            d.abs() <= 1,
+                            "{hz} Hz: a 20 ms step at {t} ns is off by {d}"
+                        );
+                    }
+                }
+                ns *= 2;
+            }
+        }
+    }
 
     /// A 50 pps Opus stream (48 kHz, dynamic type 111) through [`rtp_update`]: loss in
     /// gaps, reordering, duplicates, the clock estimated, jitter of alternating 4 ms.

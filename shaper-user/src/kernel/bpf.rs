@@ -28,8 +28,9 @@ use aya::{
 use serde::{Deserialize, Serialize};
 use shaper_common::{
     media::{
-        MediaDropCfg, MediaKey, MediaStream, MAP_MEDIA, MAP_MEDIA_DROP_CFG, MEDIA_DROPS_TRACEPOINT,
-        MEDIA_MAX_STREAMS, PROG_MEDIA_DROPS,
+        media_slot, MediaDropCfg, MediaKey, MediaSlot, MediaStream, MAP_MEDIA, MAP_MEDIA_DROP_CFG,
+        MAP_MEDIA_SLOTS, MEDIA_DROPS_TRACEPOINT, MEDIA_MAX_SLOTS, MEDIA_MAX_STREAMS,
+        PROG_MEDIA_DROPS,
     },
     *,
 };
@@ -489,7 +490,7 @@ pub fn remove_pins(pins: &Pins) {
 }
 
 /// `[calls]`: attaches the loaded object's drop tracer (`kfree_skb`, counting the
-/// measured streams' packets the gateway itself drops into their `MEDIA` entries) and pins
+/// measured streams' packets the gateway itself drops into their streams) and pins
 /// its link as `link_drops`, replacing the previous apply's (whose program counted into
 /// the previous maps). Called once the new classifier runs. `major` is the HTB root's
 /// major number the classifier's class ids carry. Needs the kernel's BTF: without it
@@ -611,23 +612,120 @@ pub fn read_counters(pins: &Pins, nrules: usize, nclasses: usize) -> Result<Coun
     Ok(c)
 }
 
-/// The RTP streams the running classifier measures (`[calls]`: the pinned `MEDIA` map),
-/// each once, in key order. The classifier adds and evicts streams while the map is
-/// walked: an entry gone between its key and its value is skipped, and as the kernel
-/// restarts a walk whose last key vanished from the first key, the walk stops after
-/// twice the map's size. Pins left by a shaper older than the map (until its next apply)
-/// have no streams.
+/// The RTP streams the running classifier measures (`[calls]`: the pinned `MEDIA_SLOTS`
+/// and `MEDIA` maps), each once, in key order. Pins left by a shaper older than the maps
+/// (until its next apply) have no streams, or none in slots.
 pub fn read_media(pins: &Pins) -> Result<Vec<(MediaKey, MediaStream)>> {
     if pins.maps().is_dir() && !pins.maps().join(MAP_MEDIA).exists() {
         return Ok(Vec::new());
     }
-    let map: HashMap<_, MediaKey, MediaStream> = HashMap::try_from(open_pinned(pins, MAP_MEDIA)?)?;
+    let media = open_pinned(pins, MAP_MEDIA)?;
+    let slots = if pins.maps().join(MAP_MEDIA_SLOTS).exists() {
+        Some(open_pinned(pins, MAP_MEDIA_SLOTS)?)
+    } else {
+        None
+    };
+    media_streams(&media, slots.as_ref())
+}
+
+/// The streams in a classifier's `MEDIA` and `MEDIA_SLOTS` maps, each once, in key order.
+/// The classifier adds and evicts streams while `MEDIA` is walked: an entry gone between
+/// its key and its value is skipped, and as the kernel restarts a walk whose last key
+/// vanished from the first key, the walk stops after twice the map's size. A stream is in
+/// one of the two maps; should a slot's and an entry's keys ever agree (a slot freed and
+/// taken again while the walk ran), the slot's stream is kept.
+pub fn media_streams(media: &Map, slots: Option<&Map>) -> Result<Vec<(MediaKey, MediaStream)>> {
+    let map: HashMap<_, MediaKey, MediaStream> = HashMap::try_from(media)?;
     let mut streams = std::collections::BTreeMap::new();
     for entry in map.iter().take(2 * MEDIA_MAX_STREAMS as usize) {
         let (k, s) = entry.with_context(|| format!("reading {MAP_MEDIA}"))?;
         streams.insert(k, s);
     }
+    if let Some(slots) = slots {
+        for slot in read_slots(slots)? {
+            if slot.key.family != 0 {
+                streams.insert(slot.key, slot.stream);
+            }
+        }
+    }
     Ok(streams.into_iter().collect())
+}
+
+/// Every slot of a `MEDIA_SLOTS` map, copied out of the array's memory, mapped read-only
+/// for the copy (the map is `BPF_F_MMAPABLE`): one copy of the 1,024 slots a second, where
+/// a lookup each would be 1,024 system calls (slow on the small boxes a gateway runs on,
+/// and in the VM tier's emulated CPUs). The classifier changes slots meanwhile, as it does
+/// while a lookup copies one: a slot read mid-update is one packet out, read again a
+/// second later.
+fn read_slots(map: &Map) -> Result<Vec<MediaSlot>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let Map::Array(data) = map else {
+        bail!("{MAP_MEDIA_SLOTS} is not an array");
+    };
+    let n = MEDIA_MAX_SLOTS as usize;
+    // An array map's values lie `value_size` rounded up to 8 apart, from the mapping's
+    // start (kernel/bpf/arraymap.c).
+    let elem = std::mem::size_of::<MediaSlot>().next_multiple_of(8);
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let len = (elem * n).next_multiple_of(page);
+    let fd = data.fd().as_fd().as_raw_fd();
+    // SAFETY: a fresh read-only shared mapping of the map's memory, unmapped below;
+    // nothing else refers to it.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("mapping {MAP_MEDIA_SLOTS} (is it BPF_F_MMAPABLE?)"));
+    }
+    let slots = (0..n)
+        .map(|i| {
+            // SAFETY: slot i lies inside the mapping (`len` covers n slots), 8-aligned
+            // (the mapping is page-aligned, `elem` a multiple of 8); the classifier may
+            // write it meanwhile, hence a volatile copy of plain integers.
+            unsafe { std::ptr::read_volatile(base.cast::<u8>().add(i * elem).cast::<MediaSlot>()) }
+        })
+        .collect();
+    // SAFETY: the mapping made above, not used after this.
+    unsafe { libc::munmap(base, len) };
+    Ok(slots)
+}
+
+/// Deletes streams from the running classifier's tables (`[calls]`: the streams of ended
+/// calls; a stream that resumes later then starts afresh): its slot is freed, or its
+/// `MEDIA` entry removed. One that is gone already is no error.
+pub fn forget_media(pins: &Pins, keys: &[MediaKey]) -> Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut media: HashMap<_, MediaKey, MediaStream> =
+        HashMap::try_from(open_pinned(pins, MAP_MEDIA)?)?;
+    let mut slots: Option<Array<_, MediaSlot>> = if pins.maps().join(MAP_MEDIA_SLOTS).exists() {
+        Some(Array::try_from(open_pinned(pins, MAP_MEDIA_SLOTS)?)?)
+    } else {
+        None
+    };
+    for k in keys {
+        if let Some(slots) = slots.as_mut() {
+            let i = media_slot(k);
+            if slots.get(&i, 0).is_ok_and(|s| s.key == *k) {
+                slots
+                    .set(i, MediaSlot::default(), 0)
+                    .with_context(|| format!("freeing slot {i} of {MAP_MEDIA_SLOTS}"))?;
+                continue;
+            }
+        }
+        let _ = media.remove(k);
+    }
+    Ok(())
 }
 
 /// What one BPF_PROG_TEST_RUN of the classifier gave back.

@@ -115,6 +115,22 @@ fn of_flow(
         .collect()
 }
 
+/// The key of the upload stream `ssrc` from `LAN` port `lan_port` to `PEER`'s
+/// `VIDEO_PORT`, plain RTP.
+fn up_key(lan_port: u16, ssrc: u32) -> MediaKey {
+    MediaKey {
+        lan: v4(LAN),
+        peer: v4(PEER),
+        lan_port,
+        peer_port: VIDEO_PORT,
+        ssrc,
+        dir: DIR_UP as u8,
+        family: 4,
+        flags: 0,
+        _pad: 0,
+    }
+}
+
 fn v4(a: &str) -> [u8; 16] {
     let a: std::net::Ipv4Addr = a.parse().expect("IPv4 address");
     let mut b = [0; 16];
@@ -213,17 +229,7 @@ fn streams_are_measured_with_their_loss_duplicates_and_reordering() {
     let plain = of_flow(&streams, 50_020, VIDEO_PORT);
     assert_eq!(plain.len(), 1, "one stream in the plain flow: {plain:?}");
     let (k, s) = plain[0];
-    let want = MediaKey {
-        lan: v4(LAN),
-        peer: v4(PEER),
-        lan_port: 50_020,
-        peer_port: VIDEO_PORT,
-        ssrc,
-        dir: DIR_UP as u8,
-        family: 4,
-        flags: 0,
-        _pad: 0,
-    };
+    let want = up_key(50_020, ssrc);
     assert_eq!(k, want, "the plain stream's key");
     assert_impaired(&s, first, (12 + MEDIA_BYTES) as u64, "plain RTP");
     assert_eq!(s.flags, 0, "plain RTP: no TURN flag");
@@ -379,4 +385,119 @@ fn both_directions_of_a_flow_have_the_same_lan_side_and_peer() {
             );
         }
     }
+}
+
+/// Two streams of one flow whose keys share a `MEDIA_SLOTS` slot: the first takes the
+/// slot, the second is kept in `MEDIA` (the hash map), and both are measured exactly as
+/// [`impaired`] sent them, interleaved packet by packet, and the drop tracer finds each
+/// in its map (every test packet is freed as dropped). `bpf::forget_media` (what the
+/// call task does when a call ends) frees the slot and removes the entry; a stream that
+/// comes back afterwards starts afresh, and takes the freed slot.
+#[test]
+fn streams_sharing_a_slot_are_both_measured_and_forgotten() {
+    use shaper_common::media::{media_slot, MediaSlot, MAP_MEDIA, MAP_MEDIA_SLOTS};
+    if !root_or_skip() {
+        return;
+    }
+    let mut r = shaper_tests::rig::load(&policy());
+    let pins = Pinned::new(&r, "media-slot");
+    let video = r.class_of("video");
+    let wan = r.wan;
+    let key = |ssrc| up_key(50_030, ssrc);
+    let first_ssrc = 0x00c0_ffee;
+    let slot = media_slot(&key(first_ssrc));
+    let second_ssrc = (1..)
+        .find(|&s| s != first_ssrc && media_slot(&key(s)) == slot)
+        .expect("an SSRC that shares the slot");
+    // The drop tracer, attached to this object: BPF_PROG_TEST_RUN frees each test packet
+    // with kfree_skb, carrying the class mark the classifier gave it, on the rig's WAN
+    // (loopback), so every packet of a stream counts as one the gateway dropped, in
+    // whichever map the stream is.
+    let tracer = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+    if tracer {
+        bpf::attach_drops(&mut r.obj, &pins.0, video >> 16).expect("attach the drop tracer");
+    } else {
+        shaper_tests::util::note_skip("the kernel has no BTF: the drop tracer's part is not run");
+    }
+    let flow = Pkt::udp(LAN, PEER, 50_030, VIDEO_PORT);
+    let first = 65_400u16;
+    for seq in impaired(first) {
+        let ts = u32::from(seq.wrapping_sub(first)) * 3000;
+        for ssrc in [first_ssrc, second_ssrc] {
+            send(
+                &mut r,
+                &flow.with_payload(&rtp(96, seq, ts, ssrc)),
+                wan,
+                video,
+            );
+        }
+    }
+    // Where each stream is, read from the maps themselves.
+    let slots: aya::maps::Array<_, MediaSlot> =
+        aya::maps::Array::try_from(bpf::open_pinned(&pins.0, MAP_MEDIA_SLOTS).expect("slots"))
+            .expect("MEDIA_SLOTS is an array");
+    let held = slots.get(&slot, 0).expect("the slot");
+    assert_eq!(held.key, key(first_ssrc), "the first stream holds the slot");
+    let hashed: aya::maps::HashMap<_, MediaKey, MediaStream> =
+        aya::maps::HashMap::try_from(bpf::open_pinned(&pins.0, MAP_MEDIA).expect("MEDIA"))
+            .expect("MEDIA is a hash map");
+    let in_media: Vec<MediaKey> = hashed.keys().map(|k| k.expect("a key")).collect();
+    assert_eq!(
+        in_media,
+        vec![key(second_ssrc)],
+        "the second stream, whose slot was taken, is in MEDIA"
+    );
+    let streams = of_flow(&pins.streams(), 50_030, VIDEO_PORT);
+    assert_eq!(streams.len(), 2, "both streams are read: {streams:?}");
+    for (k, s) in &streams {
+        assert_impaired(
+            s,
+            first,
+            (12 + MEDIA_BYTES) as u64,
+            &format!("SSRC {:#x}", k.ssrc),
+        );
+        if tracer {
+            // 298 packets sent, the first on probation before its stream existed.
+            assert_eq!(
+                s.gw_drops, 297,
+                "SSRC {:#x}: each packet of the stream freed as dropped is counted",
+                k.ssrc
+            );
+        }
+    }
+
+    // The call ended: both forgotten (one in a slot, one in MEDIA), a second time no error.
+    let keys = [key(first_ssrc), key(second_ssrc)];
+    bpf::forget_media(&pins.0, &keys).expect("forget");
+    assert!(pins.streams().is_empty(), "nothing left after forgetting");
+    assert_eq!(
+        slots.get(&slot, 0).expect("the slot").key.family,
+        0,
+        "the slot is free"
+    );
+    bpf::forget_media(&pins.0, &keys).expect("forgetting again is no error");
+
+    // The second stream comes back: probation again, then the free slot.
+    for seq in 1_000..1_010u16 {
+        send(
+            &mut r,
+            &flow.with_payload(&rtp(96, seq, u32::from(seq) * 3000, second_ssrc)),
+            wan,
+            video,
+        );
+    }
+    let streams = of_flow(&pins.streams(), 50_030, VIDEO_PORT);
+    assert_eq!(streams.len(), 1, "one stream again: {streams:?}");
+    let (k, s) = streams[0];
+    assert_eq!(k, key(second_ssrc));
+    assert_eq!(
+        (s.base_seq, s.expected(), s.received),
+        (1_001, 9, 9),
+        "it started afresh (the first packet on probation)"
+    );
+    assert_eq!(
+        slots.get(&slot, 0).expect("the slot").key,
+        key(second_ssrc),
+        "in the slot the first stream freed"
+    );
 }

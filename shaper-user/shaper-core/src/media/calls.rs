@@ -279,8 +279,10 @@ impl Calls {
 
     /// The kernel's current view of one stream at `now_ns` (`shaper run` reads them all
     /// once a second). A stream with no new packet leaves its call's `last_ns` where it
-    /// was; one quiet for `quiet_ns` starts no call (the kernel keeps ended streams until
-    /// its table needs the room).
+    /// was; one quiet for `quiet_ns` starts no call and, in no call, goes to
+    /// [`Calls::take_ended_streams`] (a stream `shaper run` never grouped: seen while
+    /// [`MAX_CALLS`] were followed, or left from before the daemon started), so that it
+    /// frees its slot in the kernel's table.
     pub fn observe(&mut self, now_ns: u64, k: &MediaKey, s: &MediaStream) {
         let (lan, peer) = key_addresses(k);
         let key = (lan.ip(), peer.ip());
@@ -296,6 +298,7 @@ impl Calls {
             }
         }
         if !self.calls.contains_key(&key) && now_ns.saturating_sub(s.last_ns) >= self.quiet_ns {
+            self.ended_streams.push(*k);
             return;
         }
         if !self.calls.contains_key(&key) && self.calls.len() >= MAX_CALLS {

@@ -281,6 +281,11 @@ fn groups_streams_into_calls_from_a_capture() {
 /// A kernel stream's key: LAN host 192.168.1.10 port 50000 with peer 52.113.9.9 port
 /// 3478, going `dir`, SSRC `ssrc`.
 fn kernel_key(dir: u8, ssrc: u32) -> shaper_common::media::MediaKey {
+    host_key([192, 168, 1, 10], dir, ssrc)
+}
+
+/// [`kernel_key`] of LAN host `lan`.
+fn host_key(lan: [u8; 4], dir: u8, ssrc: u32) -> shaper_common::media::MediaKey {
     let mut k = shaper_common::media::MediaKey {
         lan_port: 50_000,
         peer_port: 3478,
@@ -289,7 +294,7 @@ fn kernel_key(dir: u8, ssrc: u32) -> shaper_common::media::MediaKey {
         family: 4,
         ..Default::default()
     };
-    k.lan[..4].copy_from_slice(&[192, 168, 1, 10]);
+    k.lan[..4].copy_from_slice(&lan);
     k.peer[..4].copy_from_slice(&[52, 113, 9, 9]);
     k
 }
@@ -377,9 +382,11 @@ fn kernel_snapshots_make_calls_and_end_them() {
     gone.sort();
     assert_eq!(gone, vec![ku, kd]);
     assert!(calls.take_ended_streams().is_empty());
-    // The kernel still holds the ended streams: seen again, they start nothing.
+    // Were an ended stream still in the kernel's table (the daemon had not deleted it
+    // yet), seen again it starts nothing and is handed back again.
     calls.observe(end + 11_000 * MS, &ku, &su);
     assert!(calls.live().is_empty() && calls.expire(end + 30_000 * MS).is_empty());
+    assert_eq!(calls.take_ended_streams(), vec![ku]);
     // A stream active again (a new call), ended by a reload: recorded, handed back.
     let later = end + 40_000 * MS;
     for i in 0..100u32 {
@@ -402,20 +409,8 @@ fn kernel_snapshots_make_calls_and_end_them() {
 /// and the first call ends with its own packets only.
 #[test]
 fn a_late_look_does_not_join_two_calls() {
-    use shaper_common::media::{rtp_update, MediaKey};
-    let key = |ssrc: u32| {
-        let mut k = MediaKey {
-            lan_port: 50_000,
-            peer_port: 3478,
-            ssrc,
-            dir: 0,
-            family: 4,
-            ..MediaKey::default()
-        };
-        k.lan[..4].copy_from_slice(&[192, 168, 1, 10]);
-        k.peer[..4].copy_from_slice(&[52, 113, 9, 9]);
-        k
-    };
+    use shaper_common::media::rtp_update;
+    let key = |ssrc: u32| kernel_key(0, ssrc);
     let stream = |start_ns: u64, seq: u16| {
         let mut s = MediaStream::start(0, seq, 0, start_ns, 172, 0);
         for i in 1..500u32 {
@@ -580,4 +575,35 @@ fn a_calls_shaper_drops_are_its_streams_own_where_the_tracer_counts() {
     };
     assert_eq!(run(true), (Some(0), true, Some(7), true));
     assert_eq!(run(false), (Some(9), false, Some(9), false));
+}
+
+/// Streams in no call are handed back to be deleted once quiet, so that none keeps its
+/// slot in the kernel's table for good: one left from before the daemon started, and one
+/// of a call not followed because `MAX_CALLS` were.
+#[test]
+fn quiet_streams_in_no_call_are_handed_back() {
+    use super::calls::MAX_CALLS;
+    let key = |host: u16, ssrc: u32| {
+        let [a, b] = host.to_be_bytes();
+        host_key([10, a, b, 10], 0, ssrc)
+    };
+    let mut calls = Calls::new(3_000 * MS, Addresses::Shown);
+    // Quiet since 1 s, first seen at 10 s.
+    let old = MediaStream::start(0, 1, 0, 1_000 * MS, 172, 0);
+    calls.observe(10_000 * MS, &key(0, 1), &old);
+    assert!(calls.live().is_empty());
+    assert_eq!(calls.take_ended_streams(), vec![key(0, 1)]);
+    // MAX_CALLS calls followed, and one more host's stream.
+    let now = 20_000 * MS;
+    let live = MediaStream::start(0, 1, 0, now, 172, 0);
+    for h in 0..=MAX_CALLS {
+        calls.observe(now, &key(h as u16, 2), &live);
+    }
+    assert_eq!(calls.untracked, 1, "one call more than MAX_CALLS");
+    assert!(calls.take_ended_streams().is_empty(), "all still active");
+    // The untracked one goes quiet (the followed ones are seen at their last packet too,
+    // then end through expire as before).
+    let extra = key(MAX_CALLS as u16, 2);
+    calls.observe(now + 5_000 * MS, &extra, &live);
+    assert_eq!(calls.take_ended_streams(), vec![extra]);
 }

@@ -681,35 +681,91 @@ fn host_rows(floor: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Calls (BPF_PROG_TEST_RUN) a round of [`media_rows`]' in-sequence rows.
-const SEQ_CALLS: u16 = 20_000;
+/// Rounds of [`media_rows`]: each times every row with the measurement on and off.
+const MEDIA_ROUNDS: usize = 21;
+/// Runs a call in [`media_rows`]' repeated rows.
+const MEDIA_REPEAT: u32 = 50_000;
+/// Calls (BPF_PROG_TEST_RUN) a round of [`media_rows`]' in-sequence row.
+const SEQ_CALLS: u16 = 5_000;
+/// The SSRC of [`rtp_frame`]'s stream.
+const BENCH_SSRC: u32 = 0x5eed_0017;
 
-/// An RTP packet (Opus: type 111, 48 kHz, 20 ms) of SSRC 0x5eed0017 in the flow that matches
-/// the first rule (video), 160 bytes of payload.
-fn rtp_frame(seq: u16) -> Vec<u8> {
-    let mut b = vec![0x80, 111];
+/// An RTP packet (G.711 µ-law: static type 0, 8 kHz, 20 ms) of `ssrc` in the flow that
+/// matches the first rule (video), 160 bytes of payload. A static type's clock is known
+/// from the stream's start, so every counted packet runs the whole update, the jitter
+/// included (a dynamic type's clock is estimated over seconds of arrivals, which the
+/// test runs, microseconds apart, never give).
+fn rtp_frame(ssrc: u32, seq: u16) -> Vec<u8> {
+    let mut b = vec![0x80, 0];
     b.extend(seq.to_be_bytes());
-    b.extend((u32::from(seq) * 960).to_be_bytes());
-    b.extend(0x5eed_0017u32.to_be_bytes());
+    b.extend((u32::from(seq) * 160).to_be_bytes());
+    b.extend(ssrc.to_be_bytes());
     b.extend([0x5a; 160]);
     Pkt::udp("192.168.1.10", "10.0.0.5", 5000, 10_000).with_payload(&b)
 }
 
-/// `[calls]`: the cost of measuring an RTP packet of a stream followed already (the common
-/// case), over the 1,000-rule policy with flow behaviour (as the shipped example measures
-/// it) and `[calls] classes = ["video"]` (`on`), against the
-/// same maps with the measurement off (`off`: `CFG_MEDIA` clear). `rtp dup`: the same
-/// packet `REPEAT` times a call (after the first, each a duplicate: the lookup and the
-/// shortest update); `rtp in order`: one run a call, each the stream's next packet (the
-/// full update, the jitter included), the mean of the kernel's single-run timings over
-/// `SEQ_CALLS` calls (a single run's timing carries more of the test run's overhead than
-/// the floor: compare these rows with each other); `rtp-like noise`: the tables' UDP filler
-/// (its first byte says RTP version 2) in another video flow, `REPEAT` times a call: the
-/// probation path (two lookups), a stream never. The four objects are timed in turn
-/// within each of `ROUNDS` rounds, and a cost is the median of the rounds' differences,
-/// so that load from elsewhere on the machine falls on both sides of each alike.
+/// An SSRC other than [`BENCH_SSRC`] whose stream in [`rtp_frame`]'s flow has the same
+/// `MEDIA_SLOTS` slot: the classifier keeps it in `MEDIA` (the hash map).
+fn colliding_ssrc() -> u32 {
+    use shaper_common::media::{media_slot, MediaKey};
+    let key = |ssrc| MediaKey {
+        lan: v4_bytes("192.168.1.10"),
+        peer: v4_bytes("10.0.0.5"),
+        lan_port: 5000,
+        peer_port: 10_000,
+        ssrc,
+        dir: shaper_common::DIR_UP as u8,
+        family: 4,
+        flags: 0,
+        _pad: 0,
+    };
+    let slot = media_slot(&key(BENCH_SSRC));
+    (1..)
+        .find(|&s| s != BENCH_SSRC && media_slot(&key(s)) == slot)
+        .expect("some SSRC shares the slot")
+}
+
+fn v4_bytes(a: &str) -> [u8; 16] {
+    let mut b = [0; 16];
+    b[..4].copy_from_slice(&a.parse::<Ipv4Addr>().expect("IPv4 address").octets());
+    b
+}
+
+/// Turns the measurement on or off in a loaded object's `CONFIG` (`CFG_MEDIA`; its
+/// classes stay as they are).
+fn set_media(obj: &mut aya::Ebpf, on: bool) -> anyhow::Result<()> {
+    let mut a: aya::maps::Array<_, shaper_common::Config> = aya::maps::Array::try_from(
+        obj.map_mut(shaper_common::MAP_CONFIG)
+            .context("CONFIG missing")?,
+    )?;
+    let mut c = a.get(&0, 0)?;
+    if on {
+        c.flags |= shaper_common::CFG_MEDIA;
+    } else {
+        c.flags &= !shaper_common::CFG_MEDIA;
+    }
+    a.set(0, c, 0)?;
+    Ok(())
+}
+
+/// `[calls]`: the cost of measuring an RTP packet, over the 1,000-rule policy with flow
+/// behaviour (as the shipped example measures it) and `[calls] classes = ["video"]`: one
+/// object per column (`flow`: the flow cache; `first`: none, every packet matched
+/// afresh), each timed with the measurement on (`CFG_MEDIA`) and off in its `CONFIG`, so
+/// that both sides run the same program over the same maps. `rtp dup`: a packet of a
+/// followed stream (in its slot) `MEDIA_REPEAT` times a call (after the first, each a
+/// duplicate: the lookup and the shortest update); `rtp in order`: one run a call, each
+/// the stream's next packet (the full update, the jitter included), the mean of the
+/// kernel's single-run timings over `SEQ_CALLS` calls (a single run's timing carries more
+/// of the test run's overhead than the floor: compare these rows with each other); `rtp
+/// dup, in MEDIA`: as `rtp dup` for a stream of the same flow whose slot the first took
+/// (the hash map's path); `rtp-like noise`: the tables' UDP filler (its first byte says
+/// RTP version 2) in another video flow: the probation path, a stream never. Each of
+/// `MEDIA_ROUNDS` rounds times every row both ways, on first in even rounds and off first
+/// in odd ones, and a cost is the median of the rounds' differences, so that load from
+/// elsewhere on the machine falls on both sides alike.
 fn media_rows(floor: Duration) -> anyhow::Result<()> {
-    use shaper_common::media::{MediaKey, MediaStream, MAP_MEDIA};
+    use shaper_common::media::{MediaStream, MAP_MEDIA, MAP_MEDIA_SLOTS};
     const N: usize = 1_000;
     // With flow behaviour measured (the shipped example's video class is: `demote_above`),
     // whose clock read the measurement reuses; a policy without it pays one more read.
@@ -722,98 +778,122 @@ fn media_rows(floor: Duration) -> anyhow::Result<()> {
     let mut off = on.clone();
     off.flags &= !shaper_common::CFG_MEDIA;
     off.media_classes = 0;
+    let other = colliding_ssrc();
     println!(
-        "\n[calls]: RTP in the video class (the {N}-rule policy with flow behaviour (`+behav` above), first rule), measured (`on`: `[calls] classes = [\"video\"]`) \
-         or not (`off`: CFG_MEDIA clear, same maps); `rtp dup`: a packet of a followed stream {REPEAT} times a call \
-         (duplicates), `rtp in order`: one run a call, the stream's next packet each ({SEQ_CALLS} calls a round), \
-         `rtp-like noise`: the filler payload above (version 2, never a stream) {REPEAT} times a call"
+        "\n[calls]: RTP in the video class (the {N}-rule policy with flow behaviour (`+behav` above), first rule), measured (`on`: \
+         `[calls] classes = [\"video\"]`) or not (`off`: CFG_MEDIA cleared in the same object); `rtp dup`: a packet of a followed \
+         stream (in its slot) {MEDIA_REPEAT} times a call (duplicates), `rtp in order`: one run a call, the stream's next packet \
+         each ({SEQ_CALLS} calls a round), `rtp dup, in MEDIA`: as `rtp dup` for SSRC {other:#x} of the same flow, whose slot \
+         SSRC {BENCH_SSRC:#x} holds (the hash map), `rtp-like noise`: the filler payload above (version 2, never a stream) \
+         {MEDIA_REPEAT} times a call; medians of {MEDIA_ROUNDS} rounds"
     );
     println!(
         "{:<12} {:<22} {:>10} {:>10} {:>13} {:>9} {:>7}",
         "rules", "packet", "flow ns", "first ns", "first-empty", "bitmaps", "words"
     );
-    // [off flow, off first, on flow, on first].
-    let [off_hit, off_miss] = load_pair(&off, false)?;
-    let [on_hit, on_miss] = load_pair(&on, false)?;
-    let mut objs = [off_hit, off_miss, on_hit, on_miss];
-    // Two packets in sequence validate the stream (the first goes on probation).
+    let mut objs = load_pair(&on, false)?;
+    // Two packets in sequence validate a stream (the first goes on probation): the
+    // bench's stream takes its slot, the other's is taken.
     for obj in &mut objs {
-        for seq in 0..2 {
-            bpf::test_run(obj, &rtp_frame(seq), 1, 1)?;
-        }
-    }
-    let dup = rtp_frame(2);
-    let noise = Pkt::udp("192.168.1.10", "10.0.0.5", 5001, 10_000).build();
-    let mut frame = rtp_frame(3);
-    let at = frame.len() - 172;
-    let mut next = [3u16; 4];
-    // [round][rtp dup, rtp in order, rtp-like noise][object].
-    let mut t = [[[Duration::ZERO; 4]; 3]; ROUNDS];
-    for rt in &mut t {
-        for (i, obj) in objs.iter_mut().enumerate() {
-            rt[0][i] = bpf::test_run(obj, &dup, 1, REPEAT)?.duration;
-            let mut sum = Duration::ZERO;
-            for _ in 0..SEQ_CALLS {
-                let seq = next[i];
-                frame[at + 2..at + 4].copy_from_slice(&seq.to_be_bytes());
-                frame[at + 4..at + 8].copy_from_slice(&(u32::from(seq) * 960).to_be_bytes());
-                sum += bpf::test_run(obj, &frame, 1, 1)?.duration;
-                next[i] = seq.wrapping_add(1);
+        for ssrc in [BENCH_SSRC, other] {
+            for seq in 0..2 {
+                bpf::test_run(obj, &rtp_frame(ssrc, seq), 1, 1)?;
             }
-            rt[1][i] = sum / u32::from(SEQ_CALLS);
-            rt[2][i] = bpf::test_run(obj, &noise, 1, REPEAT)?.duration;
         }
     }
-    let kinds = ["rtp dup", "rtp in order", "rtp-like noise"];
-    let med = |k: usize, i: usize| median(t.iter().map(|rt| rt[k][i]).collect());
-    for (k, how) in kinds.into_iter().enumerate() {
-        for (label, (hit, miss), maps) in [("off", (0, 1), &off), ("on", (2, 3), &on)] {
+    let dup_hashed = rtp_frame(other, 2);
+    let noise = Pkt::udp("192.168.1.10", "10.0.0.5", 5001, 10_000).build();
+    let mut frame = rtp_frame(BENCH_SSRC, 3);
+    let at = frame.len() - 172;
+    let mut next = [3u16; 2];
+    const KINDS: [&str; 4] = [
+        "rtp dup",
+        "rtp in order",
+        "rtp dup, in MEDIA",
+        "rtp-like noise",
+    ];
+    // [round][kind][object][off, on].
+    let mut t = vec![[[[Duration::ZERO; 2]; 2]; 4]; MEDIA_ROUNDS];
+    for (r, rt) in t.iter_mut().enumerate() {
+        for (i, obj) in objs.iter_mut().enumerate() {
+            let order = if r % 2 == 0 { [1, 0] } else { [0, 1] };
+            for m in order {
+                set_media(obj, m == 1)?;
+                // The stream's highest packet so far: a duplicate each time.
+                let dup = rtp_frame(BENCH_SSRC, next[i].wrapping_sub(1));
+                rt[0][i][m] = bpf::test_run(obj, &dup, 1, MEDIA_REPEAT)?.duration;
+                let mut sum = Duration::ZERO;
+                for _ in 0..SEQ_CALLS {
+                    // Off, the packets are not measured: the stream's next one is the same.
+                    let seq = next[i];
+                    frame[at + 2..at + 4].copy_from_slice(&seq.to_be_bytes());
+                    frame[at + 4..at + 8].copy_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+                    sum += bpf::test_run(obj, &frame, 1, 1)?.duration;
+                    if m == 1 {
+                        next[i] = seq.wrapping_add(1);
+                    }
+                }
+                rt[1][i][m] = sum / u32::from(SEQ_CALLS);
+                rt[2][i][m] = bpf::test_run(obj, &dup_hashed, 1, MEDIA_REPEAT)?.duration;
+                rt[3][i][m] = bpf::test_run(obj, &noise, 1, MEDIA_REPEAT)?.duration;
+            }
+        }
+    }
+    let med = |k: usize, i: usize, m: usize| median(t.iter().map(|rt| rt[k][i][m]).collect());
+    for (k, how) in KINDS.into_iter().enumerate() {
+        for (label, m, maps) in [("off", 0, &off), ("on", 1, &on)] {
             row(
                 "1000+calls",
                 &format!("{how}, {label}"),
-                Some(med(k, hit)),
-                Some(med(k, miss)),
+                Some(med(k, 0, m)),
+                Some(med(k, 1, m)),
                 floor,
                 maps,
             );
         }
     }
-    let cost = |k: usize, on: usize, off: usize| {
+    let cost = |k: usize, i: usize| {
         let mut d: Vec<i128> = t
             .iter()
-            .map(|rt| rt[k][on].as_nanos() as i128 - rt[k][off].as_nanos() as i128)
+            .map(|rt| rt[k][i][1].as_nanos() as i128 - rt[k][i][0].as_nanos() as i128)
             .collect();
         d.sort();
-        d[ROUNDS / 2]
+        d[MEDIA_ROUNDS / 2]
     };
-    let costs: Vec<String> = kinds
+    let costs: Vec<String> = KINDS
         .iter()
         .enumerate()
-        .map(|(k, how)| format!("{how} {} / {} ns", cost(k, 2, 0), cost(k, 3, 1)))
+        .map(|(k, how)| format!("{how} {} / {} ns", cost(k, 0), cost(k, 1)))
         .collect();
     println!(
         "  the measurement's cost (flow / first; the median over the rounds of on minus off): {}",
         costs.join(", ")
     );
-    for (name, obj) in ["off, flow", "off, first", "on, flow", "on, first"]
-        .iter()
-        .zip(&objs)
-    {
-        let m: BpfHashMap<_, MediaKey, MediaStream> =
-            BpfHashMap::try_from(obj.map(MAP_MEDIA).context("MEDIA missing")?)?;
-        let streams: Vec<MediaStream> = m.iter().filter_map(Result::ok).map(|(_, s)| s).collect();
-        println!(
-            "  {name}: {}",
-            match streams.as_slice() {
-                [] => "no stream measured".to_string(),
-                [s] => format!(
-                    "one stream, {} received, {} lost, {} duplicates, {} reordered",
+    for (name, obj) in ["flow", "first"].iter().zip(&objs) {
+        let streams: Vec<MediaStream> = bpf::media_streams(
+            obj.map(MAP_MEDIA).context("MEDIA missing")?,
+            obj.map(MAP_MEDIA_SLOTS),
+        )?
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+        let each: Vec<String> = streams
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} received, {} lost, {} duplicates, {} reordered",
                     s.received,
                     s.lost(),
                     s.duplicates,
                     s.reordered
-                ),
-                v => format!("WARNING: {} streams", v.len()),
+                )
+            })
+            .collect();
+        println!(
+            "  {name}: {}",
+            match each.len() {
+                2 => format!("two streams: {}", each.join("; ")),
+                n => format!("WARNING: {n} streams (two expected): {}", each.join("; ")),
             }
         );
     }
