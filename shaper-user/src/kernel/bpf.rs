@@ -662,10 +662,22 @@ fn read_slots(map: &Map) -> Result<Vec<MediaSlot>> {
     let Map::Array(data) = map else {
         bail!("{MAP_MEDIA_SLOTS} is not an array");
     };
+    // The map must be this build's: pins left by another build (until the next apply)
+    // may hold slots of another size, which the mapping would misread.
+    let info = data.info()?;
     let n = MEDIA_MAX_SLOTS as usize;
+    let size = std::mem::size_of::<MediaSlot>();
+    if (info.value_size() as usize, info.max_entries() as usize) != (size, n) {
+        bail!(
+            "{MAP_MEDIA_SLOTS} holds {} slots of {} bytes, not {n} of {size} (left by another \
+             build until the next apply)",
+            info.max_entries(),
+            info.value_size()
+        );
+    }
     // An array map's values lie `value_size` rounded up to 8 apart, from the mapping's
     // start (kernel/bpf/arraymap.c).
-    let elem = std::mem::size_of::<MediaSlot>().next_multiple_of(8);
+    let elem = size.next_multiple_of(8);
     // SAFETY: sysconf has no preconditions.
     let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     let len = (elem * n).next_multiple_of(page);
