@@ -127,7 +127,19 @@ fn removed_pins_are_restored() {
     let cfg = write_config(dir.path(), "site.toml", &accurx_video(30).to_toml());
     let shaper = Shaper::new(&topo.gw).expect("shaper");
     let daemon = start_daemon(&shaper, &cfg, dir.path().join("daemon.log"));
+    // A restore is over when the daemon says so: its re-apply puts the pins back before it
+    // finishes (the drop tracer is attached after them), so a pin's return alone does not
+    // end it. The next removal waits for that, so that each pin is put back by a restore
+    // of its own, not by the tail of the one before (a CI run removed the map pin while
+    // the link's restore was still in flight, and saw it "restored" 20 ms later).
+    let restores = |n: usize, what: &str| {
+        let t = wait_for(what, shaper_tests::gateway::RESTORE_BOUND, || {
+            daemon.log().matches("shaping restored").count() >= n
+        });
+        eprintln!("{what} after {t:?} more");
+    };
     let link = shaper.bpffs_dir().join("link_lan");
+    let mut expected = 0;
     if link.exists() {
         // TCX: the pin is the link's only holder; unpinning detaches the classifier.
         assert_eq!(tcx_programs(&topo.gw, GW_LAN_IF), 1);
@@ -138,6 +150,8 @@ fn removed_pins_are_restored() {
             || link.exists() && tcx_programs(&topo.gw, GW_LAN_IF) == 1,
         );
         eprintln!("unpinned classifier link restored after {t:?}");
+        expected += 1;
+        restores(expected, "the daemon logged the link's restore");
     } else {
         eprintln!("note: no TCX link pin (netlink attach on this kernel); the map pins only");
     }
@@ -149,9 +163,12 @@ fn removed_pins_are_restored() {
         || map.exists(),
     );
     eprintln!("removed map pin restored after {t:?}");
-    assert!(
-        daemon.log().contains("shaping restored"),
-        "{}",
+    expected += 1;
+    restores(expected, "the daemon logged the map's restore");
+    assert_eq!(
+        daemon.log().matches("shaping restored").count(),
+        expected,
+        "one restore per removal:\n{}",
         daemon.log()
     );
     stop_daemon(daemon, &shaper);
