@@ -107,7 +107,9 @@ fn behave(cfg: &Config, v: &mut FlowVal, pkt: &Pkt, dir: u32, bytes: u64, class:
     now
 }
 
-/// Rule and class for a parsed packet, following fragments.
+/// Rule and class for a parsed packet, following fragments, and the flow's cache entry
+/// when it had one before this packet (null otherwise: a new flow, no cache, a later
+/// fragment), for `[calls]`' stream hints.
 #[inline(always)]
 pub(crate) fn decide(
     ctx: &TcContext,
@@ -115,7 +117,7 @@ pub(crate) fn decide(
     pkt: &mut Pkt,
     dir: u32,
     bytes: u64,
-) -> (u32, u32) {
+) -> (u32, u32, *mut FlowVal) {
     if pkt.frag == FRAG_LATER {
         let key = frag_key(pkt, dir);
         // SAFETY: the value is copied out before any other map operation.
@@ -123,11 +125,11 @@ pub(crate) fn decide(
         return match hit {
             Some(v) => {
                 count_global(dir, G_FRAG_FOLLOWED);
-                (v.rule, v.class)
+                (v.rule, v.class, core::ptr::null_mut())
             }
             None => {
                 count_global(dir, G_FRAG_UNKNOWN);
-                (NO_RULE, cfg.default_class)
+                (NO_RULE, cfg.default_class, core::ptr::null_mut())
             }
         };
     }
@@ -214,6 +216,7 @@ pub(crate) fn decide(
                     flags: if host.is_some() { FLOW_BY_NAME } else { 0 },
                     dscp: pkt.dscp as u32,
                     _pad: 0,
+                    media: Default::default(),
                 };
                 if cfg.flags & CFG_FLOW_BEHAVIOUR != 0 {
                     // SAFETY: a helper without arguments.
@@ -229,7 +232,7 @@ pub(crate) fn decide(
         let key = frag_key(pkt, dir);
         let _ = FRAGS.insert(&key, &d, 0);
     }
-    (d.rule, d.class)
+    (d.rule, d.class, cached.unwrap_or(core::ptr::null_mut()))
 }
 
 #[inline(always)]

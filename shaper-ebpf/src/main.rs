@@ -83,6 +83,8 @@ fn classify(ctx: &TcContext) {
     // Bytes of headers each segment of a GSO packet carries (0: not known).
     let mut hdr = 0u64;
     let mut ip = false;
+    // The flow's cache entry, if it had one (`[calls]`' stream hints).
+    let mut flow = core::ptr::null_mut();
     let (rule, class) = match parse(ctx, l2, pkt) {
         PARSED_IP => {
             ip = true;
@@ -108,7 +110,8 @@ fn classify(ctx: &TcContext) {
                 pkt.dscp = 0;
             }
             pkt.now = 0;
-            let (rule, mut class) = decide(ctx, cfg, pkt, dir, bytes);
+            let (rule, mut class, f) = decide(ctx, cfg, pkt, dir, bytes);
+            flow = f;
             pkt.dscp = dscp;
             if pkt.bare == BARE_ACK {
                 count_global(dir, G_PURE_ACK);
@@ -180,7 +183,7 @@ fn classify(ctx: &TcContext) {
         && class < 64
         && (cfg.media_classes >> class) & 1 == 1
     {
-        media::measure(ctx, pkt, dir);
+        media::measure(ctx, pkt, dir, flow);
     }
 }
 

@@ -13,14 +13,21 @@
 //! entry when the stream's call ends.
 //!
 //! The cost per packet: a packet of a known stream takes the RTP header in place from the
-//! packet's linear data (three word loads; `bpf_skb_load_bytes` only for paged data),
-//! builds its key on this subprogram's stack, finds its slot (a multiplicative hash and
-//! an array index, no helper call) and compares the slot's key word by word, takes the
-//! clock the flow cache read for the packet (`Pkt::now`; read here only when the policy
-//! measures no flow behaviour), and updates the stream in place (its jitter with a
-//! multiply and a shift, no division). Only a stream whose slot is taken pays the `MEDIA`
-//! lookup (a hash of the 44-byte key), and only an SSRC in neither map a `MEDIA_PROBE`
-//! lookup too. (The key is built once, on the stack, rather than kept in registers for
+//! packet's linear data (three word loads; `bpf_skb_load_bytes` only for paged data).
+//! When the flow's cache entry (which the classifier has just looked up) holds a hint for
+//! the SSRC (`shaper_common::media::MediaHint`: the slot's index and generation), the
+//! packet goes straight to that slot, checked by its generation, SSRC and framing: the
+//! flow cache's own lookup has matched the rest of the stream's key. Otherwise it builds
+//! its key on this subprogram's stack, finds its slot (a multiplicative hash and an
+//! array index, no helper call), compares the slot's key word by word, and leaves a hint
+//! in the flow's entry. Either way it takes the clock the flow cache read for the packet
+//! (`Pkt::now`; read here only when the policy measures no flow behaviour), and updates
+//! the stream in place (its jitter with a multiply and a shift, no division). Only a
+//! stream whose slot is taken pays the `MEDIA` lookup (a hash of the 44-byte key), and
+//! only an SSRC in neither map a `MEDIA_PROBE` lookup too. A slot's generation moves on
+//! when it is taken and when user space frees it, so a hint never leads a packet into a
+//! stream of another tenancy (another flow's stream with the same SSRC, say); a flow's
+//! entry keeps hints for its two most recent streams (audio and video of one bundle). (The key is built once, on the stack, rather than kept in registers for
 //! the slot: that spilled enough registers to take the frame past what 6.1's verifier
 //! allows beside the classifier's, whose frames it rounds up to 32 bytes.)
 //!
@@ -37,18 +44,20 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_ns, programs::TcContext};
 use shaper_common::media::{
-    media_slot, rtp_offset, rtp_payload_type, rtp_update, MediaKey, MediaProbe, MediaStream,
-    MEDIA_TURN,
+    media_gen_next, media_slot, rtp_offset, rtp_payload_type, rtp_update, MediaHint, MediaKey,
+    MediaProbe, MediaStream, MEDIA_HINTS, MEDIA_TURN,
 };
+use shaper_common::FlowVal;
 
 use crate::maps::{MEDIA, MEDIA_PROBE, MEDIA_SCRATCH, MEDIA_SLOTS};
 use crate::parse::{load, Pkt};
 
 /// Measures the packet parsed into `pkt` (SCRATCH: UDP, not a later fragment, in a
-/// measured class; addresses and ports from the site's side) going `dir`.
+/// measured class; addresses and ports from the site's side) going `dir`; `flow` is the
+/// flow's cache entry (null when it had none), whose stream hints it follows and keeps.
 #[inline(always)]
-pub(crate) fn measure(ctx: &TcContext, pkt: &Pkt, dir: u32) {
-    media_sub(ctx.skb.skb, pkt, dir);
+pub(crate) fn measure(ctx: &TcContext, pkt: &Pkt, dir: u32, flow: *mut FlowVal) {
+    media_sub(ctx.skb.skb, pkt, dir, flow);
 }
 
 /// [`measure`] as a subprogram of its own (a BPF-to-BPF call): its locals live in its own
@@ -57,11 +66,37 @@ pub(crate) fn measure(ctx: &TcContext, pkt: &Pkt, dir: u32) {
 /// packet in the classifier benchmark). The parsed packet comes in as the caller's
 /// pointer into SCRATCH, not looked up again.
 #[inline(never)]
-extern "C" fn media_sub(skb: *mut aya_ebpf::bindings::__sk_buff, pkt: *const Pkt, dir: u32) {
+extern "C" fn media_sub(
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    pkt: *const Pkt,
+    dir: u32,
+    flow: *mut FlowVal,
+) {
     let ctx = TcContext::new(skb);
     // SAFETY: the caller's per-CPU scratch slot, filled by this program run's parse.
     let pkt = unsafe { &*pkt };
-    measure_packet(&ctx, pkt, dir);
+    measure_packet(&ctx, pkt, dir, flow);
+}
+
+/// Keeps in the flow's cache entry that its stream of `ssrc` lives in slot `slot` in
+/// generation `gen`: in the hint that had this SSRC, else in the first, the other moved
+/// to second (the two most recent streams of the flow keep theirs).
+#[inline(always)]
+fn remember(flow: *mut FlowVal, slot: u32, gen: u32, ssrc: u32) {
+    if flow.is_null() {
+        return;
+    }
+    // SAFETY: the flow's cache entry, a map value changed in place (like its counts).
+    let f = unsafe { &mut *flow };
+    let h = MediaHint::new(slot, gen, ssrc);
+    if f.media[1].ssrc == ssrc && f.media[0].ssrc != ssrc {
+        f.media[1] = h;
+    } else {
+        if f.media[0].ssrc != ssrc {
+            f.media[1] = f.media[0];
+        }
+        f.media[0] = h;
+    }
 }
 
 /// The 12 bytes at `off`, as three words in network order: read in place when the
@@ -110,7 +145,7 @@ fn clock(pkt: &Pkt) -> u64 {
 const RTP_HEADER: u32 = 12;
 
 #[inline(always)]
-fn measure_packet(ctx: &TcContext, pkt: &Pkt, dir: u32) {
+fn measure_packet(ctx: &TcContext, pkt: &Pkt, dir: u32, flow: *mut FlowVal) {
     // UDP payload bytes, as the IP header announces them (what user space counts).
     let len = pkt.payload_len;
     let off = pkt.payload_off;
@@ -145,6 +180,27 @@ fn measure_packet(ctx: &TcContext, pkt: &Pkt, dir: u32) {
     let seq = u32::from_be(b[0]) as u16;
     let ts = u32::from_be(b[1]);
     let ssrc = u32::from_be(b[2]);
+    // The common case: the flow's cache entry says which slot the stream is in, and the
+    // slot still holds it (its generation and SSRC): no key, no hash, no compare.
+    if !flow.is_null() {
+        // SAFETY: the flow's cache entry (a map value); its hints are copied out.
+        let hints = unsafe { (*flow).media };
+        let mut i = 0;
+        while i < MEDIA_HINTS {
+            let h = hints[i];
+            if h.slot_gen != 0 && h.ssrc == ssrc {
+                if let Some(sl) = MEDIA_SLOTS.get_ptr_mut(h.slot()) {
+                    // SAFETY: a map value, changed in place (see the module's note).
+                    let sl = unsafe { &mut *sl };
+                    if h.holds(sl, ssrc, flags) {
+                        rtp_update(&mut sl.stream, seq, ts, clock(pkt), len);
+                        return;
+                    }
+                }
+            }
+            i += 1;
+        }
+    }
     // The key on this subprogram's stack (44 bytes: a per-CPU scratch slot would cost a
     // map lookup a packet).
     let mut key = MediaKey {
@@ -162,12 +218,14 @@ fn measure_packet(ctx: &TcContext, pkt: &Pkt, dir: u32) {
     // index and a key compare), else in MEDIA (a hash of the key); MEDIA_PROBE is only
     // looked up for an SSRC in neither. The clock is read once, and only for a packet
     // that counts in a stream.
-    let slot = MEDIA_SLOTS.get_ptr_mut(media_slot(&key));
+    let index = media_slot(&key);
+    let slot = MEDIA_SLOTS.get_ptr_mut(index);
     if let Some(sl) = slot {
         // SAFETY: a map value, changed in place (see the module's note on atomicity).
         let sl = unsafe { &mut *sl };
         if sl.key.same(&key) {
             rtp_update(&mut sl.stream, seq, ts, clock(pkt), len);
+            remember(flow, index, sl.gen, ssrc);
             return;
         }
     }
@@ -202,8 +260,10 @@ fn measure_packet(ctx: &TcContext, pkt: &Pkt, dir: u32) {
         // SAFETY: a map value, changed in place.
         let sl = unsafe { &mut *sl };
         if sl.key.family == 0 {
+            sl.gen = media_gen_next(sl.gen);
             sl.stream = MediaStream::start(pt, seq, ts, now, len, flags);
             sl.key = key;
+            remember(flow, index, sl.gen, ssrc);
             return;
         }
     }

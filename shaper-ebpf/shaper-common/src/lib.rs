@@ -474,6 +474,9 @@ pub struct FlowVal {
     /// DSCP is matched afresh (rules may name DSCP), still counted in this flow.
     pub dscp: u32,
     pub _pad: u32,
+    /// `[calls]`: where the flow's measured streams live, when in a slot (see
+    /// `media::MediaHint`); zeroes otherwise.
+    pub media: [media::MediaHint; media::MEDIA_HINTS],
 }
 
 pub const FLOW_DEMOTED: u32 = 1;

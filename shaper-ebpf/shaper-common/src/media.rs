@@ -101,9 +101,74 @@ pub fn media_slot(k: &MediaKey) -> u32 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MediaSlot {
     pub key: MediaKey,
-    pub _pad: u32,
+    /// Moved on ([`media_gen_next`]) each time the slot is taken (by the classifier) or
+    /// freed (by user space), so that a [`MediaHint`] made for one tenancy of the slot
+    /// never matches a later one.
+    pub gen: u32,
     pub stream: MediaStream,
 }
+
+/// The generation after `gen` (22 bits, as a [`MediaHint`] keeps it; never 0, which is
+/// no hint).
+#[inline(always)]
+pub fn media_gen_next(gen: u32) -> u32 {
+    let n = gen.wrapping_add(1) & MEDIA_GEN_MASK;
+    if n == 0 {
+        1
+    } else {
+        n
+    }
+}
+
+/// The bits of [`MediaSlot::gen`] a [`MediaHint`] keeps beside the slot's index
+/// (10 bits for [`MEDIA_MAX_SLOTS`]).
+pub const MEDIA_GEN_MASK: u32 = (1 << 22) - 1;
+// A hint keeps the slot's index in the 10 bits above the generation.
+const _: () = assert!(MEDIA_MAX_SLOTS <= 1 << 10 && MEDIA_MAX_SLOTS.is_power_of_two());
+
+/// Where one of a flow's streams lives, kept in the flow's cache entry (`FlowVal::media`)
+/// so that its next packets go to its slot without building the stream's key, hashing
+/// it and comparing it: the flow cache's lookup has already matched the addresses, ports,
+/// protocol, direction and family, and what is left to check is the SSRC, the framing
+/// and that the slot still holds the tenancy the hint was made for (`slot_gen`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MediaHint {
+    pub ssrc: u32,
+    /// The slot's index << 22 | its generation ([`MEDIA_GEN_MASK`]); 0: no hint.
+    pub slot_gen: u32,
+}
+
+impl MediaHint {
+    #[inline(always)]
+    pub fn new(slot: u32, gen: u32, ssrc: u32) -> MediaHint {
+        MediaHint {
+            ssrc,
+            slot_gen: (slot << 22) | (gen & MEDIA_GEN_MASK),
+        }
+    }
+
+    /// The slot's index (valid when `slot_gen` is not 0).
+    #[inline(always)]
+    pub fn slot(&self) -> u32 {
+        (self.slot_gen >> 22) & (MEDIA_MAX_SLOTS - 1)
+    }
+
+    /// Whether `s`, the slot [`MediaHint::slot`] names, still holds the stream of `ssrc`
+    /// framed as `flags` that this hint was made for.
+    #[inline(always)]
+    pub fn holds(&self, s: &MediaSlot, ssrc: u32, flags: u8) -> bool {
+        self.slot_gen != 0
+            && self.ssrc == ssrc
+            && s.gen & MEDIA_GEN_MASK == self.slot_gen & MEDIA_GEN_MASK
+            && s.key.family != 0
+            && s.key.ssrc == ssrc
+            && s.key.flags == flags
+    }
+}
+
+/// Hints a flow's cache entry keeps (audio and video of one bundled flow).
+pub const MEDIA_HINTS: usize = 2;
 
 /// SSRCs on probation in one flow and direction.
 #[repr(C)]
@@ -449,6 +514,51 @@ pub fn rtp_payload_type(b0: u8, b1: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hint holds its slot's index and generation, matches only the tenancy it was
+    /// made for, and a slot's generation never comes back to 0 (no hint) or to the one
+    /// it had after fewer than 2^22 - 1 moves.
+    #[test]
+    fn hints_match_only_their_tenancy() {
+        let key = MediaKey {
+            ssrc: 0xdead_beef,
+            family: 4,
+            ..MediaKey::default()
+        };
+        let mut s = MediaSlot {
+            key,
+            gen: 7,
+            ..MediaSlot::default()
+        };
+        for slot in [0, 1, 513, MEDIA_MAX_SLOTS - 1] {
+            let h = MediaHint::new(slot, s.gen, key.ssrc);
+            assert_eq!(h.slot(), slot);
+            assert!(h.holds(&s, key.ssrc, 0));
+            assert!(!h.holds(&s, key.ssrc + 1, 0), "another SSRC");
+            assert!(!h.holds(&s, key.ssrc, MEDIA_TURN), "another framing");
+        }
+        let h = MediaHint::new(3, s.gen, key.ssrc);
+        // Freed (user space moves the generation on): no longer held, nor once taken
+        // again by a stream with the same key.
+        s.gen = media_gen_next(s.gen);
+        s.key.family = 0;
+        assert!(!h.holds(&s, key.ssrc, 0));
+        s.gen = media_gen_next(s.gen);
+        s.key.family = 4;
+        assert!(!h.holds(&s, key.ssrc, 0));
+        assert!(
+            !MediaHint::default().holds(&MediaSlot::default(), 0, 0),
+            "no hint"
+        );
+        assert_eq!(media_gen_next(MEDIA_GEN_MASK), 1, "0 is skipped");
+        assert_eq!(media_gen_next(u32::MAX), 1);
+        let mut g = 1;
+        for _ in 0..MEDIA_GEN_MASK - 1 {
+            g = media_gen_next(g);
+            assert_ne!(g, 1);
+        }
+        assert_eq!(media_gen_next(g), 1, "the cycle is 2^22 - 1 long");
+    }
 
     /// The multiply-and-shift arrival against the division it replaces: for every clock
     /// in use, over the whole range a stream's origin allows (4.8 hours), within one clock

@@ -28,9 +28,9 @@ use aya::{
 use serde::{Deserialize, Serialize};
 use shaper_common::{
     media::{
-        media_slot, MediaDropCfg, MediaKey, MediaSlot, MediaStream, MAP_MEDIA, MAP_MEDIA_DROP_CFG,
-        MAP_MEDIA_SLOTS, MEDIA_DROPS_TRACEPOINT, MEDIA_MAX_SLOTS, MEDIA_MAX_STREAMS,
-        PROG_MEDIA_DROPS,
+        media_gen_next, media_slot, MediaDropCfg, MediaKey, MediaSlot, MediaStream, MAP_MEDIA,
+        MAP_MEDIA_DROP_CFG, MAP_MEDIA_SLOTS, MEDIA_DROPS_TRACEPOINT, MEDIA_MAX_SLOTS,
+        MEDIA_MAX_STREAMS, PROG_MEDIA_DROPS,
     },
     *,
 };
@@ -728,9 +728,15 @@ pub fn forget_media(pins: &Pins, keys: &[MediaKey]) -> Result<()> {
     for k in keys {
         if let Some(slots) = slots.as_mut() {
             let i = media_slot(k);
-            if slots.get(&i, 0).is_ok_and(|s| s.key == *k) {
+            if let Some(s) = slots.get(&i, 0).ok().filter(|s| s.key == *k) {
+                // A new generation: hints the classifier keeps for the stream no longer
+                // match the slot.
+                let free = MediaSlot {
+                    gen: media_gen_next(s.gen),
+                    ..MediaSlot::default()
+                };
                 slots
-                    .set(i, MediaSlot::default(), 0)
+                    .set(i, free, 0)
                     .with_context(|| format!("freeing slot {i} of {MAP_MEDIA_SLOTS}"))?;
                 continue;
             }

@@ -7,7 +7,7 @@
 //! side and peer. The packet always passes unchanged. (Jitter needs arrival times the test
 //! run does not control; `shaper_common::media`'s unit tests cover it.)
 
-use shaper_common::media::{MediaKey, MediaStream, MEDIA_TURN};
+use shaper_common::media::{MediaKey, MediaStream, MAP_MEDIA, MEDIA_TURN};
 use shaper_common::{DIR_DOWN, DIR_UP};
 use shaper_tests::config::{Config, Rule};
 use shaper_tests::packet::Pkt;
@@ -395,7 +395,7 @@ fn both_directions_of_a_flow_have_the_same_lan_side_and_peer() {
 /// comes back afterwards starts afresh, and takes the freed slot.
 #[test]
 fn streams_sharing_a_slot_are_both_measured_and_forgotten() {
-    use shaper_common::media::{media_slot, MediaSlot, MAP_MEDIA, MAP_MEDIA_SLOTS};
+    use shaper_common::media::{media_slot, MediaSlot, MAP_MEDIA_SLOTS};
     if !root_or_skip() {
         return;
     }
@@ -438,12 +438,8 @@ fn streams_sharing_a_slot_are_both_measured_and_forgotten() {
             .expect("MEDIA_SLOTS is an array");
     let held = slots.get(&slot, 0).expect("the slot");
     assert_eq!(held.key, key(first_ssrc), "the first stream holds the slot");
-    let hashed: aya::maps::HashMap<_, MediaKey, MediaStream> =
-        aya::maps::HashMap::try_from(bpf::open_pinned(&pins.0, MAP_MEDIA).expect("MEDIA"))
-            .expect("MEDIA is a hash map");
-    let in_media: Vec<MediaKey> = hashed.keys().map(|k| k.expect("a key")).collect();
     assert_eq!(
-        in_media,
+        in_media_keys(&pins.0),
         vec![key(second_ssrc)],
         "the second stream, whose slot was taken, is in MEDIA"
     );
@@ -500,4 +496,64 @@ fn streams_sharing_a_slot_are_both_measured_and_forgotten() {
         key(second_ssrc),
         "in the slot the first stream freed"
     );
+
+    // The flow's cache entry still names the slot for the first SSRC (the hint its
+    // packets followed). Another flow's stream with that same SSRC, whose key also falls
+    // in the slot, takes it once it is free: the first flow's packets of that SSRC must
+    // not count in it (the slot's generation moved on twice: freed, taken), and start a
+    // stream of their own, in MEDIA.
+    bpf::forget_media(&pins.0, &[key(second_ssrc)]).expect("forget");
+    let other_port = (1024..u16::MAX)
+        .find(|&p| p != 50_030 && media_slot(&up_key(p, first_ssrc)) == slot)
+        .expect("a port whose stream of the first SSRC shares the slot");
+    let other = Pkt::udp(LAN, PEER, other_port, VIDEO_PORT);
+    for seq in 2_000..2_005u16 {
+        send(
+            &mut r,
+            &other.with_payload(&rtp(96, seq, u32::from(seq) * 3000, first_ssrc)),
+            wan,
+            video,
+        );
+    }
+    assert_eq!(
+        slots.get(&slot, 0).expect("the slot").key,
+        up_key(other_port, first_ssrc),
+        "the other flow's stream took the slot"
+    );
+    for seq in 3_000..3_007u16 {
+        send(
+            &mut r,
+            &flow.with_payload(&rtp(96, seq, u32::from(seq) * 3000, first_ssrc)),
+            wan,
+            video,
+        );
+    }
+    let theirs = of_flow(&pins.streams(), other_port, VIDEO_PORT);
+    assert_eq!(theirs.len(), 1, "{theirs:?}");
+    assert_eq!(
+        (theirs[0].1.base_seq, theirs[0].1.received),
+        (2_001, 4),
+        "the slot's stream counts only its own flow's packets"
+    );
+    let ours = of_flow(&pins.streams(), 50_030, VIDEO_PORT);
+    assert_eq!(ours.len(), 1, "{ours:?}");
+    assert_eq!(ours[0].0, key(first_ssrc));
+    assert_eq!(
+        (ours[0].1.base_seq, ours[0].1.received),
+        (3_001, 6),
+        "the first flow's packets started a stream of their own (after probation)"
+    );
+    assert_eq!(
+        in_media_keys(&pins.0),
+        vec![key(first_ssrc)],
+        "in MEDIA: the slot is taken"
+    );
+}
+
+/// The keys of the streams in `MEDIA` (not in slots).
+fn in_media_keys(pins: &Pins) -> Vec<MediaKey> {
+    let hashed: aya::maps::HashMap<_, MediaKey, MediaStream> =
+        aya::maps::HashMap::try_from(bpf::open_pinned(pins, MAP_MEDIA).expect("MEDIA"))
+            .expect("MEDIA is a hash map");
+    hashed.keys().map(|k| k.expect("a key")).collect()
 }

@@ -753,8 +753,10 @@ fn set_media(obj: &mut aya::Ebpf, on: bool) -> anyhow::Result<()> {
 /// object per column (`flow`: the flow cache; `first`: none, every packet matched
 /// afresh), each timed with the measurement on (`CFG_MEDIA`) and off in its `CONFIG`, so
 /// that both sides run the same program over the same maps. `rtp dup`: a packet of a
-/// followed stream (in its slot) `MEDIA_REPEAT` times a call (after the first, each a
-/// duplicate: the lookup and the shortest update); `rtp in order`: one run a call, each
+/// followed stream (in its slot; in the `flow` column found by the hint in the flow's
+/// cache entry, in `first`, which has no cache, by its key's hash and compare)
+/// `MEDIA_REPEAT` times a call (after the first, each a duplicate: the lookup and the
+/// shortest update); `rtp in order`: one run a call, each
 /// the stream's next packet (the full update, the jitter included), the mean of the
 /// kernel's single-run timings over `SEQ_CALLS` calls (a single run's timing carries more
 /// of the test run's overhead than the floor: compare these rows with each other); `rtp
@@ -780,7 +782,7 @@ fn media_rows(floor: Duration) -> anyhow::Result<()> {
     println!(
         "\n[calls]: RTP in the video class (the {N}-rule policy with flow behaviour (`+behav` above), first rule), measured (`on`: \
          `[calls] classes = [\"video\"]`) or not (`off`: CFG_MEDIA cleared in the same object); `rtp dup`: a packet of a followed \
-         stream (in its slot) {MEDIA_REPEAT} times a call (duplicates), `rtp in order`: one run a call, the stream's next packet \
+         stream (in its slot: flow, by the flow entry's hint; first, by its key) {MEDIA_REPEAT} times a call (duplicates), `rtp in order`: one run a call, the stream's next packet \
          each ({SEQ_CALLS} calls a round), `rtp dup, in MEDIA`: as `rtp dup` for SSRC {other:#x} of the same flow, whose slot \
          SSRC {BENCH_SSRC:#x} holds (the hash map), `rtp-like noise`: the filler payload above (version 2, never a stream) \
          {MEDIA_REPEAT} times a call; medians of {MEDIA_ROUNDS} rounds"
