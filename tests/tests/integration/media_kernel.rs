@@ -102,6 +102,26 @@ fn send(r: &mut Rig, frame: &[u8], ifindex: u32, class: u32) {
     assert_eq!(res.data, frame, "the packet is not changed");
 }
 
+/// Packets `seqs` of the stream `ssrc` of `flow` in order (payload type 96 at 90 kHz,
+/// 3,000 units apart), each through the classifier and checked as [`send`] does.
+fn send_run(
+    r: &mut Rig,
+    flow: &Pkt,
+    seqs: std::ops::Range<u16>,
+    ssrc: u32,
+    ifindex: u32,
+    class: u32,
+) {
+    for seq in seqs {
+        send(
+            r,
+            &flow.with_payload(&rtp(96, seq, u32::from(seq) * 3000, ssrc)),
+            ifindex,
+            class,
+        );
+    }
+}
+
 /// The streams of the flow `lan_port` <-> `peer_port`.
 fn of_flow(
     streams: &[(MediaKey, MediaStream)],
@@ -474,14 +494,7 @@ fn streams_sharing_a_slot_are_both_measured_and_forgotten() {
     bpf::forget_media(&pins.0, &keys).expect("forgetting again is no error");
 
     // The second stream comes back: probation again, then the free slot.
-    for seq in 1_000..1_010u16 {
-        send(
-            &mut r,
-            &flow.with_payload(&rtp(96, seq, u32::from(seq) * 3000, second_ssrc)),
-            wan,
-            video,
-        );
-    }
+    send_run(&mut r, &flow, 1_000..1_010, second_ssrc, wan, video);
     let streams = of_flow(&pins.streams(), 50_030, VIDEO_PORT);
     assert_eq!(streams.len(), 1, "one stream again: {streams:?}");
     let (k, s) = streams[0];
@@ -507,27 +520,13 @@ fn streams_sharing_a_slot_are_both_measured_and_forgotten() {
         .find(|&p| p != 50_030 && media_slot(&up_key(p, first_ssrc)) == slot)
         .expect("a port whose stream of the first SSRC shares the slot");
     let other = Pkt::udp(LAN, PEER, other_port, VIDEO_PORT);
-    for seq in 2_000..2_005u16 {
-        send(
-            &mut r,
-            &other.with_payload(&rtp(96, seq, u32::from(seq) * 3000, first_ssrc)),
-            wan,
-            video,
-        );
-    }
+    send_run(&mut r, &other, 2_000..2_005, first_ssrc, wan, video);
     assert_eq!(
         slots.get(&slot, 0).expect("the slot").key,
         up_key(other_port, first_ssrc),
         "the other flow's stream took the slot"
     );
-    for seq in 3_000..3_007u16 {
-        send(
-            &mut r,
-            &flow.with_payload(&rtp(96, seq, u32::from(seq) * 3000, first_ssrc)),
-            wan,
-            video,
-        );
-    }
+    send_run(&mut r, &flow, 3_000..3_007, first_ssrc, wan, video);
     let theirs = of_flow(&pins.streams(), other_port, VIDEO_PORT);
     assert_eq!(theirs.len(), 1, "{theirs:?}");
     assert_eq!(
