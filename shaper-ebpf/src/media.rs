@@ -27,9 +27,10 @@
 //! only an SSRC in neither map a `MEDIA_PROBE` lookup too. A slot's generation moves on
 //! when it is taken and when user space frees it, so a hint never leads a packet into a
 //! stream of another tenancy (another flow's stream with the same SSRC, say); a flow's
-//! entry keeps hints for its two most recent streams (audio and video of one bundle). (The key is built once, on the stack, rather than kept in registers for
-//! the slot: that spilled enough registers to take the frame past what 6.1's verifier
-//! allows beside the classifier's, whose frames it rounds up to 32 bytes.)
+//! entry keeps hints for its two most recent streams (audio and video of one bundle).
+//! (The key is built once, on the stack, rather than kept in registers for the slot:
+//! that spilled enough registers to take the frame past what 6.1's verifier allows
+//! beside the classifier's, whose frames it rounds up to 32 bytes.)
 //!
 //! Nothing here changes or drops the packet, and any read that fails leaves it alone.
 //! Only the fixed RTP header is read (12 bytes, behind a 4-byte ChannelData header at
