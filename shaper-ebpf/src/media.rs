@@ -12,25 +12,27 @@
 //! else in `MEDIA` (an LRU hash). User space reads both, and frees a slot or removes an
 //! entry when the stream's call ends.
 //!
-//! The cost per packet: a packet of a known stream takes the RTP header in place from the
-//! packet's linear data (three word loads; `bpf_skb_load_bytes` only for paged data).
-//! When the flow's cache entry (which the classifier has just looked up) holds a hint for
-//! the SSRC (`shaper_common::media::MediaHint`: the slot's index and generation), the
-//! packet goes straight to that slot, checked by its generation, SSRC and framing: the
-//! flow cache's own lookup has matched the rest of the stream's key. Otherwise it builds
-//! its key on this subprogram's stack, finds its slot (a multiplicative hash and an
-//! array index, no helper call), compares the slot's key word by word, and leaves a hint
-//! in the flow's entry. Either way it takes the clock the flow cache read for the packet
-//! (`Pkt::now`; read here only when the policy measures no flow behaviour), and updates
-//! the stream in place (its jitter with a multiply and a shift, no division). Only a
-//! stream whose slot is taken pays the `MEDIA` lookup (a hash of the 44-byte key), and
-//! only an SSRC in neither map a `MEDIA_PROBE` lookup too. A slot's generation moves on
-//! when it is taken and when user space frees it, so a hint never leads a packet into a
-//! stream of another tenancy (another flow's stream with the same SSRC, say); a flow's
-//! entry keeps hints for its two most recent streams (audio and video of one bundle).
-//! (The key is built once, on the stack, rather than kept in registers for the slot:
-//! that spilled enough registers to take the frame past what 6.1's verifier allows
-//! beside the classifier's, whose frames it rounds up to 32 bytes.)
+//! The cost per packet: a packet of a known stream takes the RTP header in place from
+//! the packet's linear data (three word loads; `bpf_skb_load_bytes` only for paged
+//! data). When the flow's cache entry (which the classifier has just looked up) holds a
+//! hint for the SSRC (`shaper_common::media::MediaHint`: the slot's index and
+//! generation), the packet goes straight to that slot, checked by its generation, SSRC
+//! and framing, in the classifier's own code (no call): the flow cache's own lookup has
+//! matched the rest of the stream's key. Otherwise, in a subprogram of its own
+//! (`media_sub`), it reads the header again, builds its key on that subprogram's stack,
+//! finds its slot (a multiplicative hash and an array index, no helper call), compares
+//! the slot's key word by word, and leaves a hint in the flow's entry. Either way it
+//! takes the clock the flow cache read for the packet (`Pkt::now`; read here only when
+//! the policy measures no flow behaviour), and updates the stream in place (its jitter
+//! with a multiply and a shift, no division). Only a stream whose slot is taken pays the
+//! `MEDIA` lookup (a hash of the 44-byte key), and only an SSRC in neither map a
+//! `MEDIA_PROBE` lookup too. A slot's generation moves on when it is taken and when user
+//! space frees it, so a hint never leads a packet into a stream of another tenancy
+//! (another flow's stream with the same SSRC, say); a flow's entry keeps hints for its
+//! two most recent streams (audio and video of one bundle). (The key is built once, on
+//! the stack, rather than kept in registers for the slot: that spilled enough registers
+//! to take the frame past what 6.1's verifier allows beside the classifier's, whose
+//! frames it rounds up to 32 bytes.)
 //!
 //! Nothing here changes or drops the packet, and any read that fails leaves it alone.
 //! Only the fixed RTP header is read (12 bytes, behind a 4-byte ChannelData header at
@@ -56,16 +58,34 @@ use crate::parse::{load, Pkt};
 /// Measures the packet parsed into `pkt` (SCRATCH: UDP, not a later fragment, in a
 /// measured class; addresses and ports from the site's side) going `dir`; `flow` is the
 /// flow's cache entry (null when it had none), whose stream hints it follows and keeps.
+///
+/// The common case runs here, inline in the classifier: a packet of a stream the flow's
+/// entry has a hint for, read from the packet's linear data. Everything else (no hint or
+/// a stale one, paged data, a stream to find or start) runs in [`media_sub`], which reads
+/// the header again. Inline, the packet saves the BPF-to-BPF call (with the return
+/// thunk that this host's speculation mitigations put on every return) without growing
+/// the classifier's frame: the path keeps no key on the stack.
 #[inline(always)]
 pub(crate) fn measure(ctx: &TcContext, pkt: &Pkt, dir: u32, flow: *mut FlowVal) {
+    if !flow.is_null() {
+        match rtp(pkt, |off| linear(ctx, off)) {
+            Header::Rtp(r) => {
+                if hinted(pkt, flow, &r) {
+                    return;
+                }
+            }
+            Header::NotRtp => return,
+            Header::Unread => {}
+        }
+    }
     media_sub(ctx.skb.skb, pkt, dir, flow);
 }
 
-/// [`measure`] as a subprogram of its own (a BPF-to-BPF call): its locals live in its own
-/// frame, not in the classifier's (which the window clamp's callbacks leave no room to
-/// grow), and a call costs less than a `bpf_loop` of one iteration (some 10 ns less a
-/// packet in the classifier benchmark). The parsed packet comes in as the caller's
-/// pointer into SCRATCH, not looked up again.
+/// [`measure`]'s other paths as a subprogram of its own (a BPF-to-BPF call): its locals
+/// (the stream's 44-byte key) live in its own frame, not in the classifier's (which the
+/// window clamp's callbacks leave no room to grow), and a call costs less than a
+/// `bpf_loop` of one iteration (some 10 ns less a packet in the classifier benchmark).
+/// The parsed packet comes in as the caller's pointer into SCRATCH, not looked up again.
 #[inline(never)]
 extern "C" fn media_sub(
     skb: *mut aya_ebpf::bindings::__sk_buff,
@@ -77,6 +97,95 @@ extern "C" fn media_sub(
     // SAFETY: the caller's per-CPU scratch slot, filled by this program run's parse.
     let pkt = unsafe { &*pkt };
     measure_packet(&ctx, pkt, dir, flow);
+}
+
+/// An RTP header as the measurement reads it.
+struct Rtp {
+    /// [`MEDIA_TURN`] behind a ChannelData header, else 0.
+    flags: u8,
+    pt: u8,
+    seq: u16,
+    ts: u32,
+    ssrc: u32,
+}
+
+/// What [`rtp`] found in the payload.
+enum Header {
+    Rtp(Rtp),
+    /// Not RTP (or cut short): nothing to measure.
+    NotRtp,
+    /// The reader could not reach the bytes (a linear-only reader, paged data).
+    Unread,
+}
+
+/// The RTP header (plain or behind TURN ChannelData) of the UDP payload `pkt` describes,
+/// its 12-byte words read by `read` at a payload offset.
+#[inline(always)]
+fn rtp(pkt: &Pkt, read: impl Fn(u32) -> Option<[u32; 3]>) -> Header {
+    // UDP payload bytes, as the IP header announces them (what user space counts).
+    let len = pkt.payload_len;
+    let off = pkt.payload_off;
+    // The fixed header (12 bytes: the smallest RTP packet, a header alone, is counted).
+    let Some(h) = read(off) else {
+        return Header::Unread;
+    };
+    let (flags, rtp_len, b) = match rtp_offset(byte(h[0], 0), byte(h[0], 1)) {
+        Some(0) => (0, len, h),
+        Some(_) => {
+            // ChannelData (RFC 8656 §12.4): its length must fit in the datagram
+            // (padding may follow), as user space's parser wants it.
+            let data = u32::from_be(h[0]) & 0xffff;
+            if data + 4 > len {
+                return Header::NotRtp;
+            }
+            let Some(b) = read(off + 4) else {
+                return Header::Unread;
+            };
+            (MEDIA_TURN, data, b)
+        }
+        None => return Header::NotRtp,
+    };
+    let (b0, b1) = (byte(b[0], 0), byte(b[0], 1));
+    let Some(pt) = rtp_payload_type(b0, b1) else {
+        return Header::NotRtp;
+    };
+    // The CSRC list must fit.
+    if RTP_HEADER + 4 * (b0 & 0x0f) as u32 > rtp_len {
+        return Header::NotRtp;
+    }
+    Header::Rtp(Rtp {
+        flags,
+        pt,
+        seq: u32::from_be(b[0]) as u16,
+        ts: u32::from_be(b[1]),
+        ssrc: u32::from_be(b[2]),
+    })
+}
+
+/// Counts `r` in the slot a hint in the flow's cache entry names, when the slot still
+/// holds the stream (its generation, SSRC and framing; the flow cache's own lookup has
+/// matched the rest of the stream's key): no key, no hash, no compare. False when no
+/// hint holds.
+#[inline(always)]
+fn hinted(pkt: &Pkt, flow: *mut FlowVal, r: &Rtp) -> bool {
+    // SAFETY: the flow's cache entry (a map value); its hints are copied out.
+    let hints = unsafe { (*flow).media };
+    let mut i = 0;
+    while i < MEDIA_HINTS {
+        let h = hints[i];
+        if h.names(r.ssrc) {
+            if let Some(sl) = MEDIA_SLOTS.get_ptr_mut(h.slot()) {
+                // SAFETY: a map value, changed in place (see the module's note).
+                let sl = unsafe { &mut *sl };
+                if h.holds(sl, r.ssrc, r.flags) {
+                    rtp_update(&mut sl.stream, r.seq, r.ts, clock(pkt), pkt.payload_len);
+                    return true;
+                }
+            }
+        }
+        i += 1;
+    }
+    false
 }
 
 /// Keeps in the flow's cache entry that its stream of `ssrc` lives in slot `slot` in
@@ -100,12 +209,18 @@ fn remember(flow: *mut FlowVal, slot: u32, gen: u32, ssrc: u32) {
     }
 }
 
-/// The 12 bytes at `off`, as three words in network order: read in place when the
-/// linear part of the packet holds them (no helper call), else copied with
-/// `bpf_skb_load_bytes` (paged data); None past the end. Words, not bytes, so the fields
-/// come out of them with a shift and a byte swap each.
+/// The 12 bytes at `off`, as three words in network order: [`linear`], else copied with
+/// `bpf_skb_load_bytes` (paged data); None past the end.
 #[inline(always)]
 fn header(ctx: &TcContext, off: u32) -> Option<[u32; 3]> {
+    linear(ctx, off).or_else(|| load::<[u32; 3]>(ctx, off as usize))
+}
+
+/// The 12 bytes at `off` read in place, when the linear part of the packet holds them
+/// (no helper call, nothing on the stack). Words, not bytes, so the fields come out of
+/// them with a shift and a byte swap each.
+#[inline(always)]
+fn linear(ctx: &TcContext, off: u32) -> Option<[u32; 3]> {
     // Bounded for the verifier (a packet pointer's variable offset must be); the payload
     // of a packet this program parsed starts well inside 64 KiB.
     if off < 0x1000 {
@@ -123,7 +238,7 @@ fn header(ctx: &TcContext, off: u32) -> Option<[u32; 3]> {
             return Some(unsafe { core::ptr::read(start as *const [u32; 3]) });
         }
     }
-    load::<[u32; 3]>(ctx, off as usize)
+    None
 }
 
 /// Byte `i` (0-3) of a word read from the packet.
@@ -147,61 +262,25 @@ const RTP_HEADER: u32 = 12;
 
 #[inline(always)]
 fn measure_packet(ctx: &TcContext, pkt: &Pkt, dir: u32, flow: *mut FlowVal) {
-    // UDP payload bytes, as the IP header announces them (what user space counts).
     let len = pkt.payload_len;
-    let off = pkt.payload_off;
-    // The fixed header (12 bytes: the smallest RTP packet, a header alone, is counted).
-    let Some(h) = header(ctx, off) else {
+    let Header::Rtp(r) = rtp(pkt, |off| header(ctx, off)) else {
         return;
     };
-    let (flags, rtp_len, b) = match rtp_offset(byte(h[0], 0), byte(h[0], 1)) {
-        Some(0) => (0, len, h),
-        Some(_) => {
-            // ChannelData (RFC 8656 §12.4): its length must fit in the datagram
-            // (padding may follow), as user space's parser wants it.
-            let data = u32::from_be(h[0]) & 0xffff;
-            if data + 4 > len {
-                return;
-            }
-            let Some(b) = header(ctx, off + 4) else {
-                return;
-            };
-            (MEDIA_TURN, data, b)
-        }
-        None => return,
-    };
-    let (b0, b1) = (byte(b[0], 0), byte(b[0], 1));
-    let Some(pt) = rtp_payload_type(b0, b1) else {
-        return;
-    };
-    // The CSRC list must fit.
-    if RTP_HEADER + 4 * (b0 & 0x0f) as u32 > rtp_len {
+    // Paged data, which the classifier's inline path does not read, still has its hints.
+    // (Linear data has tried them there already; the second try costs a stale hint or a
+    // stream without one a nanosecond or two, and with it this frame stays at 160 bytes,
+    // which the classifier's 320 and a `memset` under it leave on 6.1: without it the
+    // registers spilled to 168. `kernel::stack_depth` in shaper-user checks the sum.)
+    if !flow.is_null() && hinted(pkt, flow, &r) {
         return;
     }
-    let seq = u32::from_be(b[0]) as u16;
-    let ts = u32::from_be(b[1]);
-    let ssrc = u32::from_be(b[2]);
-    // The common case: the flow's cache entry says which slot the stream is in, and the
-    // slot still holds it (its generation and SSRC): no key, no hash, no compare.
-    if !flow.is_null() {
-        // SAFETY: the flow's cache entry (a map value); its hints are copied out.
-        let hints = unsafe { (*flow).media };
-        let mut i = 0;
-        while i < MEDIA_HINTS {
-            let h = hints[i];
-            if h.slot_gen != 0 && h.ssrc == ssrc {
-                if let Some(sl) = MEDIA_SLOTS.get_ptr_mut(h.slot()) {
-                    // SAFETY: a map value, changed in place (see the module's note).
-                    let sl = unsafe { &mut *sl };
-                    if h.holds(sl, ssrc, flags) {
-                        rtp_update(&mut sl.stream, seq, ts, clock(pkt), len);
-                        return;
-                    }
-                }
-            }
-            i += 1;
-        }
-    }
+    let Rtp {
+        flags,
+        pt,
+        seq,
+        ts,
+        ssrc,
+    } = r;
     // The key on this subprogram's stack (44 bytes: a per-CPU scratch slot would cost a
     // map lookup a packet).
     let mut key = MediaKey {

@@ -154,12 +154,17 @@ impl MediaHint {
         (self.slot_gen >> 22) & (MEDIA_MAX_SLOTS - 1)
     }
 
+    /// Whether this is a hint (not 0) for the stream of `ssrc`: its slot is worth a look.
+    #[inline(always)]
+    pub fn names(&self, ssrc: u32) -> bool {
+        self.slot_gen != 0 && self.ssrc == ssrc
+    }
+
     /// Whether `s`, the slot [`MediaHint::slot`] names, still holds the stream of `ssrc`
     /// framed as `flags` that this hint was made for.
     #[inline(always)]
     pub fn holds(&self, s: &MediaSlot, ssrc: u32, flags: u8) -> bool {
-        self.slot_gen != 0
-            && self.ssrc == ssrc
+        self.names(ssrc)
             && s.gen & MEDIA_GEN_MASK == self.slot_gen & MEDIA_GEN_MASK
             && s.key.family != 0
             && s.key.ssrc == ssrc

@@ -39,7 +39,7 @@ use crate::compile::MapPlan;
 use crate::dir::PerDir;
 
 /// The classifier object built by build.rs (aya-build).
-static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shaper-bpf"));
+pub(crate) static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shaper-bpf"));
 
 /// Netlink (pre-TCX) filter priority and handle we own on clsact egress.
 const NL_PRIORITY: u16 = 0x2f00;

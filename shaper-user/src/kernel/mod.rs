@@ -3,5 +3,7 @@
 pub mod bpf;
 pub mod btf;
 pub mod net;
+#[cfg(test)]
+mod stack_depth;
 pub mod tc;
 pub mod tc_encode;
