@@ -91,8 +91,10 @@ fn analyse(elf: &[u8]) -> Analysis {
                 break;
             }
             let mut deepest = 0u64;
-            // Registers holding r10 plus an offset (`r1 = r10; r1 += -72`).
+            // Registers holding the frame pointer plus an offset: r10 itself (read-only in
+            // BPF), and copies of it moved on (`r1 = r10; r1 += -72`).
             let mut frame_ptr: [Option<i64>; 11] = [None; 11];
+            frame_ptr[10] = Some(0);
             let mut at = f.start;
             while at + 8 <= f.start + size {
                 let i = &code[at as usize..at as usize + 8];
@@ -105,28 +107,21 @@ fn analyse(elf: &[u8]) -> Analysis {
                         deepest = deepest.max(o.unsigned_abs());
                     }
                 };
-                // LDX from r10, ST/STX to r10.
-                if class == 0x01 && src == 10 {
-                    touch(off);
-                }
-                if (class == 0x02 || class == 0x03) && dst == 10 {
-                    touch(off);
-                }
-                // Loads and stores through a register that holds a stack address.
-                if class == 0x01 {
-                    if let Some(b) = frame_ptr.get(src as usize).copied().flatten() {
-                        touch(b + off);
-                    }
-                } else if class == 0x02 || class == 0x03 {
-                    if let Some(b) = frame_ptr.get(dst as usize).copied().flatten() {
-                        touch(b + off);
-                    }
+                let held = |r: u8| frame_ptr.get(r as usize).copied().flatten();
+                // Loads (LDX: the base is src) and stores (ST, STX: the base is dst)
+                // through the frame pointer or a register holding a stack address.
+                let base = match class {
+                    0x01 => held(src),
+                    0x02 | 0x03 => held(dst),
+                    _ => None,
+                };
+                if let Some(b) = base {
+                    touch(b + off);
                 }
                 let d = dst as usize;
                 match op {
-                    // mov64 rd, r10 / rd, rs
-                    0xbf if src == 10 => frame_ptr[d] = Some(0),
-                    0xbf => frame_ptr[d] = frame_ptr.get(src as usize).copied().flatten(),
+                    // mov64 rd, rs
+                    0xbf => frame_ptr[d] = held(src),
                     // add64 rd, imm
                     0x07 if d < 11 => {
                         if let Some(b) = frame_ptr[d] {
